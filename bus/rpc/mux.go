@@ -1,0 +1,208 @@
+package rpc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/bus/qerr"
+	"github.com/qubesbus/qubesbus/bus/subject"
+)
+
+// Handler serves one checked call. It returns the OK content, or an error: a
+// *qerr.Error becomes an exception frame, anything else (qerr.ErrAbort included) an
+// aborted connection with no response, as an unhandled exception does in qubesd.
+type Handler func(ctx context.Context, c *Call) ([]byte, error)
+
+// Mux is the service side of the registry for one service: it serves every method the
+// service owns as a NATS micro endpoint, runs the pre-handler checks, and dispatches to
+// the handler registered for the method.
+type Mux struct {
+	reg      *Registry
+	service  Service
+	resolver Resolver
+	log      *slog.Logger
+	handlers map[string]Handler
+	unknown  bool
+
+	// AfterChange, if set, runs after every successful call of a ChangesConfig method,
+	// before the reply is sent (persistence saves qubes.xml after such calls).
+	AfterChange func(ctx context.Context, c *Call) error
+
+	mu       sync.Mutex
+	inflight map[string]context.CancelFunc // cancellable calls by request id
+}
+
+// NewMux returns a mux for the methods that svc owns in reg.
+func NewMux(reg *Registry, svc Service, res Resolver, log *slog.Logger) *Mux {
+	return &Mux{reg: reg, service: svc, resolver: res, log: log,
+		handlers: map[string]Handler{}, inflight: map[string]context.CancelFunc{}}
+}
+
+// Handle registers the handler of a method. It panics if the method is not in the
+// registry, is owned by another service, or already has a handler.
+func (m *Mux) Handle(method string, h Handler) {
+	meth, ok := m.reg.Lookup(method)
+	switch {
+	case !ok:
+		panic(fmt.Sprintf("rpc: Handle(%q): no such method in the registry", method))
+	case meth.Service != m.service:
+		panic(fmt.Sprintf("rpc: Handle(%q): owned by %s, not %s", method, meth.Service, m.service))
+	case m.handlers[method] != nil:
+		panic(fmt.Sprintf("rpc: Handle(%q): registered twice", method))
+	case h == nil:
+		panic(fmt.Sprintf("rpc: Handle(%q): nil handler", method))
+	}
+	m.handlers[method] = h
+}
+
+// HandleUnknown makes this mux answer calls of unregistered methods: after resolving
+// source and destination (whose errors win, as in qubesd) it answers "no such method".
+// Exactly one service of a host should do this.
+func (m *Mux) HandleUnknown() { m.unknown = true }
+
+// Serve adds a micro service on nc with one endpoint per owned method, in the queue
+// group of the service, and returns it once the server has every subscription.
+func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, version string) (micro.Service, error) {
+	svc, err := micro.AddService(nc, micro.Config{
+		Name:        "qubesbus-" + string(m.service),
+		Version:     version,
+		Description: "qubesbus " + string(m.service) + " service",
+		QueueGroup:  "qubesbus-" + string(m.service),
+		Metadata:    map[string]string{"host": host.ID()},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("add micro service %s: %w", m.service, err)
+	}
+	for _, meth := range m.reg.Owned(m.service) {
+		meth := meth
+		err := svc.AddEndpoint(endpointName(meth.Name), m.endpoint(ctx, &meth),
+			micro.WithEndpointSubject(host.API(meth.Name)), micro.WithEndpointMetadata(metadata(meth)))
+		if err != nil {
+			_ = svc.Stop()
+			return nil, fmt.Errorf("add endpoint %s: %w", meth.Name, err)
+		}
+	}
+	if m.unknown {
+		err := svc.AddEndpoint(subject.UnknownMethod, m.endpoint(ctx, nil), micro.WithEndpointSubject(host.API(subject.UnknownMethod)))
+		if err != nil {
+			_ = svc.Stop()
+			return nil, fmt.Errorf("add unknown-method endpoint: %w", err)
+		}
+	}
+	// Cancel notices go to every instance: whichever runs the call cancels it.
+	if _, err := nc.Subscribe(host.Cancel("*"), m.cancel); err != nil {
+		_ = svc.Stop()
+		return nil, fmt.Errorf("subscribe cancel: %w", err)
+	}
+	// A request right after start from another connection would see "no responders"
+	// until the subscriptions reach the server.
+	if err := nc.FlushTimeout(10 * time.Second); err != nil {
+		_ = svc.Stop()
+		return nil, fmt.Errorf("flush subscriptions: %w", err)
+	}
+	return svc, nil
+}
+
+func (m *Mux) endpoint(ctx context.Context, meth *Method) micro.HandlerFunc {
+	return func(r micro.Request) {
+		// micro runs one handler at a time per endpoint; calls may block (a shutdown
+		// waiting for Halted), so each runs on its own goroutine.
+		go m.serve(ctx, meth, r)
+	}
+}
+
+func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
+	req, err := envelope.ParseRequest(nats.Header(r.Headers()), r.Data())
+	if err != nil {
+		m.log.Warn("malformed request envelope", "err", err)
+		m.respond(r, nil, nil, qerr.Abort("malformed envelope"))
+		return
+	}
+	if meth != nil && meth.Cancellable && req.ID != "" {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		m.mu.Lock()
+		m.inflight[req.ID] = cancel
+		m.mu.Unlock()
+		defer func() {
+			m.mu.Lock()
+			delete(m.inflight, req.ID)
+			m.mu.Unlock()
+			cancel()
+		}()
+	}
+	call, err := Check(ctx, m.resolver, meth, req)
+	if err != nil {
+		m.respond(r, req, nil, err)
+		return
+	}
+	h := m.handlers[call.Method.Name]
+	if h == nil {
+		m.respond(r, req, nil, qerr.New("QubesNotImplementedError", "method not implemented by qubesbus yet: "+call.Method.Name))
+		return
+	}
+	out, err := h(ctx, call)
+	if err == nil && call.Method.ChangesConfig && m.AfterChange != nil {
+		if aerr := m.AfterChange(ctx, call); aerr != nil {
+			m.log.Error("after config change", "method", call.Method.Name, "dest", call.Dest.Name, "id", call.ID, "err", aerr)
+		}
+	}
+	m.respond(r, req, out, err)
+}
+
+func (m *Mux) respond(r micro.Request, req *envelope.Request, content []byte, err error) {
+	var h nats.Header
+	var body []byte
+	if err == nil {
+		h, body = envelope.OK(content)
+	} else {
+		h, body = envelope.Failure(err)
+		var qe *qerr.Error
+		if req != nil && (errors.Is(err, qerr.ErrAbort) || !errors.As(err, &qe)) {
+			m.log.Warn("call aborted", "method", req.Method, "src", req.Source, "dest", req.Dest, "id", req.ID, "err", err)
+		}
+	}
+	if rerr := r.Respond(body, micro.WithHeaders(micro.Headers(h))); rerr != nil {
+		m.log.Warn("respond", "err", rerr)
+	}
+}
+
+func (m *Mux) cancel(msg *nats.Msg) {
+	tok := msg.Subject[strings.LastIndexByte(msg.Subject, '.')+1:]
+	id, err := subject.UnescapeToken(tok)
+	if err != nil {
+		return
+	}
+	m.mu.Lock()
+	cancel := m.inflight[id]
+	m.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+}
+
+// endpointName turns a method name into a micro endpoint name (letters, digits, - and _).
+func endpointName(method string) string { return strings.ReplaceAll(method, ".", "_") }
+
+// metadata publishes a method's options with its endpoint, for discovery.
+func metadata(m Method) map[string]string {
+	return map[string]string{
+		"method":         m.Name,
+		"arg":            m.Arg.String(),
+		"payload":        m.Payload.String(),
+		"dest":           m.Dest.String(),
+		"cancellable":    strconv.FormatBool(m.Cancellable),
+		"changes_config": strconv.FormatBool(m.ChangesConfig),
+		"access":         m.Access.String(),
+	}
+}

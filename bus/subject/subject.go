@@ -1,0 +1,102 @@
+// Package subject builds every NATS subject qubesbus uses. Subjects are never assembled
+// by string concatenation elsewhere: services call these builders.
+//
+// Layout: qubes.v1.<host>.<kind>.…, so many hosts share one NATS cluster.
+package subject
+
+import "strings"
+
+// Prefix is the versioned root of every qubesbus subject.
+const Prefix = "qubes.v1"
+
+// UnknownMethod is the API token for calls whose method is not in the registry: the
+// service that resolves qubes answers them, so that source and destination errors still
+// win over "no such method" as in qubesd.
+const UnknownMethod = "_unknown"
+
+// GlobalVM is the <vm-token> of events fired on the app object (no qube).
+const GlobalVM = "_app"
+
+// Host is the subject builder for one host.
+type Host struct{ id string }
+
+// ForHost returns the builder for a host id; the id is escaped into one token.
+func ForHost(id string) Host { return Host{id: EscapeToken(id)} }
+
+// ID is the escaped host token.
+func (h Host) ID() string { return h.id }
+
+// API is the subject of an Admin API method, e.g. qubes.v1.local.api.admin.vm.List.
+// The method name is used as is: registered names are plain subject tokens.
+func (h Host) API(method string) string { return Prefix + "." + h.id + ".api." + method }
+
+// APIAll matches every API subject of the host.
+func (h Host) APIAll() string { return Prefix + "." + h.id + ".api.>" }
+
+// Cancel is where the gateway announces that the client of a request has gone.
+func (h Host) Cancel(requestID string) string {
+	return Prefix + "." + h.id + ".cancel." + EscapeToken(requestID)
+}
+
+// Event is the subject of one event: vm is the qube name ("" for a global event).
+func (h Host) Event(vm, event string) string {
+	return h.EventsOf(vm) + "." + EscapeToken(event)
+}
+
+// EventsOf matches every event of one qube ("" for the global ones).
+func (h Host) EventsOf(vm string) string {
+	tok := GlobalVM
+	if vm != "" {
+		tok = EscapeToken(vm)
+	}
+	return Prefix + "." + h.id + ".events." + tok
+}
+
+// EventsOfFilter is EventsOf followed by ".>" (a consumer filter).
+func (h Host) EventsOfFilter(vm string) string { return h.EventsOf(vm) + ".>" }
+
+// Events matches every event of the host.
+func (h Host) Events() string { return Prefix + "." + h.id + ".events.>" }
+
+// Store is a subject of persistence's own API, e.g. Store("snapshot").
+func (h Host) Store(op string) string { return Prefix + "." + h.id + ".store." + op }
+
+// Config is the subject of the host's configuration change log.
+func (h Host) Config() string { return Prefix + "." + h.id + ".config" }
+
+// Lab is a subject of the simulated-hypervisor control API.
+func (h Host) Lab(op string) string { return Prefix + "." + h.id + ".lab." + op }
+
+// AllEvents matches every event of every host.
+func AllEvents() string { return Prefix + ".*.events.>" }
+
+// ParseEvent splits an event subject into host, vm ("" for global) and event name.
+func ParseEvent(subj string) (host, vm, event string, ok bool) {
+	rest, found := strings.CutPrefix(subj, Prefix+".")
+	if !found {
+		return "", "", "", false
+	}
+	parts := strings.Split(rest, ".")
+	if len(parts) != 4 || parts[1] != "events" {
+		return "", "", "", false
+	}
+	var err error
+	if host, err = UnescapeToken(parts[0]); err != nil {
+		return "", "", "", false
+	}
+	if parts[2] != GlobalVM {
+		if vm, err = UnescapeToken(parts[2]); err != nil {
+			return "", "", "", false
+		}
+	}
+	if event, err = UnescapeToken(parts[3]); err != nil {
+		return "", "", "", false
+	}
+	return host, vm, event, true
+}
+
+// Service is a subject of a service's internal API (not the Admin API), e.g.
+// Service("vmlifecycle", "states").
+func (h Host) Service(service, op string) string {
+	return Prefix + "." + h.id + ".svc." + service + "." + op
+}

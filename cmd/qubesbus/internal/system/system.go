@@ -1,0 +1,238 @@
+// Package system wires a whole qubesbus host: NATS (embedded or external), the
+// persistence, vmlifecycle and properties services, and the socket gateway.
+package system
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/embedded"
+	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/adminapi"
+	"github.com/qubesbus/qubesbus/services/gateway"
+	"github.com/qubesbus/qubesbus/services/persistence"
+	"github.com/qubesbus/qubesbus/services/persistence/replica"
+	"github.com/qubesbus/qubesbus/services/properties"
+	"github.com/qubesbus/qubesbus/services/vmlifecycle"
+)
+
+// Version of the services, announced through micro discovery.
+const Version = "0.1.0"
+
+// Config of one host.
+type Config struct {
+	Socket      string // gateway socket path
+	SocketGroup string
+	DataDir     string // qubes.xml and the embedded JetStream store
+	QubesXML    string // seed copied into DataDir on first start
+	HostID      string
+	NATSURL     string // external NATS; empty runs an embedded server
+	NATSPort    int    // embedded server client port: 0 = 4222, -1 = any free port
+	NATSCreds   string
+	IdleTimeout time.Duration
+}
+
+// Validate reports every problem at once.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Socket == "" {
+		errs = append(errs, errors.New("no socket path"))
+	}
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("no data dir"))
+	}
+	if c.HostID == "" {
+		errs = append(errs, errors.New("no host id"))
+	}
+	return errors.Join(errs...)
+}
+
+// System is a running host.
+type System struct {
+	NATS     *server.Server // nil with an external NATS
+	NATSURL  string
+	Socket   string
+	Store    *persistence.Store
+	log      *slog.Logger
+	conns    []*nats.Conn
+	services []micro.Service
+	// ctx lives as long as the system: services and calls run under it, not under the
+	// context that bounded start-up.
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   sync.WaitGroup
+}
+
+func newSystem(ctx context.Context, cfg Config, log *slog.Logger) *System {
+	s := &System{Socket: cfg.Socket, log: log}
+	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	return s
+}
+
+// Start brings a host up and returns once the socket accepts calls.
+func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	s := newSystem(ctx, cfg, log)
+	defer func() {
+		if err != nil {
+			s.Stop()
+		}
+	}()
+	host := subject.ForHost(cfg.HostID)
+	url := cfg.NATSURL
+	if url == "" {
+		s.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.DataDir, "jetstream"), Port: cfg.NATSPort})
+		if err != nil {
+			return nil, err
+		}
+		url = s.NATS.ClientURL()
+	}
+	s.NATSURL = url
+	connect := func(name string) (*nats.Conn, error) {
+		cc := bus.ConnConfig{URL: url, Creds: cfg.NATSCreds, Name: "qubesbus-" + name + "-" + cfg.HostID}
+		if s.NATS != nil {
+			cc.InProcess = s.NATS
+		}
+		nc, err := bus.Connect(ctx, cc, log)
+		if err == nil {
+			s.conns = append(s.conns, nc)
+		}
+		return nc, err
+	}
+
+	for _, name := range Services {
+		nc, err := connect(name)
+		if err != nil {
+			return nil, err
+		}
+		if err := s.startService(name, nc, host, cfg); err != nil {
+			return nil, err
+		}
+	}
+	log.Info("socket ready", "socket", cfg.Socket, "nats", url, "host", cfg.HostID)
+	return s, nil
+}
+
+// Services in start order: each needs the ones before it.
+var Services = []string{"persistence", "vmlifecycle", "properties", "gateway"}
+
+// startService starts one service on its own connection.
+func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg Config) error {
+	log := s.log.With("service", name)
+	ctx := s.ctx
+	switch name {
+	case "persistence":
+		store, err := persistence.Open(persistence.Config{Host: host, DataDir: cfg.DataDir, SeedXML: cfg.QubesXML}, log)
+		if err != nil {
+			return err
+		}
+		s.Store = store
+		return s.serve(store.Serve(ctx, nc, Version))
+	case "vmlifecycle":
+		snap, err := persistence.FetchSnapshot(ctx, nc, host)
+		if err != nil {
+			return err
+		}
+		life := vmlifecycle.New(host, adminapi.Registry, replica.New(snap.Config, snap.Revision), log)
+		return s.serve(life.Serve(ctx, nc, Version))
+	case "properties":
+		snap, err := persistence.FetchSnapshot(ctx, nc, host)
+		if err != nil {
+			return err
+		}
+		props := properties.New(host, adminapi.Registry, replica.New(snap.Config, snap.Revision),
+			vmlifecycle.StatesClient{NC: nc, Host: host}, log)
+		return s.serve(props.Serve(ctx, nc, Version))
+	case "gateway":
+		if err := os.MkdirAll(filepath.Dir(cfg.Socket), 0o755); err != nil {
+			return fmt.Errorf("socket dir: %w", err)
+		}
+		l, err := gateway.Listen(cfg.Socket, cfg.SocketGroup)
+		if err != nil {
+			return err
+		}
+		gw := gateway.New(gateway.Config{Host: host, IdleTimeout: cfg.IdleTimeout}, nc, adminapi.Registry, log)
+		s.done.Add(1)
+		go func() {
+			defer s.done.Done()
+			if err := gw.Serve(ctx, l); err != nil {
+				log.Error("gateway stopped", "err", err)
+			}
+		}()
+		return nil
+	}
+	return fmt.Errorf("no such service %q (want one of %v)", name, Services)
+}
+
+// StartOne runs a single service against cfg.NATSURL and returns its stop function.
+func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (func() error, error) {
+	if cfg.NATSURL == "" {
+		return nil, errors.New("no NATS URL")
+	}
+	s := newSystem(ctx, cfg, log)
+	s.NATSURL = cfg.NATSURL
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: cfg.NATSURL, Creds: cfg.NATSCreds, Name: "qubesbus-" + name + "-" + cfg.HostID}, log)
+	if err != nil {
+		return nil, err
+	}
+	s.conns = append(s.conns, nc)
+	if err := s.startService(name, nc, subject.ForHost(cfg.HostID), cfg); err != nil {
+		s.Stop()
+		return nil, err
+	}
+	if name == "gateway" {
+		log.Info("socket ready", "socket", cfg.Socket, "nats", cfg.NATSURL, "host", cfg.HostID)
+	}
+	return s.Stop, nil
+}
+
+func (s *System) serve(svc micro.Service, err error) error {
+	if err != nil {
+		return err
+	}
+	s.services = append(s.services, svc)
+	return nil
+}
+
+// Stop closes the socket, waits for calls in progress, saves qubes.xml and stops the
+// services and NATS.
+func (s *System) Stop() error {
+	s.cancel()
+	s.done.Wait()
+	var errs []error
+	if s.Store != nil {
+		errs = append(errs, s.Store.Save())
+	}
+	for _, svc := range s.services {
+		errs = append(errs, svc.Stop())
+	}
+	for _, nc := range s.conns {
+		if err := nc.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+			errs = append(errs, err)
+		}
+	}
+	if s.NATS != nil {
+		s.NATS.Shutdown()
+		s.NATS.WaitForShutdown()
+	}
+	return errors.Join(errs...)
+}
+
+// Dial connects to the system's socket (for tests and tools).
+func (s *System) Dial() (*net.UnixConn, error) {
+	return net.DialUnix("unix", nil, &net.UnixAddr{Name: s.Socket, Net: "unix"})
+}

@@ -1,0 +1,59 @@
+// Command qubesbus runs the Qubes OS Admin API as NATS services.
+//
+//	qubesbus run                   everything in one process (embedded NATS by default)
+//	qubesbus serve <service>       one service against a NATS URL
+//	qubesbus query [--src NAME] METHOD DEST [ARG]   one call over the socket, like qubesd-query
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	os.Exit(dispatch(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+const usage = `usage: qubesbus <command> [flags]
+
+commands:
+  run      serve the gateway socket and every service (embedded NATS unless --nats-url)
+  serve    serve one service (persistence, properties, vmlifecycle, gateway) on --nats-url
+  query    make one Admin API call over the socket: query [--src NAME] METHOD DEST [ARG]
+`
+
+func dispatch(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: logLevel()}))
+	switch args[0] {
+	case "run":
+		return runCmd(ctx, args[1:], log, stderr)
+	case "serve":
+		return serveCmd(ctx, args[1:], log, stderr)
+	case "query":
+		return queryCmd(ctx, args[1:], stdin, stdout, stderr)
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "qubesbus: unknown command %q\n%s", args[0], usage)
+	return 2
+}
+
+func logLevel() slog.Level {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(os.Getenv("QUBESBUS_LOG_LEVEL"))); err != nil {
+		return slog.LevelInfo
+	}
+	return l
+}

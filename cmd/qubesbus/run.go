@@ -1,0 +1,103 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
+)
+
+// envOr returns the QUBESBUS_* variable if set, else def.
+func envOr(name, def string) string {
+	if v, ok := os.LookupEnv(name); ok {
+		return v
+	}
+	return def
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil {
+		return v
+	}
+	return def
+}
+
+func envDuration(name string, def time.Duration) time.Duration {
+	if v, err := time.ParseDuration(os.Getenv(name)); err == nil {
+		return v
+	}
+	return def
+}
+
+// hostFlags are the flags every command that builds a host shares.
+func hostFlags(fs *flag.FlagSet) *system.Config {
+	c := &system.Config{}
+	fs.StringVar(&c.Socket, "socket", envOr("QUBESBUS_SOCKET", "run/qubesd.sock"), "gateway socket path (QUBESBUS_SOCKET)")
+	fs.StringVar(&c.SocketGroup, "socket-group", envOr("QUBESBUS_SOCKET_GROUP", ""), "group owning the socket (QUBESBUS_SOCKET_GROUP)")
+	fs.StringVar(&c.DataDir, "data-dir", envOr("QUBESBUS_DATA_DIR", "run/data"), "qubes.xml and JetStream store (QUBESBUS_DATA_DIR)")
+	fs.StringVar(&c.QubesXML, "qubes-xml", envOr("QUBESBUS_QUBES_XML", ""), "qubes.xml copied into the data dir on first start (QUBESBUS_QUBES_XML)")
+	fs.StringVar(&c.HostID, "host", envOr("QUBESBUS_HOST", "local"), "host id in subjects (QUBESBUS_HOST)")
+	fs.StringVar(&c.NATSURL, "nats-url", envOr("QUBESBUS_NATS_URL", ""), "external NATS server; empty runs an embedded one (QUBESBUS_NATS_URL)")
+	fs.StringVar(&c.NATSCreds, "nats-creds", envOr("QUBESBUS_NATS_CREDS", ""), "NATS credentials file (QUBESBUS_NATS_CREDS)")
+	fs.IntVar(&c.NATSPort, "nats-port", envInt("QUBESBUS_NATS_PORT", 4222), "embedded NATS client port, -1 for any (QUBESBUS_NATS_PORT)")
+	fs.DurationVar(&c.IdleTimeout, "idle-timeout", envDuration("QUBESBUS_IDLE_TIMEOUT", time.Minute), "longest a client may take to send its request, 0 for no limit (QUBESBUS_IDLE_TIMEOUT)")
+	return c
+}
+
+func runCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Writer) int {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfg := hostFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if err := run(ctx, *cfg, log); err != nil {
+		fmt.Fprintln(stderr, "qubesbus:", err)
+		return 1
+	}
+	return 0
+}
+
+func run(ctx context.Context, cfg system.Config, log *slog.Logger) error {
+	sys, err := system.Start(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	log.Info("shutting down")
+	return sys.Stop()
+}
+
+func serveCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, "usage: qubesbus serve <persistence|properties|vmlifecycle|gateway> [flags]")
+		return 2
+	}
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfg := hostFlags(fs)
+	if err := fs.Parse(args[1:]); err != nil {
+		return 2
+	}
+	if cfg.NATSURL == "" {
+		fmt.Fprintln(stderr, "qubesbus serve: --nats-url is required")
+		return 2
+	}
+	stop, err := system.StartOne(ctx, args[0], *cfg, log)
+	if err != nil {
+		fmt.Fprintln(stderr, "qubesbus:", err)
+		return 1
+	}
+	<-ctx.Done()
+	if err := stop(); err != nil {
+		fmt.Fprintln(stderr, "qubesbus:", err)
+		return 1
+	}
+	return 0
+}

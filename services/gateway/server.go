@@ -1,0 +1,199 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nuid"
+
+	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/bus/qerr"
+	"github.com/qubesbus/qubesbus/bus/rpc"
+	"github.com/qubesbus/qubesbus/bus/subject"
+)
+
+// Config of the gateway.
+type Config struct {
+	Host subject.Host
+	// IdleTimeout bounds how long a client may take to send its whole request (up to
+	// EOF). qubesd waits forever; a bound keeps idle connections from holding resources.
+	// Zero means no bound.
+	IdleTimeout time.Duration
+	// CallTimeout bounds a relayed call (Shutdown with wait may take a qube's
+	// shutdown_timeout); zero means 10 minutes.
+	CallTimeout time.Duration
+	// MaxConns bounds concurrent connections; further ones wait in the listen backlog.
+	MaxConns int
+}
+
+// Server is the socket gateway.
+type Server struct {
+	cfg Config
+	nc  *nats.Conn
+	reg *rpc.Registry
+	log *slog.Logger
+
+	// streams serves methods owned by the gateway itself (admin.Events).
+	streams map[string]StreamHandler
+
+	wg    sync.WaitGroup
+	slots chan struct{}
+}
+
+// StreamHandler serves a streaming method on the connection until the client goes
+// away or ctx ends. It writes every frame itself.
+type StreamHandler func(ctx context.Context, conn *net.UnixConn, req *envelope.Request)
+
+// New returns a gateway relaying calls for reg over nc.
+func New(cfg Config, nc *nats.Conn, reg *rpc.Registry, log *slog.Logger) *Server {
+	if cfg.CallTimeout == 0 {
+		cfg.CallTimeout = 10 * time.Minute
+	}
+	if cfg.MaxConns == 0 {
+		cfg.MaxConns = 4096
+	}
+	return &Server{cfg: cfg, nc: nc, reg: reg, log: log, streams: map[string]StreamHandler{},
+		slots: make(chan struct{}, cfg.MaxConns)}
+}
+
+// HandleStream registers the gateway's own handler of a streaming method.
+func (s *Server) HandleStream(method string, h StreamHandler) { s.streams[method] = h }
+
+// Serve accepts connections until ctx ends, then closes the listener and waits for the
+// calls in progress.
+func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	for {
+		select {
+		case s.slots <- struct{}{}:
+		case <-ctx.Done():
+			s.wg.Wait()
+			return nil
+		}
+		c, err := l.AcceptUnix()
+		if err != nil {
+			<-s.slots
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				s.wg.Wait()
+				return nil
+			}
+			s.log.Error("accept", "err", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer func() { <-s.slots }()
+			s.handle(ctx, c)
+		}()
+	}
+}
+
+func (s *Server) handle(ctx context.Context, c *net.UnixConn) {
+	buf, err := s.readRequest(c)
+	if err != nil {
+		s.log.Warn("bad request", "err", err)
+		c.Close() // abort: no response
+		return
+	}
+	req, err := DecodeRequest(buf)
+	if err != nil {
+		s.log.Warn("framing error", "err", err)
+		c.Close()
+		return
+	}
+	req.ID = nuid.Next()
+	meth, known := s.reg.Lookup(req.Method)
+	if known {
+		if h := s.streams[req.Method]; h != nil {
+			h(ctx, c, req)
+			c.Close()
+			return
+		}
+	}
+	tok := subject.UnknownMethod
+	if known {
+		tok = meth.Name
+	}
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.CallTimeout)
+	defer cancel()
+	msg, err := s.nc.RequestMsgWithContext(cctx, req.Msg(s.cfg.Host.API(tok)))
+	if err != nil {
+		s.log.Error("call failed", "method", req.Method, "id", req.ID, "err", err)
+		c.Close()
+		return
+	}
+	rep, err := envelope.ParseReply(msg)
+	if err != nil {
+		s.log.Error("bad reply", "method", req.Method, "id", req.ID, "err", err)
+		c.Close()
+		return
+	}
+	s.write(c, rep)
+}
+
+// write sends the reply frame; after ProtocolError and PermissionDenied qubesd aborts
+// the connection instead of closing it cleanly, which the client sees only as the
+// missing half-close before the close.
+func (s *Server) write(c *net.UnixConn, rep envelope.Reply) {
+	defer c.Close()
+	var out []byte
+	switch rep.Status {
+	case envelope.StatusOK:
+		out = AppendOK(make([]byte, 0, 2+len(rep.Content)), rep.Content)
+	case envelope.StatusException:
+		out = AppendException(nil, rep.Exception.Class, rep.Exception.Message)
+	default:
+		return
+	}
+	if _, err := c.Write(out); err != nil {
+		s.log.Debug("client gone before reply", "err", err)
+		return
+	}
+	if rep.Status == envelope.StatusException && qerr.AbortsAfter(rep.Exception.Class) {
+		return
+	}
+	_ = c.CloseWrite()
+}
+
+// readRequest reads until EOF, at most MaxRequest bytes, within the idle limit.
+func (s *Server) readRequest(c *net.UnixConn) ([]byte, error) {
+	if s.cfg.IdleTimeout > 0 {
+		if err := c.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout)); err != nil {
+			return nil, err
+		}
+	}
+	buf := make([]byte, 0, 512)
+	for {
+		if len(buf) == cap(buf) {
+			if len(buf) > MaxRequest {
+				return nil, errors.New("request too long")
+			}
+			next := min(2*cap(buf), MaxRequest+1)
+			nb := make([]byte, len(buf), next)
+			copy(nb, buf)
+			buf = nb
+		}
+		n, err := c.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if len(buf) > MaxRequest {
+			return nil, errors.New("request too long")
+		}
+		if errors.Is(err, io.EOF) {
+			_ = c.SetReadDeadline(time.Time{})
+			return buf, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read request: %w", err)
+		}
+	}
+}
