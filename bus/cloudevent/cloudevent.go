@@ -1,0 +1,173 @@
+// Package cloudevent carries Qubes events on NATS as CloudEvents (binary mode: ce-*
+// headers, JSON data) and publishes them to the QUBES_EVENTS JetStream stream.
+//
+// A Qubes event has a subject (the qube, or none for global events), a wire name such
+// as "property-set:netvm", and ordered keyword arguments. The CloudEvent type is
+// "org.qubes-os.<wire name>", source "/qubes/<host>", subject the qube name, data a JSON
+// object of the keyword arguments in their order, and the extension "qubesevent" holds
+// the exact wire name.
+package cloudevent
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	ce "github.com/cloudevents/sdk-go/v2"
+	"github.com/cloudevents/sdk-go/v2/binding"
+	cejs "github.com/cloudevents/sdk-go/protocol/nats_jetstream/v2"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nuid"
+
+	"github.com/qubesbus/qubesbus/bus/subject"
+)
+
+// TypePrefix starts every qubesbus CloudEvent type.
+const TypePrefix = "org.qubes-os."
+
+// ExtensionName is the CloudEvent extension that holds the wire event name.
+const ExtensionName = "qubesevent"
+
+// KV is one keyword argument, already rendered as qubesd renders it.
+type KV struct {
+	Key   string
+	Value string
+}
+
+// Event is one Qubes event.
+type Event struct {
+	VM     string // qube name; "" for a global event
+	Name   string // wire name, e.g. "domain-start" or "property-set:netvm"
+	Kwargs []KV
+}
+
+// New builds an event; kv alternates keys and values.
+func New(vm, name string, kv ...string) Event {
+	e := Event{VM: vm, Name: name}
+	for i := 0; i+1 < len(kv); i += 2 {
+		e.Kwargs = append(e.Kwargs, KV{kv[i], kv[i+1]})
+	}
+	return e
+}
+
+// Get returns the value of a keyword argument.
+func (e Event) Get(key string) (string, bool) {
+	for _, kv := range e.Kwargs {
+		if kv.Key == key {
+			return kv.Value, true
+		}
+	}
+	return "", false
+}
+
+// Source is the CloudEvent source of a host.
+func Source(hostID string) string { return "/qubes/" + hostID }
+
+// Encode turns an event into a NATS message for its subject on a host.
+func Encode(ctx context.Context, hostID string, e Event) (*nats.Msg, error) {
+	ev := ce.NewEvent()
+	ev.SetID(nuid.Next())
+	ev.SetSource(Source(hostID))
+	ev.SetType(TypePrefix + e.Name)
+	ev.SetTime(time.Now())
+	if e.VM != "" {
+		ev.SetSubject(e.VM)
+	}
+	ev.SetExtension(ExtensionName, e.Name)
+	if err := ev.SetData(ce.ApplicationJSON, json.RawMessage(orderedJSON(e.Kwargs))); err != nil {
+		return nil, fmt.Errorf("event data: %w", err)
+	}
+	if err := ev.Validate(); err != nil {
+		return nil, fmt.Errorf("invalid cloudevent %s: %w", e.Name, err)
+	}
+	var body bytes.Buffer
+	h, err := cejs.WriteMsg(ctx, binding.ToMessage(&ev), &body)
+	if err != nil {
+		return nil, fmt.Errorf("encode cloudevent: %w", err)
+	}
+	msg := nats.NewMsg(subject.ForHost(hostID).Event(e.VM, e.Name))
+	for k, v := range h {
+		msg.Header[k] = v
+	}
+	msg.Data = body.Bytes()
+	return msg, nil
+}
+
+// ErrNotQubesEvent marks a message that is not a qubesbus CloudEvent.
+var ErrNotQubesEvent = errors.New("not a qubes cloudevent")
+
+// Decode reads an event back from a NATS message with the CloudEvents SDK.
+func Decode(ctx context.Context, msg *nats.Msg) (Event, *ce.Event, error) {
+	ev, err := binding.ToEvent(ctx, cejs.NewMessage(msg))
+	if err != nil {
+		return Event{}, nil, fmt.Errorf("%w: %w", ErrNotQubesEvent, err)
+	}
+	name, _ := ev.Extensions()[ExtensionName].(string)
+	if name == "" || !strings.HasPrefix(ev.Type(), TypePrefix) {
+		return Event{}, nil, fmt.Errorf("%w: type %q", ErrNotQubesEvent, ev.Type())
+	}
+	kw, err := parseOrderedJSON(ev.Data())
+	if err != nil {
+		return Event{}, nil, fmt.Errorf("%w: data: %w", ErrNotQubesEvent, err)
+	}
+	return Event{VM: ev.Subject(), Name: name, Kwargs: kw}, ev, nil
+}
+
+// orderedJSON writes kwargs as a JSON object, keys in their order.
+func orderedJSON(kw []KV) []byte {
+	var b bytes.Buffer
+	b.WriteByte('{')
+	for i, kv := range kw {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		k, _ := json.Marshal(kv.Key)
+		v, _ := json.Marshal(kv.Value)
+		b.Write(k)
+		b.WriteByte(':')
+		b.Write(v)
+	}
+	b.WriteByte('}')
+	return b.Bytes()
+}
+
+// parseOrderedJSON reads a flat JSON object of strings keeping key order.
+func parseOrderedJSON(data []byte) ([]KV, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	tok, err := dec.Token()
+	if err != nil {
+		return nil, err
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '{' {
+		return nil, errors.New("not an object")
+	}
+	var out []KV
+	for dec.More() {
+		kt, err := dec.Token()
+		if err != nil {
+			return nil, err
+		}
+		vt, err := dec.Token()
+		if err != nil {
+			return nil, err
+		}
+		k, _ := kt.(string)
+		v, ok := vt.(string)
+		if !ok {
+			return nil, fmt.Errorf("value of %q is not a string", k)
+		}
+		out = append(out, KV{k, v})
+	}
+	if _, err := dec.Token(); err != nil {
+		return nil, err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, errors.New("trailing data")
+	}
+	return out, nil
+}

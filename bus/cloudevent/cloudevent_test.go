@@ -1,0 +1,87 @@
+package cloudevent
+
+import (
+	"context"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/subject"
+)
+
+func TestEncodeDecode(t *testing.T) {
+	ctx := context.Background()
+	in := New("work", "property-set:label", "name", "label", "newvalue", "green", "oldvalue", "red")
+	msg, err := Encode(ctx, "h1", in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if msg.Subject != subject.ForHost("h1").Event("work", "property-set:label") {
+		t.Fatalf("subject %q", msg.Subject)
+	}
+	for _, h := range []string{"ce-id", "ce-source", "ce-specversion", "ce-type", "ce-subject", "ce-qubesevent"} {
+		if msg.Header.Get(h) == "" {
+			t.Errorf("header %s missing (binary mode)", h)
+		}
+	}
+	if got := string(msg.Data); got != `{"name":"label","newvalue":"green","oldvalue":"red"}` {
+		t.Errorf("data %s", got)
+	}
+	out, ev, err := Decode(ctx, msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(out, in) {
+		t.Fatalf("round trip: %+v != %+v", out, in)
+	}
+	if ev.Type() != "org.qubes-os.property-set:label" || ev.Source() != "/qubes/h1" || ev.Subject() != "work" {
+		t.Fatalf("cloudevent attributes: %s", ev)
+	}
+	// Key order survives even when it is not alphabetical.
+	rev := New("", "domain-add", "vm", "newvm", "a", "1")
+	msg, _ = Encode(ctx, "h1", rev)
+	if out, _, err := Decode(ctx, msg); err != nil || !reflect.DeepEqual(out, rev) {
+		t.Fatalf("global event: %+v %v", out, err)
+	}
+}
+
+func TestPublishToStream(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	nc := bustest.Connect(t, ns)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := EnsureStream(ctx, js, StreamConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := NewPublisher(js, "local")
+	evs := []Event{New("work", "domain-pre-start", "start_guid", "True"), New("work", "domain-start"), New("", "domain-add", "vm", "x")}
+	if err := p.Publish(ctx, evs...); err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.Msgs != 3 {
+		t.Fatalf("stream holds %d messages, want 3", info.State.Msgs)
+	}
+	for i, want := range evs {
+		m, err := s.GetMsg(ctx, uint64(i+1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg := rawToMsg(m)
+		got, _, err := Decode(ctx, msg)
+		if err != nil || !reflect.DeepEqual(got, want) {
+			t.Fatalf("seq %d: %+v %v, want %+v", i+1, got, err, want)
+		}
+	}
+}
