@@ -40,6 +40,19 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
+// Change is one accepted mutation as the change feed carries it.
+type Change struct {
+	Revision uint64      `json:"revision"`
+	Ops      []config.Op `json:"ops"`
+}
+
+// ApplyReply answers store.apply.
+type ApplyReply struct {
+	Revision uint64 `json:"revision,omitempty"`
+	Error    string `json:"error,omitempty"`
+	Code     string `json:"code,omitempty"` // "stale", "invalid"
+}
+
 // Snapshot is the whole configuration at one revision.
 type Snapshot struct {
 	Revision uint64         `json:"revision"`
@@ -51,6 +64,8 @@ type Store struct {
 	cfg  Config
 	log  *slog.Logger
 	path string
+
+	nc *nats.Conn // set by Serve; the change feed is published on it
 
 	mu     sync.RWMutex
 	conf   *config.Config
@@ -108,8 +123,43 @@ func (s *Store) Save() error {
 	return nil
 }
 
+// Apply applies a mutation atomically and returns its revision. The change is
+// published on the host's change feed before Apply returns.
+func (s *Store) Apply(ctx context.Context, m config.Mutation) (uint64, error) {
+	s.mu.Lock()
+	if m.ExpectRevision != 0 && m.ExpectRevision != s.rev {
+		rev := s.rev
+		s.mu.Unlock()
+		return 0, fmt.Errorf("%w: expected %d, at %d", config.ErrStaleRevision, m.ExpectRevision, rev)
+	}
+	if err := config.Apply(s.conf, m.Ops); err != nil {
+		s.mu.Unlock()
+		return 0, err
+	}
+	s.rev++
+	rev := s.rev
+	var pubErr error
+	if s.nc != nil {
+		b, _ := json.Marshal(Change{Revision: rev, Ops: m.Ops})
+		pubErr = s.nc.Publish(s.cfg.Host.Config(), b)
+	}
+	s.mu.Unlock()
+	if pubErr != nil {
+		return rev, fmt.Errorf("publish change %d: %w", rev, pubErr)
+	}
+	if m.ChangesConfig {
+		if err := s.Save(); err != nil {
+			return rev, err
+		}
+	}
+	return rev, nil
+}
+
 // Serve answers the store API on nc until the returned service is stopped.
 func (s *Store) Serve(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
+	s.mu.Lock()
+	s.nc = nc
+	s.mu.Unlock()
 	svc, err := micro.AddService(nc, micro.Config{
 		Name: "qubesbus-persistence", Version: version,
 		Description: "qubesbus configuration store", QueueGroup: "qubesbus-persistence",
@@ -130,11 +180,67 @@ func (s *Store) Serve(ctx context.Context, nc *nats.Conn, version string) (micro
 		_ = svc.Stop()
 		return nil, fmt.Errorf("add snapshot endpoint: %w", err)
 	}
+	err = svc.AddEndpoint("apply", micro.HandlerFunc(func(r micro.Request) {
+		var m config.Mutation
+		var rep ApplyReply
+		if err := json.Unmarshal(r.Data(), &m); err != nil {
+			rep = ApplyReply{Error: err.Error(), Code: "invalid"}
+		} else if rev, err := s.Apply(ctx, m); err != nil {
+			rep = ApplyReply{Error: err.Error(), Code: "invalid"}
+			if errors.Is(err, config.ErrStaleRevision) {
+				rep.Code = "stale"
+			}
+		} else {
+			rep.Revision = rev
+		}
+		_ = r.RespondJSON(rep)
+	}), micro.WithEndpointSubject(s.cfg.Host.Store("apply")))
+	if err != nil {
+		_ = svc.Stop()
+		return nil, fmt.Errorf("add apply endpoint: %w", err)
+	}
 	if err := nc.FlushTimeout(10 * time.Second); err != nil {
 		_ = svc.Stop()
 		return nil, fmt.Errorf("flush: %w", err)
 	}
 	return svc, nil
+}
+
+// Client is the other services' handle on a host's persistence service.
+type Client struct {
+	NC   *nats.Conn
+	Host subject.Host
+}
+
+// ErrRejected wraps a mutation that persistence refused.
+var ErrRejected = errors.New("mutation rejected")
+
+// Apply sends a mutation and returns its revision.
+func (c Client) Apply(ctx context.Context, m config.Mutation) (uint64, error) {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return 0, err
+	}
+	msg, err := c.NC.RequestWithContext(ctx, c.Host.Store("apply"), b)
+	if err != nil {
+		return 0, fmt.Errorf("apply mutation: %w", err)
+	}
+	var rep ApplyReply
+	if err := json.Unmarshal(msg.Data, &rep); err != nil {
+		return 0, fmt.Errorf("decode apply reply: %w", err)
+	}
+	switch {
+	case rep.Code == "stale":
+		return 0, fmt.Errorf("%w: %w: %s", ErrRejected, config.ErrStaleRevision, rep.Error)
+	case rep.Error != "":
+		return 0, fmt.Errorf("%w: %s", ErrRejected, rep.Error)
+	}
+	return rep.Revision, nil
+}
+
+// Snapshot fetches the whole configuration.
+func (c Client) Snapshot(ctx context.Context) (Snapshot, error) {
+	return FetchSnapshot(ctx, c.NC, c.Host)
 }
 
 // FetchSnapshot asks the persistence service of a host for its configuration.

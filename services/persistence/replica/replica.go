@@ -4,6 +4,8 @@ package replica
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"sort"
 	"sync"
 
@@ -22,6 +24,8 @@ type Replica struct {
 	conf   *config.Config
 	byName map[string]int // index into conf.Domains
 	byUUID map[string]int
+	// changed is signalled when rev grows.
+	changed *sync.Cond
 }
 
 // New indexes a configuration.
@@ -100,4 +104,76 @@ func (m *Replica) Labels() []config.Label {
 	out := append([]config.Label(nil), m.conf.Labels...)
 	sort.Slice(out, func(i, j int) bool { return out[i].Index < out[j].Index })
 	return out
+}
+
+// Revision is the revision the replica reflects.
+func (m *Replica) Revision() uint64 {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.rev
+}
+
+// View runs f with read access to the configuration; f must not keep or change it.
+func (m *Replica) View(f func(c *config.Config)) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	f(m.conf)
+}
+
+// Apply applies an accepted change of revision rev. Changes arrive in revision order;
+// one already reflected is ignored, and a gap is an error (the caller resynchronises
+// from a snapshot).
+func (m *Replica) Apply(rev uint64, ops []config.Op) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if rev <= m.rev {
+		return nil
+	}
+	if rev != m.rev+1 {
+		return fmt.Errorf("%w: have %d, got %d", ErrGap, m.rev, rev)
+	}
+	if err := config.Apply(m.conf, ops); err != nil {
+		return fmt.Errorf("apply revision %d: %w", rev, err)
+	}
+	m.reset(m.conf, rev)
+	m.cond().Broadcast()
+	return nil
+}
+
+// Reset replaces the whole configuration (after a gap).
+func (m *Replica) Reset(conf *config.Config, rev uint64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.reset(conf, rev)
+	m.cond().Broadcast()
+}
+
+// ErrGap is returned by Apply for a change that does not follow the replica's revision.
+var ErrGap = errors.New("replica: revision gap")
+
+// WaitRevision blocks until the replica reflects rev (read-your-writes after a change).
+func (m *Replica) WaitRevision(ctx context.Context, rev uint64) error {
+	stop := context.AfterFunc(ctx, func() {
+		m.mu.Lock()
+		m.cond().Broadcast()
+		m.mu.Unlock()
+	})
+	defer stop()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for m.rev < rev {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("wait for revision %d (have %d): %w", rev, m.rev, err)
+		}
+		m.cond().Wait()
+	}
+	return nil
+}
+
+// cond is created lazily; callers hold m.mu.
+func (m *Replica) cond() *sync.Cond {
+	if m.changed == nil {
+		m.changed = sync.NewCond(&m.mu)
+	}
+	return m.changed
 }

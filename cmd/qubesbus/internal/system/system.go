@@ -23,7 +23,6 @@ import (
 	"github.com/qubesbus/qubesbus/schemas/adminapi"
 	"github.com/qubesbus/qubesbus/services/gateway"
 	"github.com/qubesbus/qubesbus/services/persistence"
-	"github.com/qubesbus/qubesbus/services/persistence/replica"
 	"github.com/qubesbus/qubesbus/services/properties"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 )
@@ -143,18 +142,18 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 		s.Store = store
 		return s.serve(store.Serve(ctx, nc, Version))
 	case "vmlifecycle":
-		snap, err := persistence.FetchSnapshot(ctx, nc, host)
+		rep, err := persistence.Follow(ctx, nc, host, log)
 		if err != nil {
 			return err
 		}
-		life := vmlifecycle.New(host, adminapi.Registry, replica.New(snap.Config, snap.Revision), log)
+		life := vmlifecycle.New(host, adminapi.Registry, rep, log)
 		return s.serve(life.Serve(ctx, nc, Version))
 	case "properties":
-		snap, err := persistence.FetchSnapshot(ctx, nc, host)
+		rep, err := persistence.Follow(ctx, nc, host, log)
 		if err != nil {
 			return err
 		}
-		props := properties.New(host, adminapi.Registry, replica.New(snap.Config, snap.Revision),
+		props := properties.New(host, adminapi.Registry, rep,
 			vmlifecycle.StatesClient{NC: nc, Host: host}, log)
 		return s.serve(props.Serve(ctx, nc, Version))
 	case "gateway":
