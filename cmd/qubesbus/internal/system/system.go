@@ -15,9 +15,11 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/embedded"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/adminapi"
@@ -41,6 +43,7 @@ type Config struct {
 	NATSPort    int    // embedded server client port: 0 = 4222, -1 = any free port
 	NATSCreds   string
 	IdleTimeout time.Duration
+	Replicas    int // JetStream replicas of the streams: 1 (default) or 3 in a cluster
 }
 
 // Validate reports every problem at once.
@@ -113,6 +116,14 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 		return nc, err
 	}
 
+	// The events stream exists before any service may publish to it.
+	enc, err := connect("setup")
+	if err != nil {
+		return nil, err
+	}
+	if err := ensureStreams(ctx, enc, cfg); err != nil {
+		return nil, err
+	}
 	for _, name := range Services {
 		nc, err := connect(name)
 		if err != nil {
@@ -124,6 +135,25 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 	}
 	log.Info("socket ready", "socket", cfg.Socket, "nats", url, "host", cfg.HostID)
 	return s, nil
+}
+
+// ensureStreams creates the JetStream streams qubesbus needs.
+func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config) error {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	_, err = cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{Replicas: cfg.Replicas})
+	return err
+}
+
+// publisher returns the event publisher of one service connection.
+func publisher(nc *nats.Conn, hostID string) (*cloudevent.Publisher, error) {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	return cloudevent.NewPublisher(js, hostID), nil
 }
 
 // Services in start order: each needs the ones before it.
