@@ -17,13 +17,16 @@ var ErrSocketInUse = errors.New("socket already in use")
 // Listen opens the Unix socket at path with mode 0660 (and group, if not empty). A
 // stale socket left by a dead daemon is removed; a live one makes Listen fail.
 func Listen(path, group string) (*net.UnixListener, error) {
-	if _, err := os.Lstat(path); err == nil {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket; not removing it", path)
+		}
 		c, err := net.DialTimeout("unix", path, time.Second)
 		if err == nil {
 			c.Close()
 			return nil, fmt.Errorf("%w: socket already exists: '%s'", ErrSocketInUse, path)
 		}
-		if !errors.Is(err, syscall.ECONNREFUSED) && !errors.Is(err, syscall.ENOTSOCK) {
+		if !errors.Is(err, syscall.ECONNREFUSED) {
 			return nil, fmt.Errorf("probe existing socket %s: %w", path, err)
 		}
 		if err := os.Remove(path); err != nil {
