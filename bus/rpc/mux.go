@@ -100,10 +100,12 @@ func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, versi
 		}
 	}
 	// Cancel notices go to every instance: whichever runs the call cancels it.
-	if _, err := nc.Subscribe(host.Cancel("*"), m.cancel); err != nil {
+	sub, err := nc.Subscribe(host.CancelAll(), m.cancel)
+	if err != nil {
 		_ = svc.Stop()
 		return nil, fmt.Errorf("subscribe cancel: %w", err)
 	}
+	context.AfterFunc(ctx, func() { _ = sub.Unsubscribe() })
 	// A request right after start from another connection would see "no responders"
 	// until the subscriptions reach the server.
 	if err := nc.FlushTimeout(10 * time.Second); err != nil {

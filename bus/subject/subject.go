@@ -38,6 +38,9 @@ func (h Host) Cancel(requestID string) string {
 	return Prefix + "." + h.id + ".cancel." + EscapeToken(requestID)
 }
 
+// CancelAll matches every cancel notice of the host.
+func (h Host) CancelAll() string { return Prefix + "." + h.id + ".cancel.*" }
+
 // Event is the subject of one event: vm is the qube name ("" for a global event).
 func (h Host) Event(vm, event string) string {
 	return h.EventsOf(vm) + "." + EscapeToken(event)
