@@ -67,7 +67,8 @@ func (m *Mux) Handle(method string, h Handler) {
 
 // HandleUnknown makes this mux answer calls of unregistered methods: after resolving
 // source and destination (whose errors win, as in qubesd) it answers "no such method".
-// Exactly one service of a host should do this.
+// It also runs the checks of the streams the gateway serves itself (admin.Events),
+// answering the resolved destination. Exactly one service of a host should do this.
 func (m *Mux) HandleUnknown() { m.unknown = true }
 
 // Serve adds a micro service on nc with one endpoint per owned method, in the queue
@@ -93,6 +94,16 @@ func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, versi
 		}
 	}
 	if m.unknown {
+		// Streams served by the gateway still pass the checks here first.
+		for _, meth := range m.reg.Owned(Gateway) {
+			meth := meth
+			err := svc.AddEndpoint(endpointName(meth.Name), m.endpoint(ctx, &meth),
+				micro.WithEndpointSubject(host.API(meth.Name)), micro.WithEndpointMetadata(metadata(meth)))
+			if err != nil {
+				_ = svc.Stop()
+				return nil, fmt.Errorf("add endpoint %s: %w", meth.Name, err)
+			}
+		}
 		err := svc.AddEndpoint(subject.UnknownMethod, m.endpoint(ctx, nil), micro.WithEndpointSubject(host.API(subject.UnknownMethod)))
 		if err != nil {
 			_ = svc.Stop()
@@ -149,6 +160,9 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 		return
 	}
 	h := m.handlers[call.Method.Name]
+	if call.Method.Service == Gateway {
+		h = checkOnly
+	}
 	if h == nil {
 		m.respond(r, req, nil, qerr.New("QubesNotImplementedError", "method not implemented by qubesbus yet: "+call.Method.Name))
 		return
@@ -191,6 +205,12 @@ func (m *Mux) cancel(msg *nats.Msg) {
 	if cancel != nil {
 		cancel()
 	}
+}
+
+// checkOnly answers a gateway-owned method whose checks passed with the resolved
+// destination, "name class", so the gateway knows what to stream.
+func checkOnly(_ context.Context, c *Call) ([]byte, error) {
+	return []byte(c.Dest.Name + " " + c.Dest.Class), nil
 }
 
 // endpointName turns a method name into a micro endpoint name (letters, digits, - and _).

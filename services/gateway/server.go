@@ -48,8 +48,9 @@ type Server struct {
 }
 
 // StreamHandler serves a streaming method on the connection until the client goes
-// away or ctx ends. It writes every frame itself.
-type StreamHandler func(ctx context.Context, conn *net.UnixConn, req *envelope.Request)
+// away or ctx ends. It writes every frame itself; relay sends the call to the services
+// (for the checks qubesd runs before the stream starts).
+type StreamHandler func(ctx context.Context, conn *net.UnixConn, req *envelope.Request, relay func(*envelope.Request) (envelope.Reply, error))
 
 // New returns a gateway relaying calls for reg over nc.
 func New(cfg Config, nc *nats.Conn, reg *rpc.Registry, log *slog.Logger) *Server {
@@ -112,39 +113,40 @@ func (s *Server) handle(ctx context.Context, c *net.UnixConn) {
 		return
 	}
 	req.ID = nuid.Next()
-	meth, known := s.reg.Lookup(req.Method)
-	if known {
-		if h := s.streams[req.Method]; h != nil {
-			h(ctx, c, req)
-			c.Close()
-			return
-		}
+	if h := s.streams[req.Method]; h != nil {
+		h(ctx, c, req, func(r *envelope.Request) (envelope.Reply, error) { return s.relay(ctx, r) })
+		c.Close()
+		return
 	}
+	rep, err := s.relay(ctx, req)
+	if err != nil {
+		s.log.Error("call failed", "method", req.Method, "id", req.ID, "err", err)
+		c.Close()
+		return
+	}
+	writeReply(c, rep, s.log)
+}
+
+// relay sends a call to the service that owns its method and returns the reply. A call
+// runs to completion even if its client leaves (only streams are cancellable).
+func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Reply, error) {
 	tok := subject.UnknownMethod
-	if known {
+	if meth, ok := s.reg.Lookup(req.Method); ok {
 		tok = meth.Name
 	}
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.CallTimeout)
 	defer cancel()
 	msg, err := s.nc.RequestMsgWithContext(cctx, req.Msg(s.cfg.Host.API(tok)))
 	if err != nil {
-		s.log.Error("call failed", "method", req.Method, "id", req.ID, "err", err)
-		c.Close()
-		return
+		return envelope.Reply{}, err
 	}
-	rep, err := envelope.ParseReply(msg)
-	if err != nil {
-		s.log.Error("bad reply", "method", req.Method, "id", req.ID, "err", err)
-		c.Close()
-		return
-	}
-	s.write(c, rep)
+	return envelope.ParseReply(msg)
 }
 
-// write sends the reply frame; after ProtocolError and PermissionDenied qubesd aborts
-// the connection instead of closing it cleanly, which the client sees only as the
-// missing half-close before the close.
-func (s *Server) write(c *net.UnixConn, rep envelope.Reply) {
+// writeReply sends the reply frame and closes. After ProtocolError and
+// PermissionDenied qubesd aborts the connection instead of closing it cleanly, which
+// the client sees only as the missing half-close before the close.
+func writeReply(c *net.UnixConn, rep envelope.Reply, log *slog.Logger) {
 	defer c.Close()
 	var out []byte
 	switch rep.Status {
@@ -156,7 +158,7 @@ func (s *Server) write(c *net.UnixConn, rep envelope.Reply) {
 		return
 	}
 	if _, err := c.Write(out); err != nil {
-		s.log.Debug("client gone before reply", "err", err)
+		log.Debug("client gone before reply", "err", err)
 		return
 	}
 	if rep.Status == envelope.StatusException && qerr.AbortsAfter(rep.Exception.Class) {

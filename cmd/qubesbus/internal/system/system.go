@@ -43,7 +43,9 @@ type Config struct {
 	NATSPort    int    // embedded server client port: 0 = 4222, -1 = any free port
 	NATSCreds   string
 	IdleTimeout time.Duration
-	Replicas    int // JetStream replicas of the streams: 1 (default) or 3 in a cluster
+	// EventsWriteTimeout cuts off an admin.Events subscriber that stops reading.
+	EventsWriteTimeout time.Duration
+	Replicas           int // JetStream replicas of the streams: 1 (default) or 3 in a cluster
 }
 
 // Validate reports every problem at once.
@@ -195,6 +197,12 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 			return err
 		}
 		gw := gateway.New(gateway.Config{Host: host, IdleTimeout: cfg.IdleTimeout}, nc, adminapi.Registry, log)
+		events, err := gateway.NewEvents(gateway.EventsConfig{WriteTimeout: cfg.EventsWriteTimeout}, nc, host, log)
+		if err != nil {
+			l.Close()
+			return err
+		}
+		gw.HandleStream("admin.Events", events.Serve)
 		s.done.Add(1)
 		go func() {
 			defer s.done.Done()
