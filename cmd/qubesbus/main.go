@@ -3,6 +3,7 @@
 //	qubesbus run                   everything in one process (embedded NATS by default)
 //	qubesbus serve <service>       one service against a NATS URL
 //	qubesbus query [--src NAME] METHOD DEST [ARG]   one call over the socket, like qubesd-query
+//	qubesbus events [--vm NAME] [--since SEQ]       tail the events stream
 package main
 
 import (
@@ -27,6 +28,7 @@ commands:
   run      serve the gateway socket and every service (embedded NATS unless --nats-url)
   serve    serve one service (persistence, properties, vmlifecycle, gateway) on --nats-url
   query    make one Admin API call over the socket: query [--src NAME] METHOD DEST [ARG]
+  events   tail the events stream: events [--host H] [--vm NAME] [--type GLOB] [--since SEQ|TIME] [--json]
 `
 
 func dispatch(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
@@ -42,6 +44,8 @@ func dispatch(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 		return serveCmd(ctx, args[1:], log, stderr)
 	case "query":
 		return queryCmd(ctx, args[1:], stdin, stdout, stderr)
+	case "events":
+		return eventsCmd(ctx, args[1:], stdout, stderr, log)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0
