@@ -5,7 +5,7 @@ FUZZTIME ?= 30s
 RUN_DIR ?= run
 QUBES_XML ?= testdata/qubes.xml
 
-.PHONY: run test vet build bench fuzz standalone clean
+.PHONY: run test vet build bench fuzz standalone tidy clean
 
 run:
 	$(GO) run ./cmd/qubesbus run --socket $(RUN_DIR)/qubesd.sock --data-dir $(RUN_DIR)/data --qubes-xml $(QUBES_XML)
@@ -22,6 +22,10 @@ test: vet standalone
 # Every module also builds on its own, outside the workspace.
 standalone:
 	@for m in $(MODULES); do (cd $$m && GOWORK=off $(GO) build ./...) || exit 1; done
+
+# After changing imports: keep every module's go.sum complete for GOWORK=off builds.
+tidy:
+	@for m in $(MODULES); do (cd $$m && GOWORK=off $(GO) mod tidy) || exit 1; done
 
 bench:
 	@for m in $(MODULES); do (cd $$m && $(GO) test -run '^$$' -bench . -benchmem ./...) || exit 1; done
