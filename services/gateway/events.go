@@ -76,15 +76,44 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 	defer cancel()
 	go watchHangup(ctx, c, cancel)
 
+	// A push consumer delivers only while its deliver subject has interest, so the
+	// subscription exists before the consumer does: nothing can be sent into the void.
+	// (A pull request can be dropped in a cluster when the server hosting the consumer
+	// has not yet seen the interest in its reply subject, and with no acks it would not
+	// be sent again.)
+	inbox := e.nc.NewInbox()
+	sub, err := e.nc.SubscribeSync(inbox)
+	if err != nil {
+		e.log.Error("admin.Events subscribe", "id", req.ID, "err", err)
+		return
+	}
+	defer sub.Unsubscribe()
+	if err := sub.SetPendingLimits(e.cfg.Buffer, e.cfg.Buffer*64*1024); err != nil {
+		e.log.Error("admin.Events pending limits", "id", req.ID, "err", err)
+		return
+	}
 	cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
-	cons, err := e.js.CreateConsumer(cctx, cloudevent.StreamName, jetstream.ConsumerConfig{
-		DeliverPolicy:     jetstream.DeliverNewPolicy,
-		AckPolicy:         jetstream.AckNonePolicy,
-		FilterSubject:     filter,
-		InactiveThreshold: time.Minute, // removes it if this gateway dies
-		MemoryStorage:     true,
-		Replicas:          1,
-	})
+	// Start at the sequence after the last one the stream leader has acknowledged. In a
+	// cluster, DeliverNew is resolved on whichever replica hosts the consumer, and a
+	// lagging replica would start too early; the leader's last sequence makes
+	// "everything stored after the marker" hold everywhere.
+	start, err := e.nextSequence(cctx)
+	if err == nil {
+		err = e.nc.FlushWithContext(cctx) // the server has our subscription
+	}
+	var cons jetstream.PushConsumer
+	if err == nil {
+		cons, err = e.js.CreatePushConsumer(cctx, cloudevent.StreamName, jetstream.ConsumerConfig{
+			DeliverSubject:    inbox,
+			DeliverPolicy:     jetstream.DeliverByStartSequencePolicy,
+			OptStartSeq:       start,
+			AckPolicy:         jetstream.AckNonePolicy,
+			FilterSubject:     filter,
+			InactiveThreshold: time.Minute, // removes it if this gateway dies
+			MemoryStorage:     true,
+			Replicas:          1,
+		})
+	}
 	ccancel()
 	if err != nil {
 		e.log.Error("admin.Events consumer", "id", req.ID, "dest", dest, "err", err)
@@ -101,24 +130,20 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 	if !e.write(c, connectionEstablished) {
 		return
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(e.cfg.Buffer))
-	if err != nil {
-		e.log.Error("admin.Events messages", "id", req.ID, "err", err)
-		return
-	}
-	context.AfterFunc(ctx, it.Stop)
 	var frame []byte
 	for {
-		msg, err := it.Next()
+		msg, err := sub.NextMsgWithContext(ctx)
 		if err != nil {
-			if !errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-				e.log.Warn("admin.Events stream ended", "id", req.ID, "err", err)
+			if ctx.Err() == nil {
+				// Most likely the subscription overflowed its buffer: events were
+				// dropped for this client, so it must not go on as if complete.
+				e.log.Warn("cutting off an admin.Events subscriber", "id", req.ID, "err", err)
 			}
 			return
 		}
-		ev, _, err := cloudevent.Decode(ctx, &nats.Msg{Subject: msg.Subject(), Header: msg.Headers(), Data: msg.Data()})
+		ev, _, err := cloudevent.Decode(ctx, msg)
 		if err != nil {
-			e.log.Warn("skipping undecodable event", "subject", msg.Subject(), "err", err)
+			e.log.Warn("skipping undecodable event", "subject", msg.Subject, "err", err)
 			continue
 		}
 		frame = appendCloudEvent(frame[:0], ev)
@@ -126,6 +151,14 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 			return
 		}
 	}
+}
+
+func (e *Events) nextSequence(ctx context.Context) (uint64, error) {
+	st, err := e.js.Stream(ctx, cloudevent.StreamName)
+	if err != nil {
+		return 0, err
+	}
+	return st.CachedInfo().State.LastSeq + 1, nil
 }
 
 func appendCloudEvent(dst []byte, ev cloudevent.Event) []byte {

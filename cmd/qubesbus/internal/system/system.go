@@ -42,7 +42,10 @@ type Config struct {
 	NATSURL     string // external NATS; empty runs an embedded server
 	NATSPort    int    // embedded server client port: 0 = 4222, -1 = any free port
 	NATSCreds   string
-	IdleTimeout time.Duration
+	// ServiceNATSURLs connects single services to other servers of the same cluster
+	// (by service name, or "setup"); the rest use NATSURL.
+	ServiceNATSURLs map[string]string
+	IdleTimeout     time.Duration
 	// EventsWriteTimeout cuts off an admin.Events subscriber that stops reading.
 	EventsWriteTimeout time.Duration
 	Replicas           int // JetStream replicas of the streams: 1 (default) or 3 in a cluster
@@ -108,7 +111,9 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 	s.NATSURL = url
 	connect := func(name string) (*nats.Conn, error) {
 		cc := bus.ConnConfig{URL: url, Creds: cfg.NATSCreds, Name: "qubesbus-" + name + "-" + cfg.HostID}
-		if s.NATS != nil {
+		if u := cfg.ServiceNATSURLs[name]; u != "" {
+			cc.URL = u
+		} else if s.NATS != nil {
 			cc.InProcess = s.NATS
 		}
 		nc, err := bus.Connect(ctx, cc, log)

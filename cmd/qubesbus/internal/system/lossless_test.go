@@ -1,0 +1,111 @@
+package system
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
+)
+
+// losslessRounds is how often a subscriber opens admin.Events and a change follows its
+// connection-established at once.
+func losslessRounds() int {
+	if testing.Short() {
+		return 200
+	}
+	return 2000
+}
+
+// checkLossless opens admin.Events, waits for the marker, makes a change at once over
+// another connection, and requires the change's event, every round.
+func checkLossless(t *testing.T, socket string, rounds int, change func(i int) (wantFrame string)) {
+	t.Helper()
+	misses := 0
+	for i := 0; i < rounds; i++ {
+		s := openEvents(t, socket, "work")
+		want := change(i)
+		got, err := s.next(5 * time.Second)
+		if err != nil || string(got) != want {
+			misses++
+			t.Errorf("round %d: got %q %v, want %q", i, got, err, want)
+		}
+		s.c.Close()
+		if misses > 5 {
+			t.Fatalf("%d misses in %d rounds", misses, i+1)
+		}
+	}
+	t.Logf("%d rounds, %d misses", rounds, misses)
+}
+
+// eventChange makes the change by publishing the event a service would publish, from
+// its own connection.
+func eventChange(t *testing.T, nc jetstream.JetStream, host string) func(int) string {
+	pub := cloudevent.NewPublisher(nc, host)
+	return func(i int) string {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		v := fmt.Sprint(i)
+		if err := pub.Publish(ctx, cloudevent.New("work", "domain-feature-set:round", "feature", "round", "value", v)); err != nil {
+			t.Fatal(err)
+		}
+		return "1\x00work\x00domain-feature-set:round\x00feature\x00round\x00value\x00" + v + "\x00\x00"
+	}
+}
+
+func TestLosslessEventsSingleServer(t *testing.T) {
+	sys := startSystem(t)
+	js, err := jetstream.New(bustest.Connect(t, sys.NATS))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkLossless(t, sys.Socket, losslessRounds(), eventChange(t, js, "test"))
+}
+
+// TestLosslessEventsCluster runs the gateway and the changing side on different
+// servers of a 3-node JetStream cluster, with the stream replicated 3 times.
+func TestLosslessEventsCluster(t *testing.T) {
+	servers := bustest.RunCluster(t, 3)
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg := Config{
+		Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
+		QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: "test",
+		NATSURL:  servers[1].ClientURL(), Replicas: 3,
+		ServiceNATSURLs: map[string]string{"gateway": servers[0].ClientURL(), "properties": servers[2].ClientURL()},
+	}
+	sys, err := Start(ctx, cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sys.Stop()
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: servers[2].ClientURL(), Name: "changer"}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := js.Stream(ctx, cloudevent.StreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := info.CachedInfo().Config.Replicas; r != 3 {
+		t.Fatalf("stream replicas %d, want 3", r)
+	}
+	if !strings.Contains(cfg.ServiceNATSURLs["gateway"], "127.0.0.1") {
+		t.Fatal("bad cluster URL")
+	}
+	checkLossless(t, sys.Socket, losslessRounds(), eventChange(t, js, "test"))
+}
