@@ -2,7 +2,10 @@ module github.com/qubesbus/qubesbus/schemas
 
 go 1.26.0
 
-require github.com/qubesbus/qubesbus/bus v0.0.0
+require (
+	github.com/qubesbus/qubesbus/bus v0.0.0
+	github.com/santhosh-tekuri/jsonschema/v6 v6.0.3
+)
 
 require (
 	github.com/klauspost/compress v1.20.3 // indirect
@@ -11,6 +14,7 @@ require (
 	github.com/nats-io/nuid v1.0.1 // indirect
 	golang.org/x/crypto v0.58.0 // indirect
 	golang.org/x/sys v0.49.0 // indirect
+	golang.org/x/text v0.43.0 // indirect
 )
 
 replace github.com/qubesbus/qubesbus/bus => ../bus
