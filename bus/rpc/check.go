@@ -15,6 +15,7 @@ type Ref struct {
 	Name  string
 	Class string
 	UUID  string
+	Tags  []string // for access policy; shared, never modified
 }
 
 // IsAdminVM reports whether the qube is the admin VM (dom0).
@@ -64,9 +65,16 @@ func resolve(ctx context.Context, res Resolver, text string) (Ref, error) {
 	return ref, nil
 }
 
+// Authorizer decides whether a source may call a method on a destination (qubesd's
+// admin-permission check, which qrexec policy drives on a real system).
+type Authorizer interface {
+	Allowed(method, arg string, src, dest Ref) bool
+}
+
 // Check runs qubesd's pre-handler pipeline (protocol.md §2.2) in its order; the first
-// failure wins. m is nil for a method that is not registered.
-func Check(ctx context.Context, res Resolver, m *Method, req *envelope.Request) (*Call, error) {
+// failure wins. m is nil for a method that is not registered. auth, if not nil, runs
+// last: a denied call answers PermissionDenied with no message.
+func Check(ctx context.Context, res Resolver, auth Authorizer, m *Method, req *envelope.Request) (*Call, error) {
 	src, err := resolve(ctx, res, req.Source)
 	if err != nil {
 		return nil, err
@@ -98,6 +106,9 @@ func Check(ctx context.Context, res Resolver, m *Method, req *envelope.Request) 
 		return nil, qerr.Protocol("expected destination to be AdminVM")
 	case m.Dest == NotAdminVMDest && dest.IsAdminVM():
 		return nil, qerr.Protocol("expected destination to not be AdminVM")
+	}
+	if auth != nil && !auth.Allowed(m.Name, req.Arg, src, dest) {
+		return nil, qerr.New("PermissionDenied", "")
 	}
 	return &Call{Method: *m, Source: src, Dest: dest, Arg: req.Arg, Payload: req.Payload, ID: req.ID}, nil
 }

@@ -65,7 +65,7 @@ func TestCheckOrder(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			call, err := Check(context.Background(), res, tt.m, &tt.req)
+			call, err := Check(context.Background(), res, nil, tt.m, &tt.req)
 			switch {
 			case tt.abort:
 				if !errors.Is(err, qerr.ErrAbort) {

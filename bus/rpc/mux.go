@@ -34,6 +34,9 @@ type Mux struct {
 	handlers map[string]Handler
 	unknown  bool
 
+	// Auth, if set, decides which source may call what (see package policy).
+	Auth Authorizer
+
 	// AfterChange, if set, runs after every successful call of a ChangesConfig method,
 	// before the reply is sent (persistence saves qubes.xml after such calls).
 	AfterChange func(ctx context.Context, c *Call) error
@@ -154,7 +157,7 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 			cancel()
 		}()
 	}
-	call, err := Check(ctx, m.resolver, meth, req)
+	call, err := Check(ctx, m.resolver, m.Auth, meth, req)
 	if err != nil {
 		m.respond(r, req, nil, err)
 		return
