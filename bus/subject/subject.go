@@ -41,9 +41,17 @@ func (h Host) Cancel(requestID string) string {
 // CancelAll matches every cancel notice of the host.
 func (h Host) CancelAll() string { return Prefix + "." + h.id + ".cancel.*" }
 
-// Event is the subject of one event: vm is the qube name ("" for a global event).
+// Event is the subject of one event: vm is the qube name ("" for a global event). A
+// wire name "base:suffix" (property-set:netvm) becomes two tokens, base.suffix, so
+// permissions and filters can select an event family (events.*.property-set.>) even
+// though NATS wildcards never match part of a token.
 func (h Host) Event(vm, event string) string {
-	return h.EventsOf(vm) + "." + EscapeToken(event)
+	base, suffix, found := strings.Cut(event, ":")
+	s := h.EventsOf(vm) + "." + EscapeToken(base)
+	if found {
+		s += "." + EscapeToken(suffix)
+	}
+	return s
 }
 
 // EventsOf matches every event of one qube ("" for the global ones).
@@ -80,7 +88,7 @@ func ParseEvent(subj string) (host, vm, event string, ok bool) {
 		return "", "", "", false
 	}
 	parts := strings.Split(rest, ".")
-	if len(parts) != 4 || parts[1] != "events" {
+	if len(parts) < 4 || len(parts) > 5 || parts[1] != "events" {
 		return "", "", "", false
 	}
 	var err error
@@ -92,14 +100,15 @@ func ParseEvent(subj string) (host, vm, event string, ok bool) {
 			return "", "", "", false
 		}
 	}
-	if event, err = UnescapeToken(parts[3]); err != nil {
+	if event, err = UnescapeToken(parts[3]); err != nil || strings.Contains(event, ":") {
 		return "", "", "", false
 	}
+	if len(parts) == 5 {
+		suffix, err := UnescapeToken(parts[4])
+		if err != nil {
+			return "", "", "", false
+		}
+		event += ":" + suffix
+	}
 	return host, vm, event, true
-}
-
-// Service is a subject of a service's internal API (not the Admin API), e.g.
-// Service("vmlifecycle", "states").
-func (h Host) Service(service, op string) string {
-	return Prefix + "." + h.id + ".svc." + service + "." + op
 }
