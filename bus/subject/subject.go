@@ -112,3 +112,9 @@ func ParseEvent(subj string) (host, vm, event string, ok bool) {
 	}
 	return host, vm, event, true
 }
+
+// Service is a subject of a service's internal API (not the Admin API), e.g.
+// Service("vmlifecycle", "states").
+func (h Host) Service(service, op string) string {
+	return Prefix + "." + h.id + ".svc." + service + "." + op
+}
