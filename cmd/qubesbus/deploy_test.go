@@ -1,0 +1,116 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/subject"
+)
+
+// runDeployServer starts nats-server from deploy/nats/single.conf (ports and store moved
+// to test places), with the users' passwords from the environment.
+func runDeployServer(t *testing.T) *server.Server {
+	t.Helper()
+	for _, u := range []string{"ADMIN", "PERSISTENCE", "PROPERTIES", "VMLIFECYCLE", "GATEWAY", "EVENTS"} {
+		t.Setenv("QUBESBUS_"+u+"_PASSWORD", "pw-"+strings.ToLower(u))
+	}
+	opts, err := server.ProcessConfigFile("../../deploy/nats/single.conf")
+	if err != nil {
+		t.Fatalf("deploy config: %v", err)
+	}
+	opts.Port, opts.HTTPPort, opts.StoreDir, opts.NoSigs = -1, 0, t.TempDir(), true
+	ns, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ns.Start()
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("server not ready")
+	}
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	return ns
+}
+
+// connectAs returns a connection whose permission errors land in errs.
+func connectAs(t *testing.T, ns *server.Server, user string, errs chan<- error) *nats.Conn {
+	t.Helper()
+	nc, err := nats.Connect(ns.ClientURL(), nats.UserInfo(user, "pw-"+user),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { errs <- err }))
+	if err != nil {
+		t.Fatalf("connect as %s: %v", user, err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+func TestServiceCredentialsCoverOnlyTheirOwnEvents(t *testing.T) {
+	ns := runDeployServer(t)
+	errs := make(chan error, 16)
+	admin := connectAs(t, ns, "admin", errs)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ajs, _ := jetstream.New(admin)
+	if _, err := cloudevent.EnsureStream(ctx, ajs, cloudevent.StreamConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	host := "local"
+	tests := []struct {
+		user  string
+		event cloudevent.Event
+		ok    bool
+	}{
+		{"properties", cloudevent.New("work", "property-set:netvm", "name", "netvm", "newvalue", "sys-net"), true},
+		{"properties", cloudevent.New("", "domain-add", "vm", "newvm"), true},
+		{"properties", cloudevent.New("work", "domain-start", "start_guid", "True"), false},
+		{"properties", cloudevent.New("work", "domain-shutdown"), false},
+		{"vmlifecycle", cloudevent.New("work", "domain-start", "start_guid", "True"), true},
+		{"vmlifecycle", cloudevent.New("work", "property-reset:xid", "name", "xid"), true},
+		{"vmlifecycle", cloudevent.New("work", "property-set:netvm", "name", "netvm", "newvalue", "x"), false},
+		{"vmlifecycle", cloudevent.New("", "domain-add", "vm", "x"), false},
+		{"gateway", cloudevent.New("work", "domain-start", "start_guid", "True"), false},
+		{"events", cloudevent.New("work", "property-set:label", "name", "label", "newvalue", "red"), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.user+"/"+tt.event.Name, func(t *testing.T) {
+			uerrs := make(chan error, 16)
+			nc := connectAs(t, ns, tt.user, uerrs)
+			js, _ := jetstream.New(nc)
+			pctx, pcancel := context.WithTimeout(ctx, time.Second)
+			defer pcancel()
+			err := cloudevent.NewPublisher(js, host).Publish(pctx, tt.event)
+			if tt.ok {
+				if err != nil {
+					t.Fatalf("own event refused: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("%s published %s", tt.user, subject.ForHost(host).Event(tt.event.VM, tt.event.Name))
+			}
+			select {
+			case perr := <-uerrs:
+				if !errors.Is(perr, nats.ErrPermissionViolation) && !strings.Contains(perr.Error(), "Permissions Violation") {
+					t.Fatalf("error %v is not a permissions violation", perr)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatalf("no permissions violation reported (publish err %v)", err)
+			}
+		})
+	}
+	// The refused events never reached the stream.
+	s, err := ajs.Stream(ctx, cloudevent.StreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := s.CachedInfo().State.Msgs; n != 4 {
+		t.Fatalf("stream holds %d events, want the 4 allowed ones", n)
+	}
+}
