@@ -17,7 +17,9 @@ import (
 type ConnConfig struct {
 	URL   string // nats://…; empty with InProcess set
 	Creds string // optional credentials file
-	Name  string // client name shown by the server
+	// User and Password, for servers with per-service users (deploy/nats).
+	User, Password string
+	Name           string // client name shown by the server
 	// InProcess, if set, connects without TCP to an embedded server.
 	InProcess nats.InProcessConnProvider
 	// ReconnectWait between attempts; MaxReconnects < 0 retries forever.
@@ -69,6 +71,9 @@ func Connect(ctx context.Context, cfg ConnConfig, log *slog.Logger) (*nats.Conn,
 			}
 			log.Error("nats async error", "name", cfg.Name, "subject", subj, "err", err)
 		}),
+	}
+	if cfg.User != "" {
+		opts = append(opts, nats.UserInfo(cfg.User, cfg.Password))
 	}
 	if cfg.Creds != "" {
 		opts = append(opts, nats.UserCredentials(cfg.Creds))

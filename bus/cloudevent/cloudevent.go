@@ -18,9 +18,9 @@ import (
 	"strings"
 	"time"
 
+	cejs "github.com/cloudevents/sdk-go/protocol/nats_jetstream/v2"
 	ce "github.com/cloudevents/sdk-go/v2"
 	"github.com/cloudevents/sdk-go/v2/binding"
-	cejs "github.com/cloudevents/sdk-go/protocol/nats_jetstream/v2"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nuid"
 

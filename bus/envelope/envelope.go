@@ -85,7 +85,7 @@ func ParseRequest(h nats.Header, data []byte) (*Request, error) {
 // Reply is the outcome of a call.
 type Reply struct {
 	Status    string
-	Content   []byte     // StatusOK
+	Content   []byte      // StatusOK
 	Exception *qerr.Error // StatusException
 }
 

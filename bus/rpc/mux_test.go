@@ -63,7 +63,9 @@ func TestMuxServesCancelsAndSaves(t *testing.T) {
 
 	// A cancellable call ends when the gateway announces that its client left.
 	done := make(chan envelope.Reply, 1)
-	go func() { done <- call(&envelope.Request{Method: "admin.vm.Stats", Source: "dom0", Dest: "dom0", ID: "req.1"}) }()
+	go func() {
+		done <- call(&envelope.Request{Method: "admin.vm.Stats", Source: "dom0", Dest: "dom0", ID: "req.1"})
+	}()
 	<-started
 	if err := client.Publish(host.Cancel("req.1"), nil); err != nil {
 		t.Fatal(err)

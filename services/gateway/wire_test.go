@@ -8,10 +8,10 @@ import (
 
 func TestDecodeRequest(t *testing.T) {
 	tests := []struct {
-		name                             string
-		in                               string
+		name                            string
+		in                              string
 		method, arg, src, dest, payload string
-		wantErr                          bool
+		wantErr                         bool
 	}{
 		{name: "plus", in: "admin.vm.List+ dom0 name dom0\x00", method: "admin.vm.List", src: "dom0", dest: "dom0"},
 		{name: "no plus", in: "admin.vm.List dom0 name work\x00", method: "admin.vm.List", src: "dom0", dest: "work"},

@@ -135,10 +135,10 @@ func TestEventsRelaysFramesAndFilters(t *testing.T) {
 func TestEventsChecks(t *testing.T) {
 	sys := startSystem(t)
 	cases := map[string]string{
-		"admin.Events+x dom0 name dom0\x00":      "2\x00ProtocolError\x00\x00unexpected argument\x00",
-		"admin.Events+ dom0 name dom0\x00p":      "2\x00ProtocolError\x00\x00unexpected payload\x00",
-		"admin.Events+ dom0 name nosuch\x00":     "2\x00QubesVMNotFoundError\x00\x00No such domain: 'nosuch'\x00",
-		"admin.Events+ nosuch name dom0\x00":     "2\x00QubesVMNotFoundError\x00\x00No such domain: 'nosuch'\x00",
+		"admin.Events+x dom0 name dom0\x00":     "2\x00ProtocolError\x00\x00unexpected argument\x00",
+		"admin.Events+ dom0 name dom0\x00p":     "2\x00ProtocolError\x00\x00unexpected payload\x00",
+		"admin.Events+ dom0 name nosuch\x00":    "2\x00QubesVMNotFoundError\x00\x00No such domain: 'nosuch'\x00",
+		"admin.Events+ nosuch name dom0\x00":    "2\x00QubesVMNotFoundError\x00\x00No such domain: 'nosuch'\x00",
 		"admin.Events+ dom0 name uuid:1234\x00": "2\x00QubesVMInvalidUUIDError\x00\x00VM UUID is not valid: '1234'\x00",
 	}
 	for req, want := range cases {

@@ -80,7 +80,7 @@ func TestLosslessEventsCluster(t *testing.T) {
 	cfg := Config{
 		Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
 		QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: "test",
-		NATSURL:  servers[1].ClientURL(), Replicas: 3,
+		NATSURL: servers[1].ClientURL(), Replicas: 3,
 		ServiceNATSURLs: map[string]string{"gateway": servers[0].ClientURL(), "properties": servers[2].ClientURL()},
 	}
 	sys, err := Start(ctx, cfg, slog.New(slog.DiscardHandler))
