@@ -1,0 +1,108 @@
+package lab
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/qubesbus/qubesbus/bus/embedded"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
+	"github.com/qubesbus/qubesbus/services/persistence/qubesxml"
+)
+
+// Config of a lab.
+type Config struct {
+	Hosts    int
+	Qubes    int    // extra AppVMs per host, on top of the seed's qubes
+	Seed     string // qubes.xml every host starts from
+	Dir      string // one folder per host: socket, data
+	NATSURL  string // a cluster to run on; empty starts one embedded server
+	NATSPort int    // embedded server port (-1: any)
+	Replicas int
+	// URLs spreads hosts' services over several servers: host i uses URLs[i%len].
+	URLs []string
+}
+
+// Lab is a set of running hosts.
+type Lab struct {
+	NATS  *server.Server // nil on an external cluster
+	Hosts []*Host
+}
+
+// Host is one simulated Qubes host of a lab.
+type Host struct {
+	ID     string
+	Socket string
+	*system.System
+}
+
+// Start brings every host up; on error the ones already started are stopped.
+func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *Lab, err error) {
+	if cfg.Hosts < 1 {
+		return nil, errors.New("lab: need at least one host")
+	}
+	seed, err := qubesxml.Load(cfg.Seed)
+	if err != nil {
+		return nil, err
+	}
+	l := &Lab{}
+	defer func() {
+		if err != nil {
+			l.Stop()
+		}
+	}()
+	url := cfg.NATSURL
+	if url == "" && len(cfg.URLs) == 0 {
+		l.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.Dir, "nats"), Port: cfg.NATSPort})
+		if err != nil {
+			return nil, err
+		}
+		url = l.NATS.ClientURL()
+	}
+	for i := 0; i < cfg.Hosts; i++ {
+		id := fmt.Sprintf("host-%02d", i+1)
+		dir := filepath.Join(cfg.Dir, id)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, err
+		}
+		seedFile := filepath.Join(dir, "seed.xml")
+		conf, err := Generate(seed, id, cfg.Qubes)
+		if err != nil {
+			return nil, err
+		}
+		if err := qubesxml.Save(seedFile, conf); err != nil {
+			return nil, err
+		}
+		hostURL := url
+		if len(cfg.URLs) > 0 {
+			hostURL = cfg.URLs[i%len(cfg.URLs)]
+		}
+		sys, err := system.Start(ctx, system.Config{
+			Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
+			QubesXML: seedFile, HostID: id, NATSURL: hostURL, Replicas: cfg.Replicas,
+		}, log.With("host", id))
+		if err != nil {
+			return nil, fmt.Errorf("host %s: %w", id, err)
+		}
+		l.Hosts = append(l.Hosts, &Host{ID: id, Socket: sys.Socket, System: sys})
+	}
+	return l, nil
+}
+
+// Stop stops every host, then the embedded server.
+func (l *Lab) Stop() error {
+	var errs []error
+	for _, h := range l.Hosts {
+		errs = append(errs, h.Stop())
+	}
+	if l.NATS != nil {
+		l.NATS.Shutdown()
+		l.NATS.WaitForShutdown()
+	}
+	return errors.Join(errs...)
+}
