@@ -31,6 +31,9 @@ type Config struct {
 	CallTimeout time.Duration
 	// MaxConns bounds concurrent connections; further ones wait in the listen backlog.
 	MaxConns int
+	// ReadTimeout bounds one attempt of a read call; RetryWindow is how long a read is
+	// retried when no service answers (zero: 5 s each).
+	ReadTimeout, RetryWindow time.Duration
 }
 
 // Server is the socket gateway.
@@ -56,6 +59,12 @@ type StreamHandler func(ctx context.Context, conn *net.UnixConn, req *envelope.R
 func New(cfg Config, nc *nats.Conn, reg *rpc.Registry, log *slog.Logger) *Server {
 	if cfg.CallTimeout == 0 {
 		cfg.CallTimeout = 10 * time.Minute
+	}
+	if cfg.ReadTimeout == 0 {
+		cfg.ReadTimeout = 5 * time.Second
+	}
+	if cfg.RetryWindow == 0 {
+		cfg.RetryWindow = 5 * time.Second
 	}
 	if cfg.MaxConns == 0 {
 		cfg.MaxConns = 4096
@@ -129,18 +138,40 @@ func (s *Server) handle(ctx context.Context, c *net.UnixConn) {
 
 // relay sends a call to the service that owns its method and returns the reply. A call
 // runs to completion even if its client leaves (only streams are cancellable).
+//
+// A read (a method that neither writes nor executes) whose request found no responder
+// or timed out is sent again until RetryWindow has passed: during a failover the
+// queue group is briefly empty. A change is never retried, since it may have been
+// applied before its reply was lost.
 func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Reply, error) {
 	tok := subject.UnknownMethod
+	retry := true
 	if meth, ok := s.reg.Lookup(req.Method); ok {
 		tok = meth.Name
+		retry = meth.Access == rpc.Read && !meth.ChangesConfig
 	}
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.CallTimeout)
 	defer cancel()
-	msg, err := s.nc.RequestMsgWithContext(cctx, req.Msg(s.cfg.Host.API(tok)))
-	if err != nil {
-		return envelope.Reply{}, err
+	deadline := time.Now().Add(s.cfg.RetryWindow)
+	backoff := 20 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		actx, acancel := cctx, context.CancelFunc(func() {})
+		if retry {
+			actx, acancel = context.WithTimeout(cctx, s.cfg.ReadTimeout)
+		}
+		msg, err := s.nc.RequestMsgWithContext(actx, req.Msg(s.cfg.Host.API(tok)))
+		acancel()
+		if err == nil {
+			return envelope.ParseReply(msg)
+		}
+		transient := errors.Is(err, nats.ErrNoResponders) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)
+		if !retry || !transient || cctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
+			return envelope.Reply{}, fmt.Errorf("%s after %d attempts: %w", req.Method, attempt, err)
+		}
+		s.log.Debug("retrying read", "method", req.Method, "id", req.ID, "attempt", attempt, "err", err)
+		time.Sleep(backoff)
+		backoff = min(2*backoff, 500*time.Millisecond)
 	}
-	return envelope.ParseReply(msg)
 }
 
 // writeReply sends the reply frame and closes. After ProtocolError and

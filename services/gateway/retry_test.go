@@ -1,0 +1,75 @@
+package gateway
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/rpc"
+	"github.com/qubesbus/qubesbus/bus/subject"
+)
+
+type oneQube struct{}
+
+func (oneQube) ResolveName(_ context.Context, name string) (rpc.Ref, error) {
+	return rpc.Ref{Name: "dom0", Class: "AdminVM"}, nil
+}
+func (oneQube) ResolveUUID(context.Context, string) (rpc.Ref, error) { return rpc.Ref{}, nil }
+
+func ask(t *testing.T, sock, req string) (string, time.Duration) {
+	t.Helper()
+	start := time.Now()
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	c.Write([]byte(req))
+	c.(*net.UnixConn).CloseWrite()
+	b, _ := io.ReadAll(c)
+	return string(b), time.Since(start)
+}
+
+// A read finds a service that starts during its retry window; a change that finds no
+// service is not retried.
+func TestReadsRetryChangesDoNot(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	host := subject.ForHost("t")
+	reg := rpc.NewRegistry(
+		rpc.Method{Name: "admin.vm.List", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden},
+		rpc.Method{Name: "admin.vm.feature.Set", Service: rpc.Properties, Arg: rpc.Required, ChangesConfig: true, Access: rpc.Write},
+	)
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	l, err := Listen(sock, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	gw := New(Config{Host: host, RetryWindow: 10 * time.Second}, bustest.Connect(t, ns), reg, slog.New(slog.DiscardHandler))
+	go gw.Serve(ctx, l)
+
+	if got, _ := ask(t, sock, "admin.vm.feature.Set+f dom0 name dom0\x00v"); got != "" {
+		t.Fatalf("change with no service answered %q", got)
+	}
+
+	mux := rpc.NewMux(reg, rpc.Properties, oneQube{}, slog.New(slog.DiscardHandler))
+	mux.Handle("admin.vm.List", func(context.Context, *rpc.Call) ([]byte, error) { return []byte("dom0\n"), nil })
+	go func() {
+		time.Sleep(300 * time.Millisecond) // the service comes up while the read retries
+		if _, err := mux.Serve(ctx, bustest.Connect(t, ns), host, "0.0.1"); err != nil {
+			t.Error(err)
+		}
+	}()
+	got, took := ask(t, sock, "admin.vm.List+ dom0 name dom0\x00")
+	if got != "0\x00dom0\n" {
+		t.Fatalf("read during failover answered %q", got)
+	}
+	t.Logf("read answered after %s", took.Round(time.Millisecond))
+}
