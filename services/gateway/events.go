@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strconv"
 	"strings"
 	"time"
 
@@ -76,63 +77,31 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 	defer cancel()
 	go watchHangup(ctx, c, cancel)
 
-	// A push consumer delivers only while its deliver subject has interest, so the
-	// subscription exists before the consumer does: nothing can be sent into the void.
-	// (A pull request can be dropped in a cluster when the server hosting the consumer
-	// has not yet seen the interest in its reply subject, and with no acks it would not
-	// be sent again.)
-	inbox := e.nc.NewInbox()
-	sub, err := e.nc.SubscribeSync(inbox)
-	if err != nil {
-		e.log.Error("admin.Events subscribe", "id", req.ID, "err", err)
-		return
-	}
-	defer sub.Unsubscribe()
-	if err := sub.SetPendingLimits(e.cfg.Buffer, e.cfg.Buffer*64*1024); err != nil {
-		e.log.Error("admin.Events pending limits", "id", req.ID, "err", err)
-		return
-	}
-	cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
-	// Start at the sequence after the last one the stream leader has acknowledged. In a
-	// cluster, DeliverNew is resolved on whichever replica hosts the consumer, and a
-	// lagging replica would start too early; the leader's last sequence makes
-	// "everything stored after the marker" hold everywhere.
-	start, err := e.nextSequence(cctx)
-	if err == nil {
-		err = e.nc.FlushWithContext(cctx) // the server has our subscription
-	}
-	var cons jetstream.PushConsumer
-	if err == nil {
-		cons, err = e.js.CreatePushConsumer(cctx, cloudevent.StreamName, jetstream.ConsumerConfig{
-			DeliverSubject:    inbox,
-			DeliverPolicy:     jetstream.DeliverByStartSequencePolicy,
-			OptStartSeq:       start,
-			AckPolicy:         jetstream.AckNonePolicy,
-			FilterSubject:     filter,
-			InactiveThreshold: time.Minute, // removes it if this gateway dies
-			MemoryStorage:     true,
-			Replicas:          1,
-		})
-	}
-	ccancel()
+	f, err := e.openFeed(ctx, filter, 0)
 	if err != nil {
 		e.log.Error("admin.Events consumer", "id", req.ID, "dest", dest, "err", err)
 		return
 	}
-	name := cons.CachedInfo().Name
-	defer func() {
-		dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		defer dcancel()
-		if err := e.js.DeleteConsumer(dctx, cloudevent.StreamName, name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
-			e.log.Warn("delete events consumer", "consumer", name, "err", err)
-		}
-	}()
+	defer func() { f.close(context.WithoutCancel(ctx)) }()
 	if !e.write(c, connectionEstablished) {
 		return
 	}
 	var frame []byte
 	for {
-		msg, err := sub.NextMsgWithContext(ctx)
+		msg, err := f.next(ctx)
+		if errors.Is(err, errFeedStalled) {
+			// The server hosting the consumer died or lost it: a new consumer resumes
+			// right after the last event relayed, so nothing is lost or repeated.
+			e.log.Warn("admin.Events consumer stalled; resuming", "id", req.ID, "after", f.last)
+			nf, rerr := e.openFeed(ctx, filter, f.last+1)
+			if rerr != nil {
+				e.log.Error("admin.Events resume", "id", req.ID, "err", rerr)
+				return
+			}
+			f.close(ctx)
+			f = nf
+			continue
+		}
 		if err != nil {
 			if ctx.Err() == nil {
 				// Most likely the subscription overflowed its buffer: events were
@@ -153,6 +122,128 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 	}
 }
 
+// feed is one push consumer of the events stream and the subscription it delivers to.
+type feed struct {
+	e    *Events
+	sub  *nats.Subscription
+	name string
+	last uint64 // stream sequence of the last message returned
+}
+
+// heartbeat is how often an idle consumer says it is alive; stalled is how long
+// without a message or heartbeat means it is gone.
+const (
+	heartbeat = time.Second
+	stalled   = 3 * heartbeat
+)
+
+var errFeedStalled = errors.New("events consumer stalled")
+
+// openFeed subscribes, then creates a push consumer that starts at start (0: right
+// after the stream leader's last sequence).
+//
+// A push consumer delivers only while its deliver subject has interest, so the
+// subscription exists before the consumer does: nothing can be sent into the void. (A
+// pull request can be dropped in a cluster when the server hosting the consumer has not
+// yet seen the interest in its reply subject, and with no acks it is never resent.)
+// Starting at the leader's last sequence, not DeliverNew, matters in a cluster too:
+// DeliverNew is resolved on whichever replica hosts the consumer, and a lagging replica
+// would start too early.
+func (e *Events) openFeed(ctx context.Context, filter string, start uint64) (*feed, error) {
+	inbox := e.nc.NewInbox()
+	sub, err := e.nc.SubscribeSync(inbox)
+	if err != nil {
+		return nil, err
+	}
+	if err := sub.SetPendingLimits(e.cfg.Buffer, e.cfg.Buffer*64*1024); err != nil {
+		sub.Unsubscribe()
+		return nil, err
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if start == 0 {
+		if start, err = e.nextSequence(cctx); err != nil {
+			sub.Unsubscribe()
+			return nil, err
+		}
+	}
+	if err := e.nc.FlushWithContext(cctx); err != nil { // the server has our subscription
+		sub.Unsubscribe()
+		return nil, err
+	}
+	cons, err := e.js.CreatePushConsumer(cctx, cloudevent.StreamName, jetstream.ConsumerConfig{
+		DeliverSubject:    inbox,
+		DeliverPolicy:     jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:       start,
+		AckPolicy:         jetstream.AckNonePolicy,
+		FilterSubject:     filter,
+		IdleHeartbeat:     heartbeat,
+		InactiveThreshold: time.Minute, // removes it if this gateway dies
+		MemoryStorage:     true,
+		Replicas:          1,
+	})
+	if err != nil {
+		sub.Unsubscribe()
+		return nil, err
+	}
+	return &feed{e: e, sub: sub, name: cons.CachedInfo().Name, last: start - 1}, nil
+}
+
+// next returns the next event message, skipping heartbeats and anything at or before
+// the last sequence returned.
+func (f *feed) next(ctx context.Context) (*nats.Msg, error) {
+	for {
+		wctx, cancel := context.WithTimeout(ctx, stalled)
+		msg, err := f.sub.NextMsgWithContext(wctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+				return nil, errFeedStalled
+			}
+			return nil, err
+		}
+		if len(msg.Data) == 0 && msg.Header.Get("Status") == "100" {
+			continue // idle heartbeat
+		}
+		seq, ok := streamSeq(msg.Reply)
+		if !ok {
+			return nil, fmt.Errorf("event without stream metadata (reply %q)", msg.Reply)
+		}
+		if seq <= f.last {
+			continue
+		}
+		f.last = seq
+		return msg, nil
+	}
+}
+
+func (f *feed) close(ctx context.Context) {
+	_ = f.sub.Unsubscribe()
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := f.e.js.DeleteConsumer(dctx, cloudevent.StreamName, f.name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		f.e.log.Debug("delete events consumer", "consumer", f.name, "err", err)
+	}
+}
+
+// streamSeq reads the stream sequence from a JetStream delivery's reply subject:
+// $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.… or, with domain and account hash,
+// $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.…
+func streamSeq(reply string) (uint64, bool) {
+	t := strings.Split(reply, ".")
+	if len(t) < 9 || t[0] != "$JS" || t[1] != "ACK" {
+		return 0, false
+	}
+	i := 5
+	if len(t) >= 12 {
+		i = 7
+	}
+	n, err := strconv.ParseUint(t[i], 10, 64)
+	return n, err == nil
+}
+
+// nextSequence is the sequence the next stored event will get, as the stream leader
+// answers it.
 func (e *Events) nextSequence(ctx context.Context) (uint64, error) {
 	st, err := e.js.Stream(ctx, cloudevent.StreamName)
 	if err != nil {

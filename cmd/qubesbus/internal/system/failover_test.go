@@ -1,0 +1,105 @@
+package system
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
+)
+
+// TestEventsSurviveConsumerNodeLoss kills the server that hosts a subscriber's
+// consumer: the gateway notices the silence, resumes after the last relayed event, and
+// the subscriber, which stays connected, misses nothing and sees nothing twice.
+func TestEventsSurviveConsumerNodeLoss(t *testing.T) {
+	servers := bustest.RunCluster(t, 3)
+	var urls []string
+	for _, s := range servers {
+		urls = append(urls, s.ClientURL())
+	}
+	all := strings.Join(urls, ",")
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	sys, err := Start(ctx, Config{
+		Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
+		QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: "test", NATSURL: all, Replicas: 3,
+	}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sys.Stop()
+	sub := openEvents(t, sys.Socket, "dom0")
+
+	// Which server hosts the consumer?
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: all, Name: "probe"}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	var host string
+	stream, err := js.Stream(ctx, cloudevent.StreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lister := stream.ListConsumers(ctx)
+	for ci := range lister.Info() {
+		if ci.Cluster != nil {
+			host = ci.Cluster.Leader
+		}
+	}
+	victim := -1
+	for i, s := range servers {
+		if s.Name() == host {
+			victim = i
+		}
+	}
+	if victim < 0 {
+		t.Fatalf("consumer host %q not found", host)
+	}
+
+	pub := cloudevent.NewPublisher(js, "test")
+	const n = 30
+	sent := make(chan error, 1)
+	go func() {
+		for i := 0; i < n; i++ {
+			if i == 10 {
+				servers[victim].Shutdown()
+			}
+			ev := cloudevent.New("work", "domain-feature-set:n", "feature", "n", "value", fmt.Sprint(i))
+			for {
+				pctx, pcancel := context.WithTimeout(ctx, 2*time.Second)
+				err := pub.Publish(pctx, ev)
+				pcancel()
+				if err == nil {
+					break
+				}
+				if ctx.Err() != nil {
+					sent <- err
+					return
+				}
+			}
+		}
+		sent <- nil
+	}()
+	for i := 0; i < n; i++ {
+		frame, err := sub.next(30 * time.Second)
+		want := fmt.Sprintf("1\x00work\x00domain-feature-set:n\x00feature\x00n\x00value\x00%d\x00\x00", i)
+		if err != nil || string(frame) != want {
+			t.Fatalf("event %d after losing %s: %q %v", i, host, frame, err)
+		}
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("killed %s (the consumer's server) after 10 of %d events; all %d relayed in order, none twice", host, n, n)
+}
