@@ -90,8 +90,10 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 	for {
 		msg, err := f.next(ctx)
 		if errors.Is(err, errFeedStalled) {
-			// The server hosting the consumer died or lost it: a new consumer resumes
-			// right after the last event relayed, so nothing is lost or repeated.
+			// The server hosting the consumer died or lost it, or a burst overflowed
+			// the buffer: a new consumer resumes right after the last event relayed,
+			// so nothing is lost or repeated. (A client that does not read is cut off
+			// by the write timeout instead.)
 			e.log.Warn("admin.Events consumer stalled; resuming", "id", req.ID, "after", f.last)
 			nf, rerr := e.openFeed(ctx, filter, f.last+1)
 			if rerr != nil {
@@ -104,9 +106,7 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 		}
 		if err != nil {
 			if ctx.Err() == nil {
-				// Most likely the subscription overflowed its buffer: events were
-				// dropped for this client, so it must not go on as if complete.
-				e.log.Warn("cutting off an admin.Events subscriber", "id", req.ID, "err", err)
+				e.log.Warn("admin.Events stream ended", "id", req.ID, "err", err)
 			}
 			return
 		}
@@ -197,7 +197,9 @@ func (f *feed) next(ctx context.Context) (*nats.Msg, error) {
 		msg, err := f.sub.NextMsgWithContext(wctx)
 		cancel()
 		if err != nil {
-			if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+			if ctx.Err() == nil && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrSlowConsumer)) {
+				// Silence, or a burst larger than the buffer (messages were dropped
+				// here, not in the stream): either way resume from the stream.
 				return nil, errFeedStalled
 			}
 			return nil, err

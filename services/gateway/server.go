@@ -31,8 +31,10 @@ type Config struct {
 	CallTimeout time.Duration
 	// MaxConns bounds concurrent connections; further ones wait in the listen backlog.
 	MaxConns int
-	// ReadTimeout bounds one attempt of a read call; RetryWindow is how long a read is
-	// retried when no service answers (zero: 5 s each).
+	// ReadTimeout bounds the first attempt of a read call (each retry gets twice the
+	// time of the one before); RetryWindow is how long a read is retried when no
+	// service answered (zero: 1 s and 10 s). A request that reached an instance which
+	// then died is lost, so the first attempt must end well inside the window.
 	ReadTimeout, RetryWindow time.Duration
 }
 
@@ -61,10 +63,10 @@ func New(cfg Config, nc *nats.Conn, reg *rpc.Registry, log *slog.Logger) *Server
 		cfg.CallTimeout = 10 * time.Minute
 	}
 	if cfg.ReadTimeout == 0 {
-		cfg.ReadTimeout = 5 * time.Second
+		cfg.ReadTimeout = time.Second
 	}
 	if cfg.RetryWindow == 0 {
-		cfg.RetryWindow = 5 * time.Second
+		cfg.RetryWindow = 10 * time.Second
 	}
 	if cfg.MaxConns == 0 {
 		cfg.MaxConns = 4096
@@ -154,10 +156,12 @@ func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Rep
 	defer cancel()
 	deadline := time.Now().Add(s.cfg.RetryWindow)
 	backoff := 20 * time.Millisecond
+	attemptTimeout := s.cfg.ReadTimeout
 	for attempt := 1; ; attempt++ {
 		actx, acancel := cctx, context.CancelFunc(func() {})
 		if retry {
-			actx, acancel = context.WithTimeout(cctx, s.cfg.ReadTimeout)
+			actx, acancel = context.WithTimeout(cctx, attemptTimeout)
+			attemptTimeout *= 2
 		}
 		msg, err := s.nc.RequestMsgWithContext(actx, req.Msg(s.cfg.Host.API(tok)))
 		acancel()
