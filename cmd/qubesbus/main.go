@@ -28,6 +28,7 @@ commands:
   run      serve the gateway socket and every service (embedded NATS unless --nats-url)
   serve    serve one service (persistence, properties, vmlifecycle, gateway) on --nats-url
   query    make one Admin API call over the socket: query [--src NAME] METHOD DEST [ARG]
+  bench    measure calls/s and latency per call class against the NATS and socket floor
   lab      run many simulated hosts on one NATS: lab --hosts N --qubes M [--nats-url URLS]
   events   tail the events stream: events [--host H] [--vm NAME] [--type GLOB] [--since SEQ|TIME] [--json]
 `
@@ -47,6 +48,8 @@ func dispatch(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 		return queryCmd(ctx, args[1:], stdin, stdout, stderr)
 	case "events":
 		return eventsCmd(ctx, args[1:], stdout, stderr, log)
+	case "bench":
+		return benchCmd(ctx, args[1:], stdout, stderr)
 	case "lab":
 		return labCmd(ctx, args[1:], stdout, stderr, log)
 	case "-h", "--help", "help":

@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/bench"
+)
+
+func ints(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil {
+			return nil, fmt.Errorf("%q: %w", s, err)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+// benchCmd runs the load tool and prints one table per run.
+func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cfg bench.Config
+	var clients, scales, subs, classes string
+	fs.StringVar(&cfg.Seed, "qubes-xml", "testdata/qubes.xml", "seed qubes.xml")
+	fs.DurationVar(&cfg.Duration, "duration", 3*time.Second, "per class and concurrency")
+	fs.StringVar(&clients, "clients", "1,32", "concurrent clients")
+	fs.StringVar(&scales, "qubes", "0,1000", "extra qubes per run (the seed has 9)")
+	fs.StringVar(&subs, "subscribers", "1,10,100", "admin.Events fan-out")
+	fs.StringVar(&classes, "classes", "", "comma-separated call classes (default all)")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	var err error
+	if cfg.Clients, err = ints(clients); err == nil {
+		if cfg.Scales, err = ints(scales); err == nil {
+			cfg.Subscribers, err = ints(subs)
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "qubesbus bench:", err)
+		return 2
+	}
+	if classes != "" {
+		cfg.Classes = strings.Split(classes, ",")
+	}
+	dir, err := os.MkdirTemp("", "qubesbus-bench")
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	cfg.Dir = dir
+	rep, err := bench.Suite(ctx, cfg, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	if err != nil {
+		fmt.Fprintln(stderr, "qubesbus bench:", err)
+		return 1
+	}
+	host, _ := os.Hostname()
+	fmt.Fprintf(stdout, "machine: %s, %d CPUs, %s/%s, %s; %s per measurement\n\n", host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, runtime.Version(), cfg.Duration)
+	bench.Print(stdout, rep, cfg)
+	return 0
+}

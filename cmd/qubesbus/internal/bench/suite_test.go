@@ -1,0 +1,40 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+)
+
+// A short run of the whole suite produces every table with real measurements.
+func TestSuiteMeasures(t *testing.T) {
+	cfg := Config{Seed: "../../../../testdata/qubes.xml", Dir: t.TempDir(), Duration: 200 * time.Millisecond,
+		Clients: []int{1, 4}, Scales: []int{2}, Subscribers: []int{2}, Classes: []string{"admin.vm.List"}}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	rep, err := Suite(ctx, cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Floors) != 4 {
+		t.Fatalf("%d floor results, want 4", len(rep.Floors))
+	}
+	for _, r := range append(rep.Floors, rep.Classes[2]...) {
+		if r.Calls == 0 || r.Errors != 0 || r.P50 <= 0 || r.P99 < r.P50 {
+			t.Errorf("%s ×%d: %+v", r.Class, r.Clients, r)
+		}
+	}
+	if len(rep.Events) != 1 || rep.Events[0].Events != 400 {
+		t.Errorf("events: %+v (want 200 events to each of 2 subscribers)", rep.Events)
+	}
+	var out bytes.Buffer
+	Print(&out, rep, cfg)
+	for _, want := range []string{"floor: NATS request-reply", "floor: socket round trip", "| 11 | admin.vm.List | 4 |", "publish→socket", "qvm-ls shape"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("report lacks %q:\n%s", want, out.String())
+		}
+	}
+}
