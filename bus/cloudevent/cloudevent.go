@@ -171,3 +171,19 @@ func parseOrderedJSON(data []byte) ([]KV, error) {
 	}
 	return out, nil
 }
+
+// DecodeHeaders reads an event from a binary-mode message without the SDK: the wire
+// name from ce-qubesevent, the qube from ce-subject, the keyword arguments from the
+// data. It is the gateway's hot path (one decode per event for every subscriber);
+// Decode is the general reader.
+func DecodeHeaders(msg *nats.Msg) (Event, error) {
+	name := msg.Header.Get("ce-" + ExtensionName)
+	if name == "" || msg.Header.Get("ce-specversion") == "" {
+		return Event{}, fmt.Errorf("%w: no ce-%s header", ErrNotQubesEvent, ExtensionName)
+	}
+	kw, err := parseOrderedJSON(msg.Data)
+	if err != nil {
+		return Event{}, fmt.Errorf("%w: data: %w", ErrNotQubesEvent, err)
+	}
+	return Event{VM: msg.Header.Get("ce-subject"), Name: name, Kwargs: kw}, nil
+}

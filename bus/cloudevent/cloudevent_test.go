@@ -37,6 +37,9 @@ func TestEncodeDecode(t *testing.T) {
 	if !reflect.DeepEqual(out, in) {
 		t.Fatalf("round trip: %+v != %+v", out, in)
 	}
+	if fast, err := DecodeHeaders(msg); err != nil || !reflect.DeepEqual(fast, in) {
+		t.Fatalf("DecodeHeaders: %+v %v, want %+v", fast, err, in)
+	}
 	if ev.Type() != "org.qubes-os.property-set:label" || ev.Source() != "/qubes/h1" || ev.Subject() != "work" {
 		t.Fatalf("cloudevent attributes: %s", ev)
 	}

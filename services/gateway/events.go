@@ -34,6 +34,7 @@ type Events struct {
 	nc   *nats.Conn
 	host subject.Host
 	log  *slog.Logger
+	hub  *hub
 }
 
 // NewEvents returns the admin.Events handler for a host.
@@ -48,16 +49,18 @@ func NewEvents(cfg EventsConfig, nc *nats.Conn, host subject.Host, log *slog.Log
 	if err != nil {
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
-	return &Events{cfg: cfg, js: js, nc: nc, host: host, log: log}, nil
+	e := &Events{cfg: cfg, js: js, nc: nc, host: host, log: log}
+	e.hub = newHub(e)
+	return e, nil
 }
 
 var connectionEstablished = AppendEvent(nil, "", "connection-established")
 
 // Serve is the StreamHandler of admin.Events: it runs qubesd's checks (through the
-// service that resolves qubes), creates a consumer from the stream's next message
-// filtered by destination, and only once the server has confirmed it sends
-// connection-established. Every event stored after that is relayed, in stream order,
-// until the client goes away; then the consumer is deleted.
+// service that resolves qubes), joins the gateway's event hub (whose consumer the
+// server has confirmed), and only then sends connection-established. Every event
+// stored after that is relayed, in stream order (only the destination's events for a
+// qube other than dom0), until the client goes away.
 func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Request, relay func(*envelope.Request) (envelope.Reply, error)) {
 	rep, err := relay(req)
 	if err != nil {
@@ -69,55 +72,46 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 		return
 	}
 	dest, _, _ := strings.Cut(string(rep.Content), " ")
-	filter := e.host.Events()
+	sub := &subscriber{ch: make(chan item, e.cfg.Buffer), overflow: make(chan struct{})}
 	if !strings.HasSuffix(string(rep.Content), " AdminVM") {
-		filter = e.host.EventsOfFilter(dest)
+		sub.vm = dest // qubesd sends a qube's subscriber only that qube's events
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go watchHangup(ctx, c, cancel)
 
-	f, err := e.openFeed(ctx, filter, 0)
-	if err != nil {
+	// Register first, then take the stream's next sequence: every event stored after
+	// that reaches the queue, whatever the feed's progress, and earlier ones are
+	// dropped below.
+	if err := e.hub.add(sub); err != nil {
 		e.log.Error("admin.Events consumer", "id", req.ID, "dest", dest, "err", err)
 		return
 	}
-	defer func() { f.close(context.WithoutCancel(ctx)) }()
+	defer e.hub.remove(sub)
+	sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
+	start, err := e.nextSequence(sctx)
+	scancel()
+	if err != nil {
+		e.log.Error("admin.Events stream info", "id", req.ID, "err", err)
+		return
+	}
 	if !e.write(c, connectionEstablished) {
 		return
 	}
-	var frame []byte
 	for {
-		msg, err := f.next(ctx)
-		if errors.Is(err, errFeedStalled) {
-			// The server hosting the consumer died or lost it, or a burst overflowed
-			// the buffer: a new consumer resumes right after the last event relayed,
-			// so nothing is lost or repeated. (A client that does not read is cut off
-			// by the write timeout instead.)
-			e.log.Warn("admin.Events consumer stalled; resuming", "id", req.ID, "after", f.last)
-			nf, rerr := e.openFeed(ctx, filter, f.last+1)
-			if rerr != nil {
-				e.log.Error("admin.Events resume", "id", req.ID, "err", rerr)
+		select {
+		case <-ctx.Done():
+			return
+		case <-sub.overflow:
+			e.log.Warn("cutting off an admin.Events subscriber that fell behind", "id", req.ID, "buffer", e.cfg.Buffer)
+			return
+		case it := <-sub.ch:
+			if it.seq < start {
+				continue
+			}
+			if !e.write(c, it.frame) {
 				return
 			}
-			f.close(ctx)
-			f = nf
-			continue
-		}
-		if err != nil {
-			if ctx.Err() == nil {
-				e.log.Warn("admin.Events stream ended", "id", req.ID, "err", err)
-			}
-			return
-		}
-		ev, _, err := cloudevent.Decode(ctx, msg)
-		if err != nil {
-			e.log.Warn("skipping undecodable event", "subject", msg.Subject, "err", err)
-			continue
-		}
-		frame = appendCloudEvent(frame[:0], ev)
-		if !e.write(c, frame) {
-			return
 		}
 	}
 }

@@ -232,14 +232,9 @@ func TestEventsSlowSubscriberIsCutOff(t *testing.T) {
 	if err := <-errc; err != nil {
 		t.Fatal(err)
 	}
-	// The gateway cuts the slow one off and deletes its consumer; the fast one stays.
-	bustest.CheckFor(t, 15*time.Second, 100*time.Millisecond, func() error {
-		if n := consumerCount(t, sys); n != 1 {
-			return fmt.Errorf("%d consumers, want only the fast subscriber's", n)
-		}
-		return nil
-	})
-	// It finds the end of its stream before all n events.
+	// The slow one fell a whole buffer behind (n frames are more than its queue and
+	// its socket hold), so the gateway cut it off: it finds the end of its stream
+	// before all n events.
 	got := 0
 	for ; got < n; got++ {
 		if _, err := slow.next(10 * time.Second); err != nil {

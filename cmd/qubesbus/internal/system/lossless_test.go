@@ -63,6 +63,16 @@ func eventChange(t *testing.T, nc jetstream.JetStream, host string) func(int) st
 
 func TestLosslessEventsSingleServer(t *testing.T) {
 	sys := startSystem(t)
+	// Another subscriber stays connected throughout, so every round joins a running
+	// event feed instead of starting one (both paths must lose nothing).
+	bg := openEvents(t, sys.Socket, "dom0")
+	go func() {
+		for {
+			if _, err := bg.next(time.Minute); err != nil {
+				return
+			}
+		}
+	}()
 	js, err := jetstream.New(bustest.Connect(t, sys.NATS))
 	if err != nil {
 		t.Fatal(err)
