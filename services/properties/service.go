@@ -1,84 +1,375 @@
+// Package properties serves the configuration part of the Admin API: properties,
+// features, tags, labels, notes, qube creation and removal, and the lists. The rules
+// live in the pure package model; this package reads them over a replica of the
+// host's configuration, sends changes to persistence and publishes the events.
 package properties
 
 import (
 	"context"
+	"crypto/rand"
+	"errors"
 	"fmt"
 	"log/slog"
+	"math/big"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/services/persistence/replica"
+	"github.com/qubesbus/qubesbus/services/properties/model"
 )
 
 // VMClasses in qubesd's registry order (admin.vmclass.List).
-var VMClasses = []string{"AppVM", "TemplateVM", "StandaloneVM", "AdminVM", "DispVM", "RemoteVM"}
+var VMClasses = model.VMClasses
+
+// DeviceClasses in qubesd's registry order (admin.deviceclass.List).
+var DeviceClasses = []string{"pci", "block"}
 
 // PowerStates tells the power state of qubes; the lifecycle service owns them.
 type PowerStates interface {
 	PowerStates(ctx context.Context) (map[string]string, error)
 }
 
-// Service is the properties service of one host.
-type Service struct {
-	host   subject.Host
-	model  *replica.Replica
-	powers PowerStates
-	log    *slog.Logger
-	mux    *rpc.Mux
+// RuntimeValues may also be implemented by the PowerStates given to New: it then
+// supplies the runtime values (xid, start time, …) of qubes that are not halted.
+type RuntimeValues interface {
+	RuntimeValues(ctx context.Context) (map[string]model.Runtime, error)
 }
 
-// New returns the service over a model; it answers unknown methods too.
-func New(host subject.Host, reg *rpc.Registry, model *replica.Replica, powers PowerStates, log *slog.Logger) *Service {
-	s := &Service{host: host, model: model, powers: powers, log: log}
-	s.mux = rpc.NewMux(reg, rpc.Properties, model, log)
+// Store applies configuration changes (persistence.Client).
+type Store interface {
+	Apply(ctx context.Context, m config.Mutation) (uint64, error)
+}
+
+// Events publishes events and returns once they are stored (cloudevent.Publisher).
+type Events interface {
+	Publish(ctx context.Context, evs ...cloudevent.Event) error
+}
+
+// Config of the properties service.
+type Config struct {
+	Host     subject.Host
+	NotesDir string     // where admin.vm.notes keeps one file per qube
+	Machine  model.Host // zero: model.DefaultHost
+	// WriteTimeout bounds a write call waiting for persistence (default 30s).
+	WriteTimeout time.Duration
+}
+
+// Validate reports every problem at once.
+func (c Config) Validate() error {
+	var errs []error
+	if c.NotesDir == "" {
+		errs = append(errs, errors.New("no notes dir"))
+	}
+	return errors.Join(errs...)
+}
+
+// Service is the properties service of one host.
+type Service struct {
+	cfg    Config
+	rep    *replica.Replica
+	powers PowerStates
+	store  Store
+	events Events
+	log    *slog.Logger
+	mux    *rpc.Mux
+	notes  *notes
+
+	// wmu serialises write calls of this instance, as qubesd's single event loop does;
+	// several instances are kept consistent by revision-checked mutations.
+	wmu sync.Mutex
+
+	lmu sync.Mutex
+	// newLabels are labels created by this instance: qubesd keeps their colour as
+	// bytes until it restarts, so admin.label.Get of them fails.
+	newLabels map[string]bool
+}
+
+// New returns the service; it answers unknown methods too.
+func New(cfg Config, reg *rpc.Registry, rep *replica.Replica, powers PowerStates, store Store, events Events, log *slog.Logger) (*Service, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("properties config: %w", err)
+	}
+	if cfg.Machine.MemoryMiB == 0 {
+		cfg.Machine = model.DefaultHost
+	}
+	if cfg.WriteTimeout == 0 {
+		cfg.WriteTimeout = 30 * time.Second
+	}
+	s := &Service{cfg: cfg, rep: rep, powers: powers, store: store, events: events, log: log,
+		notes: &notes{dir: cfg.NotesDir}, newLabels: map[string]bool{}}
+	s.mux = rpc.NewMux(reg, rpc.Properties, rep, log)
 	s.mux.HandleUnknown()
-	s.mux.Handle("admin.vm.List", s.vmList)
-	s.mux.Handle("admin.vmclass.List", s.vmclassList)
-	s.mux.Handle("admin.label.List", s.labelList)
-	return s
+	for name, h := range map[string]rpc.Handler{
+		"admin.vm.List":          s.vmList,
+		"admin.vmclass.List":     s.vmclassList,
+		"admin.deviceclass.List": s.deviceclassList,
+
+		"admin.vm.property.List":       s.propertyList,
+		"admin.vm.property.Get":        s.propertyGet,
+		"admin.vm.property.GetAll":     s.propertyGetAll,
+		"admin.vm.property.GetDefault": s.propertyGetDefault,
+		"admin.vm.property.Help":       s.propertyHelp,
+		"admin.vm.property.Set":        s.propertySet,
+		"admin.vm.property.Reset":      s.propertyReset,
+		"admin.property.List":          s.propertyList,
+		"admin.property.Get":           s.propertyGet,
+		"admin.property.GetAll":        s.propertyGetAll,
+		"admin.property.GetDefault":    s.propertyGetDefault,
+		"admin.property.Help":          s.propertyHelp,
+		"admin.property.Set":           s.propertySet,
+		"admin.property.Reset":         s.propertyReset,
+
+		"admin.vm.feature.List":                        s.featureList,
+		"admin.vm.feature.Get":                         s.featureCheck(false, false, false),
+		"admin.vm.feature.CheckWithTemplate":           s.featureCheck(true, false, false),
+		"admin.vm.feature.CheckWithNetvm":              s.featureCheck(false, true, false),
+		"admin.vm.feature.CheckWithAdminVM":            s.featureCheck(false, false, true),
+		"admin.vm.feature.CheckWithTemplateAndAdminVM": s.featureCheck(true, false, true),
+		"admin.vm.feature.Set":                         s.featureSet,
+		"admin.vm.feature.Remove":                      s.featureRemove,
+
+		"admin.vm.tag.List":   s.tagList,
+		"admin.vm.tag.Get":    s.tagGet,
+		"admin.vm.tag.Set":    s.tagSet,
+		"admin.vm.tag.Remove": s.tagRemove,
+
+		"admin.label.List":   s.labelList,
+		"admin.label.Get":    s.labelGet,
+		"admin.label.Index":  s.labelIndex,
+		"admin.label.Create": s.labelCreate,
+		"admin.label.Remove": s.labelRemove,
+
+		"admin.vm.notes.Get": s.notesGet,
+		"admin.vm.notes.Set": s.notesSet,
+
+		"admin.vm.CreateDisposable": s.createDisposable,
+		"admin.vm.Remove":           s.remove,
+	} {
+		s.mux.Handle(name, h)
+	}
+	for _, class := range model.VMClasses {
+		s.mux.Handle("admin.vm.Create."+class, s.create(class, false))
+		s.mux.Handle("admin.vm.CreateInPool."+class, s.create(class, true))
+	}
+	return s, nil
 }
 
 // Serve starts the service's endpoints on nc.
 func (s *Service) Serve(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
-	return s.mux.Serve(ctx, nc, s.host, version)
+	return s.mux.Serve(ctx, nc, s.cfg.Host, version)
 }
 
-func (s *Service) vmList(ctx context.Context, c *rpc.Call) ([]byte, error) {
+// runtime returns the runtime values of every qube that is not halted.
+func (s *Service) runtime(ctx context.Context) (func(string) model.Runtime, error) {
+	if rv, ok := s.powers.(RuntimeValues); ok {
+		vals, err := rv.RuntimeValues(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("runtime values: %w", err)
+		}
+		return func(name string) model.Runtime {
+			if r, ok := vals[name]; ok {
+				return r
+			}
+			return model.Halted
+		}, nil
+	}
 	states, err := s.powers.PowerStates(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("power states: %w", err)
 	}
+	return func(name string) model.Runtime {
+		r := model.Halted
+		if st, ok := states[name]; ok && st != "" {
+			r.State = st
+		}
+		return r
+	}, nil
+}
+
+// view runs f over a model of the current configuration.
+func (s *Service) view(rt func(string) model.Runtime, f func(m *model.Model) ([]byte, error)) ([]byte, error) {
+	var out []byte
+	var err error
+	s.rep.View(func(c *config.Config) {
+		out, err = f(model.New(c, s.cfg.Machine, rt))
+	})
+	return out, err
+}
+
+// read serves a read-only call on the destination qube (or the global holder for the
+// admin.property methods).
+func (s *Service) read(ctx context.Context, c *rpc.Call, needRuntime bool, f func(m *model.Model, h model.Holder) ([]byte, error)) ([]byte, error) {
+	var rt func(string) model.Runtime
+	if needRuntime {
+		var err error
+		if rt, err = s.runtime(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return s.view(rt, func(m *model.Model) ([]byte, error) {
+		h, err := s.holder(m, c)
+		if err != nil {
+			return nil, err
+		}
+		return f(m, h)
+	})
+}
+
+func (s *Service) holder(m *model.Model, c *rpc.Call) (model.Holder, error) {
+	if strings.HasPrefix(c.Method.Name, "admin.property.") {
+		return model.Global, nil
+	}
+	return m.Holder(c.Dest.Name)
+}
+
+// maxRetries bounds how often a write is planned again after another writer changed
+// the configuration first.
+const maxRetries = 32
+
+// write serves a call that changes the configuration: it plans the change over the
+// current configuration, publishes the pre-events, applies the ops at the planned
+// revision (planning again if another writer came first), waits until this service's
+// replica reflects the change (read-your-writes), publishes the post-events and
+// replies.
+func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
+	defer cancel()
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	rt, err := s.runtime(ctx)
+	if err != nil {
+		return nil, err
+	}
+	prePublished := false
+	for attempt := 0; ; attempt++ {
+		rev := s.rep.Revision()
+		var ch *model.Change
+		_, err := s.view(rt, func(m *model.Model) ([]byte, error) {
+			h, err := s.holder(m, c)
+			if err != nil {
+				return nil, err
+			}
+			ch, err = plan(m, h)
+			return nil, err
+		})
+		if err != nil {
+			return nil, err
+		}
+		if !prePublished {
+			if err := s.publish(ctx, ch.Pre); err != nil {
+				return nil, err
+			}
+			prePublished = true
+		}
+		if ch.Err != nil {
+			return nil, ch.Err
+		}
+		mut := config.Mutation{ExpectRevision: rev, Ops: ch.Ops, ChangesConfig: c.Method.ChangesConfig && !ch.NoSave}
+		newRev, err := s.store.Apply(ctx, mut)
+		if errors.Is(err, config.ErrStaleRevision) && attempt < maxRetries {
+			// Another writer came first: wait until the replica has seen it, plan again.
+			if werr := s.rep.WaitRevision(ctx, rev+1); werr != nil {
+				return nil, qerr.Abort("wait for config: " + werr.Error())
+			}
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w: apply: %w", qerr.ErrAbort, err)
+		}
+		if err := s.rep.WaitRevision(ctx, newRev); err != nil {
+			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
+		}
+		if err := s.publish(ctx, ch.Post); err != nil {
+			return nil, err
+		}
+		if ch.AbortAfter != nil {
+			return nil, ch.AbortAfter
+		}
+		return []byte(ch.Reply), nil
+	}
+}
+
+func (s *Service) publish(ctx context.Context, evs []model.Event) error {
+	if len(evs) == 0 {
+		return nil
+	}
+	out := make([]cloudevent.Event, len(evs))
+	for i, e := range evs {
+		out[i] = cloudevent.New(e.VM, e.Name, e.Kwargs...)
+	}
+	if err := s.events.Publish(ctx, out...); err != nil {
+		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
+	}
+	return nil
+}
+
+func lines(items []string) []byte {
 	var b strings.Builder
-	line := func(r rpc.Ref) {
-		st := states[r.Name]
-		if st == "" {
-			st = "Halted"
-		}
-		fmt.Fprintf(&b, "%s class=%s state=%s uuid=%s\n", r.Name, r.Class, st, r.UUID)
+	for _, it := range items {
+		b.WriteString(it)
+		b.WriteByte('\n')
 	}
-	if c.Dest.IsAdminVM() {
-		for _, r := range s.model.Refs() {
-			line(r)
-		}
-	} else {
-		line(c.Dest)
+	return []byte(b.String())
+}
+
+func (s *Service) vmList(ctx context.Context, c *rpc.Call) ([]byte, error) {
+	rt, err := s.runtime(ctx)
+	if err != nil {
+		return nil, err
 	}
-	return []byte(b.String()), nil
+	return s.view(rt, func(m *model.Model) ([]byte, error) {
+		var b strings.Builder
+		line := func(d *config.Domain) {
+			uuid := model.AdminVMUUID
+			if d.Class != "AdminVM" {
+				uuid, _ = d.Property("uuid")
+			}
+			fmt.Fprintf(&b, "%s class=%s state=%s uuid=%s\n", d.Name(), d.Class, m.PowerState(d.Name()), uuid)
+		}
+		if c.Dest.IsAdminVM() {
+			for _, d := range m.Domains() {
+				line(d)
+			}
+		} else if d := m.Domain(c.Dest.Name); d != nil {
+			line(d)
+		} else {
+			return nil, qerr.New("QubesVMNotFoundError", "No such domain: "+qerr.Repr(c.Dest.Name))
+		}
+		return []byte(b.String()), nil
+	})
 }
 
 func (s *Service) vmclassList(context.Context, *rpc.Call) ([]byte, error) {
-	return []byte(strings.Join(VMClasses, "\n") + "\n"), nil
+	return lines(model.VMClasses), nil
 }
 
-func (s *Service) labelList(context.Context, *rpc.Call) ([]byte, error) {
-	var b strings.Builder
-	for _, l := range s.model.Labels() {
-		b.WriteString(l.Name)
-		b.WriteByte('\n')
+func (s *Service) deviceclassList(context.Context, *rpc.Call) ([]byte, error) {
+	return lines(DeviceClasses), nil
+}
+
+// randomUUID returns a random (version 4) UUID.
+func randomUUID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+}
+
+// randomBelow draws a uniform random number in [0, n).
+func randomBelow(n int) int {
+	v, err := rand.Int(rand.Reader, big.NewInt(int64(n)))
+	if err != nil {
+		return 0
 	}
-	return []byte(b.String()), nil
+	return int(v.Int64())
 }

@@ -1,0 +1,176 @@
+package model
+
+import (
+	"regexp"
+	"strings"
+
+	"github.com/qubesbus/qubesbus/bus/qerr"
+	"github.com/qubesbus/qubesbus/schemas/config"
+)
+
+// FeatureNotFound is qubesd's error for a feature a qube does not have.
+func FeatureNotFound(vm, feature string) error {
+	return qerr.New("QubesFeatureNotFoundError", "Feature not set for domain "+vm+": "+feature)
+}
+
+// FeatureListText is feature.List's reply: names in insertion order.
+func FeatureListText(d *config.Domain) string {
+	var b strings.Builder
+	for _, f := range d.Features {
+		b.WriteString(f.Name)
+		b.WriteByte('\n')
+	}
+	return b.String()
+}
+
+// prohibitedFeatures may not be changed through the Admin API.
+var prohibitedFeatures = map[string]bool{
+	"deferred-netvm-original": true, "preload-dispvm": true,
+	"preload-dispvm-completed": true, "preload-dispvm-in-progress": true,
+}
+
+func featureProhibited() error {
+	return qerr.New("PermissionDenied", "changing this feature is prohibited by qubes.ext.admin.AdminExtension")
+}
+
+var (
+	featureNameRe  = regexp.MustCompile(`\A[a-zA-Z0-9_.-]+\z`)
+	featureValueRe = regexp.MustCompile(`\A[\x20-\x7e]*\z`)
+)
+
+// FeatureSet plans admin.vm.feature.Set.
+func (m *Model) FeatureSet(d *config.Domain, name string, payload []byte) (*Change, error) {
+	if !isASCII(payload) {
+		return nil, qerr.Protocol("Feature value contains non-ASCII characters")
+	}
+	if !featureNameRe.MatchString(name) {
+		return nil, qerr.Protocol("feature name contains illegal characters")
+	}
+	value := string(payload)
+	if !featureValueRe.MatchString(value) {
+		return nil, qerr.Protocol(name + " value contains illegal characters")
+	}
+	if prohibitedFeatures[name] {
+		return nil, featureProhibited()
+	}
+	kw := []string{"feature", name, "value", value}
+	if old, ok := Feature(d, name); ok {
+		kw = append(kw, "oldvalue", old)
+	}
+	ch := &Change{Pre: []Event{Ev(d.Name(), "domain-feature-pre-set:"+name, kw...)}}
+	if ch.Err = validateFeature(d, name, value); ch.Err != nil {
+		return ch, nil
+	}
+	ch.Ops = []config.Op{{Kind: config.OpSetFeature, Domain: d.ID, Name: name, Value: value}}
+	ch.Post = []Event{Ev(d.Name(), "domain-feature-set:"+name, kw...)}
+	return ch, nil
+}
+
+// validateFeature runs the checks qubesd's extensions make in their pre-set handlers.
+func validateFeature(d *config.Domain, name, value string) error {
+	if svc, ok := strings.CutPrefix(name, "service."); ok {
+		switch {
+		case svc == "":
+			return qerr.New("QubesValueError", "Service name cannot be empty")
+		case strings.Contains(svc, "/"):
+			return qerr.New("QubesValueError", "Service name cannot contain a slash")
+		case svc == "." || svc == "..":
+			return qerr.New("QubesValueError", `Service name cannot be "." or ".."`)
+		case len(svc) > 48 && !strings.HasPrefix(svc, "app-dispvm."):
+			return qerr.New("QubesValueError", "Service name must not exceed 48 bytes")
+		}
+	}
+	if d.Class == "AdminVM" && value != "" {
+		switch name {
+		case "preload-dispvm-threshold":
+			if !isDigits(value) {
+				return qerr.New("QubesValueError", "Invalid preload-dispvm-threshold value: not a digit")
+			}
+		case "preload-dispvm-delay":
+			if !isNumber(value) {
+				return qerr.New("QubesValueError", "Invalid preload-dispvm-delay value: not an integer or float")
+			}
+		}
+	}
+	return nil
+}
+
+func isNumber(s string) bool {
+	s = strings.TrimPrefix(s, "-")
+	whole, frac, _ := strings.Cut(s, ".")
+	return (whole != "" || frac != "") && (whole == "" || isDigits(whole)) && (frac == "" || isDigits(frac))
+}
+
+// FeatureRemove plans admin.vm.feature.Remove.
+func (m *Model) FeatureRemove(d *config.Domain, name string) (*Change, error) {
+	if prohibitedFeatures[name] {
+		return nil, featureProhibited()
+	}
+	ch := &Change{Pre: []Event{Ev(d.Name(), "domain-feature-pre-delete:"+name, "feature", name)}}
+	if _, ok := Feature(d, name); !ok {
+		ch.Err = FeatureNotFound(d.Name(), name)
+		return ch, nil
+	}
+	ch.Ops = []config.Op{{Kind: config.OpDelFeature, Domain: d.ID, Name: name}}
+	ch.Post = []Event{Ev(d.Name(), "domain-feature-delete:"+name, "feature", name)}
+	return ch, nil
+}
+
+// TagListText is tag.List's reply: sorted names.
+func TagListText(d *config.Domain) string {
+	tags := append([]string(nil), d.Tags...)
+	sortStrings(tags)
+	var b strings.Builder
+	for _, t := range tags {
+		b.WriteString(t)
+		b.WriteByte('\n')
+	}
+	return b.String()
+}
+
+func tagProhibited(src, tag string) error {
+	if strings.HasPrefix(tag, "created-by-") && src != "dom0" {
+		return qerr.New("PermissionDenied", "changing this tag is prohibited by qubes.ext.admin.AdminExtension")
+	}
+	return nil
+}
+
+// TagSet plans admin.vm.tag.Set from source src.
+func (m *Model) TagSet(src string, d *config.Domain, tag string) (*Change, error) {
+	if err := ValidateTag(tag); err != nil {
+		return nil, err
+	}
+	if err := tagProhibited(src, tag); err != nil {
+		return nil, err
+	}
+	ch := &Change{}
+	if HasTag(d, tag) {
+		return ch, nil // nothing fired, saved all the same
+	}
+	ch.Ops = []config.Op{{Kind: config.OpAddTag, Domain: d.ID, Name: tag}}
+	ch.Post = []Event{Ev(d.Name(), "domain-tag-add:"+tag, "tag", tag)}
+	if creator, ok := strings.CutPrefix(tag, "created-by-"); ok && m.Domain(creator) == nil {
+		// qubesd's extension looks the creator up after the tag was added in memory;
+		// a missing one fails the call without saving.
+		ch.NoSave = true
+		ch.AbortAfter = qerr.Abort("created-by tag names a missing qube")
+	}
+	return ch, nil
+}
+
+// TagRemove plans admin.vm.tag.Remove from source src.
+func (m *Model) TagRemove(src string, d *config.Domain, tag string) (*Change, error) {
+	if err := ValidateTag(tag); err != nil {
+		return nil, err
+	}
+	if err := tagProhibited(src, tag); err != nil {
+		return nil, err
+	}
+	if !HasTag(d, tag) {
+		return nil, qerr.New("QubesTagNotFoundError", "Tag not set for domain "+d.Name()+": "+tag)
+	}
+	return &Change{
+		Ops:  []config.Op{{Kind: config.OpDelTag, Domain: d.ID, Name: tag}},
+		Post: []Event{Ev(d.Name(), "domain-tag-delete:"+tag, "tag", tag)},
+	}, nil
+}

@@ -1,0 +1,358 @@
+package properties
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/adminapi"
+	"github.com/qubesbus/qubesbus/services/persistence"
+)
+
+const fixture = "../../testdata/qubes.xml"
+
+// fakePowers stands in for the lifecycle service.
+type fakePowers struct {
+	mu     sync.Mutex
+	states map[string]string
+}
+
+func (f *fakePowers) PowerStates(context.Context) (map[string]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := map[string]string{"dom0": "Running"}
+	for k, v := range f.states {
+		out[k] = v
+	}
+	return out, nil
+}
+
+func (f *fakePowers) set(vm, state string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.states == nil {
+		f.states = map[string]string{}
+	}
+	f.states[vm] = state
+}
+
+// harness runs persistence and n properties instances on one embedded JetStream
+// server, and reads back the events each call published.
+type harness struct {
+	t       *testing.T
+	ctx     context.Context
+	nc      *nats.Conn
+	host    subject.Host
+	stream  jetstream.Stream
+	seq     uint64
+	store   *persistence.Store
+	powers  *fakePowers
+	notes   string
+	clients []*nats.Conn
+}
+
+func newHarness(t *testing.T, instances int) *harness {
+	t.Helper()
+	ns := bustest.RunJetStream(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	log := slog.New(slog.DiscardHandler)
+	h := &harness{t: t, ctx: ctx, nc: bustest.Connect(t, ns), host: subject.ForHost("t"), powers: &fakePowers{},
+		notes: filepath.Join(t.TempDir(), "notes")}
+	js, err := jetstream.New(h.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.stream, err = cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	h.store, err = persistence.Open(persistence.Config{Host: h.host, DataDir: t.TempDir(), SeedXML: fixture}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snc := bustest.Connect(t, ns)
+	svc, err := h.store.Serve(ctx, snc, "0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = svc.Stop() })
+	for range instances {
+		nc := bustest.Connect(t, ns)
+		rep, err := persistence.Follow(ctx, nc, h.host, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pjs, err := jetstream.New(nc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := New(Config{Host: h.host, NotesDir: h.notes}, adminapi.Registry, rep, h.powers,
+			persistence.Client{NC: nc, Host: h.host}, cloudevent.NewPublisher(pjs, "t"), log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ms, err := s.Serve(ctx, nc, "0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = ms.Stop() })
+		h.clients = append(h.clients, nc)
+	}
+	return h
+}
+
+// call makes one Admin API call from dom0 and returns the reply as the wire shows it:
+// "0:content", "2:Class:message" or "abort".
+func (h *harness) call(method, dest, arg string, payload string) string {
+	h.t.Helper()
+	req := &envelope.Request{Method: method, Source: "dom0", Dest: dest, Arg: arg, Payload: []byte(payload), ID: fmt.Sprint(time.Now().UnixNano())}
+	ctx, cancel := context.WithTimeout(h.ctx, 10*time.Second)
+	defer cancel()
+	msg, err := h.nc.RequestMsgWithContext(ctx, req.Msg(h.host.API(method)))
+	if err != nil {
+		h.t.Fatalf("%s: %v", method, err)
+	}
+	rep, err := envelope.ParseReply(msg)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	switch rep.Status {
+	case envelope.StatusOK:
+		return "0:" + string(rep.Content)
+	case envelope.StatusException:
+		return "2:" + rep.Exception.Class + ":" + rep.Exception.Message
+	}
+	return "abort"
+}
+
+// events returns the events stored since the last call of events, rendered as
+// "vm|name|k=v,k=v". A call replies only after its events are stored, so no waiting.
+func (h *harness) events() []string {
+	h.t.Helper()
+	info, err := h.stream.Info(h.ctx)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	var out []string
+	for ; h.seq < info.State.LastSeq; h.seq++ {
+		raw, err := h.stream.GetMsg(h.ctx, h.seq+1)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		ev, _, err := cloudevent.Decode(h.ctx, &nats.Msg{Subject: raw.Subject, Header: raw.Header, Data: raw.Data})
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		var kv []string
+		for _, a := range ev.Kwargs {
+			kv = append(kv, a.Key+"="+a.Value)
+		}
+		out = append(out, ev.VM+"|"+ev.Name+"|"+strings.Join(kv, ","))
+	}
+	return out
+}
+
+func (h *harness) expect(method, dest, arg, payload, want string, events ...string) {
+	h.t.Helper()
+	if got := h.call(method, dest, arg, payload); got != want {
+		h.t.Errorf("%s %s %s %q: got %q, want %q", method, dest, arg, payload, got, want)
+	}
+	if got := h.events(); !slices.Equal(got, events) {
+		h.t.Errorf("%s %s %s events:\n got %q\nwant %q", method, dest, arg, got, events)
+	}
+}
+
+func TestPropertyEvents(t *testing.T) {
+	h := newHarness(t, 1)
+	h.expect("admin.vm.property.Set", "work", "label", "green", "0:",
+		"work|property-pre-set:label|name=label,newvalue=green,oldvalue=blue",
+		"work|property-reset:icon|name=icon",
+		"work|property-set:label|name=label,newvalue=green,oldvalue=blue")
+	h.expect("admin.vm.property.Get", "work", "icon", "", "0:default=True type=str appvm-green")
+	// A veto raised by a pre-set handler leaves the pre-event on the stream.
+	h.expect("admin.vm.property.Set", "work", "netvm", "untrusted", "2:QubesValueError:The untrusted qube does not provide network",
+		"work|property-pre-set:netvm|name=netvm,newvalue=untrusted,oldvalue=sys-firewall")
+	// Sanitising errors come before any event.
+	h.expect("admin.vm.property.Set", "work", "memory", "abc", "2:QubesValueError:Failed to parse property value as int")
+	h.expect("admin.vm.property.Set", "work", "netvm", "", "0:",
+		"work|property-pre-set:netvm|name=netvm,newvalue=None,oldvalue=sys-firewall",
+		"work|property-set:netvm|name=netvm,newvalue=None,oldvalue=sys-firewall")
+	h.expect("admin.vm.property.Reset", "work", "netvm", "", "0:",
+		"work|property-pre-reset:netvm|name=netvm,oldvalue=None",
+		"work|property-pre-del:netvm|name=netvm,oldvalue=None",
+		"work|property-reset:netvm|name=netvm,oldvalue=None",
+		"work|property-del:netvm|name=netvm,oldvalue=None")
+	h.expect("admin.vm.property.Get", "work", "netvm", "", "0:default=True type=vm sys-firewall")
+	h.expect("admin.vm.property.Reset", "work", "template", "", "2:QubesValueError:Cannot unset template. You can set it to the current default (fedora-41) instead",
+		"work|property-pre-reset:template|name=template,oldvalue=fedora-41")
+	h.expect("admin.vm.property.Set", "work", "name", "x", "abort")
+	h.expect("admin.vm.property.GetDefault", "work", "netvm", "", "0:type=vm sys-firewall")
+	h.expect("admin.vm.property.GetDefault", "work", "label", "", "0:")
+	h.expect("admin.vm.property.GetDefault", "fedora-41", "netvm", "", "0:type=vm ")
+	h.expect("admin.vm.property.Help", "work", "netvm", "", "0:Qube that provides network to this qube; none disconnects it.")
+	h.expect("admin.vm.property.Help", "work", "nope", "", "2:QubesNoSuchPropertyError:Invalid property 'nope' of work")
+	h.expect("admin.property.Help", "dom0", "default_netvm", "", "0:Qube that provides network to qubes that follow the default.")
+
+	// A global default change is announced on every qube that follows it.
+	h.expect("admin.property.Set", "dom0", "default_dispvm", "", "0:",
+		"|property-pre-set:default_dispvm|name=default_dispvm,newvalue=None,oldvalue=default-dvm",
+		"dom0|property-reset:default_dispvm|name=default_dispvm",
+		"default-dvm|property-reset:default_dispvm|name=default_dispvm",
+		"fedora-41|property-reset:default_dispvm|name=default_dispvm",
+		"legacy|property-reset:default_dispvm|name=default_dispvm",
+		"personal|property-reset:default_dispvm|name=default_dispvm",
+		"sys-firewall|property-reset:default_dispvm|name=default_dispvm",
+		"sys-net|property-reset:default_dispvm|name=default_dispvm",
+		"untrusted|property-reset:default_dispvm|name=default_dispvm",
+		"work|property-reset:default_dispvm|name=default_dispvm",
+		"|property-set:default_dispvm|name=default_dispvm,newvalue=None,oldvalue=default-dvm")
+	h.expect("admin.property.Get", "dom0", "default_dispvm", "", "0:default=False type=vm ")
+	h.expect("admin.property.Set", "dom0", "clockvm", "work", "0:",
+		"|property-pre-set:clockvm|name=clockvm,newvalue=work,oldvalue=sys-net",
+		"work|domain-feature-pre-set:service.clocksync|feature=service.clocksync,value=1",
+		"work|domain-feature-set:service.clocksync|feature=service.clocksync,value=1",
+		"sys-net|domain-feature-pre-delete:service.clocksync|feature=service.clocksync",
+		"sys-net|domain-feature-delete:service.clocksync|feature=service.clocksync",
+		"|property-set:clockvm|name=clockvm,newvalue=work,oldvalue=sys-net")
+	h.expect("admin.vm.feature.CheckWithNetvm", "work", "service.clocksync", "", "0:1")
+	if h.store.Writes() == 0 {
+		t.Error("qubes.xml was never saved")
+	}
+
+	// The guivm tag follows the guivm.
+	h.expect("admin.vm.property.Set", "work", "guivm", "sys-net", "0:",
+		"work|property-pre-set:guivm|name=guivm,newvalue=sys-net,oldvalue=dom0",
+		"work|domain-tag-delete:guivm-dom0|tag=guivm-dom0",
+		"work|domain-tag-add:guivm-sys-net|tag=guivm-sys-net",
+		"work|property-set:guivm|name=guivm,newvalue=sys-net,oldvalue=dom0")
+	h.expect("admin.vm.tag.List", "work", "", "", "0:audiovm-dom0\nbackup\nguivm-sys-net\nwork-tag\n")
+}
+
+func TestRunningState(t *testing.T) {
+	h := newHarness(t, 1)
+	h.powers.set("work", "Running")
+	h.expect("admin.vm.List", "work", "", "", "0:work class=AppVM state=Running uuid=e443df78-9558-467f-9ba9-1faf7a024204\n")
+	h.expect("admin.vm.property.Set", "work", "netvm", "sys-net", "2:QubesVMNotStartedError:Cannot dynamically attach to stopped qube sys-net",
+		"work|property-pre-set:netvm|name=netvm,newvalue=sys-net,oldvalue=sys-firewall")
+	h.expect("admin.vm.Remove", "work", "", "", "2:QubesVMNotHaltedError:Domain is not powered off: 'work'")
+}
+
+func TestFeaturesTagsLabels(t *testing.T) {
+	h := newHarness(t, 1)
+	h.expect("admin.vm.feature.Set", "work", "foo", "baz", "0:",
+		"work|domain-feature-pre-set:foo|feature=foo,value=baz,oldvalue=bar",
+		"work|domain-feature-set:foo|feature=foo,value=baz,oldvalue=bar")
+	h.expect("admin.vm.feature.Set", "work", "service.", "1", "2:QubesValueError:Service name cannot be empty",
+		"work|domain-feature-pre-set:service.|feature=service.,value=1")
+	h.expect("admin.vm.feature.Remove", "work", "nosuch", "", "2:QubesFeatureNotFoundError:Feature not set for domain work: nosuch",
+		"work|domain-feature-pre-delete:nosuch|feature=nosuch")
+	h.expect("admin.vm.feature.Remove", "work", "foo", "", "0:",
+		"work|domain-feature-pre-delete:foo|feature=foo", "work|domain-feature-delete:foo|feature=foo")
+	h.expect("admin.vm.feature.List", "work", "", "", "0:service.crond\n")
+	h.expect("admin.vm.feature.CheckWithTemplate", "work", "os", "", "0:Linux")
+	h.expect("admin.vm.feature.CheckWithAdminVM", "work", "os", "", "2:QubesFeatureNotFoundError:Feature not set for domain work: os")
+	h.expect("admin.vm.feature.CheckWithTemplateAndAdminVM", "work", "os", "", "0:Linux")
+
+	h.expect("admin.vm.tag.Set", "work", "t1", "", "0:", "work|domain-tag-add:t1|tag=t1")
+	h.expect("admin.vm.tag.Set", "work", "t1", "", "0:")
+	h.expect("admin.vm.tag.Get", "work", "t1", "", "0:1")
+	h.expect("admin.vm.tag.Remove", "work", "t1", "", "0:", "work|domain-tag-delete:t1|tag=t1")
+	h.expect("admin.vm.tag.Remove", "work", "t1", "", "2:QubesTagNotFoundError:Tag not set for domain work: t1")
+	h.expect("admin.vm.tag.Set", "work", "created-by-ghost", "", "abort", "work|domain-tag-add:created-by-ghost|tag=created-by-ghost")
+
+	h.expect("admin.label.Create", "dom0", "cyan", "0x00ffff", "0:")
+	h.expect("admin.label.List", "dom0", "", "", "0:red\norange\nyellow\ngreen\ngray\nblue\npurple\nblack\ncyan\n")
+	h.expect("admin.label.Index", "dom0", "cyan", "", "0:9")
+	h.expect("admin.label.Get", "dom0", "cyan", "", "abort") // as qubesd until it restarts
+	h.expect("admin.label.Get", "dom0", "1", "", "0:0xcc0000")
+	h.expect("admin.vm.property.Set", "work", "label", "9", "0:",
+		"work|property-pre-set:label|name=label,newvalue=cyan,oldvalue=blue",
+		"work|property-reset:icon|name=icon",
+		"work|property-set:label|name=label,newvalue=cyan,oldvalue=blue")
+	h.expect("admin.label.Remove", "dom0", "cyan", "", "2:QubesLabelInUseError:Label is still in use: Label(9, '0x00ffff', 'cyan')")
+	h.expect("admin.deviceclass.List", "dom0", "", "", "0:pci\nblock\n")
+	h.expect("admin.vmclass.List", "dom0", "", "", "0:AppVM\nTemplateVM\nStandaloneVM\nAdminVM\nDispVM\nRemoteVM\n")
+}
+
+func TestCreateRemoveNotes(t *testing.T) {
+	h := newHarness(t, 1)
+	h.expect("admin.vm.Create.AppVM", "dom0", "fedora-41", "name=newvm label=red", "0:",
+		"|domain-add|vm=newvm",
+		"newvm|domain-tag-add:created-by-dom0|tag=created-by-dom0",
+		"newvm|domain-create-on-disk|")
+	h.expect("admin.vm.property.Get", "newvm", "qid", "", "0:default=False type=int 9")
+	h.expect("admin.vm.notes.Get", "newvm", "", "", "0:")
+	h.expect("admin.vm.notes.Set", "newvm", "", "hi\tthere\n\x08\u00a0\u200b\u00e9", "0:")
+	h.expect("admin.vm.notes.Get", "newvm", "", "", "0:hi\tthere\n___\u00e9")
+	h.expect("admin.vm.notes.Set", "newvm", "", "\xff", "2:ProtocolError:Unable to sanitise qube notes: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte")
+	h.expect("admin.vm.Remove", "fedora-41", "", "", "2:QubesVMInUseError:Domain is in use: 'fedora-41';  see 'journalctl -u qubesd -e' in dom0 for details",
+		"|domain-pre-delete|vm=fedora-41")
+	h.expect("admin.vm.Remove", "newvm", "", "", "0:", "|domain-pre-delete|vm=newvm", "|domain-delete|vm=newvm")
+	h.expect("admin.vm.List", "newvm", "", "", "2:QubesVMNotFoundError:No such domain: 'newvm'")
+	// A new qube of the same name starts without the old notes.
+	h.expect("admin.vm.Create.AppVM", "dom0", "", "name=newvm label=red", "0:",
+		"|domain-add|vm=newvm",
+		"newvm|domain-tag-add:created-by-dom0|tag=created-by-dom0",
+		"newvm|domain-create-on-disk|")
+	h.expect("admin.vm.notes.Get", "newvm", "", "", "0:")
+
+	got := h.call("admin.vm.CreateDisposable", "dom0", "", "")
+	if !strings.HasPrefix(got, "0:disp") {
+		t.Fatalf("CreateDisposable: %q", got)
+	}
+	name := strings.TrimPrefix(got, "0:")
+	evs := h.events()
+	if len(evs) != 4 || evs[0] != "|domain-add|vm="+name || evs[3] != name+"|domain-tag-add:disp-created-by-dom0|tag=disp-created-by-dom0" {
+		t.Fatalf("CreateDisposable events %q", evs)
+	}
+	h.expect("admin.vm.property.Get", name, "auto_cleanup", "", "0:default=False type=bool True")
+}
+
+// Concurrent writes on several instances all land: instances plan against their
+// replica and retry when another instance changed the configuration first.
+func TestConcurrentWrites(t *testing.T) {
+	h := newHarness(t, 3)
+	var wg sync.WaitGroup
+	const n = 30
+	errs := make(chan string, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			nc := h.clients[i%len(h.clients)]
+			req := &envelope.Request{Method: "admin.vm.feature.Set", Source: "dom0", Dest: "work", Arg: fmt.Sprintf("f%02d", i), Payload: []byte("1")}
+			msg, err := nc.RequestMsg(req.Msg(h.host.API(req.Method)), 20*time.Second)
+			if err != nil {
+				errs <- err.Error()
+				return
+			}
+			if rep, err := envelope.ParseReply(msg); err != nil || rep.Status != envelope.StatusOK {
+				errs <- fmt.Sprintf("f%02d: %+v %v", i, rep, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	got := h.call("admin.vm.feature.List", "work", "", "")
+	for i := range n {
+		if !strings.Contains(got, fmt.Sprintf("\nf%02d\n", i)) {
+			t.Errorf("feature f%02d missing from %q", i, got)
+		}
+	}
+}
