@@ -45,6 +45,9 @@ func hostFlags(fs *flag.FlagSet) *system.Config {
 	fs.StringVar(&c.HostID, "host", envOr("QUBESBUS_HOST", "local"), "host id in subjects (QUBESBUS_HOST)")
 	fs.StringVar(&c.NATSURL, "nats-url", envOr("QUBESBUS_NATS_URL", ""), "external NATS server; empty runs an embedded one (QUBESBUS_NATS_URL)")
 	fs.StringVar(&c.NATSCreds, "nats-creds", envOr("QUBESBUS_NATS_CREDS", ""), "NATS credentials file (QUBESBUS_NATS_CREDS)")
+	fs.StringVar(&c.NATSUser, "nats-user", envOr("QUBESBUS_NATS_USER", ""), "NATS user (QUBESBUS_NATS_USER; password from QUBESBUS_NATS_PASSWORD)")
+	c.NATSPass = os.Getenv("QUBESBUS_NATS_PASSWORD")
+	fs.IntVar(&c.Replicas, "replicas", envInt("QUBESBUS_REPLICAS", 1), "JetStream replicas of the streams: 1, or 3 on a cluster (QUBESBUS_REPLICAS)")
 	fs.IntVar(&c.NATSPort, "nats-port", envInt("QUBESBUS_NATS_PORT", 4222), "embedded NATS client port, -1 for any (QUBESBUS_NATS_PORT)")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", envDuration("QUBESBUS_IDLE_TIMEOUT", time.Minute), "longest a client may take to send its request, 0 for no limit (QUBESBUS_IDLE_TIMEOUT)")
 	return c

@@ -1,89 +1,384 @@
 // Package vmlifecycle owns the power state of qubes and serves the Admin API power
-// methods over a hypervisor driver.
+// methods over a hypervisor Driver: the power-state machine, qubesd's event sequences
+// and errors, chained netvm starts, disposable cleanup, and vm-stats production.
+//
+// Runtime state lives in the driver only (never in qubes.xml); the service keeps just
+// per-qube locks and which domain instance's stop it has yet to announce, and rebuilds
+// that from the driver when it starts.
 package vmlifecycle
 
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/services/persistence/replica"
+	"github.com/qubesbus/qubesbus/services/properties/model"
 )
+
+// ConfigStore applies configuration mutations (persistence.Client); the lifecycle
+// uses it only to remove disposables with auto_cleanup after they stop.
+type ConfigStore interface {
+	Apply(ctx context.Context, m config.Mutation) (uint64, error)
+}
+
+// Config of the lifecycle service.
+type Config struct {
+	Host     subject.Host
+	Registry *rpc.Registry
+	// Model is the configuration replica: it resolves qubes for the pre-handler checks
+	// and, unless Inventory is set, provides the qubes' effective values.
+	Model     *replica.Replica
+	Inventory Inventory
+	Driver    Driver
+	Events    Publisher
+	Store     ConfigStore
+	Log       *slog.Logger
+	// StatsLease is how long an admin.vm.Stats watcher keeps vm-stats flowing without
+	// renewing (default 10 s).
+	StatsLease time.Duration
+}
+
+// Validate reports every missing part at once.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Registry == nil {
+		errs = append(errs, errors.New("no method registry"))
+	}
+	if c.Model == nil {
+		errs = append(errs, errors.New("no configuration replica"))
+	}
+	if c.Driver == nil {
+		errs = append(errs, errors.New("no hypervisor driver"))
+	}
+	if c.Events == nil {
+		errs = append(errs, errors.New("no event publisher"))
+	}
+	if c.Store == nil {
+		errs = append(errs, errors.New("no configuration store"))
+	}
+	if c.Host.ID() == "" {
+		errs = append(errs, errors.New("no host"))
+	}
+	return errors.Join(errs...)
+}
 
 // Service is the lifecycle service of one host.
 type Service struct {
 	host  subject.Host
 	model *replica.Replica
+	inv   Inventory
+	drv   Driver
+	pub   Publisher
+	store ConfigStore
 	log   *slog.Logger
 	mux   *rpc.Mux
+	stats *statsProducer
 
-	mu     sync.RWMutex
-	states map[string]string // qube name → power state, for qubes not Halted
+	mu     sync.Mutex
+	qubes  map[string]*qubeRun
+	queues map[string]*noticeQueue
 }
 
-// New returns the service; dom0 is always Running.
-func New(host subject.Host, reg *rpc.Registry, model *replica.Replica, log *slog.Logger) *Service {
-	s := &Service{host: host, model: model, log: log, states: map[string]string{"dom0": "Running"}}
-	s.mux = rpc.NewMux(reg, rpc.VMLifecycle, model, log)
-	return s
+// qubeRun is the service's bookkeeping of one qube.
+type qubeRun struct {
+	lock chan struct{} // holding the token is holding the per-qube lock
+	// Guarded by Service.mu:
+	xid     int           // domain instance whose stop is not announced yet; -1 none
+	stopped chan struct{} // closed once that stop has been announced
 }
 
-// PowerStates returns the power state of every qube that is not Halted.
-func (s *Service) PowerStates(context.Context) (map[string]string, error) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	out := make(map[string]string, len(s.states))
-	for k, v := range s.states {
-		out[k] = v
+// New returns the service; Serve starts it.
+func New(cfg Config) (*Service, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("vmlifecycle config: %w", err)
 	}
-	return out, nil
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Inventory == nil {
+		cfg.Inventory = ReplicaInventory{R: cfg.Model}
+	}
+	if cfg.StatsLease <= 0 {
+		cfg.StatsLease = 10 * time.Second
+	}
+	s := &Service{host: cfg.Host, model: cfg.Model, inv: cfg.Inventory, drv: cfg.Driver,
+		pub: cfg.Events, store: cfg.Store, log: cfg.Log,
+		qubes: map[string]*qubeRun{}, queues: map[string]*noticeQueue{}}
+	s.stats = newStatsProducer(s, cfg.StatsLease)
+	s.mux = rpc.NewMux(cfg.Registry, rpc.VMLifecycle, cfg.Model, cfg.Log)
+	s.mux.Handle("admin.vm.Start", s.vmStart)
+	s.mux.Handle("admin.vm.Shutdown", s.vmShutdown)
+	s.mux.Handle("admin.vm.Kill", s.vmKill)
+	s.mux.Handle("admin.vm.Pause", s.vmPause)
+	s.mux.Handle("admin.vm.Unpause", s.vmUnpause)
+	s.mux.Handle("admin.vm.Suspend", s.vmSuspend)
+	s.mux.Handle("admin.vm.Resume", s.vmResume)
+	s.mux.Handle("admin.vm.CurrentState", s.vmCurrentState)
+	s.mux.Handle("admin.vm.Stats", s.stats.vmStats)
+	return s, nil
 }
 
-// Serve starts the Admin API endpoints and the internal states endpoint on nc.
+// Serve reads the running domains back from the driver, follows its notices, and
+// starts the Admin API endpoints and the internal ones (states, runtime, stats-lease)
+// on nc. The service runs until ctx ends (then stop the returned micro service too).
 func (s *Service) Serve(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
+	// Watch before reading the domains, so a stop between the two is not missed.
+	notices, err := s.drv.Watch(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("watch hypervisor: %w", err)
+	}
+	if err := s.adopt(ctx); err != nil {
+		return nil, err
+	}
+	go s.follow(ctx, notices)
+
 	svc, err := s.mux.Serve(ctx, nc, s.host, version)
 	if err != nil {
 		return nil, err
 	}
-	err = svc.AddEndpoint("states", micro.HandlerFunc(func(r micro.Request) {
-		st, _ := s.PowerStates(ctx)
-		b, _ := json.Marshal(st)
-		_ = r.Respond(b)
-	}), micro.WithEndpointSubject(s.host.Service("vmlifecycle", "states")))
-	if err != nil {
-		_ = svc.Stop()
-		return nil, fmt.Errorf("add states endpoint: %w", err)
+	endpoints := []struct {
+		name, subj string
+		h          micro.HandlerFunc
+	}{
+		{"states", s.host.Service("vmlifecycle", "states"), s.serveStates(ctx)},
+		{"runtime", s.host.Service("vmlifecycle", "runtime"), s.serveRuntime(ctx)},
+		{"stats-lease", s.host.Service("vmlifecycle", "stats-lease"), s.stats.serveLease},
+	}
+	for _, e := range endpoints {
+		if err := svc.AddEndpoint(e.name, e.h, micro.WithEndpointSubject(e.subj)); err != nil {
+			_ = svc.Stop()
+			return nil, fmt.Errorf("add %s endpoint: %w", e.name, err)
+		}
 	}
 	if err := nc.FlushTimeout(10 * time.Second); err != nil {
 		_ = svc.Stop()
 		return nil, fmt.Errorf("flush: %w", err)
 	}
+	go s.stats.run(ctx, nc)
 	return svc, nil
 }
 
-// StatesClient asks a host's lifecycle service for power states over NATS.
+// adopt records the domains that are already active (after a restart of the service).
+func (s *Service) adopt(ctx context.Context) error {
+	doms, err := s.drv.Domains(ctx)
+	if err != nil {
+		return fmt.Errorf("read domains from the hypervisor: %w", err)
+	}
+	for _, d := range doms {
+		if d.XID == 0 {
+			continue
+		}
+		r := s.run(d.Name)
+		s.mu.Lock()
+		r.xid = d.XID
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+func (s *Service) run(name string) *qubeRun {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.qubes[name]
+	if r == nil {
+		r = &qubeRun{lock: make(chan struct{}, 1), xid: -1, stopped: make(chan struct{})}
+		s.qubes[name] = r
+	}
+	return r
+}
+
+// lock takes the per-qube lock. Operations on one qube are serialized; a start that
+// brings up the netvm chain holds the qube's lock while it takes its netvm's, always
+// downstream before upstream, which is a consistent order because the network has no
+// loops.
+func (s *Service) lock(ctx context.Context, name string) (unlock func(), err error) {
+	r := s.run(name)
+	select {
+	case r.lock <- struct{}{}:
+		return func() { <-r.lock }, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("lock %s: %w", name, ctx.Err())
+	}
+}
+
+// Runtime is what a qube's runtime properties show (xid, stubdom_xid, start_time) and
+// its power state.
+type Runtime struct {
+	PowerState PowerState `json:"power_state"`
+	XID        int        `json:"xid"`         // -1 when halted
+	StubdomXID int        `json:"stubdom_xid"` // -1 without a stub domain
+	// StartTime is start_time as qubesd renders it (seconds, as Python prints the float);
+	// "" when halted.
+	StartTime string `json:"start_time,omitempty"`
+	MemoryKiB int64  `json:"memory_kib,omitempty"`
+	MaxMemKiB int64  `json:"maxmem_kib,omitempty"`
+}
+
+// HaltedRuntime is the runtime of a qube that is not in a Runtimes answer.
+var HaltedRuntime = Runtime{PowerState: Halted, XID: -1, StubdomXID: -1}
+
+// Runtimes returns the runtime of every qube that is not Halted: active domains,
+// dom0 and RemoteVMs (always Running).
+func (s *Service) Runtimes(ctx context.Context) (map[string]Runtime, error) {
+	doms, err := s.drv.Domains(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("read domains: %w", err)
+	}
+	byName := make(map[string]*Domain, len(doms))
+	for i := range doms {
+		byName[doms[i].Name] = &doms[i]
+	}
+	out := map[string]Runtime{}
+	for _, q := range s.inv.Qubes() {
+		switch {
+		case q.IsAdminVM():
+			rt := Runtime{PowerState: Running, XID: 0, StubdomXID: -1}
+			if d := byName[q.Name]; d != nil {
+				rt.MemoryKiB, rt.MaxMemKiB = d.MemoryKiB, d.MaxMemKiB
+			}
+			out[q.Name] = rt
+		case q.IsRemote():
+			out[q.Name] = Runtime{PowerState: Running, XID: -1, StubdomXID: -1}
+		default:
+			if d := byName[q.Name]; d != nil {
+				out[q.Name] = Runtime{PowerState: powerOf(d, q.Qrexec), XID: d.XID, StubdomXID: d.StubdomXID,
+					StartTime: startTimeText(d.StartTime), MemoryKiB: d.MemoryKiB, MaxMemKiB: d.MaxMemKiB}
+			}
+		}
+	}
+	return out, nil
+}
+
+// PowerStates returns the power state of every qube that is not Halted.
+func (s *Service) PowerStates(ctx context.Context) (map[string]string, error) {
+	rts, err := s.Runtimes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]string, len(rts))
+	for k, v := range rts {
+		out[k] = string(v.PowerState)
+	}
+	return out, nil
+}
+
+// startTimeText renders a start time as qubesd's start_time: the hypervisor keeps it
+// with two decimals and Python prints the float in its shortest form.
+func startTimeText(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	cs := t.UnixNano() / 1e7 // centiseconds
+	f := float64(cs) / 100
+	txt := strconv.FormatFloat(f, 'f', -1, 64)
+	if cs%100 == 0 {
+		txt += ".0"
+	}
+	return txt
+}
+
+func (s *Service) serveStates(ctx context.Context) micro.HandlerFunc {
+	return func(r micro.Request) {
+		go func() {
+			st, err := s.PowerStates(ctx)
+			if err != nil {
+				_ = r.Error("500", err.Error(), nil)
+				return
+			}
+			_ = r.RespondJSON(st)
+		}()
+	}
+}
+
+func (s *Service) serveRuntime(ctx context.Context) micro.HandlerFunc {
+	return func(r micro.Request) {
+		go func() {
+			rts, err := s.Runtimes(ctx)
+			if err != nil {
+				_ = r.Error("500", err.Error(), nil)
+				return
+			}
+			_ = r.RespondJSON(rts)
+		}()
+	}
+}
+
+// StatesClient asks a host's lifecycle service for runtime state over NATS.
 type StatesClient struct {
 	NC   *nats.Conn
 	Host subject.Host
 }
 
-// PowerStates implements the properties service's PowerStates.
+// PowerStates implements the properties service's PowerStates: the power state of
+// every qube that is not Halted.
 func (c StatesClient) PowerStates(ctx context.Context) (map[string]string, error) {
-	msg, err := c.NC.RequestWithContext(ctx, c.Host.Service("vmlifecycle", "states"), nil)
-	if err != nil {
+	var out map[string]string
+	if err := c.request(ctx, "states", &out); err != nil {
 		return nil, fmt.Errorf("ask vmlifecycle for power states: %w", err)
 	}
-	var out map[string]string
-	if err := json.Unmarshal(msg.Data, &out); err != nil {
-		return nil, fmt.Errorf("decode power states: %w", err)
+	return out, nil
+}
+
+// Runtimes returns the runtime of every qube that is not Halted; a qube missing from
+// the answer has HaltedRuntime.
+func (c StatesClient) Runtimes(ctx context.Context) (map[string]Runtime, error) {
+	var out map[string]Runtime
+	if err := c.request(ctx, "runtime", &out); err != nil {
+		return nil, fmt.Errorf("ask vmlifecycle for runtime state: %w", err)
 	}
 	return out, nil
+}
+
+// RuntimeValues implements the properties service's RuntimeValues: the runtime of
+// every qube that is not halted, as its property model reads it.
+func (c StatesClient) RuntimeValues(ctx context.Context) (map[string]model.Runtime, error) {
+	rts, err := c.Runtimes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]model.Runtime, len(rts))
+	for name, rt := range rts {
+		out[name] = model.Runtime{State: string(rt.PowerState), XID: rt.XID, StubdomXID: rt.StubdomXID, StartTime: rt.StartTime}
+	}
+	return out, nil
+}
+
+func (c StatesClient) request(ctx context.Context, op string, v any) error {
+	msg, err := c.NC.RequestWithContext(ctx, c.Host.Service("vmlifecycle", op), nil)
+	if err != nil {
+		return err
+	}
+	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
+		return fmt.Errorf("%s %s", code, msg.Header.Get(micro.ErrorHeader))
+	}
+	return json.Unmarshal(msg.Data, v)
+}
+
+// emit publishes events in order. A failure is logged and returned; callers that have
+// already changed the hypervisor carry on (the change happened), callers before any
+// change give up.
+func (s *Service) emit(ctx context.Context, evs ...cloudevent.Event) error {
+	if len(evs) == 0 {
+		return nil
+	}
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := s.pub.Publish(pctx, evs...); err != nil {
+		s.log.Error("publish events", "vm", evs[0].VM, "event", evs[0].Name, "err", err)
+		return err
+	}
+	return nil
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/qubesbus/qubesbus/services/persistence"
 	"github.com/qubesbus/qubesbus/services/properties"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
+	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
 
 // Version of the services, announced through micro discovery.
@@ -42,6 +43,8 @@ type Config struct {
 	NATSURL     string // external NATS; empty runs an embedded server
 	NATSPort    int    // embedded server client port: 0 = 4222, -1 = any free port
 	NATSCreds   string
+	NATSUser    string
+	NATSPass    string
 	// ServiceNATSURLs connects single services to other servers of the same cluster
 	// (by service name, or "setup"); the rest use NATSURL.
 	ServiceNATSURLs map[string]string
@@ -110,7 +113,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 	}
 	s.NATSURL = url
 	connect := func(name string) (*nats.Conn, error) {
-		cc := bus.ConnConfig{URL: url, Creds: cfg.NATSCreds, Name: "qubesbus-" + name + "-" + cfg.HostID}
+		cc := bus.ConnConfig{URL: url, Creds: cfg.NATSCreds, User: cfg.NATSUser, Password: cfg.NATSPass, Name: "qubesbus-" + name + "-" + cfg.HostID}
 		if u := cfg.ServiceNATSURLs[name]; u != "" {
 			cc.URL = u
 		} else if s.NATS != nil {
@@ -183,15 +186,39 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 		if err != nil {
 			return err
 		}
-		life := vmlifecycle.New(host, adminapi.Registry, rep, log)
+		// The simulated hypervisor stands for Xen; a test lab drives it on
+		// qubes.v1.<host>.lab.* (faults, latencies).
+		hv := simdriver.New(simdriver.Config{})
+		if err := s.serve(simdriver.ServeLab(nc, host, hv)); err != nil {
+			return err
+		}
+		pub, err := publisher(nc, cfg.HostID)
+		if err != nil {
+			return err
+		}
+		life, err := vmlifecycle.New(vmlifecycle.Config{
+			Host: host, Registry: adminapi.Registry, Model: rep, Driver: hv, Events: pub,
+			Store: persistence.Client{NC: nc, Host: host}, Log: log,
+		})
+		if err != nil {
+			return err
+		}
 		return s.serve(life.Serve(ctx, nc, Version))
 	case "properties":
 		rep, err := persistence.Follow(ctx, nc, host, log)
 		if err != nil {
 			return err
 		}
-		props := properties.New(host, adminapi.Registry, rep,
-			vmlifecycle.StatesClient{NC: nc, Host: host}, log)
+		pub, err := publisher(nc, cfg.HostID)
+		if err != nil {
+			return err
+		}
+		props, err := properties.New(properties.Config{Host: host, NotesDir: filepath.Join(cfg.DataDir, "notes")},
+			adminapi.Registry, rep, vmlifecycle.StatesClient{NC: nc, Host: host},
+			persistence.Client{NC: nc, Host: host}, pub, log)
+		if err != nil {
+			return err
+		}
 		return s.serve(props.Serve(ctx, nc, Version))
 	case "gateway":
 		if err := os.MkdirAll(filepath.Dir(cfg.Socket), 0o755); err != nil {
@@ -225,13 +252,21 @@ func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (f
 	if cfg.NATSURL == "" {
 		return nil, errors.New("no NATS URL")
 	}
+	if cfg.Replicas == 0 {
+		cfg.Replicas = 1
+	}
 	s := newSystem(ctx, cfg, log)
 	s.NATSURL = cfg.NATSURL
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: cfg.NATSURL, Creds: cfg.NATSCreds, Name: "qubesbus-" + name + "-" + cfg.HostID}, log)
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: cfg.NATSURL, Creds: cfg.NATSCreds, User: cfg.NATSUser, Password: cfg.NATSPass, Name: "qubesbus-" + name + "-" + cfg.HostID}, log)
 	if err != nil {
 		return nil, err
 	}
 	s.conns = append(s.conns, nc)
+	// Whichever service starts first creates the events stream (idempotent); a user
+	// without the right to (deploy/nats permissions) relies on an admin having done it.
+	if err := ensureStreams(ctx, nc, cfg); err != nil {
+		log.Warn("events stream not ensured; assuming an admin created it", "err", err)
+	}
 	if err := s.startService(name, nc, subject.ForHost(cfg.HostID), cfg); err != nil {
 		s.Stop()
 		return nil, err
