@@ -42,6 +42,10 @@ type StatsStream struct {
 	Lease        string `json:"lease"`
 	LeaseMS      int64  `json:"lease_ms"`
 	IntervalMS   int64  `json:"interval_ms"`
+	// Dest is the resolved destination; samples of every qube go to a dom0 stream
+	// (DestAdminVM), only Dest's to any other.
+	Dest        string `json:"dest"`
+	DestAdminVM bool   `json:"dest_adminvm"`
 }
 
 // StatsLeaseRequest renews (or with Stop ends) a stats lease.
@@ -123,6 +127,8 @@ func (p *statsProducer) vmStats(_ context.Context, c *rpc.Call) ([]byte, error) 
 		Lease:        lease,
 		LeaseMS:      p.ttl.Milliseconds(),
 		IntervalMS:   p.interval().Milliseconds(),
+		Dest:         c.Dest.Name,
+		DestAdminVM:  c.Dest.IsAdminVM(),
 	})
 }
 

@@ -235,6 +235,7 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 			return err
 		}
 		gw.HandleStream("admin.Events", events.Serve)
+		gw.HandleStream("admin.vm.Stats", gateway.NewStats(nc, host, log).Serve)
 		s.done.Add(1)
 		go func() {
 			defer s.done.Done()

@@ -1,0 +1,110 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/bus/subject"
+)
+
+// statsStream is vmlifecycle's answer to admin.vm.Stats: where the samples go and the
+// lease that keeps them coming (services/vmlifecycle/README.md).
+type statsStream struct {
+	Subject      string `json:"subject"`
+	LeaseSubject string `json:"lease_subject"`
+	Lease        string `json:"lease"`
+	LeaseMS      int64  `json:"lease_ms"`
+	Dest         string `json:"dest"`
+	DestAdminVM  bool   `json:"dest_adminvm"`
+}
+
+type statsLease struct {
+	Lease string `json:"lease"`
+	Stop  bool   `json:"stop,omitempty"`
+}
+
+// Stats serves admin.vm.Stats: samples are not history, so they travel on core NATS
+// while a lease is held, never through the events stream.
+type Stats struct {
+	nc   *nats.Conn
+	host subject.Host
+	log  *slog.Logger
+	// WriteTimeout cuts off a client that stops reading.
+	WriteTimeout time.Duration
+}
+
+// NewStats returns the admin.vm.Stats handler.
+func NewStats(nc *nats.Conn, host subject.Host, log *slog.Logger) *Stats {
+	return &Stats{nc: nc, host: host, log: log, WriteTimeout: 10 * time.Second}
+}
+
+// Serve is the StreamHandler of admin.vm.Stats. The subscription exists before the
+// call, so the first sample (sent as the lease opens) is not missed; the lease is
+// renewed while the client stays and released when it goes (cancellation).
+func (s *Stats) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Request, relay func(*envelope.Request) (envelope.Reply, error)) {
+	samples := make(chan *nats.Msg, 1024)
+	sub, err := s.nc.ChanSubscribe(s.host.Service("vmlifecycle", "stats"), samples)
+	if err != nil {
+		s.log.Error("admin.vm.Stats subscribe", "id", req.ID, "err", err)
+		return
+	}
+	defer sub.Unsubscribe()
+	if err := s.nc.Flush(); err != nil {
+		s.log.Error("admin.vm.Stats flush", "id", req.ID, "err", err)
+		return
+	}
+	rep, err := relay(req)
+	if err != nil {
+		s.log.Error("admin.vm.Stats call", "id", req.ID, "err", err)
+		return
+	}
+	if rep.Status != envelope.StatusOK {
+		writeReply(c, rep, s.log)
+		return
+	}
+	var st statsStream
+	if err := json.Unmarshal(rep.Content, &st); err != nil || st.Lease == "" || st.LeaseMS <= 0 {
+		s.log.Error("admin.vm.Stats: bad stream description", "id", req.ID, "err", err)
+		return
+	}
+	defer func() {
+		b, _ := json.Marshal(statsLease{Lease: st.Lease, Stop: true})
+		_ = s.nc.Publish(st.LeaseSubject, b)
+	}()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go watchHangup(ctx, c, cancel)
+	w := &Events{cfg: EventsConfig{WriteTimeout: s.WriteTimeout}, log: s.log}
+	if !w.write(c, connectionEstablished) {
+		return
+	}
+	renew := time.NewTicker(time.Duration(st.LeaseMS) * time.Millisecond / 3)
+	defer renew.Stop()
+	lease, _ := json.Marshal(statsLease{Lease: st.Lease})
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-renew.C:
+			_ = s.nc.Publish(st.LeaseSubject, lease)
+		case msg := <-samples:
+			ev, err := cloudevent.DecodeHeaders(msg)
+			if err != nil || ev.Name != "vm-stats" {
+				continue
+			}
+			if !st.DestAdminVM && ev.VM != st.Dest {
+				continue
+			}
+			if !w.write(c, appendCloudEvent(nil, ev)) {
+				return
+			}
+		}
+	}
+}
