@@ -42,6 +42,7 @@ func hostFlags(fs *flag.FlagSet) *system.Config {
 	fs.StringVar(&c.SocketGroup, "socket-group", envOr("QUBESBUS_SOCKET_GROUP", ""), "group owning the socket (QUBESBUS_SOCKET_GROUP)")
 	fs.StringVar(&c.DataDir, "data-dir", envOr("QUBESBUS_DATA_DIR", "run/data"), "qubes.xml and JetStream store (QUBESBUS_DATA_DIR)")
 	fs.StringVar(&c.QubesXML, "qubes-xml", envOr("QUBESBUS_QUBES_XML", ""), "qubes.xml copied into the data dir on first start (QUBESBUS_QUBES_XML)")
+	fs.StringVar(&c.PolicyFile, "policy", envOr("QUBESBUS_POLICY", ""), "access rules, 'method +arg source target allow|deny' per line; without: only dom0 may call (QUBESBUS_POLICY)")
 	fs.StringVar(&c.HostID, "host", envOr("QUBESBUS_HOST", "local"), "host id in subjects (QUBESBUS_HOST)")
 	fs.StringVar(&c.NATSURL, "nats-url", envOr("QUBESBUS_NATS_URL", ""), "external NATS server; empty runs an embedded one (QUBESBUS_NATS_URL)")
 	fs.StringVar(&c.NATSCreds, "nats-creds", envOr("QUBESBUS_NATS_CREDS", ""), "NATS credentials file (QUBESBUS_NATS_CREDS)")

@@ -61,6 +61,9 @@ type Config struct {
 	Machine  model.Host // zero: model.DefaultHost
 	// WriteTimeout bounds a write call waiting for persistence (default 30s).
 	WriteTimeout time.Duration
+	// Auth decides which source may call what; nil allows every call (qubesd itself
+	// leaves that to qrexec policy).
+	Auth rpc.Authorizer
 }
 
 // Validate reports every problem at once.
@@ -107,6 +110,7 @@ func New(cfg Config, reg *rpc.Registry, rep *replica.Replica, powers PowerStates
 	s := &Service{cfg: cfg, rep: rep, powers: powers, store: store, events: events, log: log,
 		notes: &notes{dir: cfg.NotesDir}, newLabels: map[string]bool{}}
 	s.mux = rpc.NewMux(reg, rpc.Properties, rep, log)
+	s.mux.Auth = cfg.Auth
 	s.mux.HandleUnknown()
 	for name, h := range map[string]rpc.Handler{
 		"admin.vm.List":          s.vmList,

@@ -49,6 +49,8 @@ type Config struct {
 	// StatsLease is how long an admin.vm.Stats watcher keeps vm-stats flowing without
 	// renewing (default 10 s).
 	StatsLease time.Duration
+	// Auth decides which source may call what; nil allows every call.
+	Auth rpc.Authorizer
 }
 
 // Validate reports every missing part at once.
@@ -119,6 +121,7 @@ func New(cfg Config) (*Service, error) {
 		qubes: map[string]*qubeRun{}, queues: map[string]*noticeQueue{}}
 	s.stats = newStatsProducer(s, cfg.StatsLease)
 	s.mux = rpc.NewMux(cfg.Registry, rpc.VMLifecycle, cfg.Model, cfg.Log)
+	s.mux.Auth = cfg.Auth
 	s.mux.Handle("admin.vm.Start", s.vmStart)
 	s.mux.Handle("admin.vm.Shutdown", s.vmShutdown)
 	s.mux.Handle("admin.vm.Kill", s.vmKill)

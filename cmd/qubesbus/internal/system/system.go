@@ -21,6 +21,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/embedded"
+	"github.com/qubesbus/qubesbus/bus/policy"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/adminapi"
 	"github.com/qubesbus/qubesbus/services/gateway"
@@ -52,6 +53,8 @@ type Config struct {
 	// EventsWriteTimeout cuts off an admin.Events subscriber that stops reading.
 	EventsWriteTimeout time.Duration
 	Replicas           int // JetStream replicas of the streams: 1 (default) or 3 in a cluster
+	// PolicyFile holds access rules (bus/policy); without one only dom0 may call.
+	PolicyFile string
 }
 
 // Validate reports every problem at once.
@@ -78,6 +81,9 @@ type System struct {
 	log      *slog.Logger
 	conns    []*nats.Conn
 	services []micro.Service
+	// policy decides which source may call what (nil: dom0 only).
+	policy    *policy.Policy
+	policyErr error
 	// ctx lives as long as the system: services and calls run under it, not under the
 	// context that bounded start-up.
 	ctx    context.Context
@@ -87,6 +93,11 @@ type System struct {
 
 func newSystem(ctx context.Context, cfg Config, log *slog.Logger) *System {
 	s := &System{Socket: cfg.Socket, log: log}
+	if cfg.PolicyFile != "" {
+		// Start fails on a bad policy file (checked in Validate); a nil policy
+		// allows dom0 only.
+		s.policy, s.policyErr = policy.Load(cfg.PolicyFile)
+	}
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	return s
 }
@@ -97,6 +108,9 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 		return nil, fmt.Errorf("config: %w", err)
 	}
 	s := newSystem(ctx, cfg, log)
+	if s.policyErr != nil {
+		return nil, s.policyErr
+	}
 	defer func() {
 		if err != nil {
 			s.Stop()
@@ -198,7 +212,7 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 		}
 		life, err := vmlifecycle.New(vmlifecycle.Config{
 			Host: host, Registry: adminapi.Registry, Model: rep, Driver: hv, Events: pub,
-			Store: persistence.Client{NC: nc, Host: host}, Log: log,
+			Store: persistence.Client{NC: nc, Host: host}, Log: log, Auth: s.policy,
 		})
 		if err != nil {
 			return err
@@ -213,7 +227,7 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 		if err != nil {
 			return err
 		}
-		props, err := properties.New(properties.Config{Host: host, NotesDir: filepath.Join(cfg.DataDir, "notes")},
+		props, err := properties.New(properties.Config{Host: host, NotesDir: filepath.Join(cfg.DataDir, "notes"), Auth: s.policy},
 			adminapi.Registry, rep, vmlifecycle.StatesClient{NC: nc, Host: host},
 			persistence.Client{NC: nc, Host: host}, pub, log)
 		if err != nil {
@@ -257,6 +271,9 @@ func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (f
 		cfg.Replicas = 1
 	}
 	s := newSystem(ctx, cfg, log)
+	if s.policyErr != nil {
+		return nil, s.policyErr
+	}
 	s.NATSURL = cfg.NATSURL
 	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: cfg.NATSURL, Creds: cfg.NATSCreds, User: cfg.NATSUser, Password: cfg.NATSPass, Name: "qubesbus-" + name + "-" + cfg.HostID}, log)
 	if err != nil {

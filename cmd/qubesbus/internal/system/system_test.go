@@ -28,6 +28,9 @@ func startSystem(t testing.TB, mutate ...func(*Config)) *System {
 		QubesXML: filepath.Join(repoTestdata, "qubes.xml"),
 		HostID:   "test",
 		NATSPort: -1,
+		// The recordings' qrexec policy; everything else from a non-dom0 source is
+		// denied by default.
+		PolicyFile: filepath.Join(repoTestdata, "policy", "recorded.policy"),
 	}
 	for _, m := range mutate {
 		m(&cfg)
