@@ -1,34 +1,41 @@
-// Package persistence owns a host's configuration: it loads qubes.xml, serves it to the
-// other services over NATS, and writes it back after calls that change config.
 package persistence
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/config"
-	"github.com/qubesbus/qubesbus/services/persistence/qubesxml"
+	"github.com/qubesbus/qubesbus/services/persistence/changelog"
+	"github.com/qubesbus/qubesbus/services/persistence/checkpoint"
+	"github.com/qubesbus/qubesbus/services/persistence/indexed"
 )
 
 // Config of the persistence service.
 type Config struct {
 	Host    subject.Host
-	DataDir string // holds qubes.xml
+	DataDir string // holds qubes.xml, qubes.xml.rev and qubes.xml.lock
 	// SeedXML is copied to DataDir/qubes.xml when that does not exist yet; the seed
-	// itself is never modified.
+	// itself is never modified. Without a seed and a qubes.xml, the configuration comes
+	// from the change log (a standby instance with an empty data dir).
 	SeedXML string
+	// Replicas of the QUBES_CONFIG stream when this instance creates it: 1 (default)
+	// on one server, 3 in a cluster.
+	Replicas int
+	// CompactEvery: after this many revisions since the last base record a new base is
+	// appended and the host's older records are purged. 0 means 10 000; negative, never.
+	CompactEvery int
+	// ApplyTimeout bounds one store.apply call served over NATS; 0 means 30 s.
+	ApplyTimeout time.Duration
 }
 
 // Validate reports every problem at once.
@@ -37,43 +44,90 @@ func (c Config) Validate() error {
 	if c.DataDir == "" {
 		errs = append(errs, errors.New("no data dir"))
 	}
+	if c.Replicas < 0 || c.Replicas > 5 {
+		errs = append(errs, fmt.Errorf("replicas %d: want 1 to 5", c.Replicas))
+	}
+	if c.ApplyTimeout < 0 {
+		errs = append(errs, errors.New("negative apply timeout"))
+	}
 	return errors.Join(errs...)
 }
 
-// Change is one accepted mutation as the change feed carries it.
-type Change struct {
-	Revision uint64      `json:"revision"`
-	Ops      []config.Op `json:"ops"`
+func (c Config) compactEvery() uint64 {
+	switch {
+	case c.CompactEvery < 0:
+		return 0
+	case c.CompactEvery == 0:
+		return 10_000
+	}
+	return uint64(c.CompactEvery)
 }
 
-// ApplyReply answers store.apply.
-type ApplyReply struct {
-	Revision uint64 `json:"revision,omitempty"`
-	Error    string `json:"error,omitempty"`
-	Code     string `json:"code,omitempty"` // "stale", "invalid"
-}
+// Change is one accepted mutation as the change log carries it.
+type Change = changelog.Change
 
 // Snapshot is the whole configuration at one revision.
 type Snapshot struct {
-	Revision uint64         `json:"revision"`
+	Revision uint64 `json:"revision"`
+	// Sequence is the change-log sequence of the revision's record: a follower reads
+	// the log from Sequence+1 on.
+	Sequence uint64         `json:"sequence,omitempty"`
 	Config   *config.Config `json:"config"`
 }
 
-// Store is the persistence service of one host.
+// Errors of Apply besides config's (config.ErrStaleRevision, config.ErrDuplicate, …).
+var (
+	// ErrNotServing: Apply before Serve or after Close; there is no change log.
+	ErrNotServing = errors.New("persistence is not serving")
+	// ErrUnavailable: the change log did not take the change (NATS down, timeout). The
+	// change was not applied here; in rare cases (a lost ack) it was stored anyway and
+	// shows up with the next revision.
+	ErrUnavailable = errors.New("config change log unavailable")
+	// ErrNotSaved: the change is accepted and durable in the change log, but writing
+	// qubes.xml failed (qubesd too fails the call then, with the change made).
+	ErrNotSaved = errors.New("qubes.xml not saved")
+	// ErrHistory: the change log holds records that do not form one history.
+	ErrHistory = errors.New("config change log is inconsistent")
+)
+
+// maxConflicts bounds how often one Apply re-decides after losing a race with another
+// instance before giving up.
+const maxConflicts = 32
+
+// Store is the persistence service of one host. See the package comment.
 type Store struct {
 	cfg  Config
 	log  *slog.Logger
-	path string
+	disk checkpoint.File
 
-	nc *nats.Conn // set by Serve; the change feed is published on it
+	mu       sync.RWMutex
+	state    *indexed.Config // nil while no configuration is known (empty data dir)
+	rev      uint64          // revision of state
+	seq      uint64          // change-log sequence of rev's record
+	baseRev  uint64          // revision of the host's latest base record
+	diskMark checkpoint.Mark // what qubes.xml held at Open
+	clog     *changelog.Log  // nil until Serve
+	// unsaved is set when records read from the log (not appended here) ought to be in
+	// qubes.xml: changes with ChangesConfig, or a base that replaced the state. Serve
+	// writes after recovery if so; records of other instances wait for the next write.
+	unsaved bool
 
-	mu     sync.RWMutex
-	conf   *config.Config
-	rev    uint64
-	writes uint64
+	flush   flusher
+	written atomic.Uint64 // revision qubes.xml holds, as far as this instance knows
+	writes  atomic.Uint64
+	appends atomic.Uint64
+	lost    atomic.Uint64 // appends lost to another instance (conflicts)
+
+	serveMu  sync.Mutex
+	cancel   context.CancelFunc // ends the serving context; set once Serve started
+	closed   bool
+	svc      micro.Service
+	stopTail func()
+	handlers sync.WaitGroup
 }
 
-// Open loads the host's qubes.xml, seeding it first if needed.
+// Open loads the host's qubes.xml, seeding it first if needed. It does not touch NATS:
+// Serve brings the configuration up to date from the change log.
 func Open(cfg Config, log *slog.Logger) (*Store, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("persistence config: %w", err)
@@ -81,205 +135,214 @@ func Open(cfg Config, log *slog.Logger) (*Store, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o770); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
-	path := filepath.Join(cfg.DataDir, "qubes.xml")
-	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
-		if cfg.SeedXML == "" {
-			return nil, fmt.Errorf("qubes XML store %q is missing and no seed was given", path)
-		}
-		if err := copyFile(cfg.SeedXML, path); err != nil {
-			return nil, fmt.Errorf("seed qubes.xml: %w", err)
-		}
-		log.Info("seeded qubes.xml", "from", cfg.SeedXML, "to", path)
-	}
-	conf, err := qubesxml.Load(path)
-	if err != nil {
+	s := &Store{cfg: cfg, log: log, disk: checkpoint.New(filepath.Join(cfg.DataDir, "qubes.xml"))}
+	s.flush.write = s.writeCheckpoint
+	conf, mark, err := s.disk.Load(cfg.SeedXML)
+	switch {
+	case errors.Is(err, checkpoint.ErrMissing):
+		log.Info("no local qubes.xml; the configuration will come from the change log", "file", s.disk.Path())
+	case err != nil:
 		return nil, err
+	default:
+		s.state = indexed.New(conf)
+		s.diskMark = mark
+		s.rev = max(mark.Revision, 1)
+		s.seq = mark.Sequence
+		s.written.Store(s.rev)
 	}
-	return &Store{cfg: cfg, log: log, path: path, conf: conf, rev: 1}, nil
+	return s, nil
 }
 
-// Snapshot returns a deep copy of the configuration and its revision.
+// Snapshot returns a deep copy of the configuration and its revision (a zero Snapshot
+// while none is known).
 func (s *Store) Snapshot() Snapshot {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return Snapshot{Revision: s.rev, Config: s.conf.Clone()}
+	if s.state == nil {
+		return Snapshot{}
+	}
+	return Snapshot{Revision: s.rev, Sequence: s.seq, Config: s.state.Config().Clone()}
 }
 
-// Writes is how often qubes.xml was written since Open.
-func (s *Store) Writes() uint64 {
+// view is Snapshot without the deep copy: the parts it shares are never written again.
+func (s *Store) view() Snapshot {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return s.writes
+	if s.state == nil {
+		return Snapshot{}
+	}
+	return Snapshot{Revision: s.rev, Sequence: s.seq, Config: s.state.View()}
 }
 
-// Save writes qubes.xml atomically.
+// Revision is the revision the store holds.
+func (s *Store) Revision() uint64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.rev
+}
+
+// Writes is how often this instance wrote qubes.xml since Open.
+func (s *Store) Writes() uint64 { return s.writes.Load() }
+
+// Metrics are the store's counters (store.metrics and the micro stats of each endpoint).
+type Metrics struct {
+	Revision  uint64 `json:"revision"`
+	Sequence  uint64 `json:"sequence"`
+	Written   uint64 `json:"written_revision"` // revision qubes.xml holds
+	Writes    uint64 `json:"writes"`           // qubes.xml writes
+	Appends   uint64 `json:"appends"`          // changes appended by this instance
+	Conflicts uint64 `json:"conflicts"`        // appends lost to another instance, then retried
+}
+
+// Metrics returns the counters.
+func (s *Store) Metrics() Metrics {
+	s.mu.RLock()
+	rev, seq := s.rev, s.seq
+	s.mu.RUnlock()
+	return Metrics{Revision: rev, Sequence: seq, Written: s.written.Load(), Writes: s.writes.Load(),
+		Appends: s.appends.Load(), Conflicts: s.lost.Load()}
+}
+
+// Save writes qubes.xml now if it does not hold the current revision yet (for a
+// shutdown; Close does it too). Concurrent calls share one write.
 func (s *Store) Save() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if err := qubesxml.Save(s.path, s.conf); err != nil {
-		return fmt.Errorf("save qubes.xml: %w", err)
-	}
-	s.writes++
-	return nil
+	return s.flush.wait(context.Background())
 }
 
-// Apply applies a mutation atomically and returns its revision. The change is
-// published on the host's change feed before Apply returns.
+// Apply applies a mutation atomically and returns its revision. The change is durable
+// in the change log before Apply returns; with m.ChangesConfig, qubes.xml has also been
+// written by then, by a write that started after the change was applied (and that
+// concurrent callers share).
 func (s *Store) Apply(ctx context.Context, m config.Mutation) (uint64, error) {
-	s.mu.Lock()
-	if m.ExpectRevision != 0 && m.ExpectRevision != s.rev {
-		rev := s.rev
-		s.mu.Unlock()
-		return 0, fmt.Errorf("%w: expected %d, at %d", config.ErrStaleRevision, m.ExpectRevision, rev)
-	}
-	if err := config.Apply(s.conf, m.Ops); err != nil {
-		s.mu.Unlock()
+	rev, err := s.append(ctx, m)
+	if err != nil {
 		return 0, err
 	}
-	s.rev++
-	rev := s.rev
-	var pubErr error
-	if s.nc != nil {
-		b, _ := json.Marshal(Change{Revision: rev, Ops: m.Ops})
-		pubErr = s.nc.Publish(s.cfg.Host.Config(), b)
-	}
-	s.mu.Unlock()
-	if pubErr != nil {
-		return rev, fmt.Errorf("publish change %d: %w", rev, pubErr)
-	}
 	if m.ChangesConfig {
-		if err := s.Save(); err != nil {
-			return rev, err
+		if err := s.flush.wait(ctx); err != nil {
+			return rev, fmt.Errorf("%w: revision %d: %w", ErrNotSaved, rev, err)
 		}
 	}
 	return rev, nil
 }
 
-// Serve answers the store API on nc until the returned service is stopped.
-func (s *Store) Serve(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
+// append validates m against the state and appends it to the change log, on the
+// condition that no other instance appended since this one's last known record. Losing
+// that race, it reads what it missed and decides again (a mutation valid before may
+// now be stale or invalid). The lock is held throughout, so changes are serial here,
+// and the condition makes them serial across instances.
+func (s *Store) append(ctx context.Context, m config.Mutation) (uint64, error) {
 	s.mu.Lock()
-	s.nc = nc
-	s.mu.Unlock()
-	svc, err := micro.AddService(nc, micro.Config{
-		Name: "qubesbus-persistence", Version: version,
-		Description: "qubesbus configuration store", QueueGroup: "qubesbus-persistence",
-		Metadata: map[string]string{"host": s.cfg.Host.ID()},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("add persistence service: %w", err)
+	defer s.mu.Unlock()
+	if s.clog == nil || s.state == nil {
+		return 0, ErrNotServing
 	}
-	err = svc.AddEndpoint("snapshot", micro.HandlerFunc(func(r micro.Request) {
-		b, err := json.Marshal(s.Snapshot())
+	current := false // the state included every record of the log during this call
+	catchUp := func() (int, error) {
+		n, err := s.catchUpLocked(ctx)
 		if err != nil {
-			_ = r.Error("500", err.Error(), nil)
-			return
+			return n, fmt.Errorf("%w: %w", ErrUnavailable, err)
 		}
-		_ = r.Respond(b)
-	}), micro.WithEndpointSubject(s.cfg.Host.Store("snapshot")))
-	if err != nil {
-		_ = svc.Stop()
-		return nil, fmt.Errorf("add snapshot endpoint: %w", err)
+		current = true
+		return n, nil
 	}
-	err = svc.AddEndpoint("apply", micro.HandlerFunc(func(r micro.Request) {
-		var m config.Mutation
-		var rep ApplyReply
-		if err := json.Unmarshal(r.Data(), &m); err != nil {
-			rep = ApplyReply{Error: err.Error(), Code: "invalid"}
-		} else if rev, err := s.Apply(ctx, m); err != nil {
-			rep = ApplyReply{Error: err.Error(), Code: "invalid"}
-			if errors.Is(err, config.ErrStaleRevision) {
-				rep.Code = "stale"
+	for conflicts := 0; ; conflicts++ {
+		if m.ExpectRevision > s.rev { // another instance may be ahead: look before refusing
+			if _, err := catchUp(); err != nil {
+				return 0, err
 			}
-		} else {
-			rep.Revision = rev
 		}
-		_ = r.RespondJSON(rep)
-	}), micro.WithEndpointSubject(s.cfg.Host.Store("apply")))
-	if err != nil {
-		_ = svc.Stop()
-		return nil, fmt.Errorf("add apply endpoint: %w", err)
+		if m.ExpectRevision != 0 && m.ExpectRevision != s.rev {
+			return 0, fmt.Errorf("%w: expected %d, at %d", config.ErrStaleRevision, m.ExpectRevision, s.rev)
+		}
+		undo, err := s.state.Try(m.Ops)
+		if err != nil {
+			// Refuse only on the latest state: a caller who just removed a qube
+			// through another instance may now create one with its name.
+			if current || conflicts == maxConflicts {
+				return 0, err
+			}
+			if n, cerr := catchUp(); cerr != nil || n == 0 {
+				return 0, errors.Join(err, cerr)
+			}
+			continue
+		}
+		rev := s.rev + 1
+		seq, err := s.clog.Append(ctx, s.seq, changelog.Record{Revision: rev,
+			Change: &changelog.Change{Revision: rev, Ops: m.Ops, ChangesConfig: m.ChangesConfig}})
+		if err == nil {
+			s.rev, s.seq = rev, seq
+			s.appends.Add(1)
+			s.compactLocked(ctx)
+			return rev, nil
+		}
+		undo()
+		if !errors.Is(err, changelog.ErrConflict) || conflicts == maxConflicts {
+			return 0, fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+		s.lost.Add(1)
+		if _, err := catchUp(); err != nil {
+			return 0, err
+		}
 	}
-	if err := nc.FlushTimeout(10 * time.Second); err != nil {
-		_ = svc.Stop()
-		return nil, fmt.Errorf("flush: %w", err)
-	}
-	return svc, nil
 }
 
-// Client is the other services' handle on a host's persistence service.
-type Client struct {
-	NC   *nats.Conn
-	Host subject.Host
+// compactLocked appends a base of the current state once enough revisions followed the
+// last one, then purges the host's older records: the log stays bounded, and an
+// instance without a usable qubes.xml starts from the base. A failure only delays it.
+func (s *Store) compactLocked(ctx context.Context) {
+	every := s.cfg.compactEvery()
+	if every == 0 || s.rev-s.baseRev < every {
+		return
+	}
+	seq, err := s.clog.Append(ctx, s.seq, changelog.Record{Revision: s.rev, Base: s.state.View()})
+	if err != nil {
+		s.log.Warn("append config base", "revision", s.rev, "err", err)
+		return
+	}
+	s.seq, s.baseRev = seq, s.rev
+	if err := s.clog.Compact(ctx, seq); err != nil {
+		s.log.Warn("compact config log", "err", err)
+		return
+	}
+	s.log.Info("compacted config change log", "revision", s.rev, "base", seq)
 }
 
-// ErrRejected wraps a mutation that persistence refused.
-var ErrRejected = errors.New("mutation rejected")
-
-// Apply sends a mutation and returns its revision.
-func (c Client) Apply(ctx context.Context, m config.Mutation) (uint64, error) {
-	b, err := json.Marshal(m)
+// writeCheckpoint writes qubes.xml if it does not hold the current revision. Only the
+// flusher calls it, one call at a time.
+func (s *Store) writeCheckpoint() error {
+	s.mu.Lock()
+	if s.state == nil {
+		s.mu.Unlock()
+		return nil
+	}
+	// Encoding runs outside the lock on a view, so changes go on meanwhile.
+	v, rev, seq := s.state.View(), s.rev, s.seq
+	s.unsaved = false
+	s.mu.Unlock()
+	if rev == s.written.Load() {
+		return nil
+	}
+	res, err := s.disk.Write(v, checkpoint.Mark{Revision: rev, Sequence: seq})
 	if err != nil {
-		return 0, err
+		s.mu.Lock()
+		s.unsaved = true
+		s.mu.Unlock()
+		return fmt.Errorf("save %s: %w", s.disk.Path(), err)
 	}
-	msg, err := c.NC.RequestWithContext(ctx, c.Host.Store("apply"), b)
-	if err != nil {
-		return 0, fmt.Errorf("apply mutation: %w", err)
+	if res.Foreign {
+		s.log.Warn("qubes.xml had been changed outside qubesbus; that change is overwritten", "file", s.disk.Path())
 	}
-	var rep ApplyReply
-	if err := json.Unmarshal(msg.Data, &rep); err != nil {
-		return 0, fmt.Errorf("decode apply reply: %w", err)
+	if res.Written {
+		s.writes.Add(1)
 	}
-	switch {
-	case rep.Code == "stale":
-		return 0, fmt.Errorf("%w: %w: %s", ErrRejected, config.ErrStaleRevision, rep.Error)
-	case rep.Error != "":
-		return 0, fmt.Errorf("%w: %s", ErrRejected, rep.Error)
-	}
-	return rep.Revision, nil
+	s.written.Store(rev)
+	return nil
 }
 
-// Snapshot fetches the whole configuration.
-func (c Client) Snapshot(ctx context.Context) (Snapshot, error) {
-	return FetchSnapshot(ctx, c.NC, c.Host)
-}
-
-// FetchSnapshot asks the persistence service of a host for its configuration.
-func FetchSnapshot(ctx context.Context, nc *nats.Conn, host subject.Host) (Snapshot, error) {
-	msg, err := nc.RequestWithContext(ctx, host.Store("snapshot"), nil)
-	if err != nil {
-		return Snapshot{}, fmt.Errorf("fetch config snapshot: %w", err)
-	}
-	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
-		return Snapshot{}, fmt.Errorf("fetch config snapshot: %s %s", code, msg.Header.Get(micro.ErrorHeader))
-	}
-	var snap Snapshot
-	if err := json.Unmarshal(msg.Data, &snap); err != nil {
-		return Snapshot{}, fmt.Errorf("decode config snapshot: %w", err)
-	}
-	return snap, nil
-}
-
-func copyFile(from, to string) error {
-	in, err := os.Open(from)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	tmp := to + ".seed"
-	out, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o660)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Sync(); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, to)
+// Close stops serving, waits for calls in progress (until ctx ends) and writes
+// qubes.xml if it does not hold the last revision. The store cannot serve again.
+func (s *Store) Close(ctx context.Context) error {
+	err := s.stopServing(ctx)
+	return errors.Join(err, s.flush.wait(ctx))
 }

@@ -62,6 +62,11 @@ func Load(path string) (*config.Config, error) {
 	return decode(data, path)
 }
 
+// Parse decodes qubes.xml bytes read from file (named in errors; "" for none).
+func Parse(data []byte, file string) (*config.Config, error) {
+	return decode(data, file)
+}
+
 // Decode reads a qubes.xml document from r.
 func Decode(r io.Reader) (*config.Config, error) {
 	data, err := io.ReadAll(r)

@@ -6,6 +6,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"sync"
 
 	"github.com/qubesbus/qubesbus/schemas/config"
 )
@@ -18,28 +19,34 @@ func Save(path string, c *config.Config) error {
 	if err != nil {
 		return err
 	}
+	return WriteFile(path, b)
+}
+
+// WriteFile replaces path with b the way Save does (for callers that need the encoded
+// bytes themselves, e.g. to hash them).
+func WriteFile(path string, b []byte) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, filepath.Base(path)+"~*")
 	if err != nil {
-		return fmt.Errorf("save qubes.xml: %w", err)
+		return fmt.Errorf("save %s: %w", filepath.Base(path), err)
 	}
 	if err := writeTemp(f, b); err != nil {
 		f.Close()
 		os.Remove(f.Name())
-		return fmt.Errorf("save qubes.xml: %w", err)
+		return fmt.Errorf("save %s: %w", filepath.Base(path), err)
 	}
 	if err := os.Rename(f.Name(), path); err != nil {
 		os.Remove(f.Name())
-		return fmt.Errorf("save qubes.xml: %w", err)
+		return fmt.Errorf("save %s: %w", filepath.Base(path), err)
 	}
 	// The rename is durable only once the directory entry is on disk.
 	d, err := os.Open(dir)
 	if err != nil {
-		return fmt.Errorf("save qubes.xml: %w", err)
+		return fmt.Errorf("save %s: %w", filepath.Base(path), err)
 	}
 	defer d.Close()
 	if err := d.Sync(); err != nil {
-		return fmt.Errorf("save qubes.xml: sync directory: %w", err)
+		return fmt.Errorf("save %s: sync directory: %w", filepath.Base(path), err)
 	}
 	return nil
 }
@@ -65,13 +72,23 @@ func writeTemp(f *os.File, b []byte) error {
 // chownQubes gives the file to group qubes; like qubesd it skips this when the
 // group cannot be found.
 func chownQubes(f *os.File) error {
-	g, err := user.LookupGroup("qubes")
-	if err != nil {
-		return nil
-	}
-	gid, err := strconv.Atoi(g.Gid)
-	if err != nil {
-		return fmt.Errorf("group qubes: bad gid %q", g.Gid)
+	gid, err := qubesGID()
+	if err != nil || gid < 0 {
+		return err
 	}
 	return f.Chown(-1, gid)
 }
+
+// qubesGID looks the group up once per process (-1: none): a save must not read
+// /etc/group every time.
+var qubesGID = sync.OnceValues(func() (int, error) {
+	g, err := user.LookupGroup("qubes")
+	if err != nil {
+		return -1, nil
+	}
+	gid, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return -1, fmt.Errorf("group qubes: bad gid %q", g.Gid)
+	}
+	return gid, nil
+})

@@ -1,5 +1,7 @@
-// Package replica is a service's local, indexed copy of a host's configuration,
-// read from persistence. Reads are local; it resolves qube references for the checks.
+// Package replica is a service's local, indexed copy of a host's configuration, read
+// from persistence (a snapshot, then the change log: persistence.Follow). Reads are
+// local; it resolves qube references for the checks. A change costs what it touches
+// (package indexed), not the number of qubes.
 package replica
 
 import (
@@ -12,6 +14,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/schemas/config"
+	"github.com/qubesbus/qubesbus/services/persistence/indexed"
 )
 
 // AdminVMUUID is dom0's fixed UUID.
@@ -19,31 +22,16 @@ const AdminVMUUID = "00000000-0000-0000-0000-000000000000"
 
 // Replica is the in-memory configuration of one host with its lookup indexes.
 type Replica struct {
-	mu     sync.RWMutex
-	rev    uint64
-	conf   *config.Config
-	byName map[string]int // index into conf.Domains
-	byUUID map[string]int
+	mu  sync.RWMutex
+	rev uint64
+	x   *indexed.Config
 	// changed is signalled when rev grows.
 	changed *sync.Cond
 }
 
-// New indexes a configuration.
+// New indexes a configuration; the replica owns conf from now on.
 func New(conf *config.Config, rev uint64) *Replica {
-	m := &Replica{}
-	m.reset(conf, rev)
-	return m
-}
-
-func (m *Replica) reset(conf *config.Config, rev uint64) {
-	m.conf, m.rev = conf, rev
-	m.byName = make(map[string]int, len(conf.Domains))
-	m.byUUID = make(map[string]int, len(conf.Domains))
-	for i := range conf.Domains {
-		d := &conf.Domains[i]
-		m.byName[d.Name()] = i
-		m.byUUID[domainUUID(d)] = i
-	}
+	return &Replica{x: indexed.New(conf), rev: rev}
 }
 
 func domainUUID(d *config.Domain) string {
@@ -55,37 +43,47 @@ func domainUUID(d *config.Domain) string {
 }
 
 func refOf(d *config.Domain) rpc.Ref {
-	return rpc.Ref{Name: d.Name(), Class: d.Class, UUID: domainUUID(d)}
+	// Tags share the replica's slice: configs are replaced on change, never modified.
+	return rpc.Ref{Name: d.Name(), Class: d.Class, UUID: domainUUID(d), Tags: d.Tags}
 }
 
 // ResolveName implements rpc.Resolver.
 func (m *Replica) ResolveName(_ context.Context, name string) (rpc.Ref, error) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	i, ok := m.byName[name]
+	d, ok := m.x.ByName(name)
 	if !ok {
 		return rpc.Ref{}, qerr.ErrVMNotFound
 	}
-	return refOf(&m.conf.Domains[i]), nil
+	return refOf(d), nil
 }
 
-// ResolveUUID implements rpc.Resolver.
+// ResolveUUID implements rpc.Resolver. dom0 has a fixed UUID whatever it stores.
 func (m *Replica) ResolveUUID(_ context.Context, uuid string) (rpc.Ref, error) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	i, ok := m.byUUID[uuid]
-	if !ok {
+	if uuid == AdminVMUUID {
+		for i := range m.x.Config().Domains { // dom0 comes first in qubes.xml order
+			if d := &m.x.Config().Domains[i]; d.Class == "AdminVM" {
+				return refOf(d), nil
+			}
+		}
 		return rpc.Ref{}, qerr.ErrVMNotFound
 	}
-	return refOf(&m.conf.Domains[i]), nil
+	d, ok := m.x.ByUUID(uuid)
+	if !ok || d.Class == "AdminVM" {
+		return rpc.Ref{}, qerr.ErrVMNotFound
+	}
+	return refOf(d), nil
 }
 
 // Refs returns every qube in admin.vm.List order: dom0 first, then by name (bytes).
 func (m *Replica) Refs() []rpc.Ref {
 	m.mu.RLock()
-	out := make([]rpc.Ref, 0, len(m.conf.Domains))
-	for i := range m.conf.Domains {
-		out = append(out, refOf(&m.conf.Domains[i]))
+	c := m.x.Config()
+	out := make([]rpc.Ref, 0, len(c.Domains))
+	for i := range c.Domains {
+		out = append(out, refOf(&c.Domains[i]))
 	}
 	m.mu.RUnlock()
 	sort.Slice(out, func(i, j int) bool {
@@ -101,7 +99,7 @@ func (m *Replica) Refs() []rpc.Ref {
 func (m *Replica) Labels() []config.Label {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	out := append([]config.Label(nil), m.conf.Labels...)
+	out := append([]config.Label(nil), m.x.Config().Labels...)
 	sort.Slice(out, func(i, j int) bool { return out[i].Index < out[j].Index })
 	return out
 }
@@ -117,7 +115,7 @@ func (m *Replica) Revision() uint64 {
 func (m *Replica) View(f func(c *config.Config)) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	f(m.conf)
+	f(m.x.Config())
 }
 
 // Apply applies an accepted change of revision rev. Changes arrive in revision order;
@@ -132,19 +130,21 @@ func (m *Replica) Apply(rev uint64, ops []config.Op) error {
 	if rev != m.rev+1 {
 		return fmt.Errorf("%w: have %d, got %d", ErrGap, m.rev, rev)
 	}
-	if err := config.Apply(m.conf, ops); err != nil {
+	// Incremental: a change costs what it touches, not the number of qubes.
+	if err := m.x.Apply(ops); err != nil {
 		return fmt.Errorf("apply revision %d: %w", rev, err)
 	}
-	m.reset(m.conf, rev)
+	m.rev = rev
 	m.cond().Broadcast()
 	return nil
 }
 
-// Reset replaces the whole configuration (after a gap).
+// Reset replaces the whole configuration (after a gap); the replica owns conf.
 func (m *Replica) Reset(conf *config.Config, rev uint64) {
+	x := indexed.New(conf) // indexing 1000 qubes takes a while: not under the lock
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.reset(conf, rev)
+	m.x, m.rev = x, rev
 	m.cond().Broadcast()
 }
 

@@ -189,7 +189,7 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 	ctx := s.ctx
 	switch name {
 	case "persistence":
-		store, err := persistence.Open(persistence.Config{Host: host, DataDir: cfg.DataDir, SeedXML: cfg.QubesXML}, log)
+		store, err := persistence.Open(persistence.Config{Host: host, DataDir: cfg.DataDir, SeedXML: cfg.QubesXML, Replicas: cfg.Replicas}, log)
 		if err != nil {
 			return err
 		}
@@ -310,7 +310,10 @@ func (s *System) Stop() error {
 	s.done.Wait()
 	var errs []error
 	if s.Store != nil {
-		errs = append(errs, s.Store.Save())
+		// Stops taking changes and writes qubes.xml once more if it is behind.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		errs = append(errs, s.Store.Close(ctx))
+		cancel()
 	}
 	for _, svc := range s.services {
 		errs = append(errs, svc.Stop())

@@ -1,0 +1,173 @@
+package persistence
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/qubesbus/qubesbus/schemas/config"
+	"github.com/qubesbus/qubesbus/services/persistence/changelog"
+)
+
+// ServiceName is the micro service (and queue group) of every persistence instance.
+const ServiceName = "qubesbus-persistence"
+
+// maxConcurrentApplies bounds the apply calls in progress on one instance; beyond it
+// the endpoint stops taking requests until one ends.
+const maxConcurrentApplies = 256
+
+// Serve recovers the configuration from the change log (creating the QUBES_CONFIG
+// stream if needed), keeps following the log, and answers the store API on nc:
+// store.snapshot, store.apply and store.metrics, in the queue group every instance of
+// every host shares. Close (or svc.Stop and the end of ctx) stops it. After an error
+// the Store is unusable: Open a new one to try again.
+func (s *Store) Serve(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
+	s.serveMu.Lock()
+	defer s.serveMu.Unlock()
+	if s.cancel != nil {
+		return nil, errors.New("persistence: Serve called twice")
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	clog, err := changelog.Open(ctx, js, s.cfg.Host, changelog.StreamConfig{Replicas: s.cfg.Replicas})
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	s.clog = clog
+	s.mu.Unlock()
+	if err := s.recover(ctx); err != nil {
+		return nil, err
+	}
+	s.mu.RLock()
+	unsaved, next := s.unsaved, s.seq+1
+	s.mu.RUnlock()
+	if unsaved {
+		if err := s.flush.wait(ctx); err != nil {
+			return nil, err
+		}
+	}
+
+	life, cancel := context.WithCancel(ctx)
+	s.cancel = cancel
+	if s.stopTail, err = clog.Tail(life, next, s.onTail); err != nil {
+		cancel()
+		return nil, err
+	}
+	svc, err := s.addService(life, nc, version)
+	if err != nil {
+		s.stopTail()
+		cancel()
+		return nil, err
+	}
+	s.svc = svc
+	return svc, nil
+}
+
+func (s *Store) addService(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
+	svc, err := micro.AddService(nc, micro.Config{
+		Name: ServiceName, Version: version,
+		Description: "qubesbus configuration store", QueueGroup: ServiceName,
+		Metadata:     map[string]string{"host": s.cfg.Host.ID()},
+		StatsHandler: func(*micro.Endpoint) any { return s.Metrics() },
+	})
+	if err != nil {
+		return nil, fmt.Errorf("add persistence service: %w", err)
+	}
+	sem := make(chan struct{}, maxConcurrentApplies)
+	endpoints := []struct {
+		name string
+		h    micro.HandlerFunc
+	}{
+		{"snapshot", func(r micro.Request) {
+			b, err := json.Marshal(s.view())
+			if err != nil {
+				_ = r.Error("500", err.Error(), nil)
+				return
+			}
+			_ = r.Respond(b)
+		}},
+		// micro runs one handler at a time per endpoint: applies wait for the change
+		// log and for qubes.xml, so each gets a goroutine; that is also what lets
+		// concurrent ChangesConfig calls share one write.
+		{"apply", func(r micro.Request) {
+			sem <- struct{}{}
+			s.handlers.Add(1)
+			go func() {
+				defer func() { <-sem; s.handlers.Done() }()
+				s.handleApply(ctx, r)
+			}()
+		}},
+		{"metrics", func(r micro.Request) { _ = r.RespondJSON(s.Metrics()) }},
+	}
+	for _, e := range endpoints {
+		if err := svc.AddEndpoint(e.name, e.h, micro.WithEndpointSubject(s.cfg.Host.Store(e.name))); err != nil {
+			_ = svc.Stop()
+			return nil, fmt.Errorf("add %s endpoint: %w", e.name, err)
+		}
+	}
+	// A request from another connection right after this must find the subscriptions.
+	if err := nc.FlushTimeout(10 * time.Second); err != nil {
+		_ = svc.Stop()
+		return nil, fmt.Errorf("flush: %w", err)
+	}
+	return svc, nil
+}
+
+func (s *Store) handleApply(ctx context.Context, r micro.Request) {
+	var m config.Mutation
+	if err := json.Unmarshal(r.Data(), &m); err != nil {
+		_ = r.RespondJSON(ApplyReply{Error: err.Error(), Code: CodeInvalid, Kind: kindBadOp})
+		return
+	}
+	timeout := s.cfg.ApplyTimeout
+	if timeout == 0 {
+		timeout = 30 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	rev, err := s.Apply(ctx, m)
+	if err != nil {
+		s.log.Debug("apply refused", "revision", rev, "err", err)
+	}
+	_ = r.RespondJSON(replyFor(rev, err))
+}
+
+// stopServing stops the endpoints and the log follower and waits for calls in progress
+// until ctx ends; then Apply answers ErrNotServing.
+func (s *Store) stopServing(ctx context.Context) error {
+	s.serveMu.Lock()
+	defer s.serveMu.Unlock()
+	if s.cancel == nil || s.closed {
+		return nil
+	}
+	s.closed = true
+	var err error
+	if s.svc != nil {
+		err = s.svc.Stop()
+	}
+	done := make(chan struct{})
+	go func() {
+		s.handlers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = errors.Join(err, fmt.Errorf("waiting for apply calls: %w", ctx.Err()))
+	}
+	s.stopTail()
+	s.cancel()
+	s.mu.Lock()
+	s.clog = nil
+	s.mu.Unlock()
+	return err
+}
