@@ -1,0 +1,355 @@
+// Package clustertest runs qubesbus as separate processes on a 3-node nats-server
+// cluster (real binaries, loopback ports) and injects faults under load. It is slow
+// (binaries are built, a minute of load), so `make cluster-test` runs it, with
+// QUBESBUS_CLUSTER_TEST=1; `make test` runs the in-process cluster tests instead.
+package clustertest
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/qubesbus/qubesbus/bus"
+)
+
+func call(socket, req string, timeout time.Duration) ([]byte, error) {
+	c, err := net.DialTimeout("unix", socket, timeout)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(timeout))
+	if _, err := c.Write([]byte(req)); err != nil {
+		return nil, err
+	}
+	_ = c.(*net.UnixConn).CloseWrite()
+	return io.ReadAll(c)
+}
+
+// instances counts the running instances of a micro service.
+func instances(nc *nats.Conn, name string) int {
+	subj, _ := micro.ControlSubject(micro.PingVerb, name, "")
+	inbox := nc.NewInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		return 0
+	}
+	defer sub.Unsubscribe()
+	_ = nc.PublishRequest(subj, inbox, nil)
+	n := 0
+	for {
+		if _, err := sub.NextMsg(300 * time.Millisecond); err != nil {
+			return n
+		}
+		n++
+	}
+}
+
+func waitFor(t *testing.T, what string, timeout time.Duration, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+type counters struct {
+	reads, readFails, writes, writeAcked, writeFails atomic.Int64
+}
+
+func TestClusterFaults(t *testing.T) {
+	if os.Getenv("QUBESBUS_CLUSTER_TEST") == "" {
+		t.Skip("set QUBESBUS_CLUSTER_TEST=1 (make cluster-test) to run the multi-process fault test")
+	}
+	loadFor := 40 * time.Second
+	if v, err := time.ParseDuration(os.Getenv("QUBESBUS_CLUSTER_LOAD")); err == nil {
+		loadFor = v
+	}
+	dir := t.TempDir()
+	natsBin, qb := build(t, dir)
+	nodes, urls := natsNodes(t, dir, natsBin)
+	for _, n := range nodes {
+		n.start(t)
+		defer n.stop()
+	}
+	all := strings.Join(urls, ",")
+	ctx, cancel := context.WithTimeout(context.Background(), loadFor+3*time.Minute)
+	defer cancel()
+	var err error
+	var probe *nats.Conn
+	waitFor(t, "nats servers", 30*time.Second, func() bool {
+		probe, err = bus.Connect(ctx, bus.ConnConfig{URL: all, Name: "clustertest"}, slog.New(slog.DiscardHandler))
+		return err == nil
+	})
+	defer probe.Close()
+	js, _ := jetstream.New(probe)
+	waitFor(t, "jetstream meta leader", 30*time.Second, func() bool {
+		c, cl := context.WithTimeout(ctx, time.Second)
+		defer cl()
+		_, err := js.AccountInfo(c)
+		return err == nil
+	})
+
+	seed, _ := filepath.Abs("../../../../testdata/qubes.xml")
+	socket := filepath.Join(dir, "qubesd.sock")
+	svc := func(name, id string, extra ...string) *proc {
+		args := append([]string{qb, "serve", name, "--nats-url", all, "--host", "lab", "--replicas", "3",
+			"--data-dir", filepath.Join(dir, "data-"+id), "--qubes-xml", seed, "--socket", socket}, extra...)
+		return &proc{name: id, args: args}
+	}
+	persistence := []*proc{svc("persistence", "persistence-a"), svc("persistence", "persistence-b")}
+	properties := []*proc{svc("properties", "properties-a"), svc("properties", "properties-b")}
+	lifecycle := []*proc{svc("vmlifecycle", "vmlifecycle-a"), svc("vmlifecycle", "vmlifecycle-b")}
+	gateway := svc("gateway", "gateway")
+	dump := func() {
+		for _, p := range append(append(append(append([]*proc{}, nodes...), persistence...), properties...), append(lifecycle, gateway)...) {
+			if p.log != nil {
+				t.Logf("--- %s ---\n%s", p.name, lastLines(p.log.String(), 15))
+			}
+		}
+	}
+	for _, group := range [][]*proc{persistence[:1], persistence[1:], lifecycle, properties, {gateway}} {
+		for _, p := range group {
+			p.start(t)
+			defer p.stop()
+		}
+		time.Sleep(300 * time.Millisecond) // start order: each needs the ones before
+	}
+	waitFor(t, "the gateway", 60*time.Second, func() bool {
+		b, err := call(socket, "admin.vm.List+ dom0 name dom0\x00", 5*time.Second)
+		return err == nil && bytes.HasPrefix(b, []byte("0\x00dom0"))
+	})
+	if n := instances(probe, "qubesbus-properties"); n != 2 {
+		dump()
+		t.Fatalf("%d properties instances, want 2", n)
+	}
+
+	// Event subscribers that stay connected through every fault.
+	type seen struct {
+		mu   sync.Mutex
+		vals map[string][]string // feature → values in arrival order
+	}
+	subs := make([]*seen, 2)
+	for i := range subs {
+		s := &seen{vals: map[string][]string{}}
+		subs[i] = s
+		c, err := net.Dial("unix", socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte("admin.Events+ dom0 name dom0\x00"))
+		c.(*net.UnixConn).CloseWrite()
+		ready := make(chan struct{})
+		go readEvents(c, ready, func(subject, event string, kv []string) {
+			if subject == "work" && strings.HasPrefix(event, "domain-feature-set:load.") && len(kv) >= 4 {
+				s.mu.Lock()
+				s.vals[kv[1]] = append(s.vals[kv[1]], kv[3])
+				s.mu.Unlock()
+			}
+		})
+		select {
+		case <-ready:
+		case <-time.After(20 * time.Second):
+			t.Fatal("no connection-established")
+		}
+	}
+
+	var cnt counters
+	const writers, readers = 10, 10
+	acked := make([][]int, writers)
+	attempted := make([]int, writers)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for v := 1; ; v++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				attempted[w] = v
+				cnt.writes.Add(1)
+				b, err := call(socket, fmt.Sprintf("admin.vm.feature.Set+load.w%d dom0 name work\x00%d", w, v), 30*time.Second)
+				if err == nil && string(b) == "0\x00" {
+					cnt.writeAcked.Add(1)
+					acked[w] = append(acked[w], v)
+				} else {
+					cnt.writeFails.Add(1)
+					time.Sleep(50 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	var readFailures []string
+	var rfMu sync.Mutex
+	for r := 0; r < readers; r++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			reqs := []string{"admin.vm.List+ dom0 name dom0\x00", "admin.vm.property.Get+label dom0 name work\x00", "admin.vm.feature.List+ dom0 name work\x00"}
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				cnt.reads.Add(1)
+				b, err := call(socket, reqs[i%len(reqs)], 30*time.Second)
+				if err != nil || !bytes.HasPrefix(b, []byte("0\x00")) {
+					cnt.readFails.Add(1)
+					rfMu.Lock()
+					readFailures = append(readFailures, fmt.Sprintf("%s %q %v", time.Now().Format("15:04:05.000"), firstBytes(b), err))
+					rfMu.Unlock()
+				}
+			}
+		}()
+	}
+
+	step := loadFor / 8
+	faults := []struct {
+		what string
+		do   func()
+	}{
+		{"kill -9 nats node n3", func() { nodes[2].kill() }},
+		{"restart n3", func() { nodes[2].start(t) }},
+		{"kill -9 persistence-a, properties-a, vmlifecycle-a", func() { persistence[0].kill(); properties[0].kill(); lifecycle[0].kill() }},
+		{"restart persistence-a, properties-a, vmlifecycle-a", func() {
+			persistence[0].start(t)
+			properties[0].start(t)
+			lifecycle[0].start(t)
+		}},
+		{"kill -9 nats node n1", func() { nodes[0].kill() }},
+		{"restart n1", func() { nodes[0].start(t) }},
+	}
+	for _, f := range faults {
+		time.Sleep(step)
+		t.Logf("%s: %s", time.Now().Format("15:04:05.000"), f.what)
+		f.do()
+	}
+	time.Sleep(loadFor - step*time.Duration(len(faults)))
+	close(stop)
+	wg.Wait()
+
+	// Every acknowledged write is stored and was seen, in order, by every subscriber.
+	lost, unseen := 0, 0
+	for w := 0; w < writers; w++ {
+		if len(acked[w]) == 0 {
+			continue
+		}
+		last := acked[w][len(acked[w])-1]
+		b, err := call(socket, fmt.Sprintf("admin.vm.feature.Get+load.w%d dom0 name work\x00", w), 30*time.Second)
+		got, _ := strconv.Atoi(strings.TrimPrefix(string(b), "0\x00"))
+		// A later write may have been applied although its reply was lost.
+		if err != nil || got < last || got > attempted[w] {
+			lost++
+			t.Errorf("writer %d: stored %q, last acknowledged %d", w, b, last)
+		}
+	}
+	time.Sleep(2 * time.Second) // let the last events reach the subscribers
+	for i, s := range subs {
+		s.mu.Lock()
+		for w := 0; w < writers; w++ {
+			have := map[string]bool{}
+			for _, v := range s.vals[fmt.Sprintf("load.w%d", w)] {
+				have[v] = true
+			}
+			for _, v := range acked[w] {
+				if !have[strconv.Itoa(v)] {
+					unseen++
+					if unseen < 5 {
+						t.Errorf("subscriber %d never saw load.w%d=%d", i, w, v)
+					}
+				}
+			}
+		}
+		s.mu.Unlock()
+	}
+	t.Logf("reads %d (failed %d), writes %d (acknowledged %d, failed %d), acknowledged writes lost %d, events missed %d",
+		cnt.reads.Load(), cnt.readFails.Load(), cnt.writes.Load(), cnt.writeAcked.Load(), cnt.writeFails.Load(), lost, unseen)
+	if n := cnt.readFails.Load(); n > 0 {
+		for _, f := range readFailures[:min(len(readFailures), 10)] {
+			t.Log("read failure:", f)
+		}
+		t.Errorf("%d reads failed beyond the retry window", n)
+	}
+	if t.Failed() {
+		dump()
+	}
+}
+
+// readEvents parses event frames: subject, event, then key/value pairs.
+func readEvents(r io.Reader, ready chan<- struct{}, f func(subject, event string, kv []string)) {
+	buf := make([]byte, 0, 1<<16)
+	tmp := make([]byte, 1<<15)
+	first := true
+	for {
+		n, err := r.Read(tmp)
+		buf = append(buf, tmp[:n]...)
+		for {
+			fields, used := parseFrame(buf)
+			if used == 0 {
+				break
+			}
+			buf = buf[used:]
+			if first {
+				first = false
+				close(ready)
+				continue
+			}
+			f(fields[0], fields[1], fields[2:])
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// parseFrame returns a whole frame's fields and its length, or 0 if incomplete.
+func parseFrame(b []byte) ([]string, int) {
+	if len(b) < 2 || b[0] != '1' || b[1] != 0 {
+		return nil, 0
+	}
+	i := 2
+	var fields []string
+	for {
+		j := bytes.IndexByte(b[i:], 0)
+		if j < 0 {
+			return nil, 0
+		}
+		s := string(b[i : i+j])
+		i += j + 1
+		if len(fields) >= 2 && len(fields)%2 == 0 && s == "" {
+			return fields, i
+		}
+		fields = append(fields, s)
+	}
+}
+
+func firstBytes(b []byte) []byte { return b[:min(len(b), 80)] }
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}

@@ -1,0 +1,133 @@
+package clustertest
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// proc is a child process that can be killed with SIGKILL and started again.
+type proc struct {
+	name string
+	args []string
+	env  []string
+	log  *bytes.Buffer
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+}
+
+func (p *proc) start(t *testing.T) {
+	t.Helper()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	cmd := exec.Command(p.args[0], p.args[1:]...)
+	cmd.Env = append(os.Environ(), p.env...)
+	if p.log == nil {
+		p.log = &bytes.Buffer{}
+	}
+	cmd.Stdout, cmd.Stderr = &syncWriter{w: p.log}, &syncWriter{w: p.log}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", p.name, err)
+	}
+	p.cmd = cmd
+	go cmd.Wait()
+}
+
+func (p *proc) kill() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd != nil && p.cmd.Process != nil {
+		_ = p.cmd.Process.Signal(syscall.SIGKILL)
+		for p.cmd.ProcessState == nil {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+func (p *proc) stop() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd != nil && p.cmd.Process != nil && p.cmd.ProcessState == nil {
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
+		deadline := time.Now().Add(10 * time.Second)
+		for p.cmd.ProcessState == nil && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if p.cmd.ProcessState == nil {
+			_ = p.cmd.Process.Kill()
+		}
+	}
+}
+
+type syncWriter struct {
+	mu sync.Mutex
+	w  *bytes.Buffer
+}
+
+func (s *syncWriter) Write(b []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(b)
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// build compiles the nats-server (from the module this repository pins) and qubesbus.
+func build(t *testing.T, dir string) (natsBin, qubesbusBin string) {
+	t.Helper()
+	natsBin, qubesbusBin = filepath.Join(dir, "nats-server"), filepath.Join(dir, "qubesbus")
+	for _, b := range []struct{ dir, out, pkg string }{
+		{"../../../../bus", natsBin, "github.com/nats-io/nats-server/v2"},
+		{"../..", qubesbusBin, "."},
+	} {
+		cmd := exec.Command("go", "build", "-o", b.out, b.pkg)
+		cmd.Dir = b.dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("build %s: %v\n%s", b.pkg, err, out)
+		}
+	}
+	return natsBin, qubesbusBin
+}
+
+// natsNodes writes the configs of a 3-node JetStream cluster on loopback and returns
+// its processes and client URLs.
+func natsNodes(t *testing.T, dir, bin string) ([]*proc, []string) {
+	t.Helper()
+	client := []int{freePort(t), freePort(t), freePort(t)}
+	route := []int{freePort(t), freePort(t), freePort(t)}
+	var nodes []*proc
+	var urls []string
+	for i := range client {
+		conf := filepath.Join(dir, fmt.Sprintf("n%d.conf", i+1))
+		body := fmt.Sprintf(`server_name: n%d
+listen: 127.0.0.1:%d
+jetstream { store_dir: %q }
+cluster {
+  name: qubesbus-test
+  listen: 127.0.0.1:%d
+  routes: [nats-route://127.0.0.1:%d, nats-route://127.0.0.1:%d, nats-route://127.0.0.1:%d]
+}
+`, i+1, client[i], filepath.Join(dir, fmt.Sprintf("js%d", i+1)), route[i], route[0], route[1], route[2])
+		if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, &proc{name: fmt.Sprintf("n%d", i+1), args: []string{bin, "-c", conf}})
+		urls = append(urls, fmt.Sprintf("nats://127.0.0.1:%d", client[i]))
+	}
+	return nodes, urls
+}
