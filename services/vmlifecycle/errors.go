@@ -8,30 +8,31 @@ import (
 )
 
 // qubesd's exceptions of the power operations, with its texts (events.md §5.2,
-// methods.md §1.4). Default texts embed the qube name with Python repr.
+// methods.md §1.4).
 
-func errNotStarted(vm string) *qerr.Error {
-	return qerr.New("QubesVMNotStartedError", "Domain is powered off: "+qerr.Repr(vm))
+// Default texts that end with the qube's name in Python repr.
+var (
+	errNotStarted      = withVM("QubesVMNotStartedError", "Domain is powered off: ")
+	errNotRunning      = withVM("QubesVMNotRunningError", "Domain not running (either powered off or paused): ")
+	errNotPaused       = withVM("QubesVMNotPausedError", "Domain is not paused: ")
+	errShutdownTimeout = withVM("QubesVMShutdownTimeoutError", "Domain shutdown timed out: ")
+	errMemory          = withVM("QubesMemoryError", "Not enough memory to start domain ")
+	errNotFound        = withVM("QubesVMNotFoundError", "No such domain: ")
+)
+
+// The shutdown vetoes, which end with the qubes in the way.
+var (
+	errConnectedVMs = withVMs("QubesVMInUseError", "There are other VMs connected to this VM: ")
+	errGuiVMInUse   = withVMs("QubesVMError", "There are running VMs using this VM as GuiVM: ")
+	errAudioVMInUse = withVMs("QubesVMInUseError", "There are running VMs using this VM as AudioVM: ")
+)
+
+func withVM(class, text string) func(vm string) *qerr.Error {
+	return func(vm string) *qerr.Error { return qerr.New(class, text+qerr.Repr(vm)) }
 }
 
-func errNotRunning(vm string) *qerr.Error {
-	return qerr.New("QubesVMNotRunningError", "Domain not running (either powered off or paused): "+qerr.Repr(vm))
-}
-
-func errNotPaused(vm string) *qerr.Error {
-	return qerr.New("QubesVMNotPausedError", "Domain is not paused: "+qerr.Repr(vm))
-}
-
-func errShutdownTimeout(vm string) *qerr.Error {
-	return qerr.New("QubesVMShutdownTimeoutError", "Domain shutdown timed out: "+qerr.Repr(vm))
-}
-
-func errMemory(vm string) *qerr.Error {
-	return qerr.New("QubesMemoryError", "Not enough memory to start domain "+qerr.Repr(vm))
-}
-
-func errNotFound(vm string) *qerr.Error {
-	return qerr.New("QubesVMNotFoundError", "No such domain: "+qerr.Repr(vm))
+func withVMs(class, text string) func(names []string) *qerr.Error {
+	return func(names []string) *qerr.Error { return qerr.New(class, text+strings.Join(names, ", ")) }
 }
 
 func errStartFailed(cause string) *qerr.Error {
@@ -45,18 +46,6 @@ func errStartProhibited(rationale string) *qerr.Error {
 func errQrexec(vm string, timeout int) *qerr.Error {
 	return qerr.New("QubesVMError", "Cannot connect to qrexec agent for "+strconv.Itoa(timeout)+
 		" seconds, see /var/log/xen/console/guest-"+vm+".log for details")
-}
-
-func errConnectedVMs(names []string) *qerr.Error {
-	return qerr.New("QubesVMInUseError", "There are other VMs connected to this VM: "+strings.Join(names, ", "))
-}
-
-func errGuiVMInUse(names []string) *qerr.Error {
-	return qerr.New("QubesVMError", "There are running VMs using this VM as GuiVM: "+strings.Join(names, ", "))
-}
-
-func errAudioVMInUse(names []string) *qerr.Error {
-	return qerr.New("QubesVMInUseError", "There are running VMs using this VM as AudioVM: "+strings.Join(names, ", "))
 }
 
 var (

@@ -15,13 +15,9 @@ import (
 
 func TestStartBringsUpNetVMChain(t *testing.T) {
 	x := newHost(t, simdriver.Config{})
-	mark := x.events.mark()
-	if r := x.call("admin.vm.Start", "work", ""); r != ok("") {
-		t.Fatal(r)
-	}
 	// Transcript 30: the qube's pre-start first, then its netvm's whole start, then
 	// its netvm's netvm's, innermost first.
-	x.events.expect(t, mark, seq(
+	x.callEvents("admin.vm.Start", "work", "", ok(""), seq(
 		"work domain-pre-start start_guid=True mem_required=None", "work domain-verify-files",
 		"sys-firewall domain-pre-start start_guid=True mem_required=None", "sys-firewall domain-verify-files",
 		startSeq("sys-net"),
@@ -77,12 +73,8 @@ func TestStartFailsAndRollsBack(t *testing.T) {
 	if err := x.lab.SetFaults(ctx, "sys-net", simdriver.LabFaultSpec{StartFails: "libxl: cannot create domain"}); err != nil {
 		t.Fatal(err)
 	}
-	mark := x.events.mark()
 	msg := "Start failed: libxl: cannot create domain, see /var/log/libvirt/libxl/libxl-driver.log for details"
-	if r := x.call("admin.vm.Start", "work", ""); r != exc("QubesException", msg) {
-		t.Fatal(r)
-	}
-	x.events.expect(t, mark, seq(
+	x.callEvents("admin.vm.Start", "work", "", exc("QubesException", msg), seq(
 		"work domain-pre-start start_guid=True mem_required=None", "work domain-verify-files",
 		"sys-firewall domain-pre-start start_guid=True mem_required=None", "sys-firewall domain-verify-files",
 		"sys-net domain-pre-start start_guid=True mem_required=None", "sys-net domain-verify-files",
@@ -110,13 +102,9 @@ func TestStartFailsAndRollsBack(t *testing.T) {
 
 func TestNotEnoughMemory(t *testing.T) {
 	x := newHost(t, simdriver.Config{MemoryMiB: 1000})
-	mark := x.events.mark()
-	if r := x.call("admin.vm.Start", "work", ""); r != exc("QubesMemoryError", "Not enough memory to start domain 'work'") {
-		t.Fatal(r)
-	}
 	// The netvms started (400 MiB each) stay up, as in qubesd; the qube itself never
 	// reached pre-spawn.
-	x.events.expect(t, mark, seq(
+	x.callEvents("admin.vm.Start", "work", "", exc("QubesMemoryError", "Not enough memory to start domain 'work'"), seq(
 		"work domain-pre-start start_guid=True mem_required=None", "work domain-verify-files",
 		"sys-firewall domain-pre-start start_guid=True mem_required=None", "sys-firewall domain-verify-files",
 		startSeq("sys-net"), startSeq("sys-firewall")[2:],
@@ -133,12 +121,8 @@ func TestNotEnoughMemory(t *testing.T) {
 func TestStartProhibited(t *testing.T) {
 	x := newHost(t, simdriver.Config{})
 	x.apply(config.Op{Kind: config.OpSetFeature, Domain: "domain-6", Name: "prohibit-start", Value: "under repair"})
-	mark := x.events.mark()
 	msg := "Qube start is prohibited. Rationale: under repair"
-	if r := x.call("admin.vm.Start", "personal", ""); r != exc("QubesException", msg) {
-		t.Fatal(r)
-	}
-	x.events.expect(t, mark, []string{"personal domain-start-failed reason=" + msg})
+	x.callEvents("admin.vm.Start", "personal", "", exc("QubesException", msg), []string{"personal domain-start-failed reason=" + msg})
 }
 
 func TestShutdownWaitTimesOutWhenGuestHangs(t *testing.T) {
@@ -162,11 +146,7 @@ func TestShutdownWaitTimesOutWhenGuestHangs(t *testing.T) {
 		t.Errorf("sys-net is %s", st)
 	}
 	// Kill still works.
-	mark = x.events.mark()
-	if r := x.call("admin.vm.Kill", "sys-net", ""); r != ok("") {
-		t.Fatal(r)
-	}
-	x.events.expect(t, mark, stopSeq("sys-net"))
+	x.callEvents("admin.vm.Kill", "sys-net", "", ok(""), stopSeq("sys-net"))
 }
 
 func TestKillDuringShutdownWait(t *testing.T) {
@@ -210,11 +190,7 @@ func TestCrashAtAGivenTime(t *testing.T) {
 	if err := x.lab.SetFaults(context.Background(), "sys-net", simdriver.LabFaultSpec{CrashAfterMS: 150}); err != nil {
 		t.Fatal(err)
 	}
-	mark := x.events.mark()
-	if r := x.call("admin.vm.Start", "sys-net", ""); r != ok("") {
-		t.Fatal(r)
-	}
-	x.events.expect(t, mark, seq(startSeq("sys-net"), stopSeq("sys-net")))
+	x.callEvents("admin.vm.Start", "sys-net", "", ok(""), seq(startSeq("sys-net"), stopSeq("sys-net")))
 }
 
 func TestCrashDuringStart(t *testing.T) {
@@ -224,12 +200,9 @@ func TestCrashDuringStart(t *testing.T) {
 	if err := x.lab.SetFaults(context.Background(), "sys-net", simdriver.LabFaultSpec{CrashAfterMS: 100}); err != nil {
 		t.Fatal(err)
 	}
-	mark := x.events.mark()
 	msg := "Cannot connect to qrexec agent for 60 seconds, see /var/log/xen/console/guest-sys-net.log for details"
-	if r := x.call("admin.vm.Start", "sys-net", ""); r != exc("QubesVMError", msg) {
-		t.Fatal(r)
-	}
-	x.events.expect(t, mark, seq(startSeq("sys-net")[:10], "sys-net domain-start-failed reason="+msg, stopSeq("sys-net")))
+	x.callEvents("admin.vm.Start", "sys-net", "", exc("QubesVMError", msg),
+		seq(startSeq("sys-net")[:10], "sys-net domain-start-failed reason="+msg, stopSeq("sys-net")))
 	x.waitState("sys-net", "Halted")
 }
 
@@ -239,12 +212,9 @@ func TestQrexecAgentTimeout(t *testing.T) {
 	if err := x.lab.SetFaults(context.Background(), "sys-net", simdriver.LabFaultSpec{AgentNeverConnects: true}); err != nil {
 		t.Fatal(err)
 	}
-	mark := x.events.mark()
 	msg := "Cannot connect to qrexec agent for 1 seconds, see /var/log/xen/console/guest-sys-net.log for details"
-	if r := x.call("admin.vm.Start", "sys-net", ""); r != exc("QubesVMError", msg) {
-		t.Fatal(r)
-	}
-	x.events.expect(t, mark, seq(startSeq("sys-net")[:10], "sys-net domain-start-failed reason="+msg, stopSeq("sys-net")))
+	x.callEvents("admin.vm.Start", "sys-net", "", exc("QubesVMError", msg),
+		seq(startSeq("sys-net")[:10], "sys-net domain-start-failed reason="+msg, stopSeq("sys-net")))
 }
 
 func TestTransientWhileBooting(t *testing.T) {
@@ -293,15 +263,11 @@ func TestDisposableRemovedAfterShutdown(t *testing.T) {
 		if r := x.call("admin.vm.Start", c.vm, ""); r != ok("") {
 			t.Fatal(r)
 		}
-		mark := x.events.mark()
-		if r := x.call(c.method, c.vm, c.arg); r != ok("") {
-			t.Fatal(r)
-		}
 		want := seq(stopSeq(c.vm), " domain-pre-delete vm="+c.vm, " domain-delete vm="+c.vm)
 		if c.method == "admin.vm.Shutdown" {
 			want = seq(c.vm+" domain-pre-shutdown force=False", want)
 		}
-		x.events.expect(t, mark, want)
+		x.callEvents(c.method, c.vm, c.arg, ok(""), want)
 		if _, err := x.rep.ResolveName(context.Background(), c.vm); err == nil {
 			t.Errorf("%s is still configured", c.vm)
 		}

@@ -281,6 +281,17 @@ func (l *eventLog) since(mark uint64) []string {
 	return out
 }
 
+// callEvents makes a call that must reply want, then checks that the events after it
+// are exactly events (as eventLog.expect).
+func (x *host) callEvents(method, dest, arg string, want reply, events []string) {
+	x.t.Helper()
+	mark := x.events.mark()
+	if r := x.call(method, dest, arg); r != want {
+		x.t.Fatalf("%s %s+%s: %v, want %v", method, dest, arg, r, want)
+	}
+	x.events.expect(x.t, mark, events)
+}
+
 // expect polls until the events after mark are exactly want.
 func (l *eventLog) expect(t testing.TB, mark uint64, want []string) {
 	t.Helper()

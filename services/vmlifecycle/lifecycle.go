@@ -33,6 +33,65 @@ func (s *Service) qube(name string) (Qube, error) {
 	return q, nil
 }
 
+// domainOp is a power operation on qube q, run under the qube's lock with its domain
+// reconciled: d is the active domain, nil if there is none.
+type domainOp func(ctx context.Context, q Qube, d *Domain) error
+
+// locked is the prologue of the power operations: it looks the qube up, refuses dom0
+// and RemoteVMs with the operation's error, takes the qube's lock, reconciles its
+// domain with the driver and runs op.
+func (s *Service) locked(ctx context.Context, name string, refuse func(Qube) error, op domainOp) error {
+	q, err := s.qube(name)
+	if err != nil {
+		return err
+	}
+	if q.IsAdminVM() || q.IsRemote() {
+		return refuse(q)
+	}
+	unlock, err := s.lock(ctx, name)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return s.reconciled(ctx, q, op)
+}
+
+// reconciled reconciles q's domain and runs op on it. The caller holds q's lock.
+func (s *Service) reconciled(ctx context.Context, q Qube, op domainOp) error {
+	d, err := s.reconcile(ctx, q)
+	if err != nil {
+		return err
+	}
+	return op(ctx, q, d)
+}
+
+// refuseAbort refuses dom0 and RemoteVMs by aborting the call, naming the operation
+// and the qube's class.
+func refuseAbort(op string) func(Qube) error {
+	return func(q Qube) error { return qerr.Abort(op + " of a " + q.Class) }
+}
+
+// refuseWith refuses dom0 and RemoteVMs with qubesd's exception for each.
+func refuseWith(dom0, remote error) func(Qube) error {
+	return func(q Qube) error {
+		if q.IsAdminVM() {
+			return dom0
+		}
+		return remote
+	}
+}
+
+// driverFailed is the error of an operation whose driver call (verb) on q's domain
+// failed: if the domain is gone, stopped since it was reconciled, its stop is
+// announced and the operation fails with gone; any other failure aborts the call.
+func (s *Service) driverFailed(ctx context.Context, q Qube, verb string, err error, gone *qerr.Error) error {
+	if errors.Is(err, ErrNoDomain) {
+		_, _ = s.reconcile(ctx, q)
+		return gone
+	}
+	return fmt.Errorf("%w: %s %s: %w", qerr.ErrAbort, verb, q.Name, err)
+}
+
 // reconcile reads a qube's domain from the driver and, if the instance the service
 // knew of is gone without its stop announced yet, announces it now, so that what a
 // locked operation sees and what subscribers were told agree. The caller holds the
@@ -265,94 +324,101 @@ func (s *Service) vmShutdown(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	return nil, s.Shutdown(ctx, c.Dest.Name, o)
 }
 
-// Shutdown asks a qube to power off (events.md §3, methods.md §1.4).
+// Shutdown asks a qube to power off (events.md §3, methods.md §1.4). With Wait, it
+// waits for the stop without the qube's lock.
 func (s *Service) Shutdown(ctx context.Context, name string, o ShutdownOptions) error {
-	q, err := s.qube(name)
-	if err != nil {
+	var w *stopWait
+	err := s.locked(ctx, name, refuseAbort("shutdown"), func(ctx context.Context, q Qube, d *Domain) (err error) {
+		w, err = s.shutdown(ctx, q, d, o)
+		return err
+	})
+	if err != nil || w == nil {
 		return err
 	}
-	if q.IsAdminVM() || q.IsRemote() {
-		return qerr.Abort("shutdown of a " + q.Class)
-	}
-	unlock, err := s.lock(ctx, name)
-	if err != nil {
-		return err
-	}
-	locked := true
-	defer func() {
-		if locked {
-			unlock()
-		}
-	}()
-	d, err := s.reconcile(ctx, q)
-	if err != nil {
-		return err
-	}
+	return s.waitStop(ctx, w)
+}
+
+// stopWait is what a Shutdown with Wait waits for once the guest was asked to power
+// off: the stop of domain instance xid of q, announced when stopped is closed.
+type stopWait struct {
+	q       Qube
+	xid     int
+	stopped <-chan struct{}
+}
+
+// shutdown is the locked part of Shutdown. It returns what to wait for if o.Wait and
+// the guest was asked to power off, nil otherwise.
+func (s *Service) shutdown(ctx context.Context, q Qube, d *Domain, o ShutdownOptions) (*stopWait, error) {
 	if d == nil {
-		return errNotStarted(name)
+		return nil, errNotStarted(q.Name)
 	}
-	if err := s.emit(ctx, evPreShutdown(name, o.Force)); err != nil {
-		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
-	}
-	fail := func(err *qerr.Error) error {
-		_ = s.emit(ctx, evShutdownFailed(name, err.Message))
-		return err
+	if err := s.emit(ctx, evPreShutdown(q.Name, o.Force)); err != nil {
+		return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 	}
 	if !o.Force {
 		if err := s.shutdownVeto(ctx, q); err != nil {
-			return fail(err)
+			return nil, s.shutdownFailed(ctx, q, err)
 		}
 	}
 	if d.State == HVPaused {
 		if !o.Force {
-			return fail(errNotRunning(name))
+			return nil, s.shutdownFailed(ctx, q, errNotRunning(q.Name))
 		}
-		if err := s.drv.Destroy(ctx, name); err != nil && !errors.Is(err, ErrNoDomain) {
-			return fail(errShutdownTimeout(name))
+		if err := s.drv.Destroy(ctx, q.Name); err != nil && !errors.Is(err, ErrNoDomain) {
+			return nil, s.shutdownFailed(ctx, q, errShutdownTimeout(q.Name))
 		}
 		s.announceStop(ctx, q, d.XID)
-		return nil
+		return nil, nil
 	}
-	if err := s.drv.Shutdown(ctx, name); err != nil {
+	if err := s.drv.Shutdown(ctx, q.Name); err != nil {
 		if errors.Is(err, ErrNoDomain) {
 			// It stopped on its own since reconcile: announce it, done.
 			_, err := s.reconcile(ctx, q)
-			return err
+			return nil, err
 		}
-		return fail(errShutdownTimeout(name))
+		return nil, s.shutdownFailed(ctx, q, errShutdownTimeout(q.Name))
 	}
 	if !o.Wait {
-		return nil
+		return nil, nil
 	}
-	r := s.run(name)
+	r := s.run(q.Name)
 	s.mu.Lock()
-	stopped, xid := r.stopped, r.xid
-	s.mu.Unlock()
-	unlock()
-	locked = false
+	defer s.mu.Unlock()
+	return &stopWait{q: q, xid: r.xid, stopped: r.stopped}, nil
+}
 
-	timer := time.NewTimer(time.Duration(q.ShutdownTimeout) * time.Second)
+// waitStop waits up to shutdown_timeout for the stop; the caller does not hold the
+// qube's lock.
+func (s *Service) waitStop(ctx context.Context, w *stopWait) error {
+	timer := time.NewTimer(time.Duration(w.q.ShutdownTimeout) * time.Second)
 	defer timer.Stop()
 	select {
-	case <-stopped:
+	case <-w.stopped:
 		return nil
 	case <-timer.C:
 	case <-ctx.Done():
 		return fmt.Errorf("%w: %w", qerr.ErrAbort, ctx.Err())
 	}
 	// As qubesd, decide under the lock: the stop may have just happened.
-	if unlock, err = s.lock(ctx, name); err != nil {
-		return err
-	}
-	defer unlock()
-	d, err = s.reconcile(ctx, q)
+	unlock, err := s.lock(ctx, w.q.Name)
 	if err != nil {
 		return err
 	}
-	if d != nil && d.XID == xid {
-		return fail(errShutdownTimeout(name))
+	defer unlock()
+	d, err := s.reconcile(ctx, w.q)
+	if err != nil {
+		return err
+	}
+	if d != nil && d.XID == w.xid {
+		return s.shutdownFailed(ctx, w.q, errShutdownTimeout(w.q.Name))
 	}
 	return nil
+}
+
+// shutdownFailed announces domain-shutdown-failed and returns err.
+func (s *Service) shutdownFailed(ctx context.Context, q Qube, err *qerr.Error) error {
+	_ = s.emit(ctx, evShutdownFailed(q.Name, err.Message))
+	return err
 }
 
 // shutdownVeto is what qubesd's domain-pre-shutdown handlers refuse without force:
@@ -400,34 +466,15 @@ func (s *Service) vmKill(ctx context.Context, c *rpc.Call) ([]byte, error) {
 
 // Kill destroys a qube's domain at once; it returns after the stop was announced.
 func (s *Service) Kill(ctx context.Context, name string) error {
-	q, err := s.qube(name)
-	if err != nil {
-		return err
-	}
-	switch {
-	case q.IsAdminVM():
-		return errKillDom0
-	case q.IsRemote():
-		return errKillRemote
-	}
-	unlock, err := s.lock(ctx, name)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	d, err := s.reconcile(ctx, q)
-	if err != nil {
-		return err
-	}
+	return s.locked(ctx, name, refuseWith(errKillDom0, errKillRemote), s.kill)
+}
+
+func (s *Service) kill(ctx context.Context, q Qube, d *Domain) error {
 	if d == nil {
-		return errNotStarted(name)
+		return errNotStarted(q.Name)
 	}
-	if err := s.drv.Destroy(ctx, name); err != nil {
-		if errors.Is(err, ErrNoDomain) {
-			_, _ = s.reconcile(ctx, q)
-			return errNotStarted(name)
-		}
-		return fmt.Errorf("%w: destroy %s: %w", qerr.ErrAbort, name, err)
+	if err := s.drv.Destroy(ctx, q.Name); err != nil {
+		return s.driverFailed(ctx, q, "destroy", err, errNotStarted(q.Name))
 	}
 	s.announceStop(ctx, q, d.XID)
 	return nil
@@ -442,26 +489,10 @@ func (s *Service) vmPause(ctx context.Context, c *rpc.Call) ([]byte, error) {
 // Pause freezes a qube: domain-pre-paused, then domain-paused once the hypervisor
 // paused it.
 func (s *Service) Pause(ctx context.Context, name string) error {
-	q, err := s.qube(name)
-	if err != nil {
-		return err
-	}
-	if q.IsAdminVM() || q.IsRemote() {
-		return qerr.Abort("pause of a " + q.Class)
-	}
-	unlock, err := s.lock(ctx, name)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	return s.pauseLocked(ctx, q)
+	return s.locked(ctx, name, refuseAbort("pause"), s.pause)
 }
 
-func (s *Service) pauseLocked(ctx context.Context, q Qube) error {
-	d, err := s.reconcile(ctx, q)
-	if err != nil {
-		return err
-	}
+func (s *Service) pause(ctx context.Context, q Qube, d *Domain) error {
 	if d == nil {
 		return errNotRunning(q.Name)
 	}
@@ -469,11 +500,7 @@ func (s *Service) pauseLocked(ctx context.Context, q Qube) error {
 		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 	}
 	if err := s.drv.Pause(ctx, q.Name); err != nil {
-		if errors.Is(err, ErrNoDomain) {
-			_, _ = s.reconcile(ctx, q)
-			return errNotRunning(q.Name)
-		}
-		return fmt.Errorf("%w: pause %s: %w", qerr.ErrAbort, q.Name, err)
+		return s.driverFailed(ctx, q, "pause", err, errNotRunning(q.Name))
 	}
 	if d.State != HVPaused {
 		_ = s.emit(ctx, evPaused(q.Name))
@@ -487,26 +514,10 @@ func (s *Service) vmUnpause(ctx context.Context, c *rpc.Call) ([]byte, error) {
 
 // Unpause resumes a paused qube.
 func (s *Service) Unpause(ctx context.Context, name string) error {
-	q, err := s.qube(name)
-	if err != nil {
-		return err
-	}
-	if q.IsAdminVM() || q.IsRemote() {
-		return qerr.Abort("unpause of a " + q.Class)
-	}
-	unlock, err := s.lock(ctx, name)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	return s.unpauseLocked(ctx, q)
+	return s.locked(ctx, name, refuseAbort("unpause"), s.unpause)
 }
 
-func (s *Service) unpauseLocked(ctx context.Context, q Qube) error {
-	d, err := s.reconcile(ctx, q)
-	if err != nil {
-		return err
-	}
+func (s *Service) unpause(ctx context.Context, q Qube, d *Domain) error {
 	if d == nil || d.State != HVPaused {
 		return errNotPaused(q.Name)
 	}
@@ -514,11 +525,7 @@ func (s *Service) unpauseLocked(ctx context.Context, q Qube) error {
 		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 	}
 	if err := s.drv.Unpause(ctx, q.Name); err != nil {
-		if errors.Is(err, ErrNoDomain) {
-			_, _ = s.reconcile(ctx, q)
-			return errNotPaused(q.Name)
-		}
-		return fmt.Errorf("%w: unpause %s: %w", qerr.ErrAbort, q.Name, err)
+		return s.driverFailed(ctx, q, "unpause", err, errNotPaused(q.Name))
 	}
 	_ = s.emit(ctx, evUnpaused(q.Name))
 	return nil
@@ -530,39 +537,21 @@ func (s *Service) vmSuspend(ctx context.Context, c *rpc.Call) ([]byte, error) {
 
 // Suspend puts a qube into ACPI S3; a guest that cannot suspend is paused instead.
 func (s *Service) Suspend(ctx context.Context, name string) error {
-	q, err := s.qube(name)
-	if err != nil {
-		return err
-	}
-	switch {
-	case q.IsAdminVM():
-		return errSuspendDom0
-	case q.IsRemote():
-		return errSuspendRem
-	}
-	unlock, err := s.lock(ctx, name)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	d, err := s.reconcile(ctx, q)
-	if err != nil {
-		return err
-	}
+	return s.locked(ctx, name, refuseWith(errSuspendDom0, errSuspendRem), s.suspend)
+}
+
+func (s *Service) suspend(ctx context.Context, q Qube, d *Domain) error {
 	if d == nil {
-		return errNotRunning(name)
+		return errNotRunning(q.Name)
 	}
-	err = s.drv.Suspend(ctx, name)
+	err := s.drv.Suspend(ctx, q.Name)
 	switch {
 	case err == nil:
 		return nil
 	case errors.Is(err, ErrUnsupported):
-		return s.pauseLocked(ctx, q)
-	case errors.Is(err, ErrNoDomain):
-		_, _ = s.reconcile(ctx, q)
-		return errNotRunning(name)
+		return s.reconciled(ctx, q, s.pause) // Pause, reading the domain again
 	}
-	return fmt.Errorf("%w: suspend %s: %w", qerr.ErrAbort, name, err)
+	return s.driverFailed(ctx, q, "suspend", err, errNotRunning(q.Name))
 }
 
 func (s *Service) vmResume(ctx context.Context, c *rpc.Call) ([]byte, error) {
@@ -571,33 +560,17 @@ func (s *Service) vmResume(ctx context.Context, c *rpc.Call) ([]byte, error) {
 
 // Resume wakes a suspended qube (domain-resumed); otherwise it is Unpause.
 func (s *Service) Resume(ctx context.Context, name string) error {
-	q, err := s.qube(name)
-	if err != nil {
-		return err
-	}
-	if q.IsAdminVM() || q.IsRemote() {
-		return qerr.Abort("resume of a " + q.Class)
-	}
-	unlock, err := s.lock(ctx, name)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	d, err := s.reconcile(ctx, q)
-	if err != nil {
-		return err
-	}
+	return s.locked(ctx, name, refuseAbort("resume"), s.resume)
+}
+
+func (s *Service) resume(ctx context.Context, q Qube, d *Domain) error {
 	if d == nil || d.State != HVPMSuspended {
-		return s.unpauseLocked(ctx, q)
+		return s.reconciled(ctx, q, s.unpause) // Unpause, reading the domain again
 	}
-	if err := s.drv.Wakeup(ctx, name); err != nil {
-		if errors.Is(err, ErrNoDomain) {
-			_, _ = s.reconcile(ctx, q)
-			return errNotPaused(name)
-		}
-		return fmt.Errorf("%w: wake %s: %w", qerr.ErrAbort, name, err)
+	if err := s.drv.Wakeup(ctx, q.Name); err != nil {
+		return s.driverFailed(ctx, q, "wake", err, errNotPaused(q.Name))
 	}
-	_ = s.emit(ctx, evResumed(name))
+	_ = s.emit(ctx, evResumed(q.Name))
 	return nil
 }
 

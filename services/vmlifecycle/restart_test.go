@@ -53,11 +53,7 @@ func TestPowerStateSurvivesRestart(t *testing.T) {
 	if r := x.call("admin.vm.Shutdown", "sys-firewall", ""); r != exc("QubesVMInUseError", "There are other VMs connected to this VM: work") {
 		t.Errorf("veto after restart: %v", r)
 	}
-	mark = x.events.mark()
-	if r := x.call("admin.vm.Kill", "work", ""); r != ok("") {
-		t.Fatal(r)
-	}
-	x.events.expect(t, mark, stopSeq("work"))
+	x.callEvents("admin.vm.Kill", "work", "", ok(""), stopSeq("work"))
 }
 
 func TestRuntimeValues(t *testing.T) {
