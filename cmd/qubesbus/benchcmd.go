@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -39,6 +40,8 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.StringVar(&scales, "qubes", "0,1000", "extra qubes per run (the seed has 9)")
 	fs.StringVar(&subs, "subscribers", "1,10,100", "admin.Events fan-out")
 	fs.StringVar(&classes, "classes", "", "comma-separated call classes (default all)")
+	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the whole run (services included: they run in this process)")
+	fs.BoolVar(&cfg.SkipQvmLs, "skip-qvm-ls", false, "do not run the qvm-ls-shaped workload")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -62,6 +65,19 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	}
 	defer os.RemoveAll(dir)
 	cfg.Dir = dir
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		defer pprof.StopCPUProfile()
+	}
 	rep, err := bench.Suite(ctx, cfg, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if err != nil {
 		fmt.Fprintln(stderr, "qubesbus bench:", err)

@@ -203,8 +203,8 @@ func (s *Service) runtime(ctx context.Context) (func(string) model.Runtime, erro
 func (s *Service) view(rt func(string) model.Runtime, f func(m *model.Model) ([]byte, error)) ([]byte, error) {
 	var out []byte
 	var err error
-	s.rep.View(func(c *config.Config) {
-		out, err = f(model.New(c, s.cfg.Machine, rt))
+	s.rep.ViewIndexed(func(c *config.Config, byName func(string) *config.Domain) {
+		out, err = f(model.NewIndexed(c, s.cfg.Machine, rt, byName))
 	})
 	return out, err
 }

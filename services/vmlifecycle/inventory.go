@@ -43,6 +43,8 @@ type Inventory interface {
 	Qube(name string) (Qube, bool)
 	// Qubes returns every qube in configuration order (qubesd's iteration order).
 	Qubes() []Qube
+	// Remotes names the RemoteVMs (always Running).
+	Remotes() []string
 	// StatsInterval is the global stats_interval.
 	StatsInterval() time.Duration
 }
@@ -61,7 +63,10 @@ func (ri ReplicaInventory) view(f func(m *model.Model)) {
 	if host.MemoryMiB == 0 {
 		host = model.DefaultHost
 	}
-	ri.R.View(func(c *config.Config) { f(model.New(c, host, nil)) })
+	// The replica's name index keeps a lookup of one qube constant-time.
+	ri.R.ViewIndexed(func(c *config.Config, byName func(string) *config.Domain) {
+		f(model.NewIndexed(c, host, nil, byName))
+	})
 }
 
 // Qube implements Inventory.
@@ -83,6 +88,19 @@ func (ri ReplicaInventory) Qubes() []Qube {
 		out = make([]Qube, 0, len(m.C.Domains))
 		for i := range m.C.Domains {
 			out = append(out, qubeOf(m, &m.C.Domains[i]))
+		}
+	})
+	return out
+}
+
+// Remotes implements Inventory: a class scan, no effective values computed.
+func (ri ReplicaInventory) Remotes() []string {
+	var out []string
+	ri.R.View(func(c *config.Config) {
+		for i := range c.Domains {
+			if c.Domains[i].Class == "RemoteVM" {
+				out = append(out, c.Domains[i].Name())
+			}
 		}
 	})
 	return out

@@ -240,26 +240,23 @@ func (s *Service) Runtimes(ctx context.Context) (map[string]Runtime, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read domains: %w", err)
 	}
-	byName := make(map[string]*Domain, len(doms))
-	for i := range doms {
-		byName[doms[i].Name] = &doms[i]
+	// Only what runs is asked about, so the cost follows running domains, not qubes.
+	out := map[string]Runtime{"dom0": {PowerState: Running, XID: 0, StubdomXID: -1}}
+	for _, name := range s.inv.Remotes() {
+		out[name] = Runtime{PowerState: Running, XID: -1, StubdomXID: -1}
 	}
-	out := map[string]Runtime{}
-	for _, q := range s.inv.Qubes() {
+	for i := range doms {
+		d := &doms[i]
+		q, ok := s.inv.Qube(d.Name)
 		switch {
+		case !ok || q.IsRemote():
 		case q.IsAdminVM():
-			rt := Runtime{PowerState: Running, XID: 0, StubdomXID: -1}
-			if d := byName[q.Name]; d != nil {
-				rt.MemoryKiB, rt.MaxMemKiB = d.MemoryKiB, d.MaxMemKiB
-			}
+			rt := out[q.Name]
+			rt.MemoryKiB, rt.MaxMemKiB = d.MemoryKiB, d.MaxMemKiB
 			out[q.Name] = rt
-		case q.IsRemote():
-			out[q.Name] = Runtime{PowerState: Running, XID: -1, StubdomXID: -1}
 		default:
-			if d := byName[q.Name]; d != nil {
-				out[q.Name] = Runtime{PowerState: powerOf(d, q.Qrexec), XID: d.XID, StubdomXID: d.StubdomXID,
-					StartTime: startTimeText(d.StartTime), MemoryKiB: d.MemoryKiB, MaxMemKiB: d.MaxMemKiB}
-			}
+			out[q.Name] = Runtime{PowerState: powerOf(d, q.Qrexec), XID: d.XID, StubdomXID: d.StubdomXID,
+				StartTime: startTimeText(d.StartTime), MemoryKiB: d.MemoryKiB, MaxMemKiB: d.MaxMemKiB}
 		}
 	}
 	return out, nil

@@ -118,6 +118,17 @@ func (m *Replica) View(f func(c *config.Config)) {
 	f(m.x.Config())
 }
 
+// ViewIndexed is View with the replica's name index: byName finds a qube in constant
+// time, so a read of one qube does not cost more with more qubes.
+func (m *Replica) ViewIndexed(f func(c *config.Config, byName func(string) *config.Domain)) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	f(m.x.Config(), func(name string) *config.Domain {
+		d, _ := m.x.ByName(name)
+		return d
+	})
+}
+
 // Apply applies an accepted change of revision rev. Changes arrive in revision order;
 // one already reflected is ignored, and a gap is an error (the caller resynchronises
 // from a snapshot).

@@ -61,12 +61,19 @@ type Model struct {
 	Host    Host
 	runtime func(name string) Runtime
 	byName  map[string]*config.Domain
+	lookup  func(string) *config.Domain // when set, used instead of byName
 	depth   int
 }
 
 // New returns a model over c. runtime may be nil (every qube but dom0 halted).
 func New(c *config.Config, host Host, runtime func(name string) Runtime) *Model {
 	return &Model{C: c, Host: host, runtime: runtime}
+}
+
+// NewIndexed is New with a name lookup the caller already keeps (the replica's), so
+// the model never indexes every qube for a read of one.
+func NewIndexed(c *config.Config, host Host, runtime func(name string) Runtime, byName func(string) *config.Domain) *Model {
+	return &Model{C: c, Host: host, runtime: runtime, lookup: byName}
 }
 
 // Runtime returns the runtime values of a qube.
@@ -91,6 +98,9 @@ func (m *Model) PowerState(name string) string {
 
 // Domain returns the qube named name, or nil.
 func (m *Model) Domain(name string) *config.Domain {
+	if m.lookup != nil {
+		return m.lookup(name)
+	}
 	if m.byName == nil {
 		m.byName = make(map[string]*config.Domain, len(m.C.Domains))
 		for i := range m.C.Domains {

@@ -33,6 +33,7 @@ type Config struct {
 	Scales      []int         // extra qubes per host, e.g. 0, 1000, 10000
 	Subscribers []int         // admin.Events fan-out, e.g. 1, 10, 100
 	Classes     []string      // empty: all
+	SkipQvmLs   bool
 }
 
 // Classes in table order.
@@ -92,6 +93,12 @@ func Suite(ctx context.Context, cfg Config, log *slog.Logger) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Every scale must fit before any is measured.
+	for _, scale := range cfg.Scales {
+		if _, err := lab.Generate(seed, "bench", scale); err != nil {
+			return nil, fmt.Errorf("%d extra qubes: %w", scale, err)
+		}
+	}
 	rep := &Report{Classes: map[int][]Result{}, QvmLs: map[int]time.Duration{}}
 	for si, scale := range cfg.Scales {
 		dir := filepath.Join(cfg.Dir, fmt.Sprintf("scale-%d", scale))
@@ -134,7 +141,9 @@ func Suite(ctx context.Context, cfg Config, log *slog.Logger) (*Report, error) {
 				rep.Classes[scale] = append(rep.Classes[scale], Run(ctx, class, n, cfg.Duration, op))
 			}
 		}
-		rep.QvmLs[scale] = qvmLs(sys.Socket)
+		if !cfg.SkipQvmLs {
+			rep.QvmLs[scale] = qvmLs(sys.Socket)
+		}
 		if err := sys.Stop(); err != nil {
 			log.Warn("stop", "err", err)
 		}
