@@ -87,8 +87,13 @@ func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, versi
 	if err != nil {
 		return nil, fmt.Errorf("add micro service %s: %w", m.service, err)
 	}
-	for _, meth := range m.reg.Owned(m.service) {
-		meth := meth
+	// Every owned method, and (for the resolving service) the streams the gateway
+	// serves itself, which still pass the checks here first.
+	methods := m.reg.Owned(m.service)
+	if m.unknown {
+		methods = append(methods, m.reg.Owned(Gateway)...)
+	}
+	for _, meth := range methods {
 		err := svc.AddEndpoint(endpointName(meth.Name), m.endpoint(ctx, &meth),
 			micro.WithEndpointSubject(host.API(meth.Name)), micro.WithEndpointMetadata(metadata(meth)))
 		if err != nil {
@@ -97,16 +102,6 @@ func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, versi
 		}
 	}
 	if m.unknown {
-		// Streams served by the gateway still pass the checks here first.
-		for _, meth := range m.reg.Owned(Gateway) {
-			meth := meth
-			err := svc.AddEndpoint(endpointName(meth.Name), m.endpoint(ctx, &meth),
-				micro.WithEndpointSubject(host.API(meth.Name)), micro.WithEndpointMetadata(metadata(meth)))
-			if err != nil {
-				_ = svc.Stop()
-				return nil, fmt.Errorf("add endpoint %s: %w", meth.Name, err)
-			}
-		}
 		err := svc.AddEndpoint(subject.UnknownMethod, m.endpoint(ctx, nil), micro.WithEndpointSubject(host.API(subject.UnknownMethod)))
 		if err != nil {
 			_ = svc.Stop()
