@@ -1,10 +1,13 @@
 package persistence
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -149,7 +152,15 @@ func FetchSnapshot(ctx context.Context, nc *nats.Conn, host subject.Host) (Snaps
 		return Snapshot{}, fmt.Errorf("fetch config snapshot: %s %s", code, msg.Header.Get(micro.ErrorHeader))
 	}
 	var snap Snapshot
-	if err := json.Unmarshal(msg.Data, &snap); err != nil {
+	var body io.Reader = bytes.NewReader(msg.Data)
+	if msg.Header.Get("Content-Encoding") == "gzip" {
+		zr, err := gzip.NewReader(body)
+		if err != nil {
+			return Snapshot{}, fmt.Errorf("decode config snapshot: %w", err)
+		}
+		body = zr
+	}
+	if err := json.NewDecoder(body).Decode(&snap); err != nil {
 		return Snapshot{}, fmt.Errorf("decode config snapshot: %w", err)
 	}
 	return snap, nil

@@ -1,6 +1,8 @@
 package persistence
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
@@ -88,12 +90,16 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn, version string) (
 		h    micro.HandlerFunc
 	}{
 		{"snapshot", func(r micro.Request) {
-			b, err := json.Marshal(s.view())
+			// gzip: 10 000 qubes are some 12 MB of JSON, past NATS's payload limit,
+			// and compress about twentyfold.
+			b, err := gzipJSON(s.view())
 			if err != nil {
 				_ = r.Error("500", err.Error(), nil)
 				return
 			}
-			_ = r.Respond(b)
+			if err := r.Respond(b, micro.WithHeaders(micro.Headers{"Content-Encoding": {"gzip"}})); err != nil {
+				_ = r.Error("500", "snapshot: "+err.Error(), nil)
+			}
 		}},
 		// micro runs one handler at a time per endpoint: applies wait for the change
 		// log and for qubes.xml, so each gets a goroutine; that is also what lets
@@ -170,4 +176,16 @@ func (s *Store) stopServing(ctx context.Context) error {
 	s.clog = nil
 	s.mu.Unlock()
 	return err
+}
+
+func gzipJSON(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	if err := json.NewEncoder(zw).Encode(v); err != nil {
+		return nil, err
+	}
+	if err := zw.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
 }

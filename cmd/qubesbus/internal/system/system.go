@@ -53,6 +53,9 @@ type Config struct {
 	// EventsWriteTimeout cuts off an admin.Events subscriber that stops reading.
 	EventsWriteTimeout time.Duration
 	Replicas           int // JetStream replicas of the streams: 1 (default) or 3 in a cluster
+	// EventsMaxAge and EventsMaxBytes bound QUBES_EVENTS (zero: 24 h, 1 GiB).
+	EventsMaxAge   time.Duration
+	EventsMaxBytes int64
 	// PolicyFile holds access rules (bus/policy); without one only dom0 may call.
 	PolicyFile string
 }
@@ -106,6 +109,12 @@ func newSystem(ctx context.Context, cfg Config, log *slog.Logger) *System {
 func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("config: %w", err)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		// Start-up waits on NATS and on the other services: never forever.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 2*time.Minute)
+		defer cancel()
 	}
 	s := newSystem(ctx, cfg, log)
 	if s.policyErr != nil {
@@ -167,7 +176,7 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("jetstream: %w", err)
 	}
-	_, err = cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{Replicas: cfg.Replicas})
+	_, err = cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{Replicas: cfg.Replicas, MaxAge: cfg.EventsMaxAge, MaxBytes: cfg.EventsMaxBytes})
 	return err
 }
 
