@@ -49,6 +49,8 @@ func hostFlags(fs *flag.FlagSet) *system.Config {
 	fs.StringVar(&c.NATSUser, "nats-user", envOr("QUBESBUS_NATS_USER", ""), "NATS user (QUBESBUS_NATS_USER; password from QUBESBUS_NATS_PASSWORD)")
 	c.NATSPass = os.Getenv("QUBESBUS_NATS_PASSWORD")
 	fs.IntVar(&c.Replicas, "replicas", envInt("QUBESBUS_REPLICAS", 1), "JetStream replicas of the streams: 1, or 3 on a cluster (QUBESBUS_REPLICAS)")
+	fs.DurationVar(&c.EventsMaxAge, "events-max-age", envDuration("QUBESBUS_EVENTS_MAX_AGE", 0), "keep events this long (default 24h) (QUBESBUS_EVENTS_MAX_AGE)")
+	fs.Int64Var(&c.EventsMaxBytes, "events-max-bytes", int64(envInt("QUBESBUS_EVENTS_MAX_BYTES", 0)), "keep at most this many bytes of events (default 1 GiB) (QUBESBUS_EVENTS_MAX_BYTES)")
 	fs.IntVar(&c.NATSPort, "nats-port", envInt("QUBESBUS_NATS_PORT", 4222), "embedded NATS client port, -1 for any (QUBESBUS_NATS_PORT)")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", envDuration("QUBESBUS_IDLE_TIMEOUT", time.Minute), "longest a client may take to send its request, 0 for no limit (QUBESBUS_IDLE_TIMEOUT)")
 	return c

@@ -249,3 +249,19 @@ func TestEventsSlowSubscriberIsCutOff(t *testing.T) {
 	}
 	t.Logf("slow subscriber cut off after %d of %d events", got, n)
 }
+
+func TestEventsStreamLimitsAreSettings(t *testing.T) {
+	sys := startSystem(t, func(c *Config) { c.EventsMaxAge, c.EventsMaxBytes = time.Hour, 64<<20 })
+	nc := bustest.Connect(t, sys.NATS)
+	js, _ := jetstream.New(nc)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := js.Stream(ctx, cloudevent.StreamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := s.CachedInfo().Config
+	if c.MaxAge != time.Hour || c.MaxBytes != 64<<20 || c.Storage != jetstream.FileStorage || c.Replicas != 1 {
+		t.Fatalf("stream config: age %s bytes %d storage %v replicas %d", c.MaxAge, c.MaxBytes, c.Storage, c.Replicas)
+	}
+}

@@ -25,6 +25,8 @@ import (
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/services/persistence"
+	"github.com/qubesbus/qubesbus/services/vmlifecycle"
+	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
 
 // lifeEvents is every event of the host, read from QUBES_EVENTS with a plain ordered
@@ -223,6 +225,23 @@ func sendAsync(socket string, req []byte) *asyncExchange {
 	return a
 }
 
+// shutdownRequested tells whether the simulated hypervisor was asked to stop vm's
+// domain: it is shutting down or gone.
+func shutdownRequested(lab simdriver.LabClient, vm string) (bool, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	doms, err := lab.Domains(ctx)
+	if err != nil {
+		return false, err
+	}
+	for _, d := range doms {
+		if d.Name == vm {
+			return d.State == vmlifecycle.HVShutdown, nil
+		}
+	}
+	return true, nil
+}
+
 func requestDest(req []byte) string {
 	head, _, _ := bytes.Cut(req, []byte{0})
 	f := strings.SplitN(string(head), " ", 4)
@@ -291,6 +310,12 @@ func TestReplayLifecycleTranscripts(t *testing.T) {
 	setUpStateOfRuns01To29(t, sys)
 	events := captureLifeEvents(t, sys, "test")
 	wire := openEvents(t, sys.Socket, "dom0")
+	lab := simdriver.LabClient{NC: bustest.Connect(t, sys.NATS), Host: subject.ForHost("test")}
+	// Per-qube subscribers get exactly the recorded frames whose subject is their qube.
+	perQube := map[string]*eventStream{}
+	for _, vm := range []string{"work", "sys-net", "personal"} {
+		perQube[vm] = openEvents(t, sys.Socket, vm)
+	}
 
 	files, err := filepath.Glob(filepath.Join(repoTestdata, "transcripts", "3[0-9]-*.jsonl"))
 	if err != nil {
@@ -314,7 +339,10 @@ func TestReplayLifecycleTranscripts(t *testing.T) {
 			a := sendAsync(sys.Socket, e.Request)
 			pending, pendingEx = append(pending, a), append(pendingEx, e)
 			// The tool waits for each reply, except qvm-shutdown --wait, which sends its
-			// calls together: go on once the call's reply or its first event is there.
+			// calls together: go on once the call's reply is there, or its first event
+			// and the hypervisor was asked to stop the domain (as qubesd had before the
+			// next call, so that the simulated hypervisor, which completes equal
+			// latencies in request order, gets the calls in the recorded order).
 			dest := requestDest(e.Request)
 			concurrent := method == "admin.vm.Shutdown" && strings.Contains(string(e.Request[:bytes.IndexByte(e.Request, 0)]), "wait")
 			bustest.CheckFor(t, 30*time.Second, time.Millisecond, func() error {
@@ -325,9 +353,17 @@ func TestReplayLifecycleTranscripts(t *testing.T) {
 				}
 				if concurrent {
 					for _, fr := range events.since(mark) {
-						if strings.HasPrefix(fr, "1\x00"+dest+"\x00") {
+						if !strings.HasPrefix(fr, "1\x00"+dest+"\x00") {
+							continue
+						}
+						asked, err := shutdownRequested(lab, dest)
+						if err != nil {
+							return err
+						}
+						if asked {
 							return nil
 						}
+						break
 					}
 				}
 				return fmt.Errorf("%s: %q pending", run, e.Request)
@@ -370,10 +406,27 @@ func TestReplayLifecycleTranscripts(t *testing.T) {
 				break
 			}
 		}
+		for vm, stream := range perQube {
+			for i, w := range want {
+				if !strings.HasPrefix(w, "1\x00"+vm+"\x00") {
+					continue
+				}
+				got, err := stream.next(10 * time.Second)
+				if err != nil || string(got) != w {
+					t.Errorf("%s: admin.Events %s frame %d: %q %v, want %q", run, vm, i, got, err, w)
+					break
+				}
+			}
+		}
 	}
-	// Nothing trails the last run.
+	// Nothing trails the last run, on any stream.
 	if got, err := wire.next(500 * time.Millisecond); err == nil {
 		t.Errorf("admin.Events frame after the last run: %q", got)
+	}
+	for vm, stream := range perQube {
+		if got, err := stream.next(100 * time.Millisecond); err == nil {
+			t.Errorf("admin.Events %s frame after the last run: %q", vm, got)
+		}
 	}
 	t.Logf("%d responses compared, %d not implemented yet", compared, skipped)
 }
