@@ -6,6 +6,12 @@
 //
 // A Hypervisor lives outside any lifecycle service: a restarted service is handed the
 // same Hypervisor and reads its domains back, as a real one would from Xen.
+//
+// Unlike a real host, the simulation is deterministic about time: every asynchronous
+// completion (a graceful shutdown finishing, a crash at a given time, a qrexec agent
+// connecting) is an entry of one deadline-ordered queue (sched.go), carried out in the
+// order of its due time, ties in the order the operations were requested, so that equal
+// latencies always complete in request order.
 package simdriver
 
 import (
@@ -81,6 +87,7 @@ type Faults struct {
 // Hypervisor is the simulated host.
 type Hypervisor struct {
 	mu       sync.Mutex
+	sched    scheduler
 	cfg      Config
 	boot     time.Time
 	nextXID  int
@@ -108,8 +115,8 @@ type domain struct {
 	runSince time.Time     // zero unless running
 	agent    chan struct{} // closed when the qrexec agent connected
 	gone     chan struct{} // closed when the domain stopped
-	timers   []*time.Timer
-	stopping bool // a graceful shutdown was requested
+	pending  []*dueEntry   // completions scheduled for this instance
+	stopping bool          // a graceful shutdown was requested
 	crashed  bool
 }
 
@@ -117,7 +124,7 @@ type domain struct {
 func New(cfg Config) *Hypervisor {
 	return &Hypervisor{cfg: cfg.withDefaults(), boot: time.Now(), nextXID: 1,
 		domains: map[string]*domain{}, reserved: map[string]int{}, faults: map[string]Faults{},
-		watchers: map[*watcher]struct{}{}}
+		watchers: map[*watcher]struct{}{}, sched: newScheduler()}
 }
 
 // Errors of the simulation besides the driver's.
@@ -128,7 +135,7 @@ var (
 
 // Config returns the current configuration.
 func (h *Hypervisor) Config() Config {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	return h.cfg
 }
@@ -136,14 +143,14 @@ func (h *Hypervisor) Config() Config {
 // SetConfig replaces the configuration (defaults applied); running domains keep the
 // latencies they were started with.
 func (h *Hypervisor) SetConfig(c Config) {
-	h.mu.Lock()
+	h.lock()
 	h.cfg = c.withDefaults()
 	h.mu.Unlock()
 }
 
 // SetFaults replaces the faults of a qube (the zero Faults clears them).
 func (h *Hypervisor) SetFaults(vm string, f Faults) {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	if f == (Faults{}) {
 		delete(h.faults, vm)
@@ -157,7 +164,7 @@ func (h *Hypervisor) SetFaults(vm string, f Faults) {
 
 // FaultsOf returns the faults of a qube.
 func (h *Hypervisor) FaultsOf(vm string) Faults {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	return h.faults[vm]
 }
@@ -192,7 +199,7 @@ func isClosed(c chan struct{}) bool {
 
 // Domains implements vmlifecycle.Driver.
 func (h *Hypervisor) Domains(context.Context) ([]vmlifecycle.Domain, error) {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	now := time.Now()
 	out := []vmlifecycle.Domain{h.dom0(now)}
@@ -205,7 +212,7 @@ func (h *Hypervisor) Domains(context.Context) ([]vmlifecycle.Domain, error) {
 
 // Domain implements vmlifecycle.Driver.
 func (h *Hypervisor) Domain(_ context.Context, name string) (vmlifecycle.Domain, bool, error) {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	if name == "dom0" {
 		return h.dom0(time.Now()), true, nil
@@ -219,7 +226,7 @@ func (h *Hypervisor) Domain(_ context.Context, name string) (vmlifecycle.Domain,
 
 // FreeMemoryMiB is the memory not used nor reserved.
 func (h *Hypervisor) FreeMemoryMiB() int {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	return h.freeLocked()
 }
@@ -237,7 +244,7 @@ func (h *Hypervisor) freeLocked() int {
 
 // ReserveMemory implements vmlifecycle.Driver.
 func (h *Hypervisor) ReserveMemory(_ context.Context, name string, mib int) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	delete(h.reserved, name)
 	if free := h.freeLocked(); mib > free {
@@ -249,7 +256,7 @@ func (h *Hypervisor) ReserveMemory(_ context.Context, name string, mib int) erro
 
 // ReleaseMemory implements vmlifecycle.Driver.
 func (h *Hypervisor) ReleaseMemory(_ context.Context, name string) error {
-	h.mu.Lock()
+	h.lock()
 	delete(h.reserved, name)
 	h.mu.Unlock()
 	return nil
@@ -257,7 +264,7 @@ func (h *Hypervisor) ReleaseMemory(_ context.Context, name string) error {
 
 // Create implements vmlifecycle.Driver.
 func (h *Hypervisor) Create(_ context.Context, spec vmlifecycle.DomainSpec) (vmlifecycle.Domain, error) {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	if h.domains[spec.Name] != nil || spec.Name == "dom0" {
 		return vmlifecycle.Domain{}, fmt.Errorf("%w: %s", ErrExists, spec.Name)
@@ -296,16 +303,7 @@ func (h *Hypervisor) Create(_ context.Context, spec vmlifecycle.DomainSpec) (vml
 }
 
 func (h *Hypervisor) armCrash(d *domain, after time.Duration) {
-	xid := d.xid
-	d.timers = append(d.timers, time.AfterFunc(after, func() { h.crash(d.name, xid) }))
-}
-
-func (h *Hypervisor) crash(name string, xid int) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if d := h.domains[name]; d != nil && d.xid == xid {
-		h.crashLocked(d)
-	}
+	h.afterLocked(d, after, func() { h.crashLocked(d) })
 }
 
 func (h *Hypervisor) crashLocked(d *domain) {
@@ -339,7 +337,7 @@ func (d *domain) setState(s vmlifecycle.HVState, load float64) {
 
 // Unpause implements vmlifecycle.Driver.
 func (h *Hypervisor) Unpause(_ context.Context, name string) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	d, err := h.get(name)
 	if err != nil {
@@ -365,19 +363,16 @@ func (h *Hypervisor) unpauseLocked(d *domain) {
 		close(d.agent)
 		return
 	}
-	xid, agent := d.xid, d.agent
-	d.timers = append(d.timers, time.AfterFunc(h.cfg.BootLatency, func() {
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		if cur := h.domains[d.name]; cur != nil && cur.xid == xid && !isClosed(agent) {
-			close(agent)
+	h.afterLocked(d, h.cfg.BootLatency, func() {
+		if !isClosed(d.agent) {
+			close(d.agent)
 		}
-	}))
+	})
 }
 
 // Pause implements vmlifecycle.Driver.
 func (h *Hypervisor) Pause(_ context.Context, name string) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	d, err := h.get(name)
 	if err != nil {
@@ -401,7 +396,7 @@ func (h *Hypervisor) pauseLocked(d *domain) bool {
 
 // Shutdown implements vmlifecycle.Driver.
 func (h *Hypervisor) Shutdown(_ context.Context, name string) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	d, err := h.get(name)
 	if err != nil {
@@ -415,21 +410,13 @@ func (h *Hypervisor) Shutdown(_ context.Context, name string) error {
 		return nil
 	}
 	d.stopping = true
-	xid := d.xid
-	stop := func() {
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		if cur := h.domains[name]; cur != nil && cur.xid == xid {
-			h.stopLocked(cur, false)
-		}
-	}
-	d.timers = append(d.timers, time.AfterFunc(h.cfg.ShutdownLatency, stop))
+	h.afterLocked(d, h.cfg.ShutdownLatency, func() { h.stopLocked(d, false) })
 	return nil
 }
 
 // Destroy implements vmlifecycle.Driver.
 func (h *Hypervisor) Destroy(_ context.Context, name string) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	d, err := h.get(name)
 	if err != nil {
@@ -441,9 +428,10 @@ func (h *Hypervisor) Destroy(_ context.Context, name string) error {
 
 // stopLocked removes a domain, frees its memory and reports the stop.
 func (h *Hypervisor) stopLocked(d *domain, crashed bool) {
-	for _, t := range d.timers {
-		t.Stop()
+	for _, e := range d.pending {
+		h.sched.cancelLocked(e)
 	}
+	d.pending = nil
 	close(d.gone)
 	delete(h.domains, d.name)
 	h.notifyLocked(vmlifecycle.Notice{Kind: vmlifecycle.NoticeStopped, Name: d.name, XID: d.xid, Crashed: crashed || d.crashed})
@@ -451,7 +439,7 @@ func (h *Hypervisor) stopLocked(d *domain, crashed bool) {
 
 // Suspend implements vmlifecycle.Driver.
 func (h *Hypervisor) Suspend(_ context.Context, name string) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	d, err := h.get(name)
 	if err != nil {
@@ -471,7 +459,7 @@ func (h *Hypervisor) Suspend(_ context.Context, name string) error {
 
 // Wakeup implements vmlifecycle.Driver.
 func (h *Hypervisor) Wakeup(_ context.Context, name string) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	d, err := h.get(name)
 	if err != nil {
@@ -486,7 +474,7 @@ func (h *Hypervisor) Wakeup(_ context.Context, name string) error {
 
 // WaitAgent implements vmlifecycle.Driver.
 func (h *Hypervisor) WaitAgent(ctx context.Context, name string, xid int) error {
-	h.mu.Lock()
+	h.lock()
 	d := h.domains[name]
 	if d == nil || d.xid != xid {
 		h.mu.Unlock()
@@ -508,7 +496,7 @@ func (h *Hypervisor) WaitAgent(ctx context.Context, name string, xid int) error 
 
 // Crash makes a running domain crash now.
 func (h *Hypervisor) Crash(vm string) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	d, err := h.get(vm)
 	if err != nil {
@@ -520,7 +508,7 @@ func (h *Hypervisor) Crash(vm string) error {
 
 // PowerOff makes the guest power itself off now.
 func (h *Hypervisor) PowerOff(vm string) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	d, err := h.get(vm)
 	if err != nil {
@@ -532,7 +520,7 @@ func (h *Hypervisor) PowerOff(vm string) error {
 
 // PauseBehind pauses a domain without the service asking (xl pause).
 func (h *Hypervisor) PauseBehind(vm string) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	d, err := h.get(vm)
 	if err != nil {
@@ -546,7 +534,7 @@ func (h *Hypervisor) PauseBehind(vm string) error {
 
 // UnpauseBehind resumes a paused domain without the service asking (xl unpause).
 func (h *Hypervisor) UnpauseBehind(vm string) error {
-	h.mu.Lock()
+	h.lock()
 	defer h.mu.Unlock()
 	d, err := h.get(vm)
 	if err != nil {
