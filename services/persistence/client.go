@@ -124,6 +124,24 @@ func (c Client) Apply(ctx context.Context, m config.Mutation) (uint64, error) {
 	return 0, fmt.Errorf("%w: %s", ErrRejected, rep.Error)
 }
 
+// Flush returns once qubes.xml holds revision rev or later; concurrent flushes share
+// one write.
+func (c Client) Flush(ctx context.Context, rev uint64) error {
+	b, _ := json.Marshal(FlushRequest{Revision: rev})
+	msg, err := request(ctx, c.NC, c.Host.Store("flush"), b)
+	if err != nil {
+		return fmt.Errorf("flush qubes.xml: %w", err)
+	}
+	var rep ApplyReply
+	if err := json.Unmarshal(msg.Data, &rep); err != nil {
+		return fmt.Errorf("decode flush reply: %w", err)
+	}
+	if rep.Error != "" {
+		return fmt.Errorf("%w: %s", ErrNotSaved, rep.Error)
+	}
+	return nil
+}
+
 // Snapshot fetches the whole configuration.
 func (c Client) Snapshot(ctx context.Context) (Snapshot, error) {
 	return FetchSnapshot(ctx, c.NC, c.Host)

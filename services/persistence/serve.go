@@ -112,6 +112,16 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn, version string) (
 				s.handleApply(ctx, r)
 			}()
 		}},
+		// flush: qubes.xml holds at least the given revision when it answers. Callers
+		// apply without ChangesConfig, then flush outside their own write lock, so
+		// concurrent changes share one write.
+		{"flush", func(r micro.Request) {
+			s.handlers.Add(1)
+			go func() {
+				defer s.handlers.Done()
+				s.handleFlush(ctx, r)
+			}()
+		}},
 		{"metrics", func(r micro.Request) { _ = r.RespondJSON(s.Metrics()) }},
 	}
 	for _, e := range endpoints {
@@ -134,11 +144,7 @@ func (s *Store) handleApply(ctx context.Context, r micro.Request) {
 		_ = r.RespondJSON(ApplyReply{Error: err.Error(), Code: CodeInvalid, Kind: kindBadOp})
 		return
 	}
-	timeout := s.cfg.ApplyTimeout
-	if timeout == 0 {
-		timeout = 30 * time.Second
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	ctx, cancel := context.WithTimeout(ctx, s.applyTimeout())
 	defer cancel()
 	rev, err := s.Apply(ctx, m)
 	if err != nil {
@@ -188,4 +194,40 @@ func gzipJSON(v any) ([]byte, error) {
 		return nil, err
 	}
 	return buf.Bytes(), nil
+}
+
+// FlushRequest asks for qubes.xml to hold at least Revision.
+type FlushRequest struct {
+	Revision uint64 `json:"revision"`
+}
+
+func (s *Store) handleFlush(ctx context.Context, r micro.Request) {
+	var req FlushRequest
+	if err := json.Unmarshal(r.Data(), &req); err != nil {
+		_ = r.RespondJSON(ApplyReply{Error: err.Error(), Code: CodeInvalid})
+		return
+	}
+	fctx, cancel := context.WithTimeout(ctx, s.applyTimeout())
+	defer cancel()
+	// Another instance may have taken the change: wait until this one follows it.
+	for s.Revision() < req.Revision {
+		select {
+		case <-fctx.Done():
+			_ = r.RespondJSON(ApplyReply{Error: "revision not reached: " + fctx.Err().Error(), Code: CodeNotSaved})
+			return
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	if err := s.flush.wait(fctx); err != nil {
+		_ = r.RespondJSON(ApplyReply{Revision: req.Revision, Error: err.Error(), Code: CodeNotSaved})
+		return
+	}
+	_ = r.RespondJSON(ApplyReply{Revision: req.Revision})
+}
+
+func (s *Store) applyTimeout() time.Duration {
+	if s.cfg.ApplyTimeout == 0 {
+		return 30 * time.Second
+	}
+	return s.cfg.ApplyTimeout
 }

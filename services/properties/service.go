@@ -47,6 +47,8 @@ type RuntimeValues interface {
 // Store applies configuration changes (persistence.Client).
 type Store interface {
 	Apply(ctx context.Context, m config.Mutation) (uint64, error)
+	// Flush returns once qubes.xml holds revision rev or later.
+	Flush(ctx context.Context, rev uint64) error
 }
 
 // Events publishes events and returns once they are stored (cloudevent.Publisher).
@@ -247,11 +249,31 @@ const maxRetries = 32
 func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
 	defer cancel()
+	ch, save, err := s.commit(ctx, c, plan)
+	if err != nil {
+		return nil, err
+	}
+	// The change is durable in the change log; qubes.xml is rewritten before the reply
+	// (qubesd saves after every config change), shared with concurrent writers.
+	if save {
+		if err := s.store.Flush(ctx, s.rep.Revision()); err != nil {
+			return nil, fmt.Errorf("%w: save qubes.xml: %w", qerr.ErrAbort, err)
+		}
+	}
+	if ch.AbortAfter != nil {
+		return nil, ch.AbortAfter
+	}
+	return []byte(ch.Reply), nil
+}
+
+// commit runs under the write lock: plan, pre-events, apply, wait for the replica,
+// post-events, so that events are stored in the order the changes were made.
+func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) (_ *model.Change, save bool, _ error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	rt, err := s.runtime(ctx)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	prePublished := false
 	for attempt := 0; ; attempt++ {
@@ -266,39 +288,39 @@ func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Mod
 			return nil, err
 		})
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		if !prePublished {
 			if err := s.publish(ctx, ch.Pre); err != nil {
-				return nil, err
+				return nil, false, err
 			}
 			prePublished = true
 		}
 		if ch.Err != nil {
-			return nil, ch.Err
+			return nil, false, ch.Err
 		}
-		mut := config.Mutation{ExpectRevision: rev, Ops: ch.Ops, ChangesConfig: c.Method.ChangesConfig && !ch.NoSave}
+		// qubes.xml is flushed after the write lock is released (below), so that
+		// concurrent changes share one file write.
+		mut := config.Mutation{ExpectRevision: rev, Ops: ch.Ops}
+		save = c.Method.ChangesConfig && !ch.NoSave
 		newRev, err := s.store.Apply(ctx, mut)
 		if errors.Is(err, config.ErrStaleRevision) && attempt < maxRetries {
 			// Another writer came first: wait until the replica has seen it, plan again.
 			if werr := s.rep.WaitRevision(ctx, rev+1); werr != nil {
-				return nil, qerr.Abort("wait for config: " + werr.Error())
+				return nil, false, qerr.Abort("wait for config: " + werr.Error())
 			}
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%w: apply: %w", qerr.ErrAbort, err)
+			return nil, false, fmt.Errorf("%w: apply: %w", qerr.ErrAbort, err)
 		}
 		if err := s.rep.WaitRevision(ctx, newRev); err != nil {
-			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
+			return nil, false, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
 		if err := s.publish(ctx, ch.Post); err != nil {
-			return nil, err
+			return nil, false, err
 		}
-		if ch.AbortAfter != nil {
-			return nil, ch.AbortAfter
-		}
-		return []byte(ch.Reply), nil
+		return ch, save, nil
 	}
 }
 

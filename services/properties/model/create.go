@@ -114,8 +114,20 @@ func (m *Model) Create(req CreateRequest) (*Change, error) {
 		return nil, propErr("property 'qid' on AdminVM instance cannot be set")
 	}
 	if pool != "" {
+		// pool= moves only the volumes the qube owns and writes: not the snapshots
+		// of its template's volumes, nor the read-only kernel.
 		for _, v := range volumeNames {
-			volPools[v] = pool
+			if v != "kernel" && !snapshotVolume(req.Class, v) {
+				volPools[v] = pool
+			}
+		}
+	}
+	var storageErr error
+	for _, v := range volumeNames {
+		if p, ok := volPools[v]; ok && snapshotVolume(req.Class, v) {
+			storageErr = qerr.New("QubesException", "Snapshot volume "+v+" must be in the same pool as its origin ("+
+				v+" volume of template),cannot move to pool "+p+" ")
+			break
 		}
 	}
 	d := &config.Domain{Class: req.Class}
@@ -153,7 +165,33 @@ func (m *Model) Create(req CreateRequest) (*Change, error) {
 		props = append(props, config.Property{Name: "dispid", Value: strconv.Itoa(m.freeDispID(req.DispID))})
 	}
 	d.Properties = props
-	return m.addDomain(d, req.Source, volPools, false)
+	ch, err := m.addDomain(d, req.Source, volPools, false)
+	if err != nil || storageErr == nil {
+		return ch, err
+	}
+	// Storage creation fails after the qube was added (and tagged): qubesd removes it
+	// again and returns the error; nothing is saved.
+	var evs []Event
+	for _, e := range ch.Post {
+		if e.Name == "domain-create-on-disk" {
+			break
+		}
+		evs = append(evs, e)
+	}
+	evs = append(evs, Ev("", "domain-pre-delete", "vm", name), Ev("", "domain-delete", "vm", name))
+	return &Change{Pre: evs, Err: storageErr}, nil
+}
+
+// snapshotVolume reports whether a new qube's volume is a snapshot of its template's
+// (root of qubes based on a template; also private of disposables).
+func snapshotVolume(class, vol string) bool {
+	switch class {
+	case "AppVM":
+		return vol == "root"
+	case "DispVM":
+		return vol == "root" || vol == "private"
+	}
+	return false
 }
 
 func contains(list []string, s string) bool {

@@ -451,17 +451,19 @@ func defineGlobalProperties() {
 	g(Spec{Name: "clockvm", Type: "vm", Kind: KindVM, AllowNone: true,
 		Help: "Qube that keeps the system clock in sync.", Default: static(None), Side: clockvmSide})
 	g(Spec{Name: "default_audiovm", Type: "vm", Kind: KindVM, AllowNone: true,
-		Help: "Default audio qube of new and default-following qubes.", Default: static(Text("dom0"))})
+		Help: "Default audio qube of new and default-following qubes.", Default: static(Text("dom0")),
+		Side: globalRefire("audiovm")})
 	g(Spec{Name: "default_dispvm", Type: "vm", Kind: KindVM, AllowNone: true,
 		Help: "Default disposable template.", Default: static(None),
-		Setter: dispvmSetter("default_dispvm"), Side: globalDispVMSide})
+		Setter: dispvmSetter("default_dispvm"), Side: globalDispVMSide, ResetSide: globalDispVMResetSide})
 	g(Spec{Name: "default_guivm", Type: "vm", Kind: KindVM, AllowNone: true,
-		Help: "Default GUI qube of new and default-following qubes.", Default: static(Text("dom0"))})
+		Help: "Default GUI qube of new and default-following qubes.", Default: static(Text("dom0")),
+		Side: globalRefire("guivm")})
 	g(Spec{Name: "default_kernel", Type: "str", Kind: KindStr,
 		Help: "Kernel that qubes boot unless they name another.", Setter: kernelSetter})
 	g(Spec{Name: "default_netvm", Type: "vm", Kind: KindVM, AllowNone: true,
 		Help: "Qube that provides network to qubes that follow the default.", Default: static(None),
-		Veto: defaultNetvmVeto})
+		Veto: defaultNetvmVeto, PreSide: defaultNetvmPreSide, Side: defaultNetvmSide})
 	g(Spec{Name: "default_pool", Type: "str", Kind: KindStr,
 		Help: "Storage pool for new volumes.",
 		Default: func(m *Model, _ Holder) (Value, bool) {

@@ -331,6 +331,14 @@ func templateVeto(m *Model, h Holder, _ Value) error {
 	if m.running(h.D) {
 		return qerr.New("QubesVMNotHaltedError", "Cannot change template while qube is running")
 	}
+	if h.D.Class != "DispVM" {
+		for _, d := range m.Domains() {
+			if d.Class == "DispVM" && m.Template(d) == h.D && m.running(d) {
+				// qubesd builds this error with a tuple as its message.
+				return qerr.New("QubesVMInUseError", "('Cannot change template while there are running disposables based on this disposable template',)")
+			}
+		}
+	}
 	return nil
 }
 
@@ -354,6 +362,24 @@ func templateForDispVMsVeto(m *Model, h Holder, v Value) error {
 	return nil
 }
 
+// followers returns, in collection order, the qubes that have prop and leave it at
+// its default: those qubesd's handlers of a global default change walk over.
+func (m *Model) followers(prop string) []*config.Domain {
+	var out []*config.Domain
+	for _, d := range m.Domains() {
+		if SpecOf(d.Class, prop) == nil {
+			continue
+		}
+		if _, set := d.Property(prop); !set {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// defaultNetvmVeto refuses a default netvm that would close a loop for a qube that
+// keeps its netvm at the default (templates included, as qubesd walks every qube
+// with a netvm property).
 func defaultNetvmVeto(m *Model, _ Holder, v Value) error {
 	if v.None {
 		return nil
@@ -362,18 +388,65 @@ func defaultNetvmVeto(m *Model, _ Holder, v Value) error {
 	if target == nil {
 		return nil
 	}
-	for _, d := range m.Domains() {
-		if SpecOf(d.Class, "netvm") == nil || d.Class == "TemplateVM" {
-			continue
-		}
-		if _, set := d.Property("netvm"); set {
-			continue
-		}
+	for _, d := range m.followers("netvm") {
 		if target == d || m.netChainHas(target, d) {
 			return propErr("Network loop on " + qerr.Repr(d.Name()))
 		}
 	}
 	return nil
+}
+
+// defaultNetvmPreSide re-fires the pre-set of netvm on every qube that follows the
+// default; each one's netvm checks may veto the change.
+func defaultNetvmPreSide(m *Model, _ Holder, old Value, oldOK bool, v Value) ([]Event, error) {
+	oldText := "None"
+	if oldOK {
+		oldText = old.EventText()
+	}
+	var evs []Event
+	for _, d := range m.followers("netvm") {
+		evs = append(evs, Ev(d.Name(), "property-pre-set:netvm", "name", "netvm", "newvalue", v.EventText(), "oldvalue", oldText))
+		if err := netvmVeto(m, Holder{D: d}, v); err != nil {
+			return evs, err
+		}
+	}
+	return evs, nil
+}
+
+// defaultNetvmSide tells every qube that follows the default netvm that it changed.
+func defaultNetvmSide(m *Model, _ Holder, old Value, oldOK bool, _ Value) ([]Event, []config.Op) {
+	oldText := "None"
+	if oldOK {
+		oldText = old.EventText()
+	}
+	var evs []Event
+	for _, d := range m.followers("netvm") {
+		evs = append(evs, Ev(d.Name(), "property-reset:netvm", "name", "netvm", "oldvalue", oldText))
+	}
+	return evs, nil
+}
+
+// globalRefire re-fires property-set:‹prop› on every qube that follows the global
+// default, with the qube's own post-set handlers (tag sync) before each event.
+func globalRefire(prop string) func(*Model, Holder, Value, bool, Value) ([]Event, []config.Op) {
+	return func(m *Model, _ Holder, old Value, oldOK bool, v Value) ([]Event, []config.Op) {
+		oldText := "None"
+		if oldOK {
+			oldText = old.EventText()
+		}
+		var evs []Event
+		var ops []config.Op
+		for _, d := range m.followers(prop) {
+			h := Holder{D: d}
+			if side := SpecOf(d.Class, prop).Side; side != nil {
+				e, o := side(m, h, old, oldOK, v)
+				evs = append(evs, e...)
+				ops = append(ops, o...)
+			}
+			evs = append(evs, Ev(d.Name(), "property-set:"+prop, "name", prop, "newvalue", v.EventText(), "oldvalue", oldText))
+		}
+		return evs, ops
+	}
 }
 
 // clockvmSide moves the clocksync service with the clock qube.
@@ -402,6 +475,10 @@ func clockvmSide(m *Model, _ Holder, old Value, oldOK bool, v Value) ([]Event, [
 		}
 	}
 	return evs, ops
+}
+
+func globalDispVMResetSide(m *Model, h Holder, old Value, oldOK bool) ([]Event, []config.Op) {
+	return globalDispVMSide(m, h, old, oldOK, None)
 }
 
 // globalDispVMSide tells every qube that follows the global default_dispvm.

@@ -157,6 +157,14 @@ func (m *Model) Set(h Holder, prop string, payload []byte) (*Change, error) {
 			return ch, nil
 		}
 	}
+	if s.PreSide != nil {
+		evs, err := s.PreSide(m, h, before.Value, before.HasValue, v)
+		ch.Pre = append(ch.Pre, evs...)
+		if err != nil {
+			ch.Err = err
+			return ch, nil
+		}
+	}
 	ch.Ops = []config.Op{propertyOp(h, s.Name, v)}
 	if s.Side != nil {
 		evs, ops := s.Side(m, h, before.Value, before.HasValue, v)
@@ -193,10 +201,14 @@ func (m *Model) Reset(h Holder, prop string) (*Change, error) {
 	if _, set := m.stored(h, s.Name); set {
 		ch.Ops = []config.Op{delPropertyOp(h, s.Name)}
 	}
-	ch.Post = []Event{
-		Ev(h.VM(), "property-reset:"+s.Name, kw...),
-		Ev(h.VM(), "property-del:"+s.Name, kw...),
+	if s.ResetSide != nil {
+		evs, ops := s.ResetSide(m, h, before.Value, before.HasValue)
+		ch.Post = append(ch.Post, evs...)
+		ch.Ops = append(ch.Ops, ops...)
 	}
+	ch.Post = append(ch.Post,
+		Ev(h.VM(), "property-reset:"+s.Name, kw...),
+		Ev(h.VM(), "property-del:"+s.Name, kw...))
 	return ch, nil
 }
 

@@ -26,9 +26,14 @@ type Spec struct {
 	Veto func(m *Model, h Holder, v Value) error
 	// ResetVeto runs after the pre-reset event was fired.
 	ResetVeto func(m *Model, h Holder) error
+	// PreSide runs after Veto: the events the pre-set handlers fire themselves (they
+	// follow property-pre-set on the wire), and a veto raised among them.
+	PreSide func(m *Model, h Holder, old Value, oldOK bool, v Value) ([]Event, error)
 	// Side returns the ops and events of the handlers of the post-set event, fired
 	// before property-set itself.
 	Side func(m *Model, h Holder, old Value, oldOK bool, v Value) ([]Event, []config.Op)
+	// ResetSide is Side for the post-reset event: its events precede property-reset.
+	ResetSide func(m *Model, h Holder, old Value, oldOK bool) ([]Event, []config.Op)
 }
 
 // VMClasses are the qube classes in qubesd's registry order (admin.vmclass.List).
