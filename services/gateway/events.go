@@ -98,6 +98,7 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 	if !e.write(c, connectionEstablished) {
 		return
 	}
+	var batch []byte
 	for {
 		select {
 		case <-ctx.Done():
@@ -106,10 +107,20 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 			e.log.Warn("cutting off an admin.Events subscriber that fell behind", "id", req.ID, "buffer", e.cfg.Buffer)
 			return
 		case it := <-sub.ch:
-			if it.seq < start {
-				continue
+			// Whatever else is already queued goes out in the same write: one
+			// syscall per burst instead of one per event.
+			batch = batch[:0]
+			for more := true; more; {
+				if it.seq >= start {
+					batch = append(batch, it.frame...)
+				}
+				select {
+				case it = <-sub.ch:
+				default:
+					more = false
+				}
 			}
-			if !e.write(c, it.frame) {
+			if len(batch) > 0 && !e.write(c, batch) {
 				return
 			}
 		}
