@@ -460,10 +460,10 @@ func defineGlobalProperties() {
 		Help: "Default GUI qube of new and default-following qubes.", Default: static(Text("dom0")),
 		Side: globalRefire("guivm")})
 	g(Spec{Name: "default_kernel", Type: "str", Kind: KindStr,
-		Help: "Kernel that qubes boot unless they name another.", Setter: kernelSetter})
+		Help: "Kernel that qubes boot unless they name another.", Veto: defaultKernelVeto})
 	g(Spec{Name: "default_netvm", Type: "vm", Kind: KindVM, AllowNone: true,
 		Help: "Qube that provides network to qubes that follow the default.", Default: static(None),
-		Veto: defaultNetvmVeto, PreSide: defaultNetvmPreSide, Side: defaultNetvmSide})
+		Setter: defaultNetvmSetter, PreSide: defaultNetvmPreSide, Side: defaultNetvmSide})
 	g(Spec{Name: "default_pool", Type: "str", Kind: KindStr,
 		Help: "Storage pool for new volumes.",
 		Default: func(m *Model, _ Holder) (Value, bool) {

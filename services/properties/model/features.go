@@ -58,7 +58,7 @@ func (m *Model) FeatureSet(d *config.Domain, name string, payload []byte) (*Chan
 		kw = append(kw, "oldvalue", old)
 	}
 	ch := &Change{Pre: []Event{Ev(d.Name(), "domain-feature-pre-set:"+name, kw...)}}
-	if ch.Err = validateFeature(d, name, value); ch.Err != nil {
+	if ch.Err = m.validateFeature(d, name, value); ch.Err != nil {
 		return ch, nil
 	}
 	ch.Ops = []config.Op{{Kind: config.OpSetFeature, Domain: d.ID, Name: name, Value: value}}
@@ -67,7 +67,7 @@ func (m *Model) FeatureSet(d *config.Domain, name string, payload []byte) (*Chan
 }
 
 // validateFeature runs the checks qubesd's extensions make in their pre-set handlers.
-func validateFeature(d *config.Domain, name, value string) error {
+func (m *Model) validateFeature(d *config.Domain, name, value string) error {
 	if svc, ok := strings.CutPrefix(name, "service."); ok {
 		switch {
 		case svc == "":
@@ -78,6 +78,11 @@ func validateFeature(d *config.Domain, name, value string) error {
 			return qerr.New("QubesValueError", `Service name cannot be "." or ".."`)
 		case len(svc) > 48 && !strings.HasPrefix(svc, "app-dispvm."):
 			return qerr.New("QubesValueError", "Service name must not exceed 48 bytes")
+		}
+	}
+	if name == "preload-dispvm-max" && HasProperty(d.Class, "template_for_dispvms") {
+		if err := m.preloadMaxVeto(d, value); err != nil {
+			return err
 		}
 	}
 	if d.Class == "AdminVM" && value != "" {
@@ -91,6 +96,26 @@ func validateFeature(d *config.Domain, name, value string) error {
 				return qerr.New("QubesValueError", "Invalid preload-dispvm-delay value: not an integer or float")
 			}
 		}
+	}
+	return nil
+}
+
+// preloadMaxVeto is qubesd's domain-feature-pre-set:preload-dispvm-max handler of
+// the qubes that can be disposable templates (DVMTemplateMixin, qubes/vm/mix/
+// dvmtemplate.py: AppVM and StandaloneVM, whatever their template_for_dispvms). In
+// order: qrexec (with the template's) must be truthy; so must the feature
+// supported-rpc.qubes.WaitForRunningSystem (supports_preload); the value, empty
+// counting as "0", must be digits. All QubesValueError, after the pre-set event.
+func (m *Model) preloadMaxVeto(d *config.Domain, value string) error {
+	if v, ok := m.CheckFeature(d, "qrexec", true, false, false); !ok || v == "" {
+		return qerr.New("QubesValueError", "Qube does not support qrexec")
+	}
+	const service = "qubes.WaitForRunningSystem"
+	if v, ok := m.CheckFeature(d, "supported-rpc."+service, true, false, false); !ok || v == "" {
+		return qerr.New("QubesValueError", "Qube does not support the RPC '"+service+"'")
+	}
+	if value != "" && !isDigits(value) {
+		return qerr.New("QubesValueError", "Invalid preload-dispvm-max value: not a digit")
 	}
 	return nil
 }

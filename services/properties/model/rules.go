@@ -141,14 +141,29 @@ func kernelSetter(m *Model, _ Holder, v Value) (Value, error) {
 	if strings.Contains(k, "/") {
 		return v, propErr("Kernel name cannot contain '/'")
 	}
+	return v, m.kernelInstalled(k)
+}
+
+// kernelInstalled checks that kernel k is installed with its vmlinuz file.
+func (m *Model) kernelInstalled(k string) error {
 	ok, installed := m.Host.Kernels[k]
 	switch {
 	case !installed:
-		return v, propErr("Kernel '" + k + "' not installed")
+		return propErr("Kernel '" + k + "' not installed")
 	case !ok:
-		return v, propErr("Kernel '" + k + "' not properly installed: missing 'vmlinuz' file")
+		return propErr("Kernel '" + k + "' not properly installed: missing 'vmlinuz' file")
 	}
-	return v, nil
+	return nil
+}
+
+// defaultKernelVeto is qubesd's pre-set handler of the global default_kernel: unlike
+// the qube kernel setter it runs after property-pre-set:default_kernel was fired,
+// and has no rule against '/' (such a name is simply not installed).
+func defaultKernelVeto(m *Model, _ Holder, v Value) error {
+	if v.None || v.Text == "" {
+		return nil
+	}
+	return m.kernelInstalled(v.Text)
 }
 
 var (
@@ -377,23 +392,24 @@ func (m *Model) followers(prop string) []*config.Domain {
 	return out
 }
 
-// defaultNetvmVeto refuses a default netvm that would close a loop for a qube that
+// defaultNetvmSetter refuses a default netvm that would close a loop for a qube that
 // keeps its netvm at the default (templates included, as qubesd walks every qube
-// with a netvm property).
-func defaultNetvmVeto(m *Model, _ Holder, v Value) error {
+// with a netvm property). It is the property's setter in qubesd, so it fails before
+// any event is fired.
+func defaultNetvmSetter(m *Model, _ Holder, v Value) (Value, error) {
 	if v.None {
-		return nil
+		return v, nil
 	}
 	target := m.Domain(v.Text)
 	if target == nil {
-		return nil
+		return v, nil
 	}
 	for _, d := range m.followers("netvm") {
 		if target == d || m.netChainHas(target, d) {
-			return propErr("Network loop on " + qerr.Repr(d.Name()))
+			return v, propErr("Network loop on " + qerr.Repr(d.Name()))
 		}
 	}
-	return nil
+	return v, nil
 }
 
 // defaultNetvmPreSide re-fires the pre-set of netvm on every qube that follows the
@@ -481,8 +497,13 @@ func globalDispVMResetSide(m *Model, h Holder, old Value, oldOK bool) ([]Event, 
 	return globalDispVMSide(m, h, old, oldOK, None)
 }
 
-// globalDispVMSide tells every qube that follows the global default_dispvm.
-func globalDispVMSide(m *Model, _ Holder, _ Value, _ bool, _ Value) ([]Event, []config.Op) {
+// globalDispVMSide tells every qube that follows the global default_dispvm, passing
+// the global's old value as qubesd's handler does (like the netvm/guivm/audiovm ones).
+func globalDispVMSide(m *Model, _ Holder, old Value, oldOK bool, _ Value) ([]Event, []config.Op) {
+	oldText := "None"
+	if oldOK {
+		oldText = old.EventText()
+	}
 	var evs []Event
 	for _, d := range m.Domains() {
 		s := SpecOf(d.Class, "default_dispvm")
@@ -490,7 +511,7 @@ func globalDispVMSide(m *Model, _ Holder, _ Value, _ bool, _ Value) ([]Event, []
 			continue
 		}
 		if _, set := d.Property("default_dispvm"); !set {
-			evs = append(evs, resetEvent(Holder{D: d}, "default_dispvm"))
+			evs = append(evs, Ev(d.Name(), "property-reset:default_dispvm", "name", "default_dispvm", "oldvalue", oldText))
 		}
 	}
 	return evs, nil

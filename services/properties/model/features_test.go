@@ -1,0 +1,166 @@
+package model
+
+import (
+	"testing"
+
+	"github.com/qubesbus/qubesbus/schemas/config"
+)
+
+func featureSetOn(vm, name, value string) func(m *Model) (*Change, error) {
+	return func(m *Model) (*Change, error) {
+		return m.FeatureSet(m.Domain(vm), name, []byte(value))
+	}
+}
+
+func setFeature(vm, name, value string) func(c *config.Config) {
+	return editDomain(vm, func(d *config.Domain) {
+		for i := range d.Features {
+			if d.Features[i].Name == name {
+				d.Features[i].Value = value
+				return
+			}
+		}
+		d.Features = append(d.Features, config.Feature{Name: name, Value: value})
+	})
+}
+
+// TestFeaturePreloadDispvmMax: qubesd's DVMTemplateMixin pre-set handler (AppVM and
+// StandaloneVM) checks qrexec, then supports_preload, then the digits, all after the
+// pre-set event; other classes take any value.
+func TestFeaturePreloadDispvmMax(t *testing.T) {
+	const rpc = "supported-rpc.qubes.WaitForRunningSystem"
+	pre := func(vm, value string) string {
+		return vm + "|domain-feature-pre-set:preload-dispvm-max|feature=preload-dispvm-max,value=" + value
+	}
+	set := func(vm, value string) string {
+		return vm + "|domain-feature-set:preload-dispvm-max|feature=preload-dispvm-max,value=" + value
+	}
+	runChangeCases(t, []changeCase{
+		{
+			// qrexec comes from the template; WaitForRunningSystem is missing.
+			name:   "template lacks the RPC",
+			do:     featureSetOn("default-dvm", "preload-dispvm-max", "2"),
+			want:   "QubesValueError: Qube does not support the RPC 'qubes.WaitForRunningSystem'",
+			events: []string{pre("default-dvm", "2")},
+		},
+		{
+			// qrexec is checked first, even for an invalid value.
+			name:   "no qrexec",
+			edit:   setFeature("legacy", "qrexec", ""),
+			do:     featureSetOn("legacy", "preload-dispvm-max", "x"),
+			want:   "QubesValueError: Qube does not support qrexec",
+			events: []string{pre("legacy", "x")},
+		},
+		{
+			name:   "RPC before digits",
+			do:     featureSetOn("legacy", "preload-dispvm-max", "x"),
+			want:   "QubesValueError: Qube does not support the RPC 'qubes.WaitForRunningSystem'",
+			events: []string{pre("legacy", "x")},
+		},
+		{
+			name:   "not a digit",
+			edit:   setFeature("fedora-41", rpc, "1"),
+			do:     featureSetOn("default-dvm", "preload-dispvm-max", "-1"),
+			want:   "QubesValueError: Invalid preload-dispvm-max value: not a digit",
+			events: []string{pre("default-dvm", "-1")},
+		},
+		{
+			name:   "digits",
+			edit:   setFeature("fedora-41", rpc, "1"),
+			do:     featureSetOn("default-dvm", "preload-dispvm-max", "2"),
+			events: []string{pre("default-dvm", "2"), set("default-dvm", "2")},
+		},
+		{
+			// Empty counts as "0".
+			name:   "empty",
+			edit:   setFeature("legacy", rpc, "1"),
+			do:     featureSetOn("legacy", "preload-dispvm-max", ""),
+			events: []string{pre("legacy", ""), set("legacy", "")},
+		},
+		{
+			// TemplateVM is no DVMTemplateMixin: no handler.
+			name:   "template qube unchecked",
+			do:     featureSetOn("fedora-41", "preload-dispvm-max", "x"),
+			events: []string{pre("fedora-41", "x"), set("fedora-41", "x")},
+		},
+	})
+}
+
+// TestGlobalSetOrder: which global checks fail before any event (setters) and which
+// after property-pre-set (pre-set handlers).
+func TestGlobalSetOrder(t *testing.T) {
+	followDefault := func(c *config.Config) {
+		editDomain("sys-firewall", func(d *config.Domain) { d.Properties = delProp(d.Properties, "netvm") })(c)
+	}
+	runChangeCases(t, []changeCase{
+		{
+			// _setter_default_netvm: no event at all.
+			name: "default_netvm loop is a setter",
+			edit: followDefault,
+			do:   setOn("", "default_netvm", "sys-firewall"),
+			want: "QubesPropertyValueError: Network loop on 'sys-firewall'",
+		},
+		{
+			name: "default_kernel missing after pre-set",
+			do:   setOn("", "default_kernel", "5.0"),
+			want: "QubesPropertyValueError: Kernel '5.0' not installed",
+			events: []string{
+				"|property-pre-set:default_kernel|name=default_kernel,newvalue=5.0,oldvalue=6.12.40-1.fc41",
+			},
+		},
+		{
+			// No '/' rule for the global: the name is just not installed.
+			name: "default_kernel slash",
+			do:   setOn("", "default_kernel", "../x"),
+			want: "QubesPropertyValueError: Kernel '../x' not installed",
+			events: []string{
+				"|property-pre-set:default_kernel|name=default_kernel,newvalue=../x,oldvalue=6.12.40-1.fc41",
+			},
+		},
+		{
+			name: "default_kernel empty",
+			do:   setOn("", "default_kernel", ""),
+			events: []string{
+				"|property-pre-set:default_kernel|name=default_kernel,newvalue=,oldvalue=6.12.40-1.fc41",
+				"|property-set:default_kernel|name=default_kernel,newvalue=,oldvalue=6.12.40-1.fc41",
+			},
+		},
+		{
+			name: "default_kernel installed",
+			do:   setOn("", "default_kernel", "6.12.40-1.fc41"),
+			events: []string{
+				"|property-pre-set:default_kernel|name=default_kernel,newvalue=6.12.40-1.fc41,oldvalue=6.12.40-1.fc41",
+				"|property-set:default_kernel|name=default_kernel,newvalue=6.12.40-1.fc41,oldvalue=6.12.40-1.fc41",
+			},
+		},
+		{
+			// The qube kernel keeps its setter: '/' fails before any event.
+			name: "qube kernel slash is a setter",
+			do:   setOn("work", "kernel", "../x"),
+			want: "QubesPropertyValueError: Kernel name cannot contain '/'",
+		},
+		{
+			// Per-qube events of a global default_dispvm set carry the old value.
+			name: "default_dispvm set passes oldvalue",
+			edit: editDomain("work", func(d *config.Domain) {
+				d.Properties = append(d.Properties, config.Property{Name: "default_dispvm", Value: "default-dvm"})
+			}),
+			do: setOn("", "default_dispvm", ""),
+			events: concat(
+				[]string{"|property-pre-set:default_dispvm|name=default_dispvm,newvalue=None,oldvalue=default-dvm"},
+				perQube([]string{"dom0", "default-dvm", "fedora-41", "legacy", "personal", "sys-firewall", "sys-net", "untrusted"},
+					"|property-reset:default_dispvm|name=default_dispvm,oldvalue=default-dvm"),
+				[]string{"|property-set:default_dispvm|name=default_dispvm,newvalue=None,oldvalue=default-dvm"}),
+		},
+		{
+			name: "default_dispvm set from unset",
+			edit: func(c *config.Config) { c.Properties = delProp(c.Properties, "default_dispvm") },
+			do:   setOn("", "default_dispvm", "default-dvm"),
+			events: concat(
+				[]string{"|property-pre-set:default_dispvm|name=default_dispvm,newvalue=default-dvm,oldvalue=None"},
+				perQube([]string{"dom0", "default-dvm", "fedora-41", "legacy", "personal", "sys-firewall", "sys-net", "untrusted", "work"},
+					"|property-reset:default_dispvm|name=default_dispvm,oldvalue=None"),
+				[]string{"|property-set:default_dispvm|name=default_dispvm,newvalue=default-dvm,oldvalue=None"}),
+		},
+	})
+}
