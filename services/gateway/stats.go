@@ -75,8 +75,11 @@ func (s *Stats) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reques
 		return
 	}
 	defer func() {
+		// The client is gone: release the lease, and announce the cancellation of the
+		// call on its cancel subject as for every cancellable call.
 		b, _ := json.Marshal(statsLease{Lease: st.Lease, Stop: true})
 		_ = s.nc.Publish(st.LeaseSubject, b)
+		_ = s.nc.Publish(s.host.Cancel(req.ID), nil)
 	}()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
