@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"errors"
+	"log/slog"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +15,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
 )
 
 // runDeployServer starts nats-server from deploy/nats/single.conf (ports and store moved
@@ -114,3 +117,48 @@ func TestServiceCredentialsCoverOnlyTheirOwnEvents(t *testing.T) {
 		t.Fatalf("stream holds %d events, want the 4 allowed ones", n)
 	}
 }
+
+// TestServicesRunWithTheirOwnCredentials runs every service as its deploy user (serve
+// mode, one connection each) and makes calls through the gateway: the permissions in
+// deploy/nats cover everything the services do.
+func TestServicesRunWithTheirOwnCredentials(t *testing.T) {
+	ns := runDeployServer(t)
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// The admin creates the events stream, as a deployment's setup step does.
+	admin := connectAs(t, ns, "admin", make(chan error, 16))
+	ajs, _ := jetstream.New(admin)
+	if _, err := cloudevent.EnsureStream(ctx, ajs, cloudevent.StreamConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	socket := filepath.Join(dir, "qubesd.sock")
+	log := slog.New(slog.NewTextHandler(testWriter{t}, nil))
+	for _, svc := range system.Services {
+		cfg := system.Config{Socket: socket, DataDir: filepath.Join(dir, svc), QubesXML: "../../testdata/qubes.xml",
+			HostID: "local", NATSURL: ns.ClientURL(), NATSUser: svc, NATSPass: "pw-" + svc}
+		stop, err := system.StartOne(ctx, svc, cfg, log)
+		if err != nil {
+			t.Fatalf("%s as its own user: %v", svc, err)
+		}
+		defer stop()
+	}
+	for req, want := range map[string]string{
+		"admin.vm.property.Get+label dom0 name work\x00":  "0\x00default=False type=label blue",
+		"admin.vm.property.Set+memory dom0 name work\x00": "2\x00QubesValueError\x00\x00Failed to parse property value as int\x00",
+		"admin.vm.feature.Set+perm dom0 name work\x00x":   "0\x00",
+		"admin.vm.feature.Get+perm dom0 name work\x00":    "0\x00x",
+		"admin.vm.notes.Set+ dom0 name work\x00hello":     "0\x00",
+		"admin.vm.notes.Get+ dom0 name work\x00":          "0\x00hello",
+		"admin.vm.Start+ dom0 name work\x00":              "0\x00",
+	} {
+		resp, err := call(ctx, socket, strings.Split(req, "\x00")[0], []byte(strings.SplitN(req, "\x00", 2)[1]))
+		if err != nil || string(resp) != want {
+			t.Errorf("%q: %q %v, want %q", req, resp, err, want)
+		}
+	}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) { w.t.Log(strings.TrimSpace(string(b))); return len(b), nil }

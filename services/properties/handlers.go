@@ -215,7 +215,10 @@ func (s *Service) remove(ctx context.Context, c *rpc.Call) ([]byte, error) {
 		return m.Remove(h.D)
 	})
 	if err == nil && uuid != "" {
-		if rerr := s.notes.remove(uuid); rerr != nil {
+		// The qube is gone whether or not the caller still waits: remove its notes.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.WriteTimeout)
+		defer cancel()
+		if rerr := s.notes.remove(rctx, uuid); rerr != nil {
 			s.log.Warn("remove notes", "dest", c.Dest.Name, "err", rerr)
 		}
 	}

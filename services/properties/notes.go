@@ -4,78 +4,122 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"strings"
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
+	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/services/properties/model"
 )
 
 // MaxNoteSize is the largest note qubesd accepts.
 const MaxNoteSize = 256000
 
-// notes keeps each qube's notes in one file, named by the qube's UUID (stable for the
-// qube's life, never reused), under a directory of the host.
-type notes struct{ dir string }
+// NotesBucket is the JetStream key-value bucket of qube notes, shared by every
+// properties instance of every host.
+const NotesBucket = "QUBES_NOTES"
 
-func (n *notes) path(uuid string) string { return filepath.Join(n.dir, uuid+".txt") }
+// NotesConfig configures the notes bucket.
+type NotesConfig struct {
+	Replicas int // JetStream replicas: 1 (default) or 3 in a cluster
+}
 
-func (n *notes) get(uuid string) (string, error) {
-	b, err := os.ReadFile(n.path(uuid))
-	if errors.Is(err, fs.ErrNotExist) {
+// OpenNotes creates or updates the notes bucket (file storage, last value only).
+func OpenNotes(ctx context.Context, js jetstream.JetStream, cfg NotesConfig) (jetstream.KeyValue, error) {
+	if cfg.Replicas == 0 {
+		cfg.Replicas = 1
+	}
+	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:       NotesBucket,
+		Description:  "admin.vm.notes: one key per host and qube UUID",
+		History:      1,
+		MaxValueSize: MaxNoteSize, // sanitising never makes a note longer
+		Storage:      jetstream.FileStorage,
+		Replicas:     cfg.Replicas,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("notes bucket %s: %w", NotesBucket, err)
+	}
+	return kv, nil
+}
+
+// notes keeps each qube's notes under a key made of the host and the qube's UUID
+// (stable for the qube's life, never reused), so every instance sees the same notes.
+type notes struct {
+	kv   jetstream.KeyValue
+	host string // escaped key token of the host
+}
+
+func newNotes(kv jetstream.KeyValue, host subject.Host) *notes {
+	return &notes{kv: kv, host: escapeKey(host.ID())}
+}
+
+func (n *notes) key(uuid string) string { return n.host + "." + escapeKey(uuid) }
+
+func (n *notes) get(ctx context.Context, uuid string) (string, error) {
+	e, err := n.kv.Get(ctx, n.key(uuid))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return "", nil
 	}
-	return string(b), err
-}
-
-// set writes atomically: a temporary file, fsync, rename.
-func (n *notes) set(uuid, text string) error {
-	if err := os.MkdirAll(n.dir, 0o770); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(n.dir, uuid+".txt~")
 	if err != nil {
-		return err
+		return "", err
 	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.WriteString(text); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), n.path(uuid))
+	return string(e.Value()), nil
 }
 
-func (n *notes) remove(uuid string) error {
-	err := os.Remove(n.path(uuid))
-	if errors.Is(err, fs.ErrNotExist) {
+func (n *notes) set(ctx context.Context, uuid, text string) error {
+	_, err := n.kv.Put(ctx, n.key(uuid), []byte(text))
+	return err
+}
+
+// remove purges the key: the note's text does not stay in the bucket.
+func (n *notes) remove(ctx context.Context, uuid string) error {
+	err := n.kv.Purge(ctx, n.key(uuid))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return nil
 	}
 	return err
 }
 
+// escapeKey makes s one token of a key-value key, which allows only
+// [-/_=.a-zA-Z0-9]: letters, digits, '-' and '_' stay, every other byte becomes
+// "=XX" (upper-case hex), so '.' never splits a token and distinct inputs stay
+// distinct. An empty s becomes "=" so that no token is empty.
+func escapeKey(s string) string {
+	if s == "" {
+		return "="
+	}
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_':
+			b.WriteByte(c)
+		default:
+			b.WriteByte('=')
+			b.WriteByte(hex[c>>4])
+			b.WriteByte(hex[c&15])
+		}
+	}
+	return b.String()
+}
+
 func destUUID(c *rpc.Call) string { return c.Dest.UUID }
 
-func (s *Service) notesGet(_ context.Context, c *rpc.Call) ([]byte, error) {
-	text, err := s.notes.get(destUUID(c))
+func (s *Service) notesGet(ctx context.Context, c *rpc.Call) ([]byte, error) {
+	text, err := s.notes.get(ctx, destUUID(c))
 	if err != nil {
 		return nil, qerr.New("QubesException", "Failed to read notes file: "+err.Error())
 	}
 	return []byte(text), nil
 }
 
-func (s *Service) notesSet(_ context.Context, c *rpc.Call) ([]byte, error) {
+func (s *Service) notesSet(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	if len(c.Payload) > MaxNoteSize {
 		return nil, qerr.Protocol(fmt.Sprintf("Maximum note size is %d bytes (%d bytes received)", MaxNoteSize, len(c.Payload)))
 	}
@@ -92,7 +136,7 @@ func (s *Service) notesSet(_ context.Context, c *rpc.Call) ([]byte, error) {
 	if !exists {
 		return nil, qerr.New("QubesVMNotFoundError", "No such domain: "+qerr.Repr(c.Dest.Name))
 	}
-	if err := s.notes.set(destUUID(c), text); err != nil {
+	if err := s.notes.set(ctx, destUUID(c), text); err != nil {
 		return nil, qerr.New("QubesException", "Failed to write notes file: "+err.Error())
 	}
 	return nil, nil

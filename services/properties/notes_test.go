@@ -1,6 +1,15 @@
 package properties
 
-import "testing"
+import (
+	"context"
+	"fmt"
+	"testing"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/subject"
+)
 
 func TestSanitiseNotes(t *testing.T) {
 	for _, tc := range []struct{ in, want, err string }{
@@ -43,4 +52,96 @@ func FuzzSanitiseNotes(f *testing.F) {
 			t.Fatalf("not idempotent: %q → %q → %q (%v)", b, s, again, err)
 		}
 	})
+}
+
+// stop stops instance i and closes its connection; the flush makes sure the server has
+// dropped its subscriptions before the next call.
+func (h *harness) stop(i int) {
+	h.t.Helper()
+	if err := h.services[i].Stop(); err != nil {
+		h.t.Fatal(err)
+	}
+	if err := h.clients[i].Flush(); err != nil {
+		h.t.Fatal(err)
+	}
+	h.clients[i].Close()
+}
+
+// Notes live in the shared bucket: an instance sees the notes another one set, and
+// they survive every instance's restart.
+func TestNotesShared(t *testing.T) {
+	h := newHarness(t, 1)
+	const note = "shared\tnote\n\u200b"
+	h.expect("admin.vm.notes.Set", "work", "", note, "0:")
+	h.start()
+	h.stop(0) // only instance 1 answers now
+	h.expect("admin.vm.notes.Get", "work", "", "", "0:shared\tnote\n_")
+	h.expect("admin.vm.notes.Get", "personal", "", "", "0:")
+	h.expect("admin.vm.notes.Set", "personal", "", "p", "0:")
+	h.stop(1) // restart: a fresh instance opens the bucket again
+	h.start()
+	h.expect("admin.vm.notes.Get", "work", "", "", "0:shared\tnote\n_")
+	h.expect("admin.vm.notes.Get", "personal", "", "", "0:p")
+	h.expect("admin.vm.notes.Set", "work", "", " ", "0:")
+	h.expect("admin.vm.notes.Get", "work", "", "", "0: ")
+}
+
+// Two instances answering at once (a queue group) agree whichever answers.
+func TestNotesQueueGroup(t *testing.T) {
+	h := newHarness(t, 2)
+	for i := range 20 {
+		text := fmt.Sprint("note ", i)
+		h.expect("admin.vm.notes.Set", "work", "", text, "0:")
+		h.expect("admin.vm.notes.Get", "work", "", "", "0:"+text)
+	}
+}
+
+// Each host has its own keys: the same UUID on two hosts holds two notes.
+func TestNotesPerHost(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	ctx := context.Background()
+	js, err := jetstream.New(bustest.Connect(t, ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := OpenNotes(ctx, js, NotesConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := newNotes(kv, subject.ForHost("a")), newNotes(kv, subject.ForHost("b"))
+	const uuid = "4d2f8e6a-1b3c-4d5e-8f90-123456789abc"
+	if err := a.set(ctx, uuid, "on a"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := b.get(ctx, uuid); err != nil || got != "" {
+		t.Fatalf("host b: %q, %v", got, err)
+	}
+	if got, err := a.get(ctx, uuid); err != nil || got != "on a" {
+		t.Fatalf("host a: %q, %v", got, err)
+	}
+	if err := a.remove(ctx, uuid); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.remove(ctx, uuid); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := a.get(ctx, uuid); err != nil || got != "" {
+		t.Fatalf("removed: %q, %v", got, err)
+	}
+}
+
+func TestEscapeKey(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"", "="},
+		{"4d2f8e6a-1b3c", "4d2f8e6a-1b3c"},
+		{"Host_1", "Host_1"},
+		{"a.b", "a=2Eb"},
+		{"a=2Eb", "a=3D2Eb"},
+		{"a b/c*>", "a=20b=2Fc=2A=3E"},
+		{"é", "=C3=A9"},
+	} {
+		if got := escapeKey(tc.in); got != tc.want {
+			t.Errorf("escapeKey(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
@@ -58,9 +59,11 @@ type Events interface {
 
 // Config of the properties service.
 type Config struct {
-	Host     subject.Host
-	NotesDir string     // where admin.vm.notes keeps one file per qube
-	Machine  model.Host // zero: model.DefaultHost
+	Host subject.Host
+	// Notes is the bucket admin.vm.notes keeps the notes in (OpenNotes), shared by
+	// every instance.
+	Notes   jetstream.KeyValue
+	Machine model.Host // zero: model.DefaultHost
 	// WriteTimeout bounds a write call waiting for persistence (default 30s).
 	WriteTimeout time.Duration
 	// Auth decides which source may call what; nil allows every call (qubesd itself
@@ -71,8 +74,8 @@ type Config struct {
 // Validate reports every problem at once.
 func (c Config) Validate() error {
 	var errs []error
-	if c.NotesDir == "" {
-		errs = append(errs, errors.New("no notes dir"))
+	if c.Notes == nil {
+		errs = append(errs, errors.New("no notes bucket"))
 	}
 	return errors.Join(errs...)
 }
@@ -110,7 +113,7 @@ func New(cfg Config, reg *rpc.Registry, rep *replica.Replica, powers PowerStates
 		cfg.WriteTimeout = 30 * time.Second
 	}
 	s := &Service{cfg: cfg, rep: rep, powers: powers, store: store, events: events, log: log,
-		notes: &notes{dir: cfg.NotesDir}, newLabels: map[string]bool{}}
+		notes: newNotes(cfg.Notes, cfg.Host), newLabels: map[string]bool{}}
 	s.mux = rpc.NewMux(reg, rpc.Properties, rep, log)
 	s.mux.Auth = cfg.Auth
 	s.mux.HandleUnknown()

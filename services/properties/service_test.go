@@ -4,15 +4,16 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
@@ -52,16 +53,17 @@ func (f *fakePowers) set(vm, state string) {
 // harness runs persistence and n properties instances on one embedded JetStream
 // server, and reads back the events each call published.
 type harness struct {
-	t       *testing.T
-	ctx     context.Context
-	nc      *nats.Conn
-	host    subject.Host
-	stream  jetstream.Stream
-	seq     uint64
-	store   *persistence.Store
-	powers  *fakePowers
-	notes   string
-	clients []*nats.Conn
+	t        *testing.T
+	ctx      context.Context
+	nc       *nats.Conn
+	host     subject.Host
+	stream   jetstream.Stream
+	seq      uint64
+	store    *persistence.Store
+	powers   *fakePowers
+	ns       *server.Server
+	clients  []*nats.Conn
+	services []micro.Service
 }
 
 func newHarness(t *testing.T, instances int) *harness {
@@ -70,8 +72,7 @@ func newHarness(t *testing.T, instances int) *harness {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	log := slog.New(slog.DiscardHandler)
-	h := &harness{t: t, ctx: ctx, nc: bustest.Connect(t, ns), host: subject.ForHost("t"), powers: &fakePowers{},
-		notes: filepath.Join(t.TempDir(), "notes")}
+	h := &harness{t: t, ctx: ctx, ns: ns, nc: bustest.Connect(t, ns), host: subject.ForHost("t"), powers: &fakePowers{}}
 	js, err := jetstream.New(h.nc)
 	if err != nil {
 		t.Fatal(err)
@@ -90,28 +91,43 @@ func newHarness(t *testing.T, instances int) *harness {
 	}
 	t.Cleanup(func() { _ = svc.Stop() })
 	for range instances {
-		nc := bustest.Connect(t, ns)
-		rep, err := persistence.Follow(ctx, nc, h.host, log)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pjs, err := jetstream.New(nc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := New(Config{Host: h.host, NotesDir: h.notes}, adminapi.Registry, rep, h.powers,
-			persistence.Client{NC: nc, Host: h.host}, cloudevent.NewPublisher(pjs, "t"), log)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ms, err := s.Serve(ctx, nc, "0.0.1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = ms.Stop() })
-		h.clients = append(h.clients, nc)
+		h.start()
 	}
 	return h
+}
+
+// start runs one more properties instance on its own connection, with its own handle
+// on the notes bucket, and returns its endpoints.
+func (h *harness) start() micro.Service {
+	t := h.t
+	t.Helper()
+	log := slog.New(slog.DiscardHandler)
+	nc := bustest.Connect(t, h.ns)
+	rep, err := persistence.Follow(h.ctx, nc, h.host, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pjs, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	notes, err := OpenNotes(h.ctx, pjs, NotesConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(Config{Host: h.host, Notes: notes}, adminapi.Registry, rep, h.powers,
+		persistence.Client{NC: nc, Host: h.host}, cloudevent.NewPublisher(pjs, "t"), log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms, err := s.Serve(h.ctx, nc, "0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ms.Stop() })
+	h.clients = append(h.clients, nc)
+	h.services = append(h.services, ms)
+	return ms
 }
 
 // call makes one Admin API call from dom0 and returns the reply as the wire shows it:

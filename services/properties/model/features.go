@@ -54,20 +54,36 @@ func (m *Model) FeatureSet(d *config.Domain, name string, payload []byte) (*Chan
 		return nil, featureProhibited()
 	}
 	kw := []string{"feature", name, "value", value}
-	if old, ok := Feature(d, name); ok {
+	old, hasOld := Feature(d, name)
+	if hasOld {
 		kw = append(kw, "oldvalue", old)
 	}
 	ch := &Change{Pre: []Event{Ev(d.Name(), "domain-feature-pre-set:"+name, kw...)}}
-	if ch.Err = m.validateFeature(d, name, value); ch.Err != nil {
+	if ch.Err = m.validateFeature(d, name, value, old, hasOld); ch.Err != nil {
 		return ch, nil
+	}
+	// dom0's preload-dispvm-max handler (qubes/vm/adminvm.py) fires the same
+	// pre-event, with dom0's kwargs, on the global default_dispvm, unless the value
+	// is unchanged or there is no default_dispvm. That qube's handlers then run: its
+	// event is streamed after dom0's, and its checks can veto dom0's change.
+	if d.Class == "AdminVM" && name == "preload-dispvm-max" && !(hasOld && old == value) {
+		if t := m.Ref(Global, "default_dispvm"); t != nil {
+			ch.Pre = append(ch.Pre, Ev(t.Name(), "domain-feature-pre-set:"+name, kw...))
+			if HasProperty(t.Class, "template_for_dispvms") {
+				if ch.Err = m.preloadMaxVeto(t, value); ch.Err != nil {
+					return ch, nil
+				}
+			}
+		}
 	}
 	ch.Ops = []config.Op{{Kind: config.OpSetFeature, Domain: d.ID, Name: name, Value: value}}
 	ch.Post = []Event{Ev(d.Name(), "domain-feature-set:"+name, kw...)}
 	return ch, nil
 }
 
-// validateFeature runs the checks qubesd's extensions make in their pre-set handlers.
-func (m *Model) validateFeature(d *config.Domain, name, value string) error {
+// validateFeature runs the checks qubesd's extensions make in their pre-set handlers;
+// old is the current value, if hasOld.
+func (m *Model) validateFeature(d *config.Domain, name, value, old string, hasOld bool) error {
 	if svc, ok := strings.CutPrefix(name, "service."); ok {
 		switch {
 		case svc == "":
@@ -83,6 +99,15 @@ func (m *Model) validateFeature(d *config.Domain, name, value string) error {
 	if name == "preload-dispvm-max" && HasProperty(d.Class, "template_for_dispvms") {
 		if err := m.preloadMaxVeto(d, value); err != nil {
 			return err
+		}
+	}
+	// The spec lists the delay check on dom0 only; qubesd's DVMTemplateMixin
+	// (qubes/vm/mix/dvmtemplate.py, AppVM and StandaloneVM) checks it too, skips the
+	// check when the value is unchanged, counts empty as "0" and accepts what
+	// Python's float() accepts.
+	if name == "preload-dispvm-delay" && HasProperty(d.Class, "template_for_dispvms") && !(hasOld && old == value) {
+		if value != "" && !isPyFloat(value) {
+			return qerr.New("QubesValueError", "Invalid preload-dispvm-delay value: not an integer or float")
 		}
 	}
 	if d.Class == "AdminVM" && value != "" {
@@ -119,6 +144,14 @@ func (m *Model) preloadMaxVeto(d *config.Domain, value string) error {
 	}
 	return nil
 }
+
+// pyFloatRe is what Python's float() parses once the surrounding whitespace is
+// stripped (feature values hold no whitespace but spaces): a sign, then decimal digits
+// with single underscores between them, an optional point and exponent, or inf,
+// infinity, nan in any case.
+var pyFloatRe = regexp.MustCompile(`\A[+-]?(?:(?:[0-9](?:_?[0-9])*(?:\.(?:[0-9](?:_?[0-9])*)?)?|\.[0-9](?:_?[0-9])*)(?:[eE][+-]?[0-9](?:_?[0-9])*)?|(?i:inf|infinity|nan))\z`)
+
+func isPyFloat(s string) bool { return pyFloatRe.MatchString(strings.Trim(s, " ")) }
 
 func isNumber(s string) bool {
 	s = strings.TrimPrefix(s, "-")

@@ -164,3 +164,155 @@ func TestGlobalSetOrder(t *testing.T) {
 		},
 	})
 }
+
+func setGlobal(name, value string) func(c *config.Config) {
+	return func(c *config.Config) {
+		for i := range c.Properties {
+			if c.Properties[i].Name == name {
+				c.Properties[i].Value = value
+				return
+			}
+		}
+		c.Properties = append(c.Properties, config.Property{Name: name, Value: value})
+	}
+}
+
+func edits(fs ...func(c *config.Config)) func(c *config.Config) {
+	return func(c *config.Config) {
+		for _, f := range fs {
+			f(c)
+		}
+	}
+}
+
+// TestFeaturePreloadDispvmDelay: DVMTemplateMixin (AppVM, StandaloneVM) checks the
+// delay as Python's float() after the pre-set event, unless the value is unchanged;
+// dom0 checks it too; other classes take any value.
+func TestFeaturePreloadDispvmDelay(t *testing.T) {
+	const bad = "QubesValueError: Invalid preload-dispvm-delay value: not an integer or float"
+	ev := func(kind, vm, value string, old ...string) string {
+		s := vm + "|domain-feature-" + kind + ":preload-dispvm-delay|feature=preload-dispvm-delay,value=" + value
+		for _, o := range old {
+			s += ",oldvalue=" + o
+		}
+		return s
+	}
+	var cases []changeCase
+	for _, v := range []string{"1", "-2.5", "1e3", " 7 ", "+.5", "1_000", "inf", "-Infinity", "NaN", "3.", ""} {
+		cases = append(cases, changeCase{
+			name:   "AppVM accepts " + v,
+			do:     featureSetOn("default-dvm", "preload-dispvm-delay", v),
+			events: []string{ev("pre-set", "default-dvm", v), ev("set", "default-dvm", v)},
+		})
+	}
+	for _, v := range []string{"x", ".", "1__0", "_1", "1_", "0x10", "1e", "1.2.3", "infinit"} {
+		cases = append(cases, changeCase{
+			name:   "AppVM rejects " + v,
+			do:     featureSetOn("default-dvm", "preload-dispvm-delay", v),
+			want:   bad,
+			events: []string{ev("pre-set", "default-dvm", v)},
+		})
+	}
+	cases = append(cases,
+		changeCase{
+			name:   "StandaloneVM rejects",
+			do:     featureSetOn("legacy", "preload-dispvm-delay", "soon"),
+			want:   bad,
+			events: []string{ev("pre-set", "legacy", "soon")},
+		},
+		changeCase{
+			// qubesd returns early when the value equals the old one.
+			name: "unchanged invalid value passes",
+			edit: setFeature("default-dvm", "preload-dispvm-delay", "x"),
+			do:   featureSetOn("default-dvm", "preload-dispvm-delay", "x"),
+			events: []string{ev("pre-set", "default-dvm", "x", "x"),
+				ev("set", "default-dvm", "x", "x")},
+		},
+		changeCase{
+			name:   "changed from an invalid value",
+			edit:   setFeature("default-dvm", "preload-dispvm-delay", "x"),
+			do:     featureSetOn("default-dvm", "preload-dispvm-delay", "y"),
+			want:   bad,
+			events: []string{ev("pre-set", "default-dvm", "y", "x")},
+		},
+		changeCase{
+			name:   "TemplateVM unchecked",
+			do:     featureSetOn("fedora-41", "preload-dispvm-delay", "x"),
+			events: []string{ev("pre-set", "fedora-41", "x"), ev("set", "fedora-41", "x")},
+		},
+		changeCase{
+			name:   "dom0 still checks",
+			do:     featureSetOn("dom0", "preload-dispvm-delay", "x"),
+			want:   bad,
+			events: []string{ev("pre-set", "dom0", "x")},
+		},
+	)
+	runChangeCases(t, cases)
+}
+
+// TestFeatureGlobalPreloadDispvmMax: dom0's preload-dispvm-max pre-set handler fires the
+// same pre-event, with dom0's kwargs, on the global default_dispvm, whose checks then
+// run; not when the value is unchanged or there is no default_dispvm.
+func TestFeatureGlobalPreloadDispvmMax(t *testing.T) {
+	const rpc = "supported-rpc.qubes.WaitForRunningSystem"
+	ev := func(kind, vm, value string, old ...string) string {
+		s := vm + "|domain-feature-" + kind + ":preload-dispvm-max|feature=preload-dispvm-max,value=" + value
+		for _, o := range old {
+			s += ",oldvalue=" + o
+		}
+		return s
+	}
+	runChangeCases(t, []changeCase{
+		{
+			name: "default_dispvm lacks the RPC",
+			do:   featureSetOn("dom0", "preload-dispvm-max", "2"),
+			want: "QubesValueError: Qube does not support the RPC 'qubes.WaitForRunningSystem'",
+			events: []string{ev("pre-set", "dom0", "2"),
+				ev("pre-set", "default-dvm", "2")},
+		},
+		{
+			name: "not a digit on the default_dispvm",
+			edit: setFeature("fedora-41", rpc, "1"),
+			do:   featureSetOn("dom0", "preload-dispvm-max", "x"),
+			want: "QubesValueError: Invalid preload-dispvm-max value: not a digit",
+			events: []string{ev("pre-set", "dom0", "x"),
+				ev("pre-set", "default-dvm", "x")},
+		},
+		{
+			name: "accepted, oldvalue passed on",
+			edit: edits(setFeature("fedora-41", rpc, "1"), setFeature("dom0", "preload-dispvm-max", "1")),
+			do:   featureSetOn("dom0", "preload-dispvm-max", "3"),
+			events: []string{ev("pre-set", "dom0", "3", "1"),
+				ev("pre-set", "default-dvm", "3", "1"),
+				ev("set", "dom0", "3", "1")},
+		},
+		{
+			// Unchanged: dom0's handler returns before re-firing.
+			name:   "unchanged",
+			edit:   setFeature("dom0", "preload-dispvm-max", "x"),
+			do:     featureSetOn("dom0", "preload-dispvm-max", "x"),
+			events: []string{ev("pre-set", "dom0", "x", "x"), ev("set", "dom0", "x", "x")},
+		},
+		{
+			name:   "no default_dispvm",
+			edit:   setGlobal("default_dispvm", ""),
+			do:     featureSetOn("dom0", "preload-dispvm-max", "x"),
+			events: []string{ev("pre-set", "dom0", "x"), ev("set", "dom0", "x")},
+		},
+		{
+			// A default_dispvm that is no DVMTemplateMixin has no handler: streamed only.
+			name: "default_dispvm without the handler",
+			edit: setGlobal("default_dispvm", "fedora-41"),
+			do:   featureSetOn("dom0", "preload-dispvm-max", "x"),
+			events: []string{ev("pre-set", "dom0", "x"), ev("pre-set", "fedora-41", "x"),
+				ev("set", "dom0", "x")},
+		},
+		{
+			// Another qube's preload-dispvm-max is not re-fired.
+			name:   "only dom0 re-fires",
+			edit:   setFeature("legacy", rpc, "1"),
+			do:     featureSetOn("legacy", "preload-dispvm-max", "1"),
+			events: []string{ev("pre-set", "legacy", "1"), ev("set", "legacy", "1")},
+		},
+	})
+}

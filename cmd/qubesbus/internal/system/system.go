@@ -154,7 +154,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 	if err != nil {
 		return nil, err
 	}
-	if err := ensureStreams(ctx, enc, cfg); err != nil {
+	if err := ensureStreams(ctx, enc, cfg, false); err != nil {
 		return nil, err
 	}
 	for _, name := range Services {
@@ -171,10 +171,20 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 }
 
 // ensureStreams creates the JetStream streams qubesbus needs.
-func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config) error {
+// With onlyIfMissing an existing stream is left as it is: a service running as its own
+// NATS user may read stream info but not change streams (deploy/nats), and a denied
+// request is not answered at all.
+func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config, onlyIfMissing bool) error {
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return fmt.Errorf("jetstream: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if onlyIfMissing {
+		if _, err := js.Stream(ctx, cloudevent.StreamName); err == nil {
+			return nil
+		}
 	}
 	_, err = cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{Replicas: cfg.Replicas, MaxAge: cfg.EventsMaxAge, MaxBytes: cfg.EventsMaxBytes})
 	return err
@@ -236,7 +246,21 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 		if err != nil {
 			return err
 		}
-		props, err := properties.New(properties.Config{Host: host, NotesDir: filepath.Join(cfg.DataDir, "notes"), Auth: s.policy},
+		js, err := jetstream.New(nc)
+		if err != nil {
+			return fmt.Errorf("jetstream: %w", err)
+		}
+		// Every instance keeps the notes in one shared bucket. A user without the right
+		// to create it (deploy/nats permissions) binds to the one an admin created.
+		notes, err := properties.OpenNotes(ctx, js, properties.NotesConfig{Replicas: cfg.Replicas})
+		if err != nil {
+			var berr error
+			if notes, berr = js.KeyValue(ctx, properties.NotesBucket); berr != nil {
+				return errors.Join(err, berr)
+			}
+			log.Warn("notes bucket not ensured; using the existing one", "err", err)
+		}
+		props, err := properties.New(properties.Config{Host: host, Notes: notes, Auth: s.policy},
 			adminapi.Registry, rep, vmlifecycle.StatesClient{NC: nc, Host: host},
 			persistence.Client{NC: nc, Host: host}, pub, log)
 		if err != nil {
@@ -291,7 +315,7 @@ func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (f
 	s.conns = append(s.conns, nc)
 	// Whichever service starts first creates the events stream (idempotent); a user
 	// without the right to (deploy/nats permissions) relies on an admin having done it.
-	if err := ensureStreams(ctx, nc, cfg); err != nil {
+	if err := ensureStreams(ctx, nc, cfg, true); err != nil {
 		log.Warn("events stream not ensured; assuming an admin created it", "err", err)
 	}
 	if err := s.startService(name, nc, subject.ForHost(cfg.HostID), cfg); err != nil {
