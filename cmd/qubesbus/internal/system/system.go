@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -361,9 +360,4 @@ func (s *System) Stop() error {
 		s.NATS.WaitForShutdown()
 	}
 	return errors.Join(errs...)
-}
-
-// Dial connects to the system's socket (for tests and tools).
-func (s *System) Dial() (*net.UnixConn, error) {
-	return net.DialUnix("unix", nil, &net.UnixAddr{Name: s.Socket, Net: "unix"})
 }
