@@ -253,7 +253,7 @@ func TestClusterFaults(t *testing.T) {
 	wg.Wait()
 
 	// Every acknowledged write is stored and was seen, in order, by every subscriber.
-	lost, unseen := 0, 0
+	lost := 0
 	for w := 0; w < writers; w++ {
 		if len(acked[w]) == 0 {
 			continue
@@ -267,25 +267,33 @@ func TestClusterFaults(t *testing.T) {
 			t.Errorf("writer %d: stored %q, last acknowledged %d", w, b, last)
 		}
 	}
-	time.Sleep(2 * time.Second) // let the last events reach the subscribers
-	for i, s := range subs {
-		s.mu.Lock()
-		for w := 0; w < writers; w++ {
-			have := map[string]bool{}
-			for _, v := range s.vals[fmt.Sprintf("load.w%d", w)] {
-				have[v] = true
-			}
-			for _, v := range acked[w] {
-				if !have[strconv.Itoa(v)] {
-					unseen++
-					if unseen < 5 {
-						t.Errorf("subscriber %d never saw load.w%d=%d", i, w, v)
+	// Wait (bounded) until the subscribers have every acknowledged write's event.
+	missing := func(report bool) int {
+		n := 0
+		for i, s := range subs {
+			s.mu.Lock()
+			for w := 0; w < writers; w++ {
+				have := map[string]bool{}
+				for _, v := range s.vals[fmt.Sprintf("load.w%d", w)] {
+					have[v] = true
+				}
+				for _, v := range acked[w] {
+					if !have[strconv.Itoa(v)] {
+						n++
+						if report && n < 5 {
+							t.Errorf("subscriber %d never saw load.w%d=%d", i, w, v)
+						}
 					}
 				}
 			}
+			s.mu.Unlock()
 		}
-		s.mu.Unlock()
+		return n
 	}
+	for deadline := time.Now().Add(10 * time.Second); missing(false) > 0 && time.Now().Before(deadline); {
+		time.Sleep(100 * time.Millisecond)
+	}
+	unseen := missing(true)
 	t.Logf("reads %d (failed %d), writes %d (acknowledged %d, failed %d), acknowledged writes lost %d, events missed %d",
 		cnt.reads.Load(), cnt.readFails.Load(), cnt.writes.Load(), cnt.writeAcked.Load(), cnt.writeFails.Load(), lost, unseen)
 	if n := cnt.readFails.Load(); n > 0 {
