@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -201,50 +200,13 @@ func (x *host) apply(ops ...config.Op) {
 
 // eventLog is every event of the host in stream order, as "vm name k=v …" lines.
 type eventLog struct {
-	stream jetstream.Stream
-	mu     sync.Mutex
-	all    []logged
-}
-
-type logged struct {
-	seq  uint64
-	line string
+	t   testing.TB
+	rec *bustest.EventRecorder
 }
 
 func captureEvents(t testing.TB, js jetstream.JetStream, h subject.Host) *eventLog {
 	t.Helper()
-	ctx := context.Background()
-	cons, err := js.OrderedConsumer(ctx, cloudevent.StreamName, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{h.Events()}, DeliverPolicy: jetstream.DeliverAllPolicy,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	stream, err := js.Stream(ctx, cloudevent.StreamName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := &eventLog{stream: stream}
-	cc, err := cons.Consume(func(m jetstream.Msg) {
-		meta, err := m.Metadata()
-		if err != nil {
-			t.Errorf("event metadata: %v", err)
-			return
-		}
-		ev, _, err := cloudevent.Decode(ctx, &nats.Msg{Subject: m.Subject(), Header: m.Headers(), Data: m.Data()})
-		if err != nil {
-			t.Errorf("decode event: %v", err)
-			return
-		}
-		l.mu.Lock()
-		l.all = append(l.all, logged{meta.Sequence.Stream, eventLine(ev)})
-		l.mu.Unlock()
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cc.Stop)
-	return l
+	return &eventLog{t: t, rec: bustest.RecordEvents(t, js, h.Events())}
 }
 
 func eventLine(e cloudevent.Event) string {
@@ -260,23 +222,13 @@ func eventLine(e cloudevent.Event) string {
 
 // mark returns the stream position after every event stored so far (events are
 // stored before the call that fired them replies).
-func (l *eventLog) mark() uint64 {
-	info, err := l.stream.Info(context.Background())
-	if err != nil {
-		panic(err)
-	}
-	return info.State.LastSeq
-}
+func (l *eventLog) mark() uint64 { return l.rec.Mark(l.t) }
 
 // since returns the events after a mark, as far as they were delivered.
 func (l *eventLog) since(mark uint64) []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	var out []string
-	for _, e := range l.all {
-		if e.seq > mark {
-			out = append(out, e.line)
-		}
+	for _, r := range l.rec.Since(mark) {
+		out = append(out, eventLine(r.Event))
 	}
 	return out
 }

@@ -13,11 +13,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
@@ -30,56 +28,19 @@ import (
 )
 
 // lifeEvents is every event of the host, read from QUBES_EVENTS with a plain ordered
-// consumer and decoded with cloudevent.Decode, rendered as admin.Events wire frames.
+// consumer and decoded with the CloudEvents SDK, rendered as admin.Events wire frames.
 type lifeEvents struct {
-	stream jetstream.Stream
-	mu     sync.Mutex
-	frames []lifeFrame
-}
-
-type lifeFrame struct {
-	seq   uint64
-	frame string
+	t   *testing.T
+	rec *bustest.EventRecorder
 }
 
 func captureLifeEvents(t *testing.T, sys *System, host string) *lifeEvents {
 	t.Helper()
-	ctx := context.Background()
 	js, err := jetstream.New(bustest.Connect(t, sys.NATS))
 	if err != nil {
 		t.Fatal(err)
 	}
-	stream, err := js.Stream(ctx, cloudevent.StreamName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cons, err := js.OrderedConsumer(ctx, cloudevent.StreamName, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{subject.ForHost(host).Events()}, DeliverPolicy: jetstream.DeliverAllPolicy,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := &lifeEvents{stream: stream}
-	cc, err := cons.Consume(func(m jetstream.Msg) {
-		meta, err := m.Metadata()
-		if err != nil {
-			t.Errorf("event metadata: %v", err)
-			return
-		}
-		ev, _, err := cloudevent.Decode(ctx, &nats.Msg{Subject: m.Subject(), Header: m.Headers(), Data: m.Data()})
-		if err != nil {
-			t.Errorf("decode event: %v", err)
-			return
-		}
-		l.mu.Lock()
-		l.frames = append(l.frames, lifeFrame{meta.Sequence.Stream, wireFrame(ev)})
-		l.mu.Unlock()
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cc.Stop)
-	return l
+	return &lifeEvents{t: t, rec: bustest.RecordEvents(t, js, subject.ForHost(host).Events())}
 }
 
 // wireFrame is the admin.Events frame of an event (protocol.md §4).
@@ -93,23 +54,12 @@ func wireFrame(e cloudevent.Event) string {
 	return b.String()
 }
 
-func (l *lifeEvents) mark(t *testing.T) uint64 {
-	t.Helper()
-	info, err := l.stream.Info(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return info.State.LastSeq
-}
+func (l *lifeEvents) mark(t *testing.T) uint64 { return l.rec.Mark(t) }
 
 func (l *lifeEvents) since(mark uint64) []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	var out []string
-	for _, f := range l.frames {
-		if f.seq > mark {
-			out = append(out, f.frame)
-		}
+	for _, r := range l.rec.Since(mark) {
+		out = append(out, wireFrame(r.Event))
 	}
 	return out
 }
