@@ -16,6 +16,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/cloudevent/recorder"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/adminapi"
@@ -201,12 +202,12 @@ func (x *host) apply(ops ...config.Op) {
 // eventLog is every event of the host in stream order, as "vm name k=v …" lines.
 type eventLog struct {
 	t   testing.TB
-	rec *bustest.EventRecorder
+	rec *recorder.Recorder
 }
 
 func captureEvents(t testing.TB, js jetstream.JetStream, h subject.Host) *eventLog {
 	t.Helper()
-	return &eventLog{t: t, rec: bustest.RecordEvents(t, js, h.Events())}
+	return &eventLog{t: t, rec: recorder.Record(t, js, h.Events())}
 }
 
 func eventLine(e cloudevent.Event) string {

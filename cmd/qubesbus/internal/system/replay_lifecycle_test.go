@@ -20,6 +20,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/cloudevent/recorder"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/services/persistence"
@@ -31,7 +32,7 @@ import (
 // consumer and decoded with the CloudEvents SDK, rendered as admin.Events wire frames.
 type lifeEvents struct {
 	t   *testing.T
-	rec *bustest.EventRecorder
+	rec *recorder.Recorder
 }
 
 func captureLifeEvents(t *testing.T, sys *System, host string) *lifeEvents {
@@ -40,7 +41,7 @@ func captureLifeEvents(t *testing.T, sys *System, host string) *lifeEvents {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &lifeEvents{t: t, rec: bustest.RecordEvents(t, js, subject.ForHost(host).Events())}
+	return &lifeEvents{t: t, rec: recorder.Record(t, js, subject.ForHost(host).Events())}
 }
 
 // wireFrame is the admin.Events frame of an event (protocol.md §4).

@@ -1,4 +1,7 @@
-package bustest
+// Package recorder keeps the events a test caused, read back from QUBES_EVENTS, for
+// comparing event sequences (a test helper, like bustest, which cloudevent's own tests
+// use and so cannot hold this).
+package recorder
 
 import (
 	"context"
@@ -17,18 +20,18 @@ type Recorded struct {
 	Event cloudevent.Event
 }
 
-// EventRecorder keeps every event of a subject filter, read from QUBES_EVENTS with an
+// Recorder keeps every event of a subject filter, read from QUBES_EVENTS with an
 // ordered consumer and decoded with the CloudEvents SDK, for tests that compare event
 // sequences.
-type EventRecorder struct {
+type Recorder struct {
 	stream jetstream.Stream
 	mu     sync.Mutex
 	all    []Recorded
 }
 
-// RecordEvents starts recording from the beginning of the stream; it stops when the
+// Record starts recording from the beginning of the stream; it stops when the
 // test ends. Decoding failures fail the test.
-func RecordEvents(t testing.TB, js jetstream.JetStream, filter string) *EventRecorder {
+func Record(t testing.TB, js jetstream.JetStream, filter string) *Recorder {
 	t.Helper()
 	ctx := context.Background()
 	stream, err := js.Stream(ctx, cloudevent.StreamName)
@@ -41,7 +44,7 @@ func RecordEvents(t testing.TB, js jetstream.JetStream, filter string) *EventRec
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &EventRecorder{stream: stream}
+	r := &Recorder{stream: stream}
 	cc, err := cons.Consume(func(m jetstream.Msg) {
 		meta, err := m.Metadata()
 		if err != nil {
@@ -65,7 +68,7 @@ func RecordEvents(t testing.TB, js jetstream.JetStream, filter string) *EventRec
 }
 
 // Mark is the stream's last sequence now: Since(Mark()) is what comes after.
-func (r *EventRecorder) Mark(t testing.TB) uint64 {
+func (r *Recorder) Mark(t testing.TB) uint64 {
 	t.Helper()
 	info, err := r.stream.Info(context.Background())
 	if err != nil {
@@ -75,7 +78,7 @@ func (r *EventRecorder) Mark(t testing.TB) uint64 {
 }
 
 // Since returns the recorded events after a mark, in stream order.
-func (r *EventRecorder) Since(mark uint64) []Recorded {
+func (r *Recorder) Since(mark uint64) []Recorded {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var out []Recorded
