@@ -143,15 +143,17 @@ func TestServicesRunWithTheirOwnCredentials(t *testing.T) {
 		}
 		defer stop()
 	}
-	for req, want := range map[string]string{
-		"admin.vm.property.Get+label dom0 name work\x00":  "0\x00default=False type=label blue",
-		"admin.vm.property.Set+memory dom0 name work\x00": "2\x00QubesValueError\x00\x00Failed to parse property value as int\x00",
-		"admin.vm.feature.Set+perm dom0 name work\x00x":   "0\x00",
-		"admin.vm.feature.Get+perm dom0 name work\x00":    "0\x00x",
-		"admin.vm.notes.Set+ dom0 name work\x00hello":     "0\x00",
-		"admin.vm.notes.Get+ dom0 name work\x00":          "0\x00hello",
-		"admin.vm.Start+ dom0 name work\x00":              "0\x00",
+	// In order: the Gets read what the Sets wrote.
+	for _, c := range []struct{ req, want string }{
+		{"admin.vm.property.Get+label dom0 name work\x00", "0\x00default=False type=label blue"},
+		{"admin.vm.property.Set+memory dom0 name work\x00", "2\x00QubesValueError\x00\x00Failed to parse property value as int\x00"},
+		{"admin.vm.feature.Set+perm dom0 name work\x00x", "0\x00"},
+		{"admin.vm.feature.Get+perm dom0 name work\x00", "0\x00x"},
+		{"admin.vm.notes.Set+ dom0 name work\x00hello", "0\x00"},
+		{"admin.vm.notes.Get+ dom0 name work\x00", "0\x00hello"},
+		{"admin.vm.Start+ dom0 name work\x00", "0\x00"},
 	} {
+		req, want := c.req, c.want
 		resp, err := call(ctx, socket, strings.Split(req, "\x00")[0], []byte(strings.SplitN(req, "\x00", 2)[1]))
 		if err != nil || string(resp) != want {
 			t.Errorf("%q: %q %v, want %q", req, resp, err, want)
