@@ -148,9 +148,11 @@ func TestEventsChecks(t *testing.T) {
 	}
 }
 
-func consumerCount(t testing.TB, sys *System) int {
+// eventsStream reads QUBES_EVENTS' info over a connection of its own.
+func eventsStream(t testing.TB, sys *System) *jetstream.StreamInfo {
 	t.Helper()
 	nc := bustest.Connect(t, sys.NATS)
+	defer nc.Close()
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
@@ -165,9 +167,10 @@ func consumerCount(t testing.TB, sys *System) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nc.Close()
-	return info.State.Consumers
+	return info
 }
+
+func consumerCount(t testing.TB, sys *System) int { return eventsStream(t, sys).State.Consumers }
 
 func TestEventsSubscribeDisconnectLeavesNothing(t *testing.T) {
 	sys := startSystem(t)
@@ -252,15 +255,7 @@ func TestEventsSlowSubscriberIsCutOff(t *testing.T) {
 
 func TestEventsStreamLimitsAreSettings(t *testing.T) {
 	sys := startSystem(t, func(c *Config) { c.EventsMaxAge, c.EventsMaxBytes = time.Hour, 64<<20 })
-	nc := bustest.Connect(t, sys.NATS)
-	js, _ := jetstream.New(nc)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	s, err := js.Stream(ctx, cloudevent.StreamName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := s.CachedInfo().Config
+	c := eventsStream(t, sys).Config
 	if c.MaxAge != time.Hour || c.MaxBytes != 64<<20 || c.Storage != jetstream.FileStorage || c.Replicas != 1 {
 		t.Fatalf("stream config: age %s bytes %d storage %v replicas %d", c.MaxAge, c.MaxBytes, c.Storage, c.Replicas)
 	}

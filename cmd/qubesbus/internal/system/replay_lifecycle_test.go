@@ -389,20 +389,8 @@ var lifecycleRawErrors = []string{
 }
 
 func TestReplayRawErrorsLifecycle(t *testing.T) {
-	sys := startSystem(t)
-	byCase := map[string]exchange{}
-	for _, e := range loadTranscript(t, "raw-errors.jsonl") {
-		byCase[e.Case] = e
-	}
-	for _, name := range lifecycleRawErrors {
-		e, ok := byCase[name]
-		if !ok {
-			t.Fatalf("case %s missing", name)
-		}
-		if got := roundTrip(t, sys.Socket, e.Request); !bytes.Equal(got, e.Response) {
-			t.Errorf("%s: got %q, want %q", name, got, e.Response)
-		}
-	}
+	byCase := rawErrorCases(t)
+	replayCases(t, startSystem(t), byCase, lifecycleRawErrors)
 	// Every raw-errors case of a lifecycle method is covered here.
 	for name, e := range byCase {
 		if lifecycleMethods[requestMethod(e.Request)] && !slices.Contains(lifecycleRawErrors, name) {

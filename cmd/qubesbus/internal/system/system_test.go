@@ -124,24 +124,35 @@ var foundationCases = []string{
 	"ok-vm-list", "ok-vm-list-single", "ok-dest-uuid", "ok-label-list",
 }
 
-func TestReplayRawErrorsFoundation(t *testing.T) {
-	sys := startSystem(t)
+// rawErrorCases indexes raw-errors.jsonl by case name.
+func rawErrorCases(t *testing.T) map[string]exchange {
+	t.Helper()
 	byCase := map[string]exchange{}
 	for _, e := range loadTranscript(t, "raw-errors.jsonl") {
 		byCase[e.Case] = e
 	}
-	for _, name := range foundationCases {
+	return byCase
+}
+
+// replayCases sends the named raw-errors cases, each on its own connection, and
+// compares the responses byte for byte.
+func replayCases(t *testing.T, sys *System, byCase map[string]exchange, names []string) {
+	t.Helper()
+	for _, name := range names {
 		e, ok := byCase[name]
 		if !ok {
 			t.Fatalf("case %s missing from the transcript", name)
 		}
 		t.Run(name, func(t *testing.T) {
-			got := roundTrip(t, sys.Socket, e.Request)
-			if !bytes.Equal(got, e.Response) {
+			if got := roundTrip(t, sys.Socket, e.Request); !bytes.Equal(got, e.Response) {
 				t.Errorf("request %q\n got %q\nwant %q", e.Request, got, e.Response)
 			}
 		})
 	}
+}
+
+func TestReplayRawErrorsFoundation(t *testing.T) {
+	replayCases(t, startSystem(t), rawErrorCases(t), foundationCases)
 }
 
 func TestVMClassList(t *testing.T) {
