@@ -37,28 +37,21 @@ func RunJetStream(t testing.TB) *server.Server {
 // until JetStream has a meta leader.
 func RunCluster(t testing.TB, n int) []*server.Server {
 	t.Helper()
-	ports := make([]int, n)
-	for i := range ports {
-		ports[i] = freePort(t)
+	// Route ports must be known before the servers start, so they are picked free and
+	// may be taken by a parallel test in between: then start the cluster again on
+	// fresh ports.
+	var servers []*server.Server
+	var err error
+	for attempt := 1; ; attempt++ {
+		if servers, err = startCluster(t, n); err == nil {
+			break
+		}
+		if attempt == 3 {
+			t.Fatalf("start cluster: %v", err)
+		}
+		t.Logf("start cluster (attempt %d): %v; retrying on fresh ports", attempt, err)
 	}
-	servers := make([]*server.Server, n)
-	for i := range servers {
-		var routes []string
-		for j, p := range ports {
-			if j != i {
-				routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", p))
-			}
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		ns, err := embedded.Start(ctx, embedded.Config{
-			StoreDir: t.TempDir(), Port: -1, ServerName: fmt.Sprintf("n%d", i),
-			ClusterName: "qubesbus-test", ClusterPort: ports[i], Routes: routes,
-		})
-		cancel()
-		if err != nil {
-			t.Fatalf("start cluster node %d: %v", i, err)
-		}
-		servers[i] = ns
+	for _, ns := range servers {
 		t.Cleanup(func() {
 			ns.Shutdown()
 			ns.WaitForShutdown()
@@ -77,6 +70,38 @@ func RunCluster(t testing.TB, n int) []*server.Server {
 		return err
 	})
 	return servers
+}
+
+// startCluster starts n clustered servers, or none: on error those started are stopped.
+func startCluster(t testing.TB, n int) ([]*server.Server, error) {
+	ports := make([]int, n)
+	for i := range ports {
+		ports[i] = freePort(t)
+	}
+	servers := make([]*server.Server, 0, n)
+	for i := 0; i < n; i++ {
+		var routes []string
+		for j, p := range ports {
+			if j != i {
+				routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", p))
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		ns, err := embedded.Start(ctx, embedded.Config{
+			StoreDir: t.TempDir(), Port: -1, ServerName: fmt.Sprintf("n%d", i),
+			ClusterName: "qubesbus-test", ClusterPort: ports[i], Routes: routes,
+		})
+		cancel()
+		if err != nil {
+			for _, s := range servers {
+				s.Shutdown()
+				s.WaitForShutdown()
+			}
+			return nil, fmt.Errorf("node %d: %w", i, err)
+		}
+		servers = append(servers, ns)
+	}
+	return servers, nil
 }
 
 // Connect opens a client connection to ns, closed when the test ends.
