@@ -47,6 +47,8 @@ type Request struct {
 	Dest    string
 	Payload []byte
 	ID      string
+	// After are the marks the serving instance must have reached before it answers.
+	After Marks
 }
 
 // Msg encodes the request for a subject.
@@ -61,6 +63,7 @@ func (r *Request) Msg(subject string) *nats.Msg {
 	if r.ID != "" {
 		m.Header.Set(HeaderRequestID, escape(r.ID))
 	}
+	r.After.Set(m.Header)
 	m.Data = r.Payload
 	return m
 }
@@ -78,6 +81,9 @@ func ParseRequest(h nats.Header, data []byte) (*Request, error) {
 			return nil, fmt.Errorf("header %s: %w", f.name, err)
 		}
 	}
+	if r.After, err = ParseMarks(h); err != nil {
+		return nil, err
+	}
 	r.Payload = data
 	return &r, nil
 }
@@ -87,6 +93,8 @@ type Reply struct {
 	Status    string
 	Content   []byte      // StatusOK
 	Exception *qerr.Error // StatusException
+	// Marks are the state the service was in after the call.
+	Marks Marks
 }
 
 // OK returns the header and body of a successful reply.
@@ -112,6 +120,16 @@ func Failure(err error) (nats.Header, []byte) {
 
 // ParseReply decodes a reply.
 func ParseReply(m *nats.Msg) (Reply, error) {
+	marks, err := ParseMarks(m.Header)
+	if err != nil {
+		return Reply{}, err
+	}
+	rep, err := parseStatus(m)
+	rep.Marks = marks
+	return rep, err
+}
+
+func parseStatus(m *nats.Msg) (Reply, error) {
 	switch st := m.Header.Get(HeaderStatus); st {
 	case StatusOK:
 		return Reply{Status: st, Content: m.Data}, nil

@@ -37,6 +37,8 @@ type Call struct {
 	Arg     string
 	Payload []byte
 	ID      string
+	// After are the marks of the newest state the caller has seen (envelope.Marks).
+	After envelope.Marks
 }
 
 var uuidForm = regexp.MustCompile(`^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$`)
@@ -110,7 +112,7 @@ func Check(ctx context.Context, res Resolver, auth Authorizer, m *Method, req *e
 	if auth != nil && !auth.Allowed(m.Name, req.Arg, src, dest) {
 		return nil, qerr.New("PermissionDenied", "")
 	}
-	return &Call{Method: *m, Source: src, Dest: dest, Arg: req.Arg, Payload: req.Payload, ID: req.ID}, nil
+	return &Call{Method: *m, Source: src, Dest: dest, Arg: req.Arg, Payload: req.Payload, ID: req.ID, After: req.After}, nil
 }
 
 func isASCII(s string) bool {

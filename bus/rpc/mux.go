@@ -41,6 +41,13 @@ type Mux struct {
 	// before the reply is sent (persistence saves qubes.xml after such calls).
 	AfterChange func(ctx context.Context, c *Call) error
 
+	// RuntimeMark, if set, stamps every reply with the service's runtime mark.
+	RuntimeMark func() envelope.RuntimeMark
+
+	// BarrierWait bounds how long a call waits for the resolver's replica to reach the
+	// caller's configuration revision (default 10 s).
+	BarrierWait time.Duration
+
 	mu       sync.Mutex
 	inflight map[string]context.CancelFunc // cancellable calls by request id
 }
@@ -152,6 +159,10 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 			cancel()
 		}()
 	}
+	if err := m.barrier(ctx, req.After.ConfigRev); err != nil {
+		m.respond(r, req, nil, err)
+		return
+	}
 	call, err := Check(ctx, m.resolver, m.Auth, meth, req)
 	if err != nil {
 		m.respond(r, req, nil, err)
@@ -186,9 +197,48 @@ func (m *Mux) respond(r micro.Request, req *envelope.Request, content []byte, er
 			m.log.Warn("call aborted", "method", req.Method, "src", req.Source, "dest", req.Dest, "id", req.ID, "err", err)
 		}
 	}
+	m.stamp(h)
 	if rerr := r.Respond(body, micro.WithHeaders(micro.Headers(h))); rerr != nil {
 		m.log.Warn("respond", "err", rerr)
 	}
+}
+
+// revisioned is a resolver over a configuration replica (replica.Replica).
+type revisioned interface {
+	Revision() uint64
+	WaitRevision(ctx context.Context, rev uint64) error
+}
+
+// barrier waits until the resolver's replica holds the configuration revision the
+// caller has already seen, so that a call after a change served by another instance
+// sees that change.
+func (m *Mux) barrier(ctx context.Context, rev uint64) error {
+	rr, ok := m.resolver.(revisioned)
+	if !ok || rev == 0 || rr.Revision() >= rev {
+		return nil
+	}
+	wait := m.BarrierWait
+	if wait <= 0 {
+		wait = 10 * time.Second
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	if err := rr.WaitRevision(wctx, rev); err != nil {
+		return fmt.Errorf("%w: configuration replica behind the caller's revision %d: %w", qerr.ErrAbort, rev, err)
+	}
+	return nil
+}
+
+// stamp writes this instance's marks into a reply.
+func (m *Mux) stamp(h nats.Header) {
+	var marks envelope.Marks
+	if rr, ok := m.resolver.(revisioned); ok {
+		marks.ConfigRev = rr.Revision()
+	}
+	if m.RuntimeMark != nil {
+		marks.Runtime = m.RuntimeMark()
+	}
+	marks.Set(h)
 }
 
 func (m *Mux) cancel(msg *nats.Msg) {

@@ -50,6 +50,25 @@ type Server struct {
 
 	wg    sync.WaitGroup
 	slots chan struct{}
+
+	// marks are the newest state any reply has shown. Every request carries them, so
+	// a call is never served from state older than what an earlier call saw, whichever
+	// service or instance serves it.
+	mmu   sync.Mutex
+	marks envelope.Marks
+}
+
+// Marks returns the newest marks the gateway has seen in replies.
+func (s *Server) Marks() envelope.Marks {
+	s.mmu.Lock()
+	defer s.mmu.Unlock()
+	return s.marks
+}
+
+func (s *Server) observe(m envelope.Marks) {
+	s.mmu.Lock()
+	s.marks = s.marks.Max(m)
+	s.mmu.Unlock()
 }
 
 // StreamHandler serves a streaming method on the connection until the client goes
@@ -157,6 +176,7 @@ func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Rep
 	deadline := time.Now().Add(s.cfg.RetryWindow)
 	backoff := 20 * time.Millisecond
 	attemptTimeout := s.cfg.ReadTimeout
+	req.After = req.After.Max(s.Marks())
 	for attempt := 1; ; attempt++ {
 		actx, acancel := cctx, context.CancelFunc(func() {})
 		if retry {
@@ -166,7 +186,11 @@ func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Rep
 		msg, err := s.nc.RequestMsgWithContext(actx, req.Msg(s.cfg.Host.API(tok)))
 		acancel()
 		if err == nil {
-			return envelope.ParseReply(msg)
+			rep, err := envelope.ParseReply(msg)
+			if err == nil {
+				s.observe(rep.Marks)
+			}
+			return rep, err
 		}
 		transient := errors.Is(err, nats.ErrNoResponders) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)
 		if !retry || !transient || cctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
