@@ -177,6 +177,12 @@ type Reading struct {
 // Text is the Get reply: "default=‹True|False› type=‹t› ‹value›".
 func (r Reading) Text() string {
 	var b strings.Builder
+	r.write(&b, false)
+	return b.String()
+}
+
+// write appends Text to b; escaped, as GetAll shows it (backslash and newline escaped).
+func (r Reading) write(b *strings.Builder, escaped bool) {
 	b.WriteString("default=")
 	if r.Default {
 		b.WriteString("True")
@@ -186,10 +192,15 @@ func (r Reading) Text() string {
 	b.WriteString(" type=")
 	b.WriteString(r.Spec.Type)
 	b.WriteByte(' ')
-	if r.HasValue {
-		b.WriteString(r.Value.String())
+	if !r.HasValue {
+		return
 	}
-	return b.String()
+	t := r.Value.String()
+	if escaped && strings.ContainsAny(t, "\\\n") {
+		t = strings.ReplaceAll(t, `\`, `\\`)
+		t = strings.ReplaceAll(t, "\n", `\n`)
+	}
+	b.WriteString(t)
 }
 
 // NoSuchProperty is qubesd's error for an unknown property name.
@@ -321,16 +332,13 @@ func (m *Model) GetAll(h Holder) []Reading {
 // GetAllText renders GetAll's reply: "‹name› ‹Get text›\n" per property, with \ and
 // newline escaped.
 func (m *Model) GetAllText(h Holder) string {
+	rs := m.GetAll(h)
 	var b strings.Builder
-	for _, r := range m.GetAll(h) {
+	b.Grow(64 * len(rs)) // a qube's GetAll is about 3 KiB; one allocation, not a dozen
+	for _, r := range rs {
 		b.WriteString(r.Spec.Name)
 		b.WriteByte(' ')
-		t := r.Text()
-		if strings.ContainsAny(t, "\\\n") {
-			t = strings.ReplaceAll(t, `\`, `\\`)
-			t = strings.ReplaceAll(t, "\n", `\n`)
-		}
-		b.WriteString(t)
+		r.write(&b, true)
 		b.WriteByte('\n')
 	}
 	return b.String()
