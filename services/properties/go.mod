@@ -20,7 +20,6 @@ require (
 	github.com/modern-go/concurrent v0.0.0-20180306012644-bacd9c7ef1dd // indirect
 	github.com/modern-go/reflect2 v1.0.2 // indirect
 	github.com/nats-io/jwt/v2 v2.8.2 // indirect
-	github.com/nats-io/nats-server/v2 v2.15.2 // indirect
 	github.com/nats-io/nkeys v0.4.16 // indirect
 	github.com/nats-io/nuid v1.0.1 // indirect
 	go.uber.org/multierr v1.11.0 // indirect
@@ -35,6 +34,9 @@ replace (
 	github.com/qubesbus/qubesbus/schemas => ../../schemas
 )
 
-require github.com/qubesbus/qubesbus/services/persistence v0.0.0
+require (
+	github.com/nats-io/nats-server/v2 v2.15.2
+	github.com/qubesbus/qubesbus/services/persistence v0.0.0
+)
 
 replace github.com/qubesbus/qubesbus/services/persistence => ../persistence

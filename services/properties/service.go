@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -69,6 +70,9 @@ type Config struct {
 	// Auth decides which source may call what; nil allows every call (qubesd itself
 	// leaves that to qrexec policy).
 	Auth rpc.Authorizer
+	// RuntimeMaxAge bounds how long a cached runtime snapshot is served without a
+	// change notice (default 1s); see runtimeCache.
+	RuntimeMaxAge time.Duration
 }
 
 // Validate reports every problem at once.
@@ -90,6 +94,7 @@ type Service struct {
 	log    *slog.Logger
 	mux    *rpc.Mux
 	notes  *notes
+	rtc    *runtimeCache // nil unless powers is a RuntimeSource
 
 	// wmu serialises write calls of this instance, as qubesd's single event loop does;
 	// several instances are kept consistent by revision-checked mutations.
@@ -112,8 +117,14 @@ func New(cfg Config, reg *rpc.Registry, rep *replica.Replica, powers PowerStates
 	if cfg.WriteTimeout == 0 {
 		cfg.WriteTimeout = 30 * time.Second
 	}
+	if cfg.RuntimeMaxAge == 0 {
+		cfg.RuntimeMaxAge = time.Second
+	}
 	s := &Service{cfg: cfg, rep: rep, powers: powers, store: store, events: events, log: log,
 		notes: newNotes(cfg.Notes, cfg.Host), newLabels: map[string]bool{}}
+	if src, ok := powers.(RuntimeSource); ok {
+		s.rtc = newRuntimeCache(src, cfg.RuntimeMaxAge)
+	}
 	s.mux = rpc.NewMux(reg, rpc.Properties, rep, log)
 	s.mux.Auth = cfg.Auth
 	s.mux.HandleUnknown()
@@ -174,11 +185,36 @@ func New(cfg Config, reg *rpc.Registry, rep *replica.Replica, powers PowerStates
 
 // Serve starts the service's endpoints on nc.
 func (s *Service) Serve(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
+	if s.rtc != nil {
+		// Subscribed before the endpoints, so no change after the first call is missed.
+		sub, err := nc.Subscribe(s.cfg.Host.Service("vmlifecycle", "changed"), func(m *nats.Msg) {
+			if mark, err := envelope.ParseRuntimeMark(string(m.Data)); err == nil {
+				s.rtc.heardOf(mark)
+			}
+		})
+		if err != nil {
+			return nil, fmt.Errorf("subscribe to runtime changes: %w", err)
+		}
+		context.AfterFunc(ctx, func() { _ = sub.Unsubscribe() })
+	}
 	return s.mux.Serve(ctx, nc, s.cfg.Host, version)
 }
 
-// runtime returns the runtime values of every qube that is not halted.
-func (s *Service) runtime(ctx context.Context) (func(string) model.Runtime, error) {
+// runtime returns the runtime values of every qube that is not halted, as current as
+// the caller's runtime mark at least.
+func (s *Service) runtime(ctx context.Context, after envelope.RuntimeMark) (func(string) model.Runtime, error) {
+	if s.rtc != nil {
+		vals, err := s.rtc.get(ctx, after, s.rep.Revision())
+		if err != nil {
+			return nil, fmt.Errorf("runtime values: %w", err)
+		}
+		return func(name string) model.Runtime {
+			if r, ok := vals[name]; ok {
+				return r
+			}
+			return model.Halted
+		}, nil
+	}
 	if rv, ok := s.powers.(RuntimeValues); ok {
 		vals, err := rv.RuntimeValues(ctx)
 		if err != nil {
@@ -220,7 +256,7 @@ func (s *Service) read(ctx context.Context, c *rpc.Call, needRuntime bool, f fun
 	var rt func(string) model.Runtime
 	if needRuntime {
 		var err error
-		if rt, err = s.runtime(ctx); err != nil {
+		if rt, err = s.runtime(ctx, c.After.Runtime); err != nil {
 			return nil, err
 		}
 	}
@@ -274,7 +310,7 @@ func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Mod
 func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) (_ *model.Change, save bool, _ error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
-	rt, err := s.runtime(ctx)
+	rt, err := s.runtime(ctx, c.After.Runtime)
 	if err != nil {
 		return nil, false, err
 	}
@@ -351,7 +387,7 @@ func lines(items []string) []byte {
 }
 
 func (s *Service) vmList(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	rt, err := s.runtime(ctx)
+	rt, err := s.runtime(ctx, c.After.Runtime)
 	if err != nil {
 		return nil, err
 	}

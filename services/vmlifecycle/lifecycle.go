@@ -640,7 +640,9 @@ func (s *Service) dispatch(ctx context.Context, n Notice) {
 		select {
 		case r.lock <- struct{}{}: // free: handle now, in order
 			s.mu.Unlock()
+			s.begin()
 			s.handleNoticeLocked(ctx, n)
+			s.end()
 			<-r.lock
 			return
 		default:

@@ -15,12 +15,14 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/config"
@@ -92,6 +94,13 @@ type Service struct {
 	mu     sync.Mutex
 	qubes  map[string]*qubeRun
 	queues map[string]*noticeQueue
+
+	// Runtime marks, for the properties service's runtime cache (RuntimeSnapshot):
+	// version counts changes, busy the operations under way.
+	epoch   uint64
+	version atomic.Uint64
+	busy    atomic.Int64
+	notify  atomic.Pointer[nats.Conn] // publishes change notices once Serve runs
 }
 
 // qubeRun is the service's bookkeeping of one qube.
@@ -118,10 +127,13 @@ func New(cfg Config) (*Service, error) {
 	}
 	s := &Service{host: cfg.Host, model: cfg.Model, inv: cfg.Inventory, drv: cfg.Driver,
 		pub: cfg.Events, store: cfg.Store, log: cfg.Log,
-		qubes: map[string]*qubeRun{}, queues: map[string]*noticeQueue{}}
+		qubes: map[string]*qubeRun{}, queues: map[string]*noticeQueue{},
+		epoch: uint64(time.Now().UnixNano())}
+	s.version.Store(1)
 	s.stats = newStatsProducer(s, cfg.StatsLease)
 	s.mux = rpc.NewMux(cfg.Registry, rpc.VMLifecycle, cfg.Model, cfg.Log)
 	s.mux.Auth = cfg.Auth
+	s.mux.RuntimeMark = s.Mark
 	s.mux.Handle("admin.vm.Start", s.vmStart)
 	s.mux.Handle("admin.vm.Shutdown", s.vmShutdown)
 	s.mux.Handle("admin.vm.Kill", s.vmKill)
@@ -148,6 +160,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn, version string) (mic
 	}
 	go s.follow(ctx, notices)
 
+	s.notify.Store(nc)
 	svc, err := s.mux.Serve(ctx, nc, s.host, version)
 	if err != nil {
 		return nil, err
@@ -211,7 +224,8 @@ func (s *Service) lock(ctx context.Context, name string) (unlock func(), err err
 	r := s.run(name)
 	select {
 	case r.lock <- struct{}{}:
-		return func() { <-r.lock }, nil
+		s.begin()
+		return func() { s.end(); <-r.lock }, nil
 	case <-ctx.Done():
 		return nil, fmt.Errorf("lock %s: %w", name, ctx.Err())
 	}
@@ -306,12 +320,20 @@ func (s *Service) serveStates(ctx context.Context) micro.HandlerFunc {
 func (s *Service) serveRuntime(ctx context.Context) micro.HandlerFunc {
 	return func(r micro.Request) {
 		go func() {
-			rts, err := s.Runtimes(ctx)
+			snap, err := s.Snapshot(ctx)
 			if err != nil {
 				_ = r.Error("500", err.Error(), nil)
 				return
 			}
-			_ = r.RespondJSON(rts)
+			body, err := json.Marshal(snap.Runtimes)
+			if err != nil {
+				_ = r.Error("500", err.Error(), nil)
+				return
+			}
+			h := nats.Header{}
+			envelope.Marks{ConfigRev: snap.ConfigRev, Runtime: snap.Mark}.Set(h)
+			h.Set(headerSettled, strconv.FormatBool(snap.Settled))
+			_ = r.Respond(body, micro.WithHeaders(micro.Headers(h)))
 		}()
 	}
 }
@@ -326,7 +348,7 @@ type StatesClient struct {
 // every qube that is not Halted.
 func (c StatesClient) PowerStates(ctx context.Context) (map[string]string, error) {
 	var out map[string]string
-	if err := c.request(ctx, "states", &out); err != nil {
+	if _, err := c.request(ctx, "states", &out); err != nil {
 		return nil, fmt.Errorf("ask vmlifecycle for power states: %w", err)
 	}
 	return out, nil
@@ -336,7 +358,7 @@ func (c StatesClient) PowerStates(ctx context.Context) (map[string]string, error
 // the answer has HaltedRuntime.
 func (c StatesClient) Runtimes(ctx context.Context) (map[string]Runtime, error) {
 	var out map[string]Runtime
-	if err := c.request(ctx, "runtime", &out); err != nil {
+	if _, err := c.request(ctx, "runtime", &out); err != nil {
 		return nil, fmt.Errorf("ask vmlifecycle for runtime state: %w", err)
 	}
 	return out, nil
@@ -345,26 +367,37 @@ func (c StatesClient) Runtimes(ctx context.Context) (map[string]Runtime, error) 
 // RuntimeValues implements the properties service's RuntimeValues: the runtime of
 // every qube that is not halted, as its property model reads it.
 func (c StatesClient) RuntimeValues(ctx context.Context) (map[string]model.Runtime, error) {
-	rts, err := c.Runtimes(ctx)
+	snap, err := c.RuntimeSnapshot(ctx)
+	return snap.Values, err
+}
+
+// RuntimeSnapshot implements the properties service's RuntimeSource.
+func (c StatesClient) RuntimeSnapshot(ctx context.Context) (model.RuntimeSnapshot, error) {
+	var rts map[string]Runtime
+	msg, err := c.request(ctx, "runtime", &rts)
+	if err != nil {
+		return model.RuntimeSnapshot{}, fmt.Errorf("ask vmlifecycle for runtime state: %w", err)
+	}
+	marks, err := envelope.ParseMarks(msg.Header)
+	if err != nil {
+		return model.RuntimeSnapshot{}, fmt.Errorf("runtime state: %w", err)
+	}
+	settled, err := parseSettled(msg.Header.Get(headerSettled))
+	if err != nil {
+		return model.RuntimeSnapshot{}, fmt.Errorf("runtime state: %w", err)
+	}
+	return model.RuntimeSnapshot{Values: toModel(rts), Mark: marks.Runtime, ConfigRev: marks.ConfigRev, Settled: settled}, nil
+}
+
+func (c StatesClient) request(ctx context.Context, op string, v any) (*nats.Msg, error) {
+	msg, err := c.NC.RequestWithContext(ctx, c.Host.Service("vmlifecycle", op), nil)
 	if err != nil {
 		return nil, err
 	}
-	out := make(map[string]model.Runtime, len(rts))
-	for name, rt := range rts {
-		out[name] = model.Runtime{State: string(rt.PowerState), XID: rt.XID, StubdomXID: rt.StubdomXID, StartTime: rt.StartTime}
-	}
-	return out, nil
-}
-
-func (c StatesClient) request(ctx context.Context, op string, v any) error {
-	msg, err := c.NC.RequestWithContext(ctx, c.Host.Service("vmlifecycle", op), nil)
-	if err != nil {
-		return err
-	}
 	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
-		return fmt.Errorf("%s %s", code, msg.Header.Get(micro.ErrorHeader))
+		return nil, fmt.Errorf("%s %s", code, msg.Header.Get(micro.ErrorHeader))
 	}
-	return json.Unmarshal(msg.Data, v)
+	return msg, json.Unmarshal(msg.Data, v)
 }
 
 // emit publishes events in order. A failure is logged and returned; callers that have

@@ -57,6 +57,9 @@ type Config struct {
 	EventsMaxBytes int64
 	// PolicyFile holds access rules (bus/policy); without one only dom0 may call.
 	PolicyFile string
+	// RuntimeMaxAge bounds how long properties serves cached runtime values without a
+	// change notice (zero: 1 s).
+	RuntimeMaxAge time.Duration
 }
 
 // Validate reports every problem at once.
@@ -259,7 +262,7 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 			}
 			log.Warn("notes bucket not ensured; using the existing one", "err", err)
 		}
-		props, err := properties.New(properties.Config{Host: host, Notes: notes, Auth: s.policy},
+		props, err := properties.New(properties.Config{Host: host, Notes: notes, Auth: s.policy, RuntimeMaxAge: cfg.RuntimeMaxAge},
 			adminapi.Registry, rep, vmlifecycle.StatesClient{NC: nc, Host: host},
 			persistence.Client{NC: nc, Host: host}, pub, log)
 		if err != nil {
