@@ -78,6 +78,18 @@ func (h Host) Config() string { return Prefix + "." + h.id + ".config" }
 // Lab is a subject of the simulated-hypervisor control API.
 func (h Host) Lab(op string) string { return Prefix + "." + h.id + ".lab." + op }
 
+// Hypervisor is a subject of the host's hypervisor driver API (the simulated
+// hypervisor served over NATS), e.g. Hypervisor("create").
+func (h Host) Hypervisor(op string) string { return Prefix + "." + h.id + ".hv." + op }
+
+// HypervisorNotices is the subject the host's hypervisor reports its notices on
+// (domain stopped, paused, unpaused), kept in a stream so none is lost while the
+// lifecycle service fails over.
+func (h Host) HypervisorNotices() string { return Prefix + "." + h.id + ".hvnotice" }
+
+// AllHypervisorNotices matches every host's hypervisor notices.
+func AllHypervisorNotices() string { return Prefix + ".*.hvnotice" }
+
 // AllEvents matches every event of every host.
 func AllEvents() string { return Prefix + ".*.events.>" }
 
