@@ -1,0 +1,128 @@
+package lease
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus/bustest"
+)
+
+const ttl = 2 * time.Second
+
+func bucket(t *testing.T) jetstream.KeyValue {
+	t.Helper()
+	ns := bustest.RunJetStream(t)
+	js, err := jetstream.New(bustest.Connect(t, ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kv, err := Open(ctx, js, ttl, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, err := Open(ctx, js, ttl, 1); err != nil || again.Bucket() != Bucket {
+		t.Fatalf("opening an existing bucket: %v", err)
+	}
+	return kv
+}
+
+// acquireAsync contends for the lease in the background.
+func acquireAsync(ctx context.Context, l *Lease) <-chan *Term {
+	ch := make(chan *Term, 1)
+	go func() {
+		term, err := l.Acquire(ctx)
+		if err != nil {
+			close(ch)
+			return
+		}
+		ch <- term
+	}()
+	return ch
+}
+
+func TestOneHolderAtATime(t *testing.T) {
+	kv := bucket(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a, err := New(kv, "vmlifecycle.h1", "a", ttl, nil).Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// b waits while a renews, well past the TTL.
+	bctx, bcancel := context.WithTimeout(ctx, 3*ttl)
+	defer bcancel()
+	if _, err := New(kv, "vmlifecycle.h1", "b", ttl, nil).Acquire(bctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("b acquired a held lease: %v", err)
+	}
+	if a.Context().Err() != nil {
+		t.Fatalf("a's term ended while it renewed: %v", context.Cause(a.Context()))
+	}
+	// Another role is independent.
+	other, err := New(kv, "vmlifecycle.h2", "b", ttl, nil).Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A released lease goes to the waiting instance at once, in a later epoch.
+	bch := acquireAsync(ctx, New(kv, "vmlifecycle.h1", "b", ttl, nil))
+	if err := a.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if a.Context().Err() == nil {
+		t.Fatal("released term still live")
+	}
+	b := <-bch
+	if b == nil {
+		t.Fatal("b never acquired the released lease")
+	}
+	if b.Epoch <= a.Epoch || b.Epoch <= other.Epoch {
+		t.Fatalf("epochs do not order terms: a %d, other %d, b %d", a.Epoch, other.Epoch, b.Epoch)
+	}
+}
+
+// A holder that dies without releasing stops renewing; the lease expires and the
+// standby takes over.
+func TestDeadHolderExpires(t *testing.T) {
+	kv := bucket(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	actx, die := context.WithCancel(ctx)
+	a, err := New(kv, "vmlifecycle.h1", "a", ttl, nil).Acquire(actx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bch := acquireAsync(ctx, New(kv, "vmlifecycle.h1", "b", ttl, nil))
+	die() // like kill -9: no release
+	b := <-bch
+	if b == nil || b.Epoch <= a.Epoch {
+		t.Fatalf("standby did not take over after expiry: %+v", b)
+	}
+}
+
+// A holder whose key was taken (an operator reset it, or it expired during a long
+// pause) ends its term with ErrLost rather than carry on beside the new holder.
+func TestHolderStepsDownWhenTheKeyIsTaken(t *testing.T) {
+	kv := bucket(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a, err := New(kv, "vmlifecycle.h1", "a", ttl, nil).Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, "vmlifecycle.h1", []byte("intruder")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-a.Context().Done():
+		if cause := context.Cause(a.Context()); !errors.Is(cause, ErrLost) {
+			t.Fatalf("term ended with %v, want ErrLost", cause)
+		}
+	case <-ctx.Done():
+		t.Fatal("holder never noticed it lost the lease")
+	}
+}
