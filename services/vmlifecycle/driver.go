@@ -103,6 +103,10 @@ type Notice struct {
 	Name    string     `json:"name"`
 	XID     int        `json:"xid"`               // the domain instance it is about
 	Crashed bool       `json:"crashed,omitempty"` // a stop caused by a crash
+	// Backlog says the notice was reported before the current Watch began (a driver
+	// that keeps notices while nobody watches, hvbus): the instance that watched then
+	// may have died before announcing it.
+	Backlog bool `json:"-"`
 }
 
 // Driver errors; implementations wrap them.

@@ -691,8 +691,16 @@ func (s *Service) handleNoticeLocked(ctx context.Context, n Notice) {
 	r := s.run(n.Name)
 	s.mu.Lock()
 	current := r.xid == n.XID
+	// A stop from before this instance watched, of a qube with no known instance: the
+	// previous instance may have died before announcing it. Announcing it again is
+	// better than never (the previous one may have announced it and died before the
+	// notice was acknowledged).
+	missed := n.Backlog && n.Kind == NoticeStopped && r.xid == -1
+	if missed {
+		r.xid = n.XID
+	}
 	s.mu.Unlock()
-	if !current {
+	if !current && !missed {
 		return // announced already (Kill, a failed start) or an instance we never knew
 	}
 	switch n.Kind {

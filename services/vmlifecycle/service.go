@@ -53,6 +53,9 @@ type Config struct {
 	StatsLease time.Duration
 	// Auth decides which source may call what; nil allows every call.
 	Auth rpc.Authorizer
+	// Epoch orders this instance's runtime marks after every earlier instance's: the
+	// lease term's epoch when instances are elected (bus/lease); zero: the start time.
+	Epoch uint64
 }
 
 // Validate reports every missing part at once.
@@ -128,7 +131,10 @@ func New(cfg Config) (*Service, error) {
 	s := &Service{host: cfg.Host, model: cfg.Model, inv: cfg.Inventory, drv: cfg.Driver,
 		pub: cfg.Events, store: cfg.Store, log: cfg.Log,
 		qubes: map[string]*qubeRun{}, queues: map[string]*noticeQueue{},
-		epoch: uint64(time.Now().UnixNano())}
+		epoch: cfg.Epoch}
+	if s.epoch == 0 {
+		s.epoch = uint64(time.Now().UnixNano())
+	}
 	s.version.Store(1)
 	s.stats = newStatsProducer(s, cfg.StatsLease)
 	s.mux = rpc.NewMux(cfg.Registry, rpc.VMLifecycle, cfg.Model, cfg.Log)
