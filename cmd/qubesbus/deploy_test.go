@@ -22,7 +22,7 @@ import (
 // to test places), with the users' passwords from the environment.
 func runDeployServer(t *testing.T) *server.Server {
 	t.Helper()
-	for _, u := range []string{"ADMIN", "PERSISTENCE", "PROPERTIES", "VMLIFECYCLE", "GATEWAY", "EVENTS"} {
+	for _, u := range []string{"ADMIN", "PERSISTENCE", "HYPERVISOR", "PROPERTIES", "VMLIFECYCLE", "GATEWAY", "EVENTS"} {
 		t.Setenv("QUBESBUS_"+u+"_PASSWORD", "pw-"+strings.ToLower(u))
 	}
 	opts, err := server.ProcessConfigFile("../../deploy/nats/single.conf")
@@ -126,14 +126,13 @@ func TestServicesRunWithTheirOwnCredentials(t *testing.T) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	// The admin creates the events stream, as a deployment's setup step does.
-	admin := connectAs(t, ns, "admin", make(chan error, 16))
-	ajs, _ := jetstream.New(admin)
-	if _, err := cloudevent.EnsureStream(ctx, ajs, cloudevent.StreamConfig{}); err != nil {
-		t.Fatal(err)
-	}
+	// The admin creates the streams and buckets (qubesbus setup), as a deployment does
+	// first; the services may not.
 	socket := filepath.Join(dir, "qubesd.sock")
 	log := slog.New(slog.NewTextHandler(testWriter{t}, nil))
+	if err := system.Setup(ctx, system.Config{NATSURL: ns.ClientURL(), NATSUser: "admin", NATSPass: "pw-admin"}, log); err != nil {
+		t.Fatal(err)
+	}
 	for _, svc := range system.Services {
 		cfg := system.Config{Socket: socket, DataDir: filepath.Join(dir, svc), QubesXML: "../../testdata/qubes.xml",
 			HostID: "local", NATSURL: ns.ClientURL(), NATSUser: svc, NATSPass: "pw-" + svc}

@@ -1,6 +1,7 @@
 // Command qubesbus runs the Qubes OS Admin API as NATS services.
 //
 //	qubesbus run                   everything in one process (embedded NATS by default)
+//	qubesbus setup                 create the streams and buckets on a NATS URL (as an admin)
 //	qubesbus serve <service>       one service against a NATS URL
 //	qubesbus query [--src NAME] METHOD DEST [ARG]   one call over the socket, like qubesd-query
 //	qubesbus events [--vm NAME] [--since SEQ]       tail the events stream
@@ -26,7 +27,8 @@ const usage = `usage: qubesbus <command> [flags]
 
 commands:
   run      serve the gateway socket and every service (embedded NATS unless --nats-url)
-  serve    serve one service (persistence, properties, vmlifecycle, gateway) on --nats-url
+  setup    create the JetStream streams and buckets on --nats-url, as a user allowed to (then exit)
+  serve    serve one service (persistence, hypervisor, vmlifecycle, properties, gateway) on --nats-url
   query    make one Admin API call over the socket: query [--src NAME] METHOD DEST [ARG]
   bench    measure calls/s and latency per call class against the NATS and socket floor
   lab      run many simulated hosts on one NATS: lab --hosts N --qubes M [--nats-url URLS]
@@ -42,6 +44,8 @@ func dispatch(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	switch args[0] {
 	case "run":
 		return runCmd(ctx, args[1:], log, stderr)
+	case "setup":
+		return setupCmd(ctx, args[1:], log, stderr)
 	case "serve":
 		return serveCmd(ctx, args[1:], log, stderr)
 	case "query":

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
@@ -82,7 +83,7 @@ func run(ctx context.Context, cfg system.Config, log *slog.Logger) error {
 
 func serveCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprintln(stderr, "usage: qubesbus serve <persistence|properties|vmlifecycle|gateway> [flags]")
+		fmt.Fprintln(stderr, "usage: qubesbus serve <"+strings.Join(system.Services, "|")+"> [flags]")
 		return 2
 	}
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
@@ -102,6 +103,27 @@ func serveCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Wr
 	}
 	<-ctx.Done()
 	if err := stop(); err != nil {
+		fmt.Fprintln(stderr, "qubesbus:", err)
+		return 1
+	}
+	return 0
+}
+
+// setupCmd creates what every service expects to exist (streams, buckets). Services
+// running as their own NATS users may not create them; a deployment runs this once
+// as an admin first.
+func setupCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Writer) int {
+	fs := flag.NewFlagSet("setup", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfg := hostFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if cfg.NATSURL == "" {
+		fmt.Fprintln(stderr, "qubesbus setup: --nats-url is required")
+		return 2
+	}
+	if err := system.Setup(ctx, *cfg, log); err != nil {
 		fmt.Fprintln(stderr, "qubesbus:", err)
 		return 1
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/embedded"
+	"github.com/qubesbus/qubesbus/bus/lease"
 	"github.com/qubesbus/qubesbus/bus/policy"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/adminapi"
@@ -27,6 +28,7 @@ import (
 	"github.com/qubesbus/qubesbus/services/persistence"
 	"github.com/qubesbus/qubesbus/services/properties"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
+	"github.com/qubesbus/qubesbus/services/vmlifecycle/hvbus"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
 
@@ -60,6 +62,12 @@ type Config struct {
 	// RuntimeMaxAge bounds how long properties serves cached runtime values without a
 	// change notice (zero: 1 s).
 	RuntimeMaxAge time.Duration
+	// LeaseTTL is how long a dead lifecycle instance keeps its lease before a standby
+	// takes over (zero: lease.DefaultTTL). Every instance must use the same.
+	LeaseTTL time.Duration
+	// Standby starts a lifecycle instance without waiting for it to hold the lease
+	// (a second instance in a cluster).
+	Standby bool
 }
 
 // Validate reports every problem at once.
@@ -172,8 +180,8 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 	return s, nil
 }
 
-// ensureStreams creates the JetStream streams qubesbus needs.
-// With onlyIfMissing an existing stream is left as it is: a service running as its own
+// ensureStreams creates the JetStream streams and buckets qubesbus needs.
+// With onlyIfMissing an existing one is left as it is: a service running as its own
 // NATS user may read stream info but not change streams (deploy/nats), and a denied
 // request is not answered at all.
 func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config, onlyIfMissing bool) error {
@@ -183,13 +191,31 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config, onlyIfMissing
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if onlyIfMissing {
-		if _, err := js.Stream(ctx, cloudevent.StreamName); err == nil {
-			return nil
+	ensure := []struct {
+		stream string
+		create func() error
+	}{
+		{cloudevent.StreamName, func() error {
+			_, err := cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{Replicas: cfg.Replicas, MaxAge: cfg.EventsMaxAge, MaxBytes: cfg.EventsMaxBytes})
+			return err
+		}},
+		{hvbus.NoticeStream, func() error { return hvbus.EnsureNoticeStream(ctx, js, cfg.Replicas) }},
+		{"KV_" + lease.Bucket, func() error {
+			_, err := lease.Open(ctx, js, cfg.LeaseTTL, cfg.Replicas)
+			return err
+		}},
+	}
+	for _, e := range ensure {
+		if onlyIfMissing {
+			if _, err := js.Stream(ctx, e.stream); err == nil {
+				continue
+			}
+		}
+		if err := e.create(); err != nil {
+			return fmt.Errorf("ensure %s: %w", e.stream, err)
 		}
 	}
-	_, err = cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{Replicas: cfg.Replicas, MaxAge: cfg.EventsMaxAge, MaxBytes: cfg.EventsMaxBytes})
-	return err
+	return nil
 }
 
 // publisher returns the event publisher of one service connection.
@@ -202,7 +228,7 @@ func publisher(nc *nats.Conn, hostID string) (*cloudevent.Publisher, error) {
 }
 
 // Services in start order: each needs the ones before it.
-var Services = []string{"persistence", "vmlifecycle", "properties", "gateway"}
+var Services = []string{"persistence", "hypervisor", "vmlifecycle", "properties", "gateway"}
 
 // startService starts one service on its own connection.
 func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg Config) error {
@@ -216,29 +242,21 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 		}
 		s.Store = store
 		return s.serve(store.Serve(ctx, nc, Version))
-	case "vmlifecycle":
-		rep, err := persistence.Follow(ctx, nc, host, log)
-		if err != nil {
-			return err
-		}
-		// The simulated hypervisor stands for Xen; a test lab drives it on
+	case "hypervisor":
+		// The simulated hypervisor stands for Xen, in its own service so that a standby
+		// lifecycle instance can take it over; a test lab drives it on
 		// qubes.v1.<host>.lab.* (faults, latencies).
 		hv := simdriver.New(simdriver.Config{})
 		if err := s.serve(simdriver.ServeLab(nc, host, hv)); err != nil {
 			return err
 		}
-		pub, err := publisher(nc, cfg.HostID)
+		js, err := jetstream.New(nc)
 		if err != nil {
-			return err
+			return fmt.Errorf("jetstream: %w", err)
 		}
-		life, err := vmlifecycle.New(vmlifecycle.Config{
-			Host: host, Registry: adminapi.Registry, Model: rep, Driver: hv, Events: pub,
-			Store: persistence.Client{NC: nc, Host: host}, Log: log, Auth: s.policy,
-		})
-		if err != nil {
-			return err
-		}
-		return s.serve(life.Serve(ctx, nc, Version))
+		return s.serve(hvbus.Serve(ctx, nc, js, host, hv, log))
+	case "vmlifecycle":
+		return s.startLifecycle(nc, host, cfg, log)
 	case "properties":
 		rep, err := persistence.Follow(ctx, nc, host, log)
 		if err != nil {
@@ -297,6 +315,22 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 	return fmt.Errorf("no such service %q (want one of %v)", name, Services)
 }
 
+// Setup creates the streams and buckets on cfg.NATSURL, or updates their settings.
+func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
+	if cfg.NATSURL == "" {
+		return errors.New("no NATS URL")
+	}
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: cfg.NATSURL, Creds: cfg.NATSCreds, User: cfg.NATSUser, Password: cfg.NATSPass, Name: "qubesbus-setup"}, log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	if cfg.Replicas == 0 {
+		cfg.Replicas = 1
+	}
+	return ensureStreams(ctx, nc, cfg, false)
+}
+
 // StartOne runs a single service against cfg.NATSURL and returns its stop function.
 func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (func() error, error) {
 	if cfg.NATSURL == "" {
@@ -305,6 +339,8 @@ func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (f
 	if cfg.Replicas == 0 {
 		cfg.Replicas = 1
 	}
+	// One of several lifecycle instances: it serves once it holds the host's lease.
+	cfg.Standby = true
 	s := newSystem(ctx, cfg, log)
 	if s.policyErr != nil {
 		return nil, s.policyErr
@@ -315,10 +351,14 @@ func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (f
 		return nil, err
 	}
 	s.conns = append(s.conns, nc)
-	// Whichever service starts first creates the events stream (idempotent); a user
-	// without the right to (deploy/nats permissions) relies on an admin having done it.
-	if err := ensureStreams(ctx, nc, cfg, true); err != nil {
-		log.Warn("events stream not ensured; assuming an admin created it", "err", err)
+	// On a server without users, whichever service starts first creates the streams
+	// (idempotent). A service running as its own user (deploy/nats permissions) may not,
+	// and a denied request gets no answer: `qubesbus setup` has created them.
+	if cfg.NATSUser == "" && cfg.NATSCreds == "" {
+		if err := ensureStreams(ctx, nc, cfg, true); err != nil {
+			s.Stop()
+			return nil, err
+		}
 	}
 	if err := s.startService(name, nc, subject.ForHost(cfg.HostID), cfg); err != nil {
 		s.Stop()

@@ -1,0 +1,128 @@
+package system
+
+import (
+	"context"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus/lease"
+	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/adminapi"
+	"github.com/qubesbus/qubesbus/services/persistence"
+	"github.com/qubesbus/qubesbus/services/vmlifecycle"
+	"github.com/qubesbus/qubesbus/services/vmlifecycle/hvbus"
+)
+
+// leaseKey is the lease of a host's lifecycle service: KV keys allow fewer characters
+// than subject tokens, so an unusual host id is hex-encoded.
+func leaseKey(host subject.Host) string {
+	id := host.ID()
+	ok := id != ""
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			ok = false
+		}
+	}
+	if !ok {
+		id = "x" + hex.EncodeToString([]byte(id))
+	}
+	return "vmlifecycle." + id
+}
+
+// startLifecycle runs the host's lifecycle service whenever this instance holds the
+// host's lease: one instance drives the hypervisor at a time, the others stand by and
+// take over when the holder dies (its lease expires) or stops (it releases it). Each
+// term runs a fresh service, which reads the running domains back from the hypervisor
+// and catches up on its notices, with the term's epoch on its runtime marks.
+//
+// With wait (a whole host in one process) it returns once the first term serves.
+func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) error {
+	ctx := s.ctx
+	rep, err := persistence.Follow(ctx, nc, host, log)
+	if err != nil {
+		return err
+	}
+	pub, err := publisher(nc, cfg.HostID)
+	if err != nil {
+		return err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	// Bind to the bucket an admin (or setup) created; create it only if it is missing,
+	// since a NATS user without the right gets no answer at all.
+	kv, err := js.KeyValue(ctx, lease.Bucket)
+	if err != nil {
+		if kv, err = lease.Open(ctx, js, cfg.LeaseTTL, cfg.Replicas); err != nil {
+			return err
+		}
+	}
+	// Renewals must follow the bucket's TTL, whoever created it.
+	ttl := cfg.LeaseTTL
+	if st, err := kv.Status(ctx); err == nil && st.TTL() > 0 {
+		ttl = st.TTL()
+	}
+	holder, _ := os.Hostname()
+	holder = strings.ReplaceAll(fmt.Sprintf("%s-%d", holder, os.Getpid()), " ", "_")
+	l := lease.New(kv, leaseKey(host), holder, ttl, log)
+	serving := make(chan struct{})
+	s.done.Add(1)
+	go func() {
+		defer s.done.Done()
+		first := true
+		for ctx.Err() == nil {
+			term, err := l.Acquire(ctx)
+			if err != nil {
+				return
+			}
+			life, err := vmlifecycle.New(vmlifecycle.Config{
+				Host: host, Registry: adminapi.Registry, Model: rep, Events: pub,
+				Driver: hvbus.Client{NC: nc, JS: js, Host: host},
+				Store:  persistence.Client{NC: nc, Host: host}, Log: log, Auth: s.policy, Epoch: term.Epoch,
+			})
+			if err == nil {
+				var m interface{ Stop() error }
+				if m, err = life.Serve(term.Context(), nc, Version); err == nil {
+					if first {
+						close(serving)
+						first = false
+					}
+					<-term.Context().Done()
+					_ = m.Stop()
+				}
+			}
+			if err != nil {
+				log.Error("lifecycle term failed", "epoch", term.Epoch, "err", err)
+			}
+			// Give the lease up at once on the way out, so a standby need not wait for
+			// it to expire.
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			if rerr := term.Release(rctx); rerr != nil {
+				log.Warn("release lifecycle lease", "err", rerr)
+			}
+			cancel()
+			if err != nil {
+				select { // do not spin on a failing start
+				case <-time.After(time.Second):
+				case <-ctx.Done():
+				}
+			}
+		}
+	}()
+	if !cfg.Standby {
+		select {
+		case <-serving:
+		case <-time.After(2*ttl + 10*time.Second):
+			return fmt.Errorf("lifecycle service: no lease after %s", 2*ttl+10*time.Second)
+		}
+	}
+	return nil
+}
