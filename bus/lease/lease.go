@@ -25,8 +25,10 @@ import (
 // Bucket is the key-value bucket of every lease.
 const Bucket = "QUBES_LEASES"
 
-// DefaultTTL is how long a lease outlives its holder's last renewal.
-const DefaultTTL = 3 * time.Second
+// DefaultTTL is how long a lease outlives its holder's last renewal. It is longer
+// than a JetStream stream leader election after a node loss, so that a holder does
+// not lose its lease to every node failure.
+const DefaultTTL = 5 * time.Second
 
 // ErrLost reports that a term ended because the lease was lost or expired.
 var ErrLost = errors.New("lease lost")
@@ -132,8 +134,9 @@ func (l *Lease) begin(parent context.Context, rev uint64) *Term {
 }
 
 // renew updates the key a few times per TTL. It ends the term when another holder has
-// the key, or when no renewal has succeeded for two thirds of the TTL: by then the key
-// may expire and a standby take over.
+// the key, or when no renewal has succeeded for twice the TTL. While the bucket is
+// unreachable (a stream leader election after a node loss) nobody can take the lease
+// over; once it is back, a key that expired meanwhile shows as a conflict.
 func (t *Term) renew() {
 	defer close(t.done)
 	l := t.l
@@ -146,7 +149,7 @@ func (t *Term) renew() {
 			return
 		case <-tick.C:
 		}
-		if time.Since(last) > l.ttl*2/3 {
+		if time.Since(last) > 2*l.ttl {
 			l.log.Error("lease expired: no renewal succeeded in time", "key", l.key, "epoch", t.Epoch)
 			t.stop(ErrLost)
 			return

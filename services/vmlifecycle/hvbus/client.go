@@ -41,6 +41,12 @@ type Client struct {
 	// Consumer is the durable consumer Watch reads notices with; every lifecycle
 	// instance of a host must use the same one. Default "vmlifecycle-<host>".
 	Consumer string
+	// Epoch is the caller's lease term (bus/lease); the hypervisor refuses changes
+	// from a term older than one it has heard from (ErrFenced). Zero: no election.
+	Epoch uint64
+	// OnFenced, if set, runs when the hypervisor refuses a change as fenced: the
+	// caller's term is over and it should step down.
+	OnFenced func()
 
 	waitRound time.Duration // tests shorten it; 0: waitRound
 }
@@ -157,6 +163,25 @@ func (c Client) call(ctx context.Context, op string, args callArgs, out any) err
 	return nil
 }
 
+// request sends msg, and again while no hypervisor instance is subscribed (its
+// connection is moving to another node): "no responders" means nobody received it,
+// so sending it again is safe even for a change.
+func (c Client) request(ctx context.Context, msg *nats.Msg) (*nats.Msg, error) {
+	backoff := 10 * time.Millisecond
+	for {
+		rep, err := c.NC.RequestMsgWithContext(ctx, msg)
+		if !errors.Is(err, nats.ErrNoResponders) {
+			return rep, err
+		}
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return nil, err
+		}
+		backoff = min(2*backoff, 500*time.Millisecond)
+	}
+}
+
 // roundTrip sends one request that the server gives budget to complete.
 func (c Client) roundTrip(ctx context.Context, op string, budget time.Duration, args callArgs, out any) error {
 	msg := nats.NewMsg(c.Host.Hypervisor(op))
@@ -167,7 +192,10 @@ func (c Client) roundTrip(ctx context.Context, op string, budget time.Duration, 
 	id := nuid.Next()
 	msg.Header.Set(headerCallID, id)
 	msg.Header.Set(headerTimeout, strconv.FormatInt(max(budget.Milliseconds(), 0), 10))
-	rep, err := c.NC.RequestMsgWithContext(ctx, msg)
+	if c.Epoch != 0 {
+		msg.Header.Set(headerEpoch, strconv.FormatUint(c.Epoch, 10))
+	}
+	rep, err := c.request(ctx, msg)
 	if err != nil {
 		if ctx.Err() != nil {
 			// Free the server from a call nobody waits for any more.
@@ -179,6 +207,9 @@ func (c Client) roundTrip(ctx context.Context, op string, budget time.Duration, 
 		text := string(rep.Data)
 		if text == "" {
 			text = rep.Header.Get(micro.ErrorHeader)
+		}
+		if code == CodeFenced && c.OnFenced != nil {
+			c.OnFenced()
 		}
 		return &Error{Code: code, Message: text}
 	}

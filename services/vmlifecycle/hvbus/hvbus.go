@@ -53,7 +53,16 @@ const DefaultTimeout = 30 * time.Second
 const (
 	headerCallID  = "Qubes-Call-Id"
 	headerTimeout = "Qubes-Timeout-Ms"
+	headerEpoch   = "Qubes-Epoch"
 )
+
+// ErrFenced refuses a change from a lifecycle instance whose lease term is older than
+// one the hypervisor has already heard from: a deposed leader that has not noticed yet
+// must not drive domains beside its successor.
+var ErrFenced = errors.New("fenced: a later lifecycle term drives this hypervisor")
+
+// reads are the operations that change nothing, which a deposed leader may still make.
+var reads = map[string]bool{OpDomains: true, OpDomain: true, OpWaitAgent: true}
 
 // Error codes of failed calls. They are stable: other tools may read them.
 const (
@@ -64,6 +73,7 @@ const (
 	CodeCanceled        = "canceled"          // the caller cancelled the call (context.Canceled)
 	CodeUnavailable     = "unavailable"       // the server is stopping
 	CodeBadRequest      = "bad-request"       // malformed request
+	CodeFenced          = "fenced"            // ErrFenced
 	CodeFailed          = "failed"            // any other driver error; the text says what
 )
 
@@ -78,6 +88,7 @@ var sentinels = []struct {
 	{CodeUnsupported, vmlifecycle.ErrUnsupported},
 	{CodeTimeout, context.DeadlineExceeded},
 	{CodeCanceled, context.Canceled},
+	{CodeFenced, ErrFenced},
 }
 
 // Error is a failure the hypervisor reported. errors.Is matches it against the

@@ -559,3 +559,66 @@ func BenchmarkDomainsOverNATS(b *testing.B) {
 		}
 	}
 }
+
+// Once a later lease term has called, the earlier term's changes are refused, while
+// its reads still work: a deposed leader that has not noticed yet cannot drive domains
+// beside its successor.
+func TestEarlierTermIsFenced(t *testing.T) {
+	r := newRig(t, simdriver.Config{})
+	ctx := t.Context()
+	old, next, none := r.client, r.client, r.client
+	deposed := 0
+	old.Epoch, next.Epoch, old.OnFenced = 7, 9, func() { deposed++ }
+	start(t, old, "a", false)
+	if _, err := next.Domains(ctx); err != nil { // the successor reads the domains back
+		t.Fatal(err)
+	}
+	if err := old.Pause(ctx, "a"); !errors.Is(err, ErrFenced) || deposed != 1 {
+		t.Fatalf("pause from the earlier term: %v (told %d times), want ErrFenced, told once", err, deposed)
+	}
+	if _, ok, err := old.Domain(ctx, "a"); err != nil || !ok {
+		t.Fatalf("read from the earlier term: %v %v", ok, err)
+	}
+	if err := next.Pause(ctx, "a"); err != nil {
+		t.Fatalf("pause from the current term: %v", err)
+	}
+	if err := none.Unpause(ctx, "a"); err != nil { // without elections nothing is fenced
+		t.Fatalf("unpause without a term: %v", err)
+	}
+}
+
+// A hypervisor whose connection is moving to another node has no subscription for a
+// moment: calls made then wait for it rather than fail (nobody received them, so even
+// a change is safe to send again).
+func TestCallsWaitForTheHypervisorToBeReachable(t *testing.T) {
+	r := newRig(t, simdriver.Config{})
+	ctx := t.Context()
+	// A second hypervisor service for another host comes up late.
+	late := subject.ForHost("late")
+	c := r.client
+	c.Host = late
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Create(ctx, vmlifecycle.DomainSpec{Name: "a", MemoryMiB: 400, MaxMemMiB: 4000, VCPUs: 1, VirtMode: "pvh"})
+		done <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
+	select {
+	case err := <-done:
+		t.Fatalf("call ended with no hypervisor: %v", err)
+	default:
+	}
+	nc := bustest.Connect(t, r.ns)
+	js, _ := jetstream.New(nc)
+	svc, err := Serve(ctx, nc, js, late, simdriver.New(simdriver.Config{}), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = svc.Stop() })
+	if err := <-done; err != nil {
+		t.Fatalf("call once the hypervisor was reachable: %v", err)
+	}
+	if _, ok, err := c.Domain(ctx, "a"); err != nil || !ok {
+		t.Fatalf("created domain not there: %v %v", ok, err)
+	}
+}

@@ -136,6 +136,21 @@ type server struct {
 
 	mu    sync.Mutex
 	calls map[string]context.CancelFunc // by call id, while in flight
+	epoch uint64                        // latest lease term heard from
+}
+
+// fenced records the caller's term and reports whether op must be refused because a
+// later term has been heard from. Calls without a term (no election) are never fenced.
+func (s *server) fenced(op string, epoch uint64) bool {
+	if epoch == 0 {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if epoch > s.epoch {
+		s.epoch = epoch
+	}
+	return epoch < s.epoch && !reads[op]
 }
 
 // handle starts a call on its own goroutine: micro runs handlers one at a time per
@@ -149,6 +164,19 @@ func (s *server) handle(r micro.Request, op string, f call) {
 			return
 		}
 		budget = time.Duration(ms) * time.Millisecond
+	}
+	var epoch uint64
+	if v := r.Headers().Get(headerEpoch); v != "" {
+		e, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			s.respondErr(r, op, errBadRequest{fmt.Errorf("%s %q", headerEpoch, v)})
+			return
+		}
+		epoch = e
+	}
+	if s.fenced(op, epoch) {
+		s.respondErr(r, op, ErrFenced)
+		return
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, budget)
 	// Registered before the goroutine starts, to narrow the window in which a cancel
