@@ -56,3 +56,30 @@ func TestSnapshotSettlesAndMarksMove(t *testing.T) {
 		t.Fatalf("service mark %v, snapshot mark %v with nothing in between", m, after.Mark)
 	}
 }
+
+// While one lifecycle instance takes over from another, nobody answers for a moment:
+// a runtime query waits for the next one instead of failing the caller's read.
+func TestRuntimeQueryWaitsOutAFailover(t *testing.T) {
+	x := newHost(t, simdriver.Config{ShutdownLatency: -1})
+	x.stopService()
+	if err := x.svcNC.Flush(); err != nil { // the server has dropped the endpoints
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := vmlifecycle.StatesClient{NC: x.nc, Host: x.h}.RuntimeSnapshot(ctx)
+		done <- err
+	}()
+	time.Sleep(300 * time.Millisecond) // the query is waiting for an instance now
+	select {
+	case err := <-done:
+		t.Fatalf("query ended with nobody serving: %v", err)
+	default:
+	}
+	x.startService()
+	if err := <-done; err != nil {
+		t.Fatalf("query after the takeover: %v", err)
+	}
+}

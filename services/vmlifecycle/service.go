@@ -395,8 +395,28 @@ func (c StatesClient) RuntimeSnapshot(ctx context.Context) (model.RuntimeSnapsho
 	return model.RuntimeSnapshot{Values: toModel(rts), Mark: marks.Runtime, ConfigRev: marks.ConfigRev, Settled: settled}, nil
 }
 
+// failoverWindow bounds how long a StatesClient request waits for a lifecycle instance
+// to serve: while one takes over from another that died, nobody answers for a few
+// seconds (the lease's TTL).
+const failoverWindow = 15 * time.Second
+
 func (c StatesClient) request(ctx context.Context, op string, v any) (*nats.Msg, error) {
-	msg, err := c.NC.RequestWithContext(ctx, c.Host.Service("vmlifecycle", op), nil)
+	deadline := time.Now().Add(failoverWindow)
+	backoff := 20 * time.Millisecond
+	var msg *nats.Msg
+	var err error
+	for {
+		msg, err = c.NC.RequestWithContext(ctx, c.Host.Service("vmlifecycle", op), nil)
+		if !errors.Is(err, nats.ErrNoResponders) || time.Now().Add(backoff).After(deadline) {
+			break
+		}
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		backoff = min(2*backoff, 500*time.Millisecond)
+	}
 	if err != nil {
 		return nil, err
 	}
