@@ -117,16 +117,18 @@ func TestClusterFaults(t *testing.T) {
 	}
 	persistence := []*proc{svc("persistence", "persistence-a"), svc("persistence", "persistence-b")}
 	properties := []*proc{svc("properties", "properties-a"), svc("properties", "properties-b")}
+	hypervisor := svc("hypervisor", "hypervisor")
 	lifecycle := []*proc{svc("vmlifecycle", "vmlifecycle-a"), svc("vmlifecycle", "vmlifecycle-b")}
 	gateway := svc("gateway", "gateway")
 	dump := func() {
-		for _, p := range append(append(append(append([]*proc{}, nodes...), persistence...), properties...), append(lifecycle, gateway)...) {
+		for _, p := range append(append(append(append([]*proc{hypervisor}, nodes...), persistence...), properties...), append(lifecycle, gateway)...) {
 			if p.log != nil {
 				t.Logf("--- %s ---\n%s", p.name, lastLines(p.log.String(), 15))
 			}
 		}
 	}
-	for _, group := range [][]*proc{persistence[:1], persistence[1:], lifecycle, properties, {gateway}} {
+	// vmlifecycle-a starts first and holds the host's lease; b stands by.
+	for _, group := range [][]*proc{persistence[:1], persistence[1:], {hypervisor}, lifecycle[:1], lifecycle[1:], properties, {gateway}} {
 		for _, p := range group {
 			p.start(t)
 			defer p.stop()
@@ -142,10 +144,32 @@ func TestClusterFaults(t *testing.T) {
 		t.Fatalf("%d properties instances, want 2", n)
 	}
 
+	// The lifecycle lease's holder is hostname-pid of the instance that serves.
+	holder := func() string {
+		c, cl := context.WithTimeout(ctx, 5*time.Second)
+		defer cl()
+		kv, err := js.KeyValue(c, "QUBES_LEASES")
+		if err != nil {
+			return ""
+		}
+		e, err := kv.Get(c, "vmlifecycle.lab")
+		if err != nil {
+			return ""
+		}
+		return string(e.Value())
+	}
+	pidOf := func(p *proc) string {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return fmt.Sprintf("-%d", p.cmd.Process.Pid)
+	}
+	waitFor(t, "vmlifecycle-a to hold the lease", 30*time.Second, func() bool { return strings.HasSuffix(holder(), pidOf(lifecycle[0])) })
+
 	// Event subscribers that stay connected through every fault.
 	type seen struct {
-		mu   sync.Mutex
-		vals map[string][]string // feature → values in arrival order
+		mu     sync.Mutex
+		vals   map[string][]string // feature → values in arrival order
+		starts int                 // domain-start of personal
 	}
 	subs := make([]*seen, 2)
 	for i := range subs {
@@ -160,9 +184,14 @@ func TestClusterFaults(t *testing.T) {
 		c.(*net.UnixConn).CloseWrite()
 		ready := make(chan struct{})
 		go readEvents(c, ready, func(subject, event string, kv []string) {
-			if subject == "work" && strings.HasPrefix(event, "domain-feature-set:load.") && len(kv) >= 4 {
+			switch {
+			case subject == "work" && strings.HasPrefix(event, "domain-feature-set:load.") && len(kv) >= 4:
 				s.mu.Lock()
 				s.vals[kv[1]] = append(s.vals[kv[1]], kv[3])
+				s.mu.Unlock()
+			case subject == "personal" && event == "domain-start":
+				s.mu.Lock()
+				s.starts++
 				s.mu.Unlock()
 			}
 		})
@@ -202,13 +231,44 @@ func TestClusterFaults(t *testing.T) {
 			}
 		}()
 	}
+	// The power cycler starts and kills one qube over and over. A power call is a
+	// change, never retried, so calls made while the lifecycle fails over may fail;
+	// every acknowledged start must still show up as an event.
+	var powerCalls, powerFails, startsAcked atomic.Int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			op := "admin.vm.Start"
+			if i%2 == 1 {
+				op = "admin.vm.Kill"
+			}
+			powerCalls.Add(1)
+			b, err := call(socket, op+"+ dom0 name personal\x00", 30*time.Second)
+			switch {
+			case err == nil && string(b) == "0\x00":
+				if op == "admin.vm.Start" {
+					startsAcked.Add(1)
+				}
+			default:
+				powerFails.Add(1)
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+	}()
 	var readFailures []string
 	var rfMu sync.Mutex
 	for r := 0; r < readers; r++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			reqs := []string{"admin.vm.List+ dom0 name dom0\x00", "admin.vm.property.Get+label dom0 name work\x00", "admin.vm.feature.List+ dom0 name work\x00"}
+			reqs := []string{"admin.vm.List+ dom0 name dom0\x00", "admin.vm.property.Get+label dom0 name work\x00",
+				"admin.vm.feature.List+ dom0 name work\x00", "admin.vm.CurrentState+ dom0 name work\x00"}
 			for i := 0; ; i++ {
 				select {
 				case <-stop:
@@ -234,6 +294,7 @@ func TestClusterFaults(t *testing.T) {
 	}{
 		{"kill -9 nats node n3", func() { nodes[2].kill() }},
 		{"restart n3", func() { nodes[2].start(t) }},
+		// vmlifecycle-a holds the lease: b takes over once it expires.
 		{"kill -9 persistence-a, properties-a, vmlifecycle-a", func() { persistence[0].kill(); properties[0].kill(); lifecycle[0].kill() }},
 		{"restart persistence-a, properties-a, vmlifecycle-a", func() {
 			persistence[0].start(t)
@@ -251,6 +312,10 @@ func TestClusterFaults(t *testing.T) {
 	time.Sleep(loadFor - step*time.Duration(len(faults)))
 	close(stop)
 	wg.Wait()
+	// vmlifecycle-a was killed holding the lease: b took over, a came back standing by.
+	if h := holder(); !strings.HasSuffix(h, pidOf(lifecycle[1])) {
+		t.Errorf("lifecycle lease held by %q, want vmlifecycle-b (pid%s)", h, pidOf(lifecycle[1]))
+	}
 
 	// Every acknowledged write is stored and was seen, in order, by every subscriber.
 	lost := 0
@@ -294,6 +359,15 @@ func TestClusterFaults(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	unseen := missing(true)
+	for i, s := range subs {
+		s.mu.Lock()
+		if s.starts < int(startsAcked.Load()) {
+			unseen += int(startsAcked.Load()) - s.starts
+			t.Errorf("subscriber %d saw %d domain-start of personal, %d starts were acknowledged", i, s.starts, startsAcked.Load())
+		}
+		s.mu.Unlock()
+	}
+	t.Logf("power calls %d (failed %d during failover, acknowledged starts %d)", powerCalls.Load(), powerFails.Load(), startsAcked.Load())
 	t.Logf("reads %d (failed %d), writes %d (acknowledged %d, failed %d), acknowledged writes lost %d, events missed %d",
 		cnt.reads.Load(), cnt.readFails.Load(), cnt.writes.Load(), cnt.writeAcked.Load(), cnt.writeFails.Load(), lost, unseen)
 	if n := cnt.readFails.Load(); n > 0 {

@@ -20,6 +20,9 @@ import (
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/hvbus"
 )
 
+// termGrace is how long calls in flight may go on after a lifecycle term ends.
+const termGrace = time.Second
+
 // leaseKey is the lease of a host's lifecycle service: KV keys allow fewer characters
 // than subject tokens, so an unusual host id is hex-encoded.
 func leaseKey(host subject.Host) string {
@@ -83,22 +86,34 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 			if err != nil {
 				return
 			}
+			// A term ends when the lease is lost, or when the hypervisor refuses this
+			// term's changes because a later one has called it.
+			tctx, deposed := context.WithCancel(term.Context())
+			drv := hvbus.Client{NC: nc, JS: js, Host: host, Epoch: term.Epoch, OnFenced: deposed}
 			life, err := vmlifecycle.New(vmlifecycle.Config{
-				Host: host, Registry: adminapi.Registry, Model: rep, Events: pub,
-				Driver: hvbus.Client{NC: nc, JS: js, Host: host},
-				Store:  persistence.Client{NC: nc, Host: host}, Log: log, Auth: s.policy, Epoch: term.Epoch,
+				Host: host, Registry: adminapi.Registry, Model: rep, Events: pub, Driver: drv,
+				Store: persistence.Client{NC: nc, Host: host}, Log: log, Auth: s.policy, Epoch: term.Epoch,
 			})
 			if err == nil {
+				// Calls in flight when the term ends may finish (reads waiting for the
+				// replica, say); new ones go to the next holder at once.
+				sctx, stopService := context.WithCancel(context.WithoutCancel(ctx))
 				var m interface{ Stop() error }
-				if m, err = life.Serve(term.Context(), nc, Version); err == nil {
+				if m, err = life.Serve(sctx, nc, Version); err == nil {
 					if first {
 						close(serving)
 						first = false
 					}
-					<-term.Context().Done()
+					<-tctx.Done()
 					_ = m.Stop()
+					select {
+					case <-time.After(termGrace):
+					case <-ctx.Done():
+					}
 				}
+				stopService()
 			}
+			deposed()
 			if err != nil {
 				log.Error("lifecycle term failed", "epoch", term.Epoch, "err", err)
 			}
