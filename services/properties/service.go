@@ -73,6 +73,11 @@ type Config struct {
 	// RuntimeMaxAge bounds how long a cached runtime snapshot is served without a
 	// change notice (default 1s); see runtimeCache.
 	RuntimeMaxAge time.Duration
+	// SaveAfterReply replies to a change once it is durable in the change log and
+	// has qubes.xml rewritten right after, instead of before the reply as qubesd does.
+	// A rewrite costs time in proportion to the number of qubes (about 45 ms at
+	// 10 000 on the development VM, mostly fsync), so this keeps changes flat.
+	SaveAfterReply bool
 }
 
 // Validate reports every problem at once.
@@ -294,7 +299,16 @@ func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Mod
 	}
 	// The change is durable in the change log; qubes.xml is rewritten before the reply
 	// (qubesd saves after every config change), shared with concurrent writers.
-	if save {
+	if save && s.cfg.SaveAfterReply {
+		rev := s.rep.Revision()
+		go func() {
+			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.WriteTimeout)
+			defer cancel()
+			if err := s.store.Flush(fctx, rev); err != nil {
+				s.log.Error("save qubes.xml after the reply", "revision", rev, "err", err)
+			}
+		}()
+	} else if save {
 		if err := s.store.Flush(ctx, s.rep.Revision()); err != nil {
 			return nil, fmt.Errorf("%w: save qubes.xml: %w", qerr.ErrAbort, err)
 		}

@@ -68,6 +68,9 @@ type Config struct {
 	// Standby starts a lifecycle instance without waiting for it to hold the lease
 	// (a second instance in a cluster).
 	Standby bool
+	// SaveAfterReply rewrites qubes.xml right after replying to a change rather than
+	// before (qubesd's way); the change is durable in the change log either way.
+	SaveAfterReply bool
 }
 
 // Validate reports every problem at once.
@@ -280,7 +283,8 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 			}
 			log.Warn("notes bucket not ensured; using the existing one", "err", err)
 		}
-		props, err := properties.New(properties.Config{Host: host, Notes: notes, Auth: s.policy, RuntimeMaxAge: cfg.RuntimeMaxAge},
+		props, err := properties.New(properties.Config{Host: host, Notes: notes, Auth: s.policy,
+			RuntimeMaxAge: cfg.RuntimeMaxAge, SaveAfterReply: cfg.SaveAfterReply},
 			adminapi.Registry, rep, vmlifecycle.StatesClient{NC: nc, Host: host},
 			persistence.Client{NC: nc, Host: host}, pub, log)
 		if err != nil {
