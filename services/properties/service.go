@@ -213,24 +213,14 @@ func (s *Service) runtime(ctx context.Context, after envelope.RuntimeMark) (func
 		if err != nil {
 			return nil, fmt.Errorf("runtime values: %w", err)
 		}
-		return func(name string) model.Runtime {
-			if r, ok := vals[name]; ok {
-				return r
-			}
-			return model.Halted
-		}, nil
+		return lookupRuntime(vals), nil
 	}
 	if rv, ok := s.powers.(RuntimeValues); ok {
 		vals, err := rv.RuntimeValues(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("runtime values: %w", err)
 		}
-		return func(name string) model.Runtime {
-			if r, ok := vals[name]; ok {
-				return r
-			}
-			return model.Halted
-		}, nil
+		return lookupRuntime(vals), nil
 	}
 	states, err := s.powers.PowerStates(ctx)
 	if err != nil {
@@ -243,6 +233,16 @@ func (s *Service) runtime(ctx context.Context, after envelope.RuntimeMark) (func
 		}
 		return r
 	}, nil
+}
+
+// lookupRuntime reads the runtime of qubes that are not halted; the rest are Halted.
+func lookupRuntime(vals map[string]model.Runtime) func(string) model.Runtime {
+	return func(name string) model.Runtime {
+		if r, ok := vals[name]; ok {
+			return r
+		}
+		return model.Halted
+	}
 }
 
 // view runs f over a model of the current configuration.

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus/lease"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -45,20 +44,12 @@ func leaseKey(host subject.Host) string {
 // term runs a fresh service, which reads the running domains back from the hypervisor
 // and catches up on its notices, with the term's epoch on its runtime marks.
 //
-// With wait (a whole host in one process) it returns once the first term serves.
+// Unless cfg.Standby (one of several instances), it returns once the first term serves.
 func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) error {
 	ctx := s.ctx
-	rep, err := persistence.Follow(ctx, nc, host, log)
+	rep, pub, js, err := s.clientParts(nc, host, cfg, log)
 	if err != nil {
 		return err
-	}
-	pub, err := publisher(nc, cfg.HostID)
-	if err != nil {
-		return err
-	}
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return fmt.Errorf("jetstream: %w", err)
 	}
 	// Bind to the bucket an admin (or setup) created; create it only if it is missing,
 	// since a NATS user without the right gets no answer at all.

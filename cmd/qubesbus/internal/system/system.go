@@ -26,6 +26,7 @@ import (
 	"github.com/qubesbus/qubesbus/schemas/adminapi"
 	"github.com/qubesbus/qubesbus/services/gateway"
 	"github.com/qubesbus/qubesbus/services/persistence"
+	"github.com/qubesbus/qubesbus/services/persistence/replica"
 	"github.com/qubesbus/qubesbus/services/properties"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/hvbus"
@@ -221,6 +222,24 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config, onlyIfMissing
 	return nil
 }
 
+// clientParts are what a service over the configuration needs: a replica of it, an
+// event publisher and JetStream, all on the service's connection.
+func (s *System) clientParts(nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (*replica.Replica, *cloudevent.Publisher, jetstream.JetStream, error) {
+	rep, err := persistence.Follow(s.ctx, nc, host, log)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	pub, err := publisher(nc, cfg.HostID)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("jetstream: %w", err)
+	}
+	return rep, pub, js, nil
+}
+
 // publisher returns the event publisher of one service connection.
 func publisher(nc *nats.Conn, hostID string) (*cloudevent.Publisher, error) {
 	js, err := jetstream.New(nc)
@@ -261,17 +280,9 @@ func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg
 	case "vmlifecycle":
 		return s.startLifecycle(nc, host, cfg, log)
 	case "properties":
-		rep, err := persistence.Follow(ctx, nc, host, log)
+		rep, pub, js, err := s.clientParts(nc, host, cfg, log)
 		if err != nil {
 			return err
-		}
-		pub, err := publisher(nc, cfg.HostID)
-		if err != nil {
-			return err
-		}
-		js, err := jetstream.New(nc)
-		if err != nil {
-			return fmt.Errorf("jetstream: %w", err)
 		}
 		// Every instance keeps the notes in one shared bucket. A user without the right
 		// to create it (deploy/nats permissions) binds to the one an admin created.
