@@ -72,17 +72,22 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 		return
 	}
 	dest, _, _ := strings.Cut(string(rep.Content), " ")
-	sub := &subscriber{ch: make(chan item, e.cfg.Buffer), overflow: make(chan struct{})}
+	vm := ""
 	if !strings.HasSuffix(string(rep.Content), " AdminVM") {
-		sub.vm = dest // qubesd sends a qube's subscriber only that qube's events
+		vm = dest // qubesd sends a qube's subscriber only that qube's events
+	}
+	sub, err := newSubscriber(c, vm)
+	if err != nil {
+		e.log.Error("admin.Events", "id", req.ID, "err", err)
+		return
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go watchHangup(ctx, c, cancel)
 
 	// Register first, then take the stream's next sequence: every event stored after
-	// that reaches the queue, whatever the feed's progress, and earlier ones are
-	// dropped below.
+	// that reaches the subscriber, whatever the feed's progress, and earlier ones are
+	// dropped (by pump while it drains the queue, by the hub once it writes directly).
 	if err := e.hub.add(sub); err != nil {
 		e.log.Error("admin.Events consumer", "id", req.ID, "dest", dest, "err", err)
 		return
@@ -98,31 +103,61 @@ func (e *Events) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reque
 	if !e.write(c, connectionEstablished) {
 		return
 	}
+	e.pump(ctx, c, sub, start, req.ID)
+}
+
+// pump writes the frames queued for the subscriber, from start on, and hands the
+// socket to the hub whenever the queue runs dry, until the client goes away or is cut
+// off.
+func (e *Events) pump(ctx context.Context, c *net.UnixConn, sub *subscriber, start uint64, id string) {
+	sub.mu.Lock()
+	sub.start = start
+	sub.mu.Unlock()
+	defer func() {
+		// The hub must stop writing before Serve's caller closes the socket.
+		cause := sub.cutOff(errClientGone)
+		switch {
+		case errors.Is(cause, errFellBehind):
+			e.log.Warn("cutting off an admin.Events subscriber that fell behind", "id", id, "buffer", e.cfg.Buffer)
+		case errors.Is(cause, errWriteTimeout):
+			e.log.Warn("cutting off a slow admin.Events subscriber", "id", id, "write_timeout", e.cfg.WriteTimeout)
+		default:
+			e.log.Debug("admin.Events subscriber done", "id", id, "cause", cause)
+		}
+	}()
 	var batch []byte
 	for {
-		select {
-		case <-ctx.Done():
+		q, ok := sub.take(e.cfg.WriteTimeout)
+		if !ok {
 			return
-		case <-sub.overflow:
-			e.log.Warn("cutting off an admin.Events subscriber that fell behind", "id", req.ID, "buffer", e.cfg.Buffer)
-			return
-		case it := <-sub.ch:
-			// Whatever else is already queued goes out in the same write: one
-			// syscall per burst instead of one per event.
-			batch = batch[:0]
-			for more := true; more; {
-				if it.seq >= start {
-					batch = append(batch, it.frame...)
-				}
-				select {
-				case it = <-sub.ch:
-				default:
-					more = false
-				}
-			}
-			if len(batch) > 0 && !e.write(c, batch) {
+		}
+		if q == nil {
+			select {
+			case <-ctx.Done():
 				return
+			case <-sub.cut:
+				return
+			case <-sub.wake:
+				continue
 			}
+		}
+		// Whatever is queued goes out in one write: one syscall per burst instead of
+		// one per event.
+		batch = batch[:0]
+		for _, it := range q {
+			if it.seq >= start {
+				batch = append(batch, it.frame...)
+			}
+		}
+		if len(batch) == 0 {
+			continue
+		}
+		if _, err := c.Write(batch); err != nil {
+			if isTimeout(err) {
+				err = fmt.Errorf("%w: %w", errWriteTimeout, err)
+			}
+			sub.cutOff(err) // keeps the cause of a cut-off that ended the write
+			return
 		}
 	}
 }
@@ -142,7 +177,11 @@ const (
 	stalled   = 3 * heartbeat
 )
 
-var errFeedStalled = errors.New("events consumer stalled")
+var (
+	errFeedStalled  = errors.New("events consumer stalled")
+	errWriteTimeout = errors.New("write timeout")
+	errClientGone   = errors.New("client gone")
+)
 
 // openFeed subscribes, then creates a push consumer that starts at start (0: right
 // after the stream leader's last sequence).

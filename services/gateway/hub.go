@@ -3,7 +3,13 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net"
 	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 )
@@ -26,14 +32,154 @@ type item struct {
 	frame []byte // shared by every subscriber: never modified
 }
 
-// subscriber is one admin.Events connection's queue.
+// Why a subscriber is cut off.
+var (
+	errFellBehind = errors.New("fell a whole buffer behind")
+	errFeedEnded  = errors.New("events feed ended")
+)
+
+// subscriber is one admin.Events connection.
+//
+// Once it has caught up, the hub writes each frame straight into its socket with a
+// non-blocking write: one syscall on the hub's goroutine, with no goroutine to wake and
+// no write deadline to arm. Only when the socket buffer is full (or before the
+// subscriber has sent connection-established) do frames go to its queue, which its
+// own goroutine (pump) writes with the write timeout; once the queue is empty the
+// socket is handed back to the hub. Exactly one side writes at any time, in order.
 type subscriber struct {
 	vm string // "" for dom0: every event
-	ch chan item
-	// overflow is closed when the subscriber fell a whole buffer behind and lost
-	// events; it must be cut off.
-	overflow chan struct{}
-	once     sync.Once
+	c  *net.UnixConn
+	rc syscall.RawConn
+
+	mu     sync.Mutex
+	direct bool   // the hub writes to the socket; queue is empty
+	start  uint64 // first sequence relayed (set before direct)
+	queue  []item // frames for pump, in order
+	spare  []item // the queue's other buffer, to swap without allocating
+	wake   chan struct{}
+	// cut is closed, with cause set, when the subscriber must be cut off: it fell a
+	// whole buffer behind and lost events, its socket failed, or the feed ended.
+	cut   chan struct{}
+	cause error
+
+	// The direct write's arguments and results, so that rc.Control gets a function
+	// value made once per subscriber instead of a closure per frame.
+	wbuf    []byte
+	wn      int
+	werr    error
+	writeFn func(fd uintptr)
+}
+
+func newSubscriber(c *net.UnixConn, vm string) (*subscriber, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("admin.Events socket: %w", err)
+	}
+	s := &subscriber{vm: vm, c: c, rc: rc, wake: make(chan struct{}, 1), cut: make(chan struct{})}
+	s.writeFn = s.writeFd
+	return s, nil
+}
+
+// writeFd writes as much of wbuf as the socket takes now. The descriptor is
+// non-blocking (the runtime's poller owns it): a full buffer is EAGAIN, not a wait.
+func (s *subscriber) writeFd(fd uintptr) {
+	s.wn, s.werr = 0, nil
+	for s.wn < len(s.wbuf) {
+		n, err := unix.Write(int(fd), s.wbuf[s.wn:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			return
+		}
+		if err != nil {
+			s.werr = err
+			return
+		}
+		s.wn += n
+	}
+}
+
+// offer hands the subscriber one frame: written at once if the socket takes it,
+// queued for pump otherwise. The caller holds the hub's lock, so the subscriber is
+// registered and its connection open.
+func (s *subscriber) offer(it item, limit int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cause != nil {
+		return
+	}
+	if s.direct {
+		if it.seq < s.start {
+			return
+		}
+		s.wbuf = it.frame
+		err := s.rc.Control(s.writeFn)
+		s.wbuf = nil
+		if err == nil {
+			err = s.werr
+		}
+		if err != nil {
+			s.cutLocked(fmt.Errorf("write: %w", err))
+			return
+		}
+		if s.wn == len(it.frame) {
+			return
+		}
+		// The socket buffer is full: pump finishes this frame, with the timeout.
+		s.direct = false
+		it.frame = it.frame[s.wn:]
+	}
+	if len(s.queue) >= limit {
+		s.cutLocked(errFellBehind)
+		return
+	}
+	s.queue = append(s.queue, it)
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// take returns the queued frames and arms the write deadline for them; or none after
+// handing the socket to the hub (the queue was empty); ok is false once the subscriber
+// is cut off. The slice is valid until the next take.
+func (s *subscriber) take(timeout time.Duration) (q []item, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cause != nil {
+		return nil, false
+	}
+	q = s.queue
+	if len(q) == 0 {
+		s.direct = true
+		return nil, true
+	}
+	clear(s.spare[:cap(s.spare)]) // drop the frames written last time
+	s.queue, s.spare = s.spare[:0], q
+	// Armed under the lock, so that a cut-off cannot come between: see cutLocked.
+	_ = s.c.SetWriteDeadline(time.Now().Add(timeout))
+	return q, true
+}
+
+// cutOff cuts the subscriber off unless it already is, and returns the cause that
+// holds.
+func (s *subscriber) cutOff(cause error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cutLocked(cause)
+	return s.cause
+}
+
+func (s *subscriber) cutLocked(cause error) {
+	if s.cause == nil {
+		s.cause = cause
+		s.direct = false
+		close(s.cut)
+		// A pump blocked writing to a client that stopped reading gives up now, not
+		// after the write timeout. (The hub's direct writes ignore deadlines.)
+		_ = s.c.SetWriteDeadline(time.Unix(1, 0))
+	}
 }
 
 func newHub(e *Events) *hub { return &hub{e: e, subs: map[*subscriber]struct{}{}} }
@@ -107,19 +253,18 @@ func (h *hub) run(ctx context.Context, f *feed, done chan struct{}) {
 			h.e.log.Warn("skipping undecodable event", "subject", msg.Subject, "err", err)
 			continue
 		}
-		it := item{seq: f.last, vm: ev.VM, frame: appendCloudEvent(nil, ev)}
-		h.mu.Lock()
-		for s := range h.subs {
-			if s.vm != "" && s.vm != ev.VM {
-				continue
-			}
-			select {
-			case s.ch <- it:
-			default:
-				s.once.Do(func() { close(s.overflow) })
-			}
+		h.deliver(item{seq: f.last, vm: ev.VM, frame: appendCloudEvent(nil, ev)})
+	}
+}
+
+// deliver relays one frame to every subscriber it is for.
+func (h *hub) deliver(it item) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for s := range h.subs {
+		if s.vm == "" || s.vm == it.vm {
+			s.offer(it, h.e.cfg.Buffer)
 		}
-		h.mu.Unlock()
 	}
 }
 
@@ -127,6 +272,6 @@ func (h *hub) cutAll() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for s := range h.subs {
-		s.once.Do(func() { close(s.overflow) })
+		s.cutOff(errFeedEnded)
 	}
 }
