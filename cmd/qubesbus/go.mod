@@ -11,6 +11,7 @@ require (
 	github.com/qubesbus/qubesbus/services/persistence v0.0.0
 	github.com/qubesbus/qubesbus/services/properties v0.0.0
 	github.com/qubesbus/qubesbus/services/vmlifecycle v0.0.0
+	golang.org/x/sys v0.49.0
 )
 
 require (
@@ -31,7 +32,6 @@ require (
 	go.uber.org/multierr v1.11.0 // indirect
 	go.uber.org/zap v1.27.0 // indirect
 	golang.org/x/crypto v0.58.0 // indirect
-	golang.org/x/sys v0.49.0 // indirect
 	golang.org/x/text v0.43.0 // indirect
 	golang.org/x/time v0.16.0 // indirect
 )
