@@ -146,6 +146,12 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 		m.respond(r, nil, nil, qerr.Abort("malformed envelope"))
 		return
 	}
+	if meth == nil || !meth.Cancellable {
+		// Only cancellable calls end early. Any other runs to completion, as in qubesd,
+		// also when this instance stops serving meanwhile (a lifecycle term ending):
+		// its caller is still waiting for the answer.
+		ctx = context.WithoutCancel(ctx)
+	}
 	if meth != nil && meth.Cancellable && req.ID != "" {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithCancel(ctx)
