@@ -177,6 +177,9 @@ const (
 	stalled   = 3 * heartbeat
 )
 
+// feedPending is how many events the shared feed may hold before the hub reads them.
+const feedPending = 1 << 16
+
 var (
 	errFeedStalled  = errors.New("events consumer stalled")
 	errWriteTimeout = errors.New("write timeout")
@@ -199,7 +202,9 @@ func (e *Events) openFeed(ctx context.Context, filter string, start uint64) (*fe
 	if err != nil {
 		return nil, err
 	}
-	if err := sub.SetPendingLimits(e.cfg.Buffer, e.cfg.Buffer*64*1024); err != nil {
+	// A resumed feed delivers its backlog at once (a push consumer has no flow control
+	// here): room for a large burst, so that catching up does not overflow it again.
+	if err := sub.SetPendingLimits(max(e.cfg.Buffer, feedPending), 64<<20); err != nil {
 		sub.Unsubscribe()
 		return nil, err
 	}

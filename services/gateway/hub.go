@@ -231,7 +231,7 @@ func (h *hub) run(ctx context.Context, f *feed, done chan struct{}) {
 			// the buffer: a new consumer resumes right after the last event relayed,
 			// so nothing is lost or repeated.
 			h.e.log.Warn("admin.Events consumer stalled; resuming", "after", f.last)
-			nf, rerr := h.e.openFeed(ctx, h.e.host.Events(), f.last+1)
+			nf, rerr := h.resume(ctx, f.last+1)
 			if rerr != nil {
 				h.e.log.Error("admin.Events resume; cutting off subscribers", "err", rerr)
 				h.cutAll()
@@ -254,6 +254,31 @@ func (h *hub) run(ctx context.Context, f *feed, done chan struct{}) {
 			continue
 		}
 		h.deliver(item{seq: f.last, vm: ev.VM, frame: appendCloudEvent(nil, ev)})
+	}
+}
+
+// resumeWindow is how long the hub keeps trying to resume its feed before it cuts its
+// subscribers off. While a cluster recovers from a node loss, JetStream may not create
+// consumers for several seconds; the stream keeps the events meanwhile, so a late
+// resume loses nothing: subscribers only wait.
+const resumeWindow = time.Minute
+
+// resume opens a feed starting at start, trying again until resumeWindow has passed.
+func (h *hub) resume(ctx context.Context, start uint64) (*feed, error) {
+	deadline := time.Now().Add(resumeWindow)
+	backoff := 100 * time.Millisecond
+	for {
+		f, err := h.e.openFeed(ctx, h.e.host.Events(), start)
+		if err == nil || ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
+			return f, err
+		}
+		h.e.log.Warn("admin.Events resume failed; trying again", "after", start-1, "err", err)
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		backoff = min(2*backoff, 2*time.Second)
 	}
 }
 
