@@ -12,6 +12,7 @@ require (
 	github.com/qubesbus/qubesbus/services/properties v0.0.0
 	github.com/qubesbus/qubesbus/services/vmlifecycle v0.0.0
 	golang.org/x/sys v0.49.0
+	gopkg.in/yaml.v3 v3.0.1
 )
 
 require (
