@@ -208,7 +208,9 @@ func (e *Events) openFeed(ctx context.Context, filter string, start uint64) (*fe
 		sub.Unsubscribe()
 		return nil, err
 	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	// Short attempts: while a cluster recovers, resume tries again soon rather than
+	// wait out one long request the server may never answer.
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if start == 0 {
 		if start, err = e.nextSequence(cctx); err != nil {
