@@ -75,16 +75,8 @@ func TestMuxWaitsForTheCallersRevision(t *testing.T) {
 	client := bustest.Connect(t, ns)
 	call := func(after uint64) envelope.Reply {
 		t.Helper()
-		req := &envelope.Request{Method: "admin.vm.List", Source: "dom0", Dest: "dom0", After: envelope.Marks{ConfigRev: after}}
-		m, err := client.RequestMsgWithContext(ctx, req.Msg(host.API(req.Method)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		r, err := envelope.ParseReply(m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return r
+		return callMux(ctx, t, client, host, &envelope.Request{Method: "admin.vm.List", Source: "dom0", Dest: "dom0",
+			After: envelope.Marks{ConfigRev: after}})
 	}
 
 	if r := call(2); r.Err() != nil || r.Marks.ConfigRev != 3 || servedAt != 3 {

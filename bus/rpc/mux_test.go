@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
@@ -48,17 +50,7 @@ func TestMuxServesCancelsAndSaves(t *testing.T) {
 	client := bustest.Connect(t, ns)
 	call := func(req *envelope.Request) envelope.Reply {
 		t.Helper()
-		rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
-		defer rcancel()
-		m, err := client.RequestMsgWithContext(rctx, req.Msg(host.API(req.Method)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		rep, err := envelope.ParseReply(m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return rep
+		return callMux(ctx, t, client, host, req)
 	}
 
 	// A cancellable call ends when the gateway announces that its client left.
@@ -88,4 +80,20 @@ func TestMuxServesCancelsAndSaves(t *testing.T) {
 	if rep := call(&envelope.Request{Method: "admin.vm.Console", Source: "dom0", Dest: "dom0"}); !errors.Is(rep.Err(), qerr.ErrNotImplemented) {
 		t.Fatalf("method without handler: %+v", rep)
 	}
+}
+
+// callMux sends req as the gateway would and returns the parsed reply.
+func callMux(ctx context.Context, t *testing.T, nc *nats.Conn, host subject.Host, req *envelope.Request) envelope.Reply {
+	t.Helper()
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	m, err := nc.RequestMsgWithContext(rctx, req.Msg(host.API(req.Method)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := envelope.ParseReply(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rep
 }
