@@ -25,7 +25,17 @@ type ConnConfig struct {
 	// ReconnectWait between attempts; MaxReconnects < 0 retries forever.
 	ReconnectWait time.Duration
 	MaxReconnects int
+	// TLS, if any file is set, makes the connection use TLS.
+	TLS TLSFiles
 }
+
+// TLSFiles are PEM files for a TLS connection to NATS.
+type TLSFiles struct {
+	CA        string // trusted roots for the server's certificate (default: the system's)
+	Cert, Key string // a client certificate, for servers that verify clients
+}
+
+func (t TLSFiles) enabled() bool { return t.CA != "" || t.Cert != "" || t.Key != "" }
 
 // Validate reports every problem of the configuration at once.
 func (c ConnConfig) Validate() error {
@@ -35,6 +45,9 @@ func (c ConnConfig) Validate() error {
 	}
 	if c.Name == "" {
 		errs = append(errs, errors.New("no client name"))
+	}
+	if (c.TLS.Cert == "") != (c.TLS.Key == "") {
+		errs = append(errs, errors.New("a TLS client certificate needs both a cert and a key file"))
 	}
 	return errors.Join(errs...)
 }
@@ -80,6 +93,15 @@ func Connect(ctx context.Context, cfg ConnConfig, log *slog.Logger) (*nats.Conn,
 	}
 	if cfg.InProcess != nil {
 		opts = append(opts, nats.InProcessServer(cfg.InProcess))
+	}
+	if cfg.TLS.enabled() {
+		opts = append(opts, nats.Secure())
+		if cfg.TLS.CA != "" {
+			opts = append(opts, nats.RootCAs(cfg.TLS.CA))
+		}
+		if cfg.TLS.Cert != "" {
+			opts = append(opts, nats.ClientCert(cfg.TLS.Cert, cfg.TLS.Key))
+		}
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		opts = append(opts, nats.Timeout(time.Until(dl)))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -13,21 +14,65 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
 )
 
 // runDeployServer starts nats-server from deploy/nats/single.conf (ports and store moved
-// to test places), with the users' passwords from the environment.
-func runDeployServer(t *testing.T) *server.Server {
+// to test places), with the users' passwords from the environment. With tls, the
+// config's TLS block is switched on, pointing at tls's files.
+func runDeployServer(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey string) *server.Server {
 	t.Helper()
 	for _, u := range []string{"ADMIN", "PERSISTENCE", "HYPERVISOR", "PROPERTIES", "VMLIFECYCLE", "GATEWAY", "EVENTS"} {
 		t.Setenv("QUBESBUS_"+u+"_PASSWORD", "pw-"+strings.ToLower(u))
 	}
-	opts, err := server.ProcessConfigFile("../../deploy/nats/single.conf")
+	conf := "../../deploy/nats/single.conf"
+	if tls != nil {
+		raw, err := os.ReadFile(conf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// include is relative to the config's directory: the users come along.
+		dir := t.TempDir()
+		perms, err := os.ReadFile("../../deploy/nats/permissions.conf")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "permissions.conf"), perms, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		text := string(raw)
+		// Uncomment the TLS block, with this test's files.
+		var out []string
+		inTLS := false
+		for _, line := range strings.Split(text, "\n") {
+			if strings.HasPrefix(line, "# tls {") {
+				inTLS = true
+			}
+			if inTLS {
+				line = strings.TrimPrefix(line, "# ")
+				line = strings.NewReplacer("/etc/qubesbus/tls/server.pem", serverCert,
+					"/etc/qubesbus/tls/server-key.pem", serverKey, "/etc/qubesbus/tls/ca.pem", tls.CA).Replace(line)
+				if line == "}" {
+					inTLS = false
+				}
+			}
+			out = append(out, line)
+		}
+		conf = filepath.Join(dir, "single.conf")
+		if err := os.WriteFile(conf, []byte(strings.Join(out, "\n")), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opts, err := server.ProcessConfigFile(conf)
 	if err != nil {
 		t.Fatalf("deploy config: %v", err)
+	}
+	if tls != nil && opts.TLSConfig == nil {
+		t.Fatal("the TLS block of single.conf did not switch TLS on")
 	}
 	opts.Port, opts.HTTPPort, opts.StoreDir, opts.NoSigs = -1, 0, t.TempDir(), true
 	ns, err := server.NewServer(opts)
@@ -55,7 +100,7 @@ func connectAs(t *testing.T, ns *server.Server, user string, errs chan<- error) 
 }
 
 func TestServiceCredentialsCoverOnlyTheirOwnEvents(t *testing.T) {
-	ns := runDeployServer(t)
+	ns := runDeployServer(t, nil, "", "")
 	errs := make(chan error, 16)
 	admin := connectAs(t, ns, "admin", errs)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -121,8 +166,22 @@ func TestServiceCredentialsCoverOnlyTheirOwnEvents(t *testing.T) {
 // TestServicesRunWithTheirOwnCredentials runs every service as its deploy user (serve
 // mode, one connection each) and makes calls through the gateway: the permissions in
 // deploy/nats cover everything the services do.
+// The same runs over TLS, with single.conf's TLS block switched on (the server
+// verifies client certificates).
 func TestServicesRunWithTheirOwnCredentials(t *testing.T) {
-	ns := runDeployServer(t)
+	t.Run("plain", func(t *testing.T) { servicesAsOwnUsers(t, nil, "", "") })
+	t.Run("tls", func(t *testing.T) {
+		ca, srvCert, srvKey, cliCert, cliKey := bustest.PKI(t, t.TempDir())
+		servicesAsOwnUsers(t, &bus.TLSFiles{CA: ca, Cert: cliCert, Key: cliKey}, srvCert, srvKey)
+	})
+}
+
+func servicesAsOwnUsers(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey string) {
+	ns := runDeployServer(t, tls, serverCert, serverKey)
+	var tlsFiles bus.TLSFiles
+	if tls != nil {
+		tlsFiles = *tls
+	}
 	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -130,12 +189,12 @@ func TestServicesRunWithTheirOwnCredentials(t *testing.T) {
 	// first; the services may not.
 	socket := filepath.Join(dir, "qubesd.sock")
 	log := slog.New(slog.NewTextHandler(testWriter{t}, nil))
-	if err := system.Setup(ctx, system.Config{NATSURL: ns.ClientURL(), NATSUser: "admin", NATSPass: "pw-admin"}, log); err != nil {
+	if err := system.Setup(ctx, system.Config{NATSURL: ns.ClientURL(), NATSUser: "admin", NATSPass: "pw-admin", NATSTLS: tlsFiles}, log); err != nil {
 		t.Fatal(err)
 	}
 	for _, svc := range system.Services {
 		cfg := system.Config{Socket: socket, DataDir: filepath.Join(dir, svc), QubesXML: "../../testdata/qubes.xml",
-			HostID: "local", NATSURL: ns.ClientURL(), NATSUser: svc, NATSPass: "pw-" + svc}
+			HostID: "local", NATSURL: ns.ClientURL(), NATSUser: svc, NATSPass: "pw-" + svc, NATSTLS: tlsFiles}
 		stop, err := system.StartOne(ctx, svc, cfg, log)
 		if err != nil {
 			t.Fatalf("%s as its own user: %v", svc, err)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path"
 	"strconv"
 	"strings"
@@ -25,6 +26,8 @@ import (
 type tailOptions struct {
 	NATSURL string
 	Creds   string
+	User    string
+	TLS     bus.TLSFiles
 	Host    string // "*" for every host
 	VM      string
 	Type    string // glob on the wire event name, e.g. "property-set:*"
@@ -39,6 +42,10 @@ func eventsCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log
 	var o tailOptions
 	fs.StringVar(&o.NATSURL, "nats-url", envOr("QUBESBUS_NATS_URL", "nats://127.0.0.1:4222"), "NATS server (QUBESBUS_NATS_URL)")
 	fs.StringVar(&o.Creds, "nats-creds", envOr("QUBESBUS_NATS_CREDS", ""), "NATS credentials file")
+	fs.StringVar(&o.User, "nats-user", envOr("QUBESBUS_NATS_USER", ""), "NATS user, e.g. events (QUBESBUS_NATS_USER; password from QUBESBUS_NATS_PASSWORD)")
+	fs.StringVar(&o.TLS.CA, "nats-tls-ca", envOr("QUBESBUS_NATS_TLS_CA", ""), "PEM file of the NATS servers' CA; any TLS flag makes the connection use TLS")
+	fs.StringVar(&o.TLS.Cert, "nats-tls-cert", envOr("QUBESBUS_NATS_TLS_CERT", ""), "PEM client certificate")
+	fs.StringVar(&o.TLS.Key, "nats-tls-key", envOr("QUBESBUS_NATS_TLS_KEY", ""), "PEM key of the client certificate")
 	fs.StringVar(&o.Host, "host", envOr("QUBESBUS_HOST", "local"), `host id, or "*" for every host`)
 	fs.StringVar(&o.VM, "vm", "", "only events of this qube")
 	fs.StringVar(&o.Type, "type", "", `only events whose name matches this glob, e.g. "domain-*"`)
@@ -64,7 +71,7 @@ func tailEvents(ctx context.Context, o tailOptions, out io.Writer, log *slog.Log
 			return fmt.Errorf("--type: %w", err)
 		}
 	}
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: o.NATSURL, Creds: o.Creds, Name: "qubesbus-events"}, log)
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: o.NATSURL, Creds: o.Creds, User: o.User, Password: os.Getenv("QUBESBUS_NATS_PASSWORD"), TLS: o.TLS, Name: "qubesbus-events"}, log)
 	if err != nil {
 		return err
 	}

@@ -69,9 +69,17 @@ type Config struct {
 	// Standby starts a lifecycle instance without waiting for it to hold the lease
 	// (a second instance in a cluster).
 	Standby bool
+	// NATSTLS connects with TLS (server CA, client certificate).
+	NATSTLS bus.TLSFiles
 	// SaveAfterReply rewrites qubes.xml right after replying to a change rather than
 	// before (qubesd's way); the change is durable in the change log either way.
 	SaveAfterReply bool
+}
+
+// conn is how a connection named name reaches NATS at url with this config's
+// credentials.
+func (c Config) conn(url, name string) bus.ConnConfig {
+	return bus.ConnConfig{URL: url, Creds: c.NATSCreds, User: c.NATSUser, Password: c.NATSPass, TLS: c.NATSTLS, Name: name}
 }
 
 // Validate reports every problem at once.
@@ -150,7 +158,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 	}
 	s.NATSURL = url
 	connect := func(name string) (*nats.Conn, error) {
-		cc := bus.ConnConfig{URL: url, Creds: cfg.NATSCreds, User: cfg.NATSUser, Password: cfg.NATSPass, Name: "qubesbus-" + name + "-" + cfg.HostID}
+		cc := cfg.conn(url, "qubesbus-"+name+"-"+cfg.HostID)
 		if u := cfg.ServiceNATSURLs[name]; u != "" {
 			cc.URL = u
 		} else if s.NATS != nil {
@@ -335,7 +343,7 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if cfg.NATSURL == "" {
 		return errors.New("no NATS URL")
 	}
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: cfg.NATSURL, Creds: cfg.NATSCreds, User: cfg.NATSUser, Password: cfg.NATSPass, Name: "qubesbus-setup"}, log)
+	nc, err := bus.Connect(ctx, cfg.conn(cfg.NATSURL, "qubesbus-setup"), log)
 	if err != nil {
 		return err
 	}
@@ -361,7 +369,7 @@ func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (f
 		return nil, s.policyErr
 	}
 	s.NATSURL = cfg.NATSURL
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: cfg.NATSURL, Creds: cfg.NATSCreds, User: cfg.NATSUser, Password: cfg.NATSPass, Name: "qubesbus-" + name + "-" + cfg.HostID}, log)
+	nc, err := bus.Connect(ctx, cfg.conn(cfg.NATSURL, "qubesbus-"+name+"-"+cfg.HostID), log)
 	if err != nil {
 		return nil, err
 	}
