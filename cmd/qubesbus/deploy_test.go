@@ -210,6 +210,9 @@ func servicesAsOwnUsers(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey s
 		{"admin.vm.notes.Set+ dom0 name work\x00hello", "0\x00"},
 		{"admin.vm.notes.Get+ dom0 name work\x00", "0\x00hello"},
 		{"admin.vm.Start+ dom0 name work\x00", "0\x00"},
+		{"admin.vm.Create.AppVM+fedora-41 dom0 name dom0\x00name=gone label=red", "0\x00"},
+		{"admin.vm.Remove+ dom0 name gone\x00", "0\x00"}, // holds the qube in vmlifecycle
+		{"admin.vm.Remove+ dom0 name work\x00", "2\x00QubesVMNotHaltedError\x00\x00Domain is not powered off: 'work'\x00"},
 	} {
 		req, want := c.req, c.want
 		resp, err := call(ctx, socket, strings.Split(req, "\x00")[0], []byte(strings.SplitN(req, "\x00", 2)[1]))

@@ -46,6 +46,14 @@ type RuntimeValues interface {
 	RuntimeValues(ctx context.Context) (map[string]model.Runtime, error)
 }
 
+// QubeHolder may also be implemented by the PowerStates given to New: Hold keeps a
+// qube's lifecycle lock (no power operation on it starts) until release is called
+// with the revision of the change made meanwhile; after is the runtime mark once the
+// lock was taken (vmlifecycle.StatesClient).
+type QubeHolder interface {
+	Hold(ctx context.Context, name string) (after envelope.RuntimeMark, release func(rev uint64), err error)
+}
+
 // Store applies configuration changes (persistence.Client).
 type Store interface {
 	Apply(ctx context.Context, m config.Mutation) (uint64, error)

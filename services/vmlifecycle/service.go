@@ -97,6 +97,7 @@ type Service struct {
 	mu     sync.Mutex
 	qubes  map[string]*qubeRun
 	queues map[string]*noticeQueue
+	held   holds // locks other services hold (hold.go)
 
 	// Runtime marks, for the properties service's runtime cache (RuntimeSnapshot):
 	// version counts changes, busy the operations under way.
@@ -130,7 +131,7 @@ func New(cfg Config) (*Service, error) {
 	}
 	s := &Service{host: cfg.Host, model: cfg.Model, inv: cfg.Inventory, drv: cfg.Driver,
 		pub: cfg.Events, store: cfg.Store, log: cfg.Log,
-		qubes: map[string]*qubeRun{}, queues: map[string]*noticeQueue{},
+		qubes: map[string]*qubeRun{}, queues: map[string]*noticeQueue{}, held: holds{by: map[string]func(uint64){}},
 		epoch: cfg.Epoch}
 	if s.epoch == 0 {
 		s.epoch = uint64(time.Now().UnixNano())
@@ -178,6 +179,8 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn, version string) (mic
 		{"states", s.host.Service("vmlifecycle", "states"), s.serveStates(ctx)},
 		{"runtime", s.host.Service("vmlifecycle", "runtime"), s.serveRuntime(ctx)},
 		{"stats-lease", s.host.Service("vmlifecycle", "stats-lease"), s.stats.serveLease},
+		{"hold", s.host.Service("vmlifecycle", "hold"), s.serveHold(ctx)},
+		{"release", s.host.Service("vmlifecycle", "release"), s.serveRelease},
 	}
 	for _, e := range endpoints {
 		if err := svc.AddEndpoint(e.name, e.h, micro.WithEndpointSubject(e.subj)); err != nil {
@@ -354,7 +357,7 @@ type StatesClient struct {
 // every qube that is not Halted.
 func (c StatesClient) PowerStates(ctx context.Context) (map[string]string, error) {
 	var out map[string]string
-	if _, err := c.request(ctx, "states", &out); err != nil {
+	if _, err := c.request(ctx, "states", nil, &out); err != nil {
 		return nil, fmt.Errorf("ask vmlifecycle for power states: %w", err)
 	}
 	return out, nil
@@ -364,7 +367,7 @@ func (c StatesClient) PowerStates(ctx context.Context) (map[string]string, error
 // the answer has HaltedRuntime.
 func (c StatesClient) Runtimes(ctx context.Context) (map[string]Runtime, error) {
 	var out map[string]Runtime
-	if _, err := c.request(ctx, "runtime", &out); err != nil {
+	if _, err := c.request(ctx, "runtime", nil, &out); err != nil {
 		return nil, fmt.Errorf("ask vmlifecycle for runtime state: %w", err)
 	}
 	return out, nil
@@ -380,7 +383,7 @@ func (c StatesClient) RuntimeValues(ctx context.Context) (map[string]model.Runti
 // RuntimeSnapshot implements the properties service's RuntimeSource.
 func (c StatesClient) RuntimeSnapshot(ctx context.Context) (model.RuntimeSnapshot, error) {
 	var rts map[string]Runtime
-	msg, err := c.request(ctx, "runtime", &rts)
+	msg, err := c.request(ctx, "runtime", nil, &rts)
 	if err != nil {
 		return model.RuntimeSnapshot{}, fmt.Errorf("ask vmlifecycle for runtime state: %w", err)
 	}
@@ -400,13 +403,20 @@ func (c StatesClient) RuntimeSnapshot(ctx context.Context) (model.RuntimeSnapsho
 // seconds (the lease's TTL).
 const failoverWindow = 15 * time.Second
 
-func (c StatesClient) request(ctx context.Context, op string, v any) (*nats.Msg, error) {
+func (c StatesClient) request(ctx context.Context, op string, data []byte, v any) (*nats.Msg, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		// A request nobody may answer (a permission denied is silent) must not wait
+		// forever.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 2*failoverWindow)
+		defer cancel()
+	}
 	deadline := time.Now().Add(failoverWindow)
 	backoff := 20 * time.Millisecond
 	var msg *nats.Msg
 	var err error
 	for {
-		msg, err = c.NC.RequestWithContext(ctx, c.Host.Service("vmlifecycle", op), nil)
+		msg, err = c.NC.RequestWithContext(ctx, c.Host.Service("vmlifecycle", op), data)
 		if !errors.Is(err, nats.ErrNoResponders) || time.Now().Add(backoff).After(deadline) {
 			break
 		}
