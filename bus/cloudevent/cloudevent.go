@@ -22,6 +22,7 @@ import (
 	ce "github.com/cloudevents/sdk-go/v2"
 	"github.com/cloudevents/sdk-go/v2/binding"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
 
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -94,6 +95,9 @@ func Encode(ctx context.Context, hostID string, e Event) (*nats.Msg, error) {
 	for k, v := range h {
 		msg.Header[k] = v
 	}
+	// The stream drops a second copy of the same event, so a publish whose ack was
+	// lost can be sent again.
+	msg.Header.Set(jetstream.MsgIDHeader, ev.ID())
 	msg.Data = body.Bytes()
 	return msg, nil
 }

@@ -88,3 +88,58 @@ func TestPublishToStream(t *testing.T) {
 		}
 	}
 }
+
+// While the stream cannot answer (here: it does not exist yet, as when its leader is
+// being elected) Publish keeps trying until the caller's deadline, and an event sent
+// twice is stored once.
+func TestPublishWaitsForTheStreamAndStoresOnce(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	js, err := jetstream.New(bustest.Connect(t, ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	p := NewPublisher(js, "local")
+	evs := []Event{New("work", "domain-pre-start", "start_guid", "True"), New("work", "domain-start")}
+	done := make(chan error, 1)
+	go func() { done <- p.Publish(ctx, evs...) }()
+	time.Sleep(300 * time.Millisecond)
+	select {
+	case err := <-done:
+		t.Fatalf("publish ended with no stream: %v", err)
+	default:
+	}
+	s, err := EnsureStream(ctx, js, StreamConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("publish once the stream answers: %v", err)
+	}
+	msg, err := Encode(ctx, "local", New("work", "domain-spawn", "start_guid", "True"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // a publish whose ack was lost, sent again
+		if _, err := js.PublishMsg(ctx, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.Msgs != 3 {
+		t.Fatalf("stream holds %d events, want 3 (two published late, one sent twice)", info.State.Msgs)
+	}
+	for i, want := range []string{"domain-pre-start", "domain-start", "domain-spawn"} {
+		m, err := s.GetMsg(ctx, uint64(i+1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, _, err := Decode(ctx, rawToMsg(m)); err != nil || got.Name != want {
+			t.Fatalf("seq %d: %s %v, want %s", i+1, got.Name, err, want)
+		}
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -69,36 +70,70 @@ var ErrPublish = errors.New("publish event")
 // acks, so a burst of events costs one round trip; order is kept because the stream
 // orders messages from one connection as they were sent.
 func (p *Publisher) Publish(ctx context.Context, events ...Event) error {
-	if len(events) == 1 {
-		msg, err := Encode(ctx, p.hostID, events[0])
-		if err != nil {
-			return err
-		}
-		if _, err := p.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(StreamName)); err != nil {
-			return fmt.Errorf("%w %s: %w", ErrPublish, events[0].Name, err)
-		}
-		return nil
-	}
-	futures := make([]jetstream.PubAckFuture, 0, len(events))
-	for _, e := range events {
+	msgs := make([]*nats.Msg, len(events))
+	for i, e := range events {
 		msg, err := Encode(ctx, p.hostID, e)
 		if err != nil {
 			return err
 		}
-		f, err := p.js.PublishMsgAsync(msg, jetstream.WithExpectStream(StreamName))
-		if err != nil {
-			return fmt.Errorf("%w %s: %w", ErrPublish, e.Name, err)
-		}
-		futures = append(futures, f)
+		msgs[i] = msg
 	}
-	for i, f := range futures {
-		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			return fmt.Errorf("%w %s: %w", ErrPublish, events[i].Name, err)
-		case <-ctx.Done():
-			return fmt.Errorf("%w: %w", ErrPublish, ctx.Err())
+	if len(msgs) > 1 {
+		futures := make([]jetstream.PubAckFuture, 0, len(msgs))
+		for i, msg := range msgs {
+			f, err := p.js.PublishMsgAsync(msg, jetstream.WithExpectStream(StreamName))
+			if err != nil {
+				return p.publishFrom(ctx, msgs, events, i, err)
+			}
+			futures = append(futures, f)
+		}
+		for i, f := range futures {
+			select {
+			case <-f.Ok():
+			case err := <-f.Err():
+				return p.publishFrom(ctx, msgs, events, i, err)
+			case <-ctx.Done():
+				return fmt.Errorf("%w: %w", ErrPublish, ctx.Err())
+			}
+		}
+		return nil
+	}
+	return p.publishFrom(ctx, msgs, events, 0, nil)
+}
+
+// publishFrom publishes msgs[from:] one at a time, each again while the stream cannot
+// answer (a leader election after a node loss) until ctx ends. Events are never
+// dropped for such a pause: the service has usually changed something already. A
+// message stored before its ack was lost is not stored twice (its Nats-Msg-Id).
+func (p *Publisher) publishFrom(ctx context.Context, msgs []*nats.Msg, events []Event, from int, cause error) error {
+	if cause != nil && !retryable(cause) {
+		return fmt.Errorf("%w %s: %w", ErrPublish, events[from].Name, cause)
+	}
+	for i := from; i < len(msgs); i++ {
+		backoff := 50 * time.Millisecond
+		for {
+			_, err := p.js.PublishMsg(ctx, msgs[i], jetstream.WithExpectStream(StreamName))
+			if err == nil {
+				break
+			}
+			if !retryable(err) || ctx.Err() != nil {
+				return fmt.Errorf("%w %s: %w", ErrPublish, events[i].Name, err)
+			}
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+				return fmt.Errorf("%w %s: %w (last: %w)", ErrPublish, events[i].Name, ctx.Err(), err)
+			}
+			backoff = min(2*backoff, time.Second)
 		}
 	}
 	return nil
+}
+
+// retryable tells the errors of a stream that is briefly unreachable.
+func retryable(err error) bool {
+	return errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) ||
+		errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, nats.ErrConnectionReconnecting) || errors.Is(err, nats.ErrDisconnected) ||
+		errors.Is(err, jetstream.ErrAsyncPublishTimeout)
 }

@@ -443,7 +443,8 @@ func (s *Service) emit(ctx context.Context, evs ...cloudevent.Event) error {
 	if len(evs) == 0 {
 		return nil
 	}
-	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	// Long enough to wait out a stream leader election after a node loss.
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
 	if err := s.pub.Publish(pctx, evs...); err != nil {
 		s.log.Error("publish events", "vm", evs[0].VM, "event", evs[0].Name, "err", err)

@@ -85,9 +85,8 @@ func TestClusterFaults(t *testing.T) {
 	}
 	dir := t.TempDir()
 	natsBin, qb := build(t, dir)
-	nodes, urls := natsNodes(t, dir, natsBin)
+	nodes, urls := startNATS(t, dir, natsBin)
 	for _, n := range nodes {
-		n.start(t)
 		defer n.stop()
 	}
 	all := strings.Join(urls, ",")

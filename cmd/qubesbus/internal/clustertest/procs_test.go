@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -106,6 +107,53 @@ func build(t *testing.T, dir string) (natsBin, qubesbusBin string) {
 
 // natsNodes writes the configs of a 3-node JetStream cluster on loopback and returns
 // its processes and client URLs.
+// startNATS starts the three nodes. Their ports are picked free before the servers
+// bind them, so another process may take one in between: then all three start again,
+// on fresh ports, in a fresh directory.
+func startNATS(t *testing.T, dir, bin string) ([]*proc, []string) {
+	t.Helper()
+	for attempt := 1; ; attempt++ {
+		try := filepath.Join(dir, fmt.Sprintf("nats-%d", attempt))
+		if err := os.MkdirAll(try, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		nodes, urls := natsNodes(t, try, bin)
+		for _, n := range nodes {
+			n.start(t)
+		}
+		if listening(urls, 20*time.Second) {
+			return nodes, urls
+		}
+		for _, n := range nodes {
+			n.stop()
+		}
+		if attempt == 3 {
+			t.Fatalf("the nats nodes did not come up on three sets of ports")
+		}
+		t.Logf("a nats node did not come up; starting the nodes again on fresh ports")
+	}
+}
+
+// listening reports whether every URL's port accepts connections before timeout.
+func listening(urls []string, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for _, u := range urls {
+		addr := strings.TrimPrefix(u, "nats://")
+		for {
+			c, err := net.DialTimeout("tcp", addr, time.Second)
+			if err == nil {
+				c.Close()
+				break
+			}
+			if time.Now().After(deadline) {
+				return false
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	return true
+}
+
 func natsNodes(t *testing.T, dir, bin string) ([]*proc, []string) {
 	t.Helper()
 	client := []int{freePort(t), freePort(t), freePort(t)}
