@@ -33,6 +33,9 @@ const (
 	StatusOK        = "ok"
 	StatusException = "exception"
 	StatusAbort     = "abort"
+	// StatusBehind says the instance could not serve the call yet (its replica is
+	// behind the caller): nothing was done, so the caller may send it again.
+	StatusBehind = "behind"
 )
 
 // ErrMalformed marks an envelope that this package cannot have written.
@@ -114,9 +117,17 @@ func Failure(err error) (nats.Header, []byte) {
 		h.Set(HeaderException, qe.Class)
 		return h, []byte(qe.Message)
 	}
+	if errors.Is(err, ErrBehind) {
+		h.Set(HeaderStatus, StatusBehind)
+		return h, nil
+	}
 	h.Set(HeaderStatus, StatusAbort)
 	return h, nil
 }
+
+// ErrBehind marks a call refused before anything was done because the instance's
+// state is older than the caller's marks; the reply says StatusBehind.
+var ErrBehind = errors.New("instance behind the caller")
 
 // ParseReply decodes a reply.
 func ParseReply(m *nats.Msg) (Reply, error) {
@@ -139,7 +150,7 @@ func parseStatus(m *nats.Msg) (Reply, error) {
 			return Reply{}, fmt.Errorf("%w: exception without a class", ErrMalformed)
 		}
 		return Reply{Status: st, Exception: qerr.New(class, string(m.Data))}, nil
-	case StatusAbort:
+	case StatusAbort, StatusBehind:
 		return Reply{Status: st}, nil
 	default:
 		return Reply{}, fmt.Errorf("%w: status %q", ErrMalformed, st)

@@ -165,7 +165,7 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 			cancel()
 		}()
 	}
-	if err := m.barrier(ctx, req.After.ConfigRev); err != nil {
+	if err := m.barrier(ctx, meth, req.After.ConfigRev); err != nil {
 		m.respond(r, req, nil, err)
 		return
 	}
@@ -217,23 +217,36 @@ type revisioned interface {
 
 // barrier waits until the resolver's replica holds the configuration revision the
 // caller has already seen, so that a call after a change served by another instance
-// sees that change.
-func (m *Mux) barrier(ctx context.Context, rev uint64) error {
+// sees that change. A read waits briefly and then answers StatusBehind, which the
+// gateway sends again (perhaps to another instance): a replica can lag for seconds
+// after a node loss. A change waits longer and then aborts.
+func (m *Mux) barrier(ctx context.Context, meth *Method, rev uint64) error {
 	rr, ok := m.resolver.(revisioned)
 	if !ok || rev == 0 || rr.Revision() >= rev {
 		return nil
 	}
+	read := meth == nil || (meth.Access == Read && !meth.ChangesConfig)
 	wait := m.BarrierWait
 	if wait <= 0 {
 		wait = 10 * time.Second
 	}
+	if read {
+		wait = min(wait, readBarrierWait)
+	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	if err := rr.WaitRevision(wctx, rev); err != nil {
+		if read {
+			return fmt.Errorf("%w: configuration replica behind the caller's revision %d: %w", envelope.ErrBehind, rev, err)
+		}
 		return fmt.Errorf("%w: configuration replica behind the caller's revision %d: %w", qerr.ErrAbort, rev, err)
 	}
 	return nil
 }
+
+// readBarrierWait is how long a read waits for its replica before answering
+// StatusBehind; shorter than the gateway's first attempt (1 s).
+const readBarrierWait = 500 * time.Millisecond
 
 // stamp writes this instance's marks into a reply.
 func (m *Mux) stamp(h nats.Header) {

@@ -6,10 +6,14 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 )
@@ -72,4 +76,42 @@ func TestReadsRetryChangesDoNot(t *testing.T) {
 		t.Fatalf("read during failover answered %q", got)
 	}
 	t.Logf("read answered after %s", took.Round(time.Millisecond))
+}
+
+// A read answered "behind" (the instance's replica lags the caller) is sent again, and
+// the caller gets the answer of an instance that has caught up.
+func TestBehindReadsAreSentAgain(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	host := subject.ForHost("t")
+	reg := rpc.NewRegistry(rpc.Method{Name: "admin.vm.List", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden})
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	l, err := Listen(sock, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	gw := New(Config{Host: host, RetryWindow: 10 * time.Second}, bustest.Connect(t, ns), reg, slog.New(slog.DiscardHandler))
+	go gw.Serve(ctx, l)
+	nc := bustest.Connect(t, ns)
+	var asked atomic.Int32
+	sub, err := nc.Subscribe(host.API("admin.vm.List"), func(m *nats.Msg) {
+		rep := nats.NewMsg(m.Reply)
+		if asked.Add(1) <= 2 {
+			rep.Header.Set(envelope.HeaderStatus, envelope.StatusBehind)
+		} else {
+			rep.Header, rep.Data = envelope.OK([]byte("dom0\n"))
+		}
+		_ = m.RespondMsg(rep)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := ask(t, sock, "admin.vm.List+ dom0 name dom0\x00"); got != "0\x00dom0\n" || asked.Load() != 3 {
+		t.Fatalf("answered %q after %d attempts, want the third attempt's answer", got, asked.Load())
+	}
 }

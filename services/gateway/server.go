@@ -186,13 +186,19 @@ func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Rep
 		msg, err := s.nc.RequestMsgWithContext(actx, req.Msg(s.cfg.Host.API(tok)))
 		acancel()
 		if err == nil {
-			rep, err := envelope.ParseReply(msg)
-			if err == nil {
-				s.observe(rep.Marks)
+			rep, perr := envelope.ParseReply(msg)
+			if perr != nil {
+				return rep, perr
 			}
-			return rep, err
+			s.observe(rep.Marks)
+			if rep.Status != envelope.StatusBehind {
+				return rep, nil
+			}
+			// The instance's replica is behind this caller; nothing was done.
+			err = envelope.ErrBehind
 		}
-		transient := errors.Is(err, nats.ErrNoResponders) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)
+		transient := errors.Is(err, nats.ErrNoResponders) || errors.Is(err, context.DeadlineExceeded) ||
+			errors.Is(err, nats.ErrTimeout) || errors.Is(err, envelope.ErrBehind)
 		if !retry || !transient || cctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
 			return envelope.Reply{}, fmt.Errorf("%s after %d attempts: %w", req.Method, attempt, err)
 		}

@@ -25,6 +25,7 @@ import (
 	"io"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -231,7 +232,12 @@ func (l *Log) Tail(ctx context.Context, from uint64, fn func(Record, error)) (st
 			return
 		}
 		fn(Decode(meta.Sequence.Stream, msg.Headers(), msg.Data()))
-	})
+	},
+		// Short pulls with frequent heartbeats: after the server holding the consumer
+		// dies, two missed heartbeats (2 s, not the default 30 s) make the ordered
+		// consumer start over, so a replica (and every read waiting for it) catches up
+		// soon after a node loss.
+		jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(time.Second))
 	if err != nil {
 		return nil, fmt.Errorf("follow config log: %w", err)
 	}
