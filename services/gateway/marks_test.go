@@ -3,7 +3,6 @@ package gateway
 import (
 	"context"
 	"log/slog"
-	"path/filepath"
 	"sync"
 	"testing"
 
@@ -22,15 +21,9 @@ func TestRequestsCarryTheNewestMarks(t *testing.T) {
 		rpc.Method{Name: "admin.vm.List", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden},
 		rpc.Method{Name: "admin.vm.Start", Service: rpc.VMLifecycle, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Access: rpc.Execute},
 	)
-	sock := filepath.Join(t.TempDir(), "s.sock")
-	l, err := Listen(sock, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	gw, sock := serveGateway(t, ns, Config{Host: host}, reg)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	gw := New(Config{Host: host}, bustest.Connect(t, ns), reg, slog.New(slog.DiscardHandler))
-	go gw.Serve(ctx, l)
 
 	var mu sync.Mutex
 	var seen []envelope.Marks

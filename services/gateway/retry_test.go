@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
@@ -40,6 +41,21 @@ func ask(t *testing.T, sock, req string) (string, time.Duration) {
 	return string(b), time.Since(start)
 }
 
+// serveGateway runs a gateway for reg on a socket in a temp dir until the test ends.
+func serveGateway(t *testing.T, ns *server.Server, cfg Config, reg *rpc.Registry) (*Server, string) {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	l, err := Listen(sock, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	gw := New(cfg, bustest.Connect(t, ns), reg, slog.New(slog.DiscardHandler))
+	go gw.Serve(ctx, l)
+	return gw, sock
+}
+
 // A read finds a service that starts during its retry window; a change that finds no
 // service is not retried.
 func TestReadsRetryChangesDoNot(t *testing.T) {
@@ -49,15 +65,9 @@ func TestReadsRetryChangesDoNot(t *testing.T) {
 		rpc.Method{Name: "admin.vm.List", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden},
 		rpc.Method{Name: "admin.vm.feature.Set", Service: rpc.Properties, Arg: rpc.Required, ChangesConfig: true, Access: rpc.Write},
 	)
-	sock := filepath.Join(t.TempDir(), "s.sock")
-	l, err := Listen(sock, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, sock := serveGateway(t, ns, Config{Host: host, RetryWindow: 10 * time.Second}, reg)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	gw := New(Config{Host: host, RetryWindow: 10 * time.Second}, bustest.Connect(t, ns), reg, slog.New(slog.DiscardHandler))
-	go gw.Serve(ctx, l)
 
 	if got, _ := ask(t, sock, "admin.vm.feature.Set+f dom0 name dom0\x00v"); got != "" {
 		t.Fatalf("change with no service answered %q", got)
@@ -84,15 +94,7 @@ func TestBehindReadsAreSentAgain(t *testing.T) {
 	ns := bustest.RunJetStream(t)
 	host := subject.ForHost("t")
 	reg := rpc.NewRegistry(rpc.Method{Name: "admin.vm.List", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden})
-	sock := filepath.Join(t.TempDir(), "s.sock")
-	l, err := Listen(sock, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	gw := New(Config{Host: host, RetryWindow: 10 * time.Second}, bustest.Connect(t, ns), reg, slog.New(slog.DiscardHandler))
-	go gw.Serve(ctx, l)
+	_, sock := serveGateway(t, ns, Config{Host: host, RetryWindow: 10 * time.Second}, reg)
 	nc := bustest.Connect(t, ns)
 	var asked atomic.Int32
 	sub, err := nc.Subscribe(host.API("admin.vm.List"), func(m *nats.Msg) {
