@@ -23,7 +23,10 @@ type EventsConfig struct {
 	// WriteTimeout cuts off a subscriber that does not read for this long (its socket
 	// buffer is full); others are never slowed by it.
 	WriteTimeout time.Duration
-	// Buffer is how many events the consumer fetches ahead of a slow reader.
+	// Buffer is how many events may wait for a subscriber whose socket is full before
+	// it is cut off (default 16384, a few MB). It must hold the burst a resumed feed
+	// delivers after a node loss; a reader that stops altogether is cut off by
+	// WriteTimeout instead.
 	Buffer int
 }
 
@@ -43,7 +46,7 @@ func NewEvents(cfg EventsConfig, nc *nats.Conn, host subject.Host, log *slog.Log
 		cfg.WriteTimeout = 10 * time.Second
 	}
 	if cfg.Buffer == 0 {
-		cfg.Buffer = 256
+		cfg.Buffer = 16384
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {

@@ -235,9 +235,10 @@ func TestEventsSlowSubscriberIsCutOff(t *testing.T) {
 	if err := <-errc; err != nil {
 		t.Fatal(err)
 	}
-	// The slow one fell a whole buffer behind (n frames are more than its queue and
-	// its socket hold), so the gateway cut it off: it finds the end of its stream
-	// before all n events.
+	// The slow one has not read for longer than the write timeout (n frames are far
+	// more than its socket holds, so a write to it is blocked), so the gateway cut it
+	// off: it finds the end of its stream before all n events.
+	time.Sleep(2 * time.Second) // > EventsWriteTimeout
 	got := 0
 	for ; got < n; got++ {
 		if _, err := slow.next(10 * time.Second); err != nil {
