@@ -81,7 +81,9 @@ func (p *Publisher) Publish(ctx context.Context, events ...Event) error {
 	if len(msgs) > 1 {
 		futures := make([]jetstream.PubAckFuture, 0, len(msgs))
 		for i, msg := range msgs {
-			f, err := p.js.PublishMsgAsync(msg, jetstream.WithExpectStream(StreamName))
+			// No retries inside the client: one would resend a later event while an
+			// earlier one waits, out of order. publishFrom retries, in order.
+			f, err := p.js.PublishMsgAsync(msg, jetstream.WithExpectStream(StreamName), jetstream.WithRetryAttempts(0))
 			if err != nil {
 				return p.publishFrom(ctx, msgs, events, i, err)
 			}
