@@ -21,6 +21,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -411,22 +412,7 @@ func (c StatesClient) request(ctx context.Context, op string, data []byte, v any
 		ctx, cancel = context.WithTimeout(ctx, 2*failoverWindow)
 		defer cancel()
 	}
-	deadline := time.Now().Add(failoverWindow)
-	backoff := 20 * time.Millisecond
-	var msg *nats.Msg
-	var err error
-	for {
-		msg, err = c.NC.RequestWithContext(ctx, c.Host.Service("vmlifecycle", op), data)
-		if !errors.Is(err, nats.ErrNoResponders) || time.Now().Add(backoff).After(deadline) {
-			break
-		}
-		select {
-		case <-time.After(backoff):
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-		backoff = min(2*backoff, 500*time.Millisecond)
-	}
+	msg, err := bus.Request(ctx, c.NC, &nats.Msg{Subject: c.Host.Service("vmlifecycle", op), Data: data}, failoverWindow)
 	if err != nil {
 		return nil, err
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 	"github.com/nats-io/nuid"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 )
@@ -163,25 +164,6 @@ func (c Client) call(ctx context.Context, op string, args callArgs, out any) err
 	return nil
 }
 
-// request sends msg, and again while no hypervisor instance is subscribed (its
-// connection is moving to another node): "no responders" means nobody received it,
-// so sending it again is safe even for a change.
-func (c Client) request(ctx context.Context, msg *nats.Msg) (*nats.Msg, error) {
-	backoff := 10 * time.Millisecond
-	for {
-		rep, err := c.NC.RequestMsgWithContext(ctx, msg)
-		if !errors.Is(err, nats.ErrNoResponders) {
-			return rep, err
-		}
-		select {
-		case <-time.After(backoff):
-		case <-ctx.Done():
-			return nil, err
-		}
-		backoff = min(2*backoff, 500*time.Millisecond)
-	}
-}
-
 // roundTrip sends one request that the server gives budget to complete.
 func (c Client) roundTrip(ctx context.Context, op string, budget time.Duration, args callArgs, out any) error {
 	msg := nats.NewMsg(c.Host.Hypervisor(op))
@@ -195,7 +177,7 @@ func (c Client) roundTrip(ctx context.Context, op string, budget time.Duration, 
 	if c.Epoch != 0 {
 		msg.Header.Set(headerEpoch, strconv.FormatUint(c.Epoch, 10))
 	}
-	rep, err := c.request(ctx, msg)
+	rep, err := bus.Request(ctx, c.NC, msg, 0) // the hypervisor's connection may be moving node
 	if err != nil {
 		if ctx.Err() != nil {
 			// Free the server from a call nobody waits for any more.

@@ -1,0 +1,43 @@
+package bus_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/bustest"
+)
+
+// A request made while nobody subscribes waits for a subscriber; with a window, it
+// gives up with ErrNoResponders once the window has passed.
+func TestRequestWaitsForAResponder(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	nc, srv := bustest.Connect(t, ns), bustest.Connect(t, ns)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	if _, err := bus.Request(ctx, nc, nats.NewMsg("nobody"), 100*time.Millisecond); !errors.Is(err, nats.ErrNoResponders) {
+		t.Fatalf("past the window: %v, want ErrNoResponders", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		rep, err := bus.Request(ctx, nc, nats.NewMsg("late"), 0)
+		if err == nil && string(rep.Data) != "here" {
+			err = errors.New("reply " + string(rep.Data))
+		}
+		done <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // the request is waiting now
+	sub, err := srv.Subscribe("late", func(m *nats.Msg) { _ = m.Respond([]byte("here")) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := <-done; err != nil {
+		t.Fatalf("request once a responder came: %v", err)
+	}
+}
