@@ -40,12 +40,6 @@ type PowerStates interface {
 	PowerStates(ctx context.Context) (map[string]string, error)
 }
 
-// RuntimeValues may also be implemented by the PowerStates given to New: it then
-// supplies the runtime values (xid, start time, …) of qubes that are not halted.
-type RuntimeValues interface {
-	RuntimeValues(ctx context.Context) (map[string]model.Runtime, error)
-}
-
 // QubeHolder may also be implemented by the PowerStates given to New: Hold keeps a
 // qube's lifecycle lock (no power operation on it starts) until release is called
 // with the revision of the change made meanwhile; after is the runtime mark once the
@@ -218,13 +212,6 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn, version string) (mic
 func (s *Service) runtime(ctx context.Context, after envelope.RuntimeMark) (func(string) model.Runtime, error) {
 	if s.rtc != nil {
 		vals, err := s.rtc.get(ctx, after, s.rep.Revision())
-		if err != nil {
-			return nil, fmt.Errorf("runtime values: %w", err)
-		}
-		return lookupRuntime(vals), nil
-	}
-	if rv, ok := s.powers.(RuntimeValues); ok {
-		vals, err := rv.RuntimeValues(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("runtime values: %w", err)
 		}

@@ -77,12 +77,12 @@ func TestRuntimeValues(t *testing.T) {
 	if _, ok := rts["personal"]; ok {
 		t.Errorf("a halted qube is listed: %+v", rts["personal"])
 	}
-	vals, err := client.RuntimeValues(context.Background())
+	snap, err := client.RuntimeSnapshot(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v := vals["work"]; v.State != "Running" || v.XID != 3 || v.StubdomXID != -1 || v.StartTime != rts["work"].StartTime {
-		t.Errorf("RuntimeValues work: %+v", v)
+	if v := snap.Values["work"]; v.State != "Running" || v.XID != 3 || v.StubdomXID != -1 || v.StartTime != rts["work"].StartTime {
+		t.Errorf("RuntimeSnapshot work: %+v", v)
 	}
 }
 

@@ -374,13 +374,6 @@ func (c StatesClient) Runtimes(ctx context.Context) (map[string]Runtime, error) 
 	return out, nil
 }
 
-// RuntimeValues implements the properties service's RuntimeValues: the runtime of
-// every qube that is not halted, as its property model reads it.
-func (c StatesClient) RuntimeValues(ctx context.Context) (map[string]model.Runtime, error) {
-	snap, err := c.RuntimeSnapshot(ctx)
-	return snap.Values, err
-}
-
 // RuntimeSnapshot implements the properties service's RuntimeSource.
 func (c StatesClient) RuntimeSnapshot(ctx context.Context) (model.RuntimeSnapshot, error) {
 	var rts map[string]Runtime
