@@ -292,8 +292,9 @@ func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Mod
 	if err != nil {
 		return nil, err
 	}
-	// The change is durable in the change log; qubes.xml is rewritten before the reply
-	// (qubesd saves after every config change), shared with concurrent writers.
+	// The change is durable in the change log. qubes.xml is rewritten, in one write
+	// shared with concurrent writers, before the reply as qubesd saves after every
+	// config change, or right after it with SaveAfterReply.
 	if save && s.cfg.SaveAfterReply {
 		rev := s.rep.Revision()
 		go func() {

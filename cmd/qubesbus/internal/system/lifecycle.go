@@ -51,13 +51,11 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 	if err != nil {
 		return err
 	}
-	// Bind to the bucket an admin (or setup) created; create it only if it is missing,
-	// since a NATS user without the right gets no answer at all.
+	// ensureStreams (or `qubesbus setup`, where services run as their own users) has
+	// created the bucket.
 	kv, err := js.KeyValue(ctx, lease.Bucket)
 	if err != nil {
-		if kv, err = lease.Open(ctx, js, cfg.LeaseTTL, cfg.Replicas); err != nil {
-			return err
-		}
+		return fmt.Errorf("lease bucket %s (run qubesbus setup): %w", lease.Bucket, err)
 	}
 	// Renewals must follow the bucket's TTL, whoever created it.
 	ttl := cfg.LeaseTTL
