@@ -1,11 +1,13 @@
 # qubesbus: `make run` serves ./run/qubesd.sock; `make test` runs every check.
-MODULES := bus schemas services/gateway services/persistence services/properties services/vmlifecycle cmd/qubesbus
+MODULES := bus schemas internal/testhost services/gateway services/persistence services/properties services/vmlifecycle cmd/qubesbus
 GO      ?= go
 FUZZTIME ?= 30s
 RUN_DIR ?= run
 QUBES_XML ?= testdata/qubes.xml
 
-.PHONY: run test vet build bench fuzz standalone tidy cluster-test clean
+SERVICES := $(filter services/%,$(MODULES))
+
+.PHONY: run test vet build bench fuzz standalone deps tidy cluster-test clean
 
 run:
 	$(GO) run ./cmd/qubesbus run --socket $(RUN_DIR)/qubesd.sock --data-dir $(RUN_DIR)/data --qubes-xml $(QUBES_XML)
@@ -13,15 +15,60 @@ run:
 build:
 	mkdir -p bin && $(GO) build -o bin/qubesbus ./cmd/qubesbus
 
-vet:
-	@for m in $(MODULES); do echo "vet $$m"; (cd $$m && $(GO) vet ./...) || exit 1; done
+# each runs the command $(1) in every module, going on past a failure, then prints one
+# line per module under the heading $(2) and fails if any module failed.
+define each
+@status=0; summary=""; \
+for m in $(MODULES); do \
+	echo "=== $(2) $$m"; \
+	if (cd $$m && $(1)); then r="ok  "; else r="FAIL"; status=1; fi; \
+	summary="$$summary$$r $$m\n"; \
+done; \
+printf "\n=== $(2)\n$$summary"; exit $$status
+endef
 
-test: vet standalone
-	@for m in $(MODULES); do echo "test $$m"; (cd $$m && $(GO) test -race -count=1 ./...) || exit 1; done
+vet:
+	$(call each,$(GO) vet ./...,vet)
 
 # Every module also builds on its own, outside the workspace.
 standalone:
-	@for m in $(MODULES); do (cd $$m && GOWORK=off $(GO) build ./...) || exit 1; done
+	$(call each,GOWORK=off $(GO) build ./...,standalone)
+
+# The dependency rule, then vet, the standalone build and the race-enabled tests of
+# every module. A failure does not stop the rest: the summary at the end names what
+# failed in each module, and the target fails if anything did.
+test:
+	@status=0; \
+	if $(MAKE) --no-print-directory deps; then summary="ok   deps\n"; else summary="FAIL deps\n"; status=1; fi; \
+	for m in $(MODULES); do \
+		echo "=== test $$m"; failed=""; \
+		(cd $$m && $(GO) vet ./...) || failed="$$failed vet"; \
+		(cd $$m && GOWORK=off $(GO) build ./...) || failed="$$failed standalone"; \
+		(cd $$m && $(GO) test -race -count=1 ./...) || failed="$$failed test"; \
+		if [ -z "$$failed" ]; then summary="$$summary""ok   $$m\n"; \
+		else summary="$$summary""FAIL $$m ($${failed# })\n"; status=1; fi; \
+	done; \
+	printf "\n=== summary\n$$summary"; exit $$status
+
+# Services share only bus and schemas: no service's non-test code may depend on a
+# package of another service. Prints each import that crosses into another service.
+MODULE_PATH = github.com/qubesbus/qubesbus
+# CROSSING reads "package import…" lines (go list -f) and prints each import of a
+# package of another service than own, by a package outside that service.
+CROSSING = function svc(p, s) { if (index(p, pre) != 1) return ""; s = substr(p, length(pre) + 1); sub(/\/.*/, "", s); return s } \
+	{ from = svc($$1); for (i = 2; i <= NF; i++) { to = svc($$i); if (to != "" && to != own && to != from) print "  " $$1 " imports " $$i } }
+deps:
+	@status=0; \
+	for m in $(SERVICES); do \
+		own=$${m#services/}; \
+		if ! list=$$(cd $$m && $(GO) list -deps -f '{{.ImportPath}}{{range .Imports}} {{.}}{{end}}' ./...); then \
+			echo "deps: go list failed in $$m"; status=1; continue; \
+		fi; \
+		bad=$$(printf '%s\n' "$$list" | awk -v own="$$own" -v pre="$(MODULE_PATH)/services/" '$(CROSSING)' | sort -u); \
+		if [ -n "$$bad" ]; then echo "deps: $$m depends on another service:"; echo "$$bad"; status=1; fi; \
+	done; \
+	if [ $$status = 0 ]; then echo "deps: no service depends on another"; fi; \
+	exit $$status
 
 # Separate processes on a 3-node nats-server cluster, faults under load (about 2 min).
 cluster-test:

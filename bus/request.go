@@ -18,17 +18,14 @@ func Request(ctx context.Context, nc *nats.Conn, msg *nats.Msg, window time.Dura
 	if window > 0 {
 		deadline = time.Now().Add(window)
 	}
-	backoff := 10 * time.Millisecond
+	backoff := Backoff{Next: 10 * time.Millisecond, Max: 500 * time.Millisecond}
 	for {
 		rep, err := nc.RequestMsgWithContext(ctx, msg)
-		if !errors.Is(err, nats.ErrNoResponders) || (!deadline.IsZero() && time.Now().Add(backoff).After(deadline)) {
+		if !errors.Is(err, nats.ErrNoResponders) || backoff.Passes(deadline) {
 			return rep, err
 		}
-		select {
-		case <-time.After(backoff):
-		case <-ctx.Done():
+		if backoff.Wait(ctx) != nil {
 			return nil, err
 		}
-		backoff = min(2*backoff, 500*time.Millisecond)
 	}
 }

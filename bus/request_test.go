@@ -3,6 +3,7 @@ package bus_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -24,6 +25,7 @@ func TestRequestWaitsForAResponder(t *testing.T) {
 		t.Fatalf("past the window: %v, want ErrNoResponders", err)
 	}
 	done := make(chan error, 1)
+	sent := nc.Stats().OutMsgs
 	go func() {
 		rep, err := bus.Request(ctx, nc, nats.NewMsg("late"), 0)
 		if err == nil && string(rep.Data) != "here" {
@@ -31,7 +33,19 @@ func TestRequestWaitsForAResponder(t *testing.T) {
 		}
 		done <- err
 	}()
-	time.Sleep(200 * time.Millisecond) // the request is waiting now
+	// A second send shows the request found nobody and is waiting; the test cannot
+	// watch the subject for it, since a subscriber would be a responder.
+	bustest.CheckFor(t, 10*time.Second, time.Millisecond, func() error {
+		if n := nc.Stats().OutMsgs - sent; n < 2 {
+			return fmt.Errorf("request sent %d times", n)
+		}
+		return nil
+	})
+	select {
+	case err := <-done:
+		t.Fatalf("request ended with nobody subscribed: %v", err)
+	default:
+	}
 	sub, err := srv.Subscribe("late", func(m *nats.Msg) { _ = m.Respond([]byte("here")) })
 	if err != nil {
 		t.Fatal(err)

@@ -2,6 +2,7 @@ package cloudevent
 
 import (
 	"context"
+	"fmt"
 	"reflect"
 	"testing"
 	"time"
@@ -94,7 +95,8 @@ func TestPublishToStream(t *testing.T) {
 // twice is stored once.
 func TestPublishWaitsForTheStreamAndStoresOnce(t *testing.T) {
 	ns := bustest.RunJetStream(t)
-	js, err := jetstream.New(bustest.Connect(t, ns))
+	nc := bustest.Connect(t, ns)
+	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +106,14 @@ func TestPublishWaitsForTheStreamAndStoresOnce(t *testing.T) {
 	evs := []Event{New("work", "domain-pre-start", "start_guid", "True"), New("work", "domain-start")}
 	done := make(chan error, 1)
 	go func() { done <- p.Publish(ctx, evs...) }()
-	time.Sleep(300 * time.Millisecond)
+	// A send beyond the two events is a retry: Publish found no stream and keeps
+	// trying. (A subscriber on the subject, to see it, would answer for the stream.)
+	bustest.CheckFor(t, 10*time.Second, time.Millisecond, func() error {
+		if n := nc.Stats().OutMsgs; n <= uint64(len(evs)) {
+			return fmt.Errorf("%d sends", n)
+		}
+		return nil
+	})
 	select {
 	case err := <-done:
 		t.Fatalf("publish ended with no stream: %v", err)

@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/subject"
 )
 
@@ -112,7 +113,7 @@ func (p *Publisher) publishFrom(ctx context.Context, msgs []*nats.Msg, events []
 		return fmt.Errorf("%w %s: %w", ErrPublish, events[from].Name, cause)
 	}
 	for i := from; i < len(msgs); i++ {
-		backoff := 50 * time.Millisecond
+		backoff := bus.Backoff{Next: 50 * time.Millisecond, Max: time.Second}
 		for {
 			_, err := p.js.PublishMsg(ctx, msgs[i], jetstream.WithExpectStream(StreamName))
 			if err == nil {
@@ -121,12 +122,9 @@ func (p *Publisher) publishFrom(ctx context.Context, msgs []*nats.Msg, events []
 			if !retryable(err) || ctx.Err() != nil {
 				return fmt.Errorf("%w %s: %w", ErrPublish, events[i].Name, err)
 			}
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
-				return fmt.Errorf("%w %s: %w (last: %w)", ErrPublish, events[i].Name, ctx.Err(), err)
+			if werr := backoff.Wait(ctx); werr != nil {
+				return fmt.Errorf("%w %s: %w (last: %w)", ErrPublish, events[i].Name, werr, err)
 			}
-			backoff = min(2*backoff, time.Second)
 		}
 	}
 	return nil

@@ -89,9 +89,17 @@ func Start(ctx context.Context, cfg Config) (*server.Server, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		wait = time.Until(dl)
 	}
-	if !ns.ReadyForConnections(wait) {
-		ns.Shutdown()
-		return nil, fmt.Errorf("nats server not ready after %s", wait)
+	// Short steps, so that ctx ending stops the wait and not only its deadline.
+	start := time.Now()
+	for !ns.ReadyForConnections(50 * time.Millisecond) {
+		if err := ctx.Err(); err != nil {
+			ns.Shutdown()
+			return nil, fmt.Errorf("nats server not ready: %w", err)
+		}
+		if time.Since(start) >= wait {
+			ns.Shutdown()
+			return nil, fmt.Errorf("nats server not ready after %s", wait)
+		}
 	}
 	return ns, nil
 }

@@ -149,7 +149,7 @@ func parseStatus(m *nats.Msg) (Reply, error) {
 		if class == "" {
 			return Reply{}, fmt.Errorf("%w: exception without a class", ErrMalformed)
 		}
-		return Reply{Status: st, Exception: qerr.New(class, string(m.Data))}, nil
+		return Reply{Status: st, Exception: qerr.FromWire(class, string(m.Data))}, nil
 	case StatusAbort, StatusBehind:
 		return Reply{Status: st}, nil
 	default:

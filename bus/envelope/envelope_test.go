@@ -45,7 +45,7 @@ func TestReplies(t *testing.T) {
 		status  string
 		wantErr error
 	}{
-		{"exception", qerr.Newf("QubesVMNotFoundError", "No such domain: %s", qerr.Repr("x")), StatusException, qerr.ErrVMNotFound},
+		{"exception", qerr.VMNotFoundError("No such domain: " + qerr.Repr("x")), StatusException, qerr.ErrVMNotFound},
 		{"abort", qerr.Abort("write-once"), StatusAbort, qerr.ErrAbort},
 		{"plain go error aborts", errors.New("boom"), StatusAbort, qerr.ErrAbort},
 	}

@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus"
 )
 
 // Bucket is the key-value bucket of every lease.
@@ -117,11 +119,8 @@ func (l *Lease) Acquire(ctx context.Context) (*Term, error) {
 		}
 		// Held by another instance (or NATS is away): try again a few times per TTL,
 		// jittered so standbys do not ask in lock step.
-		wait := l.ttl/4 + rand.N(l.ttl/8+1)
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
-			return nil, ctx.Err()
+		if err := bus.Sleep(ctx, l.ttl/4+rand.N(l.ttl/8+1)); err != nil {
+			return nil, err
 		}
 	}
 }

@@ -6,16 +6,23 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 )
 
-const ttl = 2 * time.Second
+// ttl is short so that the tests take no longer than the events they wait for
+// (renewals every ttl/4, expiry, step-down after 2*ttl); production uses DefaultTTL.
+const ttl = 500 * time.Millisecond
 
 func bucket(t *testing.T) jetstream.KeyValue {
 	t.Helper()
-	ns := bustest.RunJetStream(t)
+	return bucketOn(t, bustest.RunJetStream(t))
+}
+
+func bucketOn(t *testing.T, ns *server.Server) jetstream.KeyValue {
+	t.Helper()
 	js, err := jetstream.New(bustest.Connect(t, ns))
 	if err != nil {
 		t.Fatal(err)
@@ -124,5 +131,27 @@ func TestHolderStepsDownWhenTheKeyIsTaken(t *testing.T) {
 		}
 	case <-ctx.Done():
 		t.Fatal("holder never noticed it lost the lease")
+	}
+}
+
+// A holder that cannot renew (its NATS server is gone) ends its term with ErrLost once
+// no renewal has succeeded for twice the TTL, rather than carry on unsure.
+func TestHolderStepsDownWhenItCannotRenew(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	kv := bucketOn(t, ns)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a, err := New(kv, "vmlifecycle.h1", "a", ttl, nil).Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns.Shutdown()
+	select {
+	case <-a.Context().Done():
+		if cause := context.Cause(a.Context()); !errors.Is(cause, ErrLost) {
+			t.Fatalf("term ended with %v, want ErrLost", cause)
+		}
+	case <-ctx.Done():
+		t.Fatal("holder kept its term with no renewal")
 	}
 }

@@ -9,7 +9,8 @@ import (
 )
 
 // Error is a qubesd exception: Class is the class name without module, Message the
-// exact text of str(exception).
+// exact text of str(exception). Services build one with its class's constructor
+// (ValueError, VMNotFoundError, …: see classes.go); FromWire rebuilds one from a reply.
 type Error struct {
 	Class   string
 	Message string
@@ -29,56 +30,42 @@ func (e *Error) Is(target error) bool {
 	return ok && t.Class == e.Class && (t.Message == "" || t.Message == e.Message)
 }
 
-// New returns an exception of the given class with a message.
-func New(class, msg string) *Error { return &Error{Class: class, Message: msg} }
+// FromWire is an exception as it arrived in a reply: the class name and message are
+// kept verbatim, whether or not the class is in the table (a newer service may answer
+// with a class this build does not know).
+func FromWire(class, msg string) *Error { return &Error{Class: class, Message: msg} }
 
-// Newf formats the message.
-func Newf(class, format string, args ...any) *Error {
-	return &Error{Class: class, Message: fmt.Sprintf(format, args...)}
+// AbortsAfter reports whether qubesd aborts the connection after answering this class
+// instead of closing it cleanly. Classes outside the table close cleanly.
+func AbortsAfter(class string) bool {
+	c, ok := byName[class]
+	return ok && table[c].after == abort
 }
 
 // Sentinels of the classes callers branch on. Compare with errors.Is.
 var (
-	ErrProtocol          = &Error{Class: "ProtocolError"}
-	ErrPermissionDenied  = &Error{Class: "PermissionDenied"}
-	ErrVMNotFound        = &Error{Class: "QubesVMNotFoundError"}
-	ErrInvalidUUID       = &Error{Class: "QubesVMInvalidUUIDError"}
-	ErrValue             = &Error{Class: "QubesValueError"}
-	ErrPropertyValue     = &Error{Class: "QubesPropertyValueError"}
-	ErrNoSuchProperty    = &Error{Class: "QubesNoSuchPropertyError"}
-	ErrFeatureNotFound   = &Error{Class: "QubesFeatureNotFoundError"}
-	ErrTagNotFound       = &Error{Class: "QubesTagNotFoundError"}
-	ErrLabelNotFound     = &Error{Class: "QubesLabelNotFoundError"}
-	ErrVMAlreadyExists   = &Error{Class: "QubesVMAlreadyExistsError"}
-	ErrVMInUse           = &Error{Class: "QubesVMInUseError"}
-	ErrVMNotStarted      = &Error{Class: "QubesVMNotStartedError"}
-	ErrVMNotRunning      = &Error{Class: "QubesVMNotRunningError"}
-	ErrVMNotPaused       = &Error{Class: "QubesVMNotPausedError"}
-	ErrVMNotHalted       = &Error{Class: "QubesVMNotHaltedError"}
-	ErrVMNotSuspended    = &Error{Class: "QubesVMNotSuspendedError"}
-	ErrVMShutdownTimeout = &Error{Class: "QubesVMShutdownTimeoutError"}
-	ErrMemory            = &Error{Class: "QubesMemoryError"}
-	ErrNotImplemented    = &Error{Class: "QubesNotImplementedError"}
-	ErrQubes             = &Error{Class: "QubesException"}
+	ErrProtocol          = cProtocolError.sentinel()
+	ErrPermissionDenied  = cPermissionDenied.sentinel()
+	ErrVMNotFound        = cVMNotFoundError.sentinel()
+	ErrInvalidUUID       = cVMInvalidUUIDError.sentinel()
+	ErrValue             = cValueError.sentinel()
+	ErrPropertyValue     = cPropertyValueError.sentinel()
+	ErrNoSuchProperty    = cNoSuchPropertyError.sentinel()
+	ErrFeatureNotFound   = cFeatureNotFoundError.sentinel()
+	ErrTagNotFound       = cTagNotFoundError.sentinel()
+	ErrLabelNotFound     = cLabelNotFoundError.sentinel()
+	ErrVMAlreadyExists   = cVMAlreadyExistsError.sentinel()
+	ErrVMInUse           = cVMInUseError.sentinel()
+	ErrVMNotStarted      = cVMNotStartedError.sentinel()
+	ErrVMNotRunning      = cVMNotRunningError.sentinel()
+	ErrVMNotPaused       = cVMNotPausedError.sentinel()
+	ErrVMNotHalted       = cVMNotHaltedError.sentinel()
+	ErrVMNotSuspended    = cVMNotSuspendedError.sentinel()
+	ErrVMShutdownTimeout = cVMShutdownTimeoutError.sentinel()
+	ErrMemory            = cMemoryError.sentinel()
+	ErrNotImplemented    = cNotImplementedError.sentinel()
+	ErrQubes             = cQubesException.sentinel()
 )
-
-// Protocol returns a ProtocolError with the given text.
-func Protocol(msg string) *Error { return New("ProtocolError", msg) }
-
-// abortsAfter lists the classes that qubesd answers and then aborts the connection
-// (ProtocolError, PermissionDenied and their subclasses) instead of closing it cleanly.
-var abortsAfter = map[string]bool{
-	"ProtocolError":                         true,
-	"PermissionDenied":                      true,
-	"QubesInvalidTagError":                  true,
-	"QubesInvalidLabelError":                true,
-	"QubesInvalidLabelValueError":           true,
-	"QubesUnrecognizedDeviceAssignmentMode": true,
-	"QubesVolumeCopyTokenNotFoundError":     true,
-}
-
-// AbortsAfter reports whether the connection is aborted after this class is answered.
-func AbortsAfter(class string) bool { return abortsAfter[class] }
 
 // ErrAbort is the outcome of qubesd's unhandled exceptions: the connection is closed
 // with no response. Wrap it with the cause: fmt.Errorf("%w: %w", qerr.ErrAbort, err).

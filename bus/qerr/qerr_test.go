@@ -7,7 +7,7 @@ import (
 )
 
 func TestIsMatchesClass(t *testing.T) {
-	err := fmt.Errorf("start %q: %w", "work", Newf("QubesVMNotFoundError", "No such domain: %s", "'work'"))
+	err := fmt.Errorf("start %q: %w", "work", VMNotFoundError("No such domain: 'work'"))
 	if !errors.Is(err, ErrVMNotFound) {
 		t.Fatal("wrapped QubesVMNotFoundError does not match its sentinel")
 	}

@@ -43,7 +43,7 @@ type Call struct {
 
 var uuidForm = regexp.MustCompile(`^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$`)
 
-// resolve decodes a source or destination reference (protocol.md §3).
+// resolve decodes a source or destination reference (docs/spec/protocol.md §3).
 func resolve(ctx context.Context, res Resolver, text string) (Ref, error) {
 	if !isASCII(text) {
 		return Ref{}, qerr.Abort("non-ASCII qube reference")
@@ -52,7 +52,7 @@ func resolve(ctx context.Context, res Resolver, text string) (Ref, error) {
 	var err error
 	if rest, ok := strings.CutPrefix(text, "uuid:"); ok {
 		if !uuidForm.MatchString(rest) {
-			return Ref{}, qerr.New("QubesVMInvalidUUIDError", "VM UUID is not valid: "+qerr.Repr(rest))
+			return Ref{}, qerr.VMInvalidUUIDError("VM UUID is not valid: " + qerr.Repr(rest))
 		}
 		ref, err = res.ResolveUUID(ctx, rest)
 	} else {
@@ -60,7 +60,7 @@ func resolve(ctx context.Context, res Resolver, text string) (Ref, error) {
 	}
 	if err != nil {
 		if errors.Is(err, qerr.ErrVMNotFound) {
-			return Ref{}, qerr.New("QubesVMNotFoundError", "No such domain: "+qerr.Repr(text))
+			return Ref{}, qerr.VMNotFoundError("No such domain: " + qerr.Repr(text))
 		}
 		return Ref{}, err
 	}
@@ -73,9 +73,9 @@ type Authorizer interface {
 	Allowed(method, arg string, src, dest Ref) bool
 }
 
-// Check runs qubesd's pre-handler pipeline (protocol.md §2.2) in its order; the first
-// failure wins. m is nil for a method that is not registered. auth, if not nil, runs
-// last: a denied call answers PermissionDenied with no message.
+// Check runs qubesd's pre-handler pipeline (docs/spec/protocol.md §2.2) in its order;
+// the first failure wins. m is nil for a method that is not registered. auth, if not
+// nil, runs last: a denied call answers PermissionDenied with no message.
 func Check(ctx context.Context, res Resolver, auth Authorizer, m *Method, req *envelope.Request) (*Call, error) {
 	src, err := resolve(ctx, res, req.Source)
 	if err != nil {
@@ -89,28 +89,28 @@ func Check(ctx context.Context, res Resolver, auth Authorizer, m *Method, req *e
 		return nil, qerr.Abort("non-ASCII method or argument")
 	}
 	if m == nil || m.Name != req.Method {
-		return nil, qerr.Protocol("no such method: " + qerr.Repr(req.Method))
+		return nil, qerr.ProtocolError("no such method: " + qerr.Repr(req.Method))
 	}
 	switch {
 	case m.Payload == Required && len(req.Payload) == 0:
-		return nil, qerr.Protocol("expected payload")
+		return nil, qerr.ProtocolError("expected payload")
 	case m.Payload == Forbidden && len(req.Payload) != 0:
-		return nil, qerr.Protocol("unexpected payload")
+		return nil, qerr.ProtocolError("unexpected payload")
 	}
 	switch {
 	case m.Arg == Required && req.Arg == "":
-		return nil, qerr.Protocol("expected an argument")
+		return nil, qerr.ProtocolError("expected an argument")
 	case m.Arg == Forbidden && req.Arg != "":
-		return nil, qerr.Protocol("unexpected argument")
+		return nil, qerr.ProtocolError("unexpected argument")
 	}
 	switch {
 	case m.Dest == AdminVMDest && !dest.IsAdminVM():
-		return nil, qerr.Protocol("expected destination to be AdminVM")
+		return nil, qerr.ProtocolError("expected destination to be AdminVM")
 	case m.Dest == NotAdminVMDest && dest.IsAdminVM():
-		return nil, qerr.Protocol("expected destination to not be AdminVM")
+		return nil, qerr.ProtocolError("expected destination to not be AdminVM")
 	}
 	if auth != nil && !auth.Allowed(m.Name, req.Arg, src, dest) {
-		return nil, qerr.New("PermissionDenied", "")
+		return nil, qerr.PermissionDenied("")
 	}
 	return &Call{Method: *m, Source: src, Dest: dest, Arg: req.Arg, Payload: req.Payload, ID: req.ID, After: req.After}, nil
 }

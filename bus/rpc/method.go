@@ -75,14 +75,22 @@ func (a Access) String() string {
 	return fmt.Sprintf("Access(%d)", uint8(a))
 }
 
-// Service names the service that owns a method.
+// Service names a qubesbus service: the owner of a method in the registry, the
+// `qubesbus serve` argument, the token of its internal subjects
+// (subject.Host.Service) and, through Micro, its micro service. These are the only
+// spellings of service names.
 type Service string
 
 const (
-	Properties  Service = "properties"
+	Persistence Service = "persistence" // the configuration store (no Admin API methods)
+	Hypervisor  Service = "hypervisor"  // the (simulated) hypervisor driver over NATS
 	VMLifecycle Service = "vmlifecycle"
+	Properties  Service = "properties"
 	Gateway     Service = "gateway" // streams served by the gateway itself (admin.Events)
 )
+
+// Micro is the micro service name, and queue group, of every instance of the service.
+func (s Service) Micro() string { return "qubesbus-" + string(s) }
 
 // Method is one line of the registry: an Admin API method and its options.
 type Method struct {

@@ -85,10 +85,10 @@ func (m *Mux) HandleUnknown() { m.unknown = true }
 // group of the service, and returns it once the server has every subscription.
 func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, version string) (micro.Service, error) {
 	svc, err := micro.AddService(nc, micro.Config{
-		Name:        "qubesbus-" + string(m.service),
+		Name:        m.service.Micro(),
 		Version:     version,
 		Description: "qubesbus " + string(m.service) + " service",
-		QueueGroup:  "qubesbus-" + string(m.service),
+		QueueGroup:  m.service.Micro(),
 		Metadata:    map[string]string{"host": host.ID()},
 	})
 	if err != nil {
@@ -179,7 +179,7 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 		h = checkOnly
 	}
 	if h == nil {
-		m.respond(r, req, nil, qerr.New("QubesNotImplementedError", "method not implemented by qubesbus yet: "+call.Method.Name))
+		m.respond(r, req, nil, qerr.NotImplementedError("method not implemented by qubesbus yet: "+call.Method.Name))
 		return
 	}
 	out, err := h(ctx, call)

@@ -31,7 +31,7 @@ func TestMuxServesCancelsAndSaves(t *testing.T) {
 	mux.Handle("admin.vm.Stats", func(ctx context.Context, c *Call) ([]byte, error) {
 		close(started)
 		<-ctx.Done()
-		return nil, qerr.New("QubesException", "cancelled")
+		return nil, qerr.QubesException("cancelled")
 	})
 	mux.Handle("admin.vm.feature.Set", func(ctx context.Context, c *Call) ([]byte, error) { return nil, nil })
 	var saves atomic.Int32

@@ -39,6 +39,7 @@ require (
 
 replace (
 	github.com/qubesbus/qubesbus/bus => ../../bus
+	github.com/qubesbus/qubesbus/internal/testhost => ../../internal/testhost
 	github.com/qubesbus/qubesbus/schemas => ../../schemas
 	github.com/qubesbus/qubesbus/services/gateway => ../../services/gateway
 	github.com/qubesbus/qubesbus/services/persistence => ../../services/persistence

@@ -1,17 +1,19 @@
 // Package adminapi is the explicit Admin API method registry: one line per concrete
-// method name of the stock qubesd registries (spec methods.md §14), with the options
-// qubesd registers it with (protocol.md §2.2), its policy class and its owner service.
+// method name of the stock qubesd registries (docs/spec/methods.md §14), with the
+// options qubesd registers it with (docs/spec/protocol.md §2.2), its policy class and
+// its owner service. The §N headings in the table are the sections of
+// docs/spec/methods.md.
 //
-// Column mapping from methods.md: Dest `dom0` → AdminVMDest, `!dom0` → NotAdminVMDest,
-// `any`/`dom0→all` → AnyDest; Arg/Payload `req` → Required, `—` → Forbidden, `opt` → Any;
-// Save `yes` → ChangesConfig (qubes.xml only, see §13); Cls W → Write, X → Execute,
-// otherwise Read.
+// Column mapping from docs/spec/methods.md: Dest `dom0` → AdminVMDest, `!dom0` →
+// NotAdminVMDest, `any`/`dom0→all` → AnyDest; Arg/Payload `req` → Required, `—` →
+// Forbidden, `opt` → Any; Save `yes` → ChangesConfig (qubes.xml only, see §13); Cls W →
+// Write, X → Execute, otherwise Read.
 package adminapi
 
 import "github.com/qubesbus/qubesbus/bus/rpc"
 
 var table = []rpc.Method{
-	// §12 Streams (protocol.md §7): arg and payload forbidden, any dest, cancellable.
+	// §12 Streams (docs/spec/protocol.md §7): arg and payload forbidden, any dest, cancellable.
 	{Name: "admin.Events", Service: rpc.Gateway, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Cancellable: true, Access: rpc.Read},
 	{Name: "admin.vm.Stats", Service: rpc.VMLifecycle, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Cancellable: true, Access: rpc.Read},
 
@@ -162,5 +164,3 @@ var table = []rpc.Method{
 // Registry holds every Admin API method; it panics at start-up if the table is broken.
 var Registry = rpc.NewRegistry(table...)
 
-// Lookup returns the method registered under name.
-func Lookup(name string) (rpc.Method, bool) { return Registry.Lookup(name) }

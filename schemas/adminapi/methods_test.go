@@ -10,7 +10,7 @@ import (
 
 func TestRegistryHasExactlySpecNames(t *testing.T) {
 	if len(specNames) != 106 {
-		t.Fatalf("spec list has %d names, methods.md §14 says 106", len(specNames))
+		t.Fatalf("spec list has %d names, docs/spec/methods.md §14 says 106", len(specNames))
 	}
 	want := map[string]bool{}
 	for _, n := range specNames {
@@ -23,7 +23,7 @@ func TestRegistryHasExactlySpecNames(t *testing.T) {
 	for _, m := range Registry.Methods() {
 		got[m.Name] = true
 		if !want[m.Name] {
-			t.Errorf("registry has %q, which methods.md §14 does not list", m.Name)
+			t.Errorf("registry has %q, which docs/spec/methods.md §14 does not list", m.Name)
 		}
 	}
 	var missing []string
@@ -63,7 +63,7 @@ func TestMethodOptions(t *testing.T) {
 		"admin.vm.property.Get": {arg: rule(rpc.Required), payload: rule(rpc.Forbidden), dest: dest(rpc.AnyDest), service: rpc.Properties},
 	}
 	for name, c := range cases {
-		m, ok := Lookup(name)
+		m, ok := Registry.Lookup(name)
 		if !ok {
 			t.Errorf("%s: not registered", name)
 			continue
@@ -84,7 +84,7 @@ func TestMethodOptions(t *testing.T) {
 			t.Errorf("%s: service %q, want %q", name, m.Service, c.service)
 		}
 	}
-	if _, ok := Lookup("admin.vm.Nope"); ok {
+	if _, ok := Registry.Lookup("admin.vm.Nope"); ok {
 		t.Error("Lookup found admin.vm.Nope")
 	}
 }
@@ -120,14 +120,14 @@ func TestChangesConfigIsWrite(t *testing.T) {
 			t.Errorf("%s changes config but has access %v, want %v", m.Name, m.Access, want)
 		}
 	}
-	// methods.md §13: property/feature/tag Set+Reset/Remove (8), label.Create/Remove (2),
-	// 12 Create*, CreateDisposable, Remove, 2×3 device + denied.Add/Remove (8),
-	// 7 volume, 4 pool, backup.Execute.
+	// docs/spec/methods.md §13: property/feature/tag Set+Reset/Remove (8),
+	// label.Create/Remove (2), 12 Create*, CreateDisposable, Remove, 2×3 device +
+	// denied.Add/Remove (8), 7 volume, 4 pool, backup.Execute.
 	if n != 8+2+12+2+8+7+4+1 {
 		t.Errorf("%d methods change config, want %d", n, 8+2+12+2+8+7+4+1)
 	}
 	for _, name := range []string{"admin.vm.firewall.Set", "admin.vm.notes.Set", "admin.vm.volume.CloneFrom"} {
-		if m, _ := Lookup(name); m.ChangesConfig {
+		if m, _ := Registry.Lookup(name); m.ChangesConfig {
 			t.Errorf("%s must not save qubes.xml", name)
 		}
 	}
@@ -143,6 +143,6 @@ func TestNewRegistryPanicsOnDuplicate(t *testing.T) {
 			t.Errorf("panic %v does not name the method", r)
 		}
 	}()
-	m, _ := Lookup("admin.vm.List")
+	m, _ := Registry.Lookup("admin.vm.List")
 	rpc.NewRegistry(table[0], m, m)
 }

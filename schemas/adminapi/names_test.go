@@ -1,6 +1,7 @@
 package adminapi
 
-// specNames is methods.md §14 ("All 106 method names (stock registries)"), copied as is.
+// specNames is docs/spec/methods.md §14 ("All 106 method names (stock registries)"),
+// copied as is.
 var specNames = []string{
 	"admin.Events", "admin.backup.Cancel", "admin.backup.Execute", "admin.backup.Info",
 	"admin.deviceclass.List", "admin.label.Create", "admin.label.Get", "admin.label.Index",

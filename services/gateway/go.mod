@@ -7,6 +7,7 @@ require (
 	github.com/nats-io/nats.go v1.55.0
 	github.com/nats-io/nuid v1.0.1
 	github.com/qubesbus/qubesbus/bus v0.0.0
+	github.com/qubesbus/qubesbus/schemas v0.0.0
 	golang.org/x/sys v0.49.0
 )
 

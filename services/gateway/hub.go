@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 )
 
@@ -266,19 +267,16 @@ const resumeWindow = time.Minute
 // resume opens a feed starting at start, trying again until resumeWindow has passed.
 func (h *hub) resume(ctx context.Context, start uint64) (*feed, error) {
 	deadline := time.Now().Add(resumeWindow)
-	backoff := 100 * time.Millisecond
+	backoff := bus.Backoff{Next: 100 * time.Millisecond, Max: 2 * time.Second}
 	for {
 		f, err := h.e.openFeed(ctx, h.e.host.Events(), start)
-		if err == nil || ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
+		if err == nil || ctx.Err() != nil || backoff.Passes(deadline) {
 			return f, err
 		}
 		h.e.log.Warn("admin.Events resume failed; trying again", "after", start-1, "err", err)
-		select {
-		case <-time.After(backoff):
-		case <-ctx.Done():
-			return nil, ctx.Err()
+		if err := backoff.Wait(ctx); err != nil {
+			return nil, err
 		}
-		backoff = min(2*backoff, 2*time.Second)
 	}
 }
 

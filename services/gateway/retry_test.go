@@ -44,16 +44,22 @@ func ask(t *testing.T, sock, req string) (string, time.Duration) {
 // serveGateway runs a gateway for reg on a socket in a temp dir until the test ends.
 func serveGateway(t *testing.T, ns *server.Server, cfg Config, reg *rpc.Registry) (*Server, string) {
 	t.Helper()
-	sock := filepath.Join(t.TempDir(), "s.sock")
-	l, err := Listen(sock, "")
+	cfg.Socket = filepath.Join(t.TempDir(), "s.sock")
+	cfg.Registry = reg
+	gw, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	gw := New(cfg, bustest.Connect(t, ns), reg, slog.New(slog.DiscardHandler))
-	go gw.Serve(ctx, l)
-	return gw, sock
+	if _, err := gw.Serve(ctx, bustest.Connect(t, ns)); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		gw.Wait()
+	})
+	return gw, cfg.Socket
 }
 
 // A read finds a service that starts during its retry window; a change that finds no
@@ -65,19 +71,32 @@ func TestReadsRetryChangesDoNot(t *testing.T) {
 		rpc.Method{Name: "admin.vm.List", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden},
 		rpc.Method{Name: "admin.vm.feature.Set", Service: rpc.Properties, Arg: rpc.Required, ChangesConfig: true, Access: rpc.Write},
 	)
-	_, sock := serveGateway(t, ns, Config{Host: host, RetryWindow: 10 * time.Second}, reg)
+	gw, sock := serveGateway(t, ns, Config{Host: host, RetryWindow: 10 * time.Second}, reg)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
+	sent := gw.nc.Stats().OutMsgs
 	if got, _ := ask(t, sock, "admin.vm.feature.Set+f dom0 name dom0\x00v"); got != "" {
 		t.Fatalf("change with no service answered %q", got)
+	}
+	if n := gw.nc.Stats().OutMsgs - sent; n != 1 {
+		t.Fatalf("change sent %d times, want once", n)
 	}
 
 	mux := rpc.NewMux(reg, rpc.Properties, oneQube{}, slog.New(slog.DiscardHandler))
 	mux.Handle("admin.vm.List", func(context.Context, *rpc.Call) ([]byte, error) { return []byte("dom0\n"), nil })
+	svcNC := bustest.Connect(t, ns)
+	sent = gw.nc.Stats().OutMsgs
 	go func() {
-		time.Sleep(300 * time.Millisecond) // the service comes up while the read retries
-		if _, err := mux.Serve(ctx, bustest.Connect(t, ns), host, "0.0.1"); err != nil {
+		// The service comes up once the gateway has sent the read a second time, so
+		// the read is retrying. (A subscriber watching for it would be a responder.)
+		for gw.nc.Stats().OutMsgs-sent < 2 {
+			if ctx.Err() != nil {
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if _, err := mux.Serve(ctx, svcNC, host, "0.0.1"); err != nil {
 			t.Error(err)
 		}
 	}()

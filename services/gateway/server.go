@@ -13,15 +13,25 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nuid"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/adminapi"
 )
 
 // Config of the gateway.
 type Config struct {
-	Host subject.Host
+	Host     subject.Host
+	Registry *rpc.Registry // nil: adminapi.Registry
+	Log      *slog.Logger  // nil: discard
+	// Socket is the path of the Unix socket (Listen); SocketGroup its group.
+	Socket      string
+	SocketGroup string
+	// EventsWriteTimeout cuts off an admin.Events or admin.vm.Stats subscriber that
+	// stops reading (zero: EventsConfig's default).
+	EventsWriteTimeout time.Duration
 	// IdleTimeout bounds how long a client may take to send its whole request (up to
 	// EOF). qubesd waits forever; a bound keeps idle connections from holding resources.
 	// Zero means no bound.
@@ -50,6 +60,7 @@ type Server struct {
 
 	wg    sync.WaitGroup
 	slots chan struct{}
+	done  chan struct{} // closed when the accept loop has ended and every call with it
 
 	// marks are the newest state any reply has shown. Every request carries them, so
 	// a call is never served from state older than what an earlier call saw, whichever
@@ -76,8 +87,17 @@ func (s *Server) observe(m envelope.Marks) {
 // (for the checks qubesd runs before the stream starts).
 type StreamHandler func(ctx context.Context, conn *net.UnixConn, req *envelope.Request, relay func(*envelope.Request) (envelope.Reply, error))
 
-// New returns a gateway relaying calls for reg over nc.
-func New(cfg Config, nc *nats.Conn, reg *rpc.Registry, log *slog.Logger) *Server {
+// New checks the configuration; Serve starts the gateway.
+func New(cfg Config) (*Server, error) {
+	if cfg.Host.ID() == "" {
+		return nil, errors.New("gateway config: no host")
+	}
+	if cfg.Registry == nil {
+		cfg.Registry = adminapi.Registry
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
 	if cfg.CallTimeout == 0 {
 		cfg.CallTimeout = 10 * time.Minute
 	}
@@ -90,16 +110,16 @@ func New(cfg Config, nc *nats.Conn, reg *rpc.Registry, log *slog.Logger) *Server
 	if cfg.MaxConns == 0 {
 		cfg.MaxConns = 4096
 	}
-	return &Server{cfg: cfg, nc: nc, reg: reg, log: log, streams: map[string]StreamHandler{},
-		slots: make(chan struct{}, cfg.MaxConns)}
+	return &Server{cfg: cfg, reg: cfg.Registry, log: cfg.Log, streams: map[string]StreamHandler{},
+		slots: make(chan struct{}, cfg.MaxConns), done: make(chan struct{})}, nil
 }
 
 // HandleStream registers the gateway's own handler of a streaming method.
 func (s *Server) HandleStream(method string, h StreamHandler) { s.streams[method] = h }
 
-// Serve accepts connections until ctx ends, then closes the listener and waits for the
+// accept accepts connections until ctx ends, then closes the listener and waits for the
 // calls in progress.
-func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
+func (s *Server) accept(ctx context.Context, l *net.UnixListener) error {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 	for {
@@ -117,7 +137,11 @@ func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
 				return nil
 			}
 			s.log.Error("accept", "err", err)
-			time.Sleep(10 * time.Millisecond)
+			// A lasting error (out of file descriptors) must not spin the loop.
+			if bus.Sleep(ctx, 10*time.Millisecond) != nil {
+				s.wg.Wait()
+				return nil
+			}
 			continue
 		}
 		s.wg.Add(1)
@@ -174,7 +198,7 @@ func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Rep
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.CallTimeout)
 	defer cancel()
 	deadline := time.Now().Add(s.cfg.RetryWindow)
-	backoff := 20 * time.Millisecond
+	backoff := bus.Backoff{Next: 20 * time.Millisecond, Max: 500 * time.Millisecond}
 	attemptTimeout := s.cfg.ReadTimeout
 	req.After = req.After.Max(s.Marks())
 	for attempt := 1; ; attempt++ {
@@ -199,12 +223,13 @@ func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Rep
 		}
 		transient := errors.Is(err, nats.ErrNoResponders) || errors.Is(err, context.DeadlineExceeded) ||
 			errors.Is(err, nats.ErrTimeout) || errors.Is(err, envelope.ErrBehind)
-		if !retry || !transient || cctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
+		if !retry || !transient || cctx.Err() != nil || backoff.Passes(deadline) {
 			return envelope.Reply{}, fmt.Errorf("%s after %d attempts: %w", req.Method, attempt, err)
 		}
 		s.log.Debug("retrying read", "method", req.Method, "id", req.ID, "attempt", attempt, "err", err)
-		time.Sleep(backoff)
-		backoff = min(2*backoff, 500*time.Millisecond)
+		if werr := backoff.Wait(cctx); werr != nil {
+			return envelope.Reply{}, fmt.Errorf("%s after %d attempts: %w (last: %w)", req.Method, attempt, werr, err)
+		}
 	}
 }
 

@@ -12,23 +12,8 @@ import (
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
 )
-
-// statsStream is vmlifecycle's answer to admin.vm.Stats: where the samples go and the
-// lease that keeps them coming (services/vmlifecycle/README.md).
-type statsStream struct {
-	Subject      string `json:"subject"`
-	LeaseSubject string `json:"lease_subject"`
-	Lease        string `json:"lease"`
-	LeaseMS      int64  `json:"lease_ms"`
-	Dest         string `json:"dest"`
-	DestAdminVM  bool   `json:"dest_adminvm"`
-}
-
-type statsLease struct {
-	Lease string `json:"lease"`
-	Stop  bool   `json:"stop,omitempty"`
-}
 
 // Stats serves admin.vm.Stats: samples are not history, so they travel on core NATS
 // while a lease is held, never through the events stream.
@@ -50,13 +35,18 @@ func NewStats(nc *nats.Conn, host subject.Host, log *slog.Logger) *Stats {
 // renewed while the client stays and released when it goes (cancellation).
 func (s *Stats) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Request, relay func(*envelope.Request) (envelope.Reply, error)) {
 	samples := make(chan *nats.Msg, 1024)
-	sub, err := s.nc.ChanSubscribe(s.host.Service("vmlifecycle", "stats"), samples)
+	sub, err := s.nc.ChanSubscribe(s.host.Service(lifecycle.ServiceToken, lifecycle.SubjectStats), samples)
 	if err != nil {
 		s.log.Error("admin.vm.Stats subscribe", "id", req.ID, "err", err)
 		return
 	}
 	defer sub.Unsubscribe()
-	if err := s.nc.Flush(); err != nil {
+	// The server must have the subscription before the call; a gateway stopping
+	// meanwhile ends the wait.
+	fctx, fcancel := context.WithTimeout(ctx, 10*time.Second)
+	err = s.nc.FlushWithContext(fctx)
+	fcancel()
+	if err != nil {
 		s.log.Error("admin.vm.Stats flush", "id", req.ID, "err", err)
 		return
 	}
@@ -69,7 +59,7 @@ func (s *Stats) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reques
 		writeReply(c, rep, s.log)
 		return
 	}
-	var st statsStream
+	var st lifecycle.StatsStream
 	if err := json.Unmarshal(rep.Content, &st); err != nil || st.Lease == "" || st.LeaseMS <= 0 {
 		s.log.Error("admin.vm.Stats: bad stream description", "id", req.ID, "err", err)
 		return
@@ -77,7 +67,7 @@ func (s *Stats) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reques
 	defer func() {
 		// The client is gone: release the lease, and announce the cancellation of the
 		// call on its cancel subject as for every cancellable call.
-		b, _ := json.Marshal(statsLease{Lease: st.Lease, Stop: true})
+		b, _ := json.Marshal(lifecycle.StatsLeaseRequest{Lease: st.Lease, Stop: true})
 		_ = s.nc.Publish(st.LeaseSubject, b)
 		_ = s.nc.Publish(s.host.Cancel(req.ID), nil)
 	}()
@@ -90,7 +80,7 @@ func (s *Stats) Serve(ctx context.Context, c *net.UnixConn, req *envelope.Reques
 	}
 	renew := time.NewTicker(time.Duration(st.LeaseMS) * time.Millisecond / 3)
 	defer renew.Stop()
-	lease, _ := json.Marshal(statsLease{Lease: st.Lease})
+	lease, _ := json.Marshal(lifecycle.StatsLeaseRequest{Lease: st.Lease})
 	for {
 		select {
 		case <-ctx.Done():

@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/qubesbus/qubesbus/schemas/configstore"
+
 	"github.com/qubesbus/qubesbus/bus/bustest"
 )
 
@@ -13,17 +15,17 @@ import (
 // is validated incrementally and appended to the change log before it returns.
 func BenchmarkStoreApply1000(b *testing.B) {
 	ns := bustest.RunJetStream(b)
-	s, err := Open(Config{Host: testHost, DataDir: b.TempDir(), SeedXML: "testdata/qubes-1000.xml"}, quiet)
+	s, err := New(Config{Host: testHost, DataDir: b.TempDir(), SeedXML: "../../testdata/qubes-1000.xml", Log: quiet})
 	if err != nil {
 		b.Fatal(err)
 	}
 	ctx := context.Background()
-	if _, err := s.Serve(ctx, bustest.Connect(b, ns), "0.0.1"); err != nil {
+	if _, err := s.Serve(ctx, bustest.Connect(b, ns)); err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { _ = s.Close(ctx) })
 	id := s.Snapshot().Config.Domains[500].ID
-	client := Client{NC: bustest.Connect(b, ns), Host: testHost}
+	client := configstore.Client{NC: bustest.Connect(b, ns), Host: testHost}
 	var n atomic.Int64
 	b.Run("direct", func(b *testing.B) {
 		for b.Loop() {

@@ -49,12 +49,12 @@ func runChild() int {
 		log.Error("connect", "err", err)
 		return 2
 	}
-	s, err := Open(Config{Host: subject.ForHost(os.Getenv(childHost)), DataDir: os.Getenv(childDataDir), SeedXML: os.Getenv(childSeed)}, log)
+	s, err := New(Config{Host: subject.ForHost(os.Getenv(childHost)), DataDir: os.Getenv(childDataDir), SeedXML: os.Getenv(childSeed), Log: log})
 	if err != nil {
 		log.Error("open", "err", err)
 		return 2
 	}
-	if _, err := s.Serve(ctx, nc, "0.0.1"); err != nil {
+	if _, err := s.Serve(ctx, nc); err != nil {
 		log.Error("serve", "err", err)
 		return 2
 	}

@@ -9,12 +9,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qubesbus/qubesbus/schemas/configstore"
+	"github.com/qubesbus/qubesbus/schemas/replica"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/bustest"
-	"github.com/qubesbus/qubesbus/services/persistence/changelog"
+	"github.com/qubesbus/qubesbus/schemas/changelog"
 )
 
 // TestClusterLeaderLoss: with the log replicated 3 times, losing the server that leads
@@ -37,23 +40,23 @@ func TestClusterLeaderLoss(t *testing.T) {
 		t.Cleanup(nc.Close)
 		return nc
 	}
-	ctx := ctxFor(t, 2*time.Minute)
+	ctx := t.Context()
 	var stores []*Store
 	for i := range 2 {
 		dir := t.TempDir()
 		var s *Store
 		bustest.CheckFor(t, 30*time.Second, 200*time.Millisecond, func() error {
 			var err error
-			if s, err = Open(Config{Host: testHost, DataDir: dir, SeedXML: seedXML, Replicas: 3}, slog.New(slog.DiscardHandler)); err != nil {
+			if s, err = New(Config{Host: testHost, DataDir: dir, SeedXML: seedXML, Replicas: 3, Log: slog.New(slog.DiscardHandler)}); err != nil {
 				return err
 			}
-			_, err = s.Serve(ctx, connect(fmt.Sprint("persistence-", i)), "0.0.1")
+			_, err = s.Serve(ctx, connect(fmt.Sprint("persistence-", i)))
 			return err
 		})
 		t.Cleanup(func() { _ = s.Close(context.Background()) })
 		stores = append(stores, s)
 	}
-	rep, err := Follow(ctx, connect("replica"), testHost, quiet)
+	rep, err := replica.Follow(ctx, connect("replica"), testHost, quiet)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +73,7 @@ func TestClusterLeaderLoss(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	client := Client{NC: connect("client"), Host: testHost}
+	client := configstore.Client{NC: connect("client"), Host: testHost}
 	var last uint64
 	var pause time.Duration
 	for i := range 60 {

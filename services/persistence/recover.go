@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/qubesbus/qubesbus/services/persistence/changelog"
+	"github.com/qubesbus/qubesbus/schemas/changelog"
+	"github.com/qubesbus/qubesbus/schemas/indexed"
 	"github.com/qubesbus/qubesbus/services/persistence/checkpoint"
-	"github.com/qubesbus/qubesbus/services/persistence/indexed"
 )
 
 // recover brings the state up to the end of the host's change log: from qubes.xml when

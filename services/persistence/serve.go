@@ -7,18 +7,18 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/qubesbus/qubesbus/bus/buildinfo"
+	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/config"
-	"github.com/qubesbus/qubesbus/services/persistence/changelog"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
 )
-
-// ServiceName is the micro service (and queue group) of every persistence instance.
-const ServiceName = "qubesbus-persistence"
 
 // maxConcurrentApplies bounds the apply calls in progress on one instance; beyond it
 // the endpoint stops taking requests until one ends.
@@ -28,8 +28,8 @@ const maxConcurrentApplies = 256
 // stream if needed), keeps following the log, and answers the store API on nc:
 // store.snapshot, store.apply and store.metrics, in the queue group every instance of
 // every host shares. Close (or svc.Stop and the end of ctx) stops it. After an error
-// the Store is unusable: Open a new one to try again.
-func (s *Store) Serve(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
+// the Store is unusable: make a New one to try again.
+func (s *Store) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error) {
 	s.serveMu.Lock()
 	defer s.serveMu.Unlock()
 	if s.cancel != nil {
@@ -64,7 +64,7 @@ func (s *Store) Serve(ctx context.Context, nc *nats.Conn, version string) (micro
 		cancel()
 		return nil, err
 	}
-	svc, err := s.addService(life, nc, version)
+	svc, err := s.addService(life, nc)
 	if err != nil {
 		s.stopTail()
 		cancel()
@@ -74,10 +74,10 @@ func (s *Store) Serve(ctx context.Context, nc *nats.Conn, version string) (micro
 	return svc, nil
 }
 
-func (s *Store) addService(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
+func (s *Store) addService(ctx context.Context, nc *nats.Conn) (micro.Service, error) {
 	svc, err := micro.AddService(nc, micro.Config{
-		Name: ServiceName, Version: version,
-		Description: "qubesbus configuration store", QueueGroup: ServiceName,
+		Name: rpc.Persistence.Micro(), Version: buildinfo.Version(),
+		Description: "qubesbus configuration store", QueueGroup: rpc.Persistence.Micro(),
 		Metadata:     map[string]string{"host": s.cfg.Host.ID()},
 		StatsHandler: func(*micro.Endpoint) any { return s.Metrics() },
 	})
@@ -89,7 +89,7 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn, version string) (
 		name string
 		h    micro.HandlerFunc
 	}{
-		{"snapshot", func(r micro.Request) {
+		{configstore.OpSnapshot, func(r micro.Request) {
 			// gzip: 10 000 qubes are some 12 MB of JSON, past NATS's payload limit,
 			// and compress about twentyfold.
 			b, err := gzipJSON(s.view())
@@ -104,9 +104,12 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn, version string) (
 		// micro runs one handler at a time per endpoint: applies wait for the change
 		// log and for qubes.xml, so each gets a goroutine; that is also what lets
 		// concurrent ChangesConfig calls share one write.
-		{"apply", func(r micro.Request) {
+		{configstore.OpApply, func(r micro.Request) {
 			sem <- struct{}{}
-			s.handlers.Add(1)
+			if !s.handling(r) {
+				<-sem
+				return
+			}
 			go func() {
 				defer func() { <-sem; s.handlers.Done() }()
 				s.handleApply(ctx, r)
@@ -115,14 +118,16 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn, version string) (
 		// flush: qubes.xml holds at least the given revision when it answers. Callers
 		// apply without ChangesConfig, then flush outside their own write lock, so
 		// concurrent changes share one write.
-		{"flush", func(r micro.Request) {
-			s.handlers.Add(1)
+		{configstore.OpFlush, func(r micro.Request) {
+			if !s.handling(r) {
+				return
+			}
 			go func() {
 				defer s.handlers.Done()
 				s.handleFlush(ctx, r)
 			}()
 		}},
-		{"metrics", func(r micro.Request) { _ = r.RespondJSON(s.Metrics()) }},
+		{configstore.OpMetrics, func(r micro.Request) { _ = r.RespondJSON(s.Metrics()) }},
 	}
 	for _, e := range endpoints {
 		if err := svc.AddEndpoint(e.name, e.h, micro.WithEndpointSubject(s.cfg.Host.Store(e.name))); err != nil {
@@ -138,10 +143,23 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn, version string) (
 	return svc, nil
 }
 
+// handling counts a call in progress for stopServing to wait for, or answers it
+// unavailable once the store is stopping.
+func (s *Store) handling(r micro.Request) bool {
+	s.hmu.Lock()
+	defer s.hmu.Unlock()
+	if s.draining {
+		_ = r.RespondJSON(configstore.ReplyFor(0, ErrNotServing))
+		return false
+	}
+	s.handlers.Add(1)
+	return true
+}
+
 func (s *Store) handleApply(ctx context.Context, r micro.Request) {
 	var m config.Mutation
 	if err := json.Unmarshal(r.Data(), &m); err != nil {
-		_ = r.RespondJSON(ApplyReply{Error: err.Error(), Code: CodeInvalid, Kind: kindBadOp})
+		_ = r.RespondJSON(configstore.ApplyReply{Error: err.Error(), Code: configstore.CodeInvalid, Kind: configstore.KindBadOp})
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.applyTimeout())
@@ -150,7 +168,7 @@ func (s *Store) handleApply(ctx context.Context, r micro.Request) {
 	if err != nil {
 		s.log.Debug("apply refused", "revision", rev, "err", err)
 	}
-	_ = r.RespondJSON(replyFor(rev, err))
+	_ = r.RespondJSON(configstore.ReplyFor(rev, err))
 }
 
 // stopServing stops the endpoints and the log follower and waits for calls in progress
@@ -162,6 +180,9 @@ func (s *Store) stopServing(ctx context.Context) error {
 		return nil
 	}
 	s.closed = true
+	s.hmu.Lock()
+	s.draining = true // no handler is added once Wait may have started
+	s.hmu.Unlock()
 	var err error
 	if s.svc != nil {
 		err = s.svc.Stop()
@@ -196,15 +217,10 @@ func gzipJSON(v any) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// FlushRequest asks for qubes.xml to hold at least Revision.
-type FlushRequest struct {
-	Revision uint64 `json:"revision"`
-}
-
 func (s *Store) handleFlush(ctx context.Context, r micro.Request) {
-	var req FlushRequest
+	var req configstore.FlushRequest
 	if err := json.Unmarshal(r.Data(), &req); err != nil {
-		_ = r.RespondJSON(ApplyReply{Error: err.Error(), Code: CodeInvalid})
+		_ = r.RespondJSON(configstore.ApplyReply{Error: err.Error(), Code: configstore.CodeInvalid})
 		return
 	}
 	fctx, cancel := context.WithTimeout(ctx, s.applyTimeout())
@@ -213,16 +229,16 @@ func (s *Store) handleFlush(ctx context.Context, r micro.Request) {
 	for s.Revision() < req.Revision {
 		select {
 		case <-fctx.Done():
-			_ = r.RespondJSON(ApplyReply{Error: "revision not reached: " + fctx.Err().Error(), Code: CodeNotSaved})
+			_ = r.RespondJSON(configstore.ApplyReply{Error: "revision not reached: " + fctx.Err().Error(), Code: configstore.CodeNotSaved})
 			return
 		case <-time.After(2 * time.Millisecond):
 		}
 	}
 	if err := s.flush.wait(fctx); err != nil {
-		_ = r.RespondJSON(ApplyReply{Revision: req.Revision, Error: err.Error(), Code: CodeNotSaved})
+		_ = r.RespondJSON(configstore.ApplyReply{Revision: req.Revision, Error: err.Error(), Code: configstore.CodeNotSaved})
 		return
 	}
-	_ = r.RespondJSON(ApplyReply{Revision: req.Revision})
+	_ = r.RespondJSON(configstore.ApplyReply{Revision: req.Revision})
 }
 
 func (s *Store) applyTimeout() time.Duration {

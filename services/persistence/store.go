@@ -14,10 +14,11 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/config"
-	"github.com/qubesbus/qubesbus/services/persistence/changelog"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
+	"github.com/qubesbus/qubesbus/schemas/indexed"
 	"github.com/qubesbus/qubesbus/services/persistence/checkpoint"
-	"github.com/qubesbus/qubesbus/services/persistence/indexed"
 )
 
 // Config of the persistence service.
@@ -36,6 +37,7 @@ type Config struct {
 	CompactEvery int
 	// ApplyTimeout bounds one store.apply call served over NATS; 0 means 30 s.
 	ApplyTimeout time.Duration
+	Log          *slog.Logger // nil: discard
 }
 
 // Validate reports every problem at once.
@@ -67,25 +69,14 @@ func (c Config) compactEvery() uint64 {
 type Change = changelog.Change
 
 // Snapshot is the whole configuration at one revision.
-type Snapshot struct {
-	Revision uint64 `json:"revision"`
-	// Sequence is the change-log sequence of the revision's record: a follower reads
-	// the log from Sequence+1 on.
-	Sequence uint64         `json:"sequence,omitempty"`
-	Config   *config.Config `json:"config"`
-}
+type Snapshot = configstore.Snapshot
 
 // Errors of Apply besides config's (config.ErrStaleRevision, config.ErrDuplicate, …).
 var (
 	// ErrNotServing: Apply before Serve or after Close; there is no change log.
-	ErrNotServing = errors.New("persistence is not serving")
-	// ErrUnavailable: the change log did not take the change (NATS down, timeout). The
-	// change was not applied here; in rare cases (a lost ack) it was stored anyway and
-	// shows up with the next revision.
-	ErrUnavailable = errors.New("config change log unavailable")
-	// ErrNotSaved: the change is accepted and durable in the change log, but writing
-	// qubes.xml failed (qubesd too fails the call then, with the change made).
-	ErrNotSaved = errors.New("qubes.xml not saved")
+	ErrNotServing  = configstore.ErrNotServing
+	ErrUnavailable = configstore.ErrUnavailable
+	ErrNotSaved    = configstore.ErrNotSaved
 	// ErrHistory: the change log holds records that do not form one history.
 	ErrHistory = errors.New("config change log is inconsistent")
 )
@@ -123,15 +114,23 @@ type Store struct {
 	closed   bool
 	svc      micro.Service
 	stopTail func()
+	// handlers counts apply and flush calls in progress; hmu orders their Add before
+	// stopServing's Wait (draining).
+	hmu      sync.Mutex
+	draining bool
 	handlers sync.WaitGroup
 }
 
-// Open loads the host's qubes.xml, seeding it first if needed. It does not touch NATS:
+// New loads the host's qubes.xml, seeding it first if needed. It does not touch NATS:
 // Serve brings the configuration up to date from the change log.
-func Open(cfg Config, log *slog.Logger) (*Store, error) {
+func New(cfg Config) (*Store, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("persistence config: %w", err)
 	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	log := cfg.Log
 	if err := os.MkdirAll(cfg.DataDir, 0o770); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
@@ -185,14 +184,7 @@ func (s *Store) Revision() uint64 {
 func (s *Store) Writes() uint64 { return s.writes.Load() }
 
 // Metrics are the store's counters (store.metrics and the micro stats of each endpoint).
-type Metrics struct {
-	Revision  uint64 `json:"revision"`
-	Sequence  uint64 `json:"sequence"`
-	Written   uint64 `json:"written_revision"` // revision qubes.xml holds
-	Writes    uint64 `json:"writes"`           // qubes.xml writes
-	Appends   uint64 `json:"appends"`          // changes appended by this instance
-	Conflicts uint64 `json:"conflicts"`        // appends lost to another instance, then retried
-}
+type Metrics = configstore.Metrics
 
 // Metrics returns the counters.
 func (s *Store) Metrics() Metrics {

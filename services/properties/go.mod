@@ -5,6 +5,7 @@ go 1.26.0
 require (
 	github.com/nats-io/nats.go v1.55.0
 	github.com/qubesbus/qubesbus/bus v0.0.0
+	github.com/qubesbus/qubesbus/internal/testhost v0.0.0
 	github.com/qubesbus/qubesbus/schemas v0.0.0
 )
 
@@ -20,8 +21,10 @@ require (
 	github.com/modern-go/concurrent v0.0.0-20180306012644-bacd9c7ef1dd // indirect
 	github.com/modern-go/reflect2 v1.0.2 // indirect
 	github.com/nats-io/jwt/v2 v2.8.2 // indirect
+	github.com/nats-io/nats-server/v2 v2.15.2 // indirect
 	github.com/nats-io/nkeys v0.4.16 // indirect
 	github.com/nats-io/nuid v1.0.1 // indirect
+	github.com/qubesbus/qubesbus/services/persistence v0.0.0 // indirect
 	go.uber.org/multierr v1.11.0 // indirect
 	go.uber.org/zap v1.27.0 // indirect
 	golang.org/x/crypto v0.58.0 // indirect
@@ -31,12 +34,8 @@ require (
 
 replace (
 	github.com/qubesbus/qubesbus/bus => ../../bus
+	github.com/qubesbus/qubesbus/internal/testhost => ../../internal/testhost
 	github.com/qubesbus/qubesbus/schemas => ../../schemas
+	// Only the tests reach persistence, through internal/testhost.
+	github.com/qubesbus/qubesbus/services/persistence => ../persistence
 )
-
-require (
-	github.com/nats-io/nats-server/v2 v2.15.2
-	github.com/qubesbus/qubesbus/services/persistence v0.0.0
-)
-
-replace github.com/qubesbus/qubesbus/services/persistence => ../persistence

@@ -7,7 +7,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
-	"github.com/qubesbus/qubesbus/services/properties/model"
+	"github.com/qubesbus/qubesbus/schemas/model"
 )
 
 // runtimeProps are the properties whose values come from the lifecycle service.
@@ -212,14 +212,12 @@ func (s *Service) createDisposable(ctx context.Context, c *rpc.Call) ([]byte, er
 func (s *Service) remove(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	// The qube's lifecycle lock is held from the halted check to the removal, so no
 	// Start can slip in between (qubesd's single event loop gives that for free).
-	if h, ok := s.powers.(QubeHolder); ok {
-		after, release, err := h.Hold(ctx, c.Dest.Name)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
-		}
-		defer func() { release(s.rep.Revision()) }()
-		c.After.Runtime = c.After.Runtime.Max(after)
+	after, release, err := s.life.Hold(ctx, c.Dest.Name)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 	}
+	defer func() { release(s.rep.Revision()) }()
+	c.After.Runtime = c.After.Runtime.Max(after)
 	var uuid string
 	out, err := s.write(ctx, c, func(m *model.Model, h model.Holder) (*model.Change, error) {
 		uuid, _ = h.D.Property("uuid")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -13,7 +14,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
-	"github.com/qubesbus/qubesbus/services/properties/model"
+	"github.com/qubesbus/qubesbus/schemas/model"
 )
 
 // MaxNoteSize is the largest note qubesd accepts.
@@ -114,18 +115,18 @@ func destUUID(c *rpc.Call) string { return c.Dest.UUID }
 func (s *Service) notesGet(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	text, err := s.notes.get(ctx, destUUID(c))
 	if err != nil {
-		return nil, qerr.New("QubesException", "Failed to read notes file: "+err.Error())
+		return nil, qerr.QubesException("Failed to read notes file: " + err.Error())
 	}
 	return []byte(text), nil
 }
 
 func (s *Service) notesSet(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	if len(c.Payload) > MaxNoteSize {
-		return nil, qerr.Protocol(fmt.Sprintf("Maximum note size is %d bytes (%d bytes received)", MaxNoteSize, len(c.Payload)))
+		return nil, qerr.ProtocolError(fmt.Sprintf("Maximum note size is %d bytes (%d bytes received)", MaxNoteSize, len(c.Payload)))
 	}
 	text, err := SanitiseNotes(c.Payload)
 	if err != nil {
-		return nil, qerr.Protocol("Unable to sanitise qube notes: " + err.Error())
+		return nil, qerr.ProtocolError("Unable to sanitise qube notes: " + err.Error())
 	}
 	// The qube may be removed meanwhile; its notes must not outlive it.
 	var exists bool
@@ -134,10 +135,10 @@ func (s *Service) notesSet(ctx context.Context, c *rpc.Call) ([]byte, error) {
 		return nil, nil
 	})
 	if !exists {
-		return nil, qerr.New("QubesVMNotFoundError", "No such domain: "+qerr.Repr(c.Dest.Name))
+		return nil, qerr.VMNotFoundError("No such domain: " + qerr.Repr(c.Dest.Name))
 	}
 	if err := s.notes.set(ctx, destUUID(c), text); err != nil {
-		return nil, qerr.New("QubesException", "Failed to write notes file: "+err.Error())
+		return nil, qerr.QubesException("Failed to write notes file: " + err.Error())
 	}
 	return nil, nil
 }
@@ -213,4 +214,20 @@ func checkUTF8(b []byte) error {
 		return fmt.Errorf("'utf-8' codec can't decode byte 0x%02x in position %d: %s", c, i, reason)
 	}
 	return nil
+}
+
+// openNotesBucket opens the notes bucket, creating it if this connection may. A user
+// without the right to create it (deploy/nats permissions) binds to the one an admin
+// created with `qubesbus setup`.
+func openNotesBucket(ctx context.Context, js jetstream.JetStream, replicas int, log *slog.Logger) (jetstream.KeyValue, error) {
+	kv, err := OpenNotes(ctx, js, NotesConfig{Replicas: replicas})
+	if err == nil {
+		return kv, nil
+	}
+	kv, berr := js.KeyValue(ctx, NotesBucket)
+	if berr != nil {
+		return nil, errors.Join(err, berr)
+	}
+	log.Warn("notes bucket not ensured; using the existing one", "err", err)
+	return kv, nil
 }

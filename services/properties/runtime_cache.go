@@ -6,13 +6,11 @@ import (
 	"time"
 
 	"github.com/qubesbus/qubesbus/bus/envelope"
-	"github.com/qubesbus/qubesbus/services/properties/model"
+	"github.com/qubesbus/qubesbus/schemas/model"
 )
 
-// RuntimeSource supplies runtime snapshots that may be cached
-// (vmlifecycle.StatesClient). A Service given one keeps the last settled snapshot and
-// asks again only when it is stale (see runtimeCache).
-type RuntimeSource interface {
+// runtimeSource supplies the snapshots a runtimeCache keeps (Lifecycle).
+type runtimeSource interface {
 	RuntimeSnapshot(ctx context.Context) (model.RuntimeSnapshot, error)
 }
 
@@ -28,7 +26,7 @@ type RuntimeSource interface {
 //   - it is younger than maxAge, which bounds staleness should a notice be lost
 //     (core NATS does not redeliver across a reconnect).
 type runtimeCache struct {
-	src    RuntimeSource
+	src    runtimeSource
 	maxAge time.Duration
 	now    func() time.Time
 
@@ -39,7 +37,7 @@ type runtimeCache struct {
 	heard envelope.RuntimeMark // newest change notice
 }
 
-func newRuntimeCache(src RuntimeSource, maxAge time.Duration) *runtimeCache {
+func newRuntimeCache(src runtimeSource, maxAge time.Duration) *runtimeCache {
 	return &runtimeCache{src: src, maxAge: maxAge, now: time.Now}
 }
 

@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/qubesbus/qubesbus/bus/envelope"
-	"github.com/qubesbus/qubesbus/services/properties/model"
+	"github.com/qubesbus/qubesbus/schemas/model"
 )
 
 // fakeSource is a lifecycle whose state the test sets; it counts the snapshots asked.

@@ -15,18 +15,23 @@ import (
 	"sync"
 	"time"
 
+	"github.com/qubesbus/qubesbus/schemas/adminapi"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/config"
-	"github.com/qubesbus/qubesbus/services/persistence/replica"
-	"github.com/qubesbus/qubesbus/services/properties/model"
+	"github.com/qubesbus/qubesbus/schemas/model"
+	"github.com/qubesbus/qubesbus/schemas/replica"
 )
 
 // VMClasses in qubesd's registry order (admin.vmclass.List).
@@ -35,20 +40,17 @@ var VMClasses = model.VMClasses
 // DeviceClasses in qubesd's registry order (admin.deviceclass.List).
 var DeviceClasses = []string{"pci", "block"}
 
-// PowerStates tells the power state of qubes; the lifecycle service owns them.
-type PowerStates interface {
-	PowerStates(ctx context.Context) (map[string]string, error)
-}
-
-// QubeHolder may also be implemented by the PowerStates given to New: Hold keeps a
-// qube's lifecycle lock (no power operation on it starts) until release is called
-// with the revision of the change made meanwhile; after is the runtime mark once the
-// lock was taken (vmlifecycle.StatesClient).
-type QubeHolder interface {
+// Lifecycle is what the service needs of the lifecycle service (lifecycle.Client):
+// runtime snapshots, which it caches (runtimeCache), and holds on a qube's lifecycle
+// lock. Hold keeps the lock (no power operation on the qube starts) until release is
+// called with the revision of the change made meanwhile; after is the runtime mark
+// once the lock was taken.
+type Lifecycle interface {
+	RuntimeSnapshot(ctx context.Context) (model.RuntimeSnapshot, error)
 	Hold(ctx context.Context, name string) (after envelope.RuntimeMark, release func(rev uint64), err error)
 }
 
-// Store applies configuration changes (persistence.Client).
+// Store applies configuration changes (configstore.Client).
 type Store interface {
 	Apply(ctx context.Context, m config.Mutation) (uint64, error)
 	// Flush returns once qubes.xml holds revision rev or later.
@@ -62,11 +64,15 @@ type Events interface {
 
 // Config of the properties service.
 type Config struct {
-	Host subject.Host
-	// Notes is the bucket admin.vm.notes keeps the notes in (OpenNotes), shared by
-	// every instance.
-	Notes   jetstream.KeyValue
-	Machine model.Host // zero: model.DefaultHost
+	Host     subject.Host
+	Registry *rpc.Registry // nil: adminapi.Registry
+	Log      *slog.Logger  // nil: discard
+	Machine  model.Host    // zero: model.DefaultHost
+	// Replicas of the notes bucket when this instance creates it (OpenNotes).
+	Replicas int
+	// Lifecycle answers runtime questions; nil: the lifecycle service over Serve's
+	// connection (lifecycle.Client).
+	Lifecycle Lifecycle
 	// WriteTimeout bounds a write call waiting for persistence (default 30s).
 	WriteTimeout time.Duration
 	// Auth decides which source may call what; nil allows every call (qubesd itself
@@ -85,23 +91,26 @@ type Config struct {
 // Validate reports every problem at once.
 func (c Config) Validate() error {
 	var errs []error
-	if c.Notes == nil {
-		errs = append(errs, errors.New("no notes bucket"))
+	if c.Host.ID() == "" {
+		errs = append(errs, errors.New("no host"))
+	}
+	if c.Replicas < 0 || c.Replicas > 5 {
+		errs = append(errs, fmt.Errorf("replicas %d: want 1 to 5", c.Replicas))
 	}
 	return errors.Join(errs...)
 }
 
 // Service is the properties service of one host.
 type Service struct {
-	cfg    Config
+	cfg Config
+	log *slog.Logger
+	// Set by Serve:
 	rep    *replica.Replica
-	powers PowerStates
+	life   Lifecycle
 	store  Store
 	events Events
-	log    *slog.Logger
-	mux    *rpc.Mux
 	notes  *notes
-	rtc    *runtimeCache // nil unless powers is a RuntimeSource
+	rtc    *runtimeCache
 
 	// wmu serialises write calls of this instance, as qubesd's single event loop does;
 	// several instances are kept consistent by revision-checked mutations.
@@ -113,10 +122,16 @@ type Service struct {
 	newLabels map[string]bool
 }
 
-// New returns the service; it answers unknown methods too.
-func New(cfg Config, reg *rpc.Registry, rep *replica.Replica, powers PowerStates, store Store, events Events, log *slog.Logger) (*Service, error) {
+// New checks the configuration; Serve starts the service.
+func New(cfg Config) (*Service, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("properties config: %w", err)
+	}
+	if cfg.Registry == nil {
+		cfg.Registry = adminapi.Registry
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Machine.MemoryMiB == 0 {
 		cfg.Machine = model.DefaultHost
@@ -127,14 +142,12 @@ func New(cfg Config, reg *rpc.Registry, rep *replica.Replica, powers PowerStates
 	if cfg.RuntimeMaxAge == 0 {
 		cfg.RuntimeMaxAge = time.Second
 	}
-	s := &Service{cfg: cfg, rep: rep, powers: powers, store: store, events: events, log: log,
-		notes: newNotes(cfg.Notes, cfg.Host), newLabels: map[string]bool{}}
-	if src, ok := powers.(RuntimeSource); ok {
-		s.rtc = newRuntimeCache(src, cfg.RuntimeMaxAge)
-	}
-	s.mux = rpc.NewMux(reg, rpc.Properties, rep, log)
-	s.mux.Auth = cfg.Auth
-	s.mux.HandleUnknown()
+	return &Service{cfg: cfg, log: cfg.Log, newLabels: map[string]bool{}}, nil
+}
+
+// handlers are the methods this service answers, besides the ones missing from the
+// registry (Mux.HandleUnknown).
+func (s *Service) handlers(mux *rpc.Mux) {
 	for name, h := range map[string]rpc.Handler{
 		"admin.vm.List":          s.vmList,
 		"admin.vmclass.List":     s.vmclassList,
@@ -181,53 +194,66 @@ func New(cfg Config, reg *rpc.Registry, rep *replica.Replica, powers PowerStates
 		"admin.vm.CreateDisposable": s.createDisposable,
 		"admin.vm.Remove":           s.remove,
 	} {
-		s.mux.Handle(name, h)
+		mux.Handle(name, h)
 	}
 	for _, class := range model.VMClasses {
-		s.mux.Handle("admin.vm.Create."+class, s.create(class, false))
-		s.mux.Handle("admin.vm.CreateInPool."+class, s.create(class, true))
+		mux.Handle("admin.vm.Create."+class, s.create(class, false))
+		mux.Handle("admin.vm.CreateInPool."+class, s.create(class, true))
 	}
-	return s, nil
 }
 
-// Serve starts the service's endpoints on nc.
-func (s *Service) Serve(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
-	if s.rtc != nil {
-		// Subscribed before the endpoints, so no change after the first call is missed.
-		sub, err := nc.Subscribe(s.cfg.Host.Service("vmlifecycle", "changed"), func(m *nats.Msg) {
-			if mark, err := envelope.ParseRuntimeMark(string(m.Data)); err == nil {
-				s.rtc.heardOf(mark)
-			}
-		})
-		if err != nil {
-			return nil, fmt.Errorf("subscribe to runtime changes: %w", err)
-		}
-		context.AfterFunc(ctx, func() { _ = sub.Unsubscribe() })
+// Serve follows the host's configuration, opens the notes bucket and starts the
+// service's endpoints on nc, until ctx ends or the micro service is stopped. A Service
+// serves once.
+func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error) {
+	if s.rep != nil {
+		return nil, errors.New("properties: Serve called twice")
 	}
-	return s.mux.Serve(ctx, nc, s.cfg.Host, version)
+	rep, err := replica.Follow(ctx, nc, s.cfg.Host, s.log)
+	if err != nil {
+		return nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	kv, err := openNotesBucket(ctx, js, s.cfg.Replicas, s.log)
+	if err != nil {
+		return nil, err
+	}
+	s.rep, s.notes = rep, newNotes(kv, s.cfg.Host)
+	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
+	s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	s.life = s.cfg.Lifecycle
+	if s.life == nil {
+		s.life = lifecycle.Client{NC: nc, Host: s.cfg.Host}
+	}
+	s.rtc = newRuntimeCache(s.life, s.cfg.RuntimeMaxAge)
+	// Subscribed before the endpoints, so no change after the first call is missed.
+	sub, err := nc.Subscribe(s.cfg.Host.Service(lifecycle.ServiceToken, lifecycle.SubjectChanged), func(m *nats.Msg) {
+		if mark, err := envelope.ParseRuntimeMark(string(m.Data)); err == nil {
+			s.rtc.heardOf(mark)
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("subscribe to runtime changes: %w", err)
+	}
+	context.AfterFunc(ctx, func() { _ = sub.Unsubscribe() })
+	mux := rpc.NewMux(s.cfg.Registry, rpc.Properties, rep, s.log)
+	mux.Auth = s.cfg.Auth
+	mux.HandleUnknown()
+	s.handlers(mux)
+	return mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
 }
 
 // runtime returns the runtime values of every qube that is not halted, as current as
 // the caller's runtime mark at least.
 func (s *Service) runtime(ctx context.Context, after envelope.RuntimeMark) (func(string) model.Runtime, error) {
-	if s.rtc != nil {
-		vals, err := s.rtc.get(ctx, after, s.rep.Revision())
-		if err != nil {
-			return nil, fmt.Errorf("runtime values: %w", err)
-		}
-		return lookupRuntime(vals), nil
-	}
-	states, err := s.powers.PowerStates(ctx)
+	vals, err := s.rtc.get(ctx, after, s.rep.Revision())
 	if err != nil {
-		return nil, fmt.Errorf("power states: %w", err)
+		return nil, fmt.Errorf("runtime values: %w", err)
 	}
-	return func(name string) model.Runtime {
-		r := model.Halted
-		if st, ok := states[name]; ok && st != "" {
-			r.State = st
-		}
-		return r
-	}, nil
+	return lookupRuntime(vals), nil
 }
 
 // lookupRuntime reads the runtime of qubes that are not halted; the rest are Halted.
@@ -417,7 +443,7 @@ func (s *Service) vmList(ctx context.Context, c *rpc.Call) ([]byte, error) {
 		} else if d := m.Domain(c.Dest.Name); d != nil {
 			line(d)
 		} else {
-			return nil, qerr.New("QubesVMNotFoundError", "No such domain: "+qerr.Repr(c.Dest.Name))
+			return nil, qerr.VMNotFoundError("No such domain: " + qerr.Repr(c.Dest.Name))
 		}
 		return []byte(b.String()), nil
 	})

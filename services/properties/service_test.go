@@ -3,45 +3,47 @@ package properties
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
-	"github.com/qubesbus/qubesbus/bus/subject"
-	"github.com/qubesbus/qubesbus/schemas/adminapi"
-	"github.com/qubesbus/qubesbus/services/persistence"
+	"github.com/qubesbus/qubesbus/internal/testhost"
+	"github.com/qubesbus/qubesbus/schemas/model"
 )
 
 const fixture = "../../testdata/qubes.xml"
 
-// fakePowers stands in for the lifecycle service.
-type fakePowers struct {
+// fakeLifecycle stands in for the lifecycle service: qubes are in the states set
+// here, and no snapshot is settled, so the service asks again on every call.
+type fakeLifecycle struct {
 	mu     sync.Mutex
 	states map[string]string
 }
 
-func (f *fakePowers) PowerStates(context.Context) (map[string]string, error) {
+func (f *fakeLifecycle) RuntimeSnapshot(context.Context) (model.RuntimeSnapshot, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	out := map[string]string{"dom0": "Running"}
+	vals := map[string]model.Runtime{"dom0": {State: "Running", XID: 0, StubdomXID: -1}}
 	for k, v := range f.states {
-		out[k] = v
+		r := model.Halted
+		r.State = v
+		vals[k] = r
 	}
-	return out, nil
+	return model.RuntimeSnapshot{Values: vals}, nil
 }
 
-func (f *fakePowers) set(vm, state string) {
+func (f *fakeLifecycle) Hold(context.Context, string) (envelope.RuntimeMark, func(uint64), error) {
+	return envelope.RuntimeMark{}, func(uint64) {}, nil
+}
+
+func (f *fakeLifecycle) set(vm, state string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.states == nil {
@@ -50,46 +52,22 @@ func (f *fakePowers) set(vm, state string) {
 	f.states[vm] = state
 }
 
-// harness runs persistence and n properties instances on one embedded JetStream
-// server, and reads back the events each call published.
+// harness runs n properties instances on a test host, and reads back the events each
+// call published.
 type harness struct {
+	*testhost.Host
 	t        *testing.T
 	ctx      context.Context
-	nc       *nats.Conn
-	host     subject.Host
-	stream   jetstream.Stream
 	seq      uint64
-	store    *persistence.Store
-	powers   *fakePowers
-	ns       *server.Server
+	powers   *fakeLifecycle
 	clients  []*nats.Conn
 	services []micro.Service
 }
 
 func newHarness(t *testing.T, instances int) *harness {
 	t.Helper()
-	ns := bustest.RunJetStream(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	log := slog.New(slog.DiscardHandler)
-	h := &harness{t: t, ctx: ctx, ns: ns, nc: bustest.Connect(t, ns), host: subject.ForHost("t"), powers: &fakePowers{}}
-	js, err := jetstream.New(h.nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if h.stream, err = cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{}); err != nil {
-		t.Fatal(err)
-	}
-	h.store, err = persistence.Open(persistence.Config{Host: h.host, DataDir: t.TempDir(), SeedXML: fixture}, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	snc := bustest.Connect(t, ns)
-	svc, err := h.store.Serve(ctx, snc, "0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = svc.Stop() })
+	x := testhost.Start(t, fixture)
+	h := &harness{Host: x, t: t, ctx: x.Ctx, powers: &fakeLifecycle{}}
 	for range instances {
 		h.start()
 	}
@@ -101,26 +79,12 @@ func newHarness(t *testing.T, instances int) *harness {
 func (h *harness) start() micro.Service {
 	t := h.t
 	t.Helper()
-	log := slog.New(slog.DiscardHandler)
-	nc := bustest.Connect(t, h.ns)
-	rep, err := persistence.Follow(h.ctx, nc, h.host, log)
+	nc := h.Connect()
+	s, err := New(Config{Host: h.Subjects, Lifecycle: h.powers})
 	if err != nil {
 		t.Fatal(err)
 	}
-	pjs, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	notes, err := OpenNotes(h.ctx, pjs, NotesConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := New(Config{Host: h.host, Notes: notes}, adminapi.Registry, rep, h.powers,
-		persistence.Client{NC: nc, Host: h.host}, cloudevent.NewPublisher(pjs, "t"), log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ms, err := s.Serve(h.ctx, nc, "0.0.1")
+	ms, err := s.Serve(h.ctx, nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,17 +98,7 @@ func (h *harness) start() micro.Service {
 // "0:content", "2:Class:message" or "abort".
 func (h *harness) call(method, dest, arg string, payload string) string {
 	h.t.Helper()
-	req := &envelope.Request{Method: method, Source: "dom0", Dest: dest, Arg: arg, Payload: []byte(payload), ID: fmt.Sprint(time.Now().UnixNano())}
-	ctx, cancel := context.WithTimeout(h.ctx, 10*time.Second)
-	defer cancel()
-	msg, err := h.nc.RequestMsgWithContext(ctx, req.Msg(h.host.API(method)))
-	if err != nil {
-		h.t.Fatalf("%s: %v", method, err)
-	}
-	rep, err := envelope.ParseReply(msg)
-	if err != nil {
-		h.t.Fatal(err)
-	}
+	rep := h.Call("", method, dest, arg, []byte(payload))
 	switch rep.Status {
 	case envelope.StatusOK:
 		return "0:" + string(rep.Content)
@@ -158,13 +112,13 @@ func (h *harness) call(method, dest, arg string, payload string) string {
 // "vm|name|k=v,k=v". A call replies only after its events are stored, so no waiting.
 func (h *harness) events() []string {
 	h.t.Helper()
-	info, err := h.stream.Info(h.ctx)
+	info, err := h.Events.Info(h.ctx)
 	if err != nil {
 		h.t.Fatal(err)
 	}
 	var out []string
 	for ; h.seq < info.State.LastSeq; h.seq++ {
-		raw, err := h.stream.GetMsg(h.ctx, h.seq+1)
+		raw, err := h.Events.GetMsg(h.ctx, h.seq+1)
 		if err != nil {
 			h.t.Fatal(err)
 		}
@@ -244,7 +198,7 @@ func TestPropertyEvents(t *testing.T) {
 		"sys-net|domain-feature-delete:service.clocksync|feature=service.clocksync",
 		"|property-set:clockvm|name=clockvm,newvalue=work,oldvalue=sys-net")
 	h.expect("admin.vm.feature.CheckWithNetvm", "work", "service.clocksync", "", "0:1")
-	if h.store.Writes() == 0 {
+	if h.Store.Writes() == 0 {
 		t.Error("qubes.xml was never saved")
 	}
 
@@ -350,7 +304,7 @@ func TestConcurrentWrites(t *testing.T) {
 			defer wg.Done()
 			nc := h.clients[i%len(h.clients)]
 			req := &envelope.Request{Method: "admin.vm.feature.Set", Source: "dom0", Dest: "work", Arg: fmt.Sprintf("f%02d", i), Payload: []byte("1")}
-			msg, err := nc.RequestMsg(req.Msg(h.host.API(req.Method)), 20*time.Second)
+			msg, err := nc.RequestMsg(req.Msg(h.Subjects.API(req.Method)), 20*time.Second)
 			if err != nil {
 				errs <- err.Error()
 				return

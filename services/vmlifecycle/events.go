@@ -13,7 +13,7 @@ type Publisher interface {
 }
 
 // The lifecycle's events with qubesd's keyword arguments in qubesd's order
-// (events.md §2.2). pyBool renders a Python bool.
+// (docs/spec/events.md §2.2). pyBool renders a Python bool.
 func pyBool(b bool) string {
 	if b {
 		return "True"

@@ -3,7 +3,6 @@ package vmlifecycle_test
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"slices"
 	"strings"
 	"testing"
@@ -19,27 +18,29 @@ import (
 	"github.com/qubesbus/qubesbus/bus/cloudevent/recorder"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/subject"
-	"github.com/qubesbus/qubesbus/schemas/adminapi"
+	"github.com/qubesbus/qubesbus/internal/testhost"
 	"github.com/qubesbus/qubesbus/schemas/config"
-	"github.com/qubesbus/qubesbus/services/persistence"
-	"github.com/qubesbus/qubesbus/services/persistence/replica"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
+	"github.com/qubesbus/qubesbus/schemas/replica"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
 
 const fixture = "../../testdata/qubes.xml"
 
-// host is one simulated qubesbus host: embedded JetStream, persistence, a replica,
-// the simulated hypervisor and a lifecycle service, with every event captured.
+// host is one simulated qubesbus host (testhost: embedded JetStream, persistence)
+// with a replica, the simulated hypervisor and a lifecycle service, with every event
+// captured.
 type host struct {
 	t      testing.TB
+	x      *testhost.Host
 	ns     *server.Server
 	nc     *nats.Conn // the test's own connection (calls, lab)
 	svcNC  *nats.Conn
 	h      subject.Host
 	hv     *simdriver.Hypervisor
 	rep    *replica.Replica
-	store  persistence.Client
+	store  configstore.Client
 	lab    simdriver.LabClient
 	events *eventLog
 
@@ -50,37 +51,15 @@ type host struct {
 
 func newHost(t testing.TB, cfg simdriver.Config) *host {
 	t.Helper()
-	ctx := context.Background()
-	log := slog.New(slog.DiscardHandler)
-	x := &host{t: t, h: subject.ForHost("t")}
-	x.ns = bustest.RunJetStream(t)
-	x.nc = bustest.Connect(t, x.ns)
-	x.svcNC = bustest.Connect(t, x.ns)
+	th := testhost.Start(t, fixture)
+	x := &host{t: t, x: th, ns: th.Server, nc: th.NC, h: th.Subjects, store: th.Config()}
+	x.svcNC = th.Connect()
 	js, err := jetstream.New(x.nc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{}); err != nil {
-		t.Fatal(err)
-	}
 	x.events = captureEvents(t, js, x.h)
-
-	st, err := persistence.Open(persistence.Config{Host: x.h, DataDir: t.TempDir(), SeedXML: fixture}, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pctx, pcancel := context.WithCancel(ctx)
-	t.Cleanup(pcancel)
-	psvc, err := st.Serve(pctx, bustest.Connect(t, x.ns), "0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = psvc.Stop() })
-	x.rep, err = persistence.Follow(pctx, x.svcNC, x.h, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	x.store = persistence.Client{NC: x.nc, Host: x.h}
+	x.rep = th.Follow(x.svcNC)
 	x.hv = simdriver.New(cfg)
 	lab, err := simdriver.ServeLab(x.svcNC, x.h, x.hv)
 	if err != nil {
@@ -95,20 +74,14 @@ func newHost(t testing.TB, cfg simdriver.Config) *host {
 // startService starts (or restarts) the lifecycle service over the same hypervisor.
 func (x *host) startService() {
 	x.t.Helper()
-	js, err := jetstream.New(x.svcNC)
-	if err != nil {
-		x.t.Fatal(err)
-	}
 	svc, err := vmlifecycle.New(vmlifecycle.Config{
-		Host: x.h, Registry: adminapi.Registry, Model: x.rep, Driver: x.hv,
-		Events: cloudevent.NewPublisher(js, "t"), Store: persistence.Client{NC: x.svcNC, Host: x.h},
-		Log: slog.New(slog.DiscardHandler), StatsLease: 2 * time.Second,
+		Host: x.h, Replica: x.rep, Driver: x.hv, StatsLease: 2 * time.Second,
 	})
 	if err != nil {
 		x.t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	m, err := svc.Serve(ctx, x.svcNC, "0.0.1")
+	m, err := svc.Serve(ctx, x.svcNC)
 	if err != nil {
 		cancel()
 		x.t.Fatal(err)
@@ -143,17 +116,7 @@ var abort = reply{Status: envelope.StatusAbort}
 // call sends an Admin API call over NATS as the gateway would.
 func (x *host) call(method, dest, arg string) reply {
 	x.t.Helper()
-	req := &envelope.Request{Method: method, Source: "dom0", Dest: dest, Arg: arg, ID: fmt.Sprintf("%s-%d", x.t.Name(), time.Now().UnixNano())}
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
-	msg, err := x.nc.RequestMsgWithContext(ctx, req.Msg(x.h.API(method)))
-	if err != nil {
-		x.t.Fatalf("%s %s+%s: %v", method, dest, arg, err)
-	}
-	rep, err := envelope.ParseReply(msg)
-	if err != nil {
-		x.t.Fatalf("%s: %v", method, err)
-	}
+	rep := x.x.Call("", method, dest, arg, nil)
 	switch rep.Status {
 	case envelope.StatusOK:
 		return ok(string(rep.Content))
@@ -260,7 +223,7 @@ func (l *eventLog) expect(t testing.TB, mark uint64, want []string) {
 	})
 }
 
-// Expected sequences (events.md §3).
+// Expected sequences (docs/spec/events.md §3).
 func startSeq(vm string) []string {
 	return []string{
 		vm + " domain-pre-start start_guid=True mem_required=None",

@@ -3,14 +3,12 @@ package vmlifecycle
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/micro"
 	"github.com/nats-io/nuid"
-
-	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
 )
 
 // Holds let another service keep a qube's lock while it changes the configuration the
@@ -21,32 +19,19 @@ import (
 // operation sees the qube gone), or after its time-to-live if the holder died.
 
 // maxHold bounds a hold whose holder never releases it.
-const maxHold = 30 * time.Second
+const maxHold = lifecycle.MaxHold
 
 type holds struct {
 	mu sync.Mutex
 	by map[string]func(rev uint64)
 }
 
-// HoldRequest asks for a qube's lock.
-type HoldRequest struct {
-	Name  string `json:"name"`
-	TTLMS int64  `json:"ttl_ms,omitempty"`
-}
-
-// HoldReply grants it: Mark is the runtime mark once the lock was taken, so that a
-// runtime query after the hold reflects the qube's settled state.
-type HoldReply struct {
-	ID    string `json:"id,omitempty"`
-	Mark  string `json:"mark,omitempty"`
-	Error string `json:"error,omitempty"`
-}
-
-// ReleaseRequest ends a hold once the replica has reached Revision.
-type ReleaseRequest struct {
-	ID       string `json:"id"`
-	Revision uint64 `json:"revision,omitempty"`
-}
+// The hold operation's messages.
+type (
+	HoldRequest    = lifecycle.HoldRequest
+	HoldReply      = lifecycle.HoldReply
+	ReleaseRequest = lifecycle.ReleaseRequest
+)
 
 // hold takes name's lock until release(rev) or ttl.
 func (s *Service) hold(ctx context.Context, name string, ttl time.Duration) (string, error) {
@@ -122,39 +107,4 @@ func (s *Service) serveRelease(r micro.Request) {
 		}
 		_ = r.RespondJSON(HoldReply{ID: req.ID})
 	}()
-}
-
-// Hold implements the properties service's QubeHolder: it keeps name's lock in the
-// lifecycle service until release is called with the configuration revision of the
-// change made meanwhile. after is the runtime mark once the lock was held.
-func (c StatesClient) Hold(ctx context.Context, name string) (after envelope.RuntimeMark, release func(rev uint64), err error) {
-	var rep HoldReply
-	if err := c.call(ctx, "hold", HoldRequest{Name: name, TTLMS: maxHold.Milliseconds()}, &rep); err != nil {
-		return after, nil, fmt.Errorf("hold %s in vmlifecycle: %w", name, err)
-	}
-	if after, err = envelope.ParseRuntimeMark(rep.Mark); err != nil {
-		return after, nil, err
-	}
-	release = func(rev uint64) {
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
-		defer cancel()
-		var out HoldReply
-		_ = c.call(rctx, "release", ReleaseRequest{ID: rep.ID, Revision: rev}, &out)
-	}
-	return after, release, nil
-}
-
-// call makes one JSON request to an internal endpoint of the lifecycle service.
-func (c StatesClient) call(ctx context.Context, op string, req any, out *HoldReply) error {
-	data, err := json.Marshal(req)
-	if err != nil {
-		return err
-	}
-	if _, err := c.request(ctx, op, data, out); err != nil {
-		return err
-	}
-	if out.Error != "" {
-		return fmt.Errorf("%s", out.Error)
-	}
-	return nil
 }

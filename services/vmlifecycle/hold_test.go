@@ -5,7 +5,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qubesbus/qubesbus/services/vmlifecycle"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
+
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
 
@@ -15,7 +16,7 @@ func TestHoldKeepsOperationsOut(t *testing.T) {
 	x := newHost(t, simdriver.Config{ShutdownLatency: -1})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	states := vmlifecycle.StatesClient{NC: x.nc, Host: x.h}
+	states := lifecycle.Client{NC: x.nc, Host: x.h}
 	before := x.svc.Mark()
 	after, release, err := states.Hold(ctx, "work")
 	if err != nil {

@@ -4,8 +4,8 @@ import (
 	"time"
 
 	"github.com/qubesbus/qubesbus/schemas/config"
-	"github.com/qubesbus/qubesbus/services/persistence/replica"
-	"github.com/qubesbus/qubesbus/services/properties/model"
+	"github.com/qubesbus/qubesbus/schemas/model"
+	"github.com/qubesbus/qubesbus/schemas/replica"
 )
 
 // Qube is what the lifecycle needs to know of a qube's configuration: effective values,

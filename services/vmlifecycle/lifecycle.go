@@ -167,14 +167,10 @@ func (s *Service) cleanup(ctx context.Context, q Qube) {
 
 // --- Start ---
 
+// vmStart starts a qube and, first, its netvm chain (docs/spec/events.md §3). Starting a
+// qube that is not Halted does nothing.
 func (s *Service) vmStart(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	return nil, s.Start(ctx, c.Dest.Name)
-}
-
-// Start starts a qube and, first, its netvm chain (events.md §3). Starting a qube that
-// is not Halted does nothing.
-func (s *Service) Start(ctx context.Context, name string) error {
-	return s.start(ctx, name, nil)
+	return nil, s.start(ctx, c.Dest.Name, nil)
 }
 
 // start runs with downstream holding their locks (the qubes in path).
@@ -265,7 +261,7 @@ func (s *Service) startNetVM(ctx context.Context, q Qube, path []string) error {
 		return nil
 	}
 	if slices.Contains(path, nq.Name) {
-		return qerr.New("QubesValueError", "Loops in network are unsupported")
+		return qerr.ValueError("Loops in network are unsupported")
 	}
 	_, active, err := s.drv.Domain(ctx, nq.Name)
 	if err != nil {
@@ -316,29 +312,25 @@ func ParseShutdownArg(arg string) (ShutdownOptions, error) {
 	return o, nil
 }
 
+// vmShutdown asks a qube to power off (docs/spec/events.md §3, docs/spec/methods.md
+// §1.4). With Wait, it waits for the stop without the qube's lock.
 func (s *Service) vmShutdown(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	o, err := ParseShutdownArg(c.Arg)
 	if err != nil {
 		return nil, err
 	}
-	return nil, s.Shutdown(ctx, c.Dest.Name, o)
-}
-
-// Shutdown asks a qube to power off (events.md §3, methods.md §1.4). With Wait, it
-// waits for the stop without the qube's lock.
-func (s *Service) Shutdown(ctx context.Context, name string, o ShutdownOptions) error {
 	var w *stopWait
-	err := s.locked(ctx, name, refuseAbort("shutdown"), func(ctx context.Context, q Qube, d *Domain) (err error) {
+	err = s.locked(ctx, c.Dest.Name, refuseAbort("shutdown"), func(ctx context.Context, q Qube, d *Domain) (err error) {
 		w, err = s.shutdown(ctx, q, d, o)
 		return err
 	})
 	if err != nil || w == nil {
-		return err
+		return nil, err
 	}
-	return s.waitStop(ctx, w)
+	return nil, s.waitStop(ctx, w)
 }
 
-// stopWait is what a Shutdown with Wait waits for once the guest was asked to power
+// stopWait is what a shutdown with wait waits for once the guest was asked to power
 // off: the stop of domain instance xid of q, announced when stopped is closed.
 type stopWait struct {
 	q       Qube
@@ -346,7 +338,7 @@ type stopWait struct {
 	stopped <-chan struct{}
 }
 
-// shutdown is the locked part of Shutdown. It returns what to wait for if o.Wait and
+// shutdown is the locked part of vmShutdown. It returns what to wait for if o.Wait and
 // the guest was asked to power off, nil otherwise.
 func (s *Service) shutdown(ctx context.Context, q Qube, d *Domain, o ShutdownOptions) (*stopWait, error) {
 	if d == nil {
@@ -460,13 +452,9 @@ func (s *Service) shutdownVeto(ctx context.Context, q Qube) *qerr.Error {
 
 // --- Kill ---
 
+// vmKill destroys a qube's domain at once; it returns after the stop was announced.
 func (s *Service) vmKill(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	return nil, s.Kill(ctx, c.Dest.Name)
-}
-
-// Kill destroys a qube's domain at once; it returns after the stop was announced.
-func (s *Service) Kill(ctx context.Context, name string) error {
-	return s.locked(ctx, name, refuseWith(errKillDom0, errKillRemote), s.kill)
+	return nil, s.locked(ctx, c.Dest.Name, refuseWith(errKillDom0, errKillRemote), s.kill)
 }
 
 func (s *Service) kill(ctx context.Context, q Qube, d *Domain) error {
@@ -482,14 +470,10 @@ func (s *Service) kill(ctx context.Context, q Qube, d *Domain) error {
 
 // --- Pause, Unpause, Suspend, Resume ---
 
-func (s *Service) vmPause(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	return nil, s.Pause(ctx, c.Dest.Name)
-}
-
-// Pause freezes a qube: domain-pre-paused, then domain-paused once the hypervisor
+// vmPause freezes a qube: domain-pre-paused, then domain-paused once the hypervisor
 // paused it.
-func (s *Service) Pause(ctx context.Context, name string) error {
-	return s.locked(ctx, name, refuseAbort("pause"), s.pause)
+func (s *Service) vmPause(ctx context.Context, c *rpc.Call) ([]byte, error) {
+	return nil, s.locked(ctx, c.Dest.Name, refuseAbort("pause"), s.pause)
 }
 
 func (s *Service) pause(ctx context.Context, q Qube, d *Domain) error {
@@ -508,13 +492,9 @@ func (s *Service) pause(ctx context.Context, q Qube, d *Domain) error {
 	return nil
 }
 
+// vmUnpause resumes a paused qube.
 func (s *Service) vmUnpause(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	return nil, s.Unpause(ctx, c.Dest.Name)
-}
-
-// Unpause resumes a paused qube.
-func (s *Service) Unpause(ctx context.Context, name string) error {
-	return s.locked(ctx, name, refuseAbort("unpause"), s.unpause)
+	return nil, s.locked(ctx, c.Dest.Name, refuseAbort("unpause"), s.unpause)
 }
 
 func (s *Service) unpause(ctx context.Context, q Qube, d *Domain) error {
@@ -531,13 +511,9 @@ func (s *Service) unpause(ctx context.Context, q Qube, d *Domain) error {
 	return nil
 }
 
+// vmSuspend puts a qube into ACPI S3; a guest that cannot suspend is paused instead.
 func (s *Service) vmSuspend(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	return nil, s.Suspend(ctx, c.Dest.Name)
-}
-
-// Suspend puts a qube into ACPI S3; a guest that cannot suspend is paused instead.
-func (s *Service) Suspend(ctx context.Context, name string) error {
-	return s.locked(ctx, name, refuseWith(errSuspendDom0, errSuspendRem), s.suspend)
+	return nil, s.locked(ctx, c.Dest.Name, refuseWith(errSuspendDom0, errSuspendRem), s.suspend)
 }
 
 func (s *Service) suspend(ctx context.Context, q Qube, d *Domain) error {
@@ -554,13 +530,9 @@ func (s *Service) suspend(ctx context.Context, q Qube, d *Domain) error {
 	return s.driverFailed(ctx, q, "suspend", err, errNotRunning(q.Name))
 }
 
+// vmResume wakes a suspended qube (domain-resumed); otherwise it is Unpause.
 func (s *Service) vmResume(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	return nil, s.Resume(ctx, c.Dest.Name)
-}
-
-// Resume wakes a suspended qube (domain-resumed); otherwise it is Unpause.
-func (s *Service) Resume(ctx context.Context, name string) error {
-	return s.locked(ctx, name, refuseAbort("resume"), s.resume)
+	return nil, s.locked(ctx, c.Dest.Name, refuseAbort("resume"), s.resume)
 }
 
 func (s *Service) resume(ctx context.Context, q Qube, d *Domain) error {

@@ -2,10 +2,9 @@ package vmlifecycle
 
 import (
 	"context"
-	"fmt"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
 
 	"github.com/qubesbus/qubesbus/bus/envelope"
-	"github.com/qubesbus/qubesbus/services/properties/model"
 )
 
 // Runtime marks let the properties service cache runtime snapshots (see
@@ -39,7 +38,7 @@ func (s *Service) changed() {
 	if nc := s.notify.Load(); nc != nil {
 		mark := envelope.RuntimeMark{Epoch: s.epoch, Version: v}
 		// Best effort: a lost notice is bounded by the cache's maximum age.
-		_ = nc.Publish(s.host.Service("vmlifecycle", "changed"), []byte(mark.String()))
+		_ = nc.Publish(s.host.Service(lifecycle.ServiceToken, lifecycle.SubjectChanged), []byte(mark.String()))
 	}
 }
 
@@ -63,27 +62,4 @@ func (s *Service) Snapshot(ctx context.Context) (Snapshot, error) {
 	}
 	settled := busy == 0 && s.busy.Load() == 0 && s.version.Load() == mark.Version
 	return Snapshot{Runtimes: rts, Mark: mark, ConfigRev: rev, Settled: settled}, nil
-}
-
-// toModel converts runtimes as the properties model reads them.
-func toModel(rts map[string]Runtime) map[string]model.Runtime {
-	out := make(map[string]model.Runtime, len(rts))
-	for name, rt := range rts {
-		out[name] = model.Runtime{State: string(rt.PowerState), XID: rt.XID, StubdomXID: rt.StubdomXID, StartTime: rt.StartTime}
-	}
-	return out
-}
-
-// headerSettled tells, on the runtime endpoint's reply, whether the snapshot may be
-// cached (Snapshot.Settled).
-const headerSettled = "Qubes-Runtime-Settled"
-
-func parseSettled(v string) (bool, error) {
-	switch v {
-	case "true":
-		return true, nil
-	case "", "false":
-		return false, nil
-	}
-	return false, fmt.Errorf("%s %q", headerSettled, v)
 }

@@ -2,10 +2,13 @@ package vmlifecycle_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
-	"github.com/qubesbus/qubesbus/services/vmlifecycle"
+	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
+
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
 
@@ -16,7 +19,7 @@ func TestSnapshotSettlesAndMarksMove(t *testing.T) {
 	x := newHost(t, simdriver.Config{ShutdownLatency: -1})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	states := vmlifecycle.StatesClient{NC: x.nc, Host: x.h}
+	states := lifecycle.Client{NC: x.nc, Host: x.h}
 
 	before, err := states.RuntimeSnapshot(ctx)
 	if err != nil {
@@ -67,12 +70,21 @@ func TestRuntimeQueryWaitsOutAFailover(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	// A connection of its own, whose sends are only the query's.
+	nc := bustest.Connect(t, x.ns)
 	done := make(chan error, 1)
 	go func() {
-		_, err := vmlifecycle.StatesClient{NC: x.nc, Host: x.h}.RuntimeSnapshot(ctx)
+		_, err := lifecycle.Client{NC: nc, Host: x.h}.RuntimeSnapshot(ctx)
 		done <- err
 	}()
-	time.Sleep(300 * time.Millisecond) // the query is waiting for an instance now
+	// A second send shows the query found nobody and waits for an instance. (A
+	// subscriber watching for it would be a responder.)
+	bustest.CheckFor(t, 10*time.Second, time.Millisecond, func() error {
+		if n := nc.Stats().OutMsgs; n < 2 {
+			return fmt.Errorf("query sent %d times", n)
+		}
+		return nil
+	})
 	select {
 	case err := <-done:
 		t.Fatalf("query ended with nobody serving: %v", err)

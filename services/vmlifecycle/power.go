@@ -1,20 +1,21 @@
 package vmlifecycle
 
-// PowerState is a qube's power state as qubesd reports it (admin.vm.List,
-// admin.vm.CurrentState); events.md §5.
-type PowerState string
+import "github.com/qubesbus/qubesbus/schemas/lifecycle"
 
+// PowerState is a qube's power state as qubesd reports it.
+type PowerState = lifecycle.PowerState
+
+// The power states.
 const (
-	Halted    PowerState = "Halted"
-	Transient PowerState = "Transient"
-	Running   PowerState = "Running"
-	Paused    PowerState = "Paused"
-	Suspended PowerState = "Suspended"
-	Halting   PowerState = "Halting"
-	Dying     PowerState = "Dying"
-	Crashed   PowerState = "Crashed"
-	// NA is documented by qubesd but never returned by it.
-	NA PowerState = "NA"
+	Halted    = lifecycle.Halted
+	Transient = lifecycle.Transient
+	Running   = lifecycle.Running
+	Paused    = lifecycle.Paused
+	Suspended = lifecycle.Suspended
+	Halting   = lifecycle.Halting
+	Dying     = lifecycle.Dying
+	Crashed   = lifecycle.Crashed
+	NA        = lifecycle.NA
 )
 
 // powerOf derives the power state of a qube from its domain (nil: none active), as

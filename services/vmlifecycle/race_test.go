@@ -93,9 +93,9 @@ func allowedOutcome(method, vm string, r reply) bool {
 	return false
 }
 
-// checkSequences validates each qube's events with the power-state machine of
-// events.md §3 and checks that a qube ends up with a domain exactly when final says
-// it is not Halted.
+// checkSequences validates each qube's events against the sequences of
+// docs/spec/events.md §3 (the power-state transitions of §5.1) and checks that a qube
+// ends up with a domain exactly when final says it is not Halted.
 func checkSequences(lines []string, final map[string]string) error {
 	perVM := map[string][]string{}
 	for _, l := range lines {

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
+
 	"github.com/nats-io/nats.go"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
@@ -28,7 +30,7 @@ func TestPowerStateSurvivesRestart(t *testing.T) {
 	x.stopService()
 	x.startService()
 
-	states := vmlifecycle.StatesClient{NC: x.nc, Host: x.h}
+	states := lifecycle.Client{NC: x.nc, Host: x.h}
 	ctx := context.Background()
 	bustest.CheckFor(t, 5*time.Second, 10*time.Millisecond, func() error {
 		got, err := states.PowerStates(ctx)
@@ -59,7 +61,7 @@ func TestPowerStateSurvivesRestart(t *testing.T) {
 func TestRuntimeValues(t *testing.T) {
 	x := newHost(t, simdriver.Config{})
 	x.call("admin.vm.Start", "work", "")
-	client := vmlifecycle.StatesClient{NC: x.nc, Host: x.h}
+	client := lifecycle.Client{NC: x.nc, Host: x.h}
 	rts, err := client.Runtimes(context.Background())
 	if err != nil {
 		t.Fatal(err)

@@ -19,19 +19,22 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/adminapi"
 	"github.com/qubesbus/qubesbus/schemas/config"
-	"github.com/qubesbus/qubesbus/services/persistence/replica"
-	"github.com/qubesbus/qubesbus/services/properties/model"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
+	"github.com/qubesbus/qubesbus/schemas/replica"
 )
 
-// ConfigStore applies configuration mutations (persistence.Client); the lifecycle
+// ConfigStore applies configuration mutations (configstore.Client); the lifecycle
 // uses it only to remove disposables with auto_cleanup after they stop.
 type ConfigStore interface {
 	Apply(ctx context.Context, m config.Mutation) (uint64, error)
@@ -40,15 +43,14 @@ type ConfigStore interface {
 // Config of the lifecycle service.
 type Config struct {
 	Host     subject.Host
-	Registry *rpc.Registry
-	// Model is the configuration replica: it resolves qubes for the pre-handler checks
-	// and, unless Inventory is set, provides the qubes' effective values.
-	Model     *replica.Replica
+	Registry *rpc.Registry // nil: adminapi.Registry
+	// Replica is the configuration replica: it resolves qubes for the pre-handler
+	// checks and, unless Inventory is set, provides the qubes' effective values. Nil:
+	// Serve follows the change log on its connection; successive lease terms share one.
+	Replica   *replica.Replica
 	Inventory Inventory
 	Driver    Driver
-	Events    Publisher
-	Store     ConfigStore
-	Log       *slog.Logger
+	Log       *slog.Logger // nil: discard
 	// StatsLease is how long an admin.vm.Stats watcher keeps vm-stats flowing without
 	// renewing (default 10 s).
 	StatsLease time.Duration
@@ -62,20 +64,8 @@ type Config struct {
 // Validate reports every missing part at once.
 func (c Config) Validate() error {
 	var errs []error
-	if c.Registry == nil {
-		errs = append(errs, errors.New("no method registry"))
-	}
-	if c.Model == nil {
-		errs = append(errs, errors.New("no configuration replica"))
-	}
 	if c.Driver == nil {
 		errs = append(errs, errors.New("no hypervisor driver"))
-	}
-	if c.Events == nil {
-		errs = append(errs, errors.New("no event publisher"))
-	}
-	if c.Store == nil {
-		errs = append(errs, errors.New("no configuration store"))
 	}
 	if c.Host.ID() == "" {
 		errs = append(errs, errors.New("no host"))
@@ -85,14 +75,15 @@ func (c Config) Validate() error {
 
 // Service is the lifecycle service of one host.
 type Service struct {
-	host  subject.Host
+	cfg  Config
+	host subject.Host
+	// Set by Serve:
 	model *replica.Replica
 	inv   Inventory
 	drv   Driver
 	pub   Publisher
 	store ConfigStore
 	log   *slog.Logger
-	mux   *rpc.Mux
 	stats *statsProducer
 
 	mu     sync.Mutex
@@ -124,14 +115,13 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	if cfg.Inventory == nil {
-		cfg.Inventory = ReplicaInventory{R: cfg.Model}
+	if cfg.Registry == nil {
+		cfg.Registry = adminapi.Registry
 	}
 	if cfg.StatsLease <= 0 {
 		cfg.StatsLease = 10 * time.Second
 	}
-	s := &Service{host: cfg.Host, model: cfg.Model, inv: cfg.Inventory, drv: cfg.Driver,
-		pub: cfg.Events, store: cfg.Store, log: cfg.Log,
+	s := &Service{cfg: cfg, host: cfg.Host, drv: cfg.Driver, log: cfg.Log,
 		qubes: map[string]*qubeRun{}, queues: map[string]*noticeQueue{}, held: holds{by: map[string]func(uint64){}},
 		epoch: cfg.Epoch}
 	if s.epoch == 0 {
@@ -139,25 +129,49 @@ func New(cfg Config) (*Service, error) {
 	}
 	s.version.Store(1)
 	s.stats = newStatsProducer(s, cfg.StatsLease)
-	s.mux = rpc.NewMux(cfg.Registry, rpc.VMLifecycle, cfg.Model, cfg.Log)
-	s.mux.Auth = cfg.Auth
-	s.mux.RuntimeMark = s.Mark
-	s.mux.Handle("admin.vm.Start", s.vmStart)
-	s.mux.Handle("admin.vm.Shutdown", s.vmShutdown)
-	s.mux.Handle("admin.vm.Kill", s.vmKill)
-	s.mux.Handle("admin.vm.Pause", s.vmPause)
-	s.mux.Handle("admin.vm.Unpause", s.vmUnpause)
-	s.mux.Handle("admin.vm.Suspend", s.vmSuspend)
-	s.mux.Handle("admin.vm.Resume", s.vmResume)
-	s.mux.Handle("admin.vm.CurrentState", s.vmCurrentState)
-	s.mux.Handle("admin.vm.Stats", s.stats.vmStats)
 	return s, nil
 }
 
 // Serve reads the running domains back from the driver, follows its notices, and
 // starts the Admin API endpoints and the internal ones (states, runtime, stats-lease)
 // on nc. The service runs until ctx ends (then stop the returned micro service too).
-func (s *Service) Serve(ctx context.Context, nc *nats.Conn, version string) (micro.Service, error) {
+func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error) {
+	if s.model != nil {
+		return nil, errors.New("vmlifecycle: Serve called twice")
+	}
+	rep := s.cfg.Replica
+	if rep == nil {
+		var err error
+		if rep, err = replica.Follow(ctx, nc, s.host, s.log); err != nil {
+			return nil, err
+		}
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	s.model, s.inv = rep, s.cfg.Inventory
+	if s.inv == nil {
+		s.inv = ReplicaInventory{R: rep}
+	}
+	s.pub = cloudevent.NewPublisher(js, s.host.ID())
+	s.store = configstore.Client{NC: nc, Host: s.host}
+	mux := rpc.NewMux(s.cfg.Registry, rpc.VMLifecycle, rep, s.log)
+	mux.Auth = s.cfg.Auth
+	mux.RuntimeMark = s.Mark
+	for name, h := range map[string]rpc.Handler{
+		"admin.vm.Start":        s.vmStart,
+		"admin.vm.Shutdown":     s.vmShutdown,
+		"admin.vm.Kill":         s.vmKill,
+		"admin.vm.Pause":        s.vmPause,
+		"admin.vm.Unpause":      s.vmUnpause,
+		"admin.vm.Suspend":      s.vmSuspend,
+		"admin.vm.Resume":       s.vmResume,
+		"admin.vm.CurrentState": s.vmCurrentState,
+		"admin.vm.Stats":        s.stats.vmStats,
+	} {
+		mux.Handle(name, h)
+	}
 	// Watch before reading the domains, so a stop between the two is not missed.
 	notices, err := s.drv.Watch(ctx)
 	if err != nil {
@@ -169,7 +183,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn, version string) (mic
 	go s.follow(ctx, notices)
 
 	s.notify.Store(nc)
-	svc, err := s.mux.Serve(ctx, nc, s.host, version)
+	svc, err := mux.Serve(ctx, nc, s.host, buildinfo.Version())
 	if err != nil {
 		return nil, err
 	}
@@ -177,11 +191,11 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn, version string) (mic
 		name, subj string
 		h          micro.HandlerFunc
 	}{
-		{"states", s.host.Service("vmlifecycle", "states"), s.serveStates(ctx)},
-		{"runtime", s.host.Service("vmlifecycle", "runtime"), s.serveRuntime(ctx)},
-		{"stats-lease", s.host.Service("vmlifecycle", "stats-lease"), s.stats.serveLease},
-		{"hold", s.host.Service("vmlifecycle", "hold"), s.serveHold(ctx)},
-		{"release", s.host.Service("vmlifecycle", "release"), s.serveRelease},
+		{lifecycle.OpStates, s.host.Service(lifecycle.ServiceToken, lifecycle.OpStates), s.serveStates(ctx)},
+		{lifecycle.OpRuntime, s.host.Service(lifecycle.ServiceToken, lifecycle.OpRuntime), s.serveRuntime(ctx)},
+		{lifecycle.OpStatsLease, s.host.Service(lifecycle.ServiceToken, lifecycle.OpStatsLease), s.stats.serveLease},
+		{lifecycle.OpHold, s.host.Service(lifecycle.ServiceToken, lifecycle.OpHold), s.serveHold(ctx)},
+		{lifecycle.OpRelease, s.host.Service(lifecycle.ServiceToken, lifecycle.OpRelease), s.serveRelease},
 	}
 	for _, e := range endpoints {
 		if err := svc.AddEndpoint(e.name, e.h, micro.WithEndpointSubject(e.subj)); err != nil {
@@ -241,21 +255,11 @@ func (s *Service) lock(ctx context.Context, name string) (unlock func(), err err
 	}
 }
 
-// Runtime is what a qube's runtime properties show (xid, stubdom_xid, start_time) and
-// its power state.
-type Runtime struct {
-	PowerState PowerState `json:"power_state"`
-	XID        int        `json:"xid"`         // -1 when halted
-	StubdomXID int        `json:"stubdom_xid"` // -1 without a stub domain
-	// StartTime is start_time as qubesd renders it (seconds, as Python prints the float);
-	// "" when halted.
-	StartTime string `json:"start_time,omitempty"`
-	MemoryKiB int64  `json:"memory_kib,omitempty"`
-	MaxMemKiB int64  `json:"maxmem_kib,omitempty"`
-}
+// Runtime is what a qube's runtime properties show and its power state.
+type Runtime = lifecycle.Runtime
 
 // HaltedRuntime is the runtime of a qube that is not in a Runtimes answer.
-var HaltedRuntime = Runtime{PowerState: Halted, XID: -1, StubdomXID: -1}
+var HaltedRuntime = lifecycle.HaltedRuntime
 
 // Runtimes returns the runtime of every qube that is not Halted: active domains,
 // dom0 and RemoteVMs (always Running).
@@ -342,77 +346,10 @@ func (s *Service) serveRuntime(ctx context.Context) micro.HandlerFunc {
 			}
 			h := nats.Header{}
 			envelope.Marks{ConfigRev: snap.ConfigRev, Runtime: snap.Mark}.Set(h)
-			h.Set(headerSettled, strconv.FormatBool(snap.Settled))
+			h.Set(lifecycle.HeaderSettled, strconv.FormatBool(snap.Settled))
 			_ = r.Respond(body, micro.WithHeaders(micro.Headers(h)))
 		}()
 	}
-}
-
-// StatesClient asks a host's lifecycle service for runtime state over NATS.
-type StatesClient struct {
-	NC   *nats.Conn
-	Host subject.Host
-}
-
-// PowerStates implements the properties service's PowerStates: the power state of
-// every qube that is not Halted.
-func (c StatesClient) PowerStates(ctx context.Context) (map[string]string, error) {
-	var out map[string]string
-	if _, err := c.request(ctx, "states", nil, &out); err != nil {
-		return nil, fmt.Errorf("ask vmlifecycle for power states: %w", err)
-	}
-	return out, nil
-}
-
-// Runtimes returns the runtime of every qube that is not Halted; a qube missing from
-// the answer has HaltedRuntime.
-func (c StatesClient) Runtimes(ctx context.Context) (map[string]Runtime, error) {
-	var out map[string]Runtime
-	if _, err := c.request(ctx, "runtime", nil, &out); err != nil {
-		return nil, fmt.Errorf("ask vmlifecycle for runtime state: %w", err)
-	}
-	return out, nil
-}
-
-// RuntimeSnapshot implements the properties service's RuntimeSource.
-func (c StatesClient) RuntimeSnapshot(ctx context.Context) (model.RuntimeSnapshot, error) {
-	var rts map[string]Runtime
-	msg, err := c.request(ctx, "runtime", nil, &rts)
-	if err != nil {
-		return model.RuntimeSnapshot{}, fmt.Errorf("ask vmlifecycle for runtime state: %w", err)
-	}
-	marks, err := envelope.ParseMarks(msg.Header)
-	if err != nil {
-		return model.RuntimeSnapshot{}, fmt.Errorf("runtime state: %w", err)
-	}
-	settled, err := parseSettled(msg.Header.Get(headerSettled))
-	if err != nil {
-		return model.RuntimeSnapshot{}, fmt.Errorf("runtime state: %w", err)
-	}
-	return model.RuntimeSnapshot{Values: toModel(rts), Mark: marks.Runtime, ConfigRev: marks.ConfigRev, Settled: settled}, nil
-}
-
-// failoverWindow bounds how long a StatesClient request waits for a lifecycle instance
-// to serve: while one takes over from another that died, nobody answers for a few
-// seconds (the lease's TTL).
-const failoverWindow = 15 * time.Second
-
-func (c StatesClient) request(ctx context.Context, op string, data []byte, v any) (*nats.Msg, error) {
-	if _, ok := ctx.Deadline(); !ok {
-		// A request nobody may answer (a permission denied is silent) must not wait
-		// forever.
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, 2*failoverWindow)
-		defer cancel()
-	}
-	msg, err := bus.Request(ctx, c.NC, &nats.Msg{Subject: c.Host.Service("vmlifecycle", op), Data: data}, failoverWindow)
-	if err != nil {
-		return nil, err
-	}
-	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
-		return nil, fmt.Errorf("%s %s", code, msg.Header.Get(micro.ErrorHeader))
-	}
-	return msg, json.Unmarshal(msg.Data, v)
 }
 
 // emit publishes events in order. A failure is logged and returned; callers that have

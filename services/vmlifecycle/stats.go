@@ -14,6 +14,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/rpc"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
 )
 
 // admin.vm.Stats on the bus. The stream itself is relayed by the gateway; this service
@@ -35,30 +36,12 @@ import (
 // domain of a known qube (dom0 included), with qubesd's kwargs in its order. The
 // samples are not stored in JetStream: admin.Events subscribers never see them.
 
-// StatsStream is the OK content of admin.vm.Stats on the bus.
-type StatsStream struct {
-	Subject      string `json:"subject"`
-	LeaseSubject string `json:"lease_subject"`
-	Lease        string `json:"lease"`
-	LeaseMS      int64  `json:"lease_ms"`
-	IntervalMS   int64  `json:"interval_ms"`
-	// Dest is the resolved destination; samples of every qube go to a dom0 stream
-	// (DestAdminVM), only Dest's to any other.
-	Dest        string `json:"dest"`
-	DestAdminVM bool   `json:"dest_adminvm"`
-}
-
-// StatsLeaseRequest renews (or with Stop ends) a stats lease.
-type StatsLeaseRequest struct {
-	Lease string `json:"lease"`
-	Stop  bool   `json:"stop,omitempty"`
-}
-
-// StatsLeaseReply answers a StatsLeaseRequest.
-type StatsLeaseReply struct {
-	LeaseMS int64  `json:"lease_ms,omitempty"`
-	Error   string `json:"error,omitempty"`
-}
+// The admin.vm.Stats stream's messages.
+type (
+	StatsStream       = lifecycle.StatsStream
+	StatsLeaseRequest = lifecycle.StatsLeaseRequest
+	StatsLeaseReply   = lifecycle.StatsLeaseReply
+)
 
 type statsProducer struct {
 	s   *Service
@@ -81,7 +64,9 @@ func newStatsProducer(s *Service, ttl time.Duration) *statsProducer {
 		kick: make(chan struct{}, 1)}
 }
 
-func (p *statsProducer) subject() string { return p.s.host.Service("vmlifecycle", "stats") }
+func (p *statsProducer) subject() string {
+	return p.s.host.Service(lifecycle.ServiceToken, lifecycle.SubjectStats)
+}
 
 // renew opens or extends a lease; the first open lease triggers a sample at once.
 func (p *statsProducer) renew(lease string) {
@@ -106,9 +91,8 @@ func (p *statsProducer) prune(now time.Time) {
 	}
 }
 
-// Watchers is the number of open stats leases.
-func (s *Service) Watchers() int {
-	p := s.stats
+// watchers is the number of open stats leases.
+func (p *statsProducer) watchers() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.prune(time.Now())
@@ -123,7 +107,7 @@ func (p *statsProducer) vmStats(_ context.Context, c *rpc.Call) ([]byte, error) 
 	p.renew(lease)
 	return json.Marshal(StatsStream{
 		Subject:      p.subject(),
-		LeaseSubject: p.s.host.Service("vmlifecycle", "stats-lease"),
+		LeaseSubject: p.s.host.Service(lifecycle.ServiceToken, lifecycle.OpStatsLease),
 		Lease:        lease,
 		LeaseMS:      p.ttl.Milliseconds(),
 		IntervalMS:   p.interval().Milliseconds(),

@@ -25,7 +25,7 @@ import (
 	"os"
 
 	"github.com/qubesbus/qubesbus/schemas/config"
-	"github.com/qubesbus/qubesbus/services/persistence/qubesxml"
+	"github.com/qubesbus/qubesbus/schemas/qubesxml"
 )
 
 // File is a qubes.xml with its marker (path + ".rev") and lock (path + ".lock").

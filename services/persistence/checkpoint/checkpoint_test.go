@@ -10,10 +10,10 @@ import (
 	"testing"
 
 	"github.com/qubesbus/qubesbus/schemas/config"
-	"github.com/qubesbus/qubesbus/services/persistence/qubesxml"
+	"github.com/qubesbus/qubesbus/schemas/qubesxml"
 )
 
-const seed = "../testdata/qubes.xml"
+const seed = "../../../testdata/qubes.xml"
 
 func newFile(t *testing.T) (File, *config.Config) {
 	t.Helper()
@@ -195,7 +195,7 @@ func TestConcurrentWriters(t *testing.T) {
 func BenchmarkWrite(b *testing.B) {
 	for _, name := range []string{"qubes.xml", "qubes-1000.xml"} {
 		b.Run(name, func(b *testing.B) {
-			c, err := qubesxml.Load("../testdata/" + name)
+			c, err := qubesxml.Load("../../../testdata/" + name)
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -61,7 +60,7 @@ func newRig(t testing.TB, cfg simdriver.Config) *rig {
 		t.Fatal(err)
 	}
 	drv := &probe{Hypervisor: simdriver.New(cfg)}
-	svc, err := Serve(t.Context(), srvNC, srvJS, host, drv, slog.New(slog.DiscardHandler))
+	svc, err := serveHV(t, t.Context(), srvNC, host, drv)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -598,19 +597,26 @@ func TestCallsWaitForTheHypervisorToBeReachable(t *testing.T) {
 	c := r.client
 	c.Host = late
 	done := make(chan error, 1)
+	sent := c.NC.Stats().OutMsgs
 	go func() {
 		_, err := c.Create(ctx, vmlifecycle.DomainSpec{Name: "a", MemoryMiB: 400, MaxMemMiB: 4000, VCPUs: 1, VirtMode: "pvh"})
 		done <- err
 	}()
-	time.Sleep(200 * time.Millisecond)
+	// A second send shows the call found nobody and waits. (A subscriber watching
+	// for it would be a responder.)
+	bustest.CheckFor(t, 10*time.Second, time.Millisecond, func() error {
+		if n := c.NC.Stats().OutMsgs - sent; n < 2 {
+			return fmt.Errorf("call sent %d times", n)
+		}
+		return nil
+	})
 	select {
 	case err := <-done:
 		t.Fatalf("call ended with no hypervisor: %v", err)
 	default:
 	}
 	nc := bustest.Connect(t, r.ns)
-	js, _ := jetstream.New(nc)
-	svc, err := Serve(ctx, nc, js, late, simdriver.New(simdriver.Config{}), slog.New(slog.DiscardHandler))
+	svc, err := serveHV(t, ctx, nc, late, simdriver.New(simdriver.Config{}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -621,4 +627,14 @@ func TestCallsWaitForTheHypervisorToBeReachable(t *testing.T) {
 	if _, ok, err := c.Domain(ctx, "a"); err != nil || !ok {
 		t.Fatalf("created domain not there: %v %v", ok, err)
 	}
+}
+
+// serveHV serves drv as host's hypervisor on nc.
+func serveHV(t testing.TB, ctx context.Context, nc *nats.Conn, host subject.Host, drv vmlifecycle.Driver) (micro.Service, error) {
+	t.Helper()
+	srv, err := New(Config{Host: host, Driver: drv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv.Serve(ctx, nc)
 }

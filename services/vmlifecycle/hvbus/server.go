@@ -5,12 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"log/slog"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/qubesbus/qubesbus/bus/buildinfo"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -71,6 +74,34 @@ type errBadRequest struct{ err error }
 func (e errBadRequest) Error() string { return "bad request: " + e.err.Error() }
 func (e errBadRequest) Unwrap() error { return e.err }
 
+// Config of the hypervisor service.
+type Config struct {
+	Host   subject.Host
+	Driver vmlifecycle.Driver
+	Log    *slog.Logger // nil: discard
+}
+
+// Server is the hypervisor service of one host.
+type Server struct{ cfg Config }
+
+// New checks the configuration; Serve starts the service.
+func New(cfg Config) (*Server, error) {
+	var errs []error
+	if cfg.Host.ID() == "" {
+		errs = append(errs, errors.New("no host"))
+	}
+	if cfg.Driver == nil {
+		errs = append(errs, errors.New("no driver"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("hypervisor config: %w", err)
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{cfg: cfg}, nil
+}
+
 // Serve answers the Driver calls of a host on nc, one goroutine per call, and publishes
 // drv's notices to the host's notice subject in NoticeStream (see EnsureNoticeStream),
 // until ctx ends or the returned service is stopped.
@@ -78,8 +109,13 @@ func (e errBadRequest) Unwrap() error { return e.err }
 // Notices are watched before the first call is answered, so none caused by a call is
 // missed; those not yet stored when Serve stops are lost (the lifecycle service reads
 // the domains back with Domains anyway).
-func Serve(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, host subject.Host, drv vmlifecycle.Driver, log *slog.Logger) (micro.Service, error) {
-	log = log.With("service", "hypervisor", "host", host.ID())
+func (srv *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error) {
+	host, drv := srv.cfg.Host, srv.cfg.Driver
+	log := srv.cfg.Log.With("service", "hypervisor", "host", host.ID())
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
 	ctx, stop := context.WithCancel(ctx)
 	notices, err := drv.Watch(ctx)
 	if err != nil {
@@ -88,7 +124,7 @@ func Serve(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, host subj
 	}
 	s := &server{ctx: ctx, drv: drv, log: log, calls: map[string]context.CancelFunc{}}
 	svc, err := micro.AddService(nc, micro.Config{
-		Name: "qubesbus-hypervisor", Version: "0.1.0", QueueGroup: "qubesbus-hypervisor",
+		Name: rpc.Hypervisor.Micro(), Version: buildinfo.Version(), QueueGroup: rpc.Hypervisor.Micro(),
 		Description: "hypervisor driver of one host",
 		Metadata:    map[string]string{"host": host.ID()},
 		// A stopped service ends the calls in flight and the notice pump.

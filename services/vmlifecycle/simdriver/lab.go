@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/buildinfo"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
@@ -71,11 +73,14 @@ type LabReply struct {
 
 func ms(d time.Duration) *int64 { v := d.Milliseconds(); return &v }
 
+// LabServiceName is the micro service of the lab endpoints of every host.
+const LabServiceName = "qubesbus-simlab"
+
 // ServeLab answers the lab API of a host on nc, as a micro service in its own queue
 // group, until the returned service is stopped.
 func ServeLab(nc *nats.Conn, host subject.Host, h *Hypervisor) (micro.Service, error) {
 	svc, err := micro.AddService(nc, micro.Config{
-		Name: "qubesbus-simlab", Version: "0.1.0", QueueGroup: "qubesbus-simlab",
+		Name: LabServiceName, Version: buildinfo.Version(), QueueGroup: LabServiceName,
 		Description: "simulated hypervisor control for test labs",
 		Metadata:    map[string]string{"host": host.ID()},
 	})

@@ -18,7 +18,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/lab"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
-	"github.com/qubesbus/qubesbus/services/persistence/qubesxml"
+	"github.com/qubesbus/qubesbus/schemas/qubesxml"
 )
 
 // Config of a benchmark run.

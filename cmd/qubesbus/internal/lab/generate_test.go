@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/qubesbus/qubesbus/services/persistence/qubesxml"
+	"github.com/qubesbus/qubesbus/schemas/qubesxml"
 )
 
 // The generator's qubes are written exactly like the ones real qubesd wrote into

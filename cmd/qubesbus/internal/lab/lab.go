@@ -12,7 +12,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/embedded"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
-	"github.com/qubesbus/qubesbus/services/persistence/qubesxml"
+	"github.com/qubesbus/qubesbus/schemas/qubesxml"
 )
 
 // Config of a lab.

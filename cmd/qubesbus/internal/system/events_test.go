@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sys/unix"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
@@ -235,10 +236,16 @@ func TestEventsSlowSubscriberIsCutOff(t *testing.T) {
 	if err := <-errc; err != nil {
 		t.Fatal(err)
 	}
-	// The slow one has not read for longer than the write timeout (n frames are far
-	// more than its socket holds, so a write to it is blocked), so the gateway cut it
-	// off: it finds the end of its stream before all n events.
-	time.Sleep(2 * time.Second) // > EventsWriteTimeout
+	// The slow one has not read (n frames are far more than its socket holds, so a
+	// write to it is blocked): once the write timeout has passed the gateway cuts it
+	// off and closes the socket, and it finds the end of its stream before all n
+	// events.
+	bustest.CheckFor(t, 30*time.Second, 10*time.Millisecond, func() error {
+		if !hungUp(t, slow.c) {
+			return errors.New("the gateway has not closed the slow subscriber's socket")
+		}
+		return nil
+	})
 	got := 0
 	for ; got < n; got++ {
 		if _, err := slow.next(10 * time.Second); err != nil {
@@ -260,4 +267,24 @@ func TestEventsStreamLimitsAreSettings(t *testing.T) {
 	if c.MaxAge != time.Hour || c.MaxBytes != 64<<20 || c.Storage != jetstream.FileStorage || c.Replicas != 1 {
 		t.Fatalf("stream config: age %s bytes %d storage %v replicas %d", c.MaxAge, c.MaxBytes, c.Storage, c.Replicas)
 	}
+}
+
+// hungUp reports whether the peer has closed c, without reading: a Unix socket shows
+// POLLHUP once both directions are shut, even while unread data is buffered.
+func hungUp(t testing.TB, c *net.UnixConn) bool {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var revents int16
+	if err := rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd)}}
+		if n, err := unix.Poll(fds, 0); err == nil && n > 0 {
+			revents = fds[0].Revents
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return revents&unix.POLLHUP != 0
 }

@@ -10,11 +10,12 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus/lease"
 	"github.com/qubesbus/qubesbus/bus/subject"
-	"github.com/qubesbus/qubesbus/schemas/adminapi"
-	"github.com/qubesbus/qubesbus/services/persistence"
+	"github.com/qubesbus/qubesbus/schemas/replica"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/hvbus"
 )
@@ -45,17 +46,22 @@ func leaseKey(host subject.Host) string {
 // and catches up on its notices, with the term's epoch on its runtime marks.
 //
 // Unless cfg.Standby (one of several instances), it returns once the first term serves.
-func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) error {
+func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
 	ctx := s.ctx
-	rep, pub, js, err := s.clientParts(nc, host, cfg, log)
+	// Every term serves over the same replica.
+	rep, err := replica.Follow(ctx, nc, host, log)
 	if err != nil {
-		return err
+		return nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
 	}
 	// ensureStreams (or `qubesbus setup`, where services run as their own users) has
 	// created the bucket.
 	kv, err := js.KeyValue(ctx, lease.Bucket)
 	if err != nil {
-		return fmt.Errorf("lease bucket %s (run qubesbus setup): %w", lease.Bucket, err)
+		return nil, fmt.Errorf("lease bucket %s (run qubesbus setup): %w", lease.Bucket, err)
 	}
 	// Renewals must follow the bucket's TTL, whoever created it.
 	ttl := cfg.LeaseTTL
@@ -80,15 +86,14 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 			tctx, deposed := context.WithCancel(term.Context())
 			drv := hvbus.Client{NC: nc, JS: js, Host: host, Epoch: term.Epoch, OnFenced: deposed}
 			life, err := vmlifecycle.New(vmlifecycle.Config{
-				Host: host, Registry: adminapi.Registry, Model: rep, Events: pub, Driver: drv,
-				Store: persistence.Client{NC: nc, Host: host}, Log: log, Auth: s.policy, Epoch: term.Epoch,
+				Host: host, Replica: rep, Driver: drv, Log: log, Auth: s.policy, Epoch: term.Epoch,
 			})
 			if err == nil {
 				// Calls in flight when the term ends may finish (reads waiting for the
 				// replica, say); new ones go to the next holder at once.
 				sctx, stopService := context.WithCancel(context.WithoutCancel(ctx))
 				var m interface{ Stop() error }
-				if m, err = life.Serve(sctx, nc, Version); err == nil {
+				if m, err = life.Serve(sctx, nc); err == nil {
 					if first {
 						close(serving)
 						first = false
@@ -125,8 +130,8 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 		select {
 		case <-serving:
 		case <-time.After(2*ttl + 10*time.Second):
-			return fmt.Errorf("lifecycle service: no lease after %s", 2*ttl+10*time.Second)
+			return nil, fmt.Errorf("lifecycle service: no lease after %s", 2*ttl+10*time.Second)
 		}
 	}
-	return nil
+	return nil, nil
 }

@@ -31,8 +31,14 @@ func TestRemoveAndStartNeverBothWin(t *testing.T) {
 		var start, remove []byte
 		var wg sync.WaitGroup
 		wg.Add(2)
-		go func() { defer wg.Done(); start = roundTrip(t, sys.Socket, []byte("admin.vm.Start+ dom0 name "+name+"\x00")) }()
-		go func() { defer wg.Done(); remove = roundTrip(t, sys.Socket, []byte("admin.vm.Remove+ dom0 name "+name+"\x00")) }()
+		go func() {
+			defer wg.Done()
+			start = roundTrip(t, sys.Socket, []byte("admin.vm.Start+ dom0 name "+name+"\x00"))
+		}()
+		go func() {
+			defer wg.Done()
+			remove = roundTrip(t, sys.Socket, []byte("admin.vm.Remove+ dom0 name "+name+"\x00"))
+		}()
 		wg.Wait()
 		started, removed := string(start) == "0\x00", string(remove) == "0\x00"
 		doms, err := lab.Domains(ctx)

@@ -23,7 +23,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/cloudevent/recorder"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/config"
-	"github.com/qubesbus/qubesbus/services/persistence"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
@@ -44,7 +44,7 @@ func captureLifeEvents(t *testing.T, sys *System, host string) *lifeEvents {
 	return &lifeEvents{t: t, rec: recorder.Record(t, js, subject.ForHost(host).Events())}
 }
 
-// wireFrame is the admin.Events frame of an event (protocol.md §4).
+// wireFrame is the admin.Events frame of an event (docs/spec/protocol.md §4).
 func wireFrame(e cloudevent.Event) string {
 	var b strings.Builder
 	b.WriteString("1\x00" + e.VM + "\x00" + e.Name + "\x00")
@@ -222,7 +222,7 @@ func setUpStateOfRuns01To29(t *testing.T, sys *System) {
 		}
 	}
 	nc := bustest.Connect(t, sys.NATS)
-	client := persistence.Client{NC: nc, Host: subject.ForHost("test")}
+	client := configstore.Client{NC: nc, Host: subject.ForHost("test")}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	snap, err := client.Snapshot(ctx)

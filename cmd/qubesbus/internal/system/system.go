@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -22,19 +21,14 @@ import (
 	"github.com/qubesbus/qubesbus/bus/embedded"
 	"github.com/qubesbus/qubesbus/bus/lease"
 	"github.com/qubesbus/qubesbus/bus/policy"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
-	"github.com/qubesbus/qubesbus/schemas/adminapi"
 	"github.com/qubesbus/qubesbus/services/gateway"
 	"github.com/qubesbus/qubesbus/services/persistence"
-	"github.com/qubesbus/qubesbus/services/persistence/replica"
 	"github.com/qubesbus/qubesbus/services/properties"
-	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/hvbus"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
-
-// Version of the services, announced through micro discovery.
-const Version = "0.1.0"
 
 // Config of one host.
 type Config struct {
@@ -230,110 +224,96 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config, onlyIfMissing
 	return nil
 }
 
-// clientParts are what a service over the configuration needs: a replica of it, an
-// event publisher and JetStream, all on the service's connection.
-func (s *System) clientParts(nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (*replica.Replica, *cloudevent.Publisher, jetstream.JetStream, error) {
-	rep, err := persistence.Follow(s.ctx, nc, host, log)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	pub, err := publisher(nc, cfg.HostID)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return nil, nil, nil, fmt.Errorf("jetstream: %w", err)
-	}
-	return rep, pub, js, nil
+// service is one entry of the table of services: how to start it on its own
+// connection. Each returns its micro service (stopped with the system), or nil for a
+// service that runs under the system's context alone.
+type service struct {
+	name  rpc.Service
+	start func(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error)
 }
 
-// publisher returns the event publisher of one service connection.
-func publisher(nc *nats.Conn, hostID string) (*cloudevent.Publisher, error) {
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return nil, fmt.Errorf("jetstream: %w", err)
-	}
-	return cloudevent.NewPublisher(js, hostID), nil
+// services in start order: each needs the ones before it.
+var services = []service{
+	{rpc.Persistence, startPersistence},
+	{rpc.Hypervisor, startHypervisor},
+	{rpc.VMLifecycle, (*System).startLifecycle},
+	{rpc.Properties, startProperties},
+	{rpc.Gateway, startGateway},
 }
 
-// Services in start order: each needs the ones before it.
-var Services = []string{"persistence", "hypervisor", "vmlifecycle", "properties", "gateway"}
+// Services names the services in start order (`qubesbus serve <name>`).
+var Services = func() []string {
+	out := make([]string, len(services))
+	for i, e := range services {
+		out[i] = string(e.name)
+	}
+	return out
+}()
+
+func startPersistence(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
+	store, err := persistence.New(persistence.Config{Host: host, DataDir: cfg.DataDir, SeedXML: cfg.QubesXML,
+		Replicas: cfg.Replicas, Log: log})
+	if err != nil {
+		return nil, err
+	}
+	s.Store = store
+	return store.Serve(s.ctx, nc)
+}
+
+// startHypervisor runs the simulated hypervisor, which stands for Xen, as its own
+// service so that a standby lifecycle instance can take it over; a test lab drives it
+// on qubes.v1.<host>.lab.* (faults, latencies).
+func startHypervisor(s *System, nc *nats.Conn, host subject.Host, _ Config, log *slog.Logger) (micro.Service, error) {
+	hv := simdriver.New(simdriver.Config{})
+	lab, err := simdriver.ServeLab(nc, host, hv)
+	if err != nil {
+		return nil, err
+	}
+	s.services = append(s.services, lab)
+	srv, err := hvbus.New(hvbus.Config{Host: host, Driver: hv, Log: log})
+	if err != nil {
+		return nil, err
+	}
+	return srv.Serve(s.ctx, nc)
+}
+
+func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
+	props, err := properties.New(properties.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
+		RuntimeMaxAge: cfg.RuntimeMaxAge, SaveAfterReply: cfg.SaveAfterReply})
+	if err != nil {
+		return nil, err
+	}
+	return props.Serve(s.ctx, nc)
+}
+
+func startGateway(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
+	gw, err := gateway.New(gateway.Config{Host: host, Log: log, Socket: cfg.Socket, SocketGroup: cfg.SocketGroup,
+		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout})
+	if err != nil {
+		return nil, err
+	}
+	svc, err := gw.Serve(s.ctx, nc)
+	if err != nil {
+		return nil, err
+	}
+	s.done.Add(1)
+	go func() {
+		defer s.done.Done()
+		gw.Wait()
+	}()
+	return svc, nil
+}
 
 // startService starts one service on its own connection.
 func (s *System) startService(name string, nc *nats.Conn, host subject.Host, cfg Config) error {
-	log := s.log.With("service", name)
-	ctx := s.ctx
-	switch name {
-	case "persistence":
-		store, err := persistence.Open(persistence.Config{Host: host, DataDir: cfg.DataDir, SeedXML: cfg.QubesXML, Replicas: cfg.Replicas}, log)
-		if err != nil {
-			return err
-		}
-		s.Store = store
-		return s.serve(store.Serve(ctx, nc, Version))
-	case "hypervisor":
-		// The simulated hypervisor stands for Xen, in its own service so that a standby
-		// lifecycle instance can take it over; a test lab drives it on
-		// qubes.v1.<host>.lab.* (faults, latencies).
-		hv := simdriver.New(simdriver.Config{})
-		if err := s.serve(simdriver.ServeLab(nc, host, hv)); err != nil {
-			return err
-		}
-		js, err := jetstream.New(nc)
-		if err != nil {
-			return fmt.Errorf("jetstream: %w", err)
-		}
-		return s.serve(hvbus.Serve(ctx, nc, js, host, hv, log))
-	case "vmlifecycle":
-		return s.startLifecycle(nc, host, cfg, log)
-	case "properties":
-		rep, pub, js, err := s.clientParts(nc, host, cfg, log)
-		if err != nil {
-			return err
-		}
-		// Every instance keeps the notes in one shared bucket. A user without the right
-		// to create it (deploy/nats permissions) binds to the one an admin created.
-		notes, err := properties.OpenNotes(ctx, js, properties.NotesConfig{Replicas: cfg.Replicas})
-		if err != nil {
-			var berr error
-			if notes, berr = js.KeyValue(ctx, properties.NotesBucket); berr != nil {
-				return errors.Join(err, berr)
+	for _, e := range services {
+		if string(e.name) == name {
+			svc, err := e.start(s, nc, host, cfg, s.log.With("service", name))
+			if err == nil && svc != nil {
+				s.services = append(s.services, svc)
 			}
-			log.Warn("notes bucket not ensured; using the existing one", "err", err)
-		}
-		props, err := properties.New(properties.Config{Host: host, Notes: notes, Auth: s.policy,
-			RuntimeMaxAge: cfg.RuntimeMaxAge, SaveAfterReply: cfg.SaveAfterReply},
-			adminapi.Registry, rep, vmlifecycle.StatesClient{NC: nc, Host: host},
-			persistence.Client{NC: nc, Host: host}, pub, log)
-		if err != nil {
 			return err
 		}
-		return s.serve(props.Serve(ctx, nc, Version))
-	case "gateway":
-		if err := os.MkdirAll(filepath.Dir(cfg.Socket), 0o755); err != nil {
-			return fmt.Errorf("socket dir: %w", err)
-		}
-		l, err := gateway.Listen(cfg.Socket, cfg.SocketGroup)
-		if err != nil {
-			return err
-		}
-		gw := gateway.New(gateway.Config{Host: host, IdleTimeout: cfg.IdleTimeout}, nc, adminapi.Registry, log)
-		events, err := gateway.NewEvents(gateway.EventsConfig{WriteTimeout: cfg.EventsWriteTimeout}, nc, host, log)
-		if err != nil {
-			l.Close()
-			return err
-		}
-		gw.HandleStream("admin.Events", events.Serve)
-		gw.HandleStream("admin.vm.Stats", gateway.NewStats(nc, host, log).Serve)
-		s.done.Add(1)
-		go func() {
-			defer s.done.Done()
-			if err := gw.Serve(ctx, l); err != nil {
-				log.Error("gateway stopped", "err", err)
-			}
-		}()
-		return nil
 	}
 	return fmt.Errorf("no such service %q (want one of %v)", name, Services)
 }
@@ -391,14 +371,6 @@ func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (f
 		log.Info("socket ready", "socket", cfg.Socket, "nats", cfg.NATSURL, "host", cfg.HostID)
 	}
 	return s.Stop, nil
-}
-
-func (s *System) serve(svc micro.Service, err error) error {
-	if err != nil {
-		return err
-	}
-	s.services = append(s.services, svc)
-	return nil
 }
 
 // Stop closes the socket, waits for calls in progress, saves qubes.xml and stops the

@@ -1,0 +1,118 @@
+// Package testhost starts one qubesbus host for a service's tests: an embedded
+// JetStream server in a temporary directory, the events stream, and a real
+// persistence service seeded from a qubes.xml. Services stand side by side and import
+// no other service; their tests get the persistence service they run against from
+// here, so that every test runs on real parts and no service's test builds its own.
+package testhost
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
+	"github.com/qubesbus/qubesbus/schemas/replica"
+	"github.com/qubesbus/qubesbus/services/persistence"
+)
+
+// Fixture is the repository's qubes.xml recorded from a real dom0, as a path relative
+// to a service module's directory (services/<name>).
+const Fixture = "../../testdata/qubes.xml"
+
+// ID is the host id every test host uses.
+const ID = "t"
+
+// Host is a running test host. Everything it starts stops when the test ends.
+type Host struct {
+	T        testing.TB
+	Server   *server.Server
+	NC       *nats.Conn // the test's own connection
+	Subjects subject.Host
+	Store    *persistence.Store
+	Events   jetstream.Stream
+	// Ctx ends when the test does.
+	Ctx context.Context
+}
+
+// Start runs the NATS server, the events stream and persistence seeded from seedXML
+// (Fixture when empty).
+func Start(t testing.TB, seedXML string) *Host {
+	t.Helper()
+	if seedXML == "" {
+		seedXML = Fixture
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	h := &Host{T: t, Server: bustest.RunJetStream(t), Subjects: subject.ForHost(ID), Ctx: ctx}
+	h.NC = bustest.Connect(t, h.Server)
+	js, err := jetstream.New(h.NC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.Events, err = cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	h.Store, err = persistence.New(persistence.Config{Host: h.Subjects, DataDir: t.TempDir(), SeedXML: seedXML,
+		Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := h.Store.Serve(ctx, h.Connect())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = svc.Stop()
+		sctx, scancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer scancel()
+		_ = h.Store.Close(sctx)
+	})
+	return h
+}
+
+// Connect returns a new connection to the host's server, closed when the test ends.
+func (h *Host) Connect() *nats.Conn { return bustest.Connect(h.T, h.Server) }
+
+// Follow returns a replica of the configuration that follows the change log on nc.
+func (h *Host) Follow(nc *nats.Conn) *replica.Replica {
+	h.T.Helper()
+	rep, err := replica.Follow(h.Ctx, nc, h.Subjects, slog.New(slog.DiscardHandler))
+	if err != nil {
+		h.T.Fatal(err)
+	}
+	return rep
+}
+
+// Config is a client of the persistence service on the test's connection.
+func (h *Host) Config() configstore.Client { return configstore.Client{NC: h.NC, Host: h.Subjects} }
+
+// Call makes one Admin API call as the gateway would, from src (dom0 when empty), and
+// returns the reply envelope. A reply that does not come is a test failure: the bound
+// is the test's own deadline, not a per-call one a busy machine could miss.
+func (h *Host) Call(src, method, dest, arg string, payload []byte) envelope.Reply {
+	h.T.Helper()
+	if src == "" {
+		src = "dom0"
+	}
+	req := &envelope.Request{Method: method, Source: src, Dest: dest, Arg: arg, Payload: payload,
+		ID: fmt.Sprintf("%s-%d", h.T.Name(), time.Now().UnixNano())}
+	msg, err := h.NC.RequestMsgWithContext(h.Ctx, req.Msg(h.Subjects.API(method)))
+	if err != nil {
+		h.T.Fatalf("%s %s+%s: %v", method, dest, arg, err)
+	}
+	rep, err := envelope.ParseReply(msg)
+	if err != nil {
+		h.T.Fatalf("%s: %v", method, err)
+	}
+	return rep
+}

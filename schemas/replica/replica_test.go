@@ -1,0 +1,75 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/qubesbus/qubesbus/bus/qerr"
+	"github.com/qubesbus/qubesbus/schemas/config"
+	"github.com/qubesbus/qubesbus/schemas/qubesxml"
+)
+
+func load(t *testing.T) *config.Config {
+	t.Helper()
+	c, err := qubesxml.Load("../../testdata/qubes.xml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestResolveApplyWait(t *testing.T) {
+	ctx := context.Background()
+	r := New(load(t), 1)
+	if ref, err := r.ResolveUUID(ctx, AdminVMUUID); err != nil || ref.Name != "dom0" || !ref.IsAdminVM() {
+		t.Fatalf("dom0 by its fixed uuid: %+v %v", ref, err)
+	}
+	work, err := r.ResolveName(ctx, "work")
+	if err != nil || work.Class != "AppVM" || work.UUID == "" {
+		t.Fatalf("work: %+v %v", work, err)
+	}
+	if ref, err := r.ResolveUUID(ctx, work.UUID); err != nil || ref.Name != "work" {
+		t.Fatalf("work by uuid: %+v %v", ref, err)
+	}
+	if _, err := r.ResolveName(ctx, "nosuch"); !errors.Is(err, qerr.ErrVMNotFound) {
+		t.Fatalf("missing qube: %v", err)
+	}
+
+	// A rename is visible to lookups at once; a gap is refused.
+	rename := []config.Op{{Kind: config.OpSetProperty, Domain: "domain-5", Name: "name", Value: "job"}}
+	if err := r.Apply(3, rename); !errors.Is(err, ErrGap) {
+		t.Fatalf("gap: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- r.WaitRevision(ctx, 2) }()
+	if err := r.Apply(2, rename); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.ResolveName(ctx, "work"); !errors.Is(err, qerr.ErrVMNotFound) {
+		t.Fatalf("old name still resolves: %v", err)
+	}
+	if ref, err := r.ResolveUUID(ctx, work.UUID); err != nil || ref.Name != "job" {
+		t.Fatalf("renamed qube by uuid: %+v %v", ref, err)
+	}
+	if err := r.Apply(2, rename); err != nil || r.Revision() != 2 {
+		t.Fatalf("replayed revision: %v, at %d", err, r.Revision())
+	}
+
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if err := r.WaitRevision(wctx, 5); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("wait past the deadline: %v", err)
+	}
+	r.Reset(load(t), 9)
+	if _, err := r.ResolveName(ctx, "work"); err != nil || r.Revision() != 9 {
+		t.Fatalf("after reset: %v at %d", err, r.Revision())
+	}
+	if refs := r.Refs(); len(refs) != 9 || refs[0].Name != "dom0" {
+		t.Fatalf("refs %v", refs)
+	}
+}
