@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -101,7 +102,7 @@ func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, versi
 		methods = append(methods, m.reg.Owned(Gateway)...)
 	}
 	for _, meth := range methods {
-		err := svc.AddEndpoint(endpointName(meth.Name), m.endpoint(ctx, &meth),
+		err := svc.AddEndpoint(endpointName(meth.Name), m.endpoint(ctx, nc, &meth),
 			micro.WithEndpointSubject(host.API(meth.Name)), micro.WithEndpointMetadata(metadata(meth)))
 		if err != nil {
 			_ = svc.Stop()
@@ -109,7 +110,7 @@ func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, versi
 		}
 	}
 	if m.unknown {
-		err := svc.AddEndpoint(subject.UnknownMethod, m.endpoint(ctx, nil), micro.WithEndpointSubject(host.API(subject.UnknownMethod)))
+		err := svc.AddEndpoint(subject.UnknownMethod, m.endpoint(ctx, nc, nil), micro.WithEndpointSubject(host.API(subject.UnknownMethod)))
 		if err != nil {
 			_ = svc.Stop()
 			return nil, fmt.Errorf("add unknown-method endpoint: %w", err)
@@ -131,11 +132,11 @@ func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, versi
 	return svc, nil
 }
 
-func (m *Mux) endpoint(ctx context.Context, meth *Method) micro.HandlerFunc {
+func (m *Mux) endpoint(ctx context.Context, nc *nats.Conn, meth *Method) micro.HandlerFunc {
 	return func(r micro.Request) {
 		// micro runs one handler at a time per endpoint; calls may block (a shutdown
 		// waiting for Halted), so each runs on its own goroutine.
-		go m.serve(ctx, meth, r)
+		go m.serve(ctx, meth, bus.Detach(nc, r))
 	}
 }
 

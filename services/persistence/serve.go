@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/config"
@@ -110,9 +111,10 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn) (micro.Service, e
 				<-sem
 				return
 			}
+			d := bus.Detach(nc, r)
 			go func() {
 				defer func() { <-sem; s.handlers.Done() }()
-				s.handleApply(ctx, r)
+				s.handleApply(ctx, d)
 			}()
 		}},
 		// flush: qubes.xml holds at least the given revision when it answers. Callers
@@ -122,9 +124,10 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn) (micro.Service, e
 			if !s.handling(r) {
 				return
 			}
+			d := bus.Detach(nc, r)
 			go func() {
 				defer s.handlers.Done()
-				s.handleFlush(ctx, r)
+				s.handleFlush(ctx, d)
 			}()
 		}},
 		{configstore.OpMetrics, func(r micro.Request) { _ = r.RespondJSON(s.Metrics()) }},

@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/qubesbus/qubesbus/bus"
 	"log/slog"
 	"strconv"
 	"sync"
@@ -198,7 +199,10 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		{lifecycle.OpRelease, s.host.Service(lifecycle.ServiceToken, lifecycle.OpRelease), s.serveRelease},
 	}
 	for _, e := range endpoints {
-		if err := svc.AddEndpoint(e.name, e.h, micro.WithEndpointSubject(e.subj)); err != nil {
+		// The handlers answer from goroutines of their own: they get detached requests.
+		h := e.h
+		detached := micro.HandlerFunc(func(r micro.Request) { h(bus.Detach(nc, r)) })
+		if err := svc.AddEndpoint(e.name, detached, micro.WithEndpointSubject(e.subj)); err != nil {
 			_ = svc.Stop()
 			return nil, fmt.Errorf("add %s endpoint: %w", e.name, err)
 		}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"log/slog"
 	"slices"
@@ -152,7 +153,7 @@ func (srv *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, err
 		_ = cancelSub.Unsubscribe()
 	})
 	for _, m := range methods {
-		err := svc.AddEndpoint(m.op, micro.HandlerFunc(func(r micro.Request) { s.handle(r, m.op, m.call) }),
+		err := svc.AddEndpoint(m.op, micro.HandlerFunc(func(r micro.Request) { s.handle(bus.Detach(nc, r), m.op, m.call) }),
 			micro.WithEndpointSubject(host.Hypervisor(m.op)))
 		if err != nil {
 			return fail(fmt.Errorf("add hypervisor endpoint %s: %w", m.op, err))
