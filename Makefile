@@ -10,7 +10,7 @@ SERVICES := $(filter services/%,$(MODULES))
 .PHONY: run test vet build bench fuzz standalone deps tidy cluster-test clean
 
 run:
-	$(GO) run ./cmd/qubesbus run --socket $(RUN_DIR)/qubesd.sock --data-dir $(RUN_DIR)/data --qubes-xml $(QUBES_XML)
+	$(GO) run ./cmd/qubesbus run --socket $(RUN_DIR)/qubesd.sock --data-dir $(RUN_DIR)/data --qubes-xml $(QUBES_XML) --nats-port 4222
 
 build:
 	mkdir -p bin && $(GO) build -o bin/qubesbus ./cmd/qubesbus

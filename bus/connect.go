@@ -17,6 +17,8 @@ import (
 type ConnConfig struct {
 	URL   string // nats://…; empty with InProcess set
 	Creds string // optional credentials file
+	// NKeySeed is the seed file of an nkey user (access.Keys: a role of qubesbus).
+	NKeySeed string
 	// User and Password, for servers with per-service users (deploy/nats).
 	User, Password string
 	Name           string // client name shown by the server
@@ -90,6 +92,13 @@ func Connect(ctx context.Context, cfg ConnConfig, log *slog.Logger) (*nats.Conn,
 	}
 	if cfg.Creds != "" {
 		opts = append(opts, nats.UserCredentials(cfg.Creds))
+	}
+	if cfg.NKeySeed != "" {
+		opt, err := nats.NkeyOptionFromSeed(cfg.NKeySeed)
+		if err != nil {
+			return nil, fmt.Errorf("nats nkey %s: %w", cfg.NKeySeed, err)
+		}
+		opts = append(opts, opt)
 	}
 	if cfg.InProcess != nil {
 		opts = append(opts, nats.InProcessServer(cfg.InProcess))

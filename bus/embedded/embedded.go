@@ -28,7 +28,10 @@ type Config struct {
 	SyncAlways bool
 	// DontListen serves in-process connections only.
 	DontListen bool
-	Debug      bool
+	// Users, if any, are the only clients the server accepts (nkey users with their
+	// permissions: access.Keys.ServerUsers), in-process connections included.
+	Users []*server.NkeyUser
+	Debug bool
 }
 
 // Validate reports every problem at once.
@@ -66,6 +69,7 @@ func Start(ctx context.Context, cfg Config) (*server.Server, error) {
 		// Larger payloads are never needed (a call is at most 64 KiB), but a GetAll of
 		// 10 000 qubes' worth of state crosses the bus in one reply.
 		MaxPayload: 8 << 20,
+		Nkeys:      cfg.Users,
 	}
 	if cfg.ClusterPort != 0 {
 		opts.Cluster = server.ClusterOpts{Name: cfg.ClusterName, Host: host, Port: cfg.ClusterPort}

@@ -6,10 +6,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/qubesbus/qubesbus/bus/access"
 	"io"
 	"log/slog"
 	"os"
 	"path"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -27,6 +29,8 @@ type tailOptions struct {
 	NATSURL string
 	Creds   string
 	User    string
+	NKey    string // seed file of an nkey user
+	DataDir string // where `qubesbus run` keeps its keys
 	TLS     bus.TLSFiles
 	Host    string // "*" for every host
 	VM      string
@@ -43,6 +47,8 @@ func eventsCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log
 	fs.StringVar(&o.NATSURL, "nats-url", envOr("QUBESBUS_NATS_URL", "nats://127.0.0.1:4222"), "NATS server (QUBESBUS_NATS_URL)")
 	fs.StringVar(&o.Creds, "nats-creds", envOr("QUBESBUS_NATS_CREDS", ""), "NATS credentials file")
 	fs.StringVar(&o.User, "nats-user", envOr("QUBESBUS_NATS_USER", ""), "NATS user, e.g. events (QUBESBUS_NATS_USER; password from QUBESBUS_NATS_PASSWORD)")
+	fs.StringVar(&o.NKey, "nats-nkey", envOr("QUBESBUS_NATS_NKEY", ""), "nkey seed file (QUBESBUS_NATS_NKEY); default: the events role's key in --data-dir, when no other credentials are given")
+	fs.StringVar(&o.DataDir, "data-dir", envOr("QUBESBUS_DATA_DIR", "run/data"), "data dir of `qubesbus run`, whose nkeys/events.nk is the default key (QUBESBUS_DATA_DIR)")
 	fs.StringVar(&o.TLS.CA, "nats-tls-ca", envOr("QUBESBUS_NATS_TLS_CA", ""), "PEM file of the NATS servers' CA; any TLS flag makes the connection use TLS")
 	fs.StringVar(&o.TLS.Cert, "nats-tls-cert", envOr("QUBESBUS_NATS_TLS_CERT", ""), "PEM client certificate")
 	fs.StringVar(&o.TLS.Key, "nats-tls-key", envOr("QUBESBUS_NATS_TLS_KEY", ""), "PEM key of the client certificate")
@@ -71,7 +77,8 @@ func tailEvents(ctx context.Context, o tailOptions, out io.Writer, log *slog.Log
 			return fmt.Errorf("--type: %w", err)
 		}
 	}
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: o.NATSURL, Creds: o.Creds, User: o.User, Password: os.Getenv("QUBESBUS_NATS_PASSWORD"), TLS: o.TLS, Name: "qubesbus-events"}, log)
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: o.NATSURL, Creds: o.Creds, User: o.User, Password: os.Getenv("QUBESBUS_NATS_PASSWORD"),
+		NKeySeed: defaultNKey(o.NKey, o.Creds, o.User, o.DataDir, access.Events), TLS: o.TLS, Name: "qubesbus-events"}, log)
 	if err != nil {
 		return err
 	}
@@ -183,4 +190,18 @@ func applySince(cfg *jetstream.OrderedConsumerConfig, since string) error {
 	cfg.DeliverPolicy = jetstream.DeliverByStartTimePolicy
 	cfg.OptStartTime = &t
 	return nil
+}
+
+// defaultNKey is the nkey seed a client command uses: the one given, else, when no
+// other credentials are given, the role's key that `qubesbus run` keeps in its data
+// dir, if there is one.
+func defaultNKey(given, creds, user, dataDir, role string) string {
+	if given != "" || creds != "" || user != "" || dataDir == "" {
+		return given
+	}
+	seed := access.SeedFile(filepath.Join(dataDir, "nkeys"), role)
+	if _, err := os.Stat(seed); err != nil {
+		return ""
+	}
+	return seed
 }

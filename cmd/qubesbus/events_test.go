@@ -11,9 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/access"
+
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
 )
@@ -59,7 +60,10 @@ func TestEventsTailResumesWithoutGapOrDuplicate(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sys.Stop()
-	nc := bustest.Connect(t, sys.NATS)
+	nc, err := sys.ConnectAs(ctx, access.Admin, t.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
 	js, _ := jetstream.New(nc)
 	pub := cloudevent.NewPublisher(js, "lab1")
 	for i := 0; i < 10; i++ {
@@ -71,7 +75,9 @@ func TestEventsTailResumesWithoutGapOrDuplicate(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	base := tailOptions{NATSURL: sys.NATSURL, Host: "lab1"}
+	// The tail reads the events role's key from the data dir, as `qubesbus events`
+	// does by default against `qubesbus run`.
+	base := tailOptions{NATSURL: sys.NATSURL, Host: "lab1", DataDir: filepath.Join(dir, "data")}
 
 	first := base
 	first.Since, first.Limit = "1", 4

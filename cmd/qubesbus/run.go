@@ -55,7 +55,7 @@ func hostFlags(fs *flag.FlagSet) *system.Config {
 	fs.IntVar(&c.Replicas, "replicas", envInt("QUBESBUS_REPLICAS", 1), "JetStream replicas of the streams: 1, or 3 on a cluster (QUBESBUS_REPLICAS)")
 	fs.DurationVar(&c.EventsMaxAge, "events-max-age", envDuration("QUBESBUS_EVENTS_MAX_AGE", 0), "keep events this long (default 24h) (QUBESBUS_EVENTS_MAX_AGE)")
 	fs.Int64Var(&c.EventsMaxBytes, "events-max-bytes", int64(envInt("QUBESBUS_EVENTS_MAX_BYTES", 0)), "keep at most this many bytes of events (default 1 GiB) (QUBESBUS_EVENTS_MAX_BYTES)")
-	fs.IntVar(&c.NATSPort, "nats-port", envInt("QUBESBUS_NATS_PORT", 4222), "embedded NATS client port, -1 for any (QUBESBUS_NATS_PORT)")
+	fs.IntVar(&c.NATSPort, "nats-port", envInt("QUBESBUS_NATS_PORT", 0), "open the embedded NATS on this TCP port of 127.0.0.1, -1 for any free one; 0 opens none (the services connect in-process). Clients need a role's key from <data-dir>/nkeys (QUBESBUS_NATS_PORT)")
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", envDuration("QUBESBUS_LEASE_TTL", 0), "how long a dead vmlifecycle instance keeps the host's lease before a standby takes over (default 5s); set when the lease bucket is created (QUBESBUS_LEASE_TTL)")
 	fs.BoolVar(&c.SaveAfterReply, "save-after-reply", envOr("QUBESBUS_SAVE_AFTER_REPLY", "") == "1", "rewrite qubes.xml right after replying to a change, not before as qubesd does: changes then cost the same at any number of qubes (QUBESBUS_SAVE_AFTER_REPLY=1)")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", envDuration("QUBESBUS_IDLE_TIMEOUT", time.Minute), "longest a client may take to send its request, 0 for no limit (QUBESBUS_IDLE_TIMEOUT)")

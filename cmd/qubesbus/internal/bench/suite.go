@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	"github.com/qubesbus/qubesbus/bus/access"
 	"io"
 	"log/slog"
 	"os"
@@ -14,7 +15,6 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/lab"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
@@ -160,12 +160,12 @@ func Suite(ctx context.Context, cfg Config, log *slog.Logger) (*Report, error) {
 }
 
 func floors(ctx context.Context, cfg Config, sys *system.System, dir string, rep *Report) error {
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: sys.NATSURL, InProcess: sys.NATS, Name: "bench-client"}, slog.New(slog.DiscardHandler))
+	nc, err := sys.ConnectAs(ctx, access.Admin, "bench-client")
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	rc, err := bus.Connect(ctx, bus.ConnConfig{URL: sys.NATSURL, InProcess: sys.NATS, Name: "bench-responder"}, slog.New(slog.DiscardHandler))
+	rc, err := sys.ConnectAs(ctx, access.Admin, "bench-responder")
 	if err != nil {
 		return err
 	}
@@ -211,7 +211,7 @@ func qvmLs(socket string) time.Duration {
 // and a 2 ms pause: a steady rate, so the figures are delivery latency, not the time a
 // burst spends queued.
 func eventFanOut(ctx context.Context, cfg Config, sys *system.System) ([]EventResult, error) {
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: sys.NATSURL, InProcess: sys.NATS, Name: "bench-events"}, slog.New(slog.DiscardHandler))
+	nc, err := sys.ConnectAs(ctx, access.Admin, "bench-events") // it publishes the events it measures
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/qubesbus/qubesbus/bus/access"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -31,6 +32,7 @@ type Config struct {
 // Lab is a set of running hosts.
 type Lab struct {
 	NATS  *server.Server // nil on an external cluster
+	Keys  *access.Keys   // the roles' keys of the embedded server
 	Hosts []*Host
 }
 
@@ -57,8 +59,18 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *Lab, err error
 		}
 	}()
 	url := cfg.NATSURL
+	var keyDir string
 	if url == "" && len(cfg.URLs) == 0 {
-		l.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.Dir, "nats"), Port: cfg.NATSPort})
+		// Every host's services connect as their roles with the lab's keys; so does
+		// anyone outside (qubesbus events --nkey-dir <dir>/nkeys).
+		keyDir = filepath.Join(cfg.Dir, "nkeys")
+		keys, err := access.Ensure(keyDir)
+		if err != nil {
+			return nil, err
+		}
+		l.Keys = keys
+		l.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.Dir, "nats"), Port: cfg.NATSPort,
+			Users: keys.ServerUsers()})
 		if err != nil {
 			return nil, err
 		}
@@ -84,7 +96,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *Lab, err error
 		}
 		sys, err := system.Start(ctx, system.Config{
 			Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
-			QubesXML: seedFile, HostID: id, NATSURL: hostURL, Replicas: cfg.Replicas,
+			QubesXML: seedFile, HostID: id, NATSURL: hostURL, Replicas: cfg.Replicas, NKeyDir: keyDir,
 		}, log.With("host", id))
 		if err != nil {
 			return nil, fmt.Errorf("host %s: %w", id, err)

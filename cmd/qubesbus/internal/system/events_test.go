@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/access"
+
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sys/unix"
 
@@ -86,7 +88,7 @@ func (s *eventStream) next(timeout time.Duration) ([]byte, error) {
 
 func publisherFor(t testing.TB, sys *System) *cloudevent.Publisher {
 	t.Helper()
-	nc := bustest.Connect(t, sys.NATS)
+	nc := connectAs(t, sys, access.Admin)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
@@ -152,7 +154,7 @@ func TestEventsChecks(t *testing.T) {
 // eventsStream reads QUBES_EVENTS' info over a connection of its own.
 func eventsStream(t testing.TB, sys *System) *jetstream.StreamInfo {
 	t.Helper()
-	nc := bustest.Connect(t, sys.NATS)
+	nc := connectAs(t, sys, access.Admin)
 	defer nc.Close()
 	js, err := jetstream.New(nc)
 	if err != nil {

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/access"
+
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus"
@@ -98,7 +100,7 @@ func TestLosslessEventsSingleServer(t *testing.T) {
 			}
 		}
 	}()
-	js, err := jetstream.New(bustest.Connect(t, sys.NATS))
+	js, err := jetstream.New(connectAs(t, sys, access.Admin))
 	if err != nil {
 		t.Fatal(err)
 	}

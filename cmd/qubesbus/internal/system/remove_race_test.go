@@ -8,7 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/access"
+
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
@@ -19,7 +20,7 @@ import (
 // qube that no longer exists.
 func TestRemoveAndStartNeverBothWin(t *testing.T) {
 	sys := startSystem(t)
-	lab := simdriver.LabClient{NC: bustest.Connect(t, sys.NATS), Host: subject.ForHost("test")}
+	lab := simdriver.LabClient{NC: connectAs(t, sys, access.Lab), Host: subject.ForHost("test")}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	outcomes := map[string]int{}

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/access"
+
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
@@ -37,7 +39,7 @@ type lifeEvents struct {
 
 func captureLifeEvents(t *testing.T, sys *System, host string) *lifeEvents {
 	t.Helper()
-	js, err := jetstream.New(bustest.Connect(t, sys.NATS))
+	js, err := jetstream.New(connectAs(t, sys, access.Admin))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +223,7 @@ func setUpStateOfRuns01To29(t *testing.T, sys *System) {
 			roundTrip(t, sys.Socket, e.Request)
 		}
 	}
-	nc := bustest.Connect(t, sys.NATS)
+	nc := connectAs(t, sys, access.Admin)
 	client := configstore.Client{NC: nc, Host: subject.ForHost("test")}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -261,7 +263,7 @@ func TestReplayLifecycleTranscripts(t *testing.T) {
 	setUpStateOfRuns01To29(t, sys)
 	events := captureLifeEvents(t, sys, "test")
 	wire := openEvents(t, sys.Socket, "dom0")
-	lab := simdriver.LabClient{NC: bustest.Connect(t, sys.NATS), Host: subject.ForHost("test")}
+	lab := simdriver.LabClient{NC: connectAs(t, sys, access.Lab), Host: subject.ForHost("test")}
 	// Per-qube subscribers get exactly the recorded frames whose subject is their qube.
 	perQube := map[string]*eventStream{}
 	for _, vm := range []string{"work", "sys-net", "personal"} {

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/access"
+
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
@@ -39,7 +41,7 @@ func powerOf(t *testing.T, socket string) (state, xid string) {
 // and the notices can make these pass.
 func TestRuntimeCacheNeverServesStaleState(t *testing.T) {
 	sys := startSystem(t, func(c *Config) { c.RuntimeMaxAge = time.Hour })
-	lab := simdriver.LabClient{NC: bustest.Connect(t, sys.NATS), Host: subject.ForHost("test")}
+	lab := simdriver.LabClient{NC: connectAs(t, sys, access.Lab), Host: subject.ForHost("test")}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	zero := int64(0)

@@ -6,10 +6,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/access"
+
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/schemas/events"
 )
@@ -44,7 +45,7 @@ func TestEmittedEventsMatchSchemas(t *testing.T) {
 		}
 	}
 
-	nc := bustest.Connect(t, sys.NATS)
+	nc := connectAs(t, sys, access.Admin)
 	js, _ := jetstream.New(nc)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()

@@ -6,7 +6,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/qubesbus/qubesbus/bus/access"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -38,10 +40,17 @@ type Config struct {
 	QubesXML    string // seed copied into DataDir on first start
 	HostID      string
 	NATSURL     string // external NATS; empty runs an embedded server
-	NATSPort    int    // embedded server client port: 0 = 4222, -1 = any free port
-	NATSCreds   string
-	NATSUser    string
-	NATSPass    string
+	// NATSPort is the embedded server's TCP client port: 0 opens none (the services
+	// connect in-process), -1 any free port.
+	NATSPort int
+	// NKeyDir holds one nkey seed per role (bus/access). With the embedded server it
+	// defaults to <DataDir>/nkeys, created on first start, and the server accepts
+	// only those roles. With an external server a service uses its role's seed from
+	// here when the directory has one and no other credentials are given.
+	NKeyDir   string
+	NATSCreds string
+	NATSUser  string
+	NATSPass  string
 	// ServiceNATSURLs connects single services to other servers of the same cluster
 	// (by service name, or "setup"); the rest use NATSURL.
 	ServiceNATSURLs map[string]string
@@ -76,6 +85,40 @@ func (c Config) conn(url, name string) bus.ConnConfig {
 	return bus.ConnConfig{URL: url, Creds: c.NATSCreds, User: c.NATSUser, Password: c.NATSPass, TLS: c.NATSTLS, Name: name}
 }
 
+// connAs is conn for a role: with no credentials given, its seed in NKeyDir if there
+// is one.
+func (c Config) connAs(url, role, name string) bus.ConnConfig {
+	cc := c.conn(url, name)
+	if c.NATSCreds == "" && c.NATSUser == "" && c.NKeyDir != "" {
+		if seed := access.SeedFile(c.NKeyDir, role); fileExists(seed) {
+			cc.NKeySeed = seed
+		}
+	}
+	return cc
+}
+
+// withKeyDir defaults NKeyDir to the data dir's, where `qubesbus run` keeps the keys.
+func (c Config) withKeyDir() Config {
+	if c.NKeyDir == "" && c.DataDir != "" {
+		c.NKeyDir = filepath.Join(c.DataDir, "nkeys")
+	}
+	return c
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// roleOf is the NATS role a part of the system connects as: each service its own,
+// set-up as the admin.
+func roleOf(name string) string {
+	if _, ok := access.Find(name); ok {
+		return name
+	}
+	return access.Admin
+}
+
 // Validate reports every problem at once.
 func (c Config) Validate() error {
 	var errs []error
@@ -93,8 +136,11 @@ func (c Config) Validate() error {
 
 // System is a running host.
 type System struct {
-	NATS     *server.Server // nil with an external NATS
-	NATSURL  string
+	NATS    *server.Server // nil with an external NATS
+	NATSURL string
+	// Keys are the roles' nkeys of the embedded server (nil with an external NATS).
+	Keys     *access.Keys
+	cfg      Config
 	Socket   string
 	Store    *persistence.Store
 	log      *slog.Logger
@@ -144,15 +190,24 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 	host := subject.ForHost(cfg.HostID)
 	url := cfg.NATSURL
 	if url == "" {
-		s.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.DataDir, "jetstream"), Port: cfg.NATSPort})
+		// No client without a role's key gets onto the bus, and no TCP port opens
+		// unless asked for.
+		cfg = cfg.withKeyDir()
+		if s.Keys, err = access.Ensure(cfg.NKeyDir); err != nil {
+			return nil, err
+		}
+		cfg.NATSCreds, cfg.NATSUser, cfg.NATSPass = "", "", ""
+		s.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.DataDir, "jetstream"),
+			Port: cfg.NATSPort, DontListen: cfg.NATSPort == 0, Users: s.Keys.ServerUsers()})
 		if err != nil {
 			return nil, err
 		}
 		url = s.NATS.ClientURL()
 	}
 	s.NATSURL = url
+	s.cfg = cfg
 	connect := func(name string) (*nats.Conn, error) {
-		cc := cfg.conn(url, "qubesbus-"+name+"-"+cfg.HostID)
+		cc := cfg.connAs(url, roleOf(name), "qubesbus-"+name+"-"+cfg.HostID)
 		if u := cfg.ServiceNATSURLs[name]; u != "" {
 			cc.URL = u
 		} else if s.NATS != nil {
@@ -323,7 +378,8 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if cfg.NATSURL == "" {
 		return errors.New("no NATS URL")
 	}
-	nc, err := bus.Connect(ctx, cfg.conn(cfg.NATSURL, "qubesbus-setup"), log)
+	cfg = cfg.withKeyDir()
+	nc, err := bus.Connect(ctx, cfg.connAs(cfg.NATSURL, access.Admin, "qubesbus-setup"), log)
 	if err != nil {
 		return err
 	}
@@ -344,12 +400,14 @@ func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (f
 	}
 	// One of several lifecycle instances: it serves once it holds the host's lease.
 	cfg.Standby = true
+	cfg = cfg.withKeyDir()
 	s := newSystem(ctx, cfg, log)
+	s.cfg = cfg
 	if s.policyErr != nil {
 		return nil, s.policyErr
 	}
 	s.NATSURL = cfg.NATSURL
-	nc, err := bus.Connect(ctx, cfg.conn(cfg.NATSURL, "qubesbus-"+name+"-"+cfg.HostID), log)
+	nc, err := bus.Connect(ctx, cfg.connAs(cfg.NATSURL, roleOf(name), "qubesbus-"+name+"-"+cfg.HostID), log)
 	if err != nil {
 		return nil, err
 	}
@@ -398,4 +456,20 @@ func (s *System) Stop() error {
 		s.NATS.WaitForShutdown()
 	}
 	return errors.Join(errs...)
+}
+
+// ConnectAs opens a connection to the system's NATS as a role (bus/access): in-process
+// to the embedded server, with the role's key. Tests, the lab and the load tool use it;
+// it is closed with the system.
+func (s *System) ConnectAs(ctx context.Context, role, name string) (*nats.Conn, error) {
+	cc := s.cfg.connAs(s.NATSURL, role, name)
+	if s.NATS != nil {
+		cc.InProcess = s.NATS
+	}
+	nc, err := bus.Connect(ctx, cc, s.log)
+	if err != nil {
+		return nil, err
+	}
+	s.conns = append(s.conns, nc)
+	return nc, nil
 }

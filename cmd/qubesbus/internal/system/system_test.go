@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
 )
 
 // repoTestdata is the repository's recorded data (copied from the real qubesd).
@@ -165,4 +167,14 @@ func TestVMClassList(t *testing.T) {
 	if got := roundTrip(t, sys.Socket, []byte("admin.vmclass.List+ dom0 name work\x00")); string(got) != "2\x00ProtocolError\x00\x00expected destination to be AdminVM\x00" {
 		t.Fatalf("non-dom0 dest: %q", got)
 	}
+}
+
+// connectAs connects to the system's NATS as a role, with the role's key.
+func connectAs(t testing.TB, sys *System, role string) *nats.Conn {
+	t.Helper()
+	nc, err := sys.ConnectAs(context.Background(), role, t.Name()+"-"+role)
+	if err != nil {
+		t.Fatalf("connect as %s: %v", role, err)
+	}
+	return nc
 }

@@ -1,0 +1,174 @@
+// Package access says who may do what on the bus: one NATS user per role (each
+// service, the operators' admin, read-only event consumers, the lab), with the
+// subjects each may publish and subscribe to. The table here is the only source:
+// `qubesbus run` gives its embedded server these users with nkeys it generates
+// (Keys), and deploy/nats/permissions.conf, for a server run by hand, is rendered
+// from it (Conf).
+//
+// The boundaries that matter: only the gateway publishes on API subjects, so only it
+// can assert a call's source (the Qubes-Source header); only the lab role and the
+// admin can reach the fault-injection subjects; the events role reads the events
+// stream and can call nothing.
+package access
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/nats-io/nats-server/v2/server"
+)
+
+// The roles.
+const (
+	Admin       = "admin"
+	Persistence = "persistence"
+	Properties  = "properties"
+	VMLifecycle = "vmlifecycle"
+	Hypervisor  = "hypervisor"
+	Gateway     = "gateway"
+	Events      = "events"
+	Lab         = "lab"
+)
+
+// Role is one NATS user of qubesbus.
+type Role struct {
+	Name      string
+	About     string // a comment line in the rendered configuration
+	Publish   []string
+	Subscribe []string
+}
+
+// Subjects every service connection needs: replies to its own requests and micro
+// discovery.
+var (
+	inbox     = "_INBOX.>"
+	discovery = "$SRV.>"
+	// jsClient is what a JetStream client needs to read streams and buckets it does
+	// not manage (stream info, consumers, acks, flow control).
+	jsClient = []string{"$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.>", "$JS.ACK.>", "$JS.FC.>"}
+)
+
+// events lists the event subjects of the given families, e.g. property-set becomes
+// qubes.v1.*.events.*.property-set.> (the event with any suffix).
+func events(families ...string) []string {
+	out := make([]string, len(families))
+	for i, f := range families {
+		out[i] = "qubes.v1.*.events.*." + f + ".>"
+	}
+	return out
+}
+
+// plainEvents lists events without a suffix (domain-start).
+func plainEvents(names ...string) []string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = "qubes.v1.*.events.*." + n
+	}
+	return out
+}
+
+func join(lists ...[]string) []string {
+	var out []string
+	for _, l := range lists {
+		out = append(out, l...)
+	}
+	return out
+}
+
+// Roles in the order the rendered configuration lists them.
+var Roles = []Role{
+	{Name: Admin, About: "Creates and updates the streams and buckets (qubesbus setup); operators.",
+		Publish: []string{">"}, Subscribe: []string{">"}},
+	{Name: Persistence, About: "The configuration store: its API, the change log, the lock bucket.",
+		Publish:   []string{inbox, discovery, "qubes.v1.*.config", "qubes.v1.*.config.>", "$JS.API.>", "$KV.>"},
+		Subscribe: []string{inbox, discovery, "qubes.v1.*.store.>", "$KV.>"}},
+	{Name: Properties, About: "Properties, features, tags, labels, notes, create and remove: only the events it fires.",
+		Publish: join([]string{inbox, discovery}, jsClient,
+			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states", "qubes.v1.*.svc.vmlifecycle.runtime",
+				"qubes.v1.*.svc.vmlifecycle.hold", "qubes.v1.*.svc.vmlifecycle.release",
+				"$KV.QUBES_NOTES.>", "$JS.API.STREAM.*.KV_QUBES_NOTES", "$JS.API.DIRECT.GET.KV_QUBES_NOTES", "$JS.API.DIRECT.GET.KV_QUBES_NOTES.>"},
+			events("property-pre-set", "property-set", "property-pre-reset", "property-pre-del", "property-reset", "property-del",
+				"domain-feature-pre-set", "domain-feature-set", "domain-feature-pre-delete", "domain-feature-delete",
+				"domain-tag-add", "domain-tag-delete"),
+			[]string{"qubes.v1.*.events._app.domain-add", "qubes.v1.*.events._app.domain-pre-delete",
+				"qubes.v1.*.events._app.domain-delete", "qubes.v1.*.events.*.domain-create-on-disk"}),
+		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>", "qubes.v1.*.svc.vmlifecycle.changed"}},
+	{Name: VMLifecycle, About: "Power states over the hypervisor: only the events it fires.",
+		Publish: join([]string{inbox, discovery}, jsClient,
+			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.stats", "qubes.v1.*.svc.vmlifecycle.changed",
+				"qubes.v1.*.hv.>", "$KV.QUBES_LEASES.>",
+				"qubes.v1.*.events._app.domain-pre-delete", "qubes.v1.*.events._app.domain-delete"},
+			plainEvents("domain-pre-start", "domain-start-failed", "domain-verify-files", "domain-pre-spawn", "domain-spawn",
+				"domain-qdb-create", "domain-pre-unpaused", "domain-unpaused", "domain-start", "domain-pre-shutdown",
+				"domain-shutdown-failed", "domain-stopped", "domain-shutdown", "domain-pre-paused", "domain-paused",
+				"domain-resumed", "property-reset.xid", "property-reset.stubdom_xid", "property-reset.start_time")),
+		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.>", "qubes.v1.*.config", "qubes.v1.*.config.>"}},
+	{Name: Hypervisor, About: "The (simulated) hypervisor: its driver API, its notices, and the lab's faults.",
+		Publish:   []string{inbox, discovery, "$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_HV", "qubes.v1.*.hvnotice"},
+		Subscribe: []string{inbox, discovery, "qubes.v1.*.hv.>", "qubes.v1.*.lab.>"}},
+	{Name: Gateway, About: "The socket: the only role that may send Admin API calls, and so assert their source.",
+		Publish: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.stats-lease",
+			"$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_EVENTS", "$JS.API.CONSUMER.>"},
+		Subscribe: []string{inbox, discovery, "qubes.v1.*.svc.vmlifecycle.stats"}},
+	{Name: Events, About: "Event consumers (qubesbus events, dashboards): read only; may call nothing.",
+		Publish:   []string{"$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_EVENTS", "$JS.API.CONSUMER.>", "$JS.FC.>"},
+		Subscribe: []string{inbox}},
+	{Name: Lab, About: "Test labs: fault injection on the simulated hypervisor; may call nothing.",
+		Publish:   []string{"qubes.v1.*.lab.>"},
+		Subscribe: []string{inbox}},
+}
+
+// Find returns the role of a name.
+func Find(name string) (Role, bool) {
+	for _, r := range Roles {
+		if r.Name == name {
+			return r, true
+		}
+	}
+	return Role{}, false
+}
+
+// Permissions are the role's permissions for nats-server.
+func (r Role) Permissions() *server.Permissions {
+	return &server.Permissions{
+		Publish:   &server.SubjectPermission{Allow: append([]string(nil), r.Publish...)},
+		Subscribe: &server.SubjectPermission{Allow: append([]string(nil), r.Subscribe...)},
+	}
+}
+
+// Conf renders the roles as a nats-server authorization block whose passwords come
+// from environment variables (QUBESBUS_<ROLE>_PASSWORD), for deploy/nats.
+func Conf() string {
+	var b strings.Builder
+	b.WriteString(`# Generated from bus/access (go run ./cmd/qubesbus setup --print-permissions):
+# do not edit by hand. One NATS user per role; each may publish only its own subjects,
+# in particular only the events it fires. Passwords come from the environment (never
+# commit them): QUBESBUS_<ROLE>_PASSWORD.
+#
+# Event subjects: qubes.v1.<host>.events.<qube|_app>.<event>[.<suffix>], where an event
+# "property-set:netvm" is the two tokens property-set.netvm.
+
+authorization {
+  users = [
+`)
+	for i, r := range Roles {
+		if i > 0 {
+			b.WriteString("\n")
+		}
+		fmt.Fprintf(&b, "    # %s\n", r.About)
+		fmt.Fprintf(&b, "    { user: %s, password: $QUBESBUS_%s_PASSWORD, permissions: {\n", r.Name, strings.ToUpper(r.Name))
+		fmt.Fprintf(&b, "        publish:   { allow: %s }\n", list(r.Publish))
+		fmt.Fprintf(&b, "        subscribe: { allow: %s }\n", list(r.Subscribe))
+		b.WriteString("    } }\n")
+	}
+	b.WriteString("  ]\n}\n")
+	return b.String()
+}
+
+func list(subjects []string) string {
+	q := make([]string, len(subjects))
+	for i, s := range subjects {
+		q[i] = `"` + s + `"`
+	}
+	return "[" + strings.Join(q, ", ") + "]"
+}
