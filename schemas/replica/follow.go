@@ -5,6 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/qubesbus/qubesbus/bus"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -19,6 +23,12 @@ import (
 // and reads the log from the next record on with an ordered consumer: the consumer
 // resumes after the last record it delivered when NATS reconnects, so no change is
 // lost, and a revision returned by Client.Apply is reached (WaitRevision).
+//
+// The consumer alone can fall behind for long after a NATS node is lost: it starts
+// over only once JetStream can create a consumer again, trying every 1, 2, 4, 8 then
+// 10 s, each try waiting up to 10 s. A replica that a caller waits on (WaitRevision
+// with a revision it lacks) therefore also reads the missing records itself, from the
+// stream leader, which is back long before consumers can be created (catchUp).
 func Follow(ctx context.Context, nc *nats.Conn, host subject.Host, log *slog.Logger) (*Replica, error) {
 	js, err := jetstream.New(nc)
 	if err != nil {
@@ -32,10 +42,11 @@ func Follow(ctx context.Context, nc *nats.Conn, host subject.Host, log *slog.Log
 	if err != nil {
 		return nil, err
 	}
-	f := &follower{nc: nc, host: host, log: log, ctx: ctx, r: New(snap.Config, snap.Revision)}
+	f := &follower{nc: nc, host: host, log: log, ctx: ctx, clog: clog, r: New(snap.Config, snap.Revision), seq: snap.Sequence}
 	if _, err := clog.Tail(ctx, snap.Sequence+1, f.onRecord); err != nil {
 		return nil, err
 	}
+	go f.catchUp()
 	return f.r, nil
 }
 
@@ -44,14 +55,33 @@ type follower struct {
 	host subject.Host
 	log  *slog.Logger
 	ctx  context.Context
+	clog *changelog.Log
 	r    *Replica
+
+	// mu orders the consumer's records and catchUp's: seq is the stream sequence of
+	// the last record either applied.
+	mu  sync.Mutex
+	seq uint64
 }
 
 // onRecord runs on the consumer's goroutine, one record at a time, in log order.
 func (f *follower) onRecord(rec changelog.Record, err error) {
-	switch {
-	case err != nil:
+	if err != nil {
 		f.log.Error("config change log", "err", err)
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.apply(rec)
+}
+
+// apply applies a record unless catchUp (or the consumer) already did; f.mu is held.
+func (f *follower) apply(rec changelog.Record) {
+	if rec.Sequence != 0 && rec.Sequence <= f.seq {
+		return
+	}
+	f.seq = max(f.seq, rec.Sequence)
+	switch {
 	case rec.Base != nil:
 		// A compaction's base, or the first record after a purge this replica was
 		// behind: it replaces the state only if it is newer.
@@ -70,8 +100,65 @@ func (f *follower) onRecord(rec changelog.Record, err error) {
 	}
 }
 
+// catchUpGrace is how long a waiting caller gives the consumer before the replica reads
+// the log itself: long enough that a healthy consumer (sub-millisecond) always wins.
+const catchUpGrace = 200 * time.Millisecond
+
+// catchUp reads the records after the last applied one straight from the stream
+// whenever a caller waits for a revision the consumer has not delivered in time.
+func (f *follower) catchUp() {
+	for {
+		select {
+		case <-f.ctx.Done():
+			return
+		case <-f.r.lagging():
+		}
+		select {
+		case <-f.ctx.Done():
+			return
+		case <-time.After(catchUpGrace):
+		}
+		if !f.r.hasWaiters() {
+			continue // the consumer delivered meanwhile
+		}
+		backoff := bus.Backoff{Next: 50 * time.Millisecond, Max: time.Second}
+		for f.r.hasWaiters() && f.ctx.Err() == nil {
+			done, err := f.readNext()
+			if done {
+				break
+			}
+			if err != nil {
+				f.log.Debug("catch up on the config change log", "err", err)
+				if backoff.Wait(f.ctx) != nil {
+					return
+				}
+			}
+		}
+	}
+}
+
+// readNext applies the record after the last applied one; done when there is none.
+func (f *follower) readNext() (done bool, err error) {
+	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Second)
+	defer cancel()
+	f.mu.Lock()
+	from := f.seq + 1
+	f.mu.Unlock()
+	rec, err := f.clog.Next(ctx, from)
+	if errors.Is(err, changelog.ErrEnd) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.apply(rec)
+	return false, nil
+}
+
 // resync replaces the replica with a fresh snapshot; later records it already
-// reflects are then skipped by revision.
+// reflects are then skipped by revision. f.mu is held.
 func (f *follower) resync() {
 	snap, err := configstore.FetchSnapshot(f.ctx, f.nc, f.host)
 	if err != nil {
@@ -80,5 +167,6 @@ func (f *follower) resync() {
 	}
 	if snap.Revision > f.r.Revision() {
 		f.r.Reset(snap.Config, snap.Revision)
+		f.seq = max(f.seq, snap.Sequence)
 	}
 }

@@ -27,11 +27,15 @@ type Replica struct {
 	x   *indexed.Config
 	// changed is signalled when rev grows.
 	changed *sync.Cond
+	// waiters counts WaitRevision calls still waiting; lag is nudged when one starts
+	// (the follower's catchUp listens).
+	waiters int
+	lag     chan struct{}
 }
 
 // New indexes a configuration; the replica owns conf from now on.
 func New(conf *config.Config, rev uint64) *Replica {
-	return &Replica{x: indexed.New(conf), rev: rev}
+	return &Replica{x: indexed.New(conf), rev: rev, lag: make(chan struct{}, 1)}
 }
 
 func domainUUID(d *config.Domain) string {
@@ -172,6 +176,15 @@ func (m *Replica) WaitRevision(ctx context.Context, rev uint64) error {
 	defer stop()
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.rev >= rev {
+		return nil
+	}
+	m.waiters++
+	defer func() { m.waiters-- }()
+	select {
+	case m.lag <- struct{}{}:
+	default:
+	}
 	for m.rev < rev {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("wait for revision %d (have %d): %w", rev, m.rev, err)
@@ -179,6 +192,16 @@ func (m *Replica) WaitRevision(ctx context.Context, rev uint64) error {
 		m.cond().Wait()
 	}
 	return nil
+}
+
+// lagging is nudged whenever a caller starts waiting for a revision the replica lacks.
+func (m *Replica) lagging() <-chan struct{} { return m.lag }
+
+// hasWaiters reports whether a caller still waits for a revision.
+func (m *Replica) hasWaiters() bool {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.waiters > 0
 }
 
 // cond is created lazily; callers hold m.mu.

@@ -230,14 +230,24 @@ func (c Client) Watch(ctx context.Context) (<-chan vmlifecycle.Notice, error) {
 		MaxAckPending: 1,
 		MaxDeliver:    -1,
 	}
-	cons, err := c.JS.CreateOrUpdateConsumer(ctx, NoticeStream, cfg)
+	// Right after a NATS node is lost JetStream may take seconds to create consumers
+	// again: a new lifecycle term keeps trying (short attempts) rather than failing,
+	// which would hand the lease over and make the next holder wait as long.
+	var cons jetstream.Consumer
+	var info jetstream.Stream
+	err := retryFor(ctx, watchSetupPatience, func(actx context.Context) error {
+		var err error
+		if cons, err = c.JS.CreateOrUpdateConsumer(actx, NoticeStream, cfg); err != nil {
+			return fmt.Errorf("hypervisor notices consumer %s: %w", name, err)
+		}
+		// Notices stored up to now were reported before this watch began.
+		if info, err = c.JS.Stream(actx, NoticeStream); err != nil {
+			return fmt.Errorf("hypervisor notices stream: %w", err)
+		}
+		return nil
+	})
 	if err != nil {
-		return nil, fmt.Errorf("hypervisor notices consumer %s: %w", name, err)
-	}
-	// Notices stored up to now were reported before this watch began.
-	info, err := c.JS.Stream(ctx, NoticeStream)
-	if err != nil {
-		return nil, fmt.Errorf("hypervisor notices stream: %w", err)
+		return nil, err
 	}
 	backlogUpTo := info.CachedInfo().State.LastSeq
 	out := make(chan vmlifecycle.Notice)
@@ -328,6 +338,27 @@ func deliver(ctx context.Context, out chan<- vmlifecycle.Notice, n vmlifecycle.N
 		case <-ctx.Done():
 			_ = msg.Nak()
 			return false
+		}
+	}
+}
+
+// watchSetupPatience bounds how long Watch keeps trying to set up its consumer.
+const watchSetupPatience = 30 * time.Second
+
+// retryFor calls f, each attempt bounded to 2 s, until it succeeds, ctx ends or
+// patience has passed; it returns f's last error.
+func retryFor(ctx context.Context, patience time.Duration, f func(context.Context) error) error {
+	deadline := time.Now().Add(patience)
+	backoff := bus.Backoff{Next: 100 * time.Millisecond, Max: time.Second}
+	for {
+		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err := f(actx)
+		cancel()
+		if err == nil || ctx.Err() != nil || backoff.Passes(deadline) {
+			return err
+		}
+		if werr := backoff.Wait(ctx); werr != nil {
+			return err
 		}
 	}
 }
