@@ -6,7 +6,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/qubesbus/qubesbus/bus/access"
 	"io"
 	"log/slog"
 	"os"
@@ -20,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/subject"
 )

@@ -8,7 +8,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/qubesbus/qubesbus/bus/rpc"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/model"
 )

@@ -359,4 +359,3 @@ func Effective(c *config.Config, vm, prop string) (value string, isDefault bool,
 	}
 	return r.Value.String(), r.Default, nil
 }
-

@@ -1,10 +1,11 @@
 package model
 
 import (
-	"github.com/qubesbus/qubesbus/schemas/config"
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/qubesbus/qubesbus/schemas/config"
 )
 
 // setCase is one Set call on the fixture. want is "" for success (then get is the

@@ -1,9 +1,10 @@
 package model
 
 import (
-	"github.com/qubesbus/qubesbus/schemas/config"
 	"slices"
 	"strings"
+
+	"github.com/qubesbus/qubesbus/schemas/config"
 )
 
 // Spec is the definition of one property of one holder class.

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/qubesbus/qubesbus/bus/rpc"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/buildinfo"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/schemas/configstore"

@@ -2,9 +2,9 @@ package vmlifecycle
 
 import (
 	"context"
-	"github.com/qubesbus/qubesbus/schemas/lifecycle"
 
 	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
 )
 
 // Runtime marks let the properties service cache runtime snapshots (see

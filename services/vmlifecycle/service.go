@@ -12,7 +12,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/qubesbus/qubesbus/bus"
 	"log/slog"
 	"strconv"
 	"sync"
@@ -23,6 +22,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"

@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/qubesbus/qubesbus/bus"
-	"github.com/qubesbus/qubesbus/bus/rpc"
 	"log/slog"
 	"slices"
 	"strconv"
@@ -14,7 +12,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/buildinfo"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"

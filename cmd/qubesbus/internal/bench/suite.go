@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"fmt"
-	"github.com/qubesbus/qubesbus/bus/access"
 	"io"
 	"log/slog"
 	"os"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/lab"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
@@ -148,6 +148,10 @@ func Suite(ctx context.Context, cfg Config, log *slog.Logger) (*Report, error) {
 				}
 				rep.Classes[scale] = append(rep.Classes[scale], Run(ctx, class, n, cfg.Duration, op))
 			}
+		}
+		if err := ctx.Err(); err != nil { // interrupted: stop, do not start the next
+			sys.Stop()
+			return nil, err
 		}
 		if !cfg.SkipQvmLs {
 			rep.QvmLs[scale] = qvmLs(sys.Socket)

@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/qubesbus/qubesbus/bus/access"
 	"log/slog"
 	"os"
 	"path/filepath"
 
 	"github.com/nats-io/nats-server/v2/server"
 
+	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/embedded"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
 	"github.com/qubesbus/qubesbus/schemas/qubesxml"
