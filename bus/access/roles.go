@@ -8,7 +8,8 @@
 // The boundaries that matter: only the gateway publishes on API subjects, so only it
 // can assert a call's source (the Qubes-Source header); only the lab role and the
 // admin can reach the fault-injection subjects; the events role reads the events
-// stream and can call nothing.
+// stream and can call nothing; only the gateway writes the audit trail (QUBES_AUDIT),
+// and only the auditor role (and the admin) reads it.
 package access
 
 import (
@@ -27,6 +28,7 @@ const (
 	Hypervisor  = "hypervisor"
 	Gateway     = "gateway"
 	Events      = "events"
+	Auditor     = "auditor"
 	Lab         = "lab"
 )
 
@@ -47,6 +49,18 @@ var (
 	// not manage (stream info, consumers, acks, flow control).
 	jsClient = []string{"$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.>", "$JS.ACK.>", "$JS.FC.>"}
 )
+
+// readStream is what a JetStream client needs to read one stream through consumers
+// of its own (an ordered consumer, as `qubesbus events` and `qubesbus audit` use, or a
+// push consumer with flow control): the consumer API of that stream only, so the
+// role cannot read the other streams.
+func readStream(stream string) []string {
+	return []string{"$JS.API.INFO", "$JS.API.STREAM.INFO." + stream,
+		"$JS.API.CONSUMER.CREATE." + stream, "$JS.API.CONSUMER.CREATE." + stream + ".>",
+		"$JS.API.CONSUMER.DURABLE.CREATE." + stream + ".*", "$JS.API.CONSUMER.INFO." + stream + ".*",
+		"$JS.API.CONSUMER.DELETE." + stream + ".*", "$JS.API.CONSUMER.MSG.NEXT." + stream + ".*",
+		"$JS.FC.>"} // flow-control replies: they carry no data and read nothing
+}
 
 // events lists the event subjects of the given families, e.g. property-set becomes
 // qubes.v1.*.events.*.property-set.> (the event with any suffix).
@@ -108,10 +122,14 @@ var Roles = []Role{
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.hv.>", "qubes.v1.*.lab.>"}},
 	{Name: Gateway, About: "The socket: the only role that may send Admin API calls, and so assert their source.",
 		Publish: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.stats-lease",
-			"$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_EVENTS", "$JS.API.CONSUMER.>"},
+			"$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_EVENTS", "$JS.API.CONSUMER.>",
+			"qubes.v1.*.audit"},
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.svc.vmlifecycle.stats"}},
-	{Name: Events, About: "Event consumers (qubesbus events, dashboards): read only; may call nothing.",
-		Publish:   []string{"$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_EVENTS", "$JS.API.CONSUMER.>", "$JS.FC.>"},
+	{Name: Events, About: "Event consumers (qubesbus events, dashboards): read the events stream only; may call nothing.",
+		Publish:   readStream("QUBES_EVENTS"),
+		Subscribe: []string{inbox}},
+	{Name: Auditor, About: "Audit readers (qubesbus audit): read the audit stream only; may call nothing.",
+		Publish:   readStream("QUBES_AUDIT"),
 		Subscribe: []string{inbox}},
 	{Name: Lab, About: "Test labs: fault injection on the simulated hypervisor; may call nothing.",
 		Publish:   []string{"qubes.v1.*.lab.>"},
@@ -147,6 +165,9 @@ func Conf() string {
 #
 # Event subjects: qubes.v1.<host>.events.<qube|_app>.<event>[.<suffix>], where an event
 # "property-set:netvm" is the two tokens property-set.netvm.
+#
+# The audit trail (stream QUBES_AUDIT, subjects qubes.v1.<host>.audit): only the gateway
+# publishes on it; the auditor role and the admin read it, the events role cannot.
 
 authorization {
   users = [

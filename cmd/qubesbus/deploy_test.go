@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -26,8 +27,8 @@ import (
 // config's TLS block is switched on, pointing at tls's files.
 func runDeployServer(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey string) *server.Server {
 	t.Helper()
-	for _, u := range []string{"ADMIN", "PERSISTENCE", "HYPERVISOR", "PROPERTIES", "VMLIFECYCLE", "GATEWAY", "EVENTS"} {
-		t.Setenv("QUBESBUS_"+u+"_PASSWORD", "pw-"+strings.ToLower(u))
+	for _, r := range access.Roles {
+		t.Setenv("QUBESBUS_"+strings.ToUpper(r.Name)+"_PASSWORD", "pw-"+r.Name)
 	}
 	conf := "../../deploy/nats/single.conf"
 	if tls != nil {
@@ -220,6 +221,9 @@ func servicesAsOwnUsers(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey s
 			t.Errorf("%q: %q %v, want %q", req, resp, err, want)
 		}
 	}
+	// The gateway, as its own user, wrote the audit trail of the changes.
+	expectAuditTrail(t, ctx, ns.ClientURL(), tlsFiles, []string{"admin.vm.property.Set", "admin.vm.feature.Set",
+		"admin.vm.notes.Set", "admin.vm.Start", "admin.vm.Create.AppVM", "admin.vm.Remove", "admin.vm.Remove"})
 }
 
 type testWriter struct{ t *testing.T }
@@ -227,4 +231,25 @@ type testWriter struct{ t *testing.T }
 func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(b)))
 	return len(b), nil
+}
+
+// TestPermissionsConfIsRendered: deploy/nats/permissions.conf is bus/access's table as
+// `qubesbus setup --print-permissions` renders it, so a server configured by hand gives
+// every role the same rights as the embedded one. QUBESBUS_UPDATE_PERMISSIONS=1
+// rewrites the file.
+func TestPermissionsConfIsRendered(t *testing.T) {
+	const path = "../../deploy/nats/permissions.conf"
+	want := access.Conf()
+	if os.Getenv("QUBESBUS_UPDATE_PERMISSIONS") == "1" {
+		if err := os.WriteFile(path, []byte(want), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != want {
+		t.Fatalf("%s differs from bus/access's roles; run QUBESBUS_UPDATE_PERMISSIONS=1 go test -run TestPermissionsConfIsRendered ./cmd/qubesbus/", path)
+	}
 }

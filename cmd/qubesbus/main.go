@@ -5,6 +5,7 @@
 //	qubesbus serve <service>       one service against a NATS URL
 //	qubesbus query [--src NAME] METHOD DEST [ARG]   one call over the socket, like qubesd-query
 //	qubesbus events [--vm NAME] [--since SEQ]       tail the events stream
+//	qubesbus audit [--host H] [--since SEQ]         tail the audit trail
 package main
 
 import (
@@ -18,8 +19,12 @@ import (
 )
 
 func main() {
+	// Every command watches ctx: the first SIGINT or SIGTERM stops it cleanly; once
+	// it has come, the signals act as by default again, so a second one kills a stop
+	// that hangs.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	context.AfterFunc(ctx, stop)
 	os.Exit(dispatch(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
 }
 
@@ -33,6 +38,7 @@ commands:
   bench    measure calls/s and latency per call class against the NATS and socket floor
   lab      run many simulated hosts on one NATS: lab --hosts N --qubes M [--nats-url URLS]
   events   tail the events stream: events [--host H] [--vm NAME] [--type GLOB] [--since SEQ|TIME] [--json]
+  audit    tail the audit trail (changes and refused calls): audit [--host H] [--since SEQ|TIME] [--json] [-n N]
 `
 
 func dispatch(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
@@ -52,6 +58,8 @@ func dispatch(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 		return queryCmd(ctx, args[1:], stdin, stdout, stderr)
 	case "events":
 		return eventsCmd(ctx, args[1:], stdout, stderr, log)
+	case "audit":
+		return auditCmd(ctx, args[1:], stdout, stderr, log)
 	case "bench":
 		return benchCmd(ctx, args[1:], stdout, stderr)
 	case "lab":

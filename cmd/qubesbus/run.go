@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
 )
 
@@ -55,6 +56,8 @@ func hostFlags(fs *flag.FlagSet) *system.Config {
 	fs.IntVar(&c.Replicas, "replicas", envInt("QUBESBUS_REPLICAS", 1), "JetStream replicas of the streams: 1, or 3 on a cluster (QUBESBUS_REPLICAS)")
 	fs.DurationVar(&c.EventsMaxAge, "events-max-age", envDuration("QUBESBUS_EVENTS_MAX_AGE", 0), "keep events this long (default 24h) (QUBESBUS_EVENTS_MAX_AGE)")
 	fs.Int64Var(&c.EventsMaxBytes, "events-max-bytes", int64(envInt("QUBESBUS_EVENTS_MAX_BYTES", 0)), "keep at most this many bytes of events (default 1 GiB) (QUBESBUS_EVENTS_MAX_BYTES)")
+	fs.DurationVar(&c.AuditMaxAge, "audit-max-age", envDuration("QUBESBUS_AUDIT_MAX_AGE", 0), "keep audit records this long (default 2160h, 90 days) (QUBESBUS_AUDIT_MAX_AGE)")
+	fs.Int64Var(&c.AuditMaxBytes, "audit-max-bytes", int64(envInt("QUBESBUS_AUDIT_MAX_BYTES", 0)), "keep at most this many bytes of audit records, oldest dropped first (default 1 GiB) (QUBESBUS_AUDIT_MAX_BYTES)")
 	fs.IntVar(&c.NATSPort, "nats-port", envInt("QUBESBUS_NATS_PORT", 0), "open the embedded NATS on this TCP port of 127.0.0.1, -1 for any free one; 0 opens none (the services connect in-process). Clients need a role's key from <data-dir>/nkeys (QUBESBUS_NATS_PORT)")
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", envDuration("QUBESBUS_LEASE_TTL", 0), "how long a dead vmlifecycle instance keeps the host's lease before a standby takes over (default 5s); set when the lease bucket is created (QUBESBUS_LEASE_TTL)")
 	fs.BoolVar(&c.SaveAfterReply, "save-after-reply", envOr("QUBESBUS_SAVE_AFTER_REPLY", "") == "1", "rewrite qubes.xml right after replying to a change, not before as qubesd does: changes then cost the same at any number of qubes (QUBESBUS_SAVE_AFTER_REPLY=1)")
@@ -76,13 +79,19 @@ func runCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Writ
 	return 0
 }
 
+// run serves until ctx ends (SIGINT, SIGTERM), then stops cleanly. A signal during
+// start-up stops what had started and is no error either: Ctrl-C on `make run` exits 0.
 func run(ctx context.Context, cfg system.Config, log *slog.Logger) error {
 	sys, err := system.Start(ctx, cfg, log)
 	if err != nil {
+		if ctx.Err() != nil {
+			log.Info("stopped during start-up", "cause", context.Cause(ctx), "err", err)
+			return nil
+		}
 		return err
 	}
 	<-ctx.Done()
-	log.Info("shutting down")
+	log.Info("shutting down", "cause", context.Cause(ctx))
 	return sys.Stop()
 }
 
@@ -103,6 +112,10 @@ func serveCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Wr
 	}
 	stop, err := system.StartOne(ctx, args[0], *cfg, log)
 	if err != nil {
+		if ctx.Err() != nil { // a signal during start-up, as in run
+			log.Info("stopped during start-up", "cause", context.Cause(ctx), "err", err)
+			return 0
+		}
 		fmt.Fprintln(stderr, "qubesbus:", err)
 		return 1
 	}
@@ -121,8 +134,13 @@ func setupCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Wr
 	fs := flag.NewFlagSet("setup", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	cfg := hostFlags(fs)
+	printPerms := fs.Bool("print-permissions", false, "print the NATS users and permissions of every role (deploy/nats/permissions.conf) and exit")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *printPerms {
+		fmt.Fprint(os.Stdout, access.Conf())
+		return 0
 	}
 	if cfg.NATSURL == "" {
 		fmt.Fprintln(stderr, "qubesbus setup: --nats-url is required")

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nuid"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/audit"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -46,7 +47,15 @@ type Config struct {
 	// service answered (zero: 1 s and 10 s). A request that reached an instance which
 	// then died is lost, so the first attempt must end well inside the window.
 	ReadTimeout, RetryWindow time.Duration
+	// Audit receives the audit record of every call the audit rule selects
+	// (audit.Audited: changes, refused calls, unknown methods) and of every request
+	// the gateway refuses itself (unreadable or malformed); nil keeps no trail.
+	Audit Auditor
 }
+
+// Auditor takes audit records (audit.Publisher). Record must not block: it runs on
+// the call's path, after the reply came back and before the client gets it.
+type Auditor interface{ Record(audit.Record) }
 
 // Server is the socket gateway.
 type Server struct {
@@ -157,28 +166,74 @@ func (s *Server) handle(ctx context.Context, c *net.UnixConn) {
 	buf, err := s.readRequest(c)
 	if err != nil {
 		s.log.Warn("bad request", "err", err)
+		s.auditRefused(len(buf), err)
 		c.Close() // abort: no response
 		return
 	}
 	req, err := DecodeRequest(buf)
 	if err != nil {
 		s.log.Warn("framing error", "err", err)
+		s.auditRefused(len(buf), err)
 		c.Close()
 		return
 	}
 	req.ID = nuid.Next()
 	if h := s.streams[req.Method]; h != nil {
-		h(ctx, c, req, func(r *envelope.Request) (envelope.Reply, error) { return s.relay(ctx, r) })
+		h(ctx, c, req, func(r *envelope.Request) (envelope.Reply, error) {
+			rep, err := s.relay(ctx, r)
+			s.auditCall(r, rep, err)
+			return rep, err
+		})
 		c.Close()
 		return
 	}
 	rep, err := s.relay(ctx, req)
+	s.auditCall(req, rep, err)
 	if err != nil {
 		s.log.Error("call failed", "method", req.Method, "id", req.ID, "err", err)
 		c.Close()
 		return
 	}
 	writeReply(c, rep, s.log)
+}
+
+// auditCall records a relayed call if the audit rule selects it. A call with no reply
+// (err) is an abort to its client; for a change it may have been applied all the same.
+func (s *Server) auditCall(req *envelope.Request, rep envelope.Reply, err error) {
+	if s.cfg.Audit == nil {
+		return
+	}
+	r := audit.Record{Time: time.Now(), Source: req.Source, Method: req.Method, Dest: req.Dest, Arg: req.Arg,
+		PayloadLen: len(req.Payload), RequestID: req.ID}
+	switch {
+	case err != nil:
+		r.Outcome, r.Reason = audit.OutcomeAbort, "no reply: "+err.Error()
+	case rep.Status == envelope.StatusOK:
+		r.Outcome = audit.OutcomeOK
+	case rep.Status == envelope.StatusException:
+		r.Outcome, r.Exception = audit.OutcomeException, rep.Exception.Class
+	default:
+		r.Outcome = audit.OutcomeAbort
+	}
+	var m *rpc.Method
+	if meth, ok := s.reg.Lookup(req.Method); ok {
+		m = &meth
+	}
+	if audit.Audited(m, r) {
+		s.cfg.Audit.Record(r)
+	}
+}
+
+// auditRefused records a request the gateway dropped before any service saw it (it
+// could not be read, or not split into method, source and destination): n bytes of
+// it were read, none are recorded. A connection that sent nothing is no call (a
+// liveness probe of the socket, such as Listen's) and is not recorded.
+func (s *Server) auditRefused(n int, cause error) {
+	if s.cfg.Audit == nil || n == 0 {
+		return
+	}
+	s.cfg.Audit.Record(audit.Record{Time: time.Now(), Outcome: audit.OutcomeAbort, PayloadLen: n,
+		RequestID: nuid.Next(), Reason: cause.Error()})
 }
 
 // relay sends a call to the service that owns its method and returns the reply. A call
@@ -257,7 +312,8 @@ func writeReply(c *net.UnixConn, rep envelope.Reply, log *slog.Logger) {
 	_ = c.CloseWrite()
 }
 
-// readRequest reads until EOF, at most MaxRequest bytes, within the idle limit.
+// readRequest reads until EOF, at most MaxRequest bytes, within the idle limit. On an
+// error it returns what it read so far (its length goes into the audit record).
 func (s *Server) readRequest(c *net.UnixConn) ([]byte, error) {
 	if s.cfg.IdleTimeout > 0 {
 		if err := c.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout)); err != nil {
@@ -268,7 +324,7 @@ func (s *Server) readRequest(c *net.UnixConn) ([]byte, error) {
 	for {
 		if len(buf) == cap(buf) {
 			if len(buf) > MaxRequest {
-				return nil, errors.New("request too long")
+				return buf, errors.New("request too long")
 			}
 			next := min(2*cap(buf), MaxRequest+1)
 			nb := make([]byte, len(buf), next)
@@ -278,14 +334,14 @@ func (s *Server) readRequest(c *net.UnixConn) ([]byte, error) {
 		n, err := c.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
 		if len(buf) > MaxRequest {
-			return nil, errors.New("request too long")
+			return buf, errors.New("request too long")
 		}
 		if errors.Is(err, io.EOF) {
 			_ = c.SetReadDeadline(time.Time{})
 			return buf, nil
 		}
 		if err != nil {
-			return nil, fmt.Errorf("read request: %w", err)
+			return buf, fmt.Errorf("read request: %w", err)
 		}
 	}
 }

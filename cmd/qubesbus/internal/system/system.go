@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/qubesbus/qubesbus/bus/access"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -19,6 +18,8 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/bus/audit"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/embedded"
 	"github.com/qubesbus/qubesbus/bus/lease"
@@ -61,6 +62,10 @@ type Config struct {
 	// EventsMaxAge and EventsMaxBytes bound QUBES_EVENTS (zero: 24 h, 1 GiB).
 	EventsMaxAge   time.Duration
 	EventsMaxBytes int64
+	// AuditMaxAge and AuditMaxBytes bound QUBES_AUDIT, the audit trail (zero: 90 days,
+	// 1 GiB).
+	AuditMaxAge   time.Duration
+	AuditMaxBytes int64
 	// PolicyFile holds access rules (bus/policy); without one only dom0 may call.
 	PolicyFile string
 	// RuntimeMaxAge bounds how long properties serves cached runtime values without a
@@ -187,6 +192,14 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 			s.Stop()
 		}
 	}()
+	// Until Start returns, ctx ending (a signal) also ends what runs under the
+	// system's own context: a service's start-up, the wait for the lifecycle lease.
+	unwatch := context.AfterFunc(ctx, s.cancel)
+	defer func() {
+		if !unwatch() && err == nil {
+			err = fmt.Errorf("start-up interrupted: %w", context.Cause(ctx))
+		}
+	}()
 	host := subject.ForHost(cfg.HostID)
 	url := cfg.NATSURL
 	if url == "" {
@@ -261,6 +274,10 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config, onlyIfMissing
 			return err
 		}},
 		{hvbus.NoticeStream, func() error { return hvbus.EnsureNoticeStream(ctx, js, cfg.Replicas) }},
+		{audit.StreamName, func() error {
+			_, err := audit.EnsureStream(ctx, js, audit.StreamConfig{Replicas: cfg.Replicas, MaxAge: cfg.AuditMaxAge, MaxBytes: cfg.AuditMaxBytes})
+			return err
+		}},
 		{"KV_" + lease.Bucket, func() error {
 			_, err := lease.Open(ctx, js, cfg.LeaseTTL, cfg.Replicas)
 			return err
@@ -342,19 +359,32 @@ func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, lo
 }
 
 func startGateway(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
-	gw, err := gateway.New(gateway.Config{Host: host, Log: log, Socket: cfg.Socket, SocketGroup: cfg.SocketGroup,
-		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout})
+	// The audit trail (QUBES_AUDIT): written by the gateway alone, on its connection.
+	aud, err := audit.NewPublisher(nc, audit.PublisherConfig{Host: cfg.HostID, Log: log.With("part", "audit")})
 	if err != nil {
+		return nil, err
+	}
+	closeAudit := func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = aud.Close(ctx) // what it could not store is in the log
+	}
+	gw, err := gateway.New(gateway.Config{Host: host, Log: log, Socket: cfg.Socket, SocketGroup: cfg.SocketGroup,
+		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout, Audit: aud})
+	if err != nil {
+		closeAudit()
 		return nil, err
 	}
 	svc, err := gw.Serve(s.ctx, nc)
 	if err != nil {
+		closeAudit()
 		return nil, err
 	}
 	s.done.Add(1)
 	go func() {
 		defer s.done.Done()
 		gw.Wait()
+		closeAudit() // the records of the last calls, before the connection drains
 	}()
 	return svc, nil
 }

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/bus/audit"
+	"github.com/qubesbus/qubesbus/bus/subject"
+)
+
+// auditOptions select the records `qubesbus audit` prints.
+type auditOptions struct {
+	NATSURL string
+	Creds   string
+	User    string
+	NKey    string // seed file of an nkey user
+	DataDir string // where `qubesbus run` keeps its keys
+	TLS     bus.TLSFiles
+	Host    string // "*" for every host
+	Since   string // stream sequence, RFC 3339 time, or a duration ago ("10m"); empty: new only
+	JSON    bool
+	Limit   int // stop after this many records; 0 = follow forever
+}
+
+func auditCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) int {
+	fs := flag.NewFlagSet("audit", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o auditOptions
+	fs.StringVar(&o.NATSURL, "nats-url", envOr("QUBESBUS_NATS_URL", "nats://127.0.0.1:4222"), "NATS server (QUBESBUS_NATS_URL)")
+	fs.StringVar(&o.Creds, "nats-creds", envOr("QUBESBUS_NATS_CREDS", ""), "NATS credentials file")
+	fs.StringVar(&o.User, "nats-user", envOr("QUBESBUS_NATS_USER", ""), "NATS user, e.g. auditor (QUBESBUS_NATS_USER; password from QUBESBUS_NATS_PASSWORD)")
+	fs.StringVar(&o.NKey, "nats-nkey", envOr("QUBESBUS_NATS_NKEY", ""), "nkey seed file (QUBESBUS_NATS_NKEY); default: the auditor role's key in --data-dir, when no other credentials are given")
+	fs.StringVar(&o.DataDir, "data-dir", envOr("QUBESBUS_DATA_DIR", "run/data"), "data dir of `qubesbus run`, whose nkeys/auditor.nk is the default key (QUBESBUS_DATA_DIR)")
+	fs.StringVar(&o.TLS.CA, "nats-tls-ca", envOr("QUBESBUS_NATS_TLS_CA", ""), "PEM file of the NATS servers' CA; any TLS flag makes the connection use TLS")
+	fs.StringVar(&o.TLS.Cert, "nats-tls-cert", envOr("QUBESBUS_NATS_TLS_CERT", ""), "PEM client certificate")
+	fs.StringVar(&o.TLS.Key, "nats-tls-key", envOr("QUBESBUS_NATS_TLS_KEY", ""), "PEM key of the client certificate")
+	fs.StringVar(&o.Host, "host", envOr("QUBESBUS_HOST", "local"), `host id, or "*" for every host`)
+	fs.StringVar(&o.Since, "since", "", "start at a stream sequence, an RFC 3339 time, or a duration ago (10m); default: new records only")
+	fs.BoolVar(&o.JSON, "json", false, "one JSON object per line")
+	fs.IntVar(&o.Limit, "n", 0, "exit after this many records")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() != 0 {
+		fmt.Fprintln(stderr, "qubesbus audit: unexpected arguments", fs.Args())
+		return 2
+	}
+	if err := tailAudit(ctx, o, stdout, log); err != nil && !errors.Is(err, context.Canceled) {
+		fmt.Fprintln(stderr, "qubesbus audit:", err)
+		return 1
+	}
+	return 0
+}
+
+// tailAudit prints records from QUBES_AUDIT, through an ordered consumer as
+// tailEvents does: no gap and no duplicate across reconnects, and `--since <last seq +
+// 1>` resumes a stopped tail.
+func tailAudit(ctx context.Context, o auditOptions, out io.Writer, log *slog.Logger) error {
+	filter := subject.AllAudit()
+	if o.Host != "*" {
+		filter = subject.ForHost(o.Host).Audit()
+	}
+	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}, DeliverPolicy: jetstream.DeliverNewPolicy}
+	if err := applySince(&cfg, o.Since); err != nil {
+		return err
+	}
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: o.NATSURL, Creds: o.Creds, User: o.User, Password: os.Getenv("QUBESBUS_NATS_PASSWORD"),
+		NKeySeed: defaultNKey(o.NKey, o.Creds, o.User, o.DataDir, access.Auditor), TLS: o.TLS, Name: "qubesbus-audit"}, log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	cons, err := js.OrderedConsumer(ctx, audit.StreamName, cfg)
+	if err != nil {
+		return fmt.Errorf("audit consumer: %w", err)
+	}
+	it, err := cons.Messages()
+	if err != nil {
+		return err
+	}
+	context.AfterFunc(ctx, it.Stop)
+	enc := json.NewEncoder(out)
+	for n := 0; o.Limit == 0 || n < o.Limit; {
+		msg, err := it.Next()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return err
+		}
+		var r audit.Record
+		if err := json.Unmarshal(msg.Data(), &r); err != nil {
+			log.Warn("skipping undecodable record", "subject", msg.Subject(), "err", err)
+			continue
+		}
+		meta, err := msg.Metadata()
+		if err != nil {
+			return err
+		}
+		if o.JSON {
+			err = enc.Encode(struct {
+				Seq uint64 `json:"seq"`
+				audit.Record
+			}{meta.Sequence.Stream, r})
+		} else {
+			_, err = io.WriteString(out, auditLine(meta.Sequence.Stream, r))
+		}
+		if err != nil {
+			return err
+		}
+		n++
+	}
+	return nil
+}
+
+// auditLine is the human-readable form of a record, one line:
+//
+//	<seq> <time> <host> <source> → <method> <dest> <arg> <outcome> [<class>] [payload=N] [reason="…"] id=<request id>
+//
+// An empty field prints as "-"; one that holds spaces, quotes, control or non-ASCII
+// bytes (a refused call may carry anything) is quoted, so a record cannot forge
+// another line or drive the terminal.
+func auditLine(seq uint64, r audit.Record) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d %s %s %s → %s %s %s %s", seq, r.Time.UTC().Format(time.RFC3339Nano), auditField(r.Host),
+		auditField(r.Source), auditField(r.Method), auditField(r.Dest), auditField(r.Arg), auditField(r.Outcome))
+	if r.Exception != "" {
+		b.WriteString(" " + auditField(r.Exception))
+	}
+	if r.PayloadLen > 0 {
+		fmt.Fprintf(&b, " payload=%d", r.PayloadLen)
+	}
+	if r.Reason != "" {
+		b.WriteString(" reason=" + strconv.QuoteToASCII(r.Reason))
+	}
+	b.WriteString(" id=" + auditField(r.RequestID) + "\n")
+	return b.String()
+}
+
+func auditField(s string) string {
+	if s == "" {
+		return "-"
+	}
+	if s == "-" {
+		return `"-"`
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c <= ' ' || c >= 0x7f || c == '"' || c == '\\' {
+			return strconv.QuoteToASCII(s)
+		}
+	}
+	return s
+}
