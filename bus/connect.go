@@ -8,6 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -24,6 +27,11 @@ type ConnConfig struct {
 	Name           string // client name shown by the server
 	// InProcess, if set, connects without TCP to an embedded server.
 	InProcess nats.InProcessConnProvider
+	// ConnectTimeout bounds the first connection (zero: DefaultConnectTimeout; ctx's
+	// deadline if sooner): a refused or silent address, an unresolvable host or a
+	// refused user fails within it. Once connected, a connection lost is reconnected
+	// as ReconnectWait and MaxReconnects say.
+	ConnectTimeout time.Duration
 	// ReconnectWait between attempts; MaxReconnects < 0 retries forever.
 	ReconnectWait time.Duration
 	MaxReconnects int
@@ -54,11 +62,41 @@ func (c ConnConfig) Validate() error {
 	return errors.Join(errs...)
 }
 
+// DefaultConnectTimeout bounds a first connection to NATS.
+const DefaultConnectTimeout = 5 * time.Second
+
 // Connect opens a NATS connection that reconnects forever by default and logs its
-// state changes. It fails if the server cannot be reached before ctx ends.
+// state changes. The first connection is one pass over the servers: it fails, naming
+// the URL, if none answers within cfg.ConnectTimeout or before ctx ends.
 func Connect(ctx context.Context, cfg ConnConfig, log *slog.Logger) (*nats.Conn, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("nats config: %w", err)
+	}
+	// nats.go reads a credentials file only while connecting, and says which file
+	// only sometimes.
+	if cfg.Creds != "" {
+		f, err := os.Open(cfg.Creds)
+		if err != nil {
+			return nil, fmt.Errorf("nats credentials: %w", err)
+		}
+		f.Close()
+	}
+	timeout := cfg.ConnectTimeout
+	if timeout <= 0 {
+		timeout = DefaultConnectTimeout
+	}
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < timeout {
+		timeout = time.Until(dl)
+	}
+	where := RedactURL(cfg.URL)
+	if cfg.InProcess != nil {
+		where = "in-process " + where
+	}
+	if err := ctx.Err(); err != nil || timeout <= 0 {
+		if err == nil {
+			err = context.DeadlineExceeded
+		}
+		return nil, fmt.Errorf("connect to nats %s as %s: %w", where, cfg.Name, err)
 	}
 	if cfg.ReconnectWait == 0 {
 		cfg.ReconnectWait = 250 * time.Millisecond
@@ -100,8 +138,17 @@ func Connect(ctx context.Context, cfg ConnConfig, log *slog.Logger) (*nats.Conn,
 		}
 		opts = append(opts, opt)
 	}
+	// A message whose protocol line the server would refuse is dropped before it is
+	// sent (lineGuard): the server would close the connection, and nats.go does not
+	// reconnect after that error.
+	onDrop := func(op string, line []byte, size int) {
+		log.Error("nats message dropped: its protocol line is longer than the server accepts",
+			"name", cfg.Name, "op", op, "start", string(line), "max", MaxControlLine, "payload", size)
+	}
 	if cfg.InProcess != nil {
-		opts = append(opts, nats.InProcessServer(cfg.InProcess))
+		opts = append(opts, nats.InProcessServer(guardedProvider{p: cfg.InProcess, onDrop: onDrop}))
+	} else {
+		opts = append(opts, nats.SetCustomDialer(guardedDialer{timeout: timeout, onDrop: onDrop}))
 	}
 	if cfg.TLS.enabled() {
 		opts = append(opts, nats.Secure())
@@ -112,12 +159,68 @@ func Connect(ctx context.Context, cfg ConnConfig, log *slog.Logger) (*nats.Conn,
 			opts = append(opts, nats.ClientCert(cfg.TLS.Cert, cfg.TLS.Key))
 		}
 	}
-	if dl, ok := ctx.Deadline(); ok {
-		opts = append(opts, nats.Timeout(time.Until(dl)))
+	// Each dial and handshake is bounded by the timeout; the whole pass (several
+	// servers) and ctx are watched here, nats.Connect watching neither.
+	opts = append(opts, nats.Timeout(timeout))
+	type result struct {
+		nc  *nats.Conn
+		err error
 	}
-	nc, err := nats.Connect(cfg.URL, opts...)
-	if err != nil {
-		return nil, fmt.Errorf("connect to nats as %s: %w", cfg.Name, err)
+	done := make(chan result, 1)
+	go func() {
+		nc, err := nats.Connect(cfg.URL, opts...)
+		done <- result{nc, err}
+	}()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	var err error
+	select {
+	case r := <-done:
+		if r.err == nil {
+			return r.nc, nil
+		}
+		err = r.err
+	case <-timer.C:
+		err = fmt.Errorf("no connection within %s", timeout)
+	case <-ctx.Done():
+		err = ctx.Err()
 	}
-	return nc, nil
+	go func() { // a connection that comes too late is closed
+		if r := <-done; r.nc != nil {
+			r.nc.Close()
+		}
+	}()
+	return nil, fmt.Errorf("connect to nats %s as %s: %w", where, cfg.Name, err)
+}
+
+// RedactURL is a NATS URL (or comma-separated list) with any password or token
+// replaced, fit for logs and errors.
+func RedactURL(urls string) string {
+	parts := strings.Split(urls, ",")
+	for i, p := range parts {
+		p = strings.TrimSpace(p)
+		u, err := url.Parse(p)
+		switch {
+		case err != nil:
+			// Unparsable: keep nothing that may be a secret.
+			if at := strings.LastIndex(p, "@"); at >= 0 {
+				scheme, _, ok := strings.Cut(p, "://")
+				if !ok {
+					scheme = ""
+				} else {
+					scheme += "://"
+				}
+				p = scheme + "xxxxx" + p[at:]
+			}
+		case u.User != nil:
+			if _, ok := u.User.Password(); ok {
+				u.User = url.UserPassword(u.User.Username(), "xxxxx")
+			} else {
+				u.User = url.User("xxxxx") // a token
+			}
+			p = u.String()
+		}
+		parts[i] = p
+	}
+	return strings.Join(parts, ",")
 }

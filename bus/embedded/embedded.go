@@ -6,7 +6,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -88,22 +91,123 @@ func Start(ctx context.Context, cfg Config) (*server.Server, error) {
 	if cfg.Debug {
 		ns.ConfigureLogger()
 	}
+	// A server that cannot start (its port taken, the store unusable) does not say so
+	// to its caller: it logs the reason with Fatalf, stays not ready, and goes on. (Its
+	// own loggers would exit the process there.) So every Fatalf goes to fatal, and the
+	// wait below ends at the first. This sees the failure the server itself met, for
+	// the client and the cluster port alike, with no race against another process
+	// taking the port between a check and the server's own listen.
+	fatal := make(chan error, 1)
+	ns.SetLoggerV2(&fatalLogger{Logger: ns.Logger(), fatal: fatal}, cfg.Debug, false, false)
 	go ns.Start()
 	wait := 10 * time.Second
 	if dl, ok := ctx.Deadline(); ok {
 		wait = time.Until(dl)
 	}
+	fail := func(err error) (*server.Server, error) {
+		ns.Shutdown()
+		ns.WaitForShutdown()
+		return nil, err
+	}
 	// Short steps, so that ctx ending stops the wait and not only its deadline.
 	start := time.Now()
-	for !ns.ReadyForConnections(50 * time.Millisecond) {
+	for {
+		ready := ns.ReadyForConnections(50 * time.Millisecond)
+		select {
+		case err := <-fatal:
+			return fail(err)
+		default:
+		}
+		if ready {
+			return ns, nil
+		}
 		if err := ctx.Err(); err != nil {
-			ns.Shutdown()
-			return nil, fmt.Errorf("nats server not ready: %w", err)
+			return fail(fmt.Errorf("nats server not ready: %w", err))
 		}
 		if time.Since(start) >= wait {
-			ns.Shutdown()
-			return nil, fmt.Errorf("nats server not ready after %s", wait)
+			return fail(fmt.Errorf("nats server not ready after %s", wait))
 		}
 	}
-	return ns, nil
 }
+
+// fatalLogger passes the server's log lines on to Logger (none: dropped) and its fatal
+// errors to fatal as well, logging them as errors instead of exiting.
+type fatalLogger struct {
+	server.Logger
+	fatal chan<- error
+}
+
+func (l *fatalLogger) Fatalf(format string, v ...any) {
+	select {
+	case l.fatal <- fatalError(format, v):
+	default: // the first is the one reported
+	}
+	l.Errorf(format, v...)
+}
+
+func (l *fatalLogger) Noticef(format string, v ...any) {
+	if l.Logger != nil {
+		l.Logger.Noticef(format, v...)
+	}
+}
+
+func (l *fatalLogger) Warnf(format string, v ...any) {
+	if l.Logger != nil {
+		l.Logger.Warnf(format, v...)
+	}
+}
+
+func (l *fatalLogger) Errorf(format string, v ...any) {
+	if l.Logger != nil {
+		l.Logger.Errorf(format, v...)
+	}
+}
+
+func (l *fatalLogger) Debugf(format string, v ...any) {
+	if l.Logger != nil {
+		l.Logger.Debugf(format, v...)
+	}
+}
+
+func (l *fatalLogger) Tracef(format string, v ...any) {
+	if l.Logger != nil {
+		l.Logger.Tracef(format, v...)
+	}
+}
+
+// fatalError is the error of a server's Fatalf: a listen failure as
+// "nats: listen 127.0.0.1:4222: address already in use" (the cluster port as
+// "nats cluster: …"), matching errors.Is(err, syscall.EADDRINUSE); anything else as
+// the server wrote it.
+func fatalError(format string, v []any) error {
+	var cause error
+	for _, a := range v {
+		if e, ok := a.(error); ok {
+			cause = e
+			break
+		}
+	}
+	var op *net.OpError
+	if errors.As(cause, &op) && op.Op == "listen" && op.Addr != nil {
+		what := "nats"
+		if strings.Contains(format, "router") {
+			what = "nats cluster"
+		}
+		inner := op.Err
+		var se *os.SyscallError
+		if errors.As(inner, &se) {
+			inner = se.Err
+		}
+		return fmt.Errorf("%s: listen %s: %w", what, op.Addr, inner)
+	}
+	return &startError{msg: fmt.Sprintf(format, v...), cause: cause}
+}
+
+// startError is a server's fatal error as it wrote it, wrapping the error it names.
+type startError struct {
+	msg   string
+	cause error
+}
+
+func (e *startError) Error() string { return "nats server: " + e.msg }
+func (e *startError) Unwrap() error { return e.cause }

@@ -81,6 +81,10 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		defer pprof.StopCPUProfile()
 	}
 	rep, err := bench.Suite(ctx, cfg, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	if ctx.Err() != nil { // the measurements were cut short: no report
+		fmt.Fprintln(stderr, "qubesbus bench: interrupted:", context.Cause(ctx))
+		return 1
+	}
 	if err != nil {
 		fmt.Fprintln(stderr, "qubesbus bench:", err)
 		return 1

@@ -33,6 +33,10 @@ func labCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 	}
 	l, err := lab.Start(ctx, c, log)
 	if err != nil {
+		if ctx.Err() != nil { // a signal during start-up: what had started is stopped
+			log.Info("stopped during start-up", "cause", context.Cause(ctx), "err", err)
+			return 0
+		}
 		fmt.Fprintln(stderr, "qubesbus lab:", err)
 		return 1
 	}

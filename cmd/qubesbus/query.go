@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -29,15 +30,56 @@ func queryCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	method, dest, arg := fs.Arg(0), fs.Arg(1), fs.Arg(2)
 	var payload []byte
 	if !*empty {
-		var err error
-		if payload, err = io.ReadAll(stdin); err != nil {
-			fmt.Fprintln(stderr, "qubesbus query: read payload:", err)
+		// A signal ends the wait for stdin too.
+		type result struct {
+			b   []byte
+			err error
+		}
+		read := make(chan result, 1)
+		go func() {
+			b, err := io.ReadAll(stdin)
+			read <- result{b, err}
+		}()
+		select {
+		case r := <-read:
+			if r.err != nil {
+				fmt.Fprintln(stderr, "qubesbus query: read payload:", r.err)
+				return 1
+			}
+			payload = r.b
+		case <-ctx.Done():
+			fmt.Fprintln(stderr, "qubesbus query: interrupted:", context.Cause(ctx))
 			return 1
 		}
 	}
-	resp, err := call(ctx, *socket, fmt.Sprintf("%s+%s %s name %s", method, arg, *src, dest), payload)
+	// A stream of events (admin.Events, admin.vm.Stats) is printed as it arrives and
+	// ends with a signal: exit 0. Any other response is printed once it is whole.
+	var resp []byte
+	streaming := false
+	err := callTo(ctx, *socket, fmt.Sprintf("%s+%s %s name %s", method, arg, *src, dest), payload, func(b []byte) error {
+		if !streaming {
+			resp = append(resp, b...)
+			if len(resp) < len(eventHeader) || !bytes.HasPrefix(resp, eventHeader) {
+				return nil
+			}
+			streaming, b, resp = true, resp, nil
+		}
+		_, err := stdout.Write(bytes.ReplaceAll(b, []byte{0}, []byte{'\n'}))
+		return err
+	})
+	if streaming {
+		if err != nil && ctx.Err() == nil {
+			fmt.Fprintln(stderr, "qubesbus query:", err)
+			return 1
+		}
+		return 0
+	}
 	if err != nil {
-		fmt.Fprintln(stderr, "qubesbus query:", err)
+		if ctx.Err() != nil {
+			fmt.Fprintln(stderr, "qubesbus query: interrupted:", context.Cause(ctx))
+		} else {
+			fmt.Fprintln(stderr, "qubesbus query:", err)
+		}
 		return 1
 	}
 	switch {
@@ -53,33 +95,65 @@ func queryCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 			fmt.Fprintf(stderr, "%s: %s\n", parts[0], parts[2])
 			return 1
 		}
-	case bytes.HasPrefix(resp, []byte("1\x00")):
-		stdout.Write(bytes.ReplaceAll(resp, []byte{0}, []byte{'\n'}))
-		return 0
 	}
 	fmt.Fprintf(stderr, "qubesbus query: invalid response %q\n", resp)
 	return 1
 }
 
-// call sends one request (header, NUL, payload), half-closes, and reads to EOF.
+// eventHeader starts every frame of a stream of events.
+var eventHeader = []byte("1\x00")
+
+// call sends one request (header, NUL, payload), half-closes, and reads to EOF, or
+// until ctx ends (then with ctx's error).
 func call(ctx context.Context, socket, header string, payload []byte) ([]byte, error) {
+	var resp []byte
+	err := callTo(ctx, socket, header, payload, func(b []byte) error {
+		resp = append(resp, b...)
+		return nil
+	})
+	return resp, err
+}
+
+// callTo is call passing the response to read as it arrives.
+func callTo(ctx context.Context, socket, header string, payload []byte, read func([]byte) error) error {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", socket)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer c.Close()
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.SetDeadline(dl)
-	} else {
-		_ = c.SetDeadline(time.Now().Add(10 * time.Minute))
 	}
+	// ctx ending (a signal) ends a write or read in progress at once. No other limit:
+	// a stream goes on until the client stops it.
+	defer context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Unix(1, 0)) })()
 	req := append(append([]byte(header), 0), payload...)
+	fail := func(err error) error {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return err
+	}
 	if _, err := c.Write(req); err != nil {
-		return nil, err
+		return fail(err)
 	}
 	if err := c.(*net.UnixConn).CloseWrite(); err != nil {
-		return nil, err
+		return fail(err)
 	}
-	return io.ReadAll(c)
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if err := read(buf[:n]); err != nil {
+				return err
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return fail(err)
+		}
+	}
 }

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
@@ -53,11 +55,29 @@ func (s *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error
 		_ = svc.Stop()
 		return nil, err
 	}
+	held, err := holdSocket(s.cfg.Socket)
+	if err != nil {
+		l.Close()
+		_ = svc.Stop()
+		return nil, fmt.Errorf("socket: %w", err)
+	}
+	// One accept loop per listener: a socket deleted while we run is opened again
+	// (keepSocket) and served by a new loop, while the old loop's calls go on.
+	var loops sync.WaitGroup
+	serve := func(l *net.UnixListener) {
+		loops.Add(1)
+		go func() {
+			defer loops.Done()
+			if err := s.accept(ctx, l); err != nil {
+				s.log.Error("gateway stopped", "err", err)
+			}
+		}()
+	}
+	serve(l)
 	go func() {
 		defer close(s.done)
-		if err := s.accept(ctx, l); err != nil {
-			s.log.Error("gateway stopped", "err", err)
-		}
+		keepSocket(ctx, s.cfg.Socket, s.cfg.SocketGroup, l, held, s.log, serve)
+		loops.Wait()
 	}()
 	return svc, nil
 }

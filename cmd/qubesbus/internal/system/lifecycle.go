@@ -131,6 +131,8 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 		case <-serving:
 		case <-time.After(2*ttl + 10*time.Second):
 			return nil, fmt.Errorf("lifecycle service: no lease after %s", 2*ttl+10*time.Second)
+		case <-ctx.Done(): // the system stopped, or its start-up was interrupted
+			return nil, fmt.Errorf("lifecycle service: no lease yet: %w", ctx.Err())
 		}
 	}
 	return nil, nil
