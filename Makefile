@@ -1,5 +1,5 @@
 # qubesbus: `make run` serves ./run/qubesd.sock; `make test` runs every check.
-MODULES := bus schemas internal/testhost services/gateway services/persistence services/properties services/vmlifecycle cmd/qubesbus
+MODULES := bus schemas internal/testhost services/gateway services/persistence services/properties services/storage services/vmlifecycle services/devices cmd/qubesbus
 GO      ?= go
 FUZZTIME ?= 30s
 RUN_DIR ?= run
@@ -9,8 +9,10 @@ SERVICES := $(filter services/%,$(MODULES))
 
 .PHONY: run test vet build bench fuzz standalone deps tidy cluster-test clean
 
-run:
-	$(GO) run ./cmd/qubesbus run --socket $(RUN_DIR)/qubesd.sock --data-dir $(RUN_DIR)/data --qubes-xml $(QUBES_XML) --nats-port 4222
+# Built, then run itself rather than through `go run`, which exits 1 after Ctrl-C
+# whatever the program's status: Ctrl-C stops qubesbus cleanly and make exits 0.
+run: build
+	exec bin/qubesbus run --socket $(RUN_DIR)/qubesd.sock --data-dir $(RUN_DIR)/data --qubes-xml $(QUBES_XML) --nats-port 4222
 
 build:
 	mkdir -p bin && $(GO) build -o bin/qubesbus ./cmd/qubesbus
@@ -92,6 +94,7 @@ fuzz:
 	cd services/persistence && $(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./qubesxml/
 	cd services/properties && $(GO) test -run '^$$' -fuzz '^FuzzSet$$' -fuzztime $(FUZZTIME) ./model/
 	cd services/properties && $(GO) test -run '^$$' -fuzz '^FuzzSanitiseNotes$$' -fuzztime $(FUZZTIME) .
+	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./firewall/
 
 clean:
 	rm -rf bin $(RUN_DIR)

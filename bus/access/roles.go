@@ -25,6 +25,8 @@ const (
 	Persistence = "persistence"
 	Properties  = "properties"
 	VMLifecycle = "vmlifecycle"
+	Storage     = "storage"
+	Devices     = "devices"
 	Hypervisor  = "hypervisor"
 	Gateway     = "gateway"
 	Events      = "events"
@@ -107,6 +109,23 @@ var Roles = []Role{
 			[]string{"qubes.v1.*.events._app.domain-add", "qubes.v1.*.events._app.domain-pre-delete",
 				"qubes.v1.*.events._app.domain-delete", "qubes.v1.*.events.*.domain-create-on-disk"}),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>", "qubes.v1.*.svc.vmlifecycle.changed"}},
+	{Name: Storage, About: "Pools and volumes: its API, the clone-token bucket, its consumer of power events, only the events it fires.",
+		Publish: join([]string{inbox, discovery}, jsClient,
+			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
+				"$KV.QUBES_CLONE_TOKENS.>", "$JS.API.STREAM.*.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS.>",
+				"qubes.v1.*.events._app.pool-add", "qubes.v1.*.events._app.pool-pre-delete", "qubes.v1.*.events._app.pool-delete"},
+			plainEvents("domain-import-volume", "domain-volume-import-begin", "domain-volume-import-end")),
+		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>"}},
+	{Name: Devices, About: "Devices and firewall: the hypervisor's device calls, the firewall bucket, only the events it fires.",
+		Publish: join([]string{inbox, discovery}, jsClient,
+			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.runtime",
+				"qubes.v1.*.hv.devices", "qubes.v1.*.hv.device-attach", "qubes.v1.*.hv.device-detach",
+				"$KV.QUBES_FIREWALL.>", "$JS.API.STREAM.*.KV_QUBES_FIREWALL", "$JS.API.DIRECT.GET.KV_QUBES_FIREWALL", "$JS.API.DIRECT.GET.KV_QUBES_FIREWALL.>",
+				"qubes.v1.*.events.*.property-pre-set.devices_denied", "qubes.v1.*.events.*.property-set.devices_denied"},
+			events("device-pre-attach", "device-attach", "device-pre-detach", "device-detach", "device-pre-assign", "device-assign",
+				"device-unassign", "device-assignment-changed", "device-added", "device-removed", "device-list-change"),
+			plainEvents("firewall-changed")),
+		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>"}},
 	{Name: VMLifecycle, About: "Power states over the hypervisor: only the events it fires.",
 		Publish: join([]string{inbox, discovery}, jsClient,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.stats", "qubes.v1.*.svc.vmlifecycle.changed",

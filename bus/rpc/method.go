@@ -86,6 +86,8 @@ const (
 	Hypervisor  Service = "hypervisor"  // the (simulated) hypervisor driver over NATS
 	VMLifecycle Service = "vmlifecycle"
 	Properties  Service = "properties"
+	Storage     Service = "storage" // pools and volumes
+	Devices     Service = "devices" // device assignments, attachments, deny lists and the firewall
 	Gateway     Service = "gateway" // streams served by the gateway itself (admin.Events)
 )
 

@@ -5,11 +5,14 @@ go 1.26.0
 require (
 	github.com/nats-io/nats-server/v2 v2.15.2
 	github.com/nats-io/nats.go v1.55.0
+	github.com/nats-io/nkeys v0.4.16
 	github.com/qubesbus/qubesbus/bus v0.0.0
 	github.com/qubesbus/qubesbus/schemas v0.0.0
+	github.com/qubesbus/qubesbus/services/devices v0.0.0
 	github.com/qubesbus/qubesbus/services/gateway v0.0.0
 	github.com/qubesbus/qubesbus/services/persistence v0.0.0
 	github.com/qubesbus/qubesbus/services/properties v0.0.0
+	github.com/qubesbus/qubesbus/services/storage v0.0.0
 	github.com/qubesbus/qubesbus/services/vmlifecycle v0.0.0
 	golang.org/x/sys v0.49.0
 	gopkg.in/yaml.v3 v3.0.1
@@ -27,7 +30,6 @@ require (
 	github.com/modern-go/concurrent v0.0.0-20180306012644-bacd9c7ef1dd // indirect
 	github.com/modern-go/reflect2 v1.0.2 // indirect
 	github.com/nats-io/jwt/v2 v2.8.2 // indirect
-	github.com/nats-io/nkeys v0.4.16 // indirect
 	github.com/nats-io/nuid v1.0.1 // indirect
 	github.com/santhosh-tekuri/jsonschema/v6 v6.0.3 // indirect
 	go.uber.org/multierr v1.11.0 // indirect
@@ -41,8 +43,10 @@ replace (
 	github.com/qubesbus/qubesbus/bus => ../../bus
 	github.com/qubesbus/qubesbus/internal/testhost => ../../internal/testhost
 	github.com/qubesbus/qubesbus/schemas => ../../schemas
+	github.com/qubesbus/qubesbus/services/devices => ../../services/devices
 	github.com/qubesbus/qubesbus/services/gateway => ../../services/gateway
 	github.com/qubesbus/qubesbus/services/persistence => ../../services/persistence
 	github.com/qubesbus/qubesbus/services/properties => ../../services/properties
+	github.com/qubesbus/qubesbus/services/storage => ../../services/storage
 	github.com/qubesbus/qubesbus/services/vmlifecycle => ../../services/vmlifecycle
 )

@@ -94,9 +94,9 @@ var table = []rpc.Method{
 
 	// §7 Firewall (dest not dom0). Set writes the qube's firewall.xml itself, not
 	// qubes.xml, so it does not change config in the qubes.xml sense (§13).
-	{Name: "admin.vm.firewall.Get", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.NotAdminVMDest, Access: rpc.Read},
-	{Name: "admin.vm.firewall.Set", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Required, Dest: rpc.NotAdminVMDest, Access: rpc.Write},
-	{Name: "admin.vm.firewall.Reload", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.NotAdminVMDest, Access: rpc.Execute},
+	{Name: "admin.vm.firewall.Get", Service: rpc.Devices, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.NotAdminVMDest, Access: rpc.Read},
+	{Name: "admin.vm.firewall.Set", Service: rpc.Devices, Arg: rpc.Forbidden, Payload: rpc.Required, Dest: rpc.NotAdminVMDest, Access: rpc.Write},
+	{Name: "admin.vm.firewall.Reload", Service: rpc.Devices, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.NotAdminVMDest, Access: rpc.Execute},
 
 	// §8 Notes (dest not dom0). Set writes notes.txt, not qubes.xml (§13).
 	{Name: "admin.vm.notes.Get", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.NotAdminVMDest, Access: rpc.Read},
@@ -104,54 +104,54 @@ var table = []rpc.Method{
 
 	// §9 Devices: device classes, then the 8 methods for each of pci and block.
 	{Name: "admin.deviceclass.List", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
-	{Name: "admin.vm.device.pci.Available", Service: rpc.Properties, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
-	{Name: "admin.vm.device.pci.Assigned", Service: rpc.Properties, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
-	{Name: "admin.vm.device.pci.Attached", Service: rpc.Properties, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
-	{Name: "admin.vm.device.pci.Assign", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.device.pci.Unassign", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.device.pci.Attach", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Any, Dest: rpc.AnyDest, Access: rpc.Execute},
-	{Name: "admin.vm.device.pci.Detach", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Execute},
-	{Name: "admin.vm.device.pci.Set.assignment", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.device.block.Available", Service: rpc.Properties, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
-	{Name: "admin.vm.device.block.Assigned", Service: rpc.Properties, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
-	{Name: "admin.vm.device.block.Attached", Service: rpc.Properties, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
-	{Name: "admin.vm.device.block.Assign", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.device.block.Unassign", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.device.block.Attach", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Any, Dest: rpc.AnyDest, Access: rpc.Execute},
-	{Name: "admin.vm.device.block.Detach", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Execute},
-	{Name: "admin.vm.device.block.Set.assignment", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.device.pci.Available", Service: rpc.Devices, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
+	{Name: "admin.vm.device.pci.Assigned", Service: rpc.Devices, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
+	{Name: "admin.vm.device.pci.Attached", Service: rpc.Devices, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
+	{Name: "admin.vm.device.pci.Assign", Service: rpc.Devices, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.device.pci.Unassign", Service: rpc.Devices, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.device.pci.Attach", Service: rpc.Devices, Arg: rpc.Required, Payload: rpc.Any, Dest: rpc.AnyDest, Access: rpc.Execute},
+	{Name: "admin.vm.device.pci.Detach", Service: rpc.Devices, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Execute},
+	{Name: "admin.vm.device.pci.Set.assignment", Service: rpc.Devices, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.device.block.Available", Service: rpc.Devices, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
+	{Name: "admin.vm.device.block.Assigned", Service: rpc.Devices, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
+	{Name: "admin.vm.device.block.Attached", Service: rpc.Devices, Arg: rpc.Any, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
+	{Name: "admin.vm.device.block.Assign", Service: rpc.Devices, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.device.block.Unassign", Service: rpc.Devices, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.device.block.Attach", Service: rpc.Devices, Arg: rpc.Required, Payload: rpc.Any, Dest: rpc.AnyDest, Access: rpc.Execute},
+	{Name: "admin.vm.device.block.Detach", Service: rpc.Devices, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Execute},
+	{Name: "admin.vm.device.block.Set.assignment", Service: rpc.Devices, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
 
 	// §9 Denied device interfaces. qubesd saves Add/Remove only if the list changed;
 	// marked ChangesConfig (§13 lists them): saving an unchanged config is harmless.
-	{Name: "admin.vm.device.denied.List", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
-	{Name: "admin.vm.device.denied.Add", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Any, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.device.denied.Remove", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Any, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.device.denied.List", Service: rpc.Devices, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
+	{Name: "admin.vm.device.denied.Add", Service: rpc.Devices, Arg: rpc.Forbidden, Payload: rpc.Any, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.device.denied.Remove", Service: rpc.Devices, Arg: rpc.Forbidden, Payload: rpc.Any, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
 
 	// §10 Volumes. Resize is saved by qubesd even on failure; ChangesConfig only covers
 	// success, the handler must save on failure itself if that matters. CloneFrom writes
 	// (hands out a token) but does not save.
-	{Name: "admin.vm.volume.List", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
-	{Name: "admin.vm.volume.Info", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
-	{Name: "admin.vm.volume.ListSnapshots", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
-	{Name: "admin.vm.volume.Revert", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.volume.Resize", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.volume.Clear", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.volume.CloneFrom", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Write},
-	{Name: "admin.vm.volume.CloneTo", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.volume.Set.revisions_to_keep", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.volume.Set.rw", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.vm.volume.Set.ephemeral", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.volume.List", Service: rpc.Storage, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
+	{Name: "admin.vm.volume.Info", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
+	{Name: "admin.vm.volume.ListSnapshots", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Read},
+	{Name: "admin.vm.volume.Revert", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.volume.Resize", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.volume.Clear", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.volume.CloneFrom", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AnyDest, Access: rpc.Write},
+	{Name: "admin.vm.volume.CloneTo", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.volume.Set.revisions_to_keep", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.volume.Set.rw", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.vm.volume.Set.ephemeral", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AnyDest, ChangesConfig: true, Access: rpc.Write},
 
 	// §10 Pools (dest dom0).
-	{Name: "admin.pool.List", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
-	{Name: "admin.pool.ListDrivers", Service: rpc.Properties, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
-	{Name: "admin.pool.Info", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
-	{Name: "admin.pool.UsageDetails", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
-	{Name: "admin.pool.volume.List", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
-	{Name: "admin.pool.Add", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AdminVMDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.pool.Remove", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.pool.Set.revisions_to_keep", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AdminVMDest, ChangesConfig: true, Access: rpc.Write},
-	{Name: "admin.pool.Set.ephemeral_volatile", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AdminVMDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.pool.List", Service: rpc.Storage, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
+	{Name: "admin.pool.ListDrivers", Service: rpc.Storage, Arg: rpc.Forbidden, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
+	{Name: "admin.pool.Info", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
+	{Name: "admin.pool.UsageDetails", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
+	{Name: "admin.pool.volume.List", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
+	{Name: "admin.pool.Add", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AdminVMDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.pool.Remove", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.pool.Set.revisions_to_keep", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AdminVMDest, ChangesConfig: true, Access: rpc.Write},
+	{Name: "admin.pool.Set.ephemeral_volatile", Service: rpc.Storage, Arg: rpc.Required, Payload: rpc.Required, Dest: rpc.AdminVMDest, ChangesConfig: true, Access: rpc.Write},
 
 	// §11 Backup (dest dom0). Execute is classified R+X by qubesd (so Execute, not
 	// Write) yet saves qubes.xml on success (backup timestamps, §13): the one
@@ -163,4 +163,3 @@ var table = []rpc.Method{
 
 // Registry holds every Admin API method; it panics at start-up if the table is broken.
 var Registry = rpc.NewRegistry(table...)
-

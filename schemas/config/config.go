@@ -29,6 +29,22 @@ type Pool struct {
 	Attrs []Attr `json:"attrs"`
 }
 
+// Attr returns the value of an attribute and whether the pool has it.
+func (p Pool) Attr(name string) (string, bool) {
+	for _, a := range p.Attrs {
+		if a.Name == name {
+			return a.Value, true
+		}
+	}
+	return "", false
+}
+
+// Name is the pool's name attribute.
+func (p Pool) Name() string {
+	v, _ := p.Attr("name")
+	return v
+}
+
 // Attr is one XML attribute.
 type Attr struct {
 	Name  string `json:"name"`
@@ -60,6 +76,9 @@ type Domain struct {
 	VolumeConfig RawXML   `json:"volume_config,omitempty"`
 	// Extra holds domain child elements this code does not understand, verbatim.
 	Extra []RawXML `json:"extra,omitempty"`
+	// Firewall is the qube's firewall.xml (schemas/firewall), kept in the change log
+	// but not in qubes.xml; empty: the qube has no firewall.xml (qubesd's defaults).
+	Firewall string `json:"firewall,omitempty"`
 }
 
 // RawXML is a complete XML element kept as text.

@@ -17,6 +17,7 @@ type Op struct {
 	Value  string  `json:"value,omitempty"`
 	New    *Domain `json:"new,omitempty"`   // OpAddDomain
 	Label  *Label  `json:"label,omitempty"` // OpAddLabel
+	Pool   *Pool   `json:"pool,omitempty"`  // OpAddPool, OpSetPool
 }
 
 // OpKind names a change.
@@ -35,6 +36,16 @@ const (
 	OpDelDomain         OpKind = "del-domain"          // Domain
 	OpAddLabel          OpKind = "add-label"           // Label
 	OpDelLabel          OpKind = "del-label"           // Name
+	// Storage: pools by their name attribute; a qube's whole <volume-config> element
+	// (Value, "" for none).
+	OpAddPool         OpKind = "add-pool"          // Pool (appended)
+	OpSetPool         OpKind = "set-pool"          // Pool (replaces the pool of the same name in place)
+	OpDelPool         OpKind = "del-pool"          // Name
+	OpSetVolumeConfig OpKind = "set-volume-config" // Domain, Value
+	// Devices and firewall: a qube's <devices class="Name"> element (Value, verbatim;
+	// "" removes it), and its firewall.xml (Value, "" for none).
+	OpSetDevices  OpKind = "set-devices"  // Domain, Name (device class), Value
+	OpSetFirewall OpKind = "set-firewall" // Domain, Value
 )
 
 // Mutation is a batch of ops applied atomically, optionally only at an expected revision.
@@ -82,7 +93,8 @@ func (c *Config) domainIndex(id string) int {
 func applyOne(c *Config, op Op) error {
 	var d *Domain
 	switch op.Kind {
-	case OpSetProperty, OpDelProperty, OpSetFeature, OpDelFeature, OpAddTag, OpDelTag, OpDelDomain:
+	case OpSetProperty, OpDelProperty, OpSetFeature, OpDelFeature, OpAddTag, OpDelTag, OpDelDomain, OpSetVolumeConfig,
+		OpSetDevices, OpSetFirewall:
 		i := c.domainIndex(op.Domain)
 		if i < 0 {
 			return fmt.Errorf("%w: %s", ErrNoSuchDomain, op.Domain)
@@ -148,10 +160,49 @@ func applyOne(c *Config, op Op) error {
 			}
 		}
 		return fmt.Errorf("%w: no label %s", ErrBadOp, op.Name)
+	case OpSetVolumeConfig:
+		d.VolumeConfig = RawXML(op.Value)
+	case OpSetDevices:
+		d.Devices = SetDevicesElement(d.Devices, op.Name, RawXML(op.Value))
+	case OpSetFirewall:
+		d.Firewall = op.Value
+	case OpAddPool:
+		if op.Pool == nil || op.Pool.Name() == "" {
+			return fmt.Errorf("%w: add-pool without a named pool", ErrBadOp)
+		}
+		if c.PoolIndex(op.Pool.Name()) >= 0 {
+			return fmt.Errorf("%w: pool %q", ErrDuplicate, op.Pool.Name())
+		}
+		c.Pools = append(c.Pools, Pool{Attrs: append([]Attr(nil), op.Pool.Attrs...)})
+	case OpSetPool:
+		if op.Pool == nil {
+			return fmt.Errorf("%w: set-pool without a pool", ErrBadOp)
+		}
+		i := c.PoolIndex(op.Pool.Name())
+		if i < 0 {
+			return fmt.Errorf("%w: no pool %q", ErrBadOp, op.Pool.Name())
+		}
+		c.Pools[i] = Pool{Attrs: append([]Attr(nil), op.Pool.Attrs...)}
+	case OpDelPool:
+		i := c.PoolIndex(op.Name)
+		if i < 0 {
+			return fmt.Errorf("%w: no pool %q", ErrBadOp, op.Name)
+		}
+		c.Pools = append(c.Pools[:i:i], c.Pools[i+1:]...)
 	default:
 		return fmt.Errorf("%w: unknown kind %q", ErrBadOp, op.Kind)
 	}
 	return nil
+}
+
+// PoolIndex is the position of the pool named name, or -1.
+func (c *Config) PoolIndex(name string) int {
+	for i := range c.Pools {
+		if c.Pools[i].Name() == name {
+			return i
+		}
+	}
+	return -1
 }
 
 func setProp(ps []Property, name, value string) []Property {
@@ -229,4 +280,43 @@ func (c *Config) CheckInvariants() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// SetDevicesElement returns devs with the <devices class="class"> element replaced by
+// el (appended if there was none; removed if el is empty). The other classes keep
+// their places.
+func SetDevicesElement(devs []RawXML, class string, el RawXML) []RawXML {
+	out := make([]RawXML, 0, len(devs)+1)
+	done := false
+	for _, d := range devs {
+		if DevicesClass(d) == class {
+			if el != "" && !done {
+				out = append(out, el)
+			}
+			done = true
+			continue
+		}
+		out = append(out, d)
+	}
+	if !done && el != "" {
+		out = append(out, el)
+	}
+	return out
+}
+
+// DevicesClass is the class attribute of a verbatim <devices class="…"> element.
+func DevicesClass(el RawXML) string {
+	s := string(el)
+	const key = `class="`
+	i := strings.Index(s, key)
+	end := strings.IndexByte(s, '>')
+	if i < 0 || (end >= 0 && i > end) {
+		return ""
+	}
+	s = s[i+len(key):]
+	j := strings.IndexByte(s, '"')
+	if j < 0 {
+		return ""
+	}
+	return s[:j]
 }

@@ -194,7 +194,7 @@ func (b *batch) apply(op config.Op) error {
 	x := b.x
 	switch op.Kind {
 	case config.OpSetProperty, config.OpDelProperty, config.OpSetFeature, config.OpDelFeature,
-		config.OpAddTag, config.OpDelTag:
+		config.OpAddTag, config.OpDelTag, config.OpSetVolumeConfig, config.OpSetDevices, config.OpSetFirewall:
 		d, ok := b.touch(op.Domain)
 		if !ok {
 			return fmt.Errorf("%w: %s", config.ErrNoSuchDomain, op.Domain)
@@ -291,6 +291,12 @@ func applyToDomain(d *config.Domain, op config.Op) {
 		if i := slices.Index(d.Tags, op.Name); i >= 0 {
 			d.Tags = slices.Delete(d.Tags, i, i+1)
 		}
+	case config.OpSetVolumeConfig:
+		d.VolumeConfig = config.RawXML(op.Value)
+	case config.OpSetDevices:
+		d.Devices = config.SetDevicesElement(d.Devices, op.Name, config.RawXML(op.Value))
+	case config.OpSetFirewall:
+		d.Firewall = op.Value
 	}
 }
 

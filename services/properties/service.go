@@ -30,6 +30,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/config"
+	"github.com/qubesbus/qubesbus/schemas/device"
 	"github.com/qubesbus/qubesbus/schemas/model"
 	"github.com/qubesbus/qubesbus/schemas/replica"
 )
@@ -37,8 +38,8 @@ import (
 // VMClasses in qubesd's registry order (admin.vmclass.List).
 var VMClasses = model.VMClasses
 
-// DeviceClasses in qubesd's registry order (admin.deviceclass.List).
-var DeviceClasses = []string{"pci", "block"}
+// DeviceClasses in the order the recorded qubesd lists them (admin.deviceclass.List).
+var DeviceClasses = device.Classes
 
 // Lifecycle is what the service needs of the lifecycle service (lifecycle.Client):
 // runtime snapshots, which it caches (runtimeCache), and holds on a qube's lifecycle
@@ -73,6 +74,9 @@ type Config struct {
 	// Lifecycle answers runtime questions; nil: the lifecycle service over Serve's
 	// connection (lifecycle.Client).
 	Lifecycle Lifecycle
+	// Events publishes the events of changes; nil: QUBES_EVENTS over Serve's
+	// connection (cloudevent.Publisher).
+	Events Events
 	// WriteTimeout bounds a write call waiting for persistence (default 30s).
 	WriteTimeout time.Duration
 	// Auth decides which source may call what; nil allows every call (qubesd itself
@@ -223,7 +227,10 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	}
 	s.rep, s.notes = rep, newNotes(kv, s.cfg.Host)
 	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
-	s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	s.events = s.cfg.Events
+	if s.events == nil {
+		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	}
 	s.life = s.cfg.Lifecycle
 	if s.life == nil {
 		s.life = lifecycle.Client{NC: nc, Host: s.cfg.Host}
@@ -366,6 +373,8 @@ func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Mo
 			return nil, false, err
 		}
 		if !prePublished {
+			// Nothing is applied unless the pre-events are stored: a failed publish
+			// aborts the call with the configuration unchanged.
 			if err := s.publish(ctx, ch.Pre); err != nil {
 				return nil, false, err
 			}
@@ -393,6 +402,11 @@ func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Mo
 			return nil, false, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
 		if err := s.publish(ctx, ch.Post); err != nil {
+			// The change is durable in the change log and every replica has or will
+			// have it: it stands, as in qubesd, where an exception in a handler of a
+			// post-event leaves the change made. The call aborts (the client gets no
+			// answer), its post-events are missing from the stream, and qubes.xml
+			// takes the change at its next rewrite (the next change, or the exit).
 			return nil, false, err
 		}
 		return ch, save, nil

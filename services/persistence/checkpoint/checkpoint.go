@@ -23,6 +23,8 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
+	"strings"
 
 	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/schemas/qubesxml"
@@ -81,6 +83,9 @@ func (f File) Load(seed string) (*config.Config, Mark, error) {
 	}
 	c, err := qubesxml.Parse(data, f.path)
 	if err != nil {
+		return nil, Mark{}, err
+	}
+	if err := f.readFirewalls(c); err != nil {
 		return nil, Mark{}, err
 	}
 	m, err := f.readMarker()
@@ -152,6 +157,9 @@ func (f File) Write(c *config.Config, m Mark) (WriteResult, error) {
 	}
 	if prev != nil && prev.Revision >= m.Revision {
 		return WriteResult{}, nil
+	}
+	if err := f.writeFirewalls(c); err != nil {
+		return WriteResult{}, err
 	}
 	if err := f.writeMarker(marker{Mark: m, Previous: prev}); err != nil {
 		return WriteResult{}, err
@@ -232,4 +240,80 @@ func (f File) writeMarker(m marker) error {
 func digest(b []byte) string {
 	s := sha256.Sum256(b)
 	return hex.EncodeToString(s[:])
+}
+
+// Firewall rules are not part of qubes.xml: as in dom0, each qube that has rules keeps
+// them in a firewall.xml of its own, here <dir of qubes.xml>/firewall/<qube>.xml. Write
+// puts them in place before the marker and qubes.xml, each file atomically. A crash
+// in between leaves files newer than qubes.xml; that is harmless, because recovery
+// replays the change log from the revision qubes.xml holds, and every firewall change
+// carries the qube's whole firewall.xml.
+
+func (f File) firewallDir() string { return filepath.Join(filepath.Dir(f.path), "firewall") }
+
+// firewallFile is a qube's firewall.xml; false for a name that is no plain file name.
+func (f File) firewallFile(name string) (string, bool) {
+	if name == "" || name != filepath.Base(name) || strings.HasPrefix(name, ".") {
+		return "", false
+	}
+	return filepath.Join(f.firewallDir(), name+".xml"), true
+}
+
+// readFirewalls fills in the firewall.xml of every qube that has one.
+func (f File) readFirewalls(c *config.Config) error {
+	for i := range c.Domains {
+		d := &c.Domains[i]
+		path, ok := f.firewallFile(d.Name())
+		if !ok {
+			continue
+		}
+		b, err := os.ReadFile(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("load firewall of %s: %w", d.Name(), err)
+		}
+		d.Firewall = string(b)
+	}
+	return nil
+}
+
+// writeFirewalls writes the firewall.xml of every qube that has rules, where it
+// differs from the file on disk, and removes the files of qubes that have none or are
+// gone. Called with the lock held.
+func (f File) writeFirewalls(c *config.Config) error {
+	keep := map[string]bool{}
+	for i := range c.Domains {
+		d := &c.Domains[i]
+		path, ok := f.firewallFile(d.Name())
+		if !ok || d.Firewall == "" {
+			continue
+		}
+		keep[filepath.Base(path)] = true
+		if cur, err := os.ReadFile(path); err == nil && string(cur) == d.Firewall {
+			continue
+		}
+		if err := os.MkdirAll(f.firewallDir(), 0o770); err != nil {
+			return fmt.Errorf("firewall dir: %w", err)
+		}
+		if err := qubesxml.WriteFile(path, []byte(d.Firewall)); err != nil {
+			return fmt.Errorf("write firewall of %s: %w", d.Name(), err)
+		}
+	}
+	entries, err := os.ReadDir(f.firewallDir())
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("firewall dir: %w", err)
+	}
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), ".xml") && !keep[e.Name()] {
+			if err := os.Remove(filepath.Join(f.firewallDir(), e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("remove firewall file: %w", err)
+			}
+		}
+	}
+	return nil
 }

@@ -210,3 +210,56 @@ func BenchmarkWrite(b *testing.B) {
 		})
 	}
 }
+
+// TestFirewallFiles: a qube's firewall rules, which qubes.xml does not hold, are kept in
+// firewall/<qube>.xml beside it; written with the revision, read back by Load, and
+// removed when the qube has no rules any more or is gone. qubes.xml itself is unchanged
+// by them.
+func TestFirewallFiles(t *testing.T) {
+	f, c := newFile(t)
+	const rules = "<firewall version=\"2\">\n  <rules/>\n</firewall>\n"
+	withRules := c.Clone()
+	if err := config.Apply(withRules, []config.Op{{Kind: config.OpSetFirewall, Domain: "domain-5", Value: rules}}); err != nil {
+		t.Fatal(err)
+	}
+	name := withRules.Domains[len(withRules.Domains)-1].Name()
+	if _, err := f.Write(withRules, Mark{Revision: 2, Sequence: 2}); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(filepath.Dir(f.Path()), "firewall", name+".xml")
+	if b, err := os.ReadFile(file); err != nil || string(b) != rules {
+		t.Fatalf("%s: %q %v", file, b, err)
+	}
+	plain, _ := qubesxml.Marshal(c)
+	if b, _ := os.ReadFile(f.Path()); string(b) != string(plain) {
+		t.Fatal("qubes.xml changed by the firewall")
+	}
+	got, _, err := f.Load("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fw := got.Domains[len(got.Domains)-1].Firewall; fw != rules {
+		t.Fatalf("loaded firewall %q", fw)
+	}
+	// The rules go: the file goes.
+	if _, err := f.Write(c, Mark{Revision: 3, Sequence: 3}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(file); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("firewall file of a qube without rules: %v", err)
+	}
+	// The qube goes: its file goes.
+	if _, err := f.Write(withRules, Mark{Revision: 4, Sequence: 4}); err != nil {
+		t.Fatal(err)
+	}
+	gone := withRules.Clone()
+	if err := config.Apply(gone, []config.Op{{Kind: config.OpDelDomain, Domain: "domain-5"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(gone, Mark{Revision: 5, Sequence: 5}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(file); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("firewall file of a removed qube: %v", err)
+	}
+}

@@ -21,6 +21,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/qubesbus/qubesbus/schemas/hostdev"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 )
 
@@ -40,7 +41,20 @@ const (
 	OpWaitAgent     = "wait-agent"
 	// OpCancel is not a call: its body is the id of a call whose caller has gone.
 	OpCancel = "cancel"
+	// Devices of the host (DeviceDriver), asked by the devices service through
+	// hostdev.Client.
+	OpDevices      = hostdev.OpDevices
+	OpAttachDevice = hostdev.OpAttach
+	OpDetachDevice = hostdev.OpDetach
 )
+
+// DeviceDriver is a driver that also knows the host's devices (the simulated
+// hypervisor does); the server answers the device operations of one.
+type DeviceDriver interface {
+	Devices(ctx context.Context) (hostdev.Inventory, error)
+	AttachDevice(ctx context.Context, a hostdev.Attachment) error
+	DetachDevice(ctx context.Context, a hostdev.Attachment) error
+}
 
 // NoticeStream is the JetStream stream holding every host's hypervisor notices.
 const NoticeStream = "QUBES_HV"
@@ -62,7 +76,7 @@ const (
 var ErrFenced = errors.New("fenced: a later lifecycle term drives this hypervisor")
 
 // reads are the operations that change nothing, which a deposed leader may still make.
-var reads = map[string]bool{OpDomains: true, OpDomain: true, OpWaitAgent: true}
+var reads = map[string]bool{OpDomains: true, OpDomain: true, OpWaitAgent: true, OpDevices: true}
 
 // Error codes of failed calls. They are stable: other tools may read them.
 const (
@@ -116,6 +130,8 @@ type callArgs struct {
 	MiB  int       `json:"mib,omitempty"`
 	XID  int       `json:"xid"`
 	Spec *specWire `json:"spec,omitempty"`
+	// Attach is the body of OpAttachDevice and OpDetachDevice (hostdev.Args).
+	Attach *hostdev.Attachment `json:"attach,omitempty"`
 }
 
 // specWire is vmlifecycle.DomainSpec with stable JSON names (DomainSpec has no tags).

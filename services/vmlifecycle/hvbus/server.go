@@ -22,6 +22,7 @@ import (
 	"github.com/nats-io/nuid"
 
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/hostdev"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 )
 
@@ -60,6 +61,27 @@ var methods = []struct {
 	{OpWakeup, nameOnly(vmlifecycle.Driver.Wakeup)},
 	{OpWaitAgent, func(ctx context.Context, d vmlifecycle.Driver, a callArgs) (any, error) {
 		return nil, d.WaitAgent(ctx, a.Name, a.XID)
+	}},
+}
+
+// deviceMethods are the endpoints of a driver that also simulates host devices
+// (DeviceDriver); the operations are hostdev's.
+var deviceMethods = []struct {
+	op   string
+	call func(ctx context.Context, d DeviceDriver, a callArgs) (any, error)
+}{
+	{OpDevices, func(ctx context.Context, d DeviceDriver, _ callArgs) (any, error) { return d.Devices(ctx) }},
+	{OpAttachDevice, func(ctx context.Context, d DeviceDriver, a callArgs) (any, error) {
+		if a.Attach == nil {
+			return nil, errBadRequest{errors.New("attach needs an attachment")}
+		}
+		return nil, d.AttachDevice(ctx, *a.Attach)
+	}},
+	{OpDetachDevice, func(ctx context.Context, d DeviceDriver, a callArgs) (any, error) {
+		if a.Attach == nil {
+			return nil, errBadRequest{errors.New("detach needs an attachment")}
+		}
+		return nil, d.DetachDevice(ctx, *a.Attach)
 	}},
 }
 
@@ -157,6 +179,16 @@ func (srv *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, err
 			micro.WithEndpointSubject(host.Hypervisor(m.op)))
 		if err != nil {
 			return fail(fmt.Errorf("add hypervisor endpoint %s: %w", m.op, err))
+		}
+	}
+	if dd, ok := drv.(DeviceDriver); ok {
+		for _, m := range deviceMethods {
+			f := func(ctx context.Context, _ vmlifecycle.Driver, a callArgs) (any, error) { return m.call(ctx, dd, a) }
+			err := svc.AddEndpoint(m.op, micro.HandlerFunc(func(r micro.Request) { s.handle(bus.Detach(nc, r), m.op, f) }),
+				micro.WithEndpointSubject(host.Hypervisor(m.op)))
+			if err != nil {
+				return fail(fmt.Errorf("add hypervisor endpoint %s: %w", m.op, err))
+			}
 		}
 	}
 	if err := nc.FlushTimeout(10 * time.Second); err != nil {
@@ -290,6 +322,12 @@ func (s *server) respondErr(r micro.Request, op string, err error) {
 		for _, m := range sentinels {
 			if errors.Is(err, m.err) {
 				code = m.code
+				break
+			}
+		}
+		for _, m := range hostdev.Codes {
+			if errors.Is(err, m.Err) {
+				code = m.Code
 				break
 			}
 		}

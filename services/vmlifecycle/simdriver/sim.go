@@ -18,10 +18,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"time"
 
+	"github.com/qubesbus/qubesbus/schemas/device"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 )
 
@@ -41,6 +43,11 @@ type Config struct {
 	// Load is the CPU share of one vcpu a running guest uses (cputime growth).
 	// Default 0.02.
 	Load float64 `json:"load"`
+	// PCIDevices are the host's PCI devices (exposed by dom0); nil: the reference
+	// host's (DefaultPCIDevices). BlockDevices are the block devices backend qubes
+	// expose while they run; nil: DefaultBlockDevices. Read by New only.
+	PCIDevices   []device.Info `json:"-"`
+	BlockDevices []device.Info `json:"-"`
 }
 
 func (c Config) withDefaults() Config {
@@ -95,6 +102,7 @@ type Hypervisor struct {
 	reserved map[string]int
 	faults   map[string]Faults
 	watchers map[*watcher]struct{}
+	devices  hostDevices
 }
 
 var _ vmlifecycle.Driver = (*Hypervisor)(nil)
@@ -122,9 +130,18 @@ type domain struct {
 
 // New returns a hypervisor with only dom0 running.
 func New(cfg Config) *Hypervisor {
-	return &Hypervisor{cfg: cfg.withDefaults(), boot: time.Now(), nextXID: 1,
+	h := &Hypervisor{cfg: cfg.withDefaults(), boot: time.Now(), nextXID: 1,
 		domains: map[string]*domain{}, reserved: map[string]int{}, faults: map[string]Faults{},
 		watchers: map[*watcher]struct{}{}, sched: newScheduler()}
+	pci, block := cfg.PCIDevices, cfg.BlockDevices
+	if pci == nil {
+		pci = DefaultPCIDevices()
+	}
+	if block == nil {
+		block = DefaultBlockDevices()
+	}
+	h.devices.all = append(slices.Clone(pci), block...)
+	return h
 }
 
 // Errors of the simulation besides the driver's.
@@ -434,6 +451,7 @@ func (h *Hypervisor) stopLocked(d *domain, crashed bool) {
 	d.pending = nil
 	close(d.gone)
 	delete(h.domains, d.name)
+	h.dropDevicesLocked(d.name)
 	h.notifyLocked(vmlifecycle.Notice{Kind: vmlifecycle.NoticeStopped, Name: d.name, XID: d.xid, Crashed: crashed || d.crashed})
 }
 

@@ -26,9 +26,11 @@ import (
 	"github.com/qubesbus/qubesbus/bus/policy"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/services/devices"
 	"github.com/qubesbus/qubesbus/services/gateway"
 	"github.com/qubesbus/qubesbus/services/persistence"
 	"github.com/qubesbus/qubesbus/services/properties"
+	"github.com/qubesbus/qubesbus/services/storage"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/hvbus"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
@@ -82,6 +84,18 @@ type Config struct {
 	// SaveAfterReply rewrites qubes.xml right after replying to a change rather than
 	// before (qubesd's way); the change is durable in the change log either way.
 	SaveAfterReply bool
+	// Storage configures the storage service's host (zero: the real filesystem under
+	// <DataDir>/storage).
+	Storage StorageHost
+}
+
+// StorageHost is what the storage service sees of the machine: where pool paths
+// lead, and for a simulated host fixed filesystem numbers, image times and tokens.
+type StorageHost struct {
+	Root     string // prefix of pool paths ("/": the real ones); default <DataDir>/storage
+	StatFS   func(path string) (size, used int64, err error)
+	Stamp    *time.Time
+	NewToken func() string
 }
 
 // conn is how a connection named name reaches NATS at url with this config's
@@ -309,7 +323,9 @@ var services = []service{
 	{rpc.Persistence, startPersistence},
 	{rpc.Hypervisor, startHypervisor},
 	{rpc.VMLifecycle, (*System).startLifecycle},
+	{rpc.Storage, startStorage},
 	{rpc.Properties, startProperties},
+	{rpc.Devices, startDevices},
 	{rpc.Gateway, startGateway},
 }
 
@@ -347,6 +363,30 @@ func startHypervisor(s *System, nc *nats.Conn, host subject.Host, _ Config, log 
 		return nil, err
 	}
 	return srv.Serve(s.ctx, nc)
+}
+
+// startStorage serves pools and volumes. File pools keep their images under
+// <data-dir>/storage unless Config.Storage.Root says otherwise (the fixture's
+// /var/lib/qubes maps to <data-dir>/storage/var/lib/qubes).
+func startStorage(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
+	sc := cfg.Storage
+	if sc.Root == "" {
+		sc.Root = filepath.Join(cfg.DataDir, "storage")
+	}
+	st, err := storage.New(storage.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
+		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken})
+	if err != nil {
+		return nil, err
+	}
+	return st.Serve(s.ctx, nc)
+}
+
+func startDevices(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
+	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas})
+	if err != nil {
+		return nil, err
+	}
+	return dev.Serve(s.ctx, nc)
 }
 
 func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {

@@ -1,0 +1,128 @@
+package system
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The host the series 40 → 89 and raw-api2 were recorded on (testdata README): every
+// pool directory reports a 100 GiB filesystem with 20 GiB used, images are sparse,
+// revision names carry the image's mtime, stamped 2025-01-01T00:00:00, and one kernel,
+// 6.12.40-1.fc41, is installed. Clone tokens come from the reference's seeded
+// generator: the host hands out the recorded ones, in order.
+func recordedStorageHost(t *testing.T, tokens []string) func(*Config) {
+	return func(c *Config) {
+		root := filepath.Join(t.TempDir(), "root")
+		if err := os.MkdirAll(filepath.Join(root, "var/lib/qubes/vm-kernels/6.12.40-1.fc41"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		stamp := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+		c.Storage = StorageHost{
+			Root:   root,
+			StatFS: func(string) (int64, int64, error) { return 100 << 30, 20 << 30, nil },
+			Stamp:  &stamp,
+			NewToken: func() string {
+				if len(tokens) == 0 {
+					t.Error("more clone tokens asked for than recorded")
+					return "exhausted"
+				}
+				tok := tokens[0]
+				tokens = tokens[1:]
+				return tok
+			},
+		}
+	}
+}
+
+// recordedTokens are the responses of admin.vm.volume.CloneFrom in the given
+// exchanges, in order.
+func recordedTokens(exchanges ...[]exchange) []string {
+	var out []string
+	for _, ex := range exchanges {
+		for _, e := range ex {
+			if requestMethod(e.Request) == "admin.vm.volume.CloneFrom" && bytes.HasPrefix(e.Response, []byte("0\x00")) {
+				out = append(out, string(e.Response[2:]))
+			}
+		}
+	}
+	return out
+}
+
+// poolRepr masks the memory address in the Python repr of a pool in use
+// (QubesPoolInUseError): it differs between runs of qubesd itself.
+var poolRepr = regexp.MustCompile(`(<qubes\.storage\.[A-Za-z.]+ object at )0x[0-9a-f]+>`)
+
+func storageMask(b []byte) []byte { return poolRepr.ReplaceAll(b, []byte("${1}‹addr›>")) }
+
+// notBuiltYet are methods of the series' storage runs served by a service not in the
+// tree yet (the firewall and devices of services/devices): qvm-clone copies the
+// firewall and lists device assignments. Their responses are sent but not compared.
+var notBuiltYet = map[string]bool{
+	"admin.vm.firewall.Get": true, "admin.vm.firewall.Set": true, "admin.deviceclass.List": true,
+	"admin.vm.device.block.Assigned": true, "admin.vm.device.pci.Assigned": true,
+}
+
+// TestReplayStorageSeries replays the series 40 → 89 and compares the storage runs:
+// pools (40–51), the volumes of work (52–57, 65–70: resize, the revision its stop in
+// 65 committed, revert, settings), clones (71–73), qubes created in pool2 (74–76) and
+// the refused removal of pool2 (77). Masked: the uuids of the qubes created during the
+// series (random in qubesd) and the address in a pool's Python repr.
+func TestReplayStorageSeries(t *testing.T) {
+	runs := loadSeries(t)
+	var all [][]exchange
+	for _, r := range runs {
+		all = append(all, r.Exchanges)
+	}
+	sys := startSystem(t, recordedStorageHost(t, recordedTokens(all...)))
+	check := runsIn([2]int{40, 57}, [2]int{65, 77})
+	created := []string{"work-clone", "personal-p2", "poolvm", "poolvm2"}
+	compared, skipped := 0, 0
+	for _, run := range runs {
+		for i, e := range run.Exchanges {
+			got := roundTrip(t, sys.Socket, e.Request)
+			method := requestMethod(e.Request)
+			if !check(run.Num) {
+				continue
+			}
+			if notBuiltYet[method] {
+				skipped++
+				continue
+			}
+			compared++
+			g := storageMask(normalise(lifeMask(got), created))
+			w := storageMask(normalise(lifeMask(e.Response), created))
+			if !bytes.Equal(g, w) {
+				t.Errorf("%s #%d %s\nrequest %q\n    got %q\n   want %q", run.File, i, method, e.Request, g, w)
+			}
+		}
+	}
+	t.Logf("%d responses compared, %d of methods not built yet skipped", compared, skipped)
+}
+
+// TestReplayRawAPI2Storage replays the raw-api2 cases of pools and volumes in their
+// recorded order against a fresh system.
+func TestReplayRawAPI2Storage(t *testing.T) {
+	ex := loadTranscript(t, "raw-api2.jsonl")
+	var todo []exchange
+	for _, e := range ex {
+		m := requestMethod(e.Request)
+		if strings.HasPrefix(m, "admin.pool.") || strings.HasPrefix(m, "admin.vm.volume.") {
+			todo = append(todo, e)
+		}
+	}
+	sys := startSystem(t, recordedStorageHost(t, recordedTokens(ex)))
+	compared := 0
+	for i, e := range todo {
+		got := roundTrip(t, sys.Socket, e.Request)
+		compared++
+		if g, w := storageMask(got), storageMask(e.Response); !bytes.Equal(g, w) {
+			t.Errorf("%s #%d\nrequest %q\n    got %q\n   want %q", e.Case, i, e.Request, g, w)
+		}
+	}
+	t.Logf("%d cases compared", compared)
+}
