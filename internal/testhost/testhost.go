@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -115,4 +116,46 @@ func (h *Host) Call(src, method, dest, arg string, payload []byte) envelope.Repl
 		h.T.Fatalf("%s: %v", method, err)
 	}
 	return rep
+}
+
+// Wire makes a call from dom0 and renders its reply as the wire shows it: "0:content",
+// "2:Class:message", or "abort" for a connection closed with no answer.
+func (h *Host) Wire(method, dest, arg, payload string) string {
+	h.T.Helper()
+	rep := h.Call("", method, dest, arg, []byte(payload))
+	switch rep.Status {
+	case envelope.StatusOK:
+		return "0:" + string(rep.Content)
+	case envelope.StatusException:
+		return "2:" + rep.Exception.Class + ":" + rep.Exception.Message
+	}
+	return "abort"
+}
+
+// EventsAfter returns the events stored after stream sequence *seq, rendered
+// "vm|name|k=v,k=v", and moves *seq past them. A call replies only after its events
+// are stored, so there is nothing to wait for.
+func (h *Host) EventsAfter(seq *uint64) []string {
+	h.T.Helper()
+	info, err := h.Events.Info(h.Ctx)
+	if err != nil {
+		h.T.Fatal(err)
+	}
+	var out []string
+	for ; *seq < info.State.LastSeq; *seq++ {
+		raw, err := h.Events.GetMsg(h.Ctx, *seq+1)
+		if err != nil {
+			h.T.Fatal(err)
+		}
+		ev, _, err := cloudevent.Decode(h.Ctx, &nats.Msg{Subject: raw.Subject, Header: raw.Header, Data: raw.Data})
+		if err != nil {
+			h.T.Fatal(err)
+		}
+		kv := make([]string, len(ev.Kwargs))
+		for i, a := range ev.Kwargs {
+			kv[i] = a.Key + "=" + a.Value
+		}
+		out = append(out, ev.VM+"|"+ev.Name+"|"+strings.Join(kv, ","))
+	}
+	return out
 }

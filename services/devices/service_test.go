@@ -11,12 +11,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
-	"github.com/qubesbus/qubesbus/bus/cloudevent"
-	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/internal/testhost"
 	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/schemas/device"
@@ -139,39 +136,12 @@ func newHarness(t *testing.T) *harness {
 
 func (h *harness) call(method, dest, arg, payload string) string {
 	h.t.Helper()
-	rep := h.Call("", method, dest, arg, []byte(payload))
-	switch rep.Status {
-	case envelope.StatusOK:
-		return "0:" + string(rep.Content)
-	case envelope.StatusException:
-		return "2:" + rep.Exception.Class + ":" + rep.Exception.Message
-	}
-	return "abort"
+	return h.Wire(method, dest, arg, payload)
 }
 
 func (h *harness) events() []string {
 	h.t.Helper()
-	info, err := h.Events.Info(h.Ctx)
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	var out []string
-	for ; h.seq < info.State.LastSeq; h.seq++ {
-		raw, err := h.Events.GetMsg(h.Ctx, h.seq+1)
-		if err != nil {
-			h.t.Fatal(err)
-		}
-		ev, _, err := cloudevent.Decode(h.Ctx, &nats.Msg{Subject: raw.Subject, Header: raw.Header, Data: raw.Data})
-		if err != nil {
-			h.t.Fatal(err)
-		}
-		var kv []string
-		for _, a := range ev.Kwargs {
-			kv = append(kv, a.Key+"="+a.Value)
-		}
-		out = append(out, ev.VM+"|"+ev.Name+"|"+strings.Join(kv, ","))
-	}
-	return out
+	return h.EventsAfter(&h.seq)
 }
 
 func (h *harness) expect(method, dest, arg, payload, want string, events ...string) {
