@@ -149,7 +149,7 @@ func (m *Model) Create(req CreateRequest) (*Change, error) {
 		t := m.Domain(tmpl)
 		switch {
 		case req.Class == "AppVM" && t.Class != "TemplateVM":
-			return nil, propErr("wrong VM class: domains[" + holderRepr(Holder{D: t}) + "] is of type " + t.Class + " and not TemplateVM")
+			return nil, propErr("wrong VM class: domains[" + m.Repr(Holder{D: t}) + "] is of type " + t.Class + " and not TemplateVM")
 		case req.Class == "DispVM" && !m.templateForDispVMs(t):
 			return nil, qerr.ValueError("template for disposable (" + tmpl + ") needs to be an AppVM with template_for_dispvms=True")
 		}
@@ -345,12 +345,31 @@ func (m *Model) volumeConfig(d *config.Domain, pools map[string]string) config.R
 		}
 		b.WriteString("/>\n")
 	}
+	// revisions_to_keep of a new volume is its pool's (init_volume of the reflink,
+	// file and thin drivers); the file driver keeps none of a volume it does not
+	// save, a kernel pool none at all.
+	rtk := func(vol string, saveOnStop bool) string {
+		for _, p := range m.C.Pools {
+			if p.Name() != poolOf(vol) {
+				continue
+			}
+			drv, _ := p.Attr("driver")
+			switch {
+			case drv == "linux-kernel", drv == "file" && !saveOnStop:
+				return "0"
+			}
+			if v, ok := p.Attr("revisions_to_keep"); ok {
+				return v
+			}
+		}
+		return "1"
+	}
 	rootSize := "10737418240"
 	if tmpl != nil {
-		vol("name", "root", "pool", poolOf("root"), "vid", dir+"/root", "revisions_to_keep", "1", "rw", "True",
+		vol("name", "root", "pool", poolOf("root"), "vid", dir+"/root", "revisions_to_keep", rtk("root", false), "rw", "True",
 			"save_on_stop", "False", "snap_on_start", "True", "size", rootSize, "source", "vm-templates/"+tmpl.Name()+"/root")
 	} else {
-		vol("name", "root", "pool", poolOf("root"), "vid", dir+"/root", "revisions_to_keep", "1", "rw", "True",
+		vol("name", "root", "pool", poolOf("root"), "vid", dir+"/root", "revisions_to_keep", rtk("root", true), "rw", "True",
 			"save_on_stop", "True", "snap_on_start", "False", "size", rootSize)
 	}
 	if d.Class == "DispVM" {
@@ -359,13 +378,13 @@ func (m *Model) volumeConfig(d *config.Domain, pools map[string]string) config.R
 		if dvm != nil {
 			src = "appvms/" + dvm.Name() + "/private"
 		}
-		vol("name", "private", "pool", poolOf("private"), "vid", dir+"/private", "revisions_to_keep", "1", "rw", "True",
+		vol("name", "private", "pool", poolOf("private"), "vid", dir+"/private", "revisions_to_keep", rtk("private", false), "rw", "True",
 			"save_on_stop", "False", "snap_on_start", "True", "size", "2147483648", "source", src)
 	} else {
-		vol("name", "private", "pool", poolOf("private"), "vid", dir+"/private", "revisions_to_keep", "1", "rw", "True",
+		vol("name", "private", "pool", poolOf("private"), "vid", dir+"/private", "revisions_to_keep", rtk("private", true), "rw", "True",
 			"save_on_stop", "True", "snap_on_start", "False", "size", "2147483648")
 	}
-	vol("name", "volatile", "pool", poolOf("volatile"), "vid", dir+"/volatile", "revisions_to_keep", "1", "rw", "True",
+	vol("name", "volatile", "pool", poolOf("volatile"), "vid", dir+"/volatile", "revisions_to_keep", rtk("volatile", false), "rw", "True",
 		"save_on_stop", "False", "snap_on_start", "False", "size", "10737418240")
 	if k, ok := m.Value(Holder{D: d}, "kernel"); ok && k.String() != "" {
 		vol("name", "kernel", "pool", poolOf("kernel"), "vid", k.Text, "revisions_to_keep", "0", "rw", "False",

@@ -2,11 +2,9 @@ package model
 
 import (
 	"slices"
-	"strconv"
 	"strings"
 
 	"github.com/qubesbus/qubesbus/bus/qerr"
-	"github.com/qubesbus/qubesbus/schemas/config"
 )
 
 type defaultFn = func(m *Model, h Holder) (Value, bool)
@@ -39,7 +37,7 @@ func propErr(msg string) error { return qerr.PropertyValueError(msg) }
 
 func positive(name string) func(*Model, Holder, Value) (Value, error) {
 	return func(_ *Model, _ Holder, v Value) (Value, error) {
-		if n, _ := strconv.ParseInt(v.Text, 10, 64); n <= 0 {
+		if IntSign(v.Text) <= 0 {
 			return v, propErr(name + " must be positive")
 		}
 		return v, nil
@@ -83,7 +81,7 @@ func init() {
 func defineQubeProperties() {
 	define("ATSD", Spec{Name: "audiovm", Type: "vm", Kind: KindVM, Stage: 4, AllowNone: true,
 		Help:    "Qube that provides audio to this qube; none for no audio.",
-		Default: fromGlobal("default_audiovm"), Side: tagSync("audiovm")})
+		Default: fromGlobal("default_audiovm"), Side: tagSync("audiovm"), ResetSide: tagSyncReset("audiovm")})
 	define("D", Spec{Name: "auto_cleanup", Type: "bool", Kind: KindBool, Stage: 2,
 		Help:    "Remove this disposable automatically when it stops.",
 		Default: static(Bool(false))})
@@ -149,7 +147,7 @@ func defineQubeProperties() {
 		}})
 	define("ATSD", Spec{Name: "guivm", Type: "vm", Kind: KindVM, Stage: 4, AllowNone: true,
 		Help:    "Qube that runs the graphical interface for this qube; none for no GUI.",
-		Default: fromGlobal("default_guivm"), Side: tagSync("guivm")})
+		Default: fromGlobal("default_guivm"), Side: tagSync("guivm"), ResetSide: tagSyncReset("guivm")})
 	define("ATSDR", Spec{Name: "icon", Type: "str", Kind: KindStr, Stage: 2, ReadOnly: true,
 		Help:    "Name of the icon shown for this qube, derived from its class and label.",
 		Default: defaultIcon})
@@ -171,7 +169,7 @@ func defineQubeProperties() {
 				return None, true
 			}
 			return m.ipFor(h.D), true
-		}, Side: ipSide})
+		}, Side: ipSide(""), ResetSide: ipResetSide})
 	define("ATSD", Spec{Name: "ip6", Type: "str", Kind: KindIPv6, Stage: 2,
 		Help: "IPv6 address of this qube; set when networked with the ipv6 feature on.",
 		Default: func(m *Model, h Holder) (Value, bool) {
@@ -179,7 +177,7 @@ func defineQubeProperties() {
 				return None, true
 			}
 			return m.ip6For(h.D), true
-		}})
+		}, Side: ipSide("6")})
 	define("D", Spec{Name: "is_preload", Type: "bool", Kind: KindBool, Stage: 2, ReadOnly: true,
 		Help: "This disposable was started in advance and waits to be used.",
 		Default: func(m *Model, h Holder) (Value, bool) {
@@ -193,7 +191,7 @@ func defineQubeProperties() {
 	define("ATSD", Spec{Name: "kernel", Type: "str", Kind: KindStr, Stage: 2,
 		Help:    "Kernel this qube boots (a directory under vm-kernels); empty for the qube's own kernel.",
 		Default: withTemplate("kernel", fromGlobal("default_kernel")),
-		Setter:  kernelSetter, Side: templateChildReset("kernel")})
+		Setter:  kernelSetter, Veto: kernelVeto, Side: templateChildReset("kernel")})
 	define("ATSD", Spec{Name: "kernelopts", Type: "str", Kind: KindStr, Stage: 4,
 		Help:    "Kernel command line options of this qube.",
 		Default: defaultKernelopts,
@@ -212,7 +210,7 @@ func defineQubeProperties() {
 				}
 			}
 			return Text("us++"), true
-		}, Setter: keyboardLayoutSetter})
+		}, Setter: keyboardLayoutSetter, Side: keyboardLayoutSide})
 	define("ATSDR", Spec{Name: "klass", Type: "str", Kind: KindStr, Stage: 2, ReadOnly: true,
 		Help: "Class of this qube.",
 		Default: func(_ *Model, h Holder) (Value, bool) {
@@ -239,15 +237,11 @@ func defineQubeProperties() {
 		Help:    "Most memory (MiB) the memory balancer may give this qube; 0 turns balancing off.",
 		Default: defaultMaxmem,
 		Setter: func(m *Model, h Holder, v Value) (Value, error) {
-			if n, _ := strconv.ParseInt(v.Text, 10, 64); n < 0 {
+			if IntSign(v.Text) < 0 {
 				return v, propErr("maxmem must be positive or zero")
 			}
-			if m.PowerState(h.D.Name()) != "Halted" {
-				// qubesd refuses this with a malformed exception: the call aborts.
-				return v, qerr.Abort("maxmem change while the qube runs")
-			}
 			return v, nil
-		}, Side: templateChildReset("maxmem")})
+		}, Veto: maxmemVeto, Side: templateChildReset("maxmem")})
 	define("ATSD", Spec{Name: "memory", Type: "int", Kind: KindInt, Stage: 2,
 		Help:    "Memory (MiB) this qube starts with.",
 		Default: withTemplate("memory", static(Int(400))),
@@ -256,17 +250,16 @@ func defineQubeProperties() {
 		Help: "Name of this qube; fixed at creation."})
 	define("ASD", Spec{Name: "netvm", Type: "vm", Kind: KindVM, Stage: 4, AllowNone: true,
 		Help:    "Qube that provides network to this qube; none disconnects it.",
-		Default: fromGlobal("default_netvm"), Veto: netvmVeto, ResetVeto: netvmResetVeto})
+		Default: fromGlobal("default_netvm"), Setter: netvmSetter, Veto: netvmVeto,
+		ResetPreSide: netvmResetPre, ResetSide: netvmResetSide})
 	define("T", Spec{Name: "netvm", Type: "vm", Kind: KindVM, Stage: 4, AllowNone: true,
 		Help:    "Qube that provides network to this qube; none disconnects it.",
-		Default: static(None), Veto: netvmVeto, ResetVeto: netvmResetVeto})
+		Default: static(None), Setter: netvmSetter, Veto: netvmVeto,
+		ResetPreSide: netvmResetPre, ResetSide: netvmResetSide})
 	define("ATSD", Spec{Name: "provides_network", Type: "bool", Kind: KindBool, Stage: 2,
 		Help:    "This qube can provide network to other qubes.",
-		Default: static(Bool(false)), Veto: providesNetworkVeto,
-		ResetVeto: func(m *Model, h Holder) error { return providesNetworkVeto(m, h, Bool(false)) },
-		Side: func(_ *Model, h Holder, _ Value, _ bool, _ Value) ([]Event, []config.Op) {
-			return []Event{resetEvent(h, "gateway"), resetEvent(h, "gateway6")}, nil
-		}})
+		Default: static(Bool(false)), Setter: providesNetworkSetter,
+		Side: providesNetworkSide, ResetSide: providesNetworkResetSide})
 	define("ATSDR", Spec{Name: "qid", Type: "int", Kind: KindInt, Stage: 2, WriteOnce: true,
 		Help: "Internal number of this qube; fixed at creation."})
 	define("ATSD", Spec{Name: "qrexec_timeout", Type: "int", Kind: KindInt, Stage: 2,
@@ -326,7 +319,7 @@ func defineQubeProperties() {
 				return Text(v), true
 			}
 			return Text("default"), true
-		}})
+		}, Side: appvmBootmodeSide, ResetSide: appvmBootmodeResetSide})
 	define("ATSD", Spec{Name: "updateable", Type: "bool", Kind: KindBool, Stage: 2, ReadOnly: true,
 		Help: "This qube keeps changes to its root file system (it has no template).",
 		Default: func(_ *Model, h Holder) (Value, bool) {
@@ -412,7 +405,7 @@ func defineAdminVMProperties() {
 		Help: "Include dom0's home directory in backups by default.", Default: static(Bool(true))})
 	define("0", Spec{Name: "keyboard_layout", Type: "str", Kind: KindStr, Stage: 2,
 		Help: "Keyboard layout of dom0 as layout+variant+options.", Default: static(Text("us++")),
-		Setter: keyboardLayoutSetter})
+		Setter: keyboardLayoutSetter, Side: keyboardLayoutSide})
 	define("0", Spec{Name: "klass", Type: "str", Kind: KindStr, Stage: 2, ReadOnly: true,
 		Help: "Class of this qube.", Default: static(Text("AdminVM"))})
 	define("0", Spec{Name: "maxmem", Type: "int", Kind: KindInt, Stage: 2, ReadOnly: true,
@@ -426,7 +419,8 @@ func defineAdminVMProperties() {
 		Help: "Internal number of the admin qube.", Default: static(Int(0))})
 	define("0", Spec{Name: "updateable", Type: "bool", Kind: KindBool, Stage: 2, ReadOnly: true,
 		Help: "dom0 is updated on its own.", Default: static(Bool(true))})
-	define("0", Spec{Name: "uuid", Type: "str", Kind: KindUUID, Stage: 2, ReadOnly: true,
+	// dom0's uuid has no type in qubesd: a Set is sanitised as text, then refused.
+	define("0", Spec{Name: "uuid", Type: "str", Kind: KindStr, Stage: 2, ReadOnly: true,
 		Help: "UUID of the admin qube.", Default: static(Text(AdminVMUUID))})
 }
 
@@ -460,7 +454,7 @@ func defineGlobalProperties() {
 		Help: "Default GUI qube of new and default-following qubes.", Default: static(Text("dom0")),
 		Side: globalRefire("guivm")})
 	g(Spec{Name: "default_kernel", Type: "str", Kind: KindStr,
-		Help: "Kernel that qubes boot unless they name another.", Veto: defaultKernelVeto})
+		Help: "Kernel that qubes boot unless they name another.", Veto: kernelVeto})
 	g(Spec{Name: "default_netvm", Type: "vm", Kind: KindVM, AllowNone: true,
 		Help: "Qube that provides network to qubes that follow the default.", Default: static(None),
 		Setter: defaultNetvmSetter, PreSide: defaultNetvmPreSide, Side: defaultNetvmSide})

@@ -155,11 +155,10 @@ func (m *Model) ipv6Enabled(d *config.Domain) bool {
 	return ok && v != ""
 }
 
-// ConnectedTo returns the qubes whose effective netvm is d.
+// ConnectedTo returns the qubes whose effective netvm is d, in collection order.
 func (m *Model) ConnectedTo(d *config.Domain) []*config.Domain {
 	var out []*config.Domain
-	for i := range m.C.Domains {
-		c := &m.C.Domains[i]
+	for _, c := range m.Domains() {
 		if c != d && m.NetVM(c) == d {
 			out = append(out, c)
 		}

@@ -77,8 +77,31 @@ func (m *Model) FeatureSet(d *config.Domain, name string, payload []byte) (*Chan
 		}
 	}
 	ch.Ops = []config.Op{{Kind: config.OpSetFeature, Domain: d.ID, Name: name, Value: value}}
-	ch.Post = []Event{Ev(d.Name(), "domain-feature-set:"+name, kw...)}
+	if !(hasOld && old == value) {
+		ch.Post = m.bootModeFeatureSide(d, name)
+	}
+	ch.Post = append(ch.Post, Ev(d.Name(), "domain-feature-set:"+name, kw...))
 	return ch, nil
+}
+
+// bootModeFeatureSide are the events of qubesd's handlers of domain-feature-set for
+// the boot-mode features, when the value changed: boot-mode.active re-announces the
+// qube's bootmode if it follows its default; boot-mode.appvm-default, on a template
+// whose appvm_default_bootmode follows the feature, re-announces that and the bootmode
+// of each qube based on it that follows its default.
+func (m *Model) bootModeFeatureSide(d *config.Domain, name string) []Event {
+	h := Holder{D: d}
+	switch name {
+	case "boot-mode.active":
+		if _, set := d.Property("bootmode"); HasProperty(d.Class, "bootmode") && !set {
+			return []Event{resetEvent(h, "bootmode")}
+		}
+	case "boot-mode.appvm-default":
+		if _, set := d.Property("appvm_default_bootmode"); HasProperty(d.Class, "appvm_default_bootmode") && !set {
+			return append([]Event{resetEvent(h, "appvm_default_bootmode")}, m.bootmodeFollowers(d)...)
+		}
+	}
+	return nil
 }
 
 // validateFeature runs the checks qubesd's extensions make in their pre-set handlers;

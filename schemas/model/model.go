@@ -250,8 +250,8 @@ func decodeStored(s *Spec, text string) Value {
 			return Bool(b)
 		}
 	case KindInt:
-		if n, ok := ParseInt(text); ok {
-			return Value{Text: strconv.FormatInt(n, 10)}
+		if n, ok := ParseBigInt(text); ok {
+			return Text(n)
 		}
 	}
 	return Text(text)

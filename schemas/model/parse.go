@@ -71,9 +71,39 @@ func isPySpace(c byte) bool {
 	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\x0b' || c == '\x0c'
 }
 
-// ParseInt parses decimal text as Python's int() does: surrounding whitespace, one
-// sign, digits with single underscores between them. Values outside int64 fail.
-func ParseInt(s string) (int64, bool) {
+// ParseBigInt parses decimal text as Python's int() does (surrounding whitespace, one
+// sign, digits with single underscores between them), with Python's arbitrary
+// precision, and returns the canonical text str() gives the result: no '+', no
+// underscores, no leading zeros, "0" for any zero.
+func ParseBigInt(s string) (string, bool) {
+	neg, digits, ok := splitPyInt(s)
+	if !ok {
+		return "", false
+	}
+	digits = strings.TrimLeft(digits, "0")
+	if digits == "" {
+		return "0", true
+	}
+	if neg {
+		return "-" + digits, true
+	}
+	return digits, true
+}
+
+// IntSign is the sign (-1, 0, 1) of canonical integer text (ParseBigInt's output).
+func IntSign(text string) int {
+	switch {
+	case text == "0" || text == "":
+		return 0
+	case text[0] == '-':
+		return -1
+	}
+	return 1
+}
+
+// splitPyInt checks the syntax of Python's int() and returns the sign and the digits
+// without underscores.
+func splitPyInt(s string) (neg bool, digits string, ok bool) {
 	i, j := 0, len(s)
 	for i < j && isPySpace(s[i]) {
 		i++
@@ -82,19 +112,28 @@ func ParseInt(s string) (int64, bool) {
 		j--
 	}
 	s = s[i:j]
-	neg := false
 	if s != "" && (s[0] == '+' || s[0] == '-') {
 		neg = s[0] == '-'
 		s = s[1:]
 	}
 	if s == "" || s[0] == '_' || s[len(s)-1] == '_' || strings.Contains(s, "__") {
-		return 0, false
+		return false, "", false
 	}
-	digits := strings.ReplaceAll(s, "_", "")
+	digits = strings.ReplaceAll(s, "_", "")
 	for k := 0; k < len(digits); k++ {
 		if digits[k] < '0' || digits[k] > '9' {
-			return 0, false
+			return false, "", false
 		}
+	}
+	return neg, digits, true
+}
+
+// ParseInt parses decimal text as Python's int() does; values outside int64 fail
+// (ParseBigInt keeps them).
+func ParseInt(s string) (int64, bool) {
+	neg, digits, ok := splitPyInt(s)
+	if !ok {
+		return 0, false
 	}
 	n, err := strconv.ParseUint(digits, 10, 64)
 	if err != nil || n > 1<<63 || (!neg && n == 1<<63) {

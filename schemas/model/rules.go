@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/qubesbus/qubesbus/bus/qerr"
@@ -40,26 +41,71 @@ func resetIcon(_ *Model, h Holder, _ Value, _ bool, _ Value) ([]Event, []config.
 }
 
 // tagSync keeps the tag "‹prop›-‹qube›" (guivm-dom0, audiovm-dom0) in step with the
-// property, as qubesd's GUI and audio extensions do.
+// property, as qubesd's GUI and audio extensions do on property-set and (with the new
+// effective value) property-reset. The GUI handler removes every other guivm-… tag
+// and adds the new one if missing; the audio handler removes every audiovm-… tag,
+// the current one included, and adds the new one back. qubesd walks a set of tags;
+// here they are walked sorted.
 func tagSync(prop string) func(*Model, Holder, Value, bool, Value) ([]Event, []config.Op) {
-	return func(m *Model, h Holder, old Value, oldOK bool, v Value) ([]Event, []config.Op) {
+	keepCurrent := prop == "guivm"
+	return func(_ *Model, h Holder, _ Value, _ bool, v Value) ([]Event, []config.Op) {
 		var evs []Event
 		var ops []config.Op
-		if oldOK && !old.None && old.Text != "" && (v.None || old.Text != v.Text) {
-			tag := prop + "-" + old.Text
-			if HasTag(h.D, tag) {
-				evs = append(evs, Ev(h.VM(), "domain-tag-delete:"+tag, "tag", tag))
-				ops = append(ops, config.Op{Kind: config.OpDelTag, Domain: h.D.ID, Name: tag})
-			}
-		}
+		want := ""
 		if !v.None && v.Text != "" {
-			tag := prop + "-" + v.Text
-			if !HasTag(h.D, tag) {
-				evs = append(evs, Ev(h.VM(), "domain-tag-add:"+tag, "tag", tag))
-				ops = append(ops, config.Op{Kind: config.OpAddTag, Domain: h.D.ID, Name: tag})
+			want = prop + "-" + v.Text
+		}
+		tags := slices.Clone(h.D.Tags)
+		slices.Sort(tags)
+		found := false
+		for _, tag := range tags {
+			if !strings.HasPrefix(tag, prop+"-") {
+				continue
 			}
+			if keepCurrent && tag == want {
+				found = true
+				continue
+			}
+			evs = append(evs, Ev(h.VM(), "domain-tag-delete:"+tag, "tag", tag))
+			ops = append(ops, config.Op{Kind: config.OpDelTag, Domain: h.D.ID, Name: tag})
+		}
+		if want != "" && !found {
+			evs = append(evs, Ev(h.VM(), "domain-tag-add:"+want, "tag", want))
+			ops = append(ops, config.Op{Kind: config.OpAddTag, Domain: h.D.ID, Name: want})
 		}
 		return evs, ops
+	}
+}
+
+// keyboardLayoutSide is the GUI extension's handler of property-set:keyboard_layout:
+// when the value changed, every qube whose guivm is this one and whose layout follows
+// it is told, with the old value.
+func keyboardLayoutSide(m *Model, h Holder, old Value, oldOK bool, v Value) ([]Event, []config.Op) {
+	if oldOK && old == v {
+		return nil, nil
+	}
+	var evs []Event
+	for _, d := range m.Domains() {
+		if !HasProperty(d.Class, "guivm") || m.Ref(Holder{D: d}, "guivm") != h.D {
+			continue
+		}
+		if _, set := d.Property("keyboard_layout"); !set {
+			evs = append(evs, Ev(d.Name(), "property-reset:keyboard_layout", "name", "keyboard_layout", "oldvalue", oldText(old, oldOK)))
+		}
+	}
+	return evs, nil
+}
+
+// tagSyncReset is tagSync for property-reset: the handler reads the new effective
+// value.
+func tagSyncReset(prop string) func(*Model, Holder, Value, bool) ([]Event, []config.Op) {
+	sync := tagSync(prop)
+	return func(m *Model, h Holder, old Value, oldOK bool) ([]Event, []config.Op) {
+		v, ok := m.defaultOf(h, SpecOf(h.Class(), prop))
+		if !ok {
+			v = None
+		}
+		return sync(m, h, old, oldOK, v)
 	}
 }
 
@@ -83,15 +129,32 @@ func templateChildReset(prop string) func(*Model, Holder, Value, bool, Value) ([
 	}
 }
 
-func ipSide(m *Model, h Holder, _ Value, _ bool, _ Value) ([]Event, []config.Op) {
-	evs := []Event{resetEvent(h, "visible_ip")}
-	if m.ProvidesNetwork(h.D) {
-		evs = append(evs, resetEvent(h, "gateway"))
-		for _, c := range m.ConnectedTo(h.D) {
-			evs = append(evs, resetEvent(Holder{D: c}, "visible_gateway"))
+// bootmodeFollowers are the qubes based on template t (in collection order) that
+// leave bootmode at its default.
+func (m *Model) bootmodeFollowers(t *config.Domain) []Event {
+	var evs []Event
+	for _, d := range m.Domains() {
+		if m.Template(d) != t {
+			continue
+		}
+		if _, set := d.Property("bootmode"); !set {
+			evs = append(evs, resetEvent(Holder{D: d}, "bootmode"))
 		}
 	}
-	return evs, nil
+	return evs
+}
+
+// appvmBootmodeSide is the template's handler of property-set:appvm_default_bootmode
+// (when the value changed) and property-reset:… (always).
+func appvmBootmodeSide(m *Model, h Holder, old Value, oldOK bool, v Value) ([]Event, []config.Op) {
+	if oldOK && old == v {
+		return nil, nil
+	}
+	return m.bootmodeFollowers(h.D), nil
+}
+
+func appvmBootmodeResetSide(m *Model, h Holder, _ Value, _ bool) ([]Event, []config.Op) {
+	return m.bootmodeFollowers(h.D), nil
 }
 
 func dispvmSetter(prop string) func(*Model, Holder, Value) (Value, error) {
@@ -117,7 +180,7 @@ func devicesDeniedSetter(_ *Model, _ Holder, v Value) (Value, error) {
 		return v, qerr.ValueError(fmt.Sprintf("Invalid length of interfaces=%s (is %d, expected multiple of 7)", qerr.Repr(s), len(s)))
 	}
 	if !interfacesRe.MatchString(s) {
-		return v, qerr.ValueError(`Interface code list should be in the form chhhhhhchhhhhh...,where c is one of "b", "u", "m", "p", "*" and h is a hexdigit or "*".`)
+		return v, propErr(`Interface code list should be in the form chhhhhhchhhhhh...,where c is one of "b", "u", "m", "p", "*" and h is a hexdigit or "*".`)
 	}
 	return Text(NormaliseInterfaces(s)), nil
 }
@@ -133,7 +196,10 @@ func NormaliseInterfaces(s string) string {
 	return strings.Join(slices.Compact(codes), "")
 }
 
-func kernelSetter(m *Model, _ Holder, v Value) (Value, error) {
+// kernelSetter is qubesd's setter of a qube's kernel: it only refuses a '/'. Whether
+// the kernel is installed is checked by the property-pre-set handler (kernelVeto),
+// after property-pre-set:kernel was fired.
+func kernelSetter(_ *Model, _ Holder, v Value) (Value, error) {
 	k := v.Text
 	if k == "" {
 		return Text(""), nil
@@ -141,7 +207,16 @@ func kernelSetter(m *Model, _ Holder, v Value) (Value, error) {
 	if strings.Contains(k, "/") {
 		return v, propErr("Kernel name cannot contain '/'")
 	}
-	return v, m.kernelInstalled(k)
+	return v, nil
+}
+
+// kernelVeto is the property-pre-set:kernel handler of qubes (and of the global
+// default_kernel, which has no '/' rule: such a name is simply not installed).
+func kernelVeto(m *Model, _ Holder, v Value) error {
+	if v.None || v.Text == "" {
+		return nil
+	}
+	return m.kernelInstalled(v.Text)
 }
 
 // kernelInstalled checks that kernel k is installed with its vmlinuz file.
@@ -154,16 +229,6 @@ func (m *Model) kernelInstalled(k string) error {
 		return propErr("Kernel '" + k + "' not properly installed: missing 'vmlinuz' file")
 	}
 	return nil
-}
-
-// defaultKernelVeto is qubesd's pre-set handler of the global default_kernel: unlike
-// the qube kernel setter it runs after property-pre-set:default_kernel was fired,
-// and has no rule against '/' (such a name is simply not installed).
-func defaultKernelVeto(m *Model, _ Holder, v Value) error {
-	if v.None || v.Text == "" {
-		return nil
-	}
-	return m.kernelInstalled(v.Text)
 }
 
 var (
@@ -194,12 +259,20 @@ func labelSetter(m *Model, _ Holder, v Value) (Value, error) {
 	t := v.Text
 	var l *config.Label
 	if rest, ok := strings.CutPrefix(t, "label-"); ok {
-		if n, ok := ParseInt(rest); ok {
-			for i := range m.C.Labels {
-				if int64(m.C.Labels[i].Index) == n {
-					l = &m.C.Labels[i]
-				}
+		// qubesd looks the number up and names it, as int() printed it, when it is
+		// missing; text that is not a number crashes qubesd's setter, which is
+		// answered here as a missing label.
+		n, ok := ParseBigInt(rest)
+		if !ok {
+			return v, LabelNotFound(t)
+		}
+		for i := range m.C.Labels {
+			if strconv.Itoa(m.C.Labels[i].Index) == n {
+				l = &m.C.Labels[i]
 			}
+		}
+		if l == nil {
+			return v, LabelNotFound(n)
 		}
 	} else {
 		l = m.LookupLabel(t)
@@ -279,8 +352,11 @@ func defaultMaxmem(m *Model, h Holder) (Value, bool) {
 	}
 	limit := 4000
 	if os, _ := Feature(h.D, "os"); os == "Linux" {
-		mem, _ := m.Int(h, "memory")
-		limit = mem * 10
+		if mem, ok := m.Int(h, "memory"); ok && mem < 1<<40 {
+			limit = mem * 10
+		} else if v, _ := m.Value(h, "memory"); IntSign(v.Text) > 0 {
+			limit = m.Host.MemoryMiB // beyond any host: the half of RAM caps it below
+		}
 	}
 	limit = min(limit, m.Host.MemoryMiB/2)
 	return withTemplate("maxmem", static(Int(limit)))(m, h)
@@ -304,42 +380,35 @@ func defaultBootmode(m *Model, h Holder) (Value, bool) {
 
 func (m *Model) running(d *config.Domain) bool { return m.PowerState(d.Name()) != "Halted" }
 
-func netvmVeto(m *Model, h Holder, v Value) error {
-	if v.None {
+// maxmemVeto is the property-pre-set:maxmem handler: a change of a qube that is not
+// halted is refused unless it uses memory hotplug. qubesd builds that error wrongly
+// and crashes; here it is the QubesVMNotHaltedError it meant to raise.
+func maxmemVeto(m *Model, h Holder, v Value) error {
+	if old, ok := m.Value(h, "maxmem"); ok && old == v {
 		return nil
 	}
-	target := m.Domain(v.Text)
-	if target == nil {
-		return nil
-	}
-	if !m.ProvidesNetwork(target) {
-		return qerr.ValueError("The " + target.Name() + " qube does not provide network")
-	}
-	if target == h.D || m.netChainHas(target, h.D) {
-		return qerr.ValueError("Loops in network are unsupported")
-	}
-	if m.running(h.D) && !m.running(target) {
-		return qerr.VMNotStartedError("Cannot dynamically attach to stopped qube " + target.Name())
+	if m.running(h.D) && !m.useMemoryHotplug(h.D) {
+		return qerr.VMNotHaltedError("Can't change maxmem of VM " + h.D.Name() + ", because it isn't Halted and memory hotplug is forbidden")
 	}
 	return nil
 }
 
-func netvmResetVeto(m *Model, h Holder) error {
-	v, ok := m.defaultOf(h, SpecOf(h.Class(), "netvm"))
-	if !ok {
-		return nil
+// useMemoryHotplug: the feature memory-hotplug (template chain) decides; else never
+// for HVM nor for a dom0-provided kernel (the simulated host's kernels do not
+// advertise it); else the qube's advertised supported-feature.memory-hotplug.
+func (m *Model) useMemoryHotplug(d *config.Domain) bool {
+	if v, ok := m.CheckFeature(d, "memory-hotplug", true, false, false); ok {
+		return v != ""
 	}
-	return netvmVeto(m, h, v)
-}
-
-func providesNetworkVeto(m *Model, h Holder, v Value) error {
-	if v.Text == "True" {
-		return nil
+	h := Holder{D: d}
+	if mode, _ := m.Value(h, "virt_mode"); mode.Text == "hvm" {
+		return false
 	}
-	if len(m.ConnectedTo(h.D)) > 0 {
-		return qerr.ValueError("The qube is still used by other qubes, change theirs 'netvm' first")
+	if k, _ := m.Value(h, "kernel"); k.String() != "" {
+		return false
 	}
-	return nil
+	v, ok := m.CheckFeature(d, "supported-feature.memory-hotplug", true, false, false)
+	return ok && v != ""
 }
 
 func templateVeto(m *Model, h Holder, _ Value) error {
@@ -358,7 +427,7 @@ func templateVeto(m *Model, h Holder, _ Value) error {
 }
 
 func templateForDispVMsVeto(m *Model, h Holder, v Value) error {
-	if v.Text == "True" {
+	if v.Text == "True" || !m.Bool(h, "template_for_dispvms") {
 		return nil
 	}
 	name := h.D.Name()
@@ -404,6 +473,11 @@ func defaultNetvmSetter(m *Model, _ Holder, v Value) (Value, error) {
 	if target == nil {
 		return v, nil
 	}
+	if target.Class == "AdminVM" {
+		// qubesd takes it, then crashes announcing it to the qubes that follow the
+		// default (dom0 cannot be a network provider), leaving it in memory unsaved.
+		return v, qerr.ValueError("The " + target.Name() + " qube does not provide network")
+	}
 	for _, d := range m.followers("netvm") {
 		if target == d || m.netChainHas(target, d) {
 			return v, propErr("Network loop on " + qerr.Repr(d.Name()))
@@ -429,14 +503,25 @@ func defaultNetvmPreSide(m *Model, _ Holder, old Value, oldOK bool, v Value) ([]
 	return evs, nil
 }
 
-// defaultNetvmSide tells every qube that follows the default netvm that it changed.
-func defaultNetvmSide(m *Model, _ Holder, old Value, oldOK bool, _ Value) ([]Event, []config.Op) {
+// defaultNetvmSide fires property-reset:netvm, with the global's old value, on every
+// qube that follows the default netvm. That event's handler first fires
+// property-set:netvm when the qube's new netvm differs from that old value: a
+// template (whose default netvm is none) always gets it when the old global value was
+// a qube, the other qubes when the global one was unset.
+func defaultNetvmSide(m *Model, _ Holder, old Value, oldOK bool, v Value) ([]Event, []config.Op) {
 	oldText := "None"
 	if oldOK {
 		oldText = old.EventText()
 	}
 	var evs []Event
 	for _, d := range m.followers("netvm") {
+		now := v
+		if d.Class == "TemplateVM" {
+			now = None
+		}
+		if now.EventText() != oldText {
+			evs = append(evs, Ev(d.Name(), "property-set:netvm", "name", "netvm", "newvalue", now.EventText(), "oldvalue", oldText))
+		}
 		evs = append(evs, Ev(d.Name(), "property-reset:netvm", "name", "netvm", "oldvalue", oldText))
 	}
 	return evs, nil

@@ -1,7 +1,7 @@
 package model
 
 import (
-	"strconv"
+	"strings"
 
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/schemas/config"
@@ -38,11 +38,11 @@ func Parse(s *Spec, payload []byte) (Value, error) {
 		}
 		return Bool(b), nil
 	case KindInt:
-		n, ok := ParseInt(text)
+		n, ok := ParseBigInt(text)
 		if !ok {
 			return Value{}, fail()
 		}
-		return Text(strconv.FormatInt(n, 10)), nil
+		return Text(n), nil
 	case KindIPv4:
 		a, ok := ParseIPv4(text)
 		if !ok {
@@ -68,19 +68,46 @@ func Parse(s *Spec, payload []byte) (Value, error) {
 	return Text(text), nil
 }
 
-// holderRepr stands in for Python's repr of a holder in messages that embed it (they
-// carry a memory address in qubesd, so they can never match byte for byte).
-func holderRepr(h Holder) string {
+// reprAddress stands for the memory address Python's repr of an object shows; it
+// cannot be reproduced, so a fixed one in the same form is used.
+const reprAddress = "0x7f0000000000"
+
+// Repr is Python's repr of a holder as qubesd's messages embed it: for a qube its
+// class, name and qid, then every other property that has a value, in List order, as
+// str() shows it (None, True, a qube's or label's name, "" for empty text).
+func (m *Model) Repr(h Holder) string {
 	if h.IsGlobal() {
-		return "<qubes.Qubes object at 0x0>"
+		return "<qubes.app.Qubes object at " + reprAddress + ">"
 	}
-	return "<" + h.D.Class + " at 0x0 name=" + qerr.Repr(h.D.Name()) + ">"
+	var b strings.Builder
+	qid := "0"
+	if h.D.Class != "AdminVM" {
+		qid, _ = h.D.Property("qid")
+	}
+	b.WriteString("<" + h.D.Class + " at " + reprAddress + " name=" + qerr.Repr(h.D.Name()) + " qid=" + qid + " ")
+	first := true
+	for _, s := range SpecsOf(h.D.Class) {
+		if s.Name == "name" || s.Name == "qid" {
+			continue
+		}
+		r := m.read(h, s)
+		if !r.HasValue {
+			continue
+		}
+		if !first {
+			b.WriteByte(' ')
+		}
+		first = false
+		b.WriteString(s.Name + "=" + r.Value.EventText())
+	}
+	b.WriteByte('>')
+	return b.String()
 }
 
 func (m *Model) resolveRef(h Holder, s *Spec, v Value) error {
 	if v.None {
 		if !s.AllowNone {
-			return propErr("Invalid value None for property " + qerr.Repr(s.Name) + " of " + holderRepr(h))
+			return propErr("Invalid value None for property " + qerr.Repr(s.Name) + " of " + m.Repr(h))
 		}
 		return nil
 	}
@@ -88,8 +115,12 @@ func (m *Model) resolveRef(h Holder, s *Spec, v Value) error {
 	if d == nil {
 		return propErr("Can't set " + s.Name + " to non-existing qube " + v.Text)
 	}
-	if s.Target != "" && d.Class != s.Target {
-		return propErr("wrong VM class: domains[" + qerr.Repr(d.Name()) + "] is of type " + d.Class + " and not " + s.Target)
+	target := s.Target
+	if target == "" && d.Class == "RemoteVM" {
+		target = "LocalVM" // qubesd's default class of a qube reference
+	}
+	if target != "" && d.Class != target {
+		return propErr("wrong VM class: domains[" + qerr.Repr(d.Name()) + "] is of type " + d.Class + " and not " + target)
 	}
 	return nil
 }
@@ -194,6 +225,14 @@ func (m *Model) Reset(h Holder, prop string) (*Change, error) {
 	ch := &Change{Pre: []Event{Ev(h.VM(), "property-pre-reset:"+s.Name, kw...)}}
 	if s.ResetVeto != nil {
 		if ch.Err = s.ResetVeto(m, h); ch.Err != nil {
+			return ch, nil
+		}
+	}
+	if s.ResetPreSide != nil {
+		evs, err := s.ResetPreSide(m, h, before.Value, before.HasValue)
+		ch.Pre = append(ch.Pre, evs...)
+		if err != nil {
+			ch.Err = err
 			return ch, nil
 		}
 	}

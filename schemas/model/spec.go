@@ -27,6 +27,9 @@ type Spec struct {
 	Veto func(m *Model, h Holder, v Value) error
 	// ResetVeto runs after the pre-reset event was fired.
 	ResetVeto func(m *Model, h Holder) error
+	// ResetPreSide runs after ResetVeto: the events the pre-reset handlers fire (they
+	// follow property-pre-reset and precede property-pre-del), and a veto among them.
+	ResetPreSide func(m *Model, h Holder, old Value, oldOK bool) ([]Event, error)
 	// PreSide runs after Veto: the events the pre-set handlers fire themselves (they
 	// follow property-pre-set on the wire), and a veto raised among them.
 	PreSide func(m *Model, h Holder, old Value, oldOK bool, v Value) ([]Event, error)

@@ -12,7 +12,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/internal/testhost"
 	"github.com/qubesbus/qubesbus/schemas/model"
@@ -94,45 +93,14 @@ func (h *harness) start() micro.Service {
 	return ms
 }
 
-// call makes one Admin API call from dom0 and returns the reply as the wire shows it:
-// "0:content", "2:Class:message" or "abort".
-func (h *harness) call(method, dest, arg string, payload string) string {
+func (h *harness) call(method, dest, arg, payload string) string {
 	h.t.Helper()
-	rep := h.Call("", method, dest, arg, []byte(payload))
-	switch rep.Status {
-	case envelope.StatusOK:
-		return "0:" + string(rep.Content)
-	case envelope.StatusException:
-		return "2:" + rep.Exception.Class + ":" + rep.Exception.Message
-	}
-	return "abort"
+	return h.Wire(method, dest, arg, payload)
 }
 
-// events returns the events stored since the last call of events, rendered as
-// "vm|name|k=v,k=v". A call replies only after its events are stored, so no waiting.
 func (h *harness) events() []string {
 	h.t.Helper()
-	info, err := h.Events.Info(h.ctx)
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	var out []string
-	for ; h.seq < info.State.LastSeq; h.seq++ {
-		raw, err := h.Events.GetMsg(h.ctx, h.seq+1)
-		if err != nil {
-			h.t.Fatal(err)
-		}
-		ev, _, err := cloudevent.Decode(h.ctx, &nats.Msg{Subject: raw.Subject, Header: raw.Header, Data: raw.Data})
-		if err != nil {
-			h.t.Fatal(err)
-		}
-		var kv []string
-		for _, a := range ev.Kwargs {
-			kv = append(kv, a.Key+"="+a.Value)
-		}
-		out = append(out, ev.VM+"|"+ev.Name+"|"+strings.Join(kv, ","))
-	}
-	return out
+	return h.EventsAfter(&h.seq)
 }
 
 func (h *harness) expect(method, dest, arg, payload, want string, events ...string) {
@@ -153,8 +121,10 @@ func TestPropertyEvents(t *testing.T) {
 		"work|property-set:label|name=label,newvalue=green,oldvalue=blue")
 	h.expect("admin.vm.property.Get", "work", "icon", "", "0:default=True type=str appvm-green")
 	// A veto raised by a pre-set handler leaves the pre-event on the stream.
-	h.expect("admin.vm.property.Set", "work", "netvm", "untrusted", "2:QubesValueError:The untrusted qube does not provide network",
-		"work|property-pre-set:netvm|name=netvm,newvalue=untrusted,oldvalue=sys-firewall")
+	h.expect("admin.vm.property.Set", "work", "kernel", "5.0", "2:QubesPropertyValueError:Kernel '5.0' not installed",
+		"work|property-pre-set:kernel|name=kernel,newvalue=5.0,oldvalue=6.12.40-1.fc41")
+	// A setter's refusal comes before any event.
+	h.expect("admin.vm.property.Set", "work", "netvm", "untrusted", "2:QubesValueError:The untrusted qube does not provide network")
 	// Sanitising errors come before any event.
 	h.expect("admin.vm.property.Set", "work", "memory", "abc", "2:QubesValueError:Failed to parse property value as int")
 	h.expect("admin.vm.property.Set", "work", "netvm", "", "0:",
@@ -162,7 +132,9 @@ func TestPropertyEvents(t *testing.T) {
 		"work|property-set:netvm|name=netvm,newvalue=None,oldvalue=sys-firewall")
 	h.expect("admin.vm.property.Reset", "work", "netvm", "", "0:",
 		"work|property-pre-reset:netvm|name=netvm,oldvalue=None",
+		"work|property-pre-set:netvm|name=netvm,newvalue=sys-firewall,oldvalue=None",
 		"work|property-pre-del:netvm|name=netvm,oldvalue=None",
+		"work|property-set:netvm|name=netvm,newvalue=sys-firewall,oldvalue=None",
 		"work|property-reset:netvm|name=netvm,oldvalue=None",
 		"work|property-del:netvm|name=netvm,oldvalue=None")
 	h.expect("admin.vm.property.Get", "work", "netvm", "", "0:default=True type=vm sys-firewall")
@@ -253,7 +225,7 @@ func TestFeaturesTagsLabels(t *testing.T) {
 		"work|property-reset:icon|name=icon",
 		"work|property-set:label|name=label,newvalue=cyan,oldvalue=blue")
 	h.expect("admin.label.Remove", "dom0", "cyan", "", "2:QubesLabelInUseError:Label is still in use: Label(9, '0x00ffff', 'cyan')")
-	h.expect("admin.deviceclass.List", "dom0", "", "", "0:pci\nblock\n")
+	h.expect("admin.deviceclass.List", "dom0", "", "", "0:block\npci\n")
 	h.expect("admin.vmclass.List", "dom0", "", "", "0:AppVM\nTemplateVM\nStandaloneVM\nAdminVM\nDispVM\nRemoteVM\n")
 }
 

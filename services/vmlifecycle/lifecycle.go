@@ -471,7 +471,8 @@ func (s *Service) kill(ctx context.Context, q Qube, d *Domain) error {
 // --- Pause, Unpause, Suspend, Resume ---
 
 // vmPause freezes a qube: domain-pre-paused, then domain-paused once the hypervisor
-// paused it.
+// paused it. Pausing a paused qube announces both again, as qubesd does (it pauses
+// through libvirt again, which reports the domain suspended once more).
 func (s *Service) vmPause(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	return nil, s.locked(ctx, c.Dest.Name, refuseAbort("pause"), s.pause)
 }
@@ -486,9 +487,7 @@ func (s *Service) pause(ctx context.Context, q Qube, d *Domain) error {
 	if err := s.drv.Pause(ctx, q.Name); err != nil {
 		return s.driverFailed(ctx, q, "pause", err, errNotRunning(q.Name))
 	}
-	if d.State != HVPaused {
-		_ = s.emit(ctx, evPaused(q.Name))
-	}
+	_ = s.emit(ctx, evPaused(q.Name))
 	return nil
 }
 

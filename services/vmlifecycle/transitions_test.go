@@ -135,9 +135,9 @@ func TestTransitionTable(t *testing.T) {
 		{"Paused", "Shutdown", notRunning, seq(preShut, vm+" domain-shutdown-failed reason=Domain not running (either powered off or paused): "+q), "Paused"},
 		{"Paused", "Shutdown+force", ok(""), seq(preShutF, stop), "Halted"},
 		{"Paused", "Kill", ok(""), stop, "Halted"},
-		{"Paused", "Pause", ok(""), seq(prePaused), "Paused"},
+		{"Paused", "Pause", ok(""), seq(prePaused, paused), "Paused"},
 		{"Paused", "Unpause", ok(""), seq(preUnpause, unpaused), "Running"},
-		{"Paused", "Suspend", ok(""), seq(prePaused), "Paused"},
+		{"Paused", "Suspend", ok(""), seq(prePaused, paused), "Paused"},
 		{"Paused", "Resume", ok(""), seq(preUnpause, unpaused), "Running"},
 
 		{"Suspended", "Start", ok(""), nil, "Suspended"},
