@@ -1,6 +1,7 @@
 package model
 
 import (
+	"errors"
 	"strconv"
 	"strings"
 
@@ -316,6 +317,11 @@ func (m *Model) Int(h Holder, prop string) (int, bool) {
 		return 0, false
 	}
 	n, err := strconv.Atoi(v.Text)
+	if errors.Is(err, strconv.ErrRange) {
+		// Python integers have no bound: a value past int's range is read as the
+		// nearest int (Atoi returns it), which no machine's memory or timeout reaches.
+		return n, true
+	}
 	return n, err == nil
 }
 

@@ -519,6 +519,11 @@ func (s *Service) suspend(ctx context.Context, q Qube, d *Domain) error {
 	if d == nil {
 		return errNotRunning(q.Name)
 	}
+	if d.State == HVPaused && q.Qrexec {
+		// qubesd first asks the guest over qrexec (qubes.SuspendPre), which a paused
+		// domain refuses.
+		return qerr.VMNotRunningError("Domain " + qerr.Repr(q.Name) + " is paused")
+	}
 	err := s.drv.Suspend(ctx, q.Name)
 	switch {
 	case err == nil:
