@@ -91,9 +91,11 @@ bench:
 fuzz:
 	cd bus && $(GO) test -run '^$$' -fuzz '^FuzzEscapeToken$$' -fuzztime $(FUZZTIME) ./subject/
 	cd services/gateway && $(GO) test -run '^$$' -fuzz '^FuzzDecodeRequest$$' -fuzztime $(FUZZTIME) .
-	cd services/persistence && $(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./qubesxml/
-	cd services/properties && $(GO) test -run '^$$' -fuzz '^FuzzSet$$' -fuzztime $(FUZZTIME) ./model/
+	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./qubesxml/
+	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzSet$$' -fuzztime $(FUZZTIME) ./model/
 	cd services/properties && $(GO) test -run '^$$' -fuzz '^FuzzSanitiseNotes$$' -fuzztime $(FUZZTIME) .
+	cd bus && $(GO) test -run '^$$' -fuzz '^FuzzSubjectTokens$$' -fuzztime $(FUZZTIME) ./subject/
+	cd bus && $(GO) test -run '^$$' -fuzz '^FuzzServiceEnvelope$$' -fuzztime $(FUZZTIME) ./rpc/
 	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./firewall/
 
 clean:

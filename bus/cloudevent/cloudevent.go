@@ -6,6 +6,15 @@
 // "org.qubes-os.<wire name>", source "/qubes/<host>", subject the qube name, data a JSON
 // object of the keyword arguments in their order, and the extension "qubesevent" holds
 // the exact wire name.
+//
+// A client chooses tag and feature names (any ASCII but space and NUL, up to the
+// gateway's 64 KiB request), so an event's names may not fit a header: an event whose
+// qube or wire name is not header-safe (HeaderSafe) is published in structured mode
+// instead (the whole CloudEvent as JSON in the payload, content-type
+// application/cloudevents+json), with its type shortened to TypePrefix + base + ":" +
+// the suffix's subject token. Decode and DecodeHeaders read both modes; the exact
+// names are always in ce-subject and the qubesevent extension, never taken from the
+// NATS subject (whose tokens are bounded and may be hashed: subject.Token).
 package cloudevent
 
 import (
@@ -33,6 +42,36 @@ const TypePrefix = "org.qubes-os."
 
 // ExtensionName is the CloudEvent extension that holds the wire event name.
 const ExtensionName = "qubesevent"
+
+// StructuredContentType is the content-type header of an event in structured mode.
+const StructuredContentType = "application/cloudevents+json"
+
+// contentTypeHeader is the header the CloudEvents NATS binding reads the content type
+// from.
+const contentTypeHeader = "content-type"
+
+// MaxHeaderName is the longest qube or wire name an event carries in its headers.
+// JetStream refuses a message whose headers exceed 64 KiB
+// (JSStreamHeaderExceedsMaximumErr) and a binary-mode event holds its wire name twice
+// (ce-type, ce-qubesevent), so a name of the gateway's 64 KiB could not be stored;
+// 1 KiB keeps an event's headers a few KiB at most. Headers are not bound by NATS's
+// max_control_line (only "HPUB <subject> <reply> <hdr size> <total size>" is).
+const MaxHeaderName = 1024
+
+// HeaderSafe reports whether a qube or wire name travels exactly in a header: at most
+// MaxHeaderName bytes, each printable ASCII and not a space (nats.go trims a header
+// value's leading and trailing white space and turns CR and LF into spaces).
+func HeaderSafe(name string) bool {
+	if len(name) > MaxHeaderName {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		if name[i] <= ' ' || name[i] >= 0x7f {
+			return false
+		}
+	}
+	return true
+}
 
 // KV is one keyword argument, already rendered as qubesd renders it.
 type KV struct {
@@ -69,12 +108,21 @@ func (e Event) Get(key string) (string, bool) {
 // Source is the CloudEvent source of a host.
 func Source(hostID string) string { return "/qubes/" + hostID }
 
-// Encode turns an event into a NATS message for its subject on a host.
+// HostOf is the host of an event, from its source.
+func HostOf(ev *ce.Event) string { return strings.TrimPrefix(ev.Source(), "/qubes/") }
+
+// Encode turns an event into a NATS message for its subject on a host: binary mode
+// (ce-* headers), or structured mode when a name is not HeaderSafe.
 func Encode(ctx context.Context, hostID string, e Event) (*nats.Msg, error) {
+	structured := !HeaderSafe(e.VM) || !HeaderSafe(e.Name)
 	ev := ce.NewEvent()
 	ev.SetID(nuid.Next())
 	ev.SetSource(Source(hostID))
-	ev.SetType(TypePrefix + e.Name)
+	if structured {
+		ev.SetType(TypePrefix + boundedName(e.Name))
+	} else {
+		ev.SetType(TypePrefix + e.Name)
+	}
 	ev.SetTime(time.Now())
 	if e.VM != "" {
 		ev.SetSubject(e.VM)
@@ -84,10 +132,14 @@ func Encode(ctx context.Context, hostID string, e Event) (*nats.Msg, error) {
 		return nil, fmt.Errorf("event data: %w", err)
 	}
 	if err := ev.Validate(); err != nil {
-		return nil, fmt.Errorf("invalid cloudevent %s: %w", e.Name, err)
+		return nil, fmt.Errorf("invalid cloudevent %s: %w", LogName(e.Name), err)
 	}
 	var body bytes.Buffer
-	h, err := cejs.WriteMsg(ctx, binding.ToMessage(&ev), &body)
+	wctx := ctx
+	if structured {
+		wctx = binding.WithForceStructured(ctx)
+	}
+	h, err := cejs.WriteMsg(wctx, binding.ToMessage(&ev), &body)
 	if err != nil {
 		return nil, fmt.Errorf("encode cloudevent: %w", err)
 	}
@@ -95,11 +147,33 @@ func Encode(ctx context.Context, hostID string, e Event) (*nats.Msg, error) {
 	for k, v := range h {
 		msg.Header[k] = v
 	}
+	if structured {
+		msg.Header.Set(contentTypeHeader, StructuredContentType)
+	}
 	// The stream drops a second copy of the same event, so a publish whose ack was
 	// lost can be sent again.
 	msg.Header.Set(jetstream.MsgIDHeader, ev.ID())
 	msg.Data = body.Bytes()
 	return msg, nil
+}
+
+// boundedName is a wire name with its suffix as its subject token: the type of an
+// event in structured mode, short and printable whatever the names.
+func boundedName(name string) string {
+	base, suffix, found := strings.Cut(name, ":")
+	if !found {
+		return subject.Token(base)
+	}
+	return subject.Token(base) + ":" + subject.Token(suffix)
+}
+
+// LogName is a name fit for a log line or an error: a long one is cut, with its length.
+func LogName(name string) string {
+	const keep = 96
+	if len(name) <= keep {
+		return name
+	}
+	return fmt.Sprintf("%s…(%d bytes)", name[:keep], len(name))
 }
 
 // ErrNotQubesEvent marks a message that is not a qubesbus CloudEvent.
@@ -179,8 +253,12 @@ func parseOrderedJSON(data []byte) ([]KV, error) {
 // DecodeHeaders reads an event from a binary-mode message without the SDK: the wire
 // name from ce-qubesevent, the qube from ce-subject, the keyword arguments from the
 // data. It is the gateway's hot path (one decode per event for every subscriber);
-// Decode is the general reader.
+// Decode is the general reader. A structured-mode event (a name not HeaderSafe) is
+// read from its JSON.
 func DecodeHeaders(msg *nats.Msg) (Event, error) {
+	if msg.Header.Get("ce-specversion") == "" && msg.Header.Get(contentTypeHeader) == StructuredContentType {
+		return decodeStructured(msg.Data)
+	}
 	name := msg.Header.Get("ce-" + ExtensionName)
 	if name == "" || msg.Header.Get("ce-specversion") == "" {
 		return Event{}, fmt.Errorf("%w: no ce-%s header", ErrNotQubesEvent, ExtensionName)
@@ -190,4 +268,26 @@ func DecodeHeaders(msg *nats.Msg) (Event, error) {
 		return Event{}, fmt.Errorf("%w: data: %w", ErrNotQubesEvent, err)
 	}
 	return Event{VM: msg.Header.Get("ce-subject"), Name: name, Kwargs: kw}, nil
+}
+
+// decodeStructured reads an event in structured mode: the CloudEvent as a JSON object.
+func decodeStructured(data []byte) (Event, error) {
+	var se struct {
+		SpecVersion string          `json:"specversion"`
+		Type        string          `json:"type"`
+		Subject     string          `json:"subject"`
+		QubesEvent  string          `json:"qubesevent"`
+		Data        json.RawMessage `json:"data"`
+	}
+	if err := json.Unmarshal(data, &se); err != nil {
+		return Event{}, fmt.Errorf("%w: structured: %w", ErrNotQubesEvent, err)
+	}
+	if se.SpecVersion == "" || se.QubesEvent == "" || !strings.HasPrefix(se.Type, TypePrefix) {
+		return Event{}, fmt.Errorf("%w: structured: no specversion, %s or type", ErrNotQubesEvent, ExtensionName)
+	}
+	kw, err := parseOrderedJSON(se.Data)
+	if err != nil {
+		return Event{}, fmt.Errorf("%w: data: %w", ErrNotQubesEvent, err)
+	}
+	return Event{VM: se.Subject, Name: se.QubesEvent, Kwargs: kw}, nil
 }

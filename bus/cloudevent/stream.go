@@ -110,7 +110,7 @@ func (p *Publisher) Publish(ctx context.Context, events ...Event) error {
 // message stored before its ack was lost is not stored twice (its Nats-Msg-Id).
 func (p *Publisher) publishFrom(ctx context.Context, msgs []*nats.Msg, events []Event, from int, cause error) error {
 	if cause != nil && !retryable(cause) {
-		return fmt.Errorf("%w %s: %w", ErrPublish, events[from].Name, cause)
+		return fmt.Errorf("%w %s: %w", ErrPublish, LogName(events[from].Name), cause)
 	}
 	for i := from; i < len(msgs); i++ {
 		backoff := bus.Backoff{Next: 50 * time.Millisecond, Max: time.Second}
@@ -120,10 +120,10 @@ func (p *Publisher) publishFrom(ctx context.Context, msgs []*nats.Msg, events []
 				break
 			}
 			if !retryable(err) || ctx.Err() != nil {
-				return fmt.Errorf("%w %s: %w", ErrPublish, events[i].Name, err)
+				return fmt.Errorf("%w %s: %w", ErrPublish, LogName(events[i].Name), err)
 			}
 			if werr := backoff.Wait(ctx); werr != nil {
-				return fmt.Errorf("%w %s: %w (last: %w)", ErrPublish, events[i].Name, werr, err)
+				return fmt.Errorf("%w %s: %w (last: %w)", ErrPublish, LogName(events[i].Name), werr, err)
 			}
 		}
 	}

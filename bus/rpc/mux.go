@@ -50,7 +50,7 @@ type Mux struct {
 	BarrierWait time.Duration
 
 	mu       sync.Mutex
-	inflight map[string]context.CancelFunc // cancellable calls by request id
+	inflight map[string]context.CancelFunc // cancellable calls by the token of their request id
 }
 
 // NewMux returns a mux for the methods that svc owns in reg.
@@ -154,14 +154,17 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 		ctx = context.WithoutCancel(ctx)
 	}
 	if meth != nil && meth.Cancellable && req.ID != "" {
+		// Keyed by the id's token in the cancel subject (subject.Host.Cancel), which
+		// is what a cancel notice carries: an id too long to read back still matches.
+		key := subject.Token(req.ID)
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithCancel(ctx)
 		m.mu.Lock()
-		m.inflight[req.ID] = cancel
+		m.inflight[key] = cancel
 		m.mu.Unlock()
 		defer func() {
 			m.mu.Lock()
-			delete(m.inflight, req.ID)
+			delete(m.inflight, key)
 			m.mu.Unlock()
 			cancel()
 		}()
@@ -263,12 +266,8 @@ func (m *Mux) stamp(h nats.Header) {
 
 func (m *Mux) cancel(msg *nats.Msg) {
 	tok := msg.Subject[strings.LastIndexByte(msg.Subject, '.')+1:]
-	id, err := subject.UnescapeToken(tok)
-	if err != nil {
-		return
-	}
 	m.mu.Lock()
-	cancel := m.inflight[id]
+	cancel := m.inflight[tok]
 	m.mu.Unlock()
 	if cancel != nil {
 		cancel()

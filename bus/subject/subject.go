@@ -20,22 +20,26 @@ const GlobalVM = "_app"
 // Host is the subject builder for one host.
 type Host struct{ id string }
 
-// ForHost returns the builder for a host id; the id is escaped into one token.
-func ForHost(id string) Host { return Host{id: EscapeToken(id)} }
+// ForHost returns the builder for a host id; the id becomes one bounded token (Token).
+func ForHost(id string) Host { return Host{id: Token(id)} }
 
 // ID is the escaped host token.
 func (h Host) ID() string { return h.id }
 
 // API is the subject of an Admin API method, e.g. qubes.v1.local.api.admin.vm.List.
-// The method name is used as is: registered names are plain subject tokens.
+// The method name is used as is: only names from the method registry reach it (the
+// gateway sends any other name to UnknownMethod and the name itself in a header), and
+// registered names are short plain subject tokens.
 func (h Host) API(method string) string { return Prefix + "." + h.id + ".api." + method }
 
 // APIAll matches every API subject of the host.
 func (h Host) APIAll() string { return Prefix + "." + h.id + ".api.>" }
 
-// Cancel is where the gateway announces that the client of a request has gone.
+// Cancel is where the gateway announces that the client of a request has gone. The
+// request id becomes one bounded token (Token); a service matches the token, so any id
+// works, also one too long to read back.
 func (h Host) Cancel(requestID string) string {
-	return Prefix + "." + h.id + ".cancel." + EscapeToken(requestID)
+	return Prefix + "." + h.id + ".cancel." + Token(requestID)
 }
 
 // CancelAll matches every cancel notice of the host.
@@ -44,12 +48,14 @@ func (h Host) CancelAll() string { return Prefix + "." + h.id + ".cancel.*" }
 // Event is the subject of one event: vm is the qube name ("" for a global event). A
 // wire name "base:suffix" (property-set:netvm) becomes two tokens, base.suffix, so
 // permissions and filters can select an event family (events.*.property-set.>) even
-// though NATS wildcards never match part of a token.
+// though NATS wildcards never match part of a token. Every token is bounded (Token):
+// a client's tag or feature name of any length makes a subject of at most
+// MaxEventSubject bytes, and the exact names travel in the event itself.
 func (h Host) Event(vm, event string) string {
 	base, suffix, found := strings.Cut(event, ":")
-	s := h.EventsOf(vm) + "." + EscapeToken(base)
+	s := h.EventsOf(vm) + "." + Token(base)
 	if found {
-		s += "." + EscapeToken(suffix)
+		s += "." + Token(suffix)
 	}
 	return s
 }
@@ -58,7 +64,7 @@ func (h Host) Event(vm, event string) string {
 func (h Host) EventsOf(vm string) string {
 	tok := GlobalVM
 	if vm != "" {
-		tok = EscapeToken(vm)
+		tok = Token(vm)
 	}
 	return Prefix + "." + h.id + ".events." + tok
 }
@@ -69,7 +75,9 @@ func (h Host) EventsOfFilter(vm string) string { return h.EventsOf(vm) + ".>" }
 // Events matches every event of the host.
 func (h Host) Events() string { return Prefix + "." + h.id + ".events.>" }
 
-// Store is a subject of persistence's own API, e.g. Store("snapshot").
+// Store is a subject of persistence's own API, e.g. Store("snapshot"). Like Lab,
+// Hypervisor and Service, its operation is a constant of the calling code, never a
+// client's name.
 func (h Host) Store(op string) string { return Prefix + "." + h.id + ".store." + op }
 
 // Config is the subject of the host's configuration change log.
@@ -94,6 +102,9 @@ func AllHypervisorNotices() string { return Prefix + ".*.hvnotice" }
 func AllEvents() string { return Prefix + ".*.events.>" }
 
 // ParseEvent splits an event subject into host, vm ("" for global) and event name.
+// It is not the source of truth: a name too long for a token (Token) was hashed and
+// cannot be read back, so ParseEvent reports !ok for such a subject; the exact names
+// are in the event (its subject and qubesevent extension: cloudevent.Decode).
 func ParseEvent(subj string) (host, vm, event string, ok bool) {
 	rest, found := strings.CutPrefix(subj, Prefix+".")
 	if !found {

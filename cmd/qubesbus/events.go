@@ -123,7 +123,12 @@ func tailEvents(ctx context.Context, o tailOptions, out io.Writer, log *slog.Log
 		if err != nil {
 			return err
 		}
-		host, _, _, _ := subject.ParseEvent(msg.Subject())
+		// The subject names the host, unless a token in it was too long and is hashed
+		// (subject.Token); the event's source always does.
+		host, _, _, ok := subject.ParseEvent(msg.Subject())
+		if !ok {
+			host = cloudevent.HostOf(ce)
+		}
 		if o.JSON {
 			kw := make(map[string]string, len(ev.Kwargs))
 			for _, kv := range ev.Kwargs {
@@ -165,7 +170,7 @@ func eventFilter(host, vm string) string {
 	case host == "*" && vm == "":
 		return subject.AllEvents()
 	case host == "*":
-		return subject.Prefix + ".*.events." + subject.EscapeToken(vm) + ".>"
+		return subject.Prefix + ".*.events." + subject.Token(vm) + ".>"
 	case vm == "":
 		return h.Events()
 	}
