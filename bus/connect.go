@@ -22,6 +22,9 @@ type ConnConfig struct {
 	Creds string // optional credentials file
 	// NKeySeed is the seed file of an nkey user (access.Keys: a role of qubesbus).
 	NKeySeed string
+	// InboxPrefix replaces _INBOX for the connection's reply subjects: a role may
+	// receive replies only on its own (access.InboxPrefix).
+	InboxPrefix string
 	// User and Password, for servers with per-service users (deploy/nats).
 	User, Password string
 	Name           string // client name shown by the server
@@ -137,6 +140,9 @@ func Connect(ctx context.Context, cfg ConnConfig, log *slog.Logger) (*nats.Conn,
 			return nil, fmt.Errorf("nats nkey %s: %w", cfg.NKeySeed, err)
 		}
 		opts = append(opts, opt)
+	}
+	if cfg.InboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(cfg.InboxPrefix))
 	}
 	// A message whose protocol line the server would refuse is dropped before it is
 	// sent (lineGuard): the server would close the connection, and nats.go does not

@@ -14,7 +14,9 @@ package access
 
 import (
 	"fmt"
+	"slices"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 )
@@ -166,11 +168,51 @@ func Find(name string) (Role, bool) {
 }
 
 // Permissions are the role's permissions for nats-server.
+//
+// Replies: a role receives them only on its own inbox prefix (InboxPrefix), so no role
+// can read the replies to another's requests (the events role those of the gateway's
+// calls, say). A role whose table lists the inbox among what it publishes answers
+// requests: it may send one reply to each request it received (allow_responses),
+// not publish on inboxes at large.
 func (r Role) Permissions() *server.Permissions {
-	return &server.Permissions{
-		Publish:   &server.SubjectPermission{Allow: append([]string(nil), r.Publish...)},
-		Subscribe: &server.SubjectPermission{Allow: append([]string(nil), r.Subscribe...)},
+	p := &server.Permissions{
+		Publish:   &server.SubjectPermission{Allow: r.publish()},
+		Subscribe: &server.SubjectPermission{Allow: r.subscribe()},
 	}
+	if r.responds() {
+		p.Response = &server.ResponsePermission{MaxMsgs: 1, Expires: ResponseTTL}
+	}
+	return p
+}
+
+// ResponseTTL bounds how long after a request its one reply may come: the longest
+// call (a shutdown waiting for the qube, within the gateway's 10-minute call bound).
+const ResponseTTL = 30 * time.Minute
+
+// InboxPrefix is the prefix of a role's reply subjects (nats.CustomInboxPrefix); a
+// client connecting as the role must use it.
+func InboxPrefix(role string) string { return "_INBOX_" + role }
+
+func (r Role) responds() bool { return slices.Contains(r.Publish, inbox) }
+
+func (r Role) publish() []string {
+	if r.Name == Admin {
+		return slices.Clone(r.Publish)
+	}
+	return slices.DeleteFunc(slices.Clone(r.Publish), func(s string) bool { return s == inbox })
+}
+
+func (r Role) subscribe() []string {
+	if r.Name == Admin {
+		return slices.Clone(r.Subscribe)
+	}
+	out := slices.Clone(r.Subscribe)
+	for i, s := range out {
+		if s == inbox {
+			out[i] = InboxPrefix(r.Name) + ".>"
+		}
+	}
+	return out
 }
 
 // Conf renders the roles as a nats-server authorization block whose passwords come
@@ -197,8 +239,11 @@ authorization {
 		}
 		fmt.Fprintf(&b, "    # %s\n", r.About)
 		fmt.Fprintf(&b, "    { user: %s, password: $QUBESBUS_%s_PASSWORD, permissions: {\n", r.Name, strings.ToUpper(r.Name))
-		fmt.Fprintf(&b, "        publish:   { allow: %s }\n", list(r.Publish))
-		fmt.Fprintf(&b, "        subscribe: { allow: %s }\n", list(r.Subscribe))
+		fmt.Fprintf(&b, "        publish:   { allow: %s }\n", list(r.publish()))
+		fmt.Fprintf(&b, "        subscribe: { allow: %s }\n", list(r.subscribe()))
+		if r.responds() {
+			fmt.Fprintf(&b, "        allow_responses: { max: 1, expires: %q }\n", ResponseTTL.String())
+		}
 		b.WriteString("    } }\n")
 	}
 	b.WriteString("  ]\n}\n")

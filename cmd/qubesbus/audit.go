@@ -78,7 +78,7 @@ func tailAudit(ctx context.Context, o auditOptions, out io.Writer, log *slog.Log
 		return err
 	}
 	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: o.NATSURL, Creds: o.Creds, User: o.User, Password: os.Getenv("QUBESBUS_NATS_PASSWORD"),
-		NKeySeed: defaultNKey(o.NKey, o.Creds, o.User, o.DataDir, access.Auditor), TLS: o.TLS, Name: "qubesbus-audit"}, log)
+		NKeySeed: defaultNKey(o.NKey, o.Creds, o.User, o.DataDir, access.Auditor), InboxPrefix: access.InboxPrefix(access.Auditor), TLS: o.TLS, Name: "qubesbus-audit"}, log)
 	if err != nil {
 		return err
 	}

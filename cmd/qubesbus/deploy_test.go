@@ -91,7 +91,7 @@ func runDeployServer(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey stri
 // connectAs returns a connection whose permission errors land in errs.
 func connectAs(t *testing.T, ns *server.Server, user string, errs chan<- error) *nats.Conn {
 	t.Helper()
-	nc, err := nats.Connect(ns.ClientURL(), nats.UserInfo(user, "pw-"+user),
+	nc, err := nats.Connect(ns.ClientURL(), nats.UserInfo(user, "pw-"+user), nats.CustomInboxPrefix(access.InboxPrefix(user)),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { errs <- err }))
 	if err != nil {
 		t.Fatalf("connect as %s: %v", user, err)

@@ -78,7 +78,7 @@ func tailEvents(ctx context.Context, o tailOptions, out io.Writer, log *slog.Log
 		}
 	}
 	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: o.NATSURL, Creds: o.Creds, User: o.User, Password: os.Getenv("QUBESBUS_NATS_PASSWORD"),
-		NKeySeed: defaultNKey(o.NKey, o.Creds, o.User, o.DataDir, access.Events), TLS: o.TLS, Name: "qubesbus-events"}, log)
+		NKeySeed: defaultNKey(o.NKey, o.Creds, o.User, o.DataDir, access.Events), InboxPrefix: access.InboxPrefix(access.Events), TLS: o.TLS, Name: "qubesbus-events"}, log)
 	if err != nil {
 		return err
 	}

@@ -121,3 +121,39 @@ func expectRefused(t *testing.T, nc *nats.Conn, msg *nats.Msg) {
 		t.Errorf("publishing on %s was not refused", msg.Subject)
 	}
 }
+
+// TestRepliesStayWithTheirRole: a role receives replies only on its own inbox prefix;
+// the events, auditor and lab roles cannot subscribe to the replies of other roles'
+// requests (the gateway's calls, say), and no service may publish on inboxes at
+// large, only answer the requests it received.
+func TestRepliesStayWithTheirRole(t *testing.T) {
+	sys := startSystem(t)
+	for _, role := range []string{access.Events, access.Auditor, access.Lab, access.Properties} {
+		nc := connectAs(t, sys, role)
+		for _, subj := range []string{"_INBOX.>", access.InboxPrefix(access.Gateway) + ".>"} {
+			denied := make(chan error, 4)
+			nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { denied <- err })
+			sub, err := nc.SubscribeSync(subj)
+			if err != nil {
+				t.Fatalf("%s: subscribe %s: %v", role, subj, err)
+			}
+			if err := nc.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case err := <-denied:
+				if !errors.Is(err, nats.ErrPermissionViolation) {
+					t.Errorf("%s on %s: %v, want a permissions violation", role, subj, err)
+				}
+			case <-time.After(time.Minute):
+				t.Errorf("%s could subscribe to %s", role, subj)
+			}
+			_ = sub.Unsubscribe()
+		}
+	}
+	expectRefused(t, connectAs(t, sys, access.Properties), nats.NewMsg(access.InboxPrefix(access.Gateway)+".x"))
+	// The gateway's own calls still get their replies.
+	if got := roundTrip(t, sys.Socket, []byte("admin.vm.property.Get+label dom0 name work\x00")); string(got) != "0\x00default=False type=label blue" {
+		t.Fatalf("call over the socket: %q", got)
+	}
+}

@@ -108,6 +108,7 @@ func (c Config) conn(url, name string) bus.ConnConfig {
 // is one.
 func (c Config) connAs(url, role, name string) bus.ConnConfig {
 	cc := c.conn(url, name)
+	cc.InboxPrefix = access.InboxPrefix(role)
 	if c.NATSCreds == "" && c.NATSUser == "" && c.NKeyDir != "" {
 		if seed := access.SeedFile(c.NKeyDir, role); fileExists(seed) {
 			cc.NKeySeed = seed
