@@ -41,6 +41,9 @@ type Driver interface {
 	Suspend(ctx context.Context, name string) error
 	// Wakeup resumes a suspended guest.
 	Wakeup(ctx context.Context, name string) error
+	// Console returns the path of the terminal of an active domain's console (a
+	// pseudo-terminal, /dev/pts/N), as libvirt reports it.
+	Console(ctx context.Context, name string) (string, error)
 	// WaitAgent returns once the qrexec agent of the domain instance xid is connected,
 	// ErrNoDomain if that instance stops first, or ctx's error.
 	WaitAgent(ctx context.Context, name string, xid int) error

@@ -688,3 +688,31 @@ func (s *Service) handleNoticeLocked(ctx context.Context, n Notice) {
 		_ = s.emit(ctx, evUnpaused(n.Name))
 	}
 }
+
+// --- Console ---
+
+// vmConsole answers the path of the terminal of a qube's console, for the caller to
+// attach to (qubesd answers libvirt's tty of the domain; dom0's console has none, so
+// the answer is empty). A qube without an active domain — halted, or a RemoteVM,
+// which has no domain here — gets QubesVMNotRunningError. A paused qube's domain is
+// active, and its console answers as in qubesd.
+func (s *Service) vmConsole(ctx context.Context, c *rpc.Call) ([]byte, error) {
+	q, err := s.qube(c.Dest.Name)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case q.IsAdminVM():
+		return nil, nil
+	case q.IsRemote():
+		return nil, errNotRunning(q.Name)
+	}
+	path, err := s.drv.Console(ctx, q.Name)
+	switch {
+	case errors.Is(err, ErrNoDomain):
+		return nil, errNotRunning(q.Name)
+	case err != nil:
+		return nil, fmt.Errorf("%w: console of %s: %w", qerr.ErrAbort, q.Name, err)
+	}
+	return []byte(path), nil
+}

@@ -169,6 +169,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		"admin.vm.Suspend":      s.vmSuspend,
 		"admin.vm.Resume":       s.vmResume,
 		"admin.vm.CurrentState": s.vmCurrentState,
+		"admin.vm.Console":      s.vmConsole,
 		"admin.vm.Stats":        s.stats.vmStats,
 	} {
 		mux.Handle(name, h)

@@ -121,6 +121,13 @@ func (c Client) Wakeup(ctx context.Context, name string) error {
 	return c.call(ctx, OpWakeup, callArgs{Name: name}, nil)
 }
 
+// Console implements vmlifecycle.Driver.
+func (c Client) Console(ctx context.Context, name string) (string, error) {
+	var path string
+	err := c.call(ctx, OpConsole, callArgs{Name: name}, &path)
+	return path, err
+}
+
 // WaitAgent implements vmlifecycle.Driver. It waits as long as ctx allows, in rounds
 // of bounded requests, so the server never waits long for a caller that has vanished.
 func (c Client) WaitAgent(ctx context.Context, name string, xid int) error {

@@ -39,6 +39,7 @@ const (
 	OpSuspend       = "suspend"
 	OpWakeup        = "wakeup"
 	OpWaitAgent     = "wait-agent"
+	OpConsole       = "console"
 	// OpCancel is not a call: its body is the id of a call whose caller has gone.
 	OpCancel = "cancel"
 	// Devices of the host (DeviceDriver), asked by the devices service through

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -637,4 +638,22 @@ func serveHV(t testing.TB, ctx context.Context, nc *nats.Conn, host subject.Host
 		t.Fatal(err)
 	}
 	return srv.Serve(ctx, nc)
+}
+
+// TestConsoleThroughClient: the console's terminal path crosses the bus; a qube with
+// no domain gets ErrNoDomain, which the lifecycle turns into qubesd's error.
+func TestConsoleThroughClient(t *testing.T) {
+	r := newRig(t, simdriver.Config{})
+	ctx := t.Context()
+	if _, err := r.client.Console(ctx, "a"); !errors.Is(err, vmlifecycle.ErrNoDomain) {
+		t.Fatalf("console of no domain: %v", err)
+	}
+	start(t, r.client, "a", false)
+	path, err := r.client.Console(ctx, "a")
+	if err != nil || !strings.HasPrefix(path, "/dev/pts/") {
+		t.Fatalf("console: %q %v", path, err)
+	}
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("terminal %s: %v", path, err)
+	}
 }

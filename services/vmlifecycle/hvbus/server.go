@@ -58,6 +58,7 @@ var methods = []struct {
 	{OpShutdown, nameOnly(vmlifecycle.Driver.Shutdown)},
 	{OpDestroy, nameOnly(vmlifecycle.Driver.Destroy)},
 	{OpSuspend, nameOnly(vmlifecycle.Driver.Suspend)},
+	{OpConsole, func(ctx context.Context, d vmlifecycle.Driver, a callArgs) (any, error) { return d.Console(ctx, a.Name) }},
 	{OpWakeup, nameOnly(vmlifecycle.Driver.Wakeup)},
 	{OpWaitAgent, func(ctx context.Context, d vmlifecycle.Driver, a callArgs) (any, error) {
 		return nil, d.WaitAgent(ctx, a.Name, a.XID)

@@ -126,6 +126,7 @@ type domain struct {
 	pending  []*dueEntry   // completions scheduled for this instance
 	stopping bool          // a graceful shutdown was requested
 	crashed  bool
+	console  *console // opened on first use (console.go)
 }
 
 // New returns a hypervisor with only dom0 running.
@@ -450,6 +451,9 @@ func (h *Hypervisor) stopLocked(d *domain, crashed bool) {
 	}
 	d.pending = nil
 	close(d.gone)
+	if d.console != nil {
+		d.console.close()
+	}
 	delete(h.domains, d.name)
 	h.dropDevicesLocked(d.name)
 	h.notifyLocked(vmlifecycle.Notice{Kind: vmlifecycle.NoticeStopped, Name: d.name, XID: d.xid, Crashed: crashed || d.crashed})
