@@ -1,5 +1,5 @@
 # qubesbus: `make run` serves ./run/qubesd.sock; `make test` runs every check.
-MODULES := bus schemas internal/testhost services/gateway services/persistence services/properties services/storage services/vmlifecycle services/devices cmd/qubesbus
+MODULES := bus schemas internal/testhost services/gateway services/persistence services/properties services/storage services/vmlifecycle services/devices services/backup cmd/qubesbus
 GO      ?= go
 FUZZTIME ?= 30s
 RUN_DIR ?= run

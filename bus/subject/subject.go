@@ -69,6 +69,12 @@ func (h Host) EventsOf(vm string) string {
 	return Prefix + "." + h.id + ".events." + tok
 }
 
+// EventOfEveryVM matches one event (no suffix: domain-start) of every qube, as a
+// consumer filter.
+func (h Host) EventOfEveryVM(event string) string {
+	return Prefix + "." + h.id + ".events.*." + Token(event)
+}
+
 // EventsOfFilter is EventsOf followed by ".>" (a consumer filter).
 func (h Host) EventsOfFilter(vm string) string { return h.EventsOf(vm) + ".>" }
 
@@ -94,6 +100,11 @@ func (h Host) Hypervisor(op string) string { return Prefix + "." + h.id + ".hv."
 // (domain stopped, paused, unpaused), kept in a stream so none is lost while the
 // lifecycle service fails over.
 func (h Host) HypervisorNotices() string { return Prefix + "." + h.id + ".hvnotice" }
+
+// HypervisorDevices is the subject the host's hypervisor announces a change of a
+// backend's devices on (a hot-plug or unplug; not stored: the devices service reads
+// the device list again).
+func (h Host) HypervisorDevices() string { return Prefix + "." + h.id + ".hvdevices" }
 
 // AllHypervisorNotices matches every host's hypervisor notices.
 func AllHypervisorNotices() string { return Prefix + ".*.hvnotice" }

@@ -51,8 +51,8 @@ func auditCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	fs.StringVar(&o.Since, "since", "", "start at a stream sequence, an RFC 3339 time, or a duration ago (10m); default: new records only")
 	fs.BoolVar(&o.JSON, "json", false, "one JSON object per line")
 	fs.IntVar(&o.Limit, "n", 0, "exit after this many records")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, stop := parseFlags(fs, args, "audit [--host H|*] [--since SEQ|TIME|10m] [--json] [-n N]", stdout); stop {
+		return code
 	}
 	if fs.NArg() != 0 {
 		fmt.Fprintln(stderr, "qubesbus audit: unexpected arguments", fs.Args())

@@ -44,8 +44,8 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.BoolVar(&cfg.SkipQvmLs, "skip-qvm-ls", false, "do not run the qvm-ls-shaped workload")
 	fs.BoolVar(&cfg.InProcessReaders, "inprocess-readers", false, "read the admin.Events subscribers in this process, not in a child process as a dom0 listener runs")
 	fs.BoolVar(&cfg.SaveAfterReply, "save-after-reply", false, "run the hosts with qubes.xml rewritten after the reply to a change (qubesbus run --save-after-reply)")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, stop := parseFlags(fs, args, "bench [--qubes 0,1000] [--clients 1,32] [flags]", stdout); stop {
+		return code
 	}
 	var err error
 	if cfg.Clients, err = ints(clients); err == nil {

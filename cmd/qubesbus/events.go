@@ -58,8 +58,8 @@ func eventsCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log
 	fs.StringVar(&o.Since, "since", "", "start at a stream sequence, an RFC 3339 time, or a duration ago (10m); default: new events only")
 	fs.BoolVar(&o.JSON, "json", false, "one JSON object per line")
 	fs.IntVar(&o.Limit, "n", 0, "exit after this many events")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, stop := parseFlags(fs, args, "events [--host H|*] [--vm NAME] [--type GLOB] [--since SEQ|TIME|10m] [--json] [-n N]", stdout); stop {
+		return code
 	}
 	if err := tailEvents(ctx, o, stdout, log); err != nil && !errors.Is(err, context.Canceled) {
 		fmt.Fprintln(stderr, "qubesbus events:", err)

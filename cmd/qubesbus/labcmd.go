@@ -25,9 +25,19 @@ func labCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 	fs.StringVar(&urls, "nats-url", envOr("QUBESBUS_NATS_URL", ""), "NATS URLs, comma-separated; empty runs an embedded server")
 	fs.IntVar(&c.NATSPort, "nats-port", 4222, "embedded NATS port")
 	fs.IntVar(&c.Replicas, "replicas", 1, "JetStream replicas (3 on a cluster)")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	httpAddr := httpFlag(fs)
+	if code, stop := parseFlags(fs, args, "lab --hosts N --qubes M [--nats-url URLS] [flags]", stdout); stop {
+		return code
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	reg, ready, wait, err := startOps(ctx, *httpAddr, log)
+	if err != nil {
+		fmt.Fprintln(stderr, "qubesbus lab:", err)
+		return 1
+	}
+	defer wait()
+	c.Metrics = registerer(reg)
 	if urls != "" {
 		c.URLs = strings.Split(urls, ",")
 	}
@@ -40,6 +50,7 @@ func labCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 		fmt.Fprintln(stderr, "qubesbus lab:", err)
 		return 1
 	}
+	ready.set(l.Ready)
 	for _, h := range l.Hosts {
 		fmt.Fprintf(stdout, "%s %s\n", h.ID, h.Socket)
 	}

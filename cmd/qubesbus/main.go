@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 )
 
@@ -28,7 +29,9 @@ func main() {
 	os.Exit(dispatch(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
 }
 
-const usage = `usage: qubesbus <command> [flags]
+const usage = `usage: qubesbus [--log-format text|json] <command> [flags]
+       qubesbus <command> --help     the command's flags
+       qubesbus --version
 
 commands:
   run      serve the gateway socket and every service (embedded NATS unless --nats-url)
@@ -39,21 +42,44 @@ commands:
   lab      run many simulated hosts on one NATS: lab --hosts N --qubes M [--nats-url URLS]
   events   tail the events stream: events [--host H] [--vm NAME] [--type GLOB] [--since SEQ|TIME] [--json]
   audit    tail the audit trail (changes and refused calls): audit [--host H] [--since SEQ|TIME] [--json] [-n N]
+  version  print the module version and VCS revision of this build
+
+--log-format (QUBESBUS_LOG_FORMAT): text (default) or json, one object per line;
+QUBESBUS_LOG_LEVEL=debug for more.
 `
 
 func dispatch(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	// --log-format comes before the command (it applies to every one); so may
+	// --version.
+	format := envOr("QUBESBUS_LOG_FORMAT", "text")
+	for len(args) > 0 {
+		if f, ok := strings.CutPrefix(args[0], "--log-format="); ok {
+			format, args = f, args[1:]
+		} else if args[0] == "--log-format" && len(args) > 1 {
+			format, args = args[1], args[2:]
+		} else {
+			break
+		}
+	}
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: logLevel()}))
+	log, err := newLogger(format, stderr, logLevel())
+	if err != nil {
+		fmt.Fprintln(stderr, "qubesbus:", err)
+		return 2
+	}
 	switch args[0] {
+	case "version", "--version", "-version":
+		fmt.Fprint(stdout, versionText())
+		return 0
 	case "run":
-		return runCmd(ctx, args[1:], log, stderr)
+		return runCmd(ctx, args[1:], log, stdout, stderr)
 	case "setup":
-		return setupCmd(ctx, args[1:], log, stderr)
+		return setupCmd(ctx, args[1:], log, stdout, stderr)
 	case "serve":
-		return serveCmd(ctx, args[1:], log, stderr)
+		return serveCmd(ctx, args[1:], log, stdout, stderr)
 	case "query":
 		return queryCmd(ctx, args[1:], stdin, stdout, stderr)
 	case "events":

@@ -20,8 +20,8 @@ func queryCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	socket := fs.String("socket", envOr("QUBESBUS_SOCKET", "run/qubesd.sock"), "gateway socket path (QUBESBUS_SOCKET)")
 	src := fs.String("src", "dom0", "source qube")
 	empty := fs.Bool("e", false, "send an empty payload instead of reading stdin")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, stop := parseFlags(fs, args, "query [--src NAME] [-e] METHOD DEST [ARG]", stdout); stop {
+		return code
 	}
 	if fs.NArg() < 2 || fs.NArg() > 3 {
 		fmt.Fprintln(stderr, "usage: qubesbus query [--src NAME] [-e] METHOD DEST [ARG]")
@@ -87,12 +87,27 @@ func queryCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 		fmt.Fprintln(stderr, "qubesbus query: empty response (call aborted)")
 		return 3
 	case bytes.HasPrefix(resp, []byte("0\x00")):
-		stdout.Write(resp[2:])
+		// Unlike qubesd-query, the output ends with a newline (unless it is empty).
+		out := resp[2:]
+		if len(out) > 0 && out[len(out)-1] != '\n' {
+			out = append(out, '\n')
+		}
+		stdout.Write(out)
 		return 0
 	case bytes.HasPrefix(resp, []byte("2\x00")):
 		parts := bytes.SplitN(resp[2:], []byte{0}, 4)
 		if len(parts) >= 3 {
-			fmt.Fprintf(stderr, "%s: %s\n", parts[0], parts[2])
+			msg := string(parts[2])
+			if msg == "" {
+				// qubesd refuses without a message (PermissionDenied); say what was
+				// refused.
+				call := method
+				if arg != "" {
+					call += "+" + arg
+				}
+				msg = fmt.Sprintf("%s refused (source %s, destination %s)", call, *src, dest)
+			}
+			fmt.Fprintf(stderr, "%s: %s\n", parts[0], msg)
 			return 1
 		}
 	}

@@ -39,13 +39,23 @@ func envDuration(name string, def time.Duration) time.Duration {
 
 // hostFlags are the flags every command that builds a host shares.
 func hostFlags(fs *flag.FlagSet) *system.Config {
-	c := &system.Config{}
+	c := setupFlags(fs)
 	fs.StringVar(&c.Socket, "socket", envOr("QUBESBUS_SOCKET", "run/qubesd.sock"), "gateway socket path (QUBESBUS_SOCKET)")
 	fs.StringVar(&c.SocketGroup, "socket-group", envOr("QUBESBUS_SOCKET_GROUP", ""), "group owning the socket (QUBESBUS_SOCKET_GROUP)")
-	fs.StringVar(&c.DataDir, "data-dir", envOr("QUBESBUS_DATA_DIR", "run/data"), "qubes.xml and JetStream store (QUBESBUS_DATA_DIR)")
 	fs.StringVar(&c.QubesXML, "qubes-xml", envOr("QUBESBUS_QUBES_XML", ""), "qubes.xml copied into the data dir on first start (QUBESBUS_QUBES_XML)")
 	fs.StringVar(&c.PolicyFile, "policy", envOr("QUBESBUS_POLICY", ""), "access rules, 'method +arg source target allow|deny' per line; without: only dom0 may call (QUBESBUS_POLICY)")
 	fs.StringVar(&c.HostID, "host", envOr("QUBESBUS_HOST", "local"), "host id in subjects (QUBESBUS_HOST)")
+	fs.IntVar(&c.NATSPort, "nats-port", envInt("QUBESBUS_NATS_PORT", 0), "open the embedded NATS on this TCP port of 127.0.0.1, -1 for any free one; 0 opens none (the services connect in-process). Clients need a role's key from <data-dir>/nkeys (QUBESBUS_NATS_PORT)")
+	fs.BoolVar(&c.SaveAfterReply, "save-after-reply", envOr("QUBESBUS_SAVE_AFTER_REPLY", "") == "1", "rewrite qubes.xml right after replying to a change, not before as qubesd does: changes then cost the same at any number of qubes (QUBESBUS_SAVE_AFTER_REPLY=1)")
+	fs.DurationVar(&c.IdleTimeout, "idle-timeout", envDuration("QUBESBUS_IDLE_TIMEOUT", time.Minute), "longest a client may take to send its request, 0 for no limit (QUBESBUS_IDLE_TIMEOUT)")
+	return c
+}
+
+// setupFlags are the flags of `qubesbus setup`: how to reach NATS, and the settings
+// of the streams and buckets it creates.
+func setupFlags(fs *flag.FlagSet) *system.Config {
+	c := &system.Config{}
+	fs.StringVar(&c.DataDir, "data-dir", envOr("QUBESBUS_DATA_DIR", "run/data"), "qubes.xml, JetStream store and the roles' nkeys (QUBESBUS_DATA_DIR)")
 	fs.StringVar(&c.NATSURL, "nats-url", envOr("QUBESBUS_NATS_URL", ""), "external NATS server; empty runs an embedded one (QUBESBUS_NATS_URL)")
 	fs.StringVar(&c.NATSCreds, "nats-creds", envOr("QUBESBUS_NATS_CREDS", ""), "NATS credentials file (QUBESBUS_NATS_CREDS)")
 	fs.StringVar(&c.NATSUser, "nats-user", envOr("QUBESBUS_NATS_USER", ""), "NATS user (QUBESBUS_NATS_USER; password from QUBESBUS_NATS_PASSWORD)")
@@ -58,30 +68,41 @@ func hostFlags(fs *flag.FlagSet) *system.Config {
 	fs.Int64Var(&c.EventsMaxBytes, "events-max-bytes", int64(envInt("QUBESBUS_EVENTS_MAX_BYTES", 0)), "keep at most this many bytes of events (default 1 GiB) (QUBESBUS_EVENTS_MAX_BYTES)")
 	fs.DurationVar(&c.AuditMaxAge, "audit-max-age", envDuration("QUBESBUS_AUDIT_MAX_AGE", 0), "keep audit records this long (default 2160h, 90 days) (QUBESBUS_AUDIT_MAX_AGE)")
 	fs.Int64Var(&c.AuditMaxBytes, "audit-max-bytes", int64(envInt("QUBESBUS_AUDIT_MAX_BYTES", 0)), "keep at most this many bytes of audit records, oldest dropped first (default 1 GiB) (QUBESBUS_AUDIT_MAX_BYTES)")
-	fs.IntVar(&c.NATSPort, "nats-port", envInt("QUBESBUS_NATS_PORT", 0), "open the embedded NATS on this TCP port of 127.0.0.1, -1 for any free one; 0 opens none (the services connect in-process). Clients need a role's key from <data-dir>/nkeys (QUBESBUS_NATS_PORT)")
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", envDuration("QUBESBUS_LEASE_TTL", 0), "how long a dead vmlifecycle instance keeps the host's lease before a standby takes over (default 5s); set when the lease bucket is created (QUBESBUS_LEASE_TTL)")
-	fs.BoolVar(&c.SaveAfterReply, "save-after-reply", envOr("QUBESBUS_SAVE_AFTER_REPLY", "") == "1", "rewrite qubes.xml right after replying to a change, not before as qubesd does: changes then cost the same at any number of qubes (QUBESBUS_SAVE_AFTER_REPLY=1)")
-	fs.DurationVar(&c.IdleTimeout, "idle-timeout", envDuration("QUBESBUS_IDLE_TIMEOUT", time.Minute), "longest a client may take to send its request, 0 for no limit (QUBESBUS_IDLE_TIMEOUT)")
 	return c
 }
 
-func runCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Writer) int {
+func runCmd(ctx context.Context, args []string, log *slog.Logger, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	cfg := hostFlags(fs)
-	if err := fs.Parse(args); err != nil {
-		return 2
+	httpAddr := httpFlag(fs)
+	if code, stop := parseFlags(fs, args, "run [flags]", stdout); stop {
+		return code
 	}
-	if err := run(ctx, *cfg, log); err != nil {
+	if err := runWithOps(ctx, *cfg, *httpAddr, log); err != nil {
 		fmt.Fprintln(stderr, "qubesbus:", err)
 		return 1
 	}
 	return 0
 }
 
+// runWithOps is run with the operators' endpoints on httpAddr (none if empty).
+func runWithOps(ctx context.Context, cfg system.Config, httpAddr string, log *slog.Logger) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	reg, ready, wait, err := startOps(ctx, httpAddr, log)
+	if err != nil {
+		return err
+	}
+	defer wait()
+	cfg.Metrics = registerer(reg)
+	return run(ctx, cfg, log, ready)
+}
+
 // run serves until ctx ends (SIGINT, SIGTERM), then stops cleanly. A signal during
 // start-up stops what had started and is no error either: Ctrl-C on `make run` exits 0.
-func run(ctx context.Context, cfg system.Config, log *slog.Logger) error {
+func run(ctx context.Context, cfg system.Config, log *slog.Logger, ready *readiness) error {
 	sys, err := system.Start(ctx, cfg, log)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -90,27 +111,43 @@ func run(ctx context.Context, cfg system.Config, log *slog.Logger) error {
 		}
 		return err
 	}
+	ready.set(sys.Ready)
 	<-ctx.Done()
 	log.Info("shutting down", "cause", context.Cause(ctx))
 	return sys.Stop()
 }
 
-func serveCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprintln(stderr, "usage: qubesbus serve <"+strings.Join(system.Services, "|")+"> [flags]")
-		return 2
-	}
+func serveCmd(ctx context.Context, args []string, log *slog.Logger, stdout, stderr io.Writer) int {
+	synopsis := "serve <" + strings.Join(system.Services, "|") + "> --nats-url URLS [flags]"
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	cfg := hostFlags(fs)
-	if err := fs.Parse(args[1:]); err != nil {
-		return 2
+	httpAddr := httpFlag(fs)
+	if len(args) == 0 || isHelp(args[0]) {
+		if len(args) == 0 {
+			printUsage(fs, synopsis, stderr)
+			return 2
+		}
+		printUsage(fs, synopsis, stdout)
+		return 0
+	}
+	if code, stop := parseFlags(fs, args[1:], synopsis, stdout); stop {
+		return code
 	}
 	if cfg.NATSURL == "" {
 		fmt.Fprintln(stderr, "qubesbus serve: --nats-url is required")
 		return 2
 	}
-	stop, err := system.StartOne(ctx, args[0], *cfg, log)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	reg, ready, wait, err := startOps(ctx, *httpAddr, log)
+	if err != nil {
+		fmt.Fprintln(stderr, "qubesbus:", err)
+		return 1
+	}
+	defer wait()
+	cfg.Metrics = registerer(reg)
+	sys, err := system.StartService(ctx, args[0], *cfg, log)
 	if err != nil {
 		if ctx.Err() != nil { // a signal during start-up, as in run
 			log.Info("stopped during start-up", "cause", context.Cause(ctx), "err", err)
@@ -119,8 +156,9 @@ func serveCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Wr
 		fmt.Fprintln(stderr, "qubesbus:", err)
 		return 1
 	}
+	ready.set(sys.Ready)
 	<-ctx.Done()
-	if err := stop(); err != nil {
+	if err := sys.Stop(); err != nil {
 		fmt.Fprintln(stderr, "qubesbus:", err)
 		return 1
 	}
@@ -130,16 +168,16 @@ func serveCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Wr
 // setupCmd creates what every service expects to exist (streams, buckets). Services
 // running as their own NATS users may not create them; a deployment runs this once
 // as an admin first.
-func setupCmd(ctx context.Context, args []string, log *slog.Logger, stderr io.Writer) int {
+func setupCmd(ctx context.Context, args []string, log *slog.Logger, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("setup", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	cfg := hostFlags(fs)
+	cfg := setupFlags(fs)
 	printPerms := fs.Bool("print-permissions", false, "print the NATS users and permissions of every role (deploy/nats/permissions.conf) and exit")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, stop := parseFlags(fs, args, "setup --nats-url URLS [flags]", stdout); stop {
+		return code
 	}
 	if *printPerms {
-		fmt.Fprint(os.Stdout, access.Conf())
+		fmt.Fprint(stdout, access.Conf())
 		return 0
 	}
 	if cfg.NATSURL == "" {

@@ -42,6 +42,12 @@ type Inventory struct {
 	Attached []Attachment  `json:"attached,omitempty"`
 }
 
+// Change is what the hypervisor announces on subject.Host.HypervisorDevices after a
+// hot-plug or unplug: the backend whose device list changed.
+type Change struct {
+	Backend string `json:"backend"`
+}
+
 // Args is the request body of OpAttach and OpDetach (the "attach" field of the
 // hypervisor's call arguments).
 type Args struct {

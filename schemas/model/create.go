@@ -445,6 +445,8 @@ func (m *Model) CreateDisposable(req DisposableRequest) (*Change, error) {
 		config.Property{Name: "qid", Value: strconv.Itoa(qid)},
 		config.Property{Name: "uuid", Value: req.UUID},
 		config.Property{Name: "template", Value: base.Name()})
+	// qubesd's firewall.clone(template.firewall): the rules as the base keeps them.
+	d.Firewall = base.Firewall
 	for _, f := range base.Features {
 		if !strings.HasPrefix(f.Name, "preload-dispvm") {
 			d.Features = append(d.Features, f)
@@ -532,7 +534,7 @@ func (m *Model) devicesProvided(d *config.Domain) []string {
 						id = rest[:k]
 					}
 				}
-				out = append(out, d.Name()+":"+id)
+				out = append(out, id) // qubesd joins the assignments' port_id
 			}
 		}
 	}

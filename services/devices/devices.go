@@ -392,6 +392,7 @@ func (s *Service) attach(class string) rpc.Handler {
 			}
 			return nil, fmt.Errorf("%w: attach: %w", qerr.ErrAbort, err)
 		}
+		s.watch.setFront(info.Port, c.Dest.Name)
 		return nil, s.publish(ctx, deviceEvent(c.Dest.Name, "device-attach:"+class, info.String(), opts))
 	}
 }
@@ -529,6 +530,7 @@ func (s *Service) detach(class string) rpc.Handler {
 		if err := s.hv.Detach(ctx, hostdev.Attachment{Port: found.Port, Frontend: c.Dest.Name}); err != nil && !errors.Is(err, hostdev.ErrNotAttached) {
 			return nil, fmt.Errorf("%w: detach: %w", qerr.ErrAbort, err)
 		}
+		s.watch.setFront(found.Port, "")
 		return nil, s.publish(ctx, cloudevent.New(c.Dest.Name, "device-detach:"+class, "port", port))
 	}
 }

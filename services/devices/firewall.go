@@ -188,6 +188,30 @@ func (s *Service) firewallChanged(ctx context.Context, vm string, rules []firewa
 	if err := s.publish(ctx, cloudevent.New(vm, "firewall-changed")); err != nil {
 		return err
 	}
+	return s.publishFirewallRules(ctx, vm, rules)
+}
+
+// publishFirewallOf writes a qube's current rules in its netvm's table, as qubesd
+// does when the qube starts (no event).
+func (s *Service) publishFirewallOf(ctx context.Context, vm string) error {
+	var rules []firewall.Rule
+	err := s.view(nil, func(m *model.Model) error {
+		d := m.Domain(vm)
+		if d == nil {
+			return nil
+		}
+		var err error
+		rules, err = rulesOf(d)
+		return err
+	})
+	if err != nil || rules == nil {
+		return err
+	}
+	return s.publishFirewallRules(ctx, vm, rules)
+}
+
+// publishFirewallRules writes rules in the table of the netvm of vm if vm runs.
+func (s *Service) publishFirewallRules(ctx context.Context, vm string, rules []firewall.Rule) error {
 	rt, err := s.runtime(ctx)
 	if err != nil {
 		return err

@@ -77,6 +77,10 @@ type Config struct {
 	WriteTimeout time.Duration
 	// Now is the clock of firewall expiry (nil: time.Now).
 	Now func() time.Time
+	// NoWatch turns the device watch off (watch.go): no device-added, device-removed
+	// or automatic attachments on power events and hot-plugs. For hosts without a
+	// hypervisor that reports devices.
+	NoWatch bool
 }
 
 // Validate reports every problem at once.
@@ -102,6 +106,7 @@ type Service struct {
 	life   Lifecycle
 	hv     Hypervisor
 	fw     *firewallTable
+	watch  *watch
 
 	// wmu serialises the changes of this instance (qubesd's single event loop);
 	// several instances stay consistent through revision-checked mutations.
@@ -161,12 +166,23 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		s.hv = hostdev.Client{NC: nc, Host: s.cfg.Host}
 	}
 	s.fw = newFirewallTable(kv, s.cfg.Host, s.log)
+	s.watch = newWatch()
 	mux := rpc.NewMux(s.cfg.Registry, rpc.Devices, rep, s.log)
 	mux.Auth = s.cfg.Auth
 	s.handlers(mux)
 	svc, err := mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
 	if err != nil {
 		return nil, err
+	}
+	if err := s.serveStartOps(nc, svc); err != nil {
+		_ = svc.Stop()
+		return nil, err
+	}
+	if s.cfg.NoWatch {
+		s.log.Info("device watch off")
+	} else if err := s.startWatch(ctx, nc, js); err != nil {
+		_ = svc.Stop()
+		return nil, fmt.Errorf("device watch: %w", err)
 	}
 	go s.expireLoop(ctx)
 	return svc, nil

@@ -56,6 +56,7 @@ type fakeHypervisor struct {
 	mu       sync.Mutex
 	devices  []device.Info
 	attached []hostdev.Attachment
+	stopped  map[string][]device.Info // devices of stopped backends (watch_test.go)
 }
 
 func (f *fakeHypervisor) Devices(context.Context) (hostdev.Inventory, error) {

@@ -40,6 +40,9 @@ type Events struct {
 	hub  *hub
 }
 
+// Subscribers is the number of admin.Events subscribers now.
+func (e *Events) Subscribers() int { return e.hub.count() }
+
 // NewEvents returns the admin.Events handler for a host.
 func NewEvents(cfg EventsConfig, nc *nats.Conn, host subject.Host, log *slog.Logger) (*Events, error) {
 	if cfg.WriteTimeout == 0 {

@@ -206,6 +206,13 @@ func (h *hub) add(s *subscriber) error {
 	return nil
 }
 
+// count is the number of subscribers.
+func (h *hub) count() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.subs)
+}
+
 // remove unregisters a subscriber; the last one stops the feed (and its consumer).
 func (h *hub) remove(s *subscriber) {
 	h.mu.Lock()

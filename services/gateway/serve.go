@@ -40,6 +40,7 @@ func (s *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error
 	if s.cfg.EventsWriteTimeout > 0 {
 		stats.WriteTimeout = s.cfg.EventsWriteTimeout
 	}
+	s.events.Store(events)
 	s.HandleStream("admin.Events", events.Serve)
 	s.HandleStream("admin.vm.Stats", stats.Serve)
 	svc, err := micro.AddService(nc, micro.Config{

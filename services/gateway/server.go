@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -51,6 +52,16 @@ type Config struct {
 	// (audit.Audited: changes, refused calls, unknown methods) and of every request
 	// the gateway refuses itself (unreadable or malformed); nil keeps no trail.
 	Audit Auditor
+	// Metrics counts every relayed call and its duration (metrics.Metrics); nil
+	// counts nothing.
+	Metrics CallMetrics
+}
+
+// CallMetrics counts calls: method is a registered method's name, or "" for any
+// other; outcome is an audit outcome (ok, exception, abort). It runs on the call's
+// path and must not block.
+type CallMetrics interface {
+	ObserveCall(method, outcome string, d time.Duration)
 }
 
 // Auditor takes audit records (audit.Publisher). Record must not block: it runs on
@@ -76,6 +87,16 @@ type Server struct {
 	// service or instance serves it.
 	mmu   sync.Mutex
 	marks envelope.Marks
+
+	events atomic.Pointer[Events] // admin.Events, once Serve has started it
+}
+
+// Subscribers is the number of admin.Events subscribers now.
+func (s *Server) Subscribers() int {
+	if e := s.events.Load(); e != nil {
+		return e.Subscribers()
+	}
+	return 0
 }
 
 // Marks returns the newest marks the gateway has seen in replies.
@@ -180,15 +201,19 @@ func (s *Server) handle(ctx context.Context, c *net.UnixConn) {
 	req.ID = nuid.Next()
 	if h := s.streams[req.Method]; h != nil {
 		h(ctx, c, req, func(r *envelope.Request) (envelope.Reply, error) {
+			start := time.Now()
 			rep, err := s.relay(ctx, r)
 			s.auditCall(r, rep, err)
+			s.countCall(r, rep, err, start)
 			return rep, err
 		})
 		c.Close()
 		return
 	}
+	start := time.Now()
 	rep, err := s.relay(ctx, req)
 	s.auditCall(req, rep, err)
+	s.countCall(req, rep, err, start)
 	if err != nil {
 		s.log.Error("call failed", "method", req.Method, "id", req.ID, "err", err)
 		c.Close()
@@ -222,6 +247,27 @@ func (s *Server) auditCall(req *envelope.Request, rep envelope.Reply, err error)
 	if audit.Audited(m, r) {
 		s.cfg.Audit.Record(r)
 	}
+}
+
+// countCall counts a relayed call (a stream's: its checks, not the stream) in the
+// metrics, under its method's name if the registry has it.
+func (s *Server) countCall(req *envelope.Request, rep envelope.Reply, err error, start time.Time) {
+	if s.cfg.Metrics == nil {
+		return
+	}
+	outcome := audit.OutcomeAbort
+	switch {
+	case err != nil:
+	case rep.Status == envelope.StatusOK:
+		outcome = audit.OutcomeOK
+	case rep.Status == envelope.StatusException:
+		outcome = audit.OutcomeException
+	}
+	method := ""
+	if _, ok := s.reg.Lookup(req.Method); ok {
+		method = req.Method
+	}
+	s.cfg.Metrics.ObserveCall(method, outcome, time.Since(start))
 }
 
 // auditRefused records a request the gateway dropped before any service saw it (it

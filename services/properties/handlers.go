@@ -218,11 +218,21 @@ func (s *Service) remove(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	}
 	defer func() { release(s.rep.Revision()) }()
 	c.After.Runtime = c.After.Runtime.Max(after)
-	var uuid string
+	var uuid, volumeConfig string
 	out, err := s.write(ctx, c, func(m *model.Model, h model.Holder) (*model.Change, error) {
 		uuid, _ = h.D.Property("uuid")
+		volumeConfig = string(h.D.VolumeConfig)
 		return m.Remove(h.D)
 	})
+	if err == nil && s.cfg.Volumes != nil && volumeConfig != "" {
+		// qubesd's remove_from_disk: after the qube left the configuration, before the
+		// reply; failures are logged (by storage), not answered.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.WriteTimeout)
+		if verr := s.cfg.Volumes.RemoveVolumes(rctx, c.Dest.Name, volumeConfig, s.rep.Revision()); verr != nil {
+			s.log.Error("remove volumes", "dest", c.Dest.Name, "err", verr)
+		}
+		cancel()
+	}
 	if err == nil && uuid != "" {
 		// The qube is gone whether or not the caller still waits: remove its notes.
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.WriteTimeout)

@@ -58,6 +58,14 @@ type Store interface {
 	Flush(ctx context.Context, rev uint64) error
 }
 
+// Volumes is what the service needs of the storage service (storageapi.Client): the
+// volumes of a new qube made before it is added (a failure fails the create, as in
+// qubesd), and those of a removed qube removed before the reply.
+type Volumes interface {
+	CreateVolumes(ctx context.Context, qube, volumeConfig string, rev uint64) error
+	RemoveVolumes(ctx context.Context, qube, volumeConfig string, rev uint64) error
+}
+
 // Events publishes events and returns once they are stored (cloudevent.Publisher).
 type Events interface {
 	Publish(ctx context.Context, evs ...cloudevent.Event) error
@@ -77,6 +85,9 @@ type Config struct {
 	// Events publishes the events of changes; nil: QUBES_EVENTS over Serve's
 	// connection (cloudevent.Publisher).
 	Events Events
+	// Volumes makes and removes the volumes of created and removed qubes; nil: no
+	// storage service (qubes are created and removed in the configuration only).
+	Volumes Volumes
 	// WriteTimeout bounds a write call waiting for persistence (default 30s).
 	WriteTimeout time.Duration
 	// Auth decides which source may call what; nil allows every call (qubesd itself
@@ -205,6 +216,9 @@ func (s *Service) handlers(mux *rpc.Mux) {
 		mux.Handle("admin.vm.CreateInPool."+class, s.create(class, true))
 	}
 }
+
+// Replica is the service's configuration replica (nil until Serve).
+func (s *Service) Replica() *replica.Replica { return s.rep }
 
 // Serve follows the host's configuration, opens the notes bucket and starts the
 // service's endpoints on nc, until ctx ends or the micro service is stopped. A Service
@@ -383,11 +397,19 @@ func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Mo
 		if ch.Err != nil {
 			return nil, false, ch.Err
 		}
+		// A new qube's volumes are made before it is added (qubesd's create_on_disk).
+		undoVolumes, err := s.createVolumes(ctx, ch, rev)
+		if err != nil {
+			return nil, false, err
+		}
 		// qubes.xml is flushed after the write lock is released (below), so that
 		// concurrent changes share one file write.
 		mut := config.Mutation{ExpectRevision: rev, Ops: ch.Ops}
 		save = c.Method.ChangesConfig && !ch.NoSave
 		newRev, err := s.store.Apply(ctx, mut)
+		if err != nil {
+			undoVolumes() // nothing half-made: the qube was not added
+		}
 		if errors.Is(err, config.ErrStaleRevision) && attempt < maxRetries {
 			// Another writer came first: wait until the replica has seen it, plan again.
 			if werr := s.rep.WaitRevision(ctx, rev+1); werr != nil {
@@ -487,4 +509,46 @@ func randomBelow(n int) int {
 		return 0
 	}
 	return int(v.Int64())
+}
+
+// createVolumes makes the volumes of the qube a change adds, if any, and returns how
+// to remove them again. If they cannot be made, qubesd deletes the qube it added:
+// the events up to its creation on disk are published, then its deletion, and the
+// call fails with the storage's error.
+func (s *Service) createVolumes(ctx context.Context, ch *model.Change, rev uint64) (undo func(), err error) {
+	undo = func() {}
+	if s.cfg.Volumes == nil {
+		return undo, nil
+	}
+	var d *config.Domain
+	for _, op := range ch.Ops {
+		if op.Kind == config.OpAddDomain && op.New != nil {
+			d = op.New
+		}
+	}
+	if d == nil || d.VolumeConfig == "" {
+		return undo, nil
+	}
+	name, vc := d.Name(), string(d.VolumeConfig)
+	if err := s.cfg.Volumes.CreateVolumes(ctx, name, vc, rev); err != nil {
+		var evs []model.Event
+		for _, e := range ch.Post {
+			if e.Name == "domain-create-on-disk" {
+				break
+			}
+			evs = append(evs, e)
+		}
+		evs = append(evs, model.Ev("", "domain-pre-delete", "vm", name), model.Ev("", "domain-delete", "vm", name))
+		if perr := s.publish(ctx, evs); perr != nil {
+			return undo, perr
+		}
+		return undo, err
+	}
+	return func() {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.WriteTimeout)
+		defer cancel()
+		if err := s.cfg.Volumes.RemoveVolumes(rctx, name, vc, rev); err != nil {
+			s.log.Error("remove the volumes of a qube not added", "qube", name, "err", err)
+		}
+	}, nil
 }

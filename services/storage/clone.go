@@ -123,15 +123,12 @@ func (s *Service) volumeCloneTo(ctx context.Context, c *rpc.Call) ([]byte, error
 		}
 		// The source must still exist (the token is spent anyway).
 		var src *Source
-		for _, dv := range s.allVolumes(false) {
-			if dv.vol.Pool == pc.Pool && dv.vol.VID == pc.VID {
-				sp, err := s.poolOf(q.pools, dv.vol)
-				if err != nil {
-					return nil, nil, err
-				}
-				src = &Source{Volume: effective(sp, dv.vol), Pool: sp}
-				break
+		if sv, ok := s.findVolume(pc.Pool, pc.VID); ok {
+			sp, err := s.poolOf(q.pools, sv)
+			if err != nil {
+				return nil, nil, err
 			}
+			src = &Source{Volume: effective(sp, sv), Pool: sp}
 		}
 		if src == nil {
 			return nil, nil, qerr.Abort("clone source " + pc.Pool + ":" + pc.VID + " is gone")

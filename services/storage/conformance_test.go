@@ -144,7 +144,52 @@ func TestDriverConformance(t *testing.T) {
 			if err := p.Clear(ctx, vol); !errors.Is(err, ErrNotSupported) {
 				t.Fatalf("clear of a volatile volume: %v, want ErrNotSupported", err)
 			}
-			for _, v := range []Volume{priv, dst, none, vol} {
+			// A start is dirty until its stop; a discarded start leaves the committed
+			// data and revisions as they were, for every kind of volume.
+			if p.IsDirty(priv) {
+				t.Fatal("a stopped volume is dirty")
+			}
+			revsBefore, sizeBefore := revIDs(t, p, priv), p.Size(priv)
+			if err := p.Start(ctx, priv, nil); err != nil {
+				t.Fatal(err)
+			}
+			if !p.IsDirty(priv) {
+				t.Fatal("a started save_on_stop volume is not dirty")
+			}
+			if err := p.Discard(ctx, priv); err != nil {
+				t.Fatal(err)
+			}
+			if p.IsDirty(priv) || !slices.Equal(revIDs(t, p, priv), revsBefore) || p.Size(priv) != sizeBefore {
+				t.Fatalf("after a discarded start: dirty %v, revisions %v (were %v), size %d (was %d)",
+					p.IsDirty(priv), revIDs(t, p, priv), revsBefore, p.Size(priv), sizeBefore)
+			}
+			inPlace := priv
+			inPlace.VID, inPlace.RevisionsToKeep = "appvms/inplace/private", -1
+			if err := p.Create(ctx, inPlace); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Start(ctx, inPlace, nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Discard(ctx, inPlace); err != nil {
+				t.Fatal(err)
+			}
+			if p.IsDirty(inPlace) || p.Size(inPlace) != inPlace.Size {
+				t.Fatalf("a discarded start of a volume without snapshots: dirty %v, size %d", p.IsDirty(inPlace), p.Size(inPlace))
+			}
+			snap := Volume{Name: "root", Pool: "p", VID: "appvms/q/root", RW: true, SnapOnStart: true, Source: priv.VID, Size: 1 << 20}
+			for _, v := range []Volume{snap, vol} {
+				if err := p.Start(ctx, v, &Source{Volume: priv, Pool: p}); err != nil {
+					t.Fatal(err)
+				}
+				if p.IsDirty(v) {
+					t.Fatalf("%s: a volume that is not saved is dirty", v.Name)
+				}
+				if err := p.Discard(ctx, v); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, v := range []Volume{priv, dst, none, vol, inPlace} {
 				if err := p.Remove(ctx, v); err != nil {
 					t.Fatal(err)
 				}

@@ -98,6 +98,13 @@ type Pool interface {
 	// a new revision, dropping those beyond revisions_to_keep, and discards the rest.
 	Start(ctx context.Context, v Volume, src *Source) error
 	Stop(ctx context.Context, v Volume) error
+	// IsDirty reports whether a save_on_stop volume has a running copy that was not
+	// committed (its qube runs, or stopped uncleanly): qubesd's is_dirty.
+	IsDirty(v Volume) bool
+	// Discard undoes a Start of a volume that was not dirty, for a start that failed
+	// before its qube ran: the running copy goes without a commit, and the committed
+	// data and revisions stay as they were.
+	Discard(ctx context.Context, v Volume) error
 }
 
 // Source is another volume and its pool: the origin of a clone or a snapshot.

@@ -496,6 +496,24 @@ func (p *filePool) Stop(_ context.Context, v Volume) error {
 	return nil
 }
 
+func (p *filePool) IsDirty(v Volume) bool { return v.SaveOnStop && exists(p.dirty(v)) }
+
+func (p *filePool) Discard(_ context.Context, v Volume) error {
+	if v.SaveOnStop && v.RevisionsToKeep == -1 && exists(p.dirty(v)) {
+		return os.Rename(p.dirty(v), p.clean(v)) // Start moved the data aside
+	}
+	files := []string{p.dirty(v)}
+	if !v.SaveOnStop {
+		files = append(files, p.clean(v)) // a snapshot's link to its source
+	}
+	for _, f := range files {
+		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
+}
+
 // copyFile writes a copy of src at dst (replacing it): a reflink where the filesystem
 // can, else a sparse copy; size >= 0 resizes the copy.
 func (p *filePool) copyFile(src, dst string, size int64) error {

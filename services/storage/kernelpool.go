@@ -92,3 +92,5 @@ func (p *kernelPool) Clear(context.Context, Volume) error {
 }
 func (p *kernelPool) Start(context.Context, Volume, *Source) error { return nil }
 func (p *kernelPool) Stop(context.Context, Volume) error           { return nil }
+func (p *kernelPool) IsDirty(Volume) bool                          { return false }
+func (p *kernelPool) Discard(context.Context, Volume) error        { return nil }

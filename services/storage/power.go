@@ -14,8 +14,8 @@ import (
 
 // powerFollower makes volumes follow the power state: a durable consumer of the
 // events stream, shared by every storage instance of the host (each event is handled
-// once, in order), prepares a qube's volumes on domain-start and commits them on
-// domain-shutdown.
+// once, in order), commits a qube's volumes on domain-shutdown. (Volumes are prepared
+// before a start, when vmlifecycle asks: storageapi.OpPrepare.)
 type powerFollower struct {
 	s    *Service
 	cons jetstream.Consumer
@@ -47,9 +47,9 @@ func followPower(ctx context.Context, js jetstream.JetStream, s *Service) (*powe
 
 func (f *powerFollower) handle(m jetstream.Msg) {
 	_, vm, event, ok := subject.ParseEvent(m.Subject())
-	if ok && (event == "domain-start" || event == "domain-shutdown") {
+	if ok && event == "domain-shutdown" {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		if err := f.s.followPower(ctx, vm, event == "domain-start"); err != nil {
+		if err := f.s.followPower(ctx, vm, false); err != nil {
 			f.s.log.Error("volumes did not follow the power state", "qube", vm, "event", event, "err", err)
 		}
 		cancel()

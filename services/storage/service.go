@@ -7,9 +7,16 @@
 // set-volume-config); this service reads them from its replica. The data (images,
 // revisions) is the pools': files under a file pool's dir_path, or a simulated pool's
 // memory. Clone tokens live in a JetStream KV bucket, so that CloneTo works whichever
-// instance serves it. Volumes follow the power state through the events stream: a
-// durable consumer shared by the instances prepares volumes on domain-start and
-// commits them on domain-shutdown.
+// instance serves it.
+//
+// The volume side of qube operations is asked for over NATS (schemas/storage, in
+// internal.go): properties has a new qube's volumes created before the qube is added
+// (a failure fails admin.vm.Create* as in qubesd) and a removed qube's removed before
+// admin.vm.Remove answers; vmlifecycle has a qube's volumes prepared before its domain
+// is created (a failure is the start's error, and the volumes that call started are
+// discarded). Stops follow the events stream: a durable consumer shared by the
+// instances commits volumes on domain-shutdown. Simulated pools take faults from a
+// lab (storageapi.LabOpFaults: pool full, slow clone, failing resize).
 package storage
 
 import (
@@ -107,6 +114,8 @@ type Service struct {
 
 	pmu   sync.Mutex
 	pools map[string]openPool // by name, opened from the configuration
+
+	faults faultTable // of simulated pools, set by a lab
 }
 
 type openPool struct {
@@ -171,7 +180,19 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	mux := rpc.NewMux(s.cfg.Registry, rpc.Storage, rep, s.log)
 	mux.Auth = s.cfg.Auth
 	s.handlers(mux)
-	return mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
+	svc, err := mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
+	if err != nil {
+		return nil, err
+	}
+	if err := s.internalEndpoints(ctx, nc, svc); err != nil {
+		_ = svc.Stop()
+		return nil, err
+	}
+	if err := nc.FlushTimeout(10 * time.Second); err != nil {
+		_ = svc.Stop()
+		return nil, fmt.Errorf("flush: %w", err)
+	}
+	return svc, nil
 }
 
 func (s *Service) handlers(mux *rpc.Mux) {
@@ -224,6 +245,9 @@ func (s *Service) pool(pc config.Pool) (Pool, error) {
 	p, err := d.Open(cfg, s.host)
 	if err != nil {
 		return nil, fmt.Errorf("pool %s: %w", name, err)
+	}
+	if sp, ok := p.(*simPool); ok {
+		sp.faults = s.faultsOf(name)
 	}
 	if old, ok := s.pools[name]; ok {
 		// A simulated pool's volumes outlive a change of its options.

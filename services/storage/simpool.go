@@ -7,6 +7,9 @@ import (
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/qubesbus/qubesbus/bus/qerr"
+	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
 )
 
 // simDriver keeps volumes as metadata only (sizes, revisions), for labs of thousands
@@ -42,9 +45,60 @@ type simPool struct {
 	driver, name, rtk string
 	cfg               PoolConfig
 	host              Host
+	faults            *simFaults // set by the service; nil: none
 
 	mu   sync.Mutex
 	vols map[string]*simVol
+}
+
+// simFaults are the faults a lab injects into one simulated pool
+// (storageapi.LabOpFaults); the service keeps them by pool name, so they outlive a
+// reopening of the pool.
+type simFaults struct {
+	mu   sync.Mutex
+	spec storageapi.LabFaultSpec
+}
+
+func (f *simFaults) get() storageapi.LabFaultSpec {
+	if f == nil {
+		return storageapi.LabFaultSpec{}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.spec
+}
+
+func (f *simFaults) set(spec storageapi.LabFaultSpec) {
+	f.mu.Lock()
+	f.spec = spec
+	f.mu.Unlock()
+}
+
+// full is the error of a write to a full pool: lvm's, as qubesd passes it on
+// (StoragePoolException of lvm's stderr).
+func (p *simPool) full() error {
+	where := p.name
+	if vg, ok := p.cfg.Get("volume_group"); ok {
+		tp, _ := p.cfg.Get("thin_pool")
+		where = vg + "/" + tp
+	}
+	return qerr.StoragePoolException("  Cannot create new thin volume, free space in thin pool " + where + " reached threshold.")
+}
+
+// copyDelay waits as long as a slow clone takes, or until ctx ends.
+func (p *simPool) copyDelay(ctx context.Context) error {
+	d := time.Duration(p.faults.get().CloneDelayMS) * time.Millisecond
+	if d <= 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 type simVol struct {
@@ -90,6 +144,9 @@ func (p *simPool) vol(v Volume) *simVol {
 }
 
 func (p *simPool) Create(_ context.Context, v Volume) error {
+	if v.SaveOnStop && !v.SnapOnStart && p.faults.get().Full {
+		return p.full()
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.vols[v.VID] = &simVol{size: v.Size, next: 1}
@@ -130,8 +187,15 @@ func (p *simPool) Resize(_ context.Context, v Volume, size int64) error {
 	if !v.RW {
 		return fmt.Errorf("%w: resize of %s", ErrReadOnly, v.VID)
 	}
+	f := p.faults.get()
+	if f.ResizeFails != "" {
+		return qerr.StoragePoolException(f.ResizeFails)
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if f.Full && size > p.vol(v).size {
+		return p.full()
+	}
 	p.vol(v).size = size
 	return nil
 }
@@ -169,9 +233,15 @@ func (p *simPool) Revert(_ context.Context, v Volume, revision string) error {
 	return nil
 }
 
-func (p *simPool) Import(_ context.Context, v Volume, src *Source) error {
+func (p *simPool) Import(ctx context.Context, v Volume, src *Source) error {
 	if !v.SaveOnStop {
 		return nil
+	}
+	if p.faults.get().Full {
+		return p.full()
+	}
+	if err := p.copyDelay(ctx); err != nil {
+		return err
 	}
 	size := src.Pool.Size(src.Volume)
 	p.mu.Lock()
@@ -192,10 +262,41 @@ func (p *simPool) Clear(_ context.Context, v Volume) error {
 	return nil
 }
 
-func (p *simPool) Start(_ context.Context, v Volume, _ *Source) error {
+func (p *simPool) Start(ctx context.Context, v Volume, _ *Source) error {
+	p.mu.Lock()
+	resume := p.vol(v).dirty
+	p.mu.Unlock()
+	if !resume {
+		// A new snapshot (or an emptied volatile volume) takes room, and a snapshot of
+		// a source is a copy.
+		if p.faults.get().Full {
+			return p.full()
+		}
+		if v.SnapOnStart {
+			if err := p.copyDelay(ctx); err != nil {
+				return err
+			}
+		}
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.vol(v).dirty = v.SaveOnStop
+	return nil
+}
+
+func (p *simPool) IsDirty(v Volume) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	sv := p.vols[v.VID]
+	return v.SaveOnStop && sv != nil && sv.dirty
+}
+
+func (p *simPool) Discard(_ context.Context, v Volume) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if sv := p.vols[v.VID]; sv != nil {
+		sv.dirty = false
+	}
 	return nil
 }
 

@@ -78,16 +78,41 @@ func (s *Service) source(pools []config.Pool, v Volume) *Source {
 	if v.Source == "" {
 		return nil
 	}
-	for _, dv := range s.allVolumes(false) {
-		if dv.vol.Pool == v.Pool && dv.vol.VID == v.Source {
-			p, err := s.poolOf(pools, dv.vol)
-			if err != nil {
-				return nil
+	sv, ok := s.findVolume(v.Pool, v.Source)
+	if !ok {
+		return nil
+	}
+	p, err := s.poolOf(pools, sv)
+	if err != nil {
+		return nil
+	}
+	return &Source{Volume: sv, Pool: p}
+}
+
+// findVolume returns the volume of a vid in a pool. qubesd lays vids out as
+// <dir>/<qube>/<volume>, so the qube the vid names is tried first (one lookup, whatever
+// the number of qubes); every qube is searched only when that misses.
+func (s *Service) findVolume(pool, vid string) (Volume, bool) {
+	if parts := strings.Split(vid, "/"); len(parts) == 3 {
+		var raw config.RawXML
+		s.rep.ViewIndexed(func(_ *config.Config, byName func(string) *config.Domain) {
+			if d := byName(parts[1]); d != nil {
+				raw = d.VolumeConfig
 			}
-			return &Source{Volume: dv.vol, Pool: p}
+		})
+		vols, _ := parseVolumeConfig(raw)
+		for _, v := range vols {
+			if v.Pool == pool && v.VID == vid {
+				return v, true
+			}
 		}
 	}
-	return nil
+	for _, dv := range s.allVolumes(false) {
+		if dv.vol.Pool == pool && dv.vol.VID == vid {
+			return dv.vol, true
+		}
+	}
+	return Volume{}, false
 }
 
 func (s *Service) volumeList(_ context.Context, c *rpc.Call) ([]byte, error) {

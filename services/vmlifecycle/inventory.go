@@ -1,9 +1,11 @@
 package vmlifecycle
 
 import (
+	"slices"
 	"time"
 
 	"github.com/qubesbus/qubesbus/schemas/config"
+	"github.com/qubesbus/qubesbus/schemas/device"
 	"github.com/qubesbus/qubesbus/schemas/model"
 	"github.com/qubesbus/qubesbus/schemas/replica"
 )
@@ -28,6 +30,9 @@ type Qube struct {
 	Qrexec          bool   // feature qrexec, own or through the template
 	ProhibitStart   string // feature prohibit-start ("" = allowed)
 	AutoCleanup     bool   // DispVM removed after it stops
+	// RequiresDevices: the qube has a device assignment of mode required, which a
+	// start must check and attach (through the devices service).
+	RequiresDevices bool
 }
 
 // IsAdminVM reports whether the qube is dom0.
@@ -147,5 +152,12 @@ func qubeOf(m *model.Model, d *config.Domain) Qube {
 	}
 	q.ProhibitStart, _ = model.Feature(d, "prohibit-start")
 	q.AutoCleanup = d.Class == "DispVM" && m.Bool(h, "auto_cleanup")
+	for _, el := range d.Devices {
+		_, as, err := device.UnmarshalDevices(el, d.Name())
+		// An element the devices service cannot read either is its to report.
+		if err != nil || slices.ContainsFunc(as, func(a device.Assignment) bool { return a.Mode == device.ModeRequired }) {
+			q.RequiresDevices = true
+		}
+	}
 	return q
 }

@@ -151,6 +151,7 @@ func (s *Service) cleanup(ctx context.Context, q Qube) {
 	_ = s.emit(ctx, evPreDelete(q.Name))
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
+	volumeConfig := s.volumeConfig(q.Name) // storage: removed with the disposable, below
 	rev, err := s.store.Apply(actx, config.Mutation{
 		Ops:           []config.Op{{Kind: config.OpDelDomain, Domain: q.DomainID}},
 		ChangesConfig: true,
@@ -163,6 +164,7 @@ func (s *Service) cleanup(ctx context.Context, q Qube) {
 		s.log.Warn("wait for the disposable's removal", "vm", q.Name, "err", err)
 	}
 	_ = s.emit(ctx, evDelete(q.Name))
+	s.removeVolumes(ctx, q.Name, volumeConfig, rev) // storage
 }
 
 // --- Start ---
@@ -202,12 +204,20 @@ func (s *Service) start(ctx context.Context, name string, path []string) error {
 		_ = s.emit(ctx, evStartFailed(name, err.Message))
 		return err
 	}
-	if err := s.emit(ctx, evPreStart(name), evVerifyFiles(name)); err != nil {
+	if err := s.emit(ctx, evPreStart(name)); err != nil {
 		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 	}
 	fail := func(err error) error {
 		_ = s.emit(ctx, evStartFailed(name, reason(err)))
 		return err
+	}
+	// Devices: every required assignment has a device, checked right after
+	// domain-pre-start as qubesd does (devices.go).
+	if err := s.checkRequiredDevices(ctx, name); err != nil {
+		return fail(err)
+	}
+	if err := s.emit(ctx, evVerifyFiles(name)); err != nil {
+		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 	}
 	if err := s.startNetVM(ctx, q, append(path, name)); err != nil {
 		return fail(err)
@@ -218,6 +228,13 @@ func (s *Service) start(ctx context.Context, name string, path []string) error {
 		}
 		return fail(errStartFailed(err.Error()))
 	}
+	// Storage: the volumes are prepared before the domain exists (volumes.go).
+	if err := s.prepareVolumes(ctx, q); err != nil {
+		if rerr := s.drv.ReleaseMemory(ctx, name); rerr != nil {
+			s.log.Warn("release memory", "vm", name, "err", rerr)
+		}
+		return fail(err)
+	}
 	_ = s.emit(ctx, evPreSpawn(name))
 	dom, err := s.drv.Create(ctx, DomainSpec{Name: name, UUID: q.UUID, MemoryMiB: q.Memory, MaxMemMiB: q.MaxMem,
 		VCPUs: q.VCPUs, VirtMode: q.VirtMode, Qrexec: q.Qrexec})
@@ -225,9 +242,16 @@ func (s *Service) start(ctx context.Context, name string, path []string) error {
 		if rerr := s.drv.ReleaseMemory(ctx, name); rerr != nil {
 			s.log.Warn("release memory", "vm", name, "err", rerr)
 		}
-		return fail(errStartFailed(err.Error()))
+		serr := fail(errStartFailed(err.Error()))
+		s.stopVolumes(ctx, q) // storage: as qubesd's storage.stop() here
+		return serr
 	}
 	s.setInstance(name, dom.XID)
+	// Devices: the required ones are part of the created domain, before it runs
+	// (devices.go).
+	if err := s.attachRequiredDevices(ctx, name); err != nil {
+		return s.abortStart(ctx, q, dom.XID, err)
+	}
 	evs := runtimeResets(name)
 	evs = append(evs, evSpawn(name), evQdbCreate(name), evPreUnpaused(name))
 	_ = s.emit(ctx, evs...)

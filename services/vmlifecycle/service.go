@@ -50,8 +50,11 @@ type Config struct {
 	// Serve follows the change log on its connection; successive lease terms share one.
 	Replica   *replica.Replica
 	Inventory Inventory
-	Driver    Driver
-	Log       *slog.Logger // nil: discard
+	// Events stores the lifecycle's events; nil: QUBES_EVENTS over Serve's connection
+	// (cloudevent.Publisher).
+	Events Publisher
+	Driver Driver
+	Log    *slog.Logger // nil: discard
 	// StatsLease is how long an admin.vm.Stats watcher keeps vm-stats flowing without
 	// renewing (default 10 s).
 	StatsLease time.Duration
@@ -60,6 +63,12 @@ type Config struct {
 	// Epoch orders this instance's runtime marks after every earlier instance's: the
 	// lease term's epoch when instances are elected (bus/lease); zero: the start time.
 	Epoch uint64
+	// Volumes prepares a qube's volumes before its start (storageapi.Client); nil: no
+	// storage service (the lifecycle's own tests), volumes are not prepared.
+	Volumes Volumes
+	// Devices checks and attaches a qube's required devices as it starts
+	// (devicectl.Client); nil: no devices service (the lifecycle's own tests).
+	Devices Devices
 }
 
 // Validate reports every missing part at once.
@@ -155,7 +164,10 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if s.inv == nil {
 		s.inv = ReplicaInventory{R: rep}
 	}
-	s.pub = cloudevent.NewPublisher(js, s.host.ID())
+	s.pub = s.cfg.Events
+	if s.pub == nil {
+		s.pub = cloudevent.NewPublisher(js, s.host.ID())
+	}
 	s.store = configstore.Client{NC: nc, Host: s.host}
 	mux := rpc.NewMux(s.cfg.Registry, rpc.VMLifecycle, rep, s.log)
 	mux.Auth = s.cfg.Auth

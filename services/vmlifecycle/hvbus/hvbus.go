@@ -57,6 +57,13 @@ type DeviceDriver interface {
 	DetachDevice(ctx context.Context, a hostdev.Attachment) error
 }
 
+// DeviceChangeNotifier is a driver that reports hot-plugs and unplugs (the simulated
+// hypervisor does); the server announces each on subject.Host.HypervisorDevices, the
+// body a hostdev.Change.
+type DeviceChangeNotifier interface {
+	OnDeviceChange(f func(backend string))
+}
+
 // NoticeStream is the JetStream stream holding every host's hypervisor notices.
 const NoticeStream = "QUBES_HV"
 

@@ -58,7 +58,9 @@ var methods = []struct {
 	{OpShutdown, nameOnly(vmlifecycle.Driver.Shutdown)},
 	{OpDestroy, nameOnly(vmlifecycle.Driver.Destroy)},
 	{OpSuspend, nameOnly(vmlifecycle.Driver.Suspend)},
-	{OpConsole, func(ctx context.Context, d vmlifecycle.Driver, a callArgs) (any, error) { return d.Console(ctx, a.Name) }},
+	{OpConsole, func(ctx context.Context, d vmlifecycle.Driver, a callArgs) (any, error) {
+		return d.Console(ctx, a.Name)
+	}},
 	{OpWakeup, nameOnly(vmlifecycle.Driver.Wakeup)},
 	{OpWaitAgent, func(ctx context.Context, d vmlifecycle.Driver, a callArgs) (any, error) {
 		return nil, d.WaitAgent(ctx, a.Name, a.XID)
@@ -191,6 +193,17 @@ func (srv *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, err
 				return fail(fmt.Errorf("add hypervisor endpoint %s: %w", m.op, err))
 			}
 		}
+	}
+	if dn, ok := drv.(DeviceChangeNotifier); ok {
+		dn.OnDeviceChange(func(backend string) {
+			if ctx.Err() != nil {
+				return
+			}
+			data, _ := json.Marshal(hostdev.Change{Backend: backend})
+			if err := nc.Publish(host.HypervisorDevices(), data); err != nil {
+				log.Warn("announce device change", "backend", backend, "err", err)
+			}
+		})
 	}
 	if err := nc.FlushTimeout(10 * time.Second); err != nil {
 		return fail(fmt.Errorf("flush: %w", err))

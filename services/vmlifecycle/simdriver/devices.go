@@ -98,6 +98,27 @@ func trimSpaces(s string) string {
 type hostDevices struct {
 	all      []device.Info
 	attached []hostdev.Attachment
+	// onChange are told the backend whose devices a Plug or Unplug changed.
+	onChange []func(backend string)
+}
+
+// OnDeviceChange registers f, called (outside the hypervisor's lock) with the backend
+// after each hot-plug or unplug: what qubesd learns from the backend's QubesDB watch.
+// A backend's devices that come and go with it are not reported here: the domain's
+// start and stop are.
+func (h *Hypervisor) OnDeviceChange(f func(backend string)) {
+	h.lock()
+	defer h.mu.Unlock()
+	h.devices.onChange = append(h.devices.onChange, f)
+}
+
+func (h *Hypervisor) deviceChanged(backend string) {
+	h.lock()
+	fs := slices.Clone(h.devices.onChange)
+	h.mu.Unlock()
+	for _, f := range fs {
+		f(backend)
+	}
 }
 
 func (h *Hypervisor) runningLocked(name string) bool {
@@ -174,21 +195,24 @@ func (h *Hypervisor) exposedLocked(p device.Port) bool {
 // Plug adds a device to its backend (a hot-plug; replaces one at the same port).
 func (h *Hypervisor) Plug(info device.Info) {
 	h.lock()
-	defer h.mu.Unlock()
 	h.devices.all = slices.DeleteFunc(h.devices.all, func(d device.Info) bool { return d.Port == info.Port })
 	h.devices.all = append(h.devices.all, info)
+	h.mu.Unlock()
+	h.deviceChanged(info.Backend)
 }
 
 // Unplug removes a device from its backend; an attachment of it goes too.
 func (h *Hypervisor) Unplug(p device.Port) error {
 	h.lock()
-	defer h.mu.Unlock()
 	n := len(h.devices.all)
 	h.devices.all = slices.DeleteFunc(h.devices.all, func(d device.Info) bool { return d.Port == p })
 	if len(h.devices.all) == n {
+		h.mu.Unlock()
 		return fmt.Errorf("%w: %s", hostdev.ErrNoDevice, p)
 	}
 	h.devices.attached = slices.DeleteFunc(h.devices.attached, func(a hostdev.Attachment) bool { return a.Port == p })
+	h.mu.Unlock()
+	h.deviceChanged(p.Backend)
 	return nil
 }
 

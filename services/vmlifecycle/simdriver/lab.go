@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/device"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 )
 
@@ -26,6 +27,10 @@ import (
 //	pause      LabVM {vm}                                paused behind the service's back
 //	unpause    LabVM {vm}                                unpaused behind the service's back
 //	domains    {}                                        replies the active domains
+//	plug       LabDevice {device}                        hot-plug: the device appears at its backend
+//	unplug     LabPort {port}                            unplug: the device and its attachment go
+//
+// A backend crash is crash on the backend qube: its devices go with it.
 const (
 	LabOpConfig   = "config"
 	LabOpFaults   = "faults"
@@ -34,7 +39,20 @@ const (
 	LabOpPause    = "pause"
 	LabOpUnpause  = "unpause"
 	LabOpDomains  = "domains"
+	LabOpPlug     = "plug"
+	LabOpUnplug   = "unplug"
 )
+
+// LabDevice is a device to hot-plug (BlockDevice builds a block one as a backend's
+// QubesDB describes it).
+type LabDevice struct {
+	Device device.Info `json:"device"`
+}
+
+// LabPort names a device to unplug.
+type LabPort struct {
+	Port device.Port `json:"port"`
+}
 
 // LabConfig changes the simulation; durations in milliseconds, nil leaves a value.
 type LabConfig struct {
@@ -139,6 +157,24 @@ func ServeLab(nc *nats.Conn, host subject.Host, h *Hypervisor) (micro.Service, e
 		LabOpPowerOff: vmOp(h.PowerOff),
 		LabOpPause:    vmOp(h.PauseBehind),
 		LabOpUnpause:  vmOp(h.UnpauseBehind),
+		LabOpPlug: func(data []byte) LabReply {
+			var req LabDevice
+			if err := json.Unmarshal(data, &req); err != nil || req.Device.Backend == "" || req.Device.ID == "" || !device.KnownClass(req.Device.Class) {
+				return LabReply{Error: "request must name a device: backend, port id and a known class"}
+			}
+			h.Plug(req.Device)
+			return LabReply{}
+		},
+		LabOpUnplug: func(data []byte) LabReply {
+			var req LabPort
+			if err := json.Unmarshal(data, &req); err != nil || req.Port.Backend == "" || req.Port.ID == "" {
+				return LabReply{Error: "request must name a port"}
+			}
+			if err := h.Unplug(req.Port); err != nil {
+				return LabReply{Error: err.Error()}
+			}
+			return LabReply{}
+		},
 		LabOpDomains: func([]byte) LabReply {
 			doms, _ := h.Domains(context.Background())
 			return LabReply{Domains: doms}
@@ -221,6 +257,18 @@ func (c LabClient) Pause(ctx context.Context, vm string) error {
 // Unpause unpauses a qube behind the service's back.
 func (c LabClient) Unpause(ctx context.Context, vm string) error {
 	_, err := c.call(ctx, LabOpUnpause, LabVM{VM: vm})
+	return err
+}
+
+// Plug hot-plugs a device at its backend.
+func (c LabClient) Plug(ctx context.Context, d device.Info) error {
+	_, err := c.call(ctx, LabOpPlug, LabDevice{Device: d})
+	return err
+}
+
+// Unplug removes a device from its backend.
+func (c LabClient) Unplug(ctx context.Context, p device.Port) error {
+	_, err := c.call(ctx, LabOpUnplug, LabPort{Port: p})
 	return err
 }
 

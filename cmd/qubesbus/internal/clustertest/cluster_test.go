@@ -116,18 +116,31 @@ func TestClusterFaults(t *testing.T) {
 	}
 	persistence := []*proc{svc("persistence", "persistence-a"), svc("persistence", "persistence-b")}
 	properties := []*proc{svc("properties", "properties-a"), svc("properties", "properties-b")}
+	// The storage instances share one data dir: their file pools are the host's
+	// /var/lib/qubes, one filesystem whichever instance serves a call.
+	storageProc := func(id string) *proc {
+		p := svc("storage", id)
+		for i, a := range p.args {
+			if a == filepath.Join(dir, "data-"+id) {
+				p.args[i] = filepath.Join(dir, "data-storage")
+			}
+		}
+		return p
+	}
+	storage := []*proc{storageProc("storage-a"), storageProc("storage-b")}
 	hypervisor := svc("hypervisor", "hypervisor")
+	devices := svc("devices", "devices") // one per host: it keeps each backend's device record
 	lifecycle := []*proc{svc("vmlifecycle", "vmlifecycle-a"), svc("vmlifecycle", "vmlifecycle-b")}
 	gateway := svc("gateway", "gateway")
 	dump := func() {
-		for _, p := range append(append(append(append([]*proc{hypervisor}, nodes...), persistence...), properties...), append(lifecycle, gateway)...) {
+		for _, p := range append(append(append(append(append([]*proc{hypervisor, devices}, nodes...), persistence...), properties...), storage...), append(lifecycle, gateway)...) {
 			if p.log != nil {
 				t.Logf("--- %s ---\n%s", p.name, lastLines(p.log.String(), 15))
 			}
 		}
 	}
 	// vmlifecycle-a starts first and holds the host's lease; b stands by.
-	for _, group := range [][]*proc{persistence[:1], persistence[1:], {hypervisor}, lifecycle[:1], lifecycle[1:], properties, {gateway}} {
+	for _, group := range [][]*proc{persistence[:1], persistence[1:], {hypervisor}, lifecycle[:1], lifecycle[1:], storage, {devices}, properties, {gateway}} {
 		for _, p := range group {
 			p.start(t)
 			defer p.stop()
@@ -138,9 +151,11 @@ func TestClusterFaults(t *testing.T) {
 		b, err := call(socket, "admin.vm.List+ dom0 name dom0\x00", 5*time.Second)
 		return err == nil && bytes.HasPrefix(b, []byte("0\x00dom0"))
 	})
-	if n := instances(probe, "qubesbus-properties"); n != 2 {
-		dump()
-		t.Fatalf("%d properties instances, want 2", n)
+	for _, name := range []string{"qubesbus-properties", "qubesbus-storage"} {
+		if n := instances(probe, name); n != 2 {
+			dump()
+			t.Fatalf("%d %s instances, want 2", n, name)
+		}
 	}
 
 	// The lifecycle lease's holder is hostname-pid of the instance that serves.
@@ -258,6 +273,9 @@ func TestClusterFaults(t *testing.T) {
 			}
 			halted = ok && op == "admin.vm.Kill"
 			if !ok {
+				if powerFails.Load() < 3 {
+					t.Logf("%s: power call %s failed: %q %v", time.Now().Format("15:04:05.000"), op, firstBytes(b), err)
+				}
 				powerFails.Add(1)
 				time.Sleep(100 * time.Millisecond)
 			}
@@ -270,7 +288,8 @@ func TestClusterFaults(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			reqs := []string{"admin.vm.List+ dom0 name dom0\x00", "admin.vm.property.Get+label dom0 name work\x00",
-				"admin.vm.feature.List+ dom0 name work\x00", "admin.vm.CurrentState+ dom0 name work\x00"}
+				"admin.vm.feature.List+ dom0 name work\x00", "admin.vm.CurrentState+ dom0 name work\x00",
+				"admin.vm.volume.List+ dom0 name work\x00", "admin.pool.List+ dom0 name dom0\x00"}
 			for i := 0; ; i++ {
 				select {
 				case <-stop:
@@ -297,18 +316,20 @@ func TestClusterFaults(t *testing.T) {
 		{"kill -9 nats node n3", func() { nodes[2].kill() }},
 		{"restart n3", func() { nodes[2].start(t) }},
 		// vmlifecycle-a holds the lease: b takes over once it expires.
-		{"kill -9 persistence-a, properties-a, vmlifecycle-a", func() {
+		{"kill -9 persistence-a, properties-a, vmlifecycle-a, storage-a", func() {
 			persistence[0].kill()
 			properties[0].kill()
 			lifecycle[0].kill()
+			storage[0].kill()
 			// b takes the lease over once a's expires.
 			waitFor(t, "vmlifecycle-b to take the lease over", 30*time.Second, func() bool { return strings.HasSuffix(holder(), pidOf(lifecycle[1])) })
 			t.Logf("%s: vmlifecycle-b holds the lease", time.Now().Format("15:04:05.000"))
 		}},
-		{"restart persistence-a, properties-a, vmlifecycle-a", func() {
+		{"restart persistence-a, properties-a, vmlifecycle-a, storage-a", func() {
 			persistence[0].start(t)
 			properties[0].start(t)
 			lifecycle[0].start(t)
+			storage[0].start(t)
 		}},
 		{"kill -9 nats node n1", func() { nodes[0].kill() }},
 		{"restart n1", func() { nodes[0].start(t) }},

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/embedded"
@@ -27,6 +28,8 @@ type Config struct {
 	Replicas int
 	// URLs spreads hosts' services over several servers: host i uses URLs[i%len].
 	URLs []string
+	// Metrics, if set, receives every host's metrics, each with a host label.
+	Metrics prometheus.Registerer
 }
 
 // Lab is a set of running hosts.
@@ -94,9 +97,14 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *Lab, err error
 		if len(cfg.URLs) > 0 {
 			hostURL = cfg.URLs[i%len(cfg.URLs)]
 		}
+		var reg prometheus.Registerer
+		if cfg.Metrics != nil {
+			reg = prometheus.WrapRegistererWith(prometheus.Labels{"host": id}, cfg.Metrics)
+		}
 		sys, err := system.Start(ctx, system.Config{
 			Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
 			QubesXML: seedFile, HostID: id, NATSURL: hostURL, Replicas: cfg.Replicas, NKeyDir: keyDir,
+			Metrics: reg,
 		}, log.With("host", id))
 		if err != nil {
 			return nil, fmt.Errorf("host %s: %w", id, err)
@@ -104,6 +112,18 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *Lab, err error
 		l.Hosts = append(l.Hosts, &Host{ID: id, Socket: sys.Socket, System: sys})
 	}
 	return l, nil
+}
+
+// Ready is the readiness of every host, each check named after its host.
+func (l *Lab) Ready(ctx context.Context) []system.Check {
+	var out []system.Check
+	for _, h := range l.Hosts {
+		for _, c := range h.System.Ready(ctx) {
+			c.Name = h.ID + " " + c.Name
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // Stop stops every host, then the embedded server.

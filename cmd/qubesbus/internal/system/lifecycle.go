@@ -14,8 +14,11 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus/lease"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/devicectl"
 	"github.com/qubesbus/qubesbus/schemas/replica"
+	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/hvbus"
 )
@@ -53,6 +56,11 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 	if err != nil {
 		return nil, err
 	}
+	s.obs.addReplica(string(rpc.VMLifecycle), rep, nc)
+	events, err := s.countingEvents(nc, host)
+	if err != nil {
+		return nil, err
+	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("jetstream: %w", err)
@@ -71,6 +79,7 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 	holder, _ := os.Hostname()
 	holder = strings.ReplaceAll(fmt.Sprintf("%s-%d", holder, os.Getpid()), " ", "_")
 	l := lease.New(kv, leaseKey(host), holder, ttl, log)
+	s.obs.lease.Store(&leaseView{kv: kv, key: leaseKey(host)})
 	serving := make(chan struct{})
 	s.done.Add(1)
 	go func() {
@@ -87,7 +96,10 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 			drv := hvbus.Client{NC: nc, JS: js, Host: host, Epoch: term.Epoch, OnFenced: deposed}
 			life, err := vmlifecycle.New(vmlifecycle.Config{
 				Host: host, Replica: rep, Driver: drv, Log: log, Auth: s.policy, Epoch: term.Epoch,
+				Volumes: storageapi.Client{NC: nc, Host: host}, Events: events,
+				Devices: devicectl.Client{NC: nc, Host: host},
 			})
+			s.obs.epoch.Store(term.Epoch)
 			if err == nil {
 				// Calls in flight when the term ends may finish (reads waiting for the
 				// replica, say); new ones go to the next holder at once.
@@ -108,6 +120,7 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 				stopService()
 			}
 			deposed()
+			s.obs.epoch.Store(0)
 			if err != nil {
 				log.Error("lifecycle term failed", "epoch", term.Epoch, "err", err)
 			}

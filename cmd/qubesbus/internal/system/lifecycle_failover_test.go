@@ -41,6 +41,8 @@ func TestLifecycleStandbyTakesOver(t *testing.T) {
 	start("persistence")
 	start("hypervisor")
 	stopA := start("vmlifecycle")
+	start("storage") // a start prepares the qube's volumes
+	start("devices")
 	start("properties")
 	start("gateway")
 	nc := bustest.Connect(t, ns)

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/access"
@@ -26,6 +27,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/policy"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
 	"github.com/qubesbus/qubesbus/services/devices"
 	"github.com/qubesbus/qubesbus/services/gateway"
 	"github.com/qubesbus/qubesbus/services/persistence"
@@ -87,6 +89,9 @@ type Config struct {
 	// Storage configures the storage service's host (zero: the real filesystem under
 	// <DataDir>/storage).
 	Storage StorageHost
+	// Metrics, if set, receives the host's metrics (bus/metrics); a lab wraps one
+	// registry with a host label per host.
+	Metrics prometheus.Registerer
 }
 
 // StorageHost is what the storage service sees of the machine: where pool paths
@@ -174,6 +179,8 @@ type System struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	done   sync.WaitGroup
+	// obs is what the metrics and the readiness check read (ops.go).
+	obs observed
 }
 
 func newSystem(ctx context.Context, cfg Config, log *slog.Logger) *System {
@@ -184,6 +191,7 @@ func newSystem(ctx context.Context, cfg Config, log *slog.Logger) *System {
 		s.policy, s.policyErr = policy.Load(cfg.PolicyFile)
 	}
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	s.initMetrics(cfg.Metrics)
 	return s
 }
 
@@ -243,7 +251,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 		}
 		nc, err := bus.Connect(ctx, cc, log)
 		if err == nil {
-			s.conns = append(s.conns, nc)
+			s.addConn(nc)
 		}
 		return nc, err
 	}
@@ -266,6 +274,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 		}
 	}
 	log.Info("socket ready", "socket", cfg.Socket, "nats", url, "host", cfg.HostID)
+	s.obs.started.Store(true)
 	return s, nil
 }
 
@@ -346,7 +355,11 @@ func startPersistence(s *System, nc *nats.Conn, host subject.Host, cfg Config, l
 		return nil, err
 	}
 	s.Store = store
-	return store.Serve(s.ctx, nc)
+	svc, err := store.Serve(s.ctx, nc)
+	if err == nil {
+		s.obs.store.Store(store)
+	}
+	return svc, err
 }
 
 // startHypervisor runs the simulated hypervisor, which stands for Xen, as its own
@@ -391,12 +404,21 @@ func startDevices(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 }
 
 func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
-	props, err := properties.New(properties.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
-		RuntimeMaxAge: cfg.RuntimeMaxAge, SaveAfterReply: cfg.SaveAfterReply})
+	events, err := s.countingEvents(nc, host)
 	if err != nil {
 		return nil, err
 	}
-	return props.Serve(s.ctx, nc)
+	props, err := properties.New(properties.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
+		RuntimeMaxAge: cfg.RuntimeMaxAge, SaveAfterReply: cfg.SaveAfterReply, Events: events,
+		Volumes: storageapi.Client{NC: nc, Host: host}})
+	if err != nil {
+		return nil, err
+	}
+	svc, err := props.Serve(s.ctx, nc)
+	if err == nil {
+		s.obs.addReplica(string(rpc.Properties), props.Replica(), nc)
+	}
+	return svc, err
 }
 
 func startGateway(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
@@ -410,8 +432,12 @@ func startGateway(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 		defer cancel()
 		_ = aud.Close(ctx) // what it could not store is in the log
 	}
-	gw, err := gateway.New(gateway.Config{Host: host, Log: log, Socket: cfg.Socket, SocketGroup: cfg.SocketGroup,
-		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout, Audit: aud})
+	gcfg := gateway.Config{Host: host, Log: log, Socket: cfg.Socket, SocketGroup: cfg.SocketGroup,
+		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout, Audit: aud}
+	if s.obs.metrics != nil {
+		gcfg.Metrics = s.obs.metrics
+	}
+	gw, err := gateway.New(gcfg)
 	if err != nil {
 		closeAudit()
 		return nil, err
@@ -421,6 +447,7 @@ func startGateway(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 		closeAudit()
 		return nil, err
 	}
+	s.obs.gateway.Store(gw)
 	s.done.Add(1)
 	go func() {
 		defer s.done.Done()
@@ -463,6 +490,16 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
 
 // StartOne runs a single service against cfg.NATSURL and returns its stop function.
 func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (func() error, error) {
+	s, err := StartService(ctx, name, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	return s.Stop, nil
+}
+
+// StartService is StartOne returning the system of the one service (for its
+// readiness and metrics).
+func StartService(ctx context.Context, name string, cfg Config, log *slog.Logger) (*System, error) {
 	if cfg.NATSURL == "" {
 		return nil, errors.New("no NATS URL")
 	}
@@ -482,7 +519,7 @@ func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (f
 	if err != nil {
 		return nil, err
 	}
-	s.conns = append(s.conns, nc)
+	s.addConn(nc)
 	// On a server without users, whichever service starts first creates the streams
 	// (idempotent). A service running as its own user (deploy/nats permissions) may not,
 	// and a denied request gets no answer: `qubesbus setup` has created them.
@@ -499,7 +536,8 @@ func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (f
 	if name == "gateway" {
 		log.Info("socket ready", "socket", cfg.Socket, "nats", cfg.NATSURL, "host", cfg.HostID)
 	}
-	return s.Stop, nil
+	s.obs.started.Store(true)
+	return s, nil
 }
 
 // Stop closes the socket, waits for calls in progress, saves qubes.xml and stops the
@@ -517,7 +555,7 @@ func (s *System) Stop() error {
 	for _, svc := range s.services {
 		errs = append(errs, svc.Stop())
 	}
-	for _, nc := range s.conns {
+	for _, nc := range s.Conns() {
 		if err := nc.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
 			errs = append(errs, err)
 		}
@@ -541,6 +579,6 @@ func (s *System) ConnectAs(ctx context.Context, role, name string) (*nats.Conn, 
 	if err != nil {
 		return nil, err
 	}
-	s.conns = append(s.conns, nc)
+	s.addConn(nc)
 	return nc, nil
 }

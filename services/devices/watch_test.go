@@ -1,0 +1,217 @@
+package devices
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/qerr"
+	"github.com/qubesbus/qubesbus/schemas/device"
+	"github.com/qubesbus/qubesbus/schemas/devicectl"
+	"github.com/qubesbus/qubesbus/schemas/hostdev"
+)
+
+// down hides a backend's devices and drops every attachment of vm (the hypervisor
+// when a qube stops or crashes); up shows them again.
+func (f *fakeHypervisor) down(vm string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.stopped == nil {
+		f.stopped = map[string][]device.Info{}
+	}
+	f.stopped[vm] = slices.DeleteFunc(slices.Clone(f.devices), func(d device.Info) bool { return d.Backend != vm })
+	f.devices = slices.DeleteFunc(f.devices, func(d device.Info) bool { return d.Backend == vm })
+	f.attached = slices.DeleteFunc(f.attached, func(a hostdev.Attachment) bool { return a.Backend == vm || a.Frontend == vm })
+}
+
+func (f *fakeHypervisor) up(vm string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.devices = append(f.devices, f.stopped[vm]...)
+	delete(f.stopped, vm)
+}
+
+func (f *fakeHypervisor) plug(d device.Info) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.devices = append(f.devices, d)
+}
+
+func (f *fakeHypervisor) unplug(p device.Port) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.devices = slices.DeleteFunc(f.devices, func(d device.Info) bool { return d.Port == p })
+	f.attached = slices.DeleteFunc(f.attached, func(a hostdev.Attachment) bool { return a.Port == p })
+}
+
+func (f *fakeHypervisor) frontOf(p device.Port) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, a := range f.attached {
+		if a.Port == p {
+			return a.Frontend
+		}
+	}
+	return ""
+}
+
+// power stores a power event as the lifecycle service would.
+func (h *harness) power(vm, name string, kv ...string) {
+	h.t.Helper()
+	if err := cloudevent.NewPublisher(h.js, h.Subjects.ID()).Publish(h.Ctx, cloudevent.New(vm, name, kv...)); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// changed announces a hot-plug as the hypervisor does.
+func (h *harness) changed(backend string) {
+	h.t.Helper()
+	data, _ := json.Marshal(hostdev.Change{Backend: backend})
+	if err := h.NC.Publish(h.Subjects.HypervisorDevices(), data); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// waitEvents waits until the events stored since the last look are want, exactly.
+func (h *harness) waitEvents(want ...string) {
+	h.t.Helper()
+	var got []string
+	bustest.CheckFor(h.t, 10*time.Second, 10*time.Millisecond, func() error {
+		got = append(got, h.events()...)
+		if len(got) < len(want) {
+			return fmt.Errorf("events so far %q", got)
+		}
+		return nil
+	})
+	// Nothing more may follow.
+	time.Sleep(100 * time.Millisecond)
+	got = append(got, h.events()...)
+	if !slices.Equal(got, want) {
+		h.t.Errorf("events:\n got %q\nwant %q", got, want)
+	}
+}
+
+const sda = "sys-net:sda"
+
+var sdaPort = device.Port{Backend: "sys-net", ID: "sda", Class: "block"}
+
+func TestBackendCrashDetachesAndRemoves(t *testing.T) {
+	h := newHarness(t)
+	h.life.set("sys-net", "Running")
+	h.life.set("work", "Running")
+	h.expect("admin.vm.device.block.Attach", "work", "sys-net+sda", "", "0:",
+		"work|device-pre-attach:block|device=sys-net:sda::None,options={}",
+		"work|device-attach:block|device=sys-net:sda::None,options={'read-only': 'no', 'frontend-dev': 'xvdi'}")
+	// sys-net crashes: the lifecycle announces its stop; its device goes, and work
+	// loses it (qubesd's on_domain_shutdown: device-removed, then the frontend's detach).
+	h.hv.down("sys-net")
+	h.life.set("sys-net", "Halted")
+	h.power("sys-net", "domain-shutdown")
+	h.waitEvents("sys-net|domain-shutdown|",
+		"sys-net|device-removed:block|port="+sda,
+		"work|device-detach:block|port="+sda)
+	h.expect("admin.vm.device.block.Attached", "work", "", "", "0:")
+	// It starts again: the device appears; nothing is assigned, so it stays free.
+	h.hv.up("sys-net")
+	h.life.set("sys-net", "Running")
+	h.power("sys-net", "domain-start", "start_guid", "True")
+	h.waitEvents("sys-net|domain-start|start_guid=True",
+		"sys-net|device-list-change:block|",
+		"sys-net|device-added:block|device=sys-net:sda::None")
+}
+
+func TestAutoAttachWhenBackendStarts(t *testing.T) {
+	h := newHarness(t)
+	h.life.set("work", "Running")
+	h.hv.down("sys-net")
+	h.power("sys-net", "domain-shutdown")
+	h.waitEvents("sys-net|domain-shutdown|", "sys-net|device-removed:block|port="+sda)
+	assign := "device_id=':None' port_id='sda' devclass='block' backend_domain='sys-net' mode='auto-attach' frontend_domain='work'"
+	h.expect("admin.vm.device.block.Assign", "work", "sys-net+sda++None", assign, "0:",
+		"work|device-pre-assign:block|device=sys-net:sda::None,options={}",
+		"work|device-assign:block|device=sys-net:sda::None,options={}")
+	h.hv.up("sys-net")
+	h.life.set("sys-net", "Running")
+	h.power("sys-net", "domain-start", "start_guid", "True")
+	h.waitEvents("sys-net|domain-start|start_guid=True",
+		"sys-net|device-list-change:block|",
+		"sys-net|device-added:block|device=sys-net:sda::None",
+		"work|device-attach:block|device=sys-net:sda::None,options={'read-only': 'no', 'frontend-dev': 'xvdi'}")
+	if got := h.hv.frontOf(sdaPort); got != "work" {
+		t.Errorf("sda attached to %q, want work", got)
+	}
+	// work stops: its device is detached (the backend keeps it).
+	h.hv.down("work")
+	h.life.set("work", "Halted")
+	h.power("work", "domain-shutdown")
+	h.waitEvents("work|domain-shutdown|", "work|device-detach:block|port="+sda)
+	// work starts again: its auto-attach assignment attaches the device (no pre-event,
+	// as qubesd's attach_and_notify).
+	h.life.set("work", "Running")
+	h.power("work", "domain-start", "start_guid", "True")
+	h.waitEvents("work|domain-start|start_guid=True",
+		"work|device-attach:block|device=sys-net:sda::None,options={'read-only': 'no', 'frontend-dev': 'xvdi'}")
+}
+
+func TestHotPlug(t *testing.T) {
+	h := newHarness(t)
+	h.life.set("sys-net", "Running")
+	h.life.set("work", "Running")
+	sdb := device.Info{Port: device.Port{Backend: "sys-net", ID: "sdb1", Class: "block"}, DeviceID: ":1", Name: "STICK",
+		Manufacturer: "hosted by sys-net", Interfaces: "b******", Mode: "r"}
+	h.hv.plug(sdb)
+	h.changed("sys-net")
+	h.waitEvents("sys-net|device-list-change:block|", "sys-net|device-added:block|device=sys-net:sdb1::1")
+	h.expect("admin.vm.device.block.Attach", "work", "sys-net+sdb1", "", "0:",
+		"work|device-pre-attach:block|device=sys-net:sdb1::1,options={}",
+		"work|device-attach:block|device=sys-net:sdb1::1,options={'read-only': 'yes', 'frontend-dev': 'xvdi'}")
+	// Pulled out while attached: the frontend's detach, then the removal.
+	h.hv.unplug(sdb.Port)
+	h.changed("sys-net")
+	h.waitEvents("sys-net|device-list-change:block|",
+		"work|device-detach:block|port=sys-net:sdb1",
+		"sys-net|device-removed:block|port=sys-net:sdb1")
+	// A change that changes nothing fires nothing.
+	h.changed("sys-net")
+	h.waitEvents()
+}
+
+func TestRequiredDevicesAtStart(t *testing.T) {
+	h := newHarness(t)
+	assign := "device_id=':None' port_id='sda' devclass='block' backend_domain='sys-net' mode='required' frontend_domain='work'"
+	h.expect("admin.vm.device.block.Assign", "work", "sys-net+sda++None", assign, "0:",
+		"work|device-pre-assign:block|device=sys-net:sda::None,options={}",
+		"work|device-assign:block|device=sys-net:sda::None,options={}")
+	cl := devicectl.Client{NC: h.NC, Host: h.Subjects}
+	h.hv.down("sys-net")
+	err := cl.PrepareStart(h.Ctx, "work")
+	var qe *qerr.Error
+	if !errors.As(err, &qe) || qe.Class != "QubesException" || qe.Message != "Block device sys-net:sda::None not available" {
+		t.Fatalf("PrepareStart without the device: %v", err)
+	}
+	h.hv.up("sys-net")
+	if err := cl.PrepareStart(h.Ctx, "work"); err != nil {
+		t.Fatalf("PrepareStart: %v", err)
+	}
+	if err := cl.AttachRequired(h.Ctx, "work"); err != nil {
+		t.Fatalf("AttachRequired: %v", err)
+	}
+	if got := h.hv.frontOf(sdaPort); got != "work" {
+		t.Errorf("sda attached to %q, want work", got)
+	}
+	if got := h.events(); len(got) != 0 {
+		t.Errorf("required devices attach without events, got %q", got)
+	}
+	// A qube without required devices starts whatever the host has.
+	if err := cl.PrepareStart(h.Ctx, "personal"); err != nil {
+		t.Errorf("PrepareStart personal: %v", err)
+	}
+	if err := cl.PrepareStart(h.Ctx, "nosuchvm"); err == nil {
+		t.Error("PrepareStart of a missing qube succeeded")
+	}
+}
