@@ -8,14 +8,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/audit"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -23,30 +21,18 @@ import (
 
 // auditOptions select the records `qubesbus audit` prints.
 type auditOptions struct {
-	NATSURL string
-	Creds   string
-	User    string
-	NKey    string // seed file of an nkey user
-	DataDir string // where `qubesbus run` keeps its keys
-	TLS     bus.TLSFiles
-	Host    string // "*" for every host
-	Since   string // stream sequence, RFC 3339 time, or a duration ago ("10m"); empty: new only
-	JSON    bool
-	Limit   int // stop after this many records; 0 = follow forever
+	streamClient
+	Host  string // "*" for every host
+	Since string // stream sequence, RFC 3339 time, or a duration ago ("10m"); empty: new only
+	JSON  bool
+	Limit int // stop after this many records; 0 = follow forever
 }
 
 func auditCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) int {
 	fs := flag.NewFlagSet("audit", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var o auditOptions
-	fs.StringVar(&o.NATSURL, "nats-url", envOr("QUBESBUS_NATS_URL", "nats://127.0.0.1:4222"), "NATS server (QUBESBUS_NATS_URL)")
-	fs.StringVar(&o.Creds, "nats-creds", envOr("QUBESBUS_NATS_CREDS", ""), "NATS credentials file")
-	fs.StringVar(&o.User, "nats-user", envOr("QUBESBUS_NATS_USER", ""), "NATS user, e.g. auditor (QUBESBUS_NATS_USER; password from QUBESBUS_NATS_PASSWORD)")
-	fs.StringVar(&o.NKey, "nats-nkey", envOr("QUBESBUS_NATS_NKEY", ""), "nkey seed file (QUBESBUS_NATS_NKEY); default: the auditor role's key in --data-dir, when no other credentials are given")
-	fs.StringVar(&o.DataDir, "data-dir", envOr("QUBESBUS_DATA_DIR", "run/data"), "data dir of `qubesbus run`, whose nkeys/auditor.nk is the default key (QUBESBUS_DATA_DIR)")
-	fs.StringVar(&o.TLS.CA, "nats-tls-ca", envOr("QUBESBUS_NATS_TLS_CA", ""), "PEM file of the NATS servers' CA; any TLS flag makes the connection use TLS")
-	fs.StringVar(&o.TLS.Cert, "nats-tls-cert", envOr("QUBESBUS_NATS_TLS_CERT", ""), "PEM client certificate")
-	fs.StringVar(&o.TLS.Key, "nats-tls-key", envOr("QUBESBUS_NATS_TLS_KEY", ""), "PEM key of the client certificate")
+	o.flags(fs, access.Auditor)
 	fs.StringVar(&o.Host, "host", envOr("QUBESBUS_HOST", "local"), `host id, or "*" for every host`)
 	fs.StringVar(&o.Since, "since", "", "start at a stream sequence, an RFC 3339 time, or a duration ago (10m); default: new records only")
 	fs.BoolVar(&o.JSON, "json", false, "one JSON object per line")
@@ -77,8 +63,7 @@ func tailAudit(ctx context.Context, o auditOptions, out io.Writer, log *slog.Log
 	if err := applySince(&cfg, o.Since); err != nil {
 		return err
 	}
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: o.NATSURL, Creds: o.Creds, User: o.User, Password: os.Getenv("QUBESBUS_NATS_PASSWORD"),
-		NKeySeed: defaultNKey(o.NKey, o.Creds, o.User, o.DataDir, access.Auditor), InboxPrefix: access.InboxPrefix(access.Auditor), TLS: o.TLS, Name: "qubesbus-audit"}, log)
+	nc, err := o.connect(ctx, access.Auditor, log)
 	if err != nil {
 		return err
 	}

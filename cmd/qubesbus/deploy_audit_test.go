@@ -98,13 +98,13 @@ func TestReadersReadOnlyTheirStream(t *testing.T) {
 	// Each reader tails its own stream with the command's code.
 	t.Setenv("QUBESBUS_NATS_PASSWORD", "pw-events")
 	var out bytes.Buffer
-	if err := tailEvents(ctx, tailOptions{NATSURL: ns.ClientURL(), User: "events", Host: "local", Since: "1", Limit: 1, JSON: true}, &out, quiet); err != nil ||
+	if err := tailEvents(ctx, tailOptions{streamClient: streamClient{NATSURL: ns.ClientURL(), User: "events"}, Host: "local", Since: "1", Limit: 1, JSON: true}, &out, quiet); err != nil ||
 		!strings.Contains(out.String(), `"event":"domain-start"`) {
 		t.Fatalf("events user tailing QUBES_EVENTS: %v %q", err, out.String())
 	}
 	t.Setenv("QUBESBUS_NATS_PASSWORD", "pw-auditor")
 	out.Reset()
-	if err := tailAudit(ctx, auditOptions{NATSURL: ns.ClientURL(), User: "auditor", Host: "local", Since: "1", Limit: 1}, &out, quiet); err != nil ||
+	if err := tailAudit(ctx, auditOptions{streamClient: streamClient{NATSURL: ns.ClientURL(), User: "auditor"}, Host: "local", Since: "1", Limit: 1}, &out, quiet); err != nil ||
 		!strings.Contains(out.String(), "dom0 → admin.vm.Start work - ok id=r1\n") {
 		t.Fatalf("auditor tailing QUBES_AUDIT: %v %q", err, out.String())
 	}
@@ -129,7 +129,7 @@ func expectAuditTrail(t *testing.T, ctx context.Context, url string, tls bus.TLS
 	t.Helper()
 	t.Setenv("QUBESBUS_NATS_PASSWORD", "pw-auditor")
 	var out bytes.Buffer
-	o := auditOptions{NATSURL: url, User: "auditor", TLS: tls, Host: "local", Since: "1", Limit: len(want), JSON: true}
+	o := auditOptions{streamClient: streamClient{NATSURL: url, User: "auditor", TLS: tls}, Host: "local", Since: "1", Limit: len(want), JSON: true}
 	tctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := tailAudit(tctx, o, &out, slog.New(slog.DiscardHandler)); err != nil {

@@ -18,7 +18,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -26,32 +25,20 @@ import (
 
 // tailOptions select the events `qubesbus events` prints.
 type tailOptions struct {
-	NATSURL string
-	Creds   string
-	User    string
-	NKey    string // seed file of an nkey user
-	DataDir string // where `qubesbus run` keeps its keys
-	TLS     bus.TLSFiles
-	Host    string // "*" for every host
-	VM      string
-	Type    string // glob on the wire event name, e.g. "property-set:*"
-	Since   string // stream sequence, RFC 3339 time, or a duration ago ("10m"); empty: new only
-	JSON    bool
-	Limit   int // stop after this many events; 0 = follow forever
+	streamClient
+	Host  string // "*" for every host
+	VM    string
+	Type  string // glob on the wire event name, e.g. "property-set:*"
+	Since string // stream sequence, RFC 3339 time, or a duration ago ("10m"); empty: new only
+	JSON  bool
+	Limit int // stop after this many events; 0 = follow forever
 }
 
 func eventsCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) int {
 	fs := flag.NewFlagSet("events", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var o tailOptions
-	fs.StringVar(&o.NATSURL, "nats-url", envOr("QUBESBUS_NATS_URL", "nats://127.0.0.1:4222"), "NATS server (QUBESBUS_NATS_URL)")
-	fs.StringVar(&o.Creds, "nats-creds", envOr("QUBESBUS_NATS_CREDS", ""), "NATS credentials file")
-	fs.StringVar(&o.User, "nats-user", envOr("QUBESBUS_NATS_USER", ""), "NATS user, e.g. events (QUBESBUS_NATS_USER; password from QUBESBUS_NATS_PASSWORD)")
-	fs.StringVar(&o.NKey, "nats-nkey", envOr("QUBESBUS_NATS_NKEY", ""), "nkey seed file (QUBESBUS_NATS_NKEY); default: the events role's key in --data-dir, when no other credentials are given")
-	fs.StringVar(&o.DataDir, "data-dir", envOr("QUBESBUS_DATA_DIR", "run/data"), "data dir of `qubesbus run`, whose nkeys/events.nk is the default key (QUBESBUS_DATA_DIR)")
-	fs.StringVar(&o.TLS.CA, "nats-tls-ca", envOr("QUBESBUS_NATS_TLS_CA", ""), "PEM file of the NATS servers' CA; any TLS flag makes the connection use TLS")
-	fs.StringVar(&o.TLS.Cert, "nats-tls-cert", envOr("QUBESBUS_NATS_TLS_CERT", ""), "PEM client certificate")
-	fs.StringVar(&o.TLS.Key, "nats-tls-key", envOr("QUBESBUS_NATS_TLS_KEY", ""), "PEM key of the client certificate")
+	o.flags(fs, access.Events)
 	fs.StringVar(&o.Host, "host", envOr("QUBESBUS_HOST", "local"), `host id, or "*" for every host`)
 	fs.StringVar(&o.VM, "vm", "", "only events of this qube")
 	fs.StringVar(&o.Type, "type", "", `only events whose name matches this glob, e.g. "domain-*"`)
@@ -77,8 +64,7 @@ func tailEvents(ctx context.Context, o tailOptions, out io.Writer, log *slog.Log
 			return fmt.Errorf("--type: %w", err)
 		}
 	}
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: o.NATSURL, Creds: o.Creds, User: o.User, Password: os.Getenv("QUBESBUS_NATS_PASSWORD"),
-		NKeySeed: defaultNKey(o.NKey, o.Creds, o.User, o.DataDir, access.Events), InboxPrefix: access.InboxPrefix(access.Events), TLS: o.TLS, Name: "qubesbus-events"}, log)
+	nc, err := o.connect(ctx, access.Events, log)
 	if err != nil {
 		return err
 	}

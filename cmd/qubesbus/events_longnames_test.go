@@ -45,7 +45,7 @@ func TestEventsTailLongNames(t *testing.T) {
 	if err := pub.Publish(ctx, evs...); err != nil {
 		t.Fatal(err)
 	}
-	base := tailOptions{NATSURL: sys.NATSURL, Host: "lab1", DataDir: filepath.Join(dir, "data"), Since: "1"}
+	base := tailOptions{streamClient: streamClient{NATSURL: sys.NATSURL, DataDir: filepath.Join(dir, "data")}, Host: "lab1", Since: "1"}
 	all := base
 	all.Limit = 3
 	got := tail(t, all)

@@ -77,7 +77,7 @@ func TestEventsTailResumesWithoutGapOrDuplicate(t *testing.T) {
 	}
 	// The tail reads the events role's key from the data dir, as `qubesbus events`
 	// does by default against `qubesbus run`.
-	base := tailOptions{NATSURL: sys.NATSURL, Host: "lab1", DataDir: filepath.Join(dir, "data")}
+	base := tailOptions{streamClient: streamClient{NATSURL: sys.NATSURL, DataDir: filepath.Join(dir, "data")}, Host: "lab1"}
 
 	first := base
 	first.Since, first.Limit = "1", 4
