@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/schemas/device"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -259,7 +260,8 @@ func setUpStateOfRuns01To29(t *testing.T, sys *System) {
 // sequence of each run with its .events.txt, both as stored in QUBES_EVENTS and as an
 // admin.Events subscriber receives it.
 func TestReplayLifecycleTranscripts(t *testing.T) {
-	sys := startSystem(t)
+	// The host of the runs 01-39 exposed no block devices.
+	sys := startSystem(t, func(c *Config) { c.Hypervisor.BlockDevices = []device.Info{} })
 	setUpStateOfRuns01To29(t, sys)
 	events := captureLifeEvents(t, sys, "test")
 	wire := openEvents(t, sys.Socket, "dom0")

@@ -86,6 +86,9 @@ type Config struct {
 	// SaveAfterReply rewrites qubes.xml right after replying to a change rather than
 	// before (qubesd's way); the change is durable in the change log either way.
 	SaveAfterReply bool
+	// Hypervisor configures the simulated hypervisor (zero: the reference host of the
+	// recordings 40-89: its PCI devices, sda of sys-net).
+	Hypervisor simdriver.Config
 	// Storage configures the storage service's host (zero: the real filesystem under
 	// <DataDir>/storage).
 	Storage StorageHost
@@ -365,8 +368,8 @@ func startPersistence(s *System, nc *nats.Conn, host subject.Host, cfg Config, l
 // startHypervisor runs the simulated hypervisor, which stands for Xen, as its own
 // service so that a standby lifecycle instance can take it over; a test lab drives it
 // on qubes.v1.<host>.lab.* (faults, latencies).
-func startHypervisor(s *System, nc *nats.Conn, host subject.Host, _ Config, log *slog.Logger) (micro.Service, error) {
-	hv := simdriver.New(simdriver.Config{})
+func startHypervisor(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
+	hv := simdriver.New(cfg.Hypervisor)
 	lab, err := simdriver.ServeLab(nc, host, hv)
 	if err != nil {
 		return nil, err
