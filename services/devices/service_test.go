@@ -99,7 +99,7 @@ func (f *fakeHypervisor) Detach(_ context.Context, a hostdev.Attachment) error {
 
 type harness struct {
 	*testhost.Host
-	t     *testing.T
+	t     testing.TB
 	seq   uint64
 	life  *fakeLifecycle
 	hv    *fakeHypervisor
@@ -109,7 +109,13 @@ type harness struct {
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
-	x := testhost.Start(t, fixture)
+	return newHarnessOn(t, fixture)
+}
+
+// newHarnessOn serves devices on a host seeded from a qubes.xml.
+func newHarnessOn(t testing.TB, seed string) *harness {
+	t.Helper()
+	x := testhost.Start(t, seed)
 	h := &harness{Host: x, t: t, life: &fakeLifecycle{}, hv: &fakeHypervisor{devices: []device.Info{
 		{Port: device.Port{Backend: "dom0", ID: "00_14.3", Class: "pci"}, DeviceID: "0x8086:0x51f0::p028000",
 			Vendor: "Intel Corporation", Product: "WiFi", Interfaces: "p028000", Data: []device.KV{{Key: "sbdf", Value: "0000:00:14.3"}}},
