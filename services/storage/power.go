@@ -27,7 +27,8 @@ func consumerName(h subject.Host) string { return "storage-power-" + h.ID() }
 func followPower(ctx context.Context, js jetstream.JetStream, s *Service) (*powerFollower, error) {
 	cons, err := js.CreateOrUpdateConsumer(ctx, cloudevent.StreamName, jetstream.ConsumerConfig{
 		Durable:       consumerName(s.cfg.Host),
-		FilterSubject: s.cfg.Host.Events(),
+		// Only the event it acts on: settle waits for nothing else to be handled.
+		FilterSubject: s.cfg.Host.EventOfEveryVM("domain-shutdown"),
 		DeliverPolicy: jetstream.DeliverNewPolicy,
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		MaxAckPending: 1, // in order
