@@ -365,15 +365,21 @@ func (s *Service) volumeSetRevisions(ctx context.Context, c *rpc.Call) ([]byte, 
 	})
 }
 
-func (s *Service) volumeSetRW(ctx context.Context, c *rpc.Call) ([]byte, error) {
+// boolSetting checks a volume setting call in qubesd's order (the qube, the volume,
+// then the payload) and returns the payload's boolean.
+func (s *Service) boolSetting(c *rpc.Call) (bool, error) {
 	q, err := s.qubeVolumes(c.Dest.Name)
 	if err != nil {
-		return nil, err
+		return false, err
 	}
 	if _, _, err := q.volume(c); err != nil {
-		return nil, err
+		return false, err
 	}
-	b, err := payloadBool(c.Payload)
+	return payloadBool(c.Payload)
+}
+
+func (s *Service) volumeSetRW(ctx context.Context, c *rpc.Call) ([]byte, error) {
+	b, err := s.boolSetting(c)
 	if err != nil {
 		return nil, err
 	}
@@ -390,14 +396,7 @@ func (s *Service) volumeSetRW(ctx context.Context, c *rpc.Call) ([]byte, error) 
 }
 
 func (s *Service) volumeSetEphemeral(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	q, err := s.qubeVolumes(c.Dest.Name)
-	if err != nil {
-		return nil, err
-	}
-	if _, _, err := q.volume(c); err != nil {
-		return nil, err
-	}
-	b, err := payloadBool(c.Payload)
+	b, err := s.boolSetting(c)
 	if err != nil {
 		return nil, err
 	}
