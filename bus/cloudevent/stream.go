@@ -45,7 +45,12 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, c StreamConfig) (
 		Discard:     jetstream.DiscardOld,
 		Duplicates:  2 * time.Minute,
 	}
-	s, err := js.CreateOrUpdateStream(ctx, cfg)
+	var s jetstream.Stream
+	err := bus.RetryJS(ctx, nil, "stream "+StreamName, func(ctx context.Context) error {
+		var err error
+		s, err = js.CreateOrUpdateStream(ctx, cfg)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("ensure stream %s: %w", StreamName, err)
 	}

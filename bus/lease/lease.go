@@ -42,13 +42,18 @@ func Open(ctx context.Context, js jetstream.JetStream, ttl time.Duration, replic
 	if ttl <= 0 {
 		ttl = DefaultTTL
 	}
-	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket: Bucket, Description: "qubesbus leases: one holder per role",
-		TTL: ttl, History: 1, Storage: jetstream.FileStorage, Replicas: max(replicas, 1),
+	var kv jetstream.KeyValue
+	err := bus.RetryJS(ctx, nil, "bucket "+Bucket, func(ctx context.Context) error {
+		var err error
+		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket: Bucket, Description: "qubesbus leases: one holder per role",
+			TTL: ttl, History: 1, Storage: jetstream.FileStorage, Replicas: max(replicas, 1),
+		})
+		if errors.Is(err, jetstream.ErrBucketExists) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			kv, err = js.KeyValue(ctx, Bucket)
+		}
+		return err
 	})
-	if errors.Is(err, jetstream.ErrBucketExists) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-		kv, err = js.KeyValue(ctx, Bucket)
-	}
 	if err != nil {
 		return nil, fmt.Errorf("lease bucket: %w", err)
 	}

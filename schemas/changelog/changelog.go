@@ -30,6 +30,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/config"
 )
@@ -97,8 +98,13 @@ func Open(ctx context.Context, js jetstream.JetStream, host subject.Host, c Stre
 	if c.Replicas == 0 {
 		c.Replicas = 1
 	}
-	s, err := js.Stream(ctx, StreamName)
-	if errors.Is(err, jetstream.ErrStreamNotFound) {
+	var s jetstream.Stream
+	err := bus.RetryJS(ctx, nil, "stream "+StreamName, func(ctx context.Context) error {
+		var err error
+		s, err = js.Stream(ctx, StreamName)
+		if !errors.Is(err, jetstream.ErrStreamNotFound) {
+			return err
+		}
 		s, err = js.CreateStream(ctx, jetstream.StreamConfig{
 			Name:        StreamName,
 			Description: "qubesbus configuration history: one subject per host, bases and changes",
@@ -115,7 +121,8 @@ func Open(ctx context.Context, js jetstream.JetStream, host subject.Host, c Stre
 		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) { // created meanwhile
 			s, err = js.Stream(ctx, StreamName)
 		}
-	}
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("config stream %s: %w", StreamName, err)
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -36,8 +37,13 @@ func OpenFirewallBucket(ctx context.Context, js jetstream.JetStream, replicas in
 	if replicas < 1 {
 		replicas = 1
 	}
-	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: FirewallBucket,
-		Description: "firewall rules each netvm enforces, as QubesDB /qubes-firewall", Replicas: replicas})
+	var kv jetstream.KeyValue
+	err := bus.RetryJS(ctx, nil, "bucket "+FirewallBucket, func(ctx context.Context) error {
+		var err error
+		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: FirewallBucket,
+			Description: "firewall rules each netvm enforces, as QubesDB /qubes-firewall", Replicas: replicas})
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("firewall bucket: %w", err)
 	}

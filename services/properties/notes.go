@@ -11,6 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -34,13 +35,18 @@ func OpenNotes(ctx context.Context, js jetstream.JetStream, cfg NotesConfig) (je
 	if cfg.Replicas == 0 {
 		cfg.Replicas = 1
 	}
-	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket:       NotesBucket,
-		Description:  "admin.vm.notes: one key per host and qube UUID",
-		History:      1,
-		MaxValueSize: MaxNoteSize, // sanitising never makes a note longer
-		Storage:      jetstream.FileStorage,
-		Replicas:     cfg.Replicas,
+	var kv jetstream.KeyValue
+	err := bus.RetryJS(ctx, nil, "bucket "+NotesBucket, func(ctx context.Context) error {
+		var err error
+		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:       NotesBucket,
+			Description:  "admin.vm.notes: one key per host and qube UUID",
+			History:      1,
+			MaxValueSize: MaxNoteSize, // sanitising never makes a note longer
+			Storage:      jetstream.FileStorage,
+			Replicas:     cfg.Replicas,
+		})
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("notes bucket %s: %w", NotesBucket, err)

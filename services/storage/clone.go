@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -20,14 +21,19 @@ import (
 const TokenBucket = "QUBES_CLONE_TOKENS"
 
 func openTokens(ctx context.Context, js jetstream.JetStream, replicas int, ttl time.Duration) (jetstream.KeyValue, error) {
-	if kv, err := js.KeyValue(ctx, TokenBucket); err == nil {
-		return kv, nil
-	}
 	if replicas == 0 {
 		replicas = 1
 	}
-	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: TokenBucket, TTL: ttl,
-		Replicas: replicas, Storage: jetstream.FileStorage, History: 1})
+	var kv jetstream.KeyValue
+	err := bus.RetryJS(ctx, nil, "bucket "+TokenBucket, func(ctx context.Context) error {
+		var err error
+		if kv, err = js.KeyValue(ctx, TokenBucket); err == nil {
+			return nil
+		}
+		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: TokenBucket, TTL: ttl,
+			Replicas: replicas, Storage: jetstream.FileStorage, History: 1})
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("open bucket %s: %w", TokenBucket, err)
 	}

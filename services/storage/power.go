@@ -8,6 +8,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/subject"
 )
@@ -25,14 +26,20 @@ type powerFollower struct {
 func consumerName(h subject.Host) string { return "storage-power-" + h.ID() }
 
 func followPower(ctx context.Context, js jetstream.JetStream, s *Service) (*powerFollower, error) {
-	cons, err := js.CreateOrUpdateConsumer(ctx, cloudevent.StreamName, jetstream.ConsumerConfig{
-		Durable:       consumerName(s.cfg.Host),
+	cfg := jetstream.ConsumerConfig{
+		Durable: consumerName(s.cfg.Host),
 		// Only the event it acts on: settle waits for nothing else to be handled.
 		FilterSubject: s.cfg.Host.EventOfEveryVM("domain-shutdown"),
 		DeliverPolicy: jetstream.DeliverNewPolicy,
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		MaxAckPending: 1, // in order
 		AckWait:       30 * time.Second,
+	}
+	var cons jetstream.Consumer
+	err := bus.RetryJS(ctx, s.log, "consumer "+cfg.Durable, func(ctx context.Context) error {
+		var err error
+		cons, err = js.CreateOrUpdateConsumer(ctx, cloudevent.StreamName, cfg)
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("power-state consumer: %w", err)

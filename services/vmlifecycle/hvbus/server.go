@@ -413,7 +413,10 @@ func EnsureNoticeStream(ctx context.Context, js jetstream.JetStream, replicas in
 		Discard:     jetstream.DiscardOld,
 		Replicas:    replicas,
 	}
-	_, err := js.CreateStream(ctx, cfg)
+	err := bus.RetryJS(ctx, nil, "stream "+NoticeStream, func(ctx context.Context) error {
+		_, err := js.CreateStream(ctx, cfg)
+		return err
+	})
 	if err == nil {
 		return nil
 	}

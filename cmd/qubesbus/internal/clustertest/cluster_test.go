@@ -139,13 +139,41 @@ func TestClusterFaults(t *testing.T) {
 			}
 		}
 	}
-	// vmlifecycle-a starts first and holds the host's lease; b stands by.
-	for _, group := range [][]*proc{persistence[:1], persistence[1:], {hypervisor}, lifecycle[:1], lifecycle[1:], storage, {devices}, properties, {gateway}} {
-		for _, p := range group {
+	// Start order: each group needs the ones before, so it starts once they answer
+	// pings. vmlifecycle-a starts first and holds the host's lease; b stands by (and so
+	// does not answer).
+	serving := func(name string, n int) func() bool {
+		return func() bool { return instances(probe, name) >= n }
+	}
+	for _, g := range []struct {
+		procs []*proc
+		ready func() bool
+	}{
+		{persistence[:1], serving("qubesbus-persistence", 1)},
+		{persistence[1:], serving("qubesbus-persistence", 2)},
+		{[]*proc{hypervisor}, serving("qubesbus-hypervisor", 1)},
+		{lifecycle[:1], serving("qubesbus-vmlifecycle", 1)},
+		{lifecycle[1:], nil},
+		{storage, serving("qubesbus-storage", 2)},
+		{[]*proc{devices}, serving("qubesbus-devices", 1)},
+		{properties, serving("qubesbus-properties", 2)},
+		{[]*proc{gateway}, nil},
+	} {
+		for _, p := range g.procs {
 			p.start(t)
 			defer p.stop()
 		}
-		time.Sleep(300 * time.Millisecond) // start order: each needs the ones before
+		if g.ready != nil {
+			waitFor(t, g.procs[0].name+" serving", 60*time.Second, func() bool {
+				for _, p := range g.procs {
+					if p.exited() {
+						dump()
+						t.Fatalf("%s exited", p.name)
+					}
+				}
+				return g.ready()
+			})
+		}
 	}
 	waitFor(t, "the gateway", 60*time.Second, func() bool {
 		b, err := call(socket, "admin.vm.List+ dom0 name dom0\x00", 5*time.Second)

@@ -22,6 +22,7 @@ type proc struct {
 	log  *bytes.Buffer
 	mu   sync.Mutex
 	cmd  *exec.Cmd
+	done chan struct{} // closed once the running process has exited
 }
 
 func (p *proc) start(t *testing.T) {
@@ -38,7 +39,25 @@ func (p *proc) start(t *testing.T) {
 		t.Fatalf("start %s: %v", p.name, err)
 	}
 	p.cmd = cmd
-	go cmd.Wait()
+	done := make(chan struct{})
+	p.done = done
+	go func() { _ = cmd.Wait(); close(done) }()
+}
+
+// exited reports whether the process last started has exited.
+func (p *proc) exited() bool {
+	p.mu.Lock()
+	done := p.done
+	p.mu.Unlock()
+	if done == nil {
+		return false
+	}
+	select {
+	case <-done:
+		return true
+	default:
+		return false
+	}
 }
 
 func (p *proc) kill() {
@@ -46,24 +65,22 @@ func (p *proc) kill() {
 	defer p.mu.Unlock()
 	if p.cmd != nil && p.cmd.Process != nil {
 		_ = p.cmd.Process.Signal(syscall.SIGKILL)
-		for p.cmd.ProcessState == nil {
-			time.Sleep(10 * time.Millisecond)
-		}
+		<-p.done
 	}
 }
 
 func (p *proc) stop() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.cmd != nil && p.cmd.Process != nil && p.cmd.ProcessState == nil {
-		_ = p.cmd.Process.Signal(syscall.SIGTERM)
-		deadline := time.Now().Add(10 * time.Second)
-		for p.cmd.ProcessState == nil && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-		}
-		if p.cmd.ProcessState == nil {
-			_ = p.cmd.Process.Kill()
-		}
+	if p.cmd == nil || p.cmd.Process == nil {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second): // a process that ignores SIGTERM is a finding, not a hang
+		_ = p.cmd.Process.Kill()
+		<-p.done
 	}
 }
 
