@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -57,9 +58,10 @@ type Publisher struct {
 	log     *slog.Logger
 	cfg     PublisherConfig
 
-	mu     sync.RWMutex // guards closed against Record's send on queue
-	closed bool
-	queue  chan queued
+	mu      sync.Mutex // guards closed and pending
+	closed  bool
+	pending []queued      // records to send, oldest first; grows on demand (a lab runs
+	wake    chan struct{} // thousands of publishers, most with an empty queue)
 
 	closing chan struct{}      // closed by Close: drain the queue, then stop
 	abort   context.Context    // ends when Close's context does: give up at once
@@ -98,7 +100,7 @@ func NewPublisher(nc *nats.Conn, cfg PublisherConfig) (*Publisher, error) {
 		return nil, err
 	}
 	p := &Publisher{js: js, host: cfg.Host, subject: subject.ForHost(cfg.Host).Audit(), log: cfg.Log, cfg: cfg,
-		queue: make(chan queued, cfg.Queue), closing: make(chan struct{}), done: make(chan struct{})}
+		wake: make(chan struct{}, 1), closing: make(chan struct{}), done: make(chan struct{})}
 	p.abort, p.cancel = context.WithCancel(context.Background())
 	go p.run()
 	return p, nil
@@ -126,16 +128,22 @@ func (p *Publisher) Record(r Record) {
 	msg.Data = data
 	msg.Header.Set(jetstream.MsgIDHeader, r.RequestID)
 	msg.Header.Set(jetstream.ExpectedStreamHeader, StreamName)
-	p.mu.RLock()
-	defer p.mu.RUnlock()
-	if p.closed {
-		p.lose(r, "audit publisher closed")
-		return
+	p.mu.Lock()
+	closed, full := p.closed, len(p.pending) >= p.cfg.Queue
+	if !closed && !full {
+		p.pending = append(p.pending, queued{msg: msg, rec: r})
 	}
-	select {
-	case p.queue <- queued{msg: msg, rec: r}:
-	default:
+	p.mu.Unlock()
+	switch {
+	case closed:
+		p.lose(r, "audit publisher closed")
+	case full:
 		p.lose(r, "audit queue full")
+	default:
+		select {
+		case p.wake <- struct{}{}:
+		default: // the worker is already woken
+		}
 	}
 }
 
@@ -173,27 +181,25 @@ func (p *Publisher) run() {
 	defer close(p.done)
 	defer p.cancel()
 	for {
-		var first queued
+		p.mu.Lock()
+		n := min(len(p.pending), p.cfg.MaxInFlight)
+		batch := slices.Clone(p.pending[:n])
+		if p.pending = p.pending[n:]; len(p.pending) == 0 {
+			p.pending = nil // let a burst's backing array go
+		}
+		closed := p.closed
+		p.mu.Unlock()
+		if n > 0 {
+			p.send(batch)
+			continue
+		}
+		if closed { // and drained
+			return
+		}
 		select {
-		case first = <-p.queue:
+		case <-p.wake:
 		case <-p.closing:
-			select {
-			case first = <-p.queue:
-			default:
-				return
-			}
 		}
-		batch := []queued{first}
-	fill:
-		for len(batch) < p.cfg.MaxInFlight {
-			select {
-			case q := <-p.queue:
-				batch = append(batch, q)
-			default:
-				break fill
-			}
-		}
-		p.send(batch)
 	}
 }
 

@@ -6,7 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"runtime"
+	"runtime/pprof"
 	"strings"
+	"time"
 
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/lab"
 )
@@ -25,6 +29,8 @@ func labCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 	fs.StringVar(&urls, "nats-url", envOr("QUBESBUS_NATS_URL", ""), "NATS URLs, comma-separated; empty runs an embedded server")
 	fs.IntVar(&c.NATSPort, "nats-port", 4222, "embedded NATS port")
 	fs.IntVar(&c.Replicas, "replicas", 1, "JetStream replicas (3 on a cluster)")
+	fs.IntVar(&c.Parallel, "parallel", 0, "hosts started at once (0: 4 per CPU)")
+	memprofile := fs.String("memprofile", "", "write a heap profile here once every host is ready")
 	httpAddr := httpFlag(fs)
 	if code, stop := parseFlags(fs, args, "lab --hosts N --qubes M [--nats-url URLS] [flags]", stdout); stop {
 		return code
@@ -41,6 +47,7 @@ func labCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 	if urls != "" {
 		c.URLs = strings.Split(urls, ",")
 	}
+	began := time.Now()
 	l, err := lab.Start(ctx, c, log)
 	if err != nil {
 		if ctx.Err() != nil { // a signal during start-up: what had started is stopped
@@ -54,11 +61,30 @@ func labCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 	for _, h := range l.Hosts {
 		fmt.Fprintf(stdout, "%s %s\n", h.ID, h.Socket)
 	}
-	log.Info("lab ready", "hosts", len(l.Hosts), "qubes_per_host", c.Qubes)
+	log.Info("lab ready", "hosts", len(l.Hosts), "qubes_per_host", c.Qubes, "took", time.Since(began).Round(time.Millisecond))
+	if *memprofile != "" {
+		if err := writeHeapProfile(*memprofile); err != nil {
+			fmt.Fprintln(stderr, "qubesbus lab:", err)
+		}
+	}
 	<-ctx.Done()
 	if err := l.Stop(); err != nil {
 		fmt.Fprintln(stderr, "qubesbus lab:", err)
 		return 1
 	}
 	return 0
+}
+
+// writeHeapProfile writes the live heap (after a collection) to path.
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	runtime.GC()
+	if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+		f.Close()
+		return fmt.Errorf("heap profile: %w", err)
+	}
+	return f.Close()
 }

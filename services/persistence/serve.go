@@ -47,7 +47,9 @@ func (s *Store) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error)
 	s.mu.Lock()
 	s.clog = clog
 	s.mu.Unlock()
-	if err := s.recover(ctx); err != nil {
+	// Recovery resumes where a timed-out read left it: retried while the cluster is
+	// slow to answer (a lab's hosts start together).
+	if err := bus.RetryJS(ctx, s.log, "recover the configuration", s.recover); err != nil {
 		return nil, err
 	}
 	s.mu.RLock()

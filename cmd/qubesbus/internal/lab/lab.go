@@ -7,6 +7,9 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
+	"sync"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/prometheus/client_golang/prometheus"
@@ -14,6 +17,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/embedded"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
+	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/schemas/qubesxml"
 )
 
@@ -30,6 +34,10 @@ type Config struct {
 	URLs []string
 	// Metrics, if set, receives every host's metrics, each with a host label.
 	Metrics prometheus.Registerer
+	// Parallel is how many hosts start at once (0: four per CPU). A host's start-up
+	// mostly waits on NATS round trips, so a 1000-host lab starts in a fraction of the
+	// time one host after another takes.
+	Parallel int
 }
 
 // Lab is a set of running hosts.
@@ -79,39 +87,90 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *Lab, err error
 		}
 		url = l.NATS.ClientURL()
 	}
-	for i := 0; i < cfg.Hosts; i++ {
-		id := fmt.Sprintf("host-%02d", i+1)
-		dir := filepath.Join(cfg.Dir, id)
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return nil, err
+	// The streams once for the lab, not once per host (on a cluster each update is a
+	// round of the meta group's consensus).
+	if err := system.Setup(ctx, system.Config{NATSURL: first(url, cfg.URLs), NKeyDir: keyDir, Replicas: cfg.Replicas,
+		DataDir: cfg.Dir}, log); err != nil {
+		return nil, fmt.Errorf("lab streams: %w", err)
+	}
+	par := cfg.Parallel
+	if par <= 0 {
+		par = 4 * runtime.NumCPU()
+	}
+	l.Hosts = make([]*Host, cfg.Hosts)
+	var (
+		mu       sync.Mutex
+		firstErr error // the cause; the others' start-ups end with it
+	)
+	sctx, cancel := context.WithCancel(ctx) // the first failure stops the others' start-up
+	defer cancel()
+	slots := make(chan struct{}, par)
+	var wg sync.WaitGroup
+	for i := range cfg.Hosts {
+		select {
+		case slots <- struct{}{}:
+		case <-sctx.Done():
 		}
-		seedFile := filepath.Join(dir, "seed.xml")
-		conf, err := Generate(seed, id, cfg.Qubes)
-		if err != nil {
-			return nil, err
+		if sctx.Err() != nil {
+			break
 		}
-		if err := qubesxml.Save(seedFile, conf); err != nil {
-			return nil, err
-		}
-		hostURL := url
-		if len(cfg.URLs) > 0 {
-			hostURL = cfg.URLs[i%len(cfg.URLs)]
-		}
-		var reg prometheus.Registerer
-		if cfg.Metrics != nil {
-			reg = prometheus.WrapRegistererWith(prometheus.Labels{"host": id}, cfg.Metrics)
-		}
-		sys, err := system.Start(ctx, system.Config{
-			Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
-			QubesXML: seedFile, HostID: id, NATSURL: hostURL, Replicas: cfg.Replicas, NKeyDir: keyDir,
-			Metrics: reg,
-		}, log.With("host", id))
-		if err != nil {
-			return nil, fmt.Errorf("host %s: %w", id, err)
-		}
-		l.Hosts = append(l.Hosts, &Host{ID: id, Socket: sys.Socket, System: sys})
+		wg.Go(func() {
+			defer func() { <-slots }()
+			h, err := startHost(sctx, cfg, seed, i, url, keyDir, l.NATS, log)
+			mu.Lock()
+			defer mu.Unlock()
+			l.Hosts[i] = h
+			if err != nil && firstErr == nil {
+				firstErr = err
+				cancel()
+			}
+		})
+	}
+	wg.Wait()
+	err = firstErr
+	if err == nil && ctx.Err() != nil {
+		err = ctx.Err()
+	}
+	// Stop (on error) walks the hosts that did start.
+	l.Hosts = slices.DeleteFunc(l.Hosts, func(h *Host) bool { return h == nil })
+	if err != nil {
+		return nil, err
 	}
 	return l, nil
+}
+
+// startHost writes host i's seed (the shared seed plus its extra qubes) and starts it.
+func startHost(ctx context.Context, cfg Config, seed *config.Config, i int, url, keyDir string, inProcess *server.Server, log *slog.Logger) (*Host, error) {
+	id := fmt.Sprintf("host-%02d", i+1)
+	dir := filepath.Join(cfg.Dir, id)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	seedFile := filepath.Join(dir, "seed.xml")
+	conf, err := Generate(seed, id, cfg.Qubes)
+	if err != nil {
+		return nil, err
+	}
+	if err := qubesxml.Save(seedFile, conf); err != nil {
+		return nil, err
+	}
+	hostURL := url
+	if len(cfg.URLs) > 0 {
+		hostURL = cfg.URLs[i%len(cfg.URLs)]
+	}
+	var reg prometheus.Registerer
+	if cfg.Metrics != nil {
+		reg = prometheus.WrapRegistererWith(prometheus.Labels{"host": id}, cfg.Metrics)
+	}
+	sys, err := system.Start(ctx, system.Config{
+		Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
+		QubesXML: seedFile, HostID: id, NATSURL: hostURL, Replicas: cfg.Replicas, NKeyDir: keyDir,
+		Metrics: reg, InProcess: inProcess, StreamsReady: true,
+	}, log.With("host", id))
+	if err != nil {
+		return nil, fmt.Errorf("host %s: %w", id, err)
+	}
+	return &Host{ID: id, Socket: sys.Socket, System: sys}, nil
 }
 
 // Ready is the readiness of every host, each check named after its host.
@@ -137,4 +196,12 @@ func (l *Lab) Stop() error {
 		l.NATS.WaitForShutdown()
 	}
 	return errors.Join(errs...)
+}
+
+// first is url, or the first of urls when they spread the hosts.
+func first(url string, urls []string) string {
+	if len(urls) > 0 {
+		return urls[0]
+	}
+	return url
 }

@@ -89,7 +89,7 @@ func TestLabCluster(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	l, err := Start(ctx, Config{Hosts: hosts, Qubes: qubes, Seed: "../../../../testdata/qubes.xml", Dir: t.TempDir(), URLs: urls, Replicas: 3}, slog.New(slog.DiscardHandler))
+	l, err := Start(ctx, Config{Hosts: hosts, Qubes: qubes, Seed: "../../../../testdata/qubes.xml", Dir: t.TempDir(), URLs: urls, Replicas: 3, Parallel: 2}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -56,6 +56,12 @@ type Config struct {
 	NATSCreds string
 	NATSUser  string
 	NATSPass  string
+	// InProcess is an embedded server of this process that NATSURL names (a lab's):
+	// the services connect to it in-process, without a socket pair each.
+	InProcess *server.Server
+	// StreamsReady says the streams and buckets exist (a lab made them once with
+	// Setup): the host only checks, rather than every host updating them.
+	StreamsReady bool
 	// ServiceNATSURLs connects single services to other servers of the same cluster
 	// (by service name, or "setup"); the rest use NATSURL.
 	ServiceNATSURLs map[string]string
@@ -245,26 +251,34 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 	}
 	s.NATSURL = url
 	s.cfg = cfg
-	connect := func(name string) (*nats.Conn, error) {
+	dial := func(name string) (*nats.Conn, error) {
 		cc := cfg.connAs(url, roleOf(name), "qubesbus-"+name+"-"+cfg.HostID)
 		if u := cfg.ServiceNATSURLs[name]; u != "" {
 			cc.URL = u
 		} else if s.NATS != nil {
 			cc.InProcess = s.NATS
+		} else if cfg.InProcess != nil {
+			cc.InProcess = cfg.InProcess
 		}
-		nc, err := bus.Connect(ctx, cc, log)
+		return bus.Connect(ctx, cc, log)
+	}
+	connect := func(name string) (*nats.Conn, error) {
+		nc, err := dial(name)
 		if err == nil {
 			s.addConn(nc)
 		}
 		return nc, err
 	}
 
-	// The events stream exists before any service may publish to it.
-	enc, err := connect("setup")
+	// The events stream exists before any service may publish to it. The setup
+	// connection is needed for that only.
+	enc, err := dial("setup")
 	if err != nil {
 		return nil, err
 	}
-	if err := ensureStreams(ctx, enc, cfg, false); err != nil {
+	err = ensureStreams(ctx, enc, cfg, cfg.StreamsReady)
+	enc.Close()
+	if err != nil {
 		return nil, err
 	}
 	for _, name := range Services {
