@@ -73,6 +73,10 @@ func Start(ctx context.Context, cfg Config) (*server.Server, error) {
 		// 10 000 qubes' worth of state crosses the bus in one reply.
 		MaxPayload: 8 << 20,
 		Nkeys:      cfg.Users,
+		// Each host's services hold a few consumers of the shared streams (a config
+		// follower per service, the events watchers): a lab of 1000 hosts needs more
+		// than the server's default of 1000 per stream.
+		JetStreamLimits: server.JSLimitOpts{DefaultMaxConsumers: -1},
 	}
 	if cfg.ClusterPort != 0 {
 		opts.Cluster = server.ClusterOpts{Name: cfg.ClusterName, Host: host, Port: cfg.ClusterPort}

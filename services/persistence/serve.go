@@ -61,19 +61,20 @@ func (s *Store) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error)
 		}
 	}
 
+	// Only a Serve that succeeds leaves anything for Close to stop.
 	life, cancel := context.WithCancel(ctx)
-	s.cancel = cancel
-	if s.stopTail, err = clog.Tail(life, next, s.onTail); err != nil {
+	stopTail, err := clog.Tail(life, next, s.onTail)
+	if err != nil {
 		cancel()
 		return nil, err
 	}
 	svc, err := s.addService(life, nc)
 	if err != nil {
-		s.stopTail()
+		stopTail()
 		cancel()
 		return nil, err
 	}
-	s.svc = svc
+	s.cancel, s.stopTail, s.svc = cancel, stopTail, svc
 	return svc, nil
 }
 
