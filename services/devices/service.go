@@ -73,6 +73,10 @@ type Config struct {
 	Hypervisor Hypervisor
 	// Replicas of the firewall bucket when this instance creates it.
 	Replicas int
+	// Replica, if set, is a follower of the host's configuration that this process
+	// already runs (one per host, shared by the services of `qubesbus run` and a
+	// lab); nil follows one of its own.
+	Replica *replica.Replica
 	// WriteTimeout bounds a change waiting for persistence (default 30s).
 	WriteTimeout time.Duration
 	// Now is the clock of firewall expiry (nil: time.Now).
@@ -142,9 +146,12 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if s.rep != nil {
 		return nil, errors.New("devices: Serve called twice")
 	}
-	rep, err := replica.Follow(ctx, nc, s.cfg.Host, s.log)
-	if err != nil {
-		return nil, err
+	rep := s.cfg.Replica
+	if rep == nil {
+		var err error
+		if rep, err = replica.Follow(ctx, nc, s.cfg.Host, s.log); err != nil {
+			return nil, err
+		}
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {

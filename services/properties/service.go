@@ -79,6 +79,10 @@ type Config struct {
 	Machine  model.Host    // zero: model.DefaultHost
 	// Replicas of the notes bucket when this instance creates it (OpenNotes).
 	Replicas int
+	// Replica, if set, is a follower of the host's configuration that this process
+	// already runs (one per host, shared by the services of `qubesbus run` and a
+	// lab); nil follows one of its own.
+	Replica *replica.Replica
 	// Lifecycle answers runtime questions; nil: the lifecycle service over Serve's
 	// connection (lifecycle.Client).
 	Lifecycle Lifecycle
@@ -227,9 +231,12 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if s.rep != nil {
 		return nil, errors.New("properties: Serve called twice")
 	}
-	rep, err := replica.Follow(ctx, nc, s.cfg.Host, s.log)
-	if err != nil {
-		return nil, err
+	rep := s.cfg.Replica
+	if rep == nil {
+		var err error
+		if rep, err = replica.Follow(ctx, nc, s.cfg.Host, s.log); err != nil {
+			return nil, err
+		}
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {

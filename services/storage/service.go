@@ -66,6 +66,10 @@ type Config struct {
 	TokenTTL time.Duration
 	// Replicas of the clone token bucket when this instance creates it.
 	Replicas int
+	// Replica, if set, is a follower of the host's configuration that this process
+	// already runs (one per host, shared by the services of `qubesbus run` and a
+	// lab); nil follows one of its own.
+	Replica *replica.Replica
 	// WriteTimeout bounds a write call (default 30 s).
 	WriteTimeout time.Duration
 	// Lifecycle answers power states (nil: lifecycle.Client on Serve's connection).
@@ -156,9 +160,12 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if s.rep != nil {
 		return nil, errors.New("storage: Serve called twice")
 	}
-	rep, err := replica.Follow(ctx, nc, s.cfg.Host, s.log)
-	if err != nil {
-		return nil, err
+	rep := s.cfg.Replica
+	if rep == nil {
+		var err error
+		if rep, err = replica.Follow(ctx, nc, s.cfg.Host, s.log); err != nil {
+			return nil, err
+		}
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {

@@ -56,6 +56,7 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 	if err != nil {
 		return nil, err
 	}
+	s.replica = rep // the services started after this one share it
 	s.obs.addReplica(string(rpc.VMLifecycle), rep, nc)
 	events, err := s.countingEvents(nc, host)
 	if err != nil {

@@ -27,6 +27,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/policy"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/replica"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
 	"github.com/qubesbus/qubesbus/services/devices"
 	"github.com/qubesbus/qubesbus/services/gateway"
@@ -183,6 +184,9 @@ type System struct {
 	// policy decides which source may call what (nil: dom0 only).
 	policy    *policy.Policy
 	policyErr error
+	// replica follows the host's configuration for every service of this process
+	// that reads it (nil until the lifecycle service has started it).
+	replica *replica.Replica
 	// ctx lives as long as the system: services and calls run under it, not under the
 	// context that bounded start-up.
 	ctx    context.Context
@@ -405,7 +409,7 @@ func startStorage(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 		sc.Root = filepath.Join(cfg.DataDir, "storage")
 	}
 	st, err := storage.New(storage.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
-		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken})
+		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken, Replica: s.replica})
 	if err != nil {
 		return nil, err
 	}
@@ -413,7 +417,7 @@ func startStorage(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 }
 
 func startDevices(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
-	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas})
+	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas, Replica: s.replica})
 	if err != nil {
 		return nil, err
 	}
@@ -427,7 +431,7 @@ func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, lo
 	}
 	props, err := properties.New(properties.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
 		RuntimeMaxAge: cfg.RuntimeMaxAge, SaveAfterReply: cfg.SaveAfterReply, Events: events,
-		Volumes: storageapi.Client{NC: nc, Host: host}})
+		Volumes: storageapi.Client{NC: nc, Host: host}, Replica: s.replica})
 	if err != nil {
 		return nil, err
 	}
