@@ -43,7 +43,7 @@ type Config struct {
 	// after its append; concurrent changes share one (group commit). nil: the log is
 	// as durable as the NATS server makes it (replicas 3, or sync_interval: always).
 	SyncLog func(ctx context.Context) error
-	Log          *slog.Logger // nil: discard
+	Log     *slog.Logger // nil: discard
 }
 
 // Validate reports every problem at once.
