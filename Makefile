@@ -83,9 +83,13 @@ tidy:
 # Go benchmarks of every module, then the load tool's table (calls/s, p50, p99,
 # allocations per call, ratio to the bare NATS + socket floor).
 BENCH_ARGS ?= --duration 3s --clients 1,32 --qubes 0,1000,9990 --subscribers 1,10,100
+# Config changes at group-commit speed (issue #17): feature.Set from 8 socket clients at
+# 9, 1009 and 9999 qubes, each acknowledged once the change log holds it durably.
+BENCH_WRITE_ARGS ?= --duration 5s --clients 8 --qubes 0,1000,9990 --classes feature.Set --subscribers 1 --skip-qvm-ls
 bench:
 	@for m in $(MODULES); do (cd $$m && $(GO) test -run '^$$' -bench . -benchmem ./...) || exit 1; done
 	$(GO) run ./cmd/qubesbus bench $(BENCH_ARGS)
+	$(GO) run ./cmd/qubesbus bench $(BENCH_WRITE_ARGS)
 
 # Each fuzz target runs FUZZTIME (30 s by default).
 fuzz:

@@ -46,7 +46,6 @@ func hostFlags(fs *flag.FlagSet) *system.Config {
 	fs.StringVar(&c.PolicyFile, "policy", envOr("QUBESBUS_POLICY", ""), "access rules, 'method +arg source target allow|deny' per line; without: only dom0 may call (QUBESBUS_POLICY)")
 	fs.StringVar(&c.HostID, "host", envOr("QUBESBUS_HOST", "local"), "host id in subjects (QUBESBUS_HOST)")
 	fs.IntVar(&c.NATSPort, "nats-port", envInt("QUBESBUS_NATS_PORT", 0), "open the embedded NATS on this TCP port of 127.0.0.1, -1 for any free one; 0 opens none (the services connect in-process). Clients need a role's key from <data-dir>/nkeys (QUBESBUS_NATS_PORT)")
-	fs.BoolVar(&c.SaveAfterReply, "save-after-reply", envOr("QUBESBUS_SAVE_AFTER_REPLY", "") == "1", "rewrite qubes.xml right after replying to a change, not before as qubesd does: changes then cost the same at any number of qubes (QUBESBUS_SAVE_AFTER_REPLY=1)")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", envDuration("QUBESBUS_IDLE_TIMEOUT", time.Minute), "longest a client may take to send its request, 0 for no limit (QUBESBUS_IDLE_TIMEOUT)")
 	return c
 }

@@ -54,6 +54,11 @@ type Mutation struct {
 	Ops            []Op   `json:"ops"`
 	// ChangesConfig asks persistence to write qubes.xml once the batch is durable.
 	ChangesConfig bool `json:"changes_config,omitempty"`
+	// DeferSync: persistence answers once the change log holds the change, before it
+	// is durable; the caller makes it durable (configstore.Client.Sync) before it
+	// acknowledges the change to anyone. So one caller can have several changes in
+	// flight and share one sync among them.
+	DeferSync bool `json:"defer_sync,omitempty"`
 }
 
 // Errors of Apply; callers branch on them.

@@ -127,6 +127,25 @@ func (c Client) Flush(ctx context.Context, rev uint64) error {
 	return nil
 }
 
+// Sync returns once every change up to revision rev is durable in the change log (it
+// survives a power cut as far as the deployment's NATS storage allows): the second
+// half of an Apply with config.Mutation.DeferSync. Concurrent syncs share one.
+func (c Client) Sync(ctx context.Context, rev uint64) error {
+	b, _ := json.Marshal(SyncRequest{Revision: rev})
+	msg, err := request(ctx, c.NC, c.Host.Store(OpSync), b)
+	if err != nil {
+		return fmt.Errorf("sync change log: %w", err)
+	}
+	var rep ApplyReply
+	if err := json.Unmarshal(msg.Data, &rep); err != nil {
+		return fmt.Errorf("decode sync reply: %w", err)
+	}
+	if rep.Error != "" {
+		return fmt.Errorf("%w: %s", ErrNotSaved, rep.Error)
+	}
+	return nil
+}
+
 // Snapshot fetches the whole configuration.
 func (c Client) Snapshot(ctx context.Context) (Snapshot, error) {
 	return FetchSnapshot(ctx, c.NC, c.Host)

@@ -14,6 +14,7 @@ const (
 	OpSnapshot = "snapshot" // the whole configuration (gzip JSON of a Snapshot)
 	OpApply    = "apply"    // a config.Mutation, answered with an ApplyReply
 	OpFlush    = "flush"    // a FlushRequest: qubes.xml holds at least the revision
+	OpSync     = "sync"     // a SyncRequest: the change log holds the revision durably
 	OpMetrics  = "metrics"  // the answering instance's Metrics
 )
 
@@ -34,10 +35,18 @@ type Metrics struct {
 	Writes    uint64 `json:"writes"`           // qubes.xml writes
 	Appends   uint64 `json:"appends"`          // changes appended by this instance
 	Conflicts uint64 `json:"conflicts"`        // appends lost to another instance, then retried
+	Synced    uint64 `json:"synced_revision"`  // revision the change log holds durably
+	Syncs     uint64 `json:"syncs"`            // syncs of the change log (one per group of appends)
 }
 
 // FlushRequest asks for qubes.xml to hold at least Revision.
 type FlushRequest struct {
+	Revision uint64 `json:"revision"`
+}
+
+// SyncRequest asks for every change up to Revision to be durable in the change log
+// (after an apply with config.Mutation.DeferSync).
+type SyncRequest struct {
 	Revision uint64 `json:"revision"`
 }
 
@@ -49,9 +58,10 @@ var (
 	// change was not applied; in rare cases (a lost ack) it was stored anyway and
 	// shows up with the next revision.
 	ErrUnavailable = errors.New("config change log unavailable")
-	// ErrNotSaved: the change is accepted and durable in the change log, but writing
-	// qubes.xml failed (qubesd too fails the call then, with the change made).
-	ErrNotSaved = errors.New("qubes.xml not saved")
+	// ErrNotSaved: the change is accepted and in the change log, but it could not be
+	// made durable (the log's sync failed) or, for a Flush, writing qubes.xml failed
+	// (qubesd too fails the call then, with the change made).
+	ErrNotSaved = errors.New("change not saved")
 	// ErrRejected wraps a mutation that persistence refused: stale (with
 	// config.ErrStaleRevision) or invalid (with the config error that refused it).
 	ErrRejected = errors.New("mutation rejected")

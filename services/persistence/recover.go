@@ -37,6 +37,12 @@ func (s *Store) recover(ctx context.Context) error {
 			return err
 		}
 		s.seq, s.baseRev = seq, s.rev
+		// The marker names the base: it must not outlive it in a power cut.
+		if s.cfg.SyncLog != nil {
+			if err := s.cfg.SyncLog(ctx); err != nil {
+				return fmt.Errorf("sync config change log: %w", err)
+			}
+		}
 		if err := s.disk.Adopt(checkpoint.Mark{Revision: s.rev, Sequence: seq}); err != nil {
 			return err
 		}

@@ -75,6 +75,7 @@ func (s *Store) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error)
 		return nil, err
 	}
 	s.cancel, s.stopTail, s.svc = cancel, stopTail, svc
+	go s.saveLoop(life)
 	return svc, nil
 }
 
@@ -131,6 +132,18 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn) (micro.Service, e
 			go func() {
 				defer s.handlers.Done()
 				s.handleFlush(ctx, d)
+			}()
+		}},
+		// sync: the change log holds the revision durably when it answers (the second
+		// half of an apply with DeferSync); concurrent syncs share one.
+		{configstore.OpSync, func(r micro.Request) {
+			if !s.handling(r) {
+				return
+			}
+			d := bus.Detach(nc, r)
+			go func() {
+				defer s.handlers.Done()
+				s.handleSync(ctx, d)
 			}()
 		}},
 		{configstore.OpMetrics, func(r micro.Request) { _ = r.RespondJSON(s.Metrics()) }},
@@ -245,6 +258,39 @@ func (s *Store) handleFlush(ctx context.Context, r micro.Request) {
 		return
 	}
 	_ = r.RespondJSON(configstore.ApplyReply{Revision: req.Revision})
+}
+
+func (s *Store) handleSync(ctx context.Context, r micro.Request) {
+	var req configstore.SyncRequest
+	if err := json.Unmarshal(r.Data(), &req); err != nil {
+		_ = r.RespondJSON(configstore.ApplyReply{Error: err.Error(), Code: configstore.CodeInvalid})
+		return
+	}
+	sctx, cancel := context.WithTimeout(ctx, s.applyTimeout())
+	defer cancel()
+	// The revision was appended through this instance or one it follows; a sync here
+	// covers it only once this instance holds it.
+	if s.Revision() < req.Revision {
+		if _, err := s.catchUp(sctx); err != nil || s.Revision() < req.Revision {
+			_ = r.RespondJSON(configstore.ApplyReply{Error: fmt.Sprintf("revision %d not reached: %v", req.Revision, err), Code: configstore.CodeNotSaved})
+			return
+		}
+	}
+	if err := s.SyncThrough(sctx, req.Revision); err != nil {
+		_ = r.RespondJSON(configstore.ApplyReply{Revision: req.Revision, Error: err.Error(), Code: configstore.CodeNotSaved})
+		return
+	}
+	_ = r.RespondJSON(configstore.ApplyReply{Revision: req.Revision})
+}
+
+// catchUp reads the records this instance has not seen yet.
+func (s *Store) catchUp(ctx context.Context) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.clog == nil {
+		return 0, ErrNotServing
+	}
+	return s.catchUpLocked(ctx)
 }
 
 func (s *Store) applyTimeout() time.Duration {

@@ -131,6 +131,10 @@ func TestApplyFollowAndSave(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The write follows the reply, in the background.
+	if err := store.WaitWritten(ctx, rev); err != nil {
+		t.Fatal(err)
+	}
 	if store.Writes() != 1 {
 		t.Fatalf("writes = %d, want 1", store.Writes())
 	}
@@ -260,6 +264,10 @@ func TestConcurrentChangesCoalesce(t *testing.T) {
 		})
 	}
 	wg.Wait()
+	// The writes follow the replies, in the background.
+	if err := store.WaitWritten(ctx, 201); err != nil {
+		t.Fatal(err)
+	}
 	writes := store.Writes()
 	t.Logf("200 concurrent ChangesConfig property changes from 20 clients: %d qubes.xml writes in %v",
 		writes, time.Since(start).Round(time.Millisecond))
@@ -339,6 +347,10 @@ func TestRestartAfterCompaction(t *testing.T) {
 		t.Fatal(err)
 	}
 	if _, err := first.Apply(ctx, setMemory("domain-7", "1", true)); err != nil {
+		t.Fatal(err)
+	}
+	// Written in the background; the changes below ask for no write.
+	if err := first.WaitWritten(ctx, 2); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 20 {

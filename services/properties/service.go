@@ -54,8 +54,9 @@ type Lifecycle interface {
 // Store applies configuration changes (configstore.Client).
 type Store interface {
 	Apply(ctx context.Context, m config.Mutation) (uint64, error)
-	// Flush returns once qubes.xml holds revision rev or later.
-	Flush(ctx context.Context, rev uint64) error
+	// Sync returns once every change up to revision rev is durable (after an Apply
+	// with DeferSync).
+	Sync(ctx context.Context, rev uint64) error
 }
 
 // Volumes is what the service needs of the storage service (storageapi.Client): the
@@ -100,11 +101,6 @@ type Config struct {
 	// RuntimeMaxAge bounds how long a cached runtime snapshot is served without a
 	// change notice (default 1s); see runtimeCache.
 	RuntimeMaxAge time.Duration
-	// SaveAfterReply replies to a change once it is durable in the change log and
-	// has qubes.xml rewritten right after, instead of before the reply as qubesd does.
-	// A rewrite costs time in proportion to the number of qubes (about 45 ms at
-	// 10 000 on the development VM, mostly fsync), so this keeps changes flat.
-	SaveAfterReply bool
 }
 
 // Validate reports every problem at once.
@@ -336,31 +332,26 @@ const maxRetries = 32
 
 // write serves a call that changes the configuration: it plans the change over the
 // current configuration, publishes the pre-events, applies the ops at the planned
-// revision (planning again if another writer came first), waits until this service's
-// replica reflects the change (read-your-writes), publishes the post-events and
-// replies.
+// revision (planning again if another writer came first), brings this service's
+// replica to the change (read-your-writes), publishes the post-events, and replies
+// once the change is durable.
+//
+// Only the first steps are serial (commit, under the write lock): the next call plans
+// as soon as this one's change is in the log. Durability is waited for outside the
+// lock, so the changes of concurrent calls share one sync of the change log (group
+// commit), and persistence writes qubes.xml after the replies (ChangesConfig).
 func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
 	defer cancel()
-	ch, save, err := s.commit(ctx, c, plan)
+	ch, rev, err := s.commit(ctx, c, plan)
 	if err != nil {
 		return nil, err
 	}
-	// The change is durable in the change log. qubes.xml is rewritten, in one write
-	// shared with concurrent writers, before the reply as qubesd saves after every
-	// config change, or right after it with SaveAfterReply.
-	if save && s.cfg.SaveAfterReply {
-		rev := s.rep.Revision()
-		go func() {
-			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.WriteTimeout)
-			defer cancel()
-			if err := s.store.Flush(fctx, rev); err != nil {
-				s.log.Error("save qubes.xml after the reply", "revision", rev, "err", err)
-			}
-		}()
-	} else if save {
-		if err := s.store.Flush(ctx, s.rep.Revision()); err != nil {
-			return nil, fmt.Errorf("%w: save qubes.xml: %w", qerr.ErrAbort, err)
+	if rev != 0 {
+		if err := s.store.Sync(ctx, rev); err != nil {
+			// In the log but maybe not durable: not acknowledged, as qubesd fails a
+			// call whose save failed (with the change made).
+			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
 	}
 	if ch.AbortAfter != nil {
@@ -369,14 +360,15 @@ func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Mod
 	return []byte(ch.Reply), nil
 }
 
-// commit runs under the write lock: plan, pre-events, apply, wait for the replica,
-// post-events, so that events are stored in the order the changes were made.
-func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) (_ *model.Change, save bool, _ error) {
+// commit runs under the write lock: plan, pre-events, apply, the replica, post-events,
+// so that events are stored in the order the changes were made. It returns the
+// change's revision (0 if there was nothing to apply), which is not durable yet.
+func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) (_ *model.Change, rev uint64, _ error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	rt, err := s.runtime(ctx, c.After.Runtime)
 	if err != nil {
-		return nil, false, err
+		return nil, 0, err
 	}
 	prePublished := false
 	for attempt := 0; ; attempt++ {
@@ -391,28 +383,28 @@ func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Mo
 			return nil, err
 		})
 		if err != nil {
-			return nil, false, err
+			return nil, 0, err
 		}
 		if !prePublished {
 			// Nothing is applied unless the pre-events are stored: a failed publish
 			// aborts the call with the configuration unchanged.
 			if err := s.publish(ctx, ch.Pre); err != nil {
-				return nil, false, err
+				return nil, 0, err
 			}
 			prePublished = true
 		}
 		if ch.Err != nil {
-			return nil, false, ch.Err
+			return nil, 0, ch.Err
 		}
 		// A new qube's volumes are made before it is added (qubesd's create_on_disk).
 		undoVolumes, err := s.createVolumes(ctx, ch, rev)
 		if err != nil {
-			return nil, false, err
+			return nil, 0, err
 		}
-		// qubes.xml is flushed after the write lock is released (below), so that
-		// concurrent changes share one file write.
-		mut := config.Mutation{ExpectRevision: rev, Ops: ch.Ops}
-		save = c.Method.ChangesConfig && !ch.NoSave
+		// Durability is waited for after the write lock is released (write), so that
+		// concurrent changes share one sync; persistence writes qubes.xml after it.
+		mut := config.Mutation{ExpectRevision: rev, Ops: ch.Ops, DeferSync: true,
+			ChangesConfig: c.Method.ChangesConfig && !ch.NoSave}
 		newRev, err := s.store.Apply(ctx, mut)
 		if err != nil {
 			undoVolumes() // nothing half-made: the qube was not added
@@ -420,26 +412,39 @@ func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Mo
 		if errors.Is(err, config.ErrStaleRevision) && attempt < maxRetries {
 			// Another writer came first: wait until the replica has seen it, plan again.
 			if werr := s.rep.WaitRevision(ctx, rev+1); werr != nil {
-				return nil, false, qerr.Abort("wait for config: " + werr.Error())
+				return nil, 0, qerr.Abort("wait for config: " + werr.Error())
 			}
 			continue
 		}
 		if err != nil {
-			return nil, false, fmt.Errorf("%w: apply: %w", qerr.ErrAbort, err)
+			return nil, 0, fmt.Errorf("%w: apply: %w", qerr.ErrAbort, err)
 		}
-		if err := s.rep.WaitRevision(ctx, newRev); err != nil {
-			return nil, false, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
+		if err := s.reflect(ctx, newRev, ch.Ops); err != nil {
+			return nil, 0, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
 		if err := s.publish(ctx, ch.Post); err != nil {
-			// The change is durable in the change log and every replica has or will
-			// have it: it stands, as in qubesd, where an exception in a handler of a
-			// post-event leaves the change made. The call aborts (the client gets no
-			// answer), its post-events are missing from the stream, and qubes.xml
-			// takes the change at its next rewrite (the next change, or the exit).
-			return nil, false, err
+			// The change is in the change log (durable with the next sync) and every
+			// replica has or will have it: it stands, as in qubesd, where an exception
+			// in a handler of a post-event leaves the change made. The call aborts
+			// (the client gets no answer) and its post-events are missing from the
+			// stream.
+			return nil, 0, err
 		}
-		return ch, save, nil
+		return ch, newRev, nil
 	}
+}
+
+// reflect brings the replica to revision rev, this service's own change (ops) applied
+// at rev-1. When the replica is at rev-1 it applies ops itself rather than wait for the
+// change log to deliver them (the same ops on the same state, as persistence did); the
+// log's copy is then skipped. Otherwise another writer's record comes first: wait.
+func (s *Service) reflect(ctx context.Context, rev uint64, ops []config.Op) error {
+	if s.rep.Revision() == rev-1 {
+		if err := s.rep.Apply(rev, ops); err == nil {
+			return nil
+		}
+	}
+	return s.rep.WaitRevision(ctx, rev)
 }
 
 func (s *Service) publish(ctx context.Context, evs []model.Event) error {

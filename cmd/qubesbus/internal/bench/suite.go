@@ -34,9 +34,6 @@ type Config struct {
 	// InProcessReaders reads the admin.Events subscribers from this process instead
 	// of a child process (which is how a dom0 listener runs).
 	InProcessReaders bool
-	// SaveAfterReply runs the hosts with qubes.xml rewritten after the reply to a
-	// change instead of before it (system.Config.SaveAfterReply).
-	SaveAfterReply bool
 }
 
 // Classes in table order.
@@ -122,7 +119,7 @@ func Suite(ctx context.Context, cfg Config, log *slog.Logger) (*Report, error) {
 			return nil, err
 		}
 		sys, err := system.Start(ctx, system.Config{Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
-			QubesXML: seedFile, HostID: "bench", NATSPort: -1, SaveAfterReply: cfg.SaveAfterReply}, log)
+			QubesXML: seedFile, HostID: "bench", NATSPort: -1}, log)
 		if err != nil {
 			return nil, err
 		}

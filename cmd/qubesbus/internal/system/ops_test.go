@@ -51,6 +51,10 @@ func TestOpsEndpoints(t *testing.T) {
 	}
 	roundTrip(t, sys.Socket, []byte("admin.vm.List+ dom0 name dom0\x00"))
 	roundTrip(t, sys.Socket, []byte("admin.vm.feature.Set+ops dom0 name work\x00on"))
+	// qubes.xml follows the reply, in the background.
+	if err := sys.Store.WaitWritten(t.Context(), sys.Store.Revision()); err != nil {
+		t.Fatal(err)
+	}
 	_, body = get(t, srv, "/metrics")
 	for _, want := range []string{
 		`qubesbus_api_calls_total{method="admin.vm.List",outcome="ok"} 1`,

@@ -27,6 +27,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/policy"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/replica"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
 	"github.com/qubesbus/qubesbus/services/devices"
@@ -90,9 +91,6 @@ type Config struct {
 	Standby bool
 	// NATSTLS connects with TLS (server CA, client certificate).
 	NATSTLS bus.TLSFiles
-	// SaveAfterReply rewrites qubes.xml right after replying to a change rather than
-	// before (qubesd's way); the change is durable in the change log either way.
-	SaveAfterReply bool
 	// Hypervisor configures the simulated hypervisor (zero: the reference host of the
 	// recordings 40-89: its PCI devices, sda of sys-net).
 	Hypervisor simdriver.Config
@@ -370,8 +368,19 @@ var Services = func() []string {
 }()
 
 func startPersistence(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
-	store, err := persistence.New(persistence.Config{Host: host, DataDir: cfg.DataDir, SeedXML: cfg.QubesXML,
-		Replicas: cfg.Replicas, Log: log})
+	pc := persistence.Config{Host: host, DataDir: cfg.DataDir, SeedXML: cfg.QubesXML, Replicas: cfg.Replicas, Log: log}
+	// With the server in this process, persistence fsyncs the change log's files
+	// itself, once per group of changes (qubesd's durability: an acknowledged change
+	// survives a power cut). A server elsewhere keeps them as durable as its own
+	// settings do (replicas 3 in a cluster, or sync_interval: always).
+	if s.NATS != nil && cfg.ServiceNATSURLs[string(rpc.Persistence)] == "" && cfg.Replicas <= 1 {
+		syncer, err := embedded.NewStreamSyncer(s.NATS, "", changelog.StreamName)
+		if err != nil {
+			return nil, err
+		}
+		pc.SyncLog = syncer.Sync
+	}
+	store, err := persistence.New(pc)
 	if err != nil {
 		return nil, err
 	}
@@ -430,7 +439,7 @@ func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, lo
 		return nil, err
 	}
 	props, err := properties.New(properties.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
-		RuntimeMaxAge: cfg.RuntimeMaxAge, SaveAfterReply: cfg.SaveAfterReply, Events: events,
+		RuntimeMaxAge: cfg.RuntimeMaxAge, Events: events,
 		Volumes: storageapi.Client{NC: nc, Host: host}, Replica: s.replica})
 	if err != nil {
 		return nil, err
