@@ -44,11 +44,12 @@ func Enabled(env func(string) string) bool {
 // nil at once.
 func Setup(ctx context.Context, env func(string) string, service, version string, log *slog.Logger) (shutdown func(context.Context) error, err error) {
 	noop := func(context.Context) error { return nil }
+	disabled := strings.EqualFold(strings.TrimSpace(env("OTEL_SDK_DISABLED")), "true")
+	if exp := strings.TrimSpace(env("OTEL_TRACES_EXPORTER")); !disabled && exp != "" && exp != "otlp" && exp != "none" {
+		return noop, fmt.Errorf("OTEL_TRACES_EXPORTER=%s: qubesbus exports traces by otlp only", exp)
+	}
 	if !Enabled(env) {
 		return noop, nil
-	}
-	if exp := strings.TrimSpace(env("OTEL_TRACES_EXPORTER")); exp != "" && exp != "otlp" {
-		return noop, fmt.Errorf("OTEL_TRACES_EXPORTER=%s: qubesbus exports traces by otlp only", exp)
 	}
 	protocol := env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
 	if protocol == "" {

@@ -36,6 +36,7 @@ func TestSetupRefusesWhatItCannotExport(t *testing.T) {
 	for _, env := range []map[string]string{
 		{"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
 		{"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_TRACES_EXPORTER": "zipkin"},
+		{"OTEL_TRACES_EXPORTER": "console"},
 	} {
 		_, err := Setup(context.Background(), func(k string) string { return env[k] }, "qubesbus", "test", slog.New(slog.DiscardHandler))
 		if err == nil {
