@@ -135,19 +135,23 @@ func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, versi
 }
 
 func (m *Mux) endpoint(ctx context.Context, nc *nats.Conn, meth *Method) micro.HandlerFunc {
-	// The span name, made once: "properties admin.vm.property.Set".
-	span := string(m.service) + " " + subject.UnknownMethod
-	if meth != nil {
-		span = string(m.service) + " " + meth.Name
-	}
 	return func(r micro.Request) {
 		// micro runs one handler at a time per endpoint; calls may block (a shutdown
 		// waiting for Halted), so each runs on its own goroutine.
-		go m.serve(ctx, meth, span, bus.Detach(nc, r))
+		go m.serve(ctx, meth, bus.Detach(nc, r))
 	}
 }
 
-func (m *Mux) serve(ctx context.Context, meth *Method, spanName string, r micro.Request) {
+func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
+	// The span is named "properties admin.vm.property.Set"; the name is made only
+	// while tracing is on.
+	method, spanName := subject.UnknownMethod, ""
+	if meth != nil {
+		method = meth.Name
+	}
+	if tracing.On() {
+		spanName = string(m.service) + " " + method
+	}
 	ctx, span := tracing.StartServer(ctx, nats.Header(r.Headers()), spanName)
 	defer span.End()
 	req, err := envelope.ParseRequest(nats.Header(r.Headers()), r.Data())
@@ -156,7 +160,7 @@ func (m *Mux) serve(ctx context.Context, meth *Method, spanName string, r micro.
 		m.respond(ctx, r, nil, nil, qerr.Abort("malformed envelope"))
 		return
 	}
-	tracing.Call(span, spanName[len(m.service)+1:], req.Source, req.Dest)
+	tracing.Call(span, method, req.Source, req.Dest)
 	if meth == nil || !meth.Cancellable {
 		// Only cancellable calls end early. Any other runs to completion, as in qubesd,
 		// also when this instance stops serving meanwhile (a lifecycle term ending):

@@ -9,6 +9,7 @@ package tracing
 
 import (
 	"context"
+	"strings"
 
 	"github.com/nats-io/nats.go"
 	"go.opentelemetry.io/otel"
@@ -91,9 +92,12 @@ func StartClient(ctx context.Context, msg *nats.Msg) (context.Context, trace.Spa
 	if !On() {
 		return ctx, noopSpan
 	}
-	ctx, span := start(ctx, msg.Subject, trace.SpanKindClient)
+	// A copy: msg's contents must not escape through the span, or every caller's
+	// subject would be allocated on the heap, traced or not.
+	subject := strings.Clone(msg.Subject)
+	ctx, span := start(ctx, subject, trace.SpanKindClient)
 	if span.IsRecording() {
-		span.SetAttributes(AttrSystem.String("nats"), AttrSubject.String(msg.Subject))
+		span.SetAttributes(AttrSystem.String("nats"), AttrSubject.String(subject))
 	}
 	Inject(ctx, msg)
 	return ctx, span
@@ -105,10 +109,18 @@ func Inject(ctx context.Context, msg *nats.Msg) {
 	if !On() || !trace.SpanContextFromContext(ctx).IsValid() {
 		return
 	}
+	// Through a carrier of its own, for the same reason as StartClient's copy.
+	c := propagation.MapCarrier{}
+	w3c.Inject(ctx, c)
+	if len(c) == 0 {
+		return
+	}
 	if msg.Header == nil {
 		msg.Header = nats.Header{}
 	}
-	w3c.Inject(ctx, carrier(msg.Header))
+	for k, v := range c {
+		msg.Header.Set(k, v)
+	}
 }
 
 // Call describes an Admin API call on its span: the method as registered (or
