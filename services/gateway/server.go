@@ -272,8 +272,7 @@ func (s *Server) auditCall(req *envelope.Request, rep envelope.Reply, err error)
 }
 
 // countCall counts a relayed call (a stream's: its checks, not the stream) in the
-// metrics, under its method's name if the registry has it.
-// It returns the outcome.
+// metrics, under its method's name if the registry has it, and returns its outcome.
 func (s *Server) countCall(req *envelope.Request, rep envelope.Reply, err error, start time.Time) string {
 	outcome := audit.OutcomeAbort
 	switch {
@@ -332,9 +331,9 @@ func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Rep
 			actx, acancel = context.WithTimeout(cctx, attemptTimeout)
 			attemptTimeout *= 2
 		}
-		msg := req.Msg(s.cfg.Host.API(tok))
-		tracing.Inject(ctx, msg)
-		msg, err := s.nc.RequestMsgWithContext(actx, msg)
+		out := req.Msg(s.cfg.Host.API(tok))
+		tracing.Inject(ctx, out)
+		msg, err := s.nc.RequestMsgWithContext(actx, out)
 		acancel()
 		if err == nil {
 			rep, perr := envelope.ParseReply(msg)
