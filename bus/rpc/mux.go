@@ -12,11 +12,13 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/bus/tracing"
 )
 
 // Handler serves one checked call. It returns the OK content, or an error: a
@@ -141,12 +143,24 @@ func (m *Mux) endpoint(ctx context.Context, nc *nats.Conn, meth *Method) micro.H
 }
 
 func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
+	// The span is named "properties admin.vm.property.Set"; the name is made only
+	// while tracing is on.
+	method, spanName := subject.UnknownMethod, ""
+	if meth != nil {
+		method = meth.Name
+	}
+	if tracing.On() {
+		spanName = string(m.service) + " " + method
+	}
+	ctx, span := tracing.StartServer(ctx, nats.Header(r.Headers()), spanName)
+	defer span.End()
 	req, err := envelope.ParseRequest(nats.Header(r.Headers()), r.Data())
 	if err != nil {
 		m.log.Warn("malformed request envelope", "err", err)
-		m.respond(r, nil, nil, qerr.Abort("malformed envelope"))
+		m.respond(ctx, r, nil, nil, qerr.Abort("malformed envelope"))
 		return
 	}
+	tracing.Call(span, method, req.Source, req.Dest)
 	if meth == nil || !meth.Cancellable {
 		// Only cancellable calls end early. Any other runs to completion, as in qubesd,
 		// also when this instance stops serving meanwhile (a lifecycle term ending):
@@ -170,12 +184,12 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 		}()
 	}
 	if err := m.barrier(ctx, meth, req.After.ConfigRev); err != nil {
-		m.respond(r, req, nil, err)
+		m.respond(ctx, r, req, nil, err)
 		return
 	}
 	call, err := Check(ctx, m.resolver, m.Auth, meth, req)
 	if err != nil {
-		m.respond(r, req, nil, err)
+		m.respond(ctx, r, req, nil, err)
 		return
 	}
 	h := m.handlers[call.Method.Name]
@@ -183,7 +197,7 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 		h = checkOnly
 	}
 	if h == nil {
-		m.respond(r, req, nil, qerr.NotImplementedError("method not implemented by qubesbus yet: "+call.Method.Name))
+		m.respond(ctx, r, req, nil, qerr.NotImplementedError("method not implemented by qubesbus yet: "+call.Method.Name))
 		return
 	}
 	out, err := h(ctx, call)
@@ -192,10 +206,10 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 			m.log.Error("after config change", "method", call.Method.Name, "dest", call.Dest.Name, "id", call.ID, "err", aerr)
 		}
 	}
-	m.respond(r, req, out, err)
+	m.respond(ctx, r, req, out, err)
 }
 
-func (m *Mux) respond(r micro.Request, req *envelope.Request, content []byte, err error) {
+func (m *Mux) respond(ctx context.Context, r micro.Request, req *envelope.Request, content []byte, err error) {
 	var h nats.Header
 	var body []byte
 	if err == nil {
@@ -207,9 +221,21 @@ func (m *Mux) respond(r micro.Request, req *envelope.Request, content []byte, er
 			m.log.Warn("call aborted", "method", req.Method, "src", req.Source, "dest", req.Dest, "id", req.ID, "err", err)
 		}
 	}
+	if tracing.On() {
+		traceOutcome(trace.SpanFromContext(ctx), h, err)
+	}
 	m.stamp(h)
 	if rerr := r.Respond(body, micro.WithHeaders(micro.Headers(h))); rerr != nil {
 		m.log.Warn("respond", "err", rerr)
+	}
+}
+
+// traceOutcome records on the call's span how it ended, as its reply says.
+func traceOutcome(span trace.Span, h nats.Header, err error) {
+	status := h.Get(envelope.HeaderStatus)
+	tracing.Outcome(span, status, h.Get(envelope.HeaderException))
+	if status != envelope.StatusOK && status != envelope.StatusException {
+		tracing.Fail(span, err)
 	}
 }
 

@@ -17,6 +17,9 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+
+	"github.com/qubesbus/qubesbus/bus/buildinfo"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/telemetry"
 )
 
 func main() {
@@ -69,6 +72,20 @@ func dispatch(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	if err != nil {
 		fmt.Fprintln(stderr, "qubesbus:", err)
 		return 2
+	}
+	switch args[0] {
+	case "run", "serve", "lab":
+		// Traces only from the commands that serve; off unless OTEL_* ask for them.
+		shutdown, err := telemetry.Setup(ctx, os.Getenv, "qubesbus", buildinfo.Version(), log)
+		if err != nil {
+			fmt.Fprintln(stderr, "qubesbus:", err)
+			return 2
+		}
+		defer func() {
+			if err := shutdown(ctx); err != nil {
+				log.Warn("tracing", "err", err)
+			}
+		}()
 	}
 	switch args[0] {
 	case "version", "--version", "-version":

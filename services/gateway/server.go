@@ -13,6 +13,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nuid"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/audit"
@@ -20,6 +21,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/bus/tracing"
 	"github.com/qubesbus/qubesbus/schemas/adminapi"
 )
 
@@ -200,26 +202,46 @@ func (s *Server) handle(ctx context.Context, c *net.UnixConn) {
 	}
 	req.ID = nuid.Next()
 	if h := s.streams[req.Method]; h != nil {
-		h(ctx, c, req, func(r *envelope.Request) (envelope.Reply, error) {
-			start := time.Now()
-			rep, err := s.relay(ctx, r)
-			s.auditCall(r, rep, err)
-			s.countCall(r, rep, err, start)
-			return rep, err
-		})
+		h(ctx, c, req, func(r *envelope.Request) (envelope.Reply, error) { return s.call(ctx, r) })
 		c.Close()
 		return
 	}
-	start := time.Now()
-	rep, err := s.relay(ctx, req)
-	s.auditCall(req, rep, err)
-	s.countCall(req, rep, err, start)
+	rep, err := s.call(ctx, req)
 	if err != nil {
 		s.log.Error("call failed", "method", req.Method, "id", req.ID, "err", err)
 		c.Close()
 		return
 	}
 	writeReply(c, rep, s.log)
+}
+
+// call relays a call (a stream's: its checks) and counts, audits and traces it.
+func (s *Server) call(ctx context.Context, req *envelope.Request) (envelope.Reply, error) {
+	start := time.Now()
+	// The span is named by the method as registered: a client's made-up names never
+	// become span names. Off, not even the lookup is made.
+	var name string
+	if tracing.On() {
+		name = subject.UnknownMethod
+		if meth, ok := s.reg.Lookup(req.Method); ok {
+			name = meth.Name
+		}
+	}
+	ctx, span := tracing.Start(ctx, name, trace.SpanKindServer)
+	defer span.End()
+	tracing.Call(span, name, req.Source, req.Dest)
+	rep, err := s.relay(ctx, req)
+	s.auditCall(req, rep, err)
+	outcome := s.countCall(req, rep, err, start)
+	if span.IsRecording() {
+		class := ""
+		if rep.Exception != nil {
+			class = rep.Exception.Class
+		}
+		tracing.Outcome(span, outcome, class)
+		tracing.Fail(span, err)
+	}
+	return rep, err
 }
 
 // auditCall records a relayed call if the audit rule selects it. A call with no reply
@@ -250,11 +272,8 @@ func (s *Server) auditCall(req *envelope.Request, rep envelope.Reply, err error)
 }
 
 // countCall counts a relayed call (a stream's: its checks, not the stream) in the
-// metrics, under its method's name if the registry has it.
-func (s *Server) countCall(req *envelope.Request, rep envelope.Reply, err error, start time.Time) {
-	if s.cfg.Metrics == nil {
-		return
-	}
+// metrics, under its method's name if the registry has it, and returns its outcome.
+func (s *Server) countCall(req *envelope.Request, rep envelope.Reply, err error, start time.Time) string {
 	outcome := audit.OutcomeAbort
 	switch {
 	case err != nil:
@@ -263,11 +282,15 @@ func (s *Server) countCall(req *envelope.Request, rep envelope.Reply, err error,
 	case rep.Status == envelope.StatusException:
 		outcome = audit.OutcomeException
 	}
+	if s.cfg.Metrics == nil {
+		return outcome
+	}
 	method := ""
 	if _, ok := s.reg.Lookup(req.Method); ok {
 		method = req.Method
 	}
 	s.cfg.Metrics.ObserveCall(method, outcome, time.Since(start))
+	return outcome
 }
 
 // auditRefused records a request the gateway dropped before any service saw it (it
@@ -308,7 +331,9 @@ func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Rep
 			actx, acancel = context.WithTimeout(cctx, attemptTimeout)
 			attemptTimeout *= 2
 		}
-		msg, err := s.nc.RequestMsgWithContext(actx, req.Msg(s.cfg.Host.API(tok)))
+		out := req.Msg(s.cfg.Host.API(tok))
+		tracing.Inject(ctx, out)
+		msg, err := s.nc.RequestMsgWithContext(actx, out)
 		acancel()
 		if err == nil {
 			rep, perr := envelope.ParseReply(msg)
