@@ -1,5 +1,5 @@
 // The qubesbus web view: read-only. Every name shown comes from the bus and is
-// untrusted, so text goes in through textContent only (never innerHTML).
+// untrusted, so text goes in through textContent only, never parsed as markup.
 "use strict";
 
 const hostsEl = document.getElementById("hosts");
