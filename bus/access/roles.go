@@ -8,7 +8,8 @@
 // The boundaries that matter: only the gateway publishes on API subjects, so only it
 // can assert a call's source (the Qubes-Source header); only the lab role and the
 // admin can reach the fault-injection subjects; the events role reads the events
-// stream and can call nothing; only the gateway writes the audit trail (QUBES_AUDIT),
+// stream and can call nothing; the webview role reads the events stream, the
+// configuration history and snapshots and the power states, and can change nothing; only the gateway writes the audit trail (QUBES_AUDIT),
 // and only the auditor role (and the admin) reads it.
 package access
 
@@ -34,6 +35,7 @@ const (
 	Events      = "events"
 	Auditor     = "auditor"
 	Lab         = "lab"
+	WebView     = "webview"
 )
 
 // Role is one NATS user of qubesbus.
@@ -89,6 +91,17 @@ func join(lists ...[]string) []string {
 	var out []string
 	for _, l := range lists {
 		out = append(out, l...)
+	}
+	return out
+}
+
+// union is join without repeats, in first-seen order.
+func union(lists ...[]string) []string {
+	var out []string
+	for _, s := range join(lists...) {
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
 	}
 	return out
 }
@@ -158,6 +171,13 @@ var Roles = []Role{
 		Subscribe: []string{inbox}},
 	{Name: Auditor, About: "Audit readers (qubesbus audit): read the audit stream only; may call nothing.",
 		Publish:   readStream("QUBES_AUDIT"),
+		Subscribe: []string{inbox}},
+	{Name: WebView, About: "The web view (--http /): reads the events stream, the configuration (history, snapshots) and power states; may change nothing.",
+		Publish: union(readStream("QUBES_EVENTS"), readStream("QUBES_CONFIG"),
+			// The two read-only questions it asks the services: a host's configuration
+			// and its qubes' power states. Not store.> (that applies mutations) nor
+			// api.> (only the gateway may assert a call's source).
+			[]string{"qubes.v1.*.store.snapshot", "qubes.v1.*.svc.vmlifecycle.states"}),
 		Subscribe: []string{inbox}},
 	{Name: Lab, About: "Test labs: fault injection on the simulated hypervisor; may call nothing.",
 		Publish:   []string{"qubes.v1.*.lab.>"},

@@ -58,6 +58,8 @@ func labCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 		return 1
 	}
 	ready.set(l.Ready)
+	// One view of every host: any host's connection reaches the whole bus.
+	ready.startWeb(ctx, ready.serving, l.Hosts[0].ConnectAs, log)
 	for _, h := range l.Hosts {
 		fmt.Fprintf(stdout, "%s %s\n", h.ID, h.Socket)
 	}

@@ -111,6 +111,7 @@ func run(ctx context.Context, cfg system.Config, log *slog.Logger, ready *readin
 		return err
 	}
 	ready.set(sys.Ready)
+	ready.startWeb(ctx, ready.serving, sys.ConnectAs, log)
 	<-ctx.Done()
 	log.Info("shutting down", "cause", context.Cause(ctx))
 	return sys.Stop()
@@ -156,6 +157,7 @@ func serveCmd(ctx context.Context, args []string, log *slog.Logger, stdout, stde
 		return 1
 	}
 	ready.set(sys.Ready)
+	ready.startWeb(ctx, ready.serving, sys.ConnectAs, log)
 	<-ctx.Done()
 	if err := sys.Stop(); err != nil {
 		fmt.Fprintln(stderr, "qubesbus:", err)

@@ -85,7 +85,7 @@ func TestOnlyTheGatewayCalls(t *testing.T) {
 	host := subject.ForHost("test")
 	spoof := (&envelope.Request{Method: "admin.vm.property.Set", Source: "dom0", Dest: "work", Arg: "label",
 		Payload: []byte("red"), ID: "spoofed"}).Msg(host.API("admin.vm.property.Set"))
-	for _, role := range []string{access.Properties, access.VMLifecycle, access.Persistence, access.Hypervisor, access.Events, access.Lab} {
+	for _, role := range []string{access.Properties, access.VMLifecycle, access.Persistence, access.Hypervisor, access.Events, access.Lab, access.WebView} {
 		expectRefused(t, connectAs(t, sys, role), spoof)
 	}
 	if got := roundTrip(t, sys.Socket, []byte("admin.vm.property.Get+label dom0 name work\x00")); string(got) != "0\x00default=False type=label blue" {
