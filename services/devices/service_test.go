@@ -99,12 +99,13 @@ func (f *fakeHypervisor) Detach(_ context.Context, a hostdev.Attachment) error {
 
 type harness struct {
 	*testhost.Host
-	t     testing.TB
-	seq   uint64
-	life  *fakeLifecycle
-	hv    *fakeHypervisor
-	clock atomic.Int64
-	js    jetstream.JetStream
+	t        testing.TB
+	seq      uint64
+	barriers int // markers sent by barrier (watch_test.go)
+	life     *fakeLifecycle
+	hv       *fakeHypervisor
+	clock    atomic.Int64
+	js       jetstream.JetStream
 }
 
 func newHarness(t *testing.T) *harness {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -77,20 +78,49 @@ func (h *harness) changed(backend string) {
 	}
 }
 
-// waitEvents waits until the events stored since the last look are want, exactly.
+// barrier sends a marker down each path the device watch reads, behind everything
+// sent on it before: a hot-plug of a backend of its own on the hypervisor's subject
+// (as changed does) and a domain-start of another on the events stream (as power
+// does). The watch handles its inputs one at a time and stores each one's events
+// before the next, so once both markers' device-added are stored, every trigger sent
+// before them has been handled and its events are stored.
+func (h *harness) barrier() (plugged, started string) {
+	h.t.Helper()
+	h.barriers++
+	plugged = fmt.Sprintf("%splug-%d", barrierPrefix, h.barriers)
+	started = fmt.Sprintf("%sstart-%d", barrierPrefix, h.barriers)
+	for _, b := range []string{plugged, started} {
+		h.hv.plug(device.Info{Port: device.Port{Backend: b, ID: "xvdz", Class: "block"}, DeviceID: ":None"})
+	}
+	h.changed(plugged)
+	h.power(started, "domain-start")
+	return plugged, started
+}
+
+// barrierPrefix names the barrier's backends (no qube of the fixture).
+const barrierPrefix = "barrier-"
+
+// waitEvents asserts that the events stored since the last look, up to a barrier,
+// are want exactly: nothing missing, nothing unexpected, in this order.
 func (h *harness) waitEvents(want ...string) {
 	h.t.Helper()
+	plugged, started := h.barrier()
 	var got []string
-	bustest.CheckFor(h.t, 10*time.Second, 10*time.Millisecond, func() error {
-		got = append(got, h.events()...)
-		if len(got) < len(want) {
-			return fmt.Errorf("events so far %q", got)
+	passed := map[string]bool{}
+	bustest.CheckFor(h.t, 10*time.Second, 5*time.Millisecond, func() error {
+		for _, e := range h.events() {
+			vm, ev, _ := strings.Cut(e, "|")
+			if !strings.HasPrefix(vm, barrierPrefix) {
+				got = append(got, e)
+			} else if strings.HasPrefix(ev, "device-added:") {
+				passed[vm] = true
+			}
+		}
+		if !passed[plugged] || !passed[started] {
+			return fmt.Errorf("barrier not passed; events so far %q", got)
 		}
 		return nil
 	})
-	// Nothing more may follow.
-	time.Sleep(100 * time.Millisecond)
-	got = append(got, h.events()...)
 	if !slices.Equal(got, want) {
 		h.t.Errorf("events:\n got %q\nwant %q", got, want)
 	}
