@@ -245,3 +245,44 @@ func TestRequiredDevicesAtStart(t *testing.T) {
 		t.Error("PrepareStart of a missing qube succeeded")
 	}
 }
+
+// TestMissingPCIDevice: a PCI device assigned to a qube that the host does not have
+// (its port 00_1e.0 is absent). qubesd reads the identity of the device at that
+// port from libvirt, which answers "Node device not found": at a start (the PCI
+// extension's domain-pre-start, whatever the assignment's mode) that fails the
+// start; at an Assign or Attach naming the identity qubesd aborts, answered here
+// with the same text. A port the host has with another identity is "not available".
+func TestMissingPCIDevice(t *testing.T) {
+	h := newHarness(t)
+	const nodeErr = "Node device not found: no node device with matching name 'pci_0000_00_1e_0'"
+	cl := devicectl.Client{NC: h.NC, Host: h.Subjects}
+	h.expect("admin.vm.device.pci.Assign", "sys-net", "dom0+00_1e.0+0x8086+0x1234++p028000",
+		"device_id='0x8086:0x1234::p028000' port_id='00_1e.0' devclass='pci' backend_domain='dom0' mode='required' frontend_domain='sys-net'",
+		"2:QubesException:"+nodeErr)
+	// Without an identity qubesd does not look: the assignment is made.
+	h.expect("admin.vm.device.pci.Assign", "sys-net", "dom0+00_1e.0",
+		"device_id='*' port_id='00_1e.0' devclass='pci' backend_domain='dom0' mode='auto-attach' frontend_domain='sys-net'", "0:",
+		"sys-net|device-pre-assign:pci|device=dom0:00_1e.0:*,options={}",
+		"sys-net|device-assign:pci|device=dom0:00_1e.0:*,options={}")
+	err := cl.PrepareStart(h.Ctx, "sys-net")
+	var he *devicectl.HypervisorError
+	if !errors.As(err, &he) || he.Msg != nodeErr {
+		t.Fatalf("PrepareStart with a missing PCI device: %v", err)
+	}
+	// Attach to a running qube reads the device too.
+	h.life.set("sys-net", "Running")
+	h.expect("admin.vm.device.pci.Attach", "sys-net", "dom0+00_1e.0", "", "2:QubesException:"+nodeErr)
+	// Once it is gone from the assignments, a required one of a port the host has,
+	// with another identity, is not available (qubesd's check after domain-pre-start).
+	h.expect("admin.vm.device.pci.Unassign", "sys-net", "dom0+00_1e.0", "", "0:",
+		"sys-net|device-unassign:pci|device=dom0:00_1e.0:*")
+	h.expect("admin.vm.device.pci.Assign", "sys-net", "dom0+00_14.3+0x8086+0x9999++p028000",
+		"device_id='0x8086:0x9999::p028000' port_id='00_14.3' devclass='pci' backend_domain='dom0' mode='required' frontend_domain='sys-net'", "0:",
+		"sys-net|device-pre-assign:pci|device=dom0:00_14.3:0x8086:0x9999::p028000,options={}",
+		"sys-net|device-assign:pci|device=dom0:00_14.3:0x8086:0x9999::p028000,options={}")
+	var qe *qerr.Error
+	if err := cl.PrepareStart(h.Ctx, "sys-net"); !errors.As(err, &qe) || qe.Class != "QubesException" ||
+		qe.Message != "Pci device dom0:00_14.3:0x8086:0x9999::p028000 not available" {
+		t.Fatalf("PrepareStart with another device at the port: %v", err)
+	}
+}
