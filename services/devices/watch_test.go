@@ -4,10 +4,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
@@ -284,5 +287,65 @@ func TestMissingPCIDevice(t *testing.T) {
 	if err := cl.PrepareStart(h.Ctx, "sys-net"); !errors.As(err, &qe) || qe.Class != "QubesException" ||
 		qe.Message != "Pci device dom0:00_14.3:0x8086:0x9999::p028000 not available" {
 		t.Fatalf("PrepareStart with another device at the port: %v", err)
+	}
+}
+
+// TestFirewallReloadedWhenNetvmStarts: a netvm that starts gets the rules of its
+// running clients in its table, which starts empty (qubesd writes them into the
+// netvm's new QubesDB at its domain-qdb-create); while it is halted nothing is
+// written for it (reload_firewall_for_vm returns when the netvm does not run).
+func TestFirewallReloadedWhenNetvmStarts(t *testing.T) {
+	h := newHarness(t)
+	kv, err := h.js.KeyValue(h.Ctx, FirewallBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := func(ip, entry string) string { return FirewallKey(h.Subjects.ID(), "sys-firewall", ip, entry) }
+	table := func() map[string]string {
+		t.Helper()
+		out := map[string]string{}
+		lister, err := kv.ListKeys(h.Ctx)
+		if errors.Is(err, jetstream.ErrNoKeysFound) {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k := range lister.Keys() {
+			if !strings.HasPrefix(k, h.Subjects.ID()+"/sys-firewall/qubes-firewall/") {
+				continue
+			}
+			e, err := kv.Get(h.Ctx, k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out[k] = string(e.Value())
+		}
+		return out
+	}
+	h.life.set("work", "Running")
+	h.expect("admin.vm.firewall.Set", "work", "", "action=accept proto=tcp dstports=443\naction=drop\n", "0:",
+		"work|firewall-changed|")
+	if got := table(); len(got) != 0 {
+		t.Fatalf("rules written for a halted netvm: %q", got)
+	}
+	// What the table holds from before: stale rules of work, a client gone.
+	for k, v := range map[string]string{key("10.137.0.5", "0000"): "action=accept", key("10.137.0.5", "0005"): "action=drop",
+		key("10.137.0.5", ""): "", key("10.137.0.99", "policy"): "accept", key("10.137.0.99", ""): ""} {
+		if _, err := kv.PutString(h.Ctx, k, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.life.set("sys-firewall", "Running")
+	h.power("sys-firewall", "domain-start", "start_guid", "True")
+	h.waitEvents("sys-firewall|domain-start|start_guid=True")
+	want := map[string]string{
+		key("10.137.0.5", "policy"): "drop",
+		key("10.137.0.5", "0000"):   "action=accept proto=tcp dstports=443-443",
+		key("10.137.0.5", "0001"):   "action=drop",
+		key("10.137.0.5", ""):       "",
+	}
+	if got := table(); !maps.Equal(got, want) {
+		t.Errorf("sys-firewall's table after its start:\n got %q\nwant %q", got, want)
 	}
 }
