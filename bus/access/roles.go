@@ -135,7 +135,7 @@ var Roles = []Role{
 		Publish: join([]string{inbox, discovery}, jsClient,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.stats", "qubes.v1.*.svc.vmlifecycle.changed",
 				"qubes.v1.*.hv.>", "$KV.QUBES_LEASES.>",
-				"qubes.v1.*.svc.storage.prepare", "qubes.v1.*.svc.storage.stop", "qubes.v1.*.svc.storage.remove",
+				"qubes.v1.*.svc.storage.verify", "qubes.v1.*.svc.storage.prepare", "qubes.v1.*.svc.storage.stop", "qubes.v1.*.svc.storage.remove",
 				"qubes.v1.*.svc.devices.prepare-start", "qubes.v1.*.svc.devices.attach-required",
 				"qubes.v1.*.events._app.domain-pre-delete", "qubes.v1.*.events._app.domain-delete"},
 			plainEvents("domain-pre-start", "domain-start-failed", "domain-verify-files", "domain-pre-spawn", "domain-spawn",

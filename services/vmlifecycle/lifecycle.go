@@ -223,6 +223,11 @@ func (s *Service) start(ctx context.Context, name string, path []string) error {
 		}
 		return fail(err)
 	}
+	// Storage: every image the start needs is there (Storage.verify, which fires
+	// domain-verify-files once it has looked).
+	if err := s.verifyVolumes(ctx, q); err != nil {
+		return fail(err)
+	}
 	if err := s.emit(ctx, evVerifyFiles(name)); err != nil {
 		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 	}
