@@ -150,7 +150,7 @@ var Roles = []Role{
 				"qubes.v1.*.hv.>", "$KV.QUBES_LEASES.>",
 				// A create that finds the key taken reads it (was it deleted?).
 				"$JS.API.STREAM.*.KV_QUBES_LEASES", "$JS.API.DIRECT.GET.KV_QUBES_LEASES", "$JS.API.DIRECT.GET.KV_QUBES_LEASES.>",
-				"qubes.v1.*.svc.storage.prepare", "qubes.v1.*.svc.storage.stop", "qubes.v1.*.svc.storage.remove",
+				"qubes.v1.*.svc.storage.verify", "qubes.v1.*.svc.storage.prepare", "qubes.v1.*.svc.storage.stop", "qubes.v1.*.svc.storage.remove",
 				"qubes.v1.*.svc.devices.prepare-start", "qubes.v1.*.svc.devices.attach-required",
 				"qubes.v1.*.events._app.domain-pre-delete", "qubes.v1.*.events._app.domain-delete"},
 			plainEvents("domain-pre-start", "domain-start-failed", "domain-verify-files", "domain-pre-spawn", "domain-spawn",

@@ -41,8 +41,12 @@ const (
 	// the configuration, from the <volume-config> it had; failures are logged, as
 	// qubesd logs them, and the reply is OK.
 	OpRemove = "remove"
-	// OpPrepare prepares the volumes of a qube about to start (Storage.verify and
-	// Storage.start); on failure the volumes it prepared are as before.
+	// OpVerify checks the volumes of a qube about to start (Storage.verify, right
+	// after the device check and before its netvm starts): a missing image is the
+	// start's error. It changes nothing.
+	OpVerify = "verify"
+	// OpPrepare prepares the volumes of a qube about to start (Storage.start); on
+	// failure the volumes it prepared are as before.
 	OpPrepare = "prepare"
 	// OpStop stops the volumes of a qube whose start failed after OpPrepare (the
 	// domain could not be created), as qubesd's start calls Storage.stop then: a
@@ -142,6 +146,11 @@ func (c Client) CreateVolumes(ctx context.Context, qube, volumeConfig string, re
 // RemoveVolumes removes the volumes of a removed qube.
 func (c Client) RemoveVolumes(ctx context.Context, qube, volumeConfig string, rev uint64) error {
 	return c.call(ctx, OpRemove, VolumesRequest{Qube: qube, VolumeConfig: volumeConfig, Revision: rev})
+}
+
+// VerifyStart checks a qube's volumes before its start.
+func (c Client) VerifyStart(ctx context.Context, qube string) error {
+	return c.call(ctx, OpVerify, VolumesRequest{Qube: qube})
 }
 
 // PrepareStart prepares a qube's volumes for its start.

@@ -178,6 +178,30 @@ func (s *Service) target(arg, class string) (device.Assignment, error) {
 	return a, nil
 }
 
+// lookupPCI is the rest of qubesd's load_device_info for Assign and Attach: an
+// argument naming both a PCI port and an identity makes it read the identity of the
+// device at that port from libvirt, which fails for a port the host does not have.
+// qubesd leaves that libvirtError unhandled (the connection closes with no answer);
+// here it is answered as QubesException with libvirt's text, as a start shows it, so
+// the tool says why. qubesd's Unassign and Detach make the same lookup and abort
+// too; here they do not, so an assignment of a device that is gone can be removed.
+func (s *Service) lookupPCI(ctx context.Context, dev device.Assignment) error {
+	if dev.Class != "pci" || dev.DeviceID == device.Any {
+		return nil
+	}
+	if !pciRootPort.MatchString(dev.Port.ID) {
+		return nil
+	}
+	inv, err := s.inventory(ctx)
+	if err != nil {
+		return err
+	}
+	if msg, ok := missingPCI(inv, dev); ok {
+		return qerr.QubesException(msg)
+	}
+	return nil
+}
+
 func (s *Service) exists(vm string) bool {
 	found := false
 	_ = s.view(nil, func(m *model.Model) error {
@@ -219,6 +243,9 @@ func (s *Service) assign(class string) rpc.Handler {
 	return func(ctx context.Context, c *rpc.Call) ([]byte, error) {
 		dev, err := s.target(c.Arg, class)
 		if err != nil {
+			return nil, err
+		}
+		if err := s.lookupPCI(ctx, dev); err != nil {
 			return nil, err
 		}
 		a, err := s.parsePayload(c.Payload, dev)
@@ -321,6 +348,9 @@ func (s *Service) attach(class string) rpc.Handler {
 		if err != nil {
 			return nil, err
 		}
+		if err := s.lookupPCI(ctx, dev); err != nil {
+			return nil, err
+		}
 		a, err := s.parsePayload(c.Payload, dev)
 		if err != nil {
 			return nil, err
@@ -350,6 +380,11 @@ func (s *Service) attach(class string) rpc.Handler {
 		inv, err := s.inventory(ctx)
 		if err != nil {
 			return nil, err
+		}
+		// qubesd's attach reads the device's identity (assignment.device), which
+		// fails for a PCI port the host does not have (see lookupPCI).
+		if msg, ok := missingPCI(inv, a); ok {
+			return nil, qerr.QubesException(msg)
 		}
 		var found []device.Info
 		for _, d := range inv.Devices {

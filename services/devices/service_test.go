@@ -99,12 +99,13 @@ func (f *fakeHypervisor) Detach(_ context.Context, a hostdev.Attachment) error {
 
 type harness struct {
 	*testhost.Host
-	t     testing.TB
-	seq   uint64
-	life  *fakeLifecycle
-	hv    *fakeHypervisor
-	clock atomic.Int64
-	js    jetstream.JetStream
+	t        testing.TB
+	seq      uint64
+	barriers int // markers sent by barrier (watch_test.go)
+	life     *fakeLifecycle
+	hv       *fakeHypervisor
+	clock    atomic.Int64
+	js       jetstream.JetStream
 }
 
 func newHarness(t *testing.T) *harness {
@@ -192,6 +193,7 @@ func TestFirewall(t *testing.T) {
 func TestFirewallPublishedForNetvm(t *testing.T) {
 	h := newHarness(t)
 	h.life.set("work", "Running")
+	h.life.set("sys-firewall", "Running")
 	h.expect("admin.vm.firewall.Set", "work", "", "action=accept specialtarget=dns\naction=drop dst6=fd00::/8\naction=drop\n", "0:",
 		"work|firewall-changed|")
 	kv, err := h.js.KeyValue(h.Ctx, FirewallBucket)
@@ -211,6 +213,14 @@ func TestFirewallPublishedForNetvm(t *testing.T) {
 	}
 	if _, err := kv.Get(h.Ctx, FirewallKey(h.Subjects.ID(), "sys-firewall", "10.137.0.5", "0001")); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Errorf("the IPv6 rule is in the IPv4 table: %v", err)
+	}
+	// Fewer rules: the entries beyond them go (the old entries are removed first).
+	h.expect("admin.vm.firewall.Set", "work", "", "action=accept\n", "0:", "work|firewall-changed|")
+	if e, err := kv.Get(h.Ctx, FirewallKey(h.Subjects.ID(), "sys-firewall", "10.137.0.5", "0000")); err != nil || string(e.Value()) != "action=accept" {
+		t.Errorf("entry 0000 after the second set: %v", err)
+	}
+	if _, err := kv.Get(h.Ctx, FirewallKey(h.Subjects.ID(), "sys-firewall", "10.137.0.5", "0002")); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Errorf("entry 0002 left from the old rules: %v", err)
 	}
 }
 

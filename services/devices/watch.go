@@ -177,9 +177,11 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 }
 
 // onStart handles a qube's domain-start: its auto-attach assignments, then its own
-// devices as a backend, then its firewall rules in its netvm's table.
+// devices as a backend, then its firewall rules in its netvm's table and, if it
+// provides network, its own table with the rules of its running clients.
 func (s *Service) onStart(ctx context.Context, vm string) error {
-	errs := []error{s.autoAttachFrontend(ctx, vm), s.rescan(ctx, vm, true), s.publishFirewallOf(ctx, vm)}
+	errs := []error{s.autoAttachFrontend(ctx, vm), s.rescan(ctx, vm, true), s.publishFirewallOf(ctx, vm),
+		s.reloadNetvmTable(ctx, vm)}
 	return errors.Join(errs...)
 }
 

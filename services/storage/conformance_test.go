@@ -8,6 +8,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/qubesbus/qubesbus/bus/qerr"
 )
 
 // testPool opens a pool of each writable driver on a temporary root.
@@ -275,5 +277,101 @@ func TestVolumeConfigRoundTrip(t *testing.T) {
 	}
 	if _, err := parseVolumeConfig(RawOf(`<volume-config><volume name="x" size="big"/></volume-config>`)); err == nil {
 		t.Fatal("a size that is no number parsed")
+	}
+}
+
+// TestVerifyMissingImage: every driver verifies what a start needs (qubesd's
+// Volume.verify); the file drivers refuse an image that was written and is gone,
+// with their qubesd texts, and take one never written (a fixture's qube) as empty.
+func TestVerifyMissingImage(t *testing.T) {
+	ctx := context.Background()
+	for name, p := range testPools(t) {
+		t.Run(name, func(t *testing.T) {
+			tmpl := Volume{Name: "root", Pool: "p", VID: "vm-templates/t/root", RevisionsToKeep: 1, RW: true, SaveOnStop: true, Size: 1 << 20}
+			root := Volume{Name: "root", Pool: "p", VID: "appvms/q/root", RW: true, SnapOnStart: true, Source: tmpl.VID, Size: 1 << 20}
+			priv := Volume{Name: "private", Pool: "p", VID: "appvms/q/private", RevisionsToKeep: 1, RW: true, SaveOnStop: true, Size: 1 << 20}
+			vol := Volume{Name: "volatile", Pool: "p", VID: "appvms/q/volatile", RW: true, Size: 1 << 20}
+			src := &Source{Volume: tmpl, Pool: p}
+			verify := func(v Volume, src *Source) error {
+				t.Helper()
+				err := p.Verify(v, src)
+				var qe *qerr.Error
+				if err != nil && (!errors.As(err, &qe) || qe.Class != "StoragePoolException") {
+					t.Fatalf("verify %s: %v, want a StoragePoolException", v.VID, err)
+				}
+				return err
+			}
+			// Never written: nothing is missing.
+			for _, v := range []Volume{root, priv, vol} {
+				if err := verify(v, src); err != nil {
+					t.Fatalf("verify %s before anything was written: %v", v.VID, err)
+				}
+			}
+			for _, v := range []Volume{tmpl, priv} {
+				if err := p.Create(ctx, v); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, v := range []Volume{root, priv, vol} {
+				if err := verify(v, src); err != nil {
+					t.Fatalf("verify %s: %v", v.VID, err)
+				}
+			}
+			fp, ok := p.(*filePool)
+			if !ok {
+				return // only a file pool's data can go missing behind its back
+			}
+			for _, v := range []Volume{tmpl, priv} {
+				if err := os.Remove(fp.clean(v)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want := map[string][2]string{ // volume → file-reflink's text, file's text
+				root.VID: {"Missing image file '/var/lib/qubes/p-reflink/vm-templates/t/root.img' for volume appvms/q/root",
+					"Missing image file: /var/lib/qubes/p-file/vm-templates/t/root.img."},
+				priv.VID: {"Missing image file '/var/lib/qubes/p-reflink/appvms/q/private.img' for volume appvms/q/private",
+					"Missing image file: /var/lib/qubes/p-file/appvms/q/private.img."},
+			}
+			for _, v := range []Volume{root, priv} {
+				w := want[v.VID][0]
+				if name == "file" {
+					w = want[v.VID][1]
+				}
+				if err := verify(v, src); err == nil || err.(*qerr.Error).Message != w {
+					t.Errorf("verify %s: %v, want %q", v.VID, err, w)
+				}
+			}
+			if err := verify(vol, src); err != nil {
+				t.Errorf("verify of a volatile volume: %v", err)
+			}
+		})
+	}
+}
+
+func TestVerifyKernel(t *testing.T) {
+	root := t.TempDir()
+	p, err := kernelDriver{}.Open(PoolConfig{{"name", "linux-kernel"}, {"dir_path", "/var/lib/qubes/vm-kernels"}, {"driver", "linux-kernel"}}, Host{Root: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := Volume{Name: "kernel", Pool: "linux-kernel", VID: "6.12.40-1.fc41"}
+	if err := p.Verify(k, nil); err != nil {
+		t.Fatalf("a kernel never installed: %v", err)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "var/lib/qubes/vm-kernels", k.VID), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var qe *qerr.Error
+	if err := p.Verify(k, nil); !errors.As(err, &qe) || qe.Message != "Missing image file: /var/lib/qubes/vm-kernels/6.12.40-1.fc41/vmlinuz" {
+		t.Fatalf("a kernel without vmlinuz: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "var/lib/qubes/vm-kernels", k.VID, "vmlinuz"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Verify(k, nil); err != nil {
+		t.Fatalf("a kernel with vmlinuz: %v", err)
+	}
+	if err := p.Verify(Volume{Name: "kernel", Pool: "linux-kernel"}, nil); err != nil {
+		t.Fatalf("no kernel: %v", err)
 	}
 }

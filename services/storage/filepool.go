@@ -434,6 +434,59 @@ func (p *filePool) Clear(_ context.Context, v Volume) error {
 	return p.commit(v, p.imp(v))
 }
 
+// missing reports whether an image was written once and is gone: its file is absent
+// while its directory exists (a qube of the fixture whose data was never written
+// has neither).
+func missing(local string) bool {
+	return !exists(local) && exists(filepath.Dir(local))
+}
+
+// Verify follows qubesd's drivers. file-reflink (reflink.py ReflinkVolume.verify):
+// the source's committed image for snap_on_start, the volume's own for save_on_stop,
+// "Missing image file '<path>' for volume <vid>". file (file.py FileVolume.verify):
+// its path (the source's image for snap_on_start) when snap_on_start or save_on_stop,
+// "Missing image file: <path>.".
+func (p *filePool) Verify(v Volume, src *Source) error {
+	if !v.SnapOnStart && !v.SaveOnStop {
+		return nil
+	}
+	if p.driver == "file" {
+		vid := v.VID
+		if v.SnapOnStart {
+			if src == nil {
+				return nil
+			}
+			vid = src.Volume.VID
+		}
+		path := filepath.Join(p.dir, vid) + ".img" // as qubesd names it (not under Root)
+		if !missing(p.local(path)) {
+			return nil
+		}
+		return qerr.StoragePoolException("Missing image file: " + path + ".")
+	}
+	pool, vol := p, v
+	if v.SnapOnStart {
+		sp, ok := srcFilePool(src)
+		if !ok {
+			return nil // no image to look at (qubesd fails elsewhere)
+		}
+		pool, vol = sp, src.Volume
+	}
+	if !missing(pool.clean(vol)) {
+		return nil
+	}
+	path := filepath.Join(pool.dir, vol.VID) + ".img"
+	return qerr.StoragePoolException("Missing image file " + qerr.Repr(path) + " for volume " + v.VID)
+}
+
+func srcFilePool(src *Source) (*filePool, bool) {
+	if src == nil {
+		return nil, false
+	}
+	sp, ok := src.Pool.(*filePool)
+	return sp, ok
+}
+
 func (p *filePool) Start(_ context.Context, v Volume, src *Source) error {
 	_ = os.Remove(p.imp(v))
 	isDirty := v.SaveOnStop && exists(p.dirty(v))

@@ -25,6 +25,7 @@ func (s *Service) internalEndpoints(ctx context.Context, nc *nats.Conn, svc micr
 	for op, f := range map[string]func(context.Context, storageapi.VolumesRequest) error{
 		storageapi.OpCreate:  s.createVolumes,
 		storageapi.OpRemove:  s.removeVolumes,
+		storageapi.OpVerify:  s.verifyVolumes,
 		storageapi.OpPrepare: s.prepareVolumes,
 		storageapi.OpStop:    s.stopVolumes,
 	} {
@@ -157,6 +158,29 @@ func (s *Service) removeVolumes(ctx context.Context, req storageapi.VolumesReque
 // snapshot whose source has snapshots disabled and runs is refused, then every volume
 // starts. If one fails, the volumes this call started are discarded (those that
 // were dirty already stay as they were) and the error is the start's.
+// verifyVolumes is qubesd's Storage.verify: each volume in order, the first missing
+// image fails the start.
+func (s *Service) verifyVolumes(ctx context.Context, req storageapi.VolumesRequest) error {
+	s.follow.settle(ctx) // a stop just before commits first
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	q, err := s.qubeVolumes(req.Qube)
+	if err != nil {
+		return err
+	}
+	for _, v := range q.vols {
+		p, err := s.poolOf(q.pools, v)
+		if err != nil {
+			return err
+		}
+		v = effective(p, v)
+		if err := p.Verify(v, s.source(q.pools, v)); err != nil {
+			return driverError(fmt.Errorf("%s: %w", v.Name, err))
+		}
+	}
+	return nil
+}
+
 func (s *Service) prepareVolumes(ctx context.Context, req storageapi.VolumesRequest) error {
 	s.follow.settle(ctx) // a stop just before commits first
 	s.wmu.Lock()
