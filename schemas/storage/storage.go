@@ -238,17 +238,14 @@ type Extent struct {
 type ExportReply struct {
 	Reply
 	Size    int64    `json:"size,omitempty"`
+	Usage   int64    `json:"usage,omitempty"` // the pool's usage of the volume (qubesd's volume.usage)
 	Extents []Extent `json:"extents,omitempty"`
 	Data    []byte   `json:"data,omitempty"`
 }
 
-// ExportVolume returns the size and data regions of a qube's volume.
-func (c Client) ExportVolume(ctx context.Context, qube, volume string) (int64, []Extent, error) {
-	rep, err := c.export(ctx, OpExport, ExportRequest{Qube: qube, Volume: volume})
-	if err != nil {
-		return 0, nil, err
-	}
-	return rep.Size, rep.Extents, nil
+// ExportVolume returns the size, usage and data regions of a qube's volume.
+func (c Client) ExportVolume(ctx context.Context, qube, volume string) (ExportReply, error) {
+	return c.export(ctx, OpExport, ExportRequest{Qube: qube, Volume: volume})
 }
 
 // ReadVolume reads len(p) bytes (at most MaxRead) of a qube's volume at off.

@@ -18,10 +18,10 @@ import (
 // export as holes of the volume's size.
 
 // exportSource finds the volume a request names and the image it exports ("": none).
-func (s *Service) exportSource(req storageapi.ExportRequest) (size int64, path string, err error) {
+func (s *Service) exportSource(req storageapi.ExportRequest) (size, usage int64, path string, err error) {
 	q, err := s.qubeVolumes(req.Qube)
 	if err != nil {
-		return 0, "", err
+		return 0, 0, "", err
 	}
 	for _, v := range q.vols {
 		if v.Name != req.Volume {
@@ -29,32 +29,33 @@ func (s *Service) exportSource(req storageapi.ExportRequest) (size int64, path s
 		}
 		p, err := s.poolOf(q.pools, v)
 		if err != nil {
-			return 0, "", err
+			return 0, 0, "", err
 		}
 		v = effective(p, v)
+		usage := p.UsageOf(v)
 		if ex, ok := p.(exporter); ok {
 			if path, ok := ex.ExportPath(v); ok {
 				if st, err := os.Stat(path); err == nil {
-					return st.Size(), path, nil
+					return st.Size(), usage, path, nil
 				}
 			}
 		}
-		return p.Size(v), "", nil
+		return p.Size(v), usage, "", nil
 	}
-	return 0, "", qerr.Abort(fmt.Sprintf("qube %s has no volume %s", req.Qube, req.Volume))
+	return 0, 0, "", qerr.Abort(fmt.Sprintf("qube %s has no volume %s", req.Qube, req.Volume))
 }
 
 // exportVolume answers OpExport.
 func (s *Service) exportVolume(_ context.Context, req storageapi.ExportRequest) (storageapi.ExportReply, error) {
-	size, path, err := s.exportSource(req)
+	size, usage, path, err := s.exportSource(req)
 	if err != nil || path == "" {
-		return storageapi.ExportReply{Size: size}, err
+		return storageapi.ExportReply{Size: size, Usage: usage}, err
 	}
 	ext, err := dataExtents(path, size)
 	if err != nil {
 		return storageapi.ExportReply{}, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 	}
-	return storageapi.ExportReply{Size: size, Extents: ext}, nil
+	return storageapi.ExportReply{Size: size, Usage: usage, Extents: ext}, nil
 }
 
 // readVolume answers OpRead; past the end of the data it reads zeros, as a hole.
@@ -62,7 +63,7 @@ func (s *Service) readVolume(_ context.Context, req storageapi.ExportRequest) (s
 	if req.Offset < 0 || req.Length < 0 || req.Length > storageapi.MaxRead {
 		return storageapi.ExportReply{}, qerr.Abort("storage read: bad range")
 	}
-	_, path, err := s.exportSource(req)
+	_, _, path, err := s.exportSource(req)
 	if err != nil {
 		return storageapi.ExportReply{}, err
 	}

@@ -32,9 +32,13 @@ func TestExportVolume(t *testing.T) {
 	f.Close()
 	c := storageapi.Client{NC: h.Connect(), Host: h.Subjects}
 
-	size, ext, err := c.ExportVolume(h.Ctx, "work", "private")
+	rep, err := c.ExportVolume(h.Ctx, "work", "private")
 	if err != nil {
 		t.Fatal(err)
+	}
+	size, ext := rep.Size, rep.Extents
+	if rep.Usage == 0 {
+		t.Error("usage 0 of an image with data")
 	}
 	if size != 4<<20 || len(ext) == 0 {
 		t.Fatalf("size %d extents %v", size, ext)
@@ -53,11 +57,11 @@ func TestExportVolume(t *testing.T) {
 		t.Fatalf("read %d %v, data equal %v", n, err, bytes.Equal(buf, data))
 	}
 
-	size, ext, err = c.ExportVolume(h.Ctx, "personal", "private")
-	if err != nil || size != 2147483648 || len(ext) != 0 {
-		t.Fatalf("unwritten volume: size %d extents %v err %v", size, ext, err)
+	rep, err = c.ExportVolume(h.Ctx, "personal", "private")
+	if err != nil || rep.Size != 2147483648 || len(rep.Extents) != 0 || rep.Usage != 0 {
+		t.Fatalf("unwritten volume: %+v err %v", rep, err)
 	}
-	if _, _, err := c.ExportVolume(h.Ctx, "work", "nosuch"); err == nil {
+	if _, err := c.ExportVolume(h.Ctx, "work", "nosuch"); err == nil {
 		t.Fatal("export of a missing volume succeeded")
 	}
 }
