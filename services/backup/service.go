@@ -105,6 +105,7 @@ type Service struct {
 	cfg Config
 	log *slog.Logger
 	// Set by Serve:
+	served context.Context // Serve's: when it ends, a running backup is cancelled
 	rep    *replica.Replica
 	store  Store
 	events Events
@@ -162,6 +163,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
 	s.rep = rep
+	s.served = ctx
 	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
 	s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
 	s.life = s.cfg.Lifecycle
@@ -292,6 +294,9 @@ func (s *Service) execute(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// A service stopping (the process exits) cancels the backup too, so that no
+	// partial archive stays behind.
+	defer context.AfterFunc(s.served, cancel)()
 	s.mu.Lock()
 	if s.running != nil {
 		s.mu.Unlock()

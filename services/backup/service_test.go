@@ -75,6 +75,7 @@ type harness struct {
 	profiles, out string
 	power         *fakePower
 	vols          *fakeVolumes
+	stop          context.CancelFunc // ends the context the service was served with
 }
 
 func start(t *testing.T, cfg Config, vols *fakeVolumes) *harness {
@@ -89,7 +90,9 @@ func start(t *testing.T, cfg Config, vols *fakeVolumes) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc, err := s.Serve(h.Ctx, h.Connect())
+	ctx, stop := context.WithCancel(h.Ctx)
+	h.stop = stop
+	svc, err := s.Serve(ctx, h.Connect())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -295,6 +298,24 @@ func TestCancel(t *testing.T) {
 		if _, ok := d.Property("backup_timestamp"); ok {
 			t.Errorf("%s has a backup_timestamp after a cancelled backup", d.Name())
 		}
+	}
+}
+
+// A service that stops cancels its running backup, which leaves no archive.
+func TestStopCancels(t *testing.T) {
+	vols := &fakeVolumes{block: "work", reading: make(chan struct{}), data: map[string][]byte{"work:private": []byte("x")}}
+	h := start(t, Config{}, vols)
+	h.profile(t, "p", fmt.Sprintf("destination_vm: dom0\ndestination_path: %s/out\ninclude: [work]\npassphrase_text: %s\n", h.out, passphrase))
+	done := make(chan envelope.Reply, 1)
+	go func() { done <- h.Call("", "admin.backup.Execute", "dom0", "p", nil) }()
+	<-vols.reading
+	h.stop()
+	rep := <-done
+	if rep.Status != envelope.StatusException || rep.Exception.Class != "BackupCancelledError" {
+		t.Fatalf("Execute when the service stopped: %s %+v", rep.Status, rep.Exception)
+	}
+	if ents, _ := os.ReadDir(h.out); len(ents) != 0 {
+		t.Errorf("left behind: %v", ents)
 	}
 }
 
