@@ -13,6 +13,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/internal/testhost"
+	"github.com/qubesbus/qubesbus/schemas/config"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
 	"github.com/qubesbus/qubesbus/services/backup/archive"
 )
@@ -76,6 +77,30 @@ type harness struct {
 	power         *fakePower
 	vols          *fakeVolumes
 	stop          context.CancelFunc // ends the context the service was served with
+	after         uint64             // configuration revision the calls of wire wait for
+}
+
+// wire is testhost's Wire from dom0 to dom0, by a caller that has seen revision
+// h.after (the service's replica reaches it before it answers, as behind the gateway).
+func (h *harness) wire(method, arg string) string {
+	h.T.Helper()
+	req := &envelope.Request{Method: method, Source: "dom0", Dest: "dom0", Arg: arg, ID: h.T.Name() + "-" + method,
+		After: envelope.Marks{ConfigRev: h.after}}
+	msg, err := h.NC.RequestMsgWithContext(h.Ctx, req.Msg(h.Subjects.API(method)))
+	if err != nil {
+		h.T.Fatal(err)
+	}
+	rep, err := envelope.ParseReply(msg)
+	if err != nil {
+		h.T.Fatal(err)
+	}
+	switch rep.Status {
+	case envelope.StatusOK:
+		return "0:" + string(rep.Content)
+	case envelope.StatusException:
+		return "2:" + rep.Exception.Class + ":" + rep.Exception.Message
+	}
+	return "abort"
 }
 
 func start(t *testing.T, cfg Config, vols *fakeVolumes) *harness {
@@ -357,5 +382,40 @@ func TestPyFloat(t *testing.T) {
 		if got := pyFloat(f); got != want {
 			t.Errorf("%v: %s, want %s", f, got, want)
 		}
+	}
+}
+
+// A running qube whose private volume has snapshots disabled: Info warns, Execute
+// refuses it as qubesd (QubesVMNotHaltedError) and writes nothing.
+func TestRunningWithoutSnapshots(t *testing.T) {
+	h := start(t, Config{}, nil)
+	snap, err := h.Config().Snapshot(h.Ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range snap.Config.Domains {
+		if d.Name() != "work" {
+			continue
+		}
+		vc := strings.Replace(string(d.VolumeConfig), `vid="appvms/work/private" revisions_to_keep="1"`, `vid="appvms/work/private" revisions_to_keep="-1"`, 1)
+		if vc == string(d.VolumeConfig) {
+			t.Fatal("work's private volume not found in its volume-config")
+		}
+		rev, err := h.Config().Apply(h.Ctx, config.Mutation{ExpectRevision: snap.Revision, Ops: []config.Op{{Kind: config.OpSetVolumeConfig, Domain: d.ID, Value: vc}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.after = rev
+	}
+	h.power.running = map[string]bool{"work": true}
+	h.profile(t, "p", fmt.Sprintf("destination_vm: dom0\ndestination_path: %s\ninclude: [work]\npassphrase_text: %s\n", h.out, passphrase))
+	if got := h.wire("admin.backup.Info", "p"); !strings.Contains(got, "             work |           VM |            0 | <-- The VM is running and private volume snapshots are disabled. Backup will fail!\n") {
+		t.Errorf("Info:\n%s", got)
+	}
+	if got, want := h.wire("admin.backup.Execute", "p"), "2:QubesVMNotHaltedError:Domain is not powered off: 'work'"; got != want {
+		t.Errorf("Execute: %s", got)
+	}
+	if ents, _ := os.ReadDir(h.out); len(ents) != 0 {
+		t.Errorf("left behind: %v", ents)
 	}
 }
