@@ -30,6 +30,7 @@ const (
 	VMLifecycle = "vmlifecycle"
 	Storage     = "storage"
 	Devices     = "devices"
+	Backup      = "backup"
 	Hypervisor  = "hypervisor"
 	Gateway     = "gateway"
 	Events      = "events"
@@ -144,6 +145,14 @@ var Roles = []Role{
 			plainEvents("firewall-changed")),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
 			"qubes.v1.*.svc.devices.>", "qubes.v1.*.hvdevices"}},
+	{Name: Backup, About: "Backups: its API, volume data from storage, backup timestamps through the store, only the events it fires.",
+		Publish: join([]string{inbox, discovery}, jsClient,
+			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
+				"qubes.v1.*.svc.storage.export", "qubes.v1.*.svc.storage.read",
+				"qubes.v1.*.events._app.backup-progress",
+				"qubes.v1.*.events.*.property-pre-set.backup_timestamp", "qubes.v1.*.events.*.property-set.backup_timestamp"},
+			plainEvents("backup-get-files")),
+		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>"}},
 	{Name: VMLifecycle, About: "Power states over the hypervisor: only the events it fires.",
 		Publish: join([]string{inbox, discovery}, jsClient,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.stats", "qubes.v1.*.svc.vmlifecycle.changed",

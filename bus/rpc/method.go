@@ -88,6 +88,7 @@ const (
 	Properties  Service = "properties"
 	Storage     Service = "storage" // pools and volumes
 	Devices     Service = "devices" // device assignments, attachments, deny lists and the firewall
+	Backup      Service = "backup"  // backup profiles, archives of qubes (admin.backup.*)
 	Gateway     Service = "gateway" // streams served by the gateway itself (admin.Events)
 )
 

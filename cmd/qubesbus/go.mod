@@ -10,6 +10,7 @@ require (
 	github.com/prometheus/client_golang v1.25.0
 	github.com/qubesbus/qubesbus/bus v0.0.0
 	github.com/qubesbus/qubesbus/schemas v0.0.0
+	github.com/qubesbus/qubesbus/services/backup v0.0.0
 	github.com/qubesbus/qubesbus/services/devices v0.0.0
 	github.com/qubesbus/qubesbus/services/gateway v0.0.0
 	github.com/qubesbus/qubesbus/services/persistence v0.0.0
@@ -69,6 +70,7 @@ replace (
 	github.com/qubesbus/qubesbus/bus => ../../bus
 	github.com/qubesbus/qubesbus/internal/testhost => ../../internal/testhost
 	github.com/qubesbus/qubesbus/schemas => ../../schemas
+	github.com/qubesbus/qubesbus/services/backup => ../../services/backup
 	github.com/qubesbus/qubesbus/services/devices => ../../services/devices
 	github.com/qubesbus/qubesbus/services/gateway => ../../services/gateway
 	github.com/qubesbus/qubesbus/services/persistence => ../../services/persistence

@@ -213,3 +213,80 @@ func (c LabClient) SetFaults(ctx context.Context, pool string, spec LabFaultSpec
 	}
 	return nil
 }
+
+// Operations a backup reads volumes with (qubesd's Volume.export): OpExport answers an
+// ExportReply (the size and data regions of a volume's committed data, what a backup
+// stores), OpRead an ExportReply whose Data is one range of it. Both take an
+// ExportRequest. A running qube's save_on_stop volume exports its data from before
+// the start, as in qubesd. A volume whose data was never written (a fixture's qube,
+// or any volume of a simulated pool, which keeps no content) exports as holes only.
+const (
+	OpExport = "export"
+	OpRead   = "read"
+)
+
+// MaxRead bounds one OpRead (the reply stays well under NATS's default 1 MiB
+// payload limit once base64-encoded in JSON).
+const MaxRead = 256 << 10
+
+// ExportRequest names a volume of a qube; Offset and Length are OpRead's range.
+type ExportRequest struct {
+	Qube   string `json:"qube"`
+	Volume string `json:"volume"`
+	Offset int64  `json:"offset,omitempty"`
+	Length int64  `json:"length,omitempty"`
+}
+
+// Extent is a data region of a volume; the rest reads as zeros.
+type Extent struct {
+	Offset int64 `json:"offset"`
+	Length int64 `json:"length"`
+}
+
+// ExportReply answers OpExport (Size, Extents) and OpRead (Data).
+type ExportReply struct {
+	Reply
+	Size    int64    `json:"size,omitempty"`
+	Usage   int64    `json:"usage,omitempty"` // the pool's usage of the volume (qubesd's volume.usage)
+	Extents []Extent `json:"extents,omitempty"`
+	Data    []byte   `json:"data,omitempty"`
+}
+
+// ExportVolume returns the size, usage and data regions of a qube's volume.
+func (c Client) ExportVolume(ctx context.Context, qube, volume string) (ExportReply, error) {
+	return c.export(ctx, OpExport, ExportRequest{Qube: qube, Volume: volume})
+}
+
+// ReadVolume reads len(p) bytes (at most MaxRead) of a qube's volume at off.
+func (c Client) ReadVolume(ctx context.Context, qube, volume string, p []byte, off int64) (int, error) {
+	if len(p) > MaxRead {
+		p = p[:MaxRead]
+	}
+	rep, err := c.export(ctx, OpRead, ExportRequest{Qube: qube, Volume: volume, Offset: off, Length: int64(len(p))})
+	if err != nil {
+		return 0, err
+	}
+	return copy(p, rep.Data), nil
+}
+
+func (c Client) export(ctx context.Context, op string, req ExportRequest) (ExportReply, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	data, err := json.Marshal(req)
+	if err != nil {
+		return ExportReply{}, err
+	}
+	what := req.Qube + ":" + req.Volume
+	msg, err := bus.Request(ctx, c.NC, &nats.Msg{Subject: c.Host.Service(ServiceToken, op), Data: data}, requestWindow)
+	if err != nil {
+		return ExportReply{}, fmt.Errorf("%w: storage %s of %s: %w", qerr.ErrAbort, op, what, err)
+	}
+	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
+		return ExportReply{}, fmt.Errorf("%w: storage %s of %s: %s %s", qerr.ErrAbort, op, what, code, msg.Header.Get(micro.ErrorHeader))
+	}
+	var rep ExportReply
+	if err := json.Unmarshal(msg.Data, &rep); err != nil {
+		return ExportReply{}, fmt.Errorf("%w: storage %s of %s: %w", qerr.ErrAbort, op, what, err)
+	}
+	return rep, rep.Err()
+}

@@ -51,6 +51,35 @@ func (s *Service) internalEndpoints(ctx context.Context, nc *nats.Conn, svc micr
 			return fmt.Errorf("add %s endpoint: %w", op, err)
 		}
 	}
+	// A backup's reads: no write lock, they read committed data only.
+	for op, f := range map[string]func(context.Context, storageapi.ExportRequest) (storageapi.ExportReply, error){
+		storageapi.OpExport: s.exportVolume,
+		storageapi.OpRead:   s.readVolume,
+	} {
+		h := micro.HandlerFunc(func(r micro.Request) {
+			go func() {
+				var req storageapi.ExportRequest
+				var rep storageapi.ExportReply
+				var err error
+				if jerr := json.Unmarshal(r.Data(), &req); jerr != nil || req.Qube == "" || req.Volume == "" {
+					err = qerr.Abort("storage " + op + ": malformed request")
+				} else {
+					rep, err = f(ctx, req)
+				}
+				if err != nil {
+					if errors.Is(err, qerr.ErrAbort) {
+						s.log.Error("storage export failed", "op", op, "qube", req.Qube, "volume", req.Volume, "err", err)
+					}
+					rep = storageapi.ExportReply{Reply: storageapi.ReplyFor(err)}
+				}
+				_ = r.RespondJSON(rep)
+			}()
+		})
+		detached := micro.HandlerFunc(func(r micro.Request) { h(bus.Detach(nc, r)) })
+		if err := svc.AddEndpoint("storage-"+op, detached, micro.WithEndpointSubject(s.cfg.Host.Service(storageapi.ServiceToken, op))); err != nil {
+			return fmt.Errorf("add %s endpoint: %w", op, err)
+		}
+	}
 	// Lab faults go to every instance (each keeps its simulated pools): no queue group.
 	sub, err := nc.Subscribe(s.cfg.Host.Lab(storageapi.LabOpFaults), func(m *nats.Msg) {
 		var req storageapi.LabFaults

@@ -30,6 +30,8 @@ import (
 	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/replica"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
+	"github.com/qubesbus/qubesbus/services/backup"
+	"github.com/qubesbus/qubesbus/services/backup/archive"
 	"github.com/qubesbus/qubesbus/services/devices"
 	"github.com/qubesbus/qubesbus/services/gateway"
 	"github.com/qubesbus/qubesbus/services/persistence"
@@ -97,6 +99,15 @@ type Config struct {
 	// Storage configures the storage service's host (zero: the real filesystem under
 	// <DataDir>/storage).
 	Storage StorageHost
+	// BackupProfiles is the directory of backup profiles, <id>.conf (default
+	// /etc/qubes/backup, as dom0).
+	BackupProfiles string
+	// BackupSinks stands for the qubes' filesystems a backup can be sent to:
+	// <BackupSinks>/<qube>/<destination_path> (default <DataDir>/backup-sinks).
+	BackupSinks string
+	// BackupScrypt is the key derivation cost of backup parts (zero: the archive's
+	// default); tests lower it.
+	BackupScrypt archive.ScryptParams
 	// Metrics, if set, receives the host's metrics (bus/metrics); a lab wraps one
 	// registry with a host label per host.
 	Metrics prometheus.Registerer
@@ -355,6 +366,7 @@ var services = []service{
 	{rpc.Storage, startStorage},
 	{rpc.Properties, startProperties},
 	{rpc.Devices, startDevices},
+	{rpc.Backup, startBackup},
 	{rpc.Gateway, startGateway},
 }
 
@@ -431,6 +443,21 @@ func startDevices(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 		return nil, err
 	}
 	return dev.Serve(s.ctx, nc)
+}
+
+// startBackup serves admin.backup.*: profiles from cfg.BackupProfiles, archives to
+// dom0 paths or to a qube's sink directory under cfg.BackupSinks.
+func startBackup(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
+	sinks := cfg.BackupSinks
+	if sinks == "" && cfg.DataDir != "" {
+		sinks = filepath.Join(cfg.DataDir, "backup-sinks")
+	}
+	b, err := backup.New(backup.Config{Host: host, Log: log, Auth: s.policy, ProfileDir: cfg.BackupProfiles, SinkDir: sinks,
+		Scrypt: cfg.BackupScrypt})
+	if err != nil {
+		return nil, err
+	}
+	return b.Serve(s.ctx, nc)
 }
 
 func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
