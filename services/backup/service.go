@@ -81,6 +81,9 @@ type Config struct {
 	// Lifecycle and Volumes default to the clients over Serve's connection.
 	Lifecycle PowerStates
 	Volumes   VolumeData
+	// Replica, if set, is the process's follower of the host's configuration
+	// (shared by the services of `qubesbus run`); nil follows one of its own.
+	Replica *replica.Replica
 }
 
 // Validate reports every problem at once.
@@ -154,9 +157,12 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if s.rep != nil {
 		return nil, errors.New("backup: Serve called twice")
 	}
-	rep, err := replica.Follow(ctx, nc, s.cfg.Host, s.log)
-	if err != nil {
-		return nil, err
+	rep := s.cfg.Replica
+	if rep == nil {
+		var err error
+		if rep, err = replica.Follow(ctx, nc, s.cfg.Host, s.log); err != nil {
+			return nil, err
+		}
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {

@@ -453,7 +453,7 @@ func startBackup(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *s
 		sinks = filepath.Join(cfg.DataDir, "backup-sinks")
 	}
 	b, err := backup.New(backup.Config{Host: host, Log: log, Auth: s.policy, ProfileDir: cfg.BackupProfiles, SinkDir: sinks,
-		Scrypt: cfg.BackupScrypt})
+		Scrypt: cfg.BackupScrypt, Replica: s.replica})
 	if err != nil {
 		return nil, err
 	}
