@@ -89,6 +89,10 @@ type Server struct {
 	marks envelope.Marks
 
 	events atomic.Pointer[Events] // admin.Events, once Serve has started it
+
+	// answer produces the reply of a call that is not a stream: relay, or a table of
+	// recorded replies (Recorded).
+	answer func(ctx context.Context, req *envelope.Request) (envelope.Reply, error)
 }
 
 // Subscribers is the number of admin.Events subscribers now.
@@ -140,8 +144,10 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxConns == 0 {
 		cfg.MaxConns = 4096
 	}
-	return &Server{cfg: cfg, reg: cfg.Registry, log: cfg.Log, streams: map[string]StreamHandler{},
-		slots: make(chan struct{}, cfg.MaxConns), done: make(chan struct{})}, nil
+	s := &Server{cfg: cfg, reg: cfg.Registry, log: cfg.Log, streams: map[string]StreamHandler{},
+		slots: make(chan struct{}, cfg.MaxConns), done: make(chan struct{})}
+	s.answer = s.relay
+	return s, nil
 }
 
 // HandleStream registers the gateway's own handler of a streaming method.
@@ -211,7 +217,7 @@ func (s *Server) handle(ctx context.Context, c *net.UnixConn) {
 		return
 	}
 	start := time.Now()
-	rep, err := s.relay(ctx, req)
+	rep, err := s.answer(ctx, req)
 	s.auditCall(req, rep, err)
 	s.countCall(req, rep, err, start)
 	if err != nil {
