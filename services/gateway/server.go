@@ -55,6 +55,16 @@ type Config struct {
 	// Metrics counts every relayed call and its duration (metrics.Metrics); nil
 	// counts nothing.
 	Metrics CallMetrics
+	// Local, if set, answers reads whose service runs in this process without a
+	// NATS round trip (rpc.Local); the rest, and reads it cannot serve, go over NATS.
+	Local LocalCaller
+}
+
+// LocalCaller serves a read through the mux of its service in this process, if one
+// serves here (rpc.Local): the same checks, handler and replica as over NATS, so the
+// reply is the same. ok is false when it did not serve the call.
+type LocalCaller interface {
+	Call(ctx context.Context, m *rpc.Method, req *envelope.Request) (rep envelope.Reply, ok bool)
 }
 
 // CallMetrics counts calls: method is a registered method's name, or "" for any
@@ -298,16 +308,31 @@ func (s *Server) auditRefused(n int, cause error) {
 func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Reply, error) {
 	tok := subject.UnknownMethod
 	retry := true
-	if meth, ok := s.reg.Lookup(req.Method); ok {
+	meth, known := s.reg.Lookup(req.Method)
+	if known {
 		tok = meth.Name
-		retry = meth.Access == rpc.Read && !meth.ChangesConfig
+		retry = meth.IsRead()
 	}
+	req.After = req.After.Max(s.Marks())
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.CallTimeout)
 	defer cancel()
+	if known && s.cfg.Local != nil {
+		// A read whose service runs here skips NATS, bounded as all its attempts over
+		// NATS would be. A replica too far behind the caller (StatusBehind) sends it
+		// to the instances on NATS instead.
+		lctx, lcancel := context.WithTimeout(cctx, s.cfg.RetryWindow)
+		rep, ok := s.cfg.Local.Call(lctx, &meth, req)
+		lcancel()
+		if ok {
+			s.observe(rep.Marks)
+			if rep.Status != envelope.StatusBehind {
+				return rep, nil
+			}
+		}
+	}
 	deadline := time.Now().Add(s.cfg.RetryWindow)
 	backoff := bus.Backoff{Next: 20 * time.Millisecond, Max: 500 * time.Millisecond}
 	attemptTimeout := s.cfg.ReadTimeout
-	req.After = req.After.Max(s.Marks())
 	for attempt := 1; ; attempt++ {
 		actx, acancel := cctx, context.CancelFunc(func() {})
 		if retry {

@@ -101,6 +101,9 @@ type Config struct {
 	// A rewrite costs time in proportion to the number of qubes (about 45 ms at
 	// 10 000 on the development VM, mostly fsync), so this keeps changes flat.
 	SaveAfterReply bool
+	// Local, if set, lets the gateway of this process call the service's reads
+	// without NATS (rpc.Local).
+	Local *rpc.Local
 }
 
 // Validate reports every problem at once.
@@ -262,6 +265,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	context.AfterFunc(ctx, func() { _ = sub.Unsubscribe() })
 	mux := rpc.NewMux(s.cfg.Registry, rpc.Properties, rep, s.log)
 	mux.Auth = s.cfg.Auth
+	mux.Local = s.cfg.Local
 	mux.HandleUnknown()
 	s.handlers(mux)
 	return mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
