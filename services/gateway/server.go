@@ -100,6 +100,11 @@ type Server struct {
 
 	events atomic.Pointer[Events] // admin.Events, once Serve has started it
 
+	// idle hands an accepted connection to a handler goroutine waiting for one
+	// (worker). A goroutine that stays keeps the stack its calls grew; a new goroutine
+	// per connection grew it again on every read (runtime.copystack in the profile).
+	idle chan *net.UnixConn
+
 	// answer produces the reply of a call that is not a stream: relay, or a table of
 	// recorded replies (Recorded).
 	answer func(ctx context.Context, req *envelope.Request) (envelope.Reply, error)
@@ -155,7 +160,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.MaxConns = 4096
 	}
 	s := &Server{cfg: cfg, reg: cfg.Registry, log: cfg.Log, streams: map[string]StreamHandler{},
-		slots: make(chan struct{}, cfg.MaxConns), done: make(chan struct{})}
+		slots: make(chan struct{}, cfg.MaxConns), done: make(chan struct{}), idle: make(chan *net.UnixConn)}
 	s.answer = s.relay
 	return s, nil
 }
@@ -191,11 +196,34 @@ func (s *Server) accept(ctx context.Context, l *net.UnixListener) error {
 			continue
 		}
 		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			defer func() { <-s.slots }()
-			s.handle(ctx, c)
-		}()
+		select {
+		case s.idle <- c:
+		default:
+			go s.worker(ctx, c)
+		}
+	}
+}
+
+// workerIdle is how long a handler goroutine waits for another connection.
+const workerIdle = 2 * time.Second
+
+// worker serves c, then each connection handed to it on idle until none comes for
+// workerIdle or ctx ends.
+func (s *Server) worker(ctx context.Context, c *net.UnixConn) {
+	t := time.NewTimer(workerIdle)
+	defer t.Stop()
+	for {
+		s.handle(ctx, c)
+		<-s.slots
+		s.wg.Done()
+		t.Reset(workerIdle)
+		select {
+		case c = <-s.idle:
+		case <-t.C:
+			return
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 
