@@ -129,6 +129,8 @@ type Service struct {
 	events Events
 	notes  *notes
 	rtc    *runtimeCache
+	// replies keeps the GetAll and List replies of the current revision and runtime.
+	replies replyCache
 
 	// wmu serialises write calls of this instance, as qubesd's single event loop does;
 	// several instances are kept consistent by revision-checked mutations.
@@ -274,11 +276,38 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 // runtime returns the runtime values of every qube that is not halted, as current as
 // the caller's runtime mark at least.
 func (s *Service) runtime(ctx context.Context, after envelope.RuntimeMark) (func(string) model.Runtime, error) {
-	vals, err := s.rtc.get(ctx, after, s.rep.Revision())
+	rt, _, err := s.runtimeGen(ctx, after)
+	return rt, err
+}
+
+// runtimeGen is runtime with the number of the runtime snapshot (0: one not kept).
+func (s *Service) runtimeGen(ctx context.Context, after envelope.RuntimeMark) (func(string) model.Runtime, uint64, error) {
+	vals, gen, err := s.rtc.get(ctx, after, s.rep.Revision())
 	if err != nil {
-		return nil, fmt.Errorf("runtime values: %w", err)
+		return nil, 0, fmt.Errorf("runtime values: %w", err)
 	}
-	return lookupRuntime(vals), nil
+	return lookupRuntime(vals), gen, nil
+}
+
+// cachedRuntimeRead serves a read of c's destination that needs runtime values from
+// the reply cache, or computes it with f and keeps it.
+func (s *Service) cachedRuntimeRead(ctx context.Context, c *rpc.Call, f func(m *model.Model) ([]byte, error)) ([]byte, error) {
+	rt, gen, err := s.runtimeGen(ctx, c.After.Runtime)
+	if err != nil {
+		return nil, err
+	}
+	k := replyKey{c.Method.Name, c.Dest.Name}
+	var out []byte
+	s.rep.ViewIndexedAt(func(rev uint64, conf *config.Config, byName func(string) *config.Domain) {
+		var ok bool
+		if out, ok = s.replies.get(rev, gen, k); ok {
+			return
+		}
+		if out, err = f(model.NewIndexed(conf, s.cfg.Machine, rt, byName)); err == nil {
+			s.replies.put(rev, gen, k, out)
+		}
+	})
+	return out, err
 }
 
 // lookupRuntime reads the runtime of qubes that are not halted; the rest are Halted.
@@ -463,11 +492,7 @@ func lines(items []string) []byte {
 }
 
 func (s *Service) vmList(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	rt, err := s.runtime(ctx, c.After.Runtime)
-	if err != nil {
-		return nil, err
-	}
-	return s.view(rt, func(m *model.Model) ([]byte, error) {
+	return s.cachedRuntimeRead(ctx, c, func(m *model.Model) ([]byte, error) {
 		var b strings.Builder
 		line := func(d *config.Domain) {
 			uuid := model.AdminVMUUID
