@@ -31,6 +31,10 @@ type ReadsResult struct {
 	// GetAll of each qube, one client); QvmLsRatio the median of each round's ratio.
 	QvmLs, QvmLsFloor time.Duration
 	QvmLsRatio        float64
+	// GetCPURatio and QvmLsCPURatio are the medians of each round's ratio of process
+	// CPU time per call (or per run): what qubesbus costs, whatever else the machine
+	// runs meanwhile.
+	GetCPURatio, QvmLsCPURatio float64
 }
 
 // getRequest is the property.Get the reads comparison measures.
@@ -65,7 +69,7 @@ func readsVsFloor(ctx context.Context, cfg Config, socket, dir string, qubes int
 
 	get := SocketOp(socket, func(int, int) []byte { return []byte(getRequest) })
 	getFloor := SocketOp(floorSock, func(int, int) []byte { return []byte(getRequest) })
-	var getRatios, lsRatios []float64
+	var getRatios, lsRatios, getCPU, lsCPU []float64
 	var ls, lsFloor []time.Duration
 	for round := 0; round < cfg.Rounds && ctx.Err() == nil; round++ {
 		var g, f Result
@@ -80,6 +84,7 @@ func readsVsFloor(ctx context.Context, cfg Config, socket, dir string, qubes int
 			return res, fmt.Errorf("property.Get: %d and %d errors (qubesbus, floor)", g.Errors, f.Errors)
 		}
 		getRatios = append(getRatios, f.PerSecond/g.PerSecond)
+		getCPU = append(getCPU, float64(g.CPUCall)/float64(f.CPUCall))
 		if g.PerSecond > res.Get.PerSecond {
 			res.Get = g
 		}
@@ -93,26 +98,29 @@ func readsVsFloor(ctx context.Context, cfg Config, socket, dir string, qubes int
 		if round%2 == 1 {
 			order = []string{socket, floorSock}
 		}
-		var took [2]time.Duration
+		var took, cpu [2]time.Duration
 		for i, sock := range order {
+			c0 := processCPU()
 			d, err := qvmLs(sock, nil)
 			if err != nil {
 				return res, fmt.Errorf("qvm-ls: %w", err)
 			}
-			took[i] = d
+			took[i], cpu[i] = d, processCPU()-c0
 		}
 		if round%2 == 1 {
 			took[0], took[1] = took[1], took[0]
+			cpu[0], cpu[1] = cpu[1], cpu[0]
 		}
 		lsFloor, ls = append(lsFloor, took[0]), append(ls, took[1])
 		lsRatios = append(lsRatios, float64(took[1])/float64(took[0]))
+		lsCPU = append(lsCPU, float64(cpu[1])/float64(cpu[0]))
 	}
 	if err := ctx.Err(); err != nil {
 		return res, err
 	}
-	res.GetRatio = median(getRatios)
+	res.GetRatio, res.GetCPURatio = median(getRatios), median(getCPU)
 	if len(ls) > 0 {
-		res.QvmLsRatio = median(lsRatios)
+		res.QvmLsRatio, res.QvmLsCPURatio = median(lsRatios), median(lsCPU)
 		res.QvmLs, res.QvmLsFloor = medianDuration(ls), medianDuration(lsFloor)
 	}
 	return res, nil

@@ -300,12 +300,12 @@ func Print(w io.Writer, rep *Report, cfg Config) {
 
 // printReads writes the comparison of reads with the recorded floor.
 func printReads(w io.Writer, rep *Report) {
-	fmt.Fprintln(w, "| qubes | reads against the recorded floor | floor | qubesbus | qubesbus ÷ floor (median of rounds) |")
-	fmt.Fprintln(w, "|---|---|---|---|---|")
+	fmt.Fprintln(w, "| qubes | reads against the recorded floor | floor | qubesbus | qubesbus ÷ floor, time (median of rounds) | qubesbus ÷ floor, process CPU |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|")
 	for _, r := range rep.Reads {
-		fmt.Fprintf(w, "| %d | property.Get, %d clients, calls/s (best of %d) | %.0f | %.0f | %.2f |\n", r.Qubes, r.Clients, r.Rounds, r.GetFloor.PerSecond, r.Get.PerSecond, r.GetRatio)
+		fmt.Fprintf(w, "| %d | property.Get, %d clients, calls/s (best of %d) | %.0f | %.0f | %.2f | %.2f |\n", r.Qubes, r.Clients, r.Rounds, r.GetFloor.PerSecond, r.Get.PerSecond, r.GetRatio, r.GetCPURatio)
 		if r.QvmLs > 0 {
-			fmt.Fprintf(w, "| %d | qvm-ls shape (List + GetAll each, one client), median | %s | %s | %.2f |\n", r.Qubes, r.QvmLsFloor.Round(100*time.Microsecond), r.QvmLs.Round(100*time.Microsecond), r.QvmLsRatio)
+			fmt.Fprintf(w, "| %d | qvm-ls shape (List + GetAll each, one client), median | %s | %s | %.2f | %.2f |\n", r.Qubes, r.QvmLsFloor.Round(100*time.Microsecond), r.QvmLs.Round(100*time.Microsecond), r.QvmLsRatio, r.QvmLsCPURatio)
 		}
 	}
 }

@@ -34,7 +34,7 @@ func TestSuiteMeasures(t *testing.T) {
 	if len(rep.Reads) != 1 {
 		t.Fatalf("reads against the floor: %+v", rep.Reads)
 	}
-	if r := rep.Reads[0]; r.Qubes != 11 || r.Get.Calls == 0 || r.GetFloor.Calls == 0 || r.GetRatio <= 0 || r.QvmLs <= 0 || r.QvmLsFloor <= 0 || r.QvmLsRatio <= 0 {
+	if r := rep.Reads[0]; r.Qubes != 11 || r.Get.Calls == 0 || r.GetFloor.Calls == 0 || r.GetRatio <= 0 || r.GetCPURatio <= 0 || r.QvmLsCPURatio <= 0 || r.QvmLs <= 0 || r.QvmLsFloor <= 0 || r.QvmLsRatio <= 0 {
 		t.Errorf("reads against the floor: %+v", r)
 	}
 	var out bytes.Buffer
