@@ -83,11 +83,21 @@ func TestDeviceScenarios(t *testing.T) {
 	if want := "2\x00QubesException\x00\x00Block device sys-net:sda::None not available\x00"; got != want {
 		t.Errorf("start without the device: %q, want %q", got, want)
 	}
+	// The events are stored before the reply, but the recorder reads them from the
+	// stream on its own: wait until it has both.
 	var work []string
-	for _, f := range evs.since(mark) {
-		work = append(work, strings.SplitN(strings.TrimPrefix(f, "1\x00"), "\x00", 3)[1])
-	}
-	if want := []string{"domain-pre-start", "domain-start-failed"}; !slices.Equal(work, want) {
+	want := []string{"domain-pre-start", "domain-start-failed"}
+	bustest.CheckFor(t, 15*time.Second, 20*time.Millisecond, func() error {
+		work = nil
+		for _, f := range evs.since(mark) {
+			work = append(work, strings.SplitN(strings.TrimPrefix(f, "1\x00"), "\x00", 3)[1])
+		}
+		if len(work) < len(want) {
+			return fmt.Errorf("events so far %q", work)
+		}
+		return nil
+	})
+	if !slices.Equal(work, want) {
 		t.Errorf("failed start events %q, want %q", work, want)
 	}
 
