@@ -342,22 +342,21 @@ func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Rep
 		retry = meth.IsRead()
 	}
 	req.After = req.After.Max(s.Marks())
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.CallTimeout)
-	defer cancel()
 	if known && s.cfg.Local != nil {
-		// A read whose service runs here skips NATS, bounded as all its attempts over
-		// NATS would be. A replica too far behind the caller (StatusBehind) sends it
+		// A read whose service runs here skips NATS. It runs as the service runs it
+		// for a request from NATS: to completion, with no deadline of the caller
+		// (the service's own requests and its barrier bound themselves), so no timer
+		// is set for it. A replica too far behind the caller (StatusBehind) sends it
 		// to the instances on NATS instead.
-		lctx, lcancel := context.WithTimeout(cctx, s.cfg.RetryWindow)
-		rep, ok := s.cfg.Local.Call(lctx, &meth, req)
-		lcancel()
-		if ok {
+		if rep, ok := s.cfg.Local.Call(context.WithoutCancel(ctx), &meth, req); ok {
 			s.observe(rep.Marks)
 			if rep.Status != envelope.StatusBehind {
 				return rep, nil
 			}
 		}
 	}
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.CallTimeout)
+	defer cancel()
 	deadline := time.Now().Add(s.cfg.RetryWindow)
 	backoff := bus.Backoff{Next: 20 * time.Millisecond, Max: 500 * time.Millisecond}
 	attemptTimeout := s.cfg.ReadTimeout
