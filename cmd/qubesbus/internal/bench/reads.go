@@ -35,6 +35,12 @@ type ReadsResult struct {
 	// CPU time per call (or per run): what qubesbus costs, whatever else the machine
 	// runs meanwhile.
 	GetCPURatio, QvmLsCPURatio float64
+	// QvmLsCold is the median wall time of the qvm-ls shape right after a change (a
+	// feature of dom0, which no reply of it shows), so that no reply kept from before
+	// serves it; QvmLsColdRatio and QvmLsColdCPURatio compare it with the floor's run
+	// that follows it.
+	QvmLsCold                         time.Duration
+	QvmLsColdRatio, QvmLsColdCPURatio float64
 }
 
 // getRequest is the property.Get the reads comparison measures.
@@ -69,8 +75,8 @@ func readsVsFloor(ctx context.Context, cfg Config, socket, dir string, qubes int
 
 	get := SocketOp(socket, func(int, int) []byte { return []byte(getRequest) })
 	getFloor := SocketOp(floorSock, func(int, int) []byte { return []byte(getRequest) })
-	var getRatios, lsRatios, getCPU, lsCPU []float64
-	var ls, lsFloor []time.Duration
+	var getRatios, lsRatios, getCPU, lsCPU, coldRatios, coldCPU []float64
+	var ls, lsFloor, cold []time.Duration
 	for round := 0; round < cfg.Rounds && ctx.Err() == nil; round++ {
 		var g, f Result
 		if round%2 == 0 {
@@ -114,6 +120,22 @@ func readsVsFloor(ctx context.Context, cfg Config, socket, dir string, qubes int
 		lsFloor, ls = append(lsFloor, took[0]), append(ls, took[1])
 		lsRatios = append(lsRatios, float64(took[1])/float64(took[0]))
 		lsCPU = append(lsCPU, float64(cpu[1])/float64(cpu[0]))
+
+		change := fmt.Sprintf("admin.vm.feature.Set+bench.cold dom0 name dom0\x00%d", round)
+		if err := recordCall(socket, []byte(change), nil); err != nil {
+			return res, fmt.Errorf("change before a cold qvm-ls: %w", err)
+		}
+		for i, sock := range []string{socket, floorSock} {
+			c0 := processCPU()
+			d, err := qvmLs(sock, nil)
+			if err != nil {
+				return res, fmt.Errorf("qvm-ls after a change: %w", err)
+			}
+			took[i], cpu[i] = d, processCPU()-c0
+		}
+		cold = append(cold, took[0])
+		coldRatios = append(coldRatios, float64(took[0])/float64(took[1]))
+		coldCPU = append(coldCPU, float64(cpu[0])/float64(cpu[1]))
 	}
 	if err := ctx.Err(); err != nil {
 		return res, err
@@ -122,6 +144,7 @@ func readsVsFloor(ctx context.Context, cfg Config, socket, dir string, qubes int
 	if len(ls) > 0 {
 		res.QvmLsRatio, res.QvmLsCPURatio = median(lsRatios), median(lsCPU)
 		res.QvmLs, res.QvmLsFloor = medianDuration(ls), medianDuration(lsFloor)
+		res.QvmLsCold, res.QvmLsColdRatio, res.QvmLsColdCPURatio = medianDuration(cold), median(coldRatios), median(coldCPU)
 	}
 	return res, nil
 }

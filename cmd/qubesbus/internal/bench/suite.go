@@ -306,6 +306,7 @@ func printReads(w io.Writer, rep *Report) {
 		fmt.Fprintf(w, "| %d | property.Get, %d clients, calls/s (best of %d) | %.0f | %.0f | %.2f | %.2f |\n", r.Qubes, r.Clients, r.Rounds, r.GetFloor.PerSecond, r.Get.PerSecond, r.GetRatio, r.GetCPURatio)
 		if r.QvmLs > 0 {
 			fmt.Fprintf(w, "| %d | qvm-ls shape (List + GetAll each, one client), median | %s | %s | %.2f | %.2f |\n", r.Qubes, r.QvmLsFloor.Round(100*time.Microsecond), r.QvmLs.Round(100*time.Microsecond), r.QvmLsRatio, r.QvmLsCPURatio)
+			fmt.Fprintf(w, "| %d | the same right after a change (no kept reply), median | | %s | %.2f | %.2f |\n", r.Qubes, r.QvmLsCold.Round(100*time.Microsecond), r.QvmLsColdRatio, r.QvmLsColdCPURatio)
 		}
 	}
 }
