@@ -493,16 +493,23 @@ func lines(items []string) []byte {
 
 func (s *Service) vmList(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	return s.cachedRuntimeRead(ctx, c, func(m *model.Model) ([]byte, error) {
-		var b strings.Builder
+		// Appended, not formatted: a line per qube, 1 009 of them in qvm-ls's list.
+		var b []byte
 		line := func(d *config.Domain) {
 			uuid := model.AdminVMUUID
 			if d.Class != "AdminVM" {
 				uuid, _ = d.Property("uuid")
 			}
-			fmt.Fprintf(&b, "%s class=%s state=%s uuid=%s\n", d.Name(), d.Class, m.PowerState(d.Name()), uuid)
+			name := d.Name()
+			b = append(append(b, name...), " class="...)
+			b = append(append(b, d.Class...), " state="...)
+			b = append(append(b, m.PowerState(name)...), " uuid="...)
+			b = append(append(b, uuid...), '\n')
 		}
 		if c.Dest.IsAdminVM() {
-			for _, d := range m.Domains() {
+			ds := m.Domains()
+			b = make([]byte, 0, 96*len(ds))
+			for _, d := range ds {
 				line(d)
 			}
 		} else if d := m.Domain(c.Dest.Name); d != nil {
@@ -510,7 +517,7 @@ func (s *Service) vmList(ctx context.Context, c *rpc.Call) ([]byte, error) {
 		} else {
 			return nil, qerr.VMNotFoundError("No such domain: " + qerr.Repr(c.Dest.Name))
 		}
-		return []byte(b.String()), nil
+		return b, nil
 	})
 }
 
