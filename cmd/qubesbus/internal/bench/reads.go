@@ -38,7 +38,7 @@ type ReadsResult struct {
 	// QvmLsCold is the median wall time of the qvm-ls shape right after a change (a
 	// feature of dom0, which no reply of it shows), so that no reply kept from before
 	// serves it; QvmLsColdRatio and QvmLsColdCPURatio compare it with the floor's run
-	// that follows it.
+	// beside it, the two in alternating order after each change.
 	QvmLsCold                         time.Duration
 	QvmLsColdRatio, QvmLsColdCPURatio float64
 }
@@ -125,13 +125,19 @@ func readsVsFloor(ctx context.Context, cfg Config, socket, dir string, qubes int
 		if err := recordCall(socket, []byte(change), nil); err != nil {
 			return res, fmt.Errorf("change before a cold qvm-ls: %w", err)
 		}
-		for i, sock := range []string{socket, floorSock} {
+		// Whatever the change sets off after its reply (qubes.xml, consumers of its
+		// events) lands on the first run: which one alternates, as above.
+		for i, sock := range order {
 			c0 := processCPU()
 			d, err := qvmLs(sock, nil)
 			if err != nil {
 				return res, fmt.Errorf("qvm-ls after a change: %w", err)
 			}
 			took[i], cpu[i] = d, processCPU()-c0
+		}
+		if round%2 == 0 { // order was floor, qubesbus
+			took[0], took[1] = took[1], took[0]
+			cpu[0], cpu[1] = cpu[1], cpu[0]
 		}
 		cold = append(cold, took[0])
 		coldRatios = append(coldRatios, float64(took[0])/float64(took[1]))
