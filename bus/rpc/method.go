@@ -107,6 +107,11 @@ type Method struct {
 	Access        Access
 }
 
+// IsRead reports whether the method only reads: it neither writes nor executes, nor
+// changes the configuration, so sending it again or serving it from any current
+// instance is safe.
+func (m Method) IsRead() bool { return m.Access == Read && !m.ChangesConfig }
+
 // Validate reports a registry line that cannot be served.
 func (m Method) Validate() error {
 	switch {

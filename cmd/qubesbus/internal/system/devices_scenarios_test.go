@@ -98,6 +98,8 @@ func TestDeviceScenarios(t *testing.T) {
 	if want := "2\x00QubesException\x00\x00Block device sys-net:sda::None not available\x00"; got != want {
 		t.Errorf("start without the device: %q, want %q", got, want)
 	}
+	// The events are stored before the reply, but the recorder reads them from the
+	// stream on its own: wait until it has both.
 	var work []string
 	for _, f := range evs.settled(t, mark) {
 		work = append(work, strings.SplitN(strings.TrimPrefix(f, "1\x00"), "\x00", 3)[1])

@@ -203,10 +203,12 @@ type System struct {
 	done   sync.WaitGroup
 	// obs is what the metrics and the readiness check read (ops.go).
 	obs observed
+	// local lets the gateway reach the services of this process without NATS.
+	local *rpc.Local
 }
 
 func newSystem(ctx context.Context, cfg Config, log *slog.Logger) *System {
-	s := &System{Socket: cfg.Socket, log: log}
+	s := &System{Socket: cfg.Socket, log: log, local: rpc.NewLocal()}
 	if cfg.PolicyFile != "" {
 		// Start fails on a bad policy file (checked in Validate); a nil policy
 		// allows dom0 only.
@@ -467,7 +469,7 @@ func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, lo
 	}
 	props, err := properties.New(properties.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
 		RuntimeMaxAge: cfg.RuntimeMaxAge, Events: events,
-		Volumes: storageapi.Client{NC: nc, Host: host}, Replica: s.replica})
+		Volumes: storageapi.Client{NC: nc, Host: host}, Replica: s.replica, Local: s.local})
 	if err != nil {
 		return nil, err
 	}
@@ -490,7 +492,7 @@ func startGateway(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 		_ = aud.Close(ctx) // what it could not store is in the log
 	}
 	gcfg := gateway.Config{Host: host, Log: log, Socket: cfg.Socket, SocketGroup: cfg.SocketGroup,
-		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout, Audit: aud}
+		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout, Audit: aud, Local: s.local}
 	if s.obs.metrics != nil {
 		gcfg.Metrics = s.obs.metrics
 	}
