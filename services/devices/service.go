@@ -115,6 +115,10 @@ type Service struct {
 	// afterTrigger, when set (by tests, before Serve), is told each input the watch
 	// has handled, after its events are stored.
 	afterTrigger func(kind, vm string)
+	// watchStopped is closed once the device watch has stopped after ctx ended (at
+	// once when it does not run): a process that stops waits for it before it closes
+	// its connection, so that the inputs the watch took are handled.
+	watchStopped chan struct{}
 
 	// wmu serialises the changes of this instance (qubesd's single event loop);
 	// several instances stay consistent through revision-checked mutations.
@@ -141,7 +145,7 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Service{cfg: cfg, log: cfg.Log}, nil
+	return &Service{cfg: cfg, log: cfg.Log, watchStopped: make(chan struct{})}, nil
 }
 
 // Serve follows the host's configuration, opens the firewall bucket and starts the
@@ -194,8 +198,10 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		return nil, err
 	}
 	if s.cfg.NoWatch {
+		close(s.watchStopped)
 		s.log.Info("device watch off")
 	} else if err := s.startWatch(ctx, nc, js); err != nil {
+		close(s.watchStopped)
 		_ = svc.Stop()
 		return nil, fmt.Errorf("device watch: %w", err)
 	}

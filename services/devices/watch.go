@@ -96,7 +96,7 @@ func sortedKeys(m map[string]string) []string {
 type trigger struct {
 	kind string // "domain-start", "domain-shutdown", "change"
 	vm   string
-	done chan error // nil, or told the outcome
+	msg  jetstream.Msg // the power event, acknowledged once handled (nil: a notice)
 }
 
 // startWatch records the backends the hypervisor shows that have no record yet and
@@ -118,11 +118,17 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 	}
 
 	queue := make(chan trigger, 1024)
+	stopped := make(chan struct{}) // closed when the loop below takes no more inputs
 	push := func(t trigger) bool {
+		select {
+		case <-stopped:
+			return false
+		default:
+		}
 		select {
 		case queue <- t:
 			return true
-		case <-ctx.Done():
+		case <-stopped:
 			return false
 		}
 	}
@@ -153,32 +159,15 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 		_ = sub.Unsubscribe()
 		return fmt.Errorf("follow power events: %w", err)
 	}
+	// A power event is acknowledged once handled; one this instance will not handle
+	// (it is stopping) is given back at once, for another instance.
 	cc, err := cons.Consume(func(m jetstream.Msg) {
 		_, vm, name, ok := subject.ParseEvent(m.Subject())
-		if !ok || vm == "" || ctx.Err() != nil {
-			if ctx.Err() != nil {
-				_ = m.Nak() // another instance takes it now
-			} else {
-				_ = m.Ack()
-			}
-			return
-		}
-		done := make(chan error, 1)
-		if !push(trigger{kind: name, vm: vm, done: done}) {
+		if !ok || vm == "" {
+			_ = m.Ack()
+		} else if !push(trigger{kind: name, vm: vm, msg: m}) {
 			_ = m.Nak()
-			return
 		}
-		select {
-		case err := <-done:
-			if err != nil && ctx.Err() != nil {
-				_ = m.Nak() // cut short by this instance's end
-				return
-			}
-		case <-ctx.Done():
-			_ = m.Nak()
-			return
-		}
-		_ = m.Ack()
 	})
 	if err != nil {
 		_ = sub.Unsubscribe()
@@ -188,27 +177,65 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 		s.log.Warn("flush device watch", "err", err)
 	}
 	go func() {
-		defer cc.Stop()
-		defer func() { _ = sub.Unsubscribe() }()
+		defer close(s.watchStopped)
 		for {
 			select {
 			case <-ctx.Done():
+				s.stopWatch(ctx, nc, stopped, sub, cc, queue)
 				return
 			case t := <-queue:
-				err := s.handle(ctx, t)
-				if err != nil {
-					s.log.Warn("device watch", "event", t.kind, "vm", t.vm, "err", err)
-				}
-				if t.done != nil {
-					t.done <- err
-				}
-				if s.afterTrigger != nil {
-					s.afterTrigger(t.kind, t.vm)
+				// An input taken is handled to its end even when the instance stops
+				// meanwhile: its record written, its events then published.
+				s.handleLogged(context.WithoutCancel(ctx), t)
+				if t.msg != nil {
+					_ = t.msg.Ack()
 				}
 			}
 		}
 	}()
 	return nil
+}
+
+// stopWatch takes no more inputs: the power events this instance received and did
+// not handle are given back at once (else the one pending would wait out its ack
+// wait before another instance gets it), the hot-plug notices it took are handled
+// (nobody else saw them), and the acknowledgements are flushed before the caller
+// closes the connection.
+func (s *Service) stopWatch(ctx context.Context, nc *nats.Conn, stopped chan struct{}, sub *nats.Subscription, cc jetstream.ConsumeContext, queue chan trigger) {
+	close(stopped)
+	_ = sub.Unsubscribe()
+	cc.Drain() // the buffered messages reach the callback, which gives them back
+	select {
+	case <-cc.Closed():
+	case <-time.After(5 * time.Second):
+		s.log.Warn("device watch: power events not drained")
+	}
+	for {
+		select {
+		case t := <-queue:
+			if t.msg != nil {
+				_ = t.msg.Nak()
+			} else {
+				s.handleLogged(context.WithoutCancel(ctx), t)
+			}
+			continue
+		default:
+		}
+		break
+	}
+	if err := nc.Flush(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+		s.log.Warn("device watch: flush acknowledgements", "err", err)
+	}
+}
+
+// handleLogged handles an input and logs its failure.
+func (s *Service) handleLogged(ctx context.Context, t trigger) {
+	if err := s.handle(ctx, t); err != nil {
+		s.log.Warn("device watch", "event", t.kind, "vm", t.vm, "err", err)
+	}
+	if s.afterTrigger != nil {
+		s.afterTrigger(t.kind, t.vm)
+	}
 }
 
 // handle runs one input of the watch.
