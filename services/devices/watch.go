@@ -45,6 +45,9 @@ import (
 // record by compare-and-set and publishes the events of a change only once its
 // write succeeded; one that loses the race reads the record again and finds nothing
 // left to announce. So every event is fired once, whichever instance handles it.
+// Limits: an instance killed between its write and its publish loses that change's
+// events (at most once, never twice); and the records outlive the instances, so a
+// host whose hypervisor starts afresh under an old bucket starts from stale records.
 const watchedClass = "block"
 
 // powerConsumer is the durable consumer of a host's devices instances.
