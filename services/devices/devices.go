@@ -427,7 +427,9 @@ func (s *Service) attach(class string) rpc.Handler {
 			}
 			return nil, fmt.Errorf("%w: attach: %w", qerr.ErrAbort, err)
 		}
-		s.watch.setFront(info.Port, c.Dest.Name)
+		if err := s.setFront(ctx, info.Port, c.Dest.Name); err != nil {
+			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
+		}
 		return nil, s.publish(ctx, deviceEvent(c.Dest.Name, "device-attach:"+class, info.String(), opts))
 	}
 }
@@ -565,7 +567,9 @@ func (s *Service) detach(class string) rpc.Handler {
 		if err := s.hv.Detach(ctx, hostdev.Attachment{Port: found.Port, Frontend: c.Dest.Name}); err != nil && !errors.Is(err, hostdev.ErrNotAttached) {
 			return nil, fmt.Errorf("%w: detach: %w", qerr.ErrAbort, err)
 		}
-		s.watch.setFront(found.Port, "")
+		if err := s.setFront(ctx, found.Port, ""); err != nil {
+			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
+		}
 		return nil, s.publish(ctx, cloudevent.New(c.Dest.Name, "device-detach:"+class, "port", port))
 	}
 }

@@ -81,33 +81,62 @@ func (h *harness) changed(backend string) {
 	}
 }
 
-// barrier sends a marker down each path the device watch reads, behind everything
-// sent on it before: a hot-plug of a backend of its own on the hypervisor's subject
-// (as changed does) and a domain-start of another on the events stream (as power
-// does). The watch handles its inputs one at a time and stores each one's events
-// before the next, so once both markers' device-added are stored, every trigger sent
-// before them has been handled and its events are stored.
-func (h *harness) barrier() (plugged, started string) {
+// barrier sends markers down each path the device watch reads, behind everything
+// sent on it before: a domain-start of a backend of its own on the events stream (as
+// power does), and hot-plugs of other backends on the hypervisor's subject (as
+// changed does) until every live instance has handled one. The power events reach
+// the instances one at a time, in order (a shared durable consumer with one pending);
+// the hot-plugs one instance each, which handles its inputs in order. So once each
+// marker is handled, every trigger sent before them has been handled and its events
+// are stored.
+func (h *harness) barrier() (markers []string) {
 	h.t.Helper()
 	h.barriers++
-	plugged = fmt.Sprintf("%splug-%d", barrierPrefix, h.barriers)
-	started = fmt.Sprintf("%sstart-%d", barrierPrefix, h.barriers)
-	for _, b := range []string{plugged, started} {
-		h.hv.plug(device.Info{Port: device.Port{Backend: b, ID: "xvdz", Class: "block"}, DeviceID: ":None"})
-	}
-	h.changed(plugged)
+	started := fmt.Sprintf("%sstart-%d", barrierPrefix, h.barriers)
+	h.hv.plug(device.Info{Port: device.Port{Backend: started, ID: "xvdz", Class: "block"}, DeviceID: ":None"})
 	h.power(started, "domain-start")
-	return plugged, started
+	markers = append(markers, started)
+	covered := map[int]bool{}
+	deadline := time.After(20 * time.Second)
+	for i := 0; ; i++ {
+		plugged := fmt.Sprintf("%splug-%d-%d", barrierPrefix, h.barriers, i)
+		h.hv.plug(device.Info{Port: device.Port{Backend: plugged, ID: "xvdz", Class: "block"}, DeviceID: ":None"})
+		h.changed(plugged)
+		markers = append(markers, plugged)
+		// Wait until this marker is handled, then see who has handled one.
+		for {
+			h.mu.Lock()
+			by, ok := h.markedBy[plugged]
+			h.mu.Unlock()
+			if ok {
+				covered[by] = true
+				break
+			}
+			select {
+			case <-h.marked:
+			case <-deadline:
+				h.t.Fatalf("barrier %s not passed", plugged)
+			}
+		}
+		all := true
+		for _, id := range h.live() {
+			all = all && covered[id]
+		}
+		if all {
+			return markers
+		}
+	}
 }
 
 // barrierPrefix names the barrier's backends (no qube of the fixture).
 const barrierPrefix = "barrier-"
 
 // waitEvents asserts that the events stored since the last look, up to a barrier,
-// are want exactly: nothing missing, nothing unexpected, in this order.
+// are want exactly: nothing missing, nothing unexpected (nothing twice), in this
+// order.
 func (h *harness) waitEvents(want ...string) {
 	h.t.Helper()
-	plugged, started := h.barrier()
+	markers := h.barrier()
 	var got []string
 	passed := map[string]bool{}
 	bustest.CheckFor(h.t, 10*time.Second, 5*time.Millisecond, func() error {
@@ -119,8 +148,10 @@ func (h *harness) waitEvents(want ...string) {
 				passed[vm] = true
 			}
 		}
-		if !passed[plugged] || !passed[started] {
-			return fmt.Errorf("barrier not passed; events so far %q", got)
+		for _, m := range markers {
+			if !passed[m] {
+				return fmt.Errorf("barrier %s not passed; events so far %q", m, got)
+			}
 		}
 		return nil
 	})

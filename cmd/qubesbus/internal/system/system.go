@@ -338,6 +338,10 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config, onlyIfMissing
 			_, err := lease.Open(ctx, js, cfg.LeaseTTL, cfg.Replicas)
 			return err
 		}},
+		{"KV_" + devices.DevicesBucket, func() error {
+			_, err := devices.OpenDevicesBucket(ctx, js, cfg.Replicas)
+			return err
+		}},
 	}
 	for _, e := range ensure {
 		if onlyIfMissing {
