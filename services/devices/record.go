@@ -56,10 +56,10 @@ type records struct {
 }
 
 func newRecords(kv jetstream.KeyValue, host subject.Host) *records {
-	return &records{kv: kv, host: escapeKey(host.ID())}
+	return &records{kv: kv, host: subject.KVToken(host.ID())}
 }
 
-func (r *records) key(backend string) string { return r.host + "." + escapeKey(backend) }
+func (r *records) key(backend string) string { return r.host + "." + subject.KVToken(backend) }
 
 // get returns a backend's record and its revision (0 and an empty record when there
 // is none).
@@ -147,66 +147,9 @@ func (r *records) backends(ctx context.Context) ([]string, error) {
 	}
 	var out []string
 	for k := range lister.Keys() {
-		if b, ok := unescapeKey(strings.TrimPrefix(k, r.host+".")); ok {
+		if b, ok := subject.ParseKVToken(strings.TrimPrefix(k, r.host+".")); ok {
 			out = append(out, b)
 		}
 	}
 	return out, nil
-}
-
-// escapeKey makes s one token of a key-value key, as the notes bucket's keys
-// (services/properties): letters, digits, '-' and '_' stay, every other byte becomes
-// "=XX", so '.' never splits a token and distinct names stay distinct; "" is "=".
-func escapeKey(s string) string {
-	if s == "" {
-		return "="
-	}
-	const hex = "0123456789ABCDEF"
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_':
-			b.WriteByte(c)
-		default:
-			b.WriteByte('=')
-			b.WriteByte(hex[c>>4])
-			b.WriteByte(hex[c&15])
-		}
-	}
-	return b.String()
-}
-
-// unescapeKey reverses escapeKey.
-func unescapeKey(t string) (string, bool) {
-	if t == "=" {
-		return "", true
-	}
-	var b strings.Builder
-	for i := 0; i < len(t); i++ {
-		if t[i] != '=' {
-			b.WriteByte(t[i])
-			continue
-		}
-		if i+2 >= len(t) {
-			return "", false
-		}
-		hi, lo := unhex(t[i+1]), unhex(t[i+2])
-		if hi < 0 || lo < 0 {
-			return "", false
-		}
-		b.WriteByte(byte(hi<<4 | lo))
-		i += 2
-	}
-	return b.String(), true
-}
-
-func unhex(c byte) int {
-	switch {
-	case '0' <= c && c <= '9':
-		return int(c - '0')
-	case 'A' <= c && c <= 'F':
-		return int(c - 'A' + 10)
-	}
-	return -1
 }
