@@ -6,8 +6,10 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/bus/tracing"
 )
 
 // Local reaches the muxes served in this process without a NATS round trip. When the
@@ -64,9 +66,27 @@ func (l *Local) Call(ctx context.Context, meth *Method, req *envelope.Request) (
 	if s == nil || s.ctx.Err() != nil || s.nc.IsClosed() || s.svc.Stopped() {
 		return envelope.Reply{}, false
 	}
+	// The service's span, as over NATS ("properties admin.vm.property.Get"), here a
+	// child of the gateway's in the same process.
+	var spanName string
+	if tracing.On() {
+		spanName = string(meth.Service) + " " + meth.Name
+	}
+	ctx, span := tracing.Start(ctx, spanName, trace.SpanKindServer)
+	defer span.End()
+	tracing.Call(span, meth.Name, req.Source, req.Dest)
 	out, err := s.mux.dispatch(ctx, meth, req)
 	if err != nil {
 		s.mux.logAbort(req, err)
+	}
+	if span.IsRecording() {
+		var h nats.Header
+		if err == nil {
+			h, _ = envelope.OK(out)
+		} else {
+			h, _ = envelope.Failure(err)
+		}
+		traceOutcome(span, h, err)
 	}
 	rep = envelope.Result(out, err)
 	rep.Marks = s.mux.marks()
