@@ -429,8 +429,12 @@ func startStorage(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 	if sc.Root == "" {
 		sc.Root = filepath.Join(cfg.DataDir, "storage")
 	}
+	rep, events, err := s.observeService(rpc.Storage, nc, host, log)
+	if err != nil {
+		return nil, err
+	}
 	st, err := storage.New(storage.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
-		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken, Replica: s.replica})
+		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken, Replica: rep, Events: events})
 	if err != nil {
 		return nil, err
 	}
@@ -438,7 +442,11 @@ func startStorage(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 }
 
 func startDevices(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
-	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas, Replica: s.replica})
+	rep, events, err := s.observeService(rpc.Devices, nc, host, log)
+	if err != nil {
+		return nil, err
+	}
+	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas, Replica: rep, Events: events})
 	if err != nil {
 		return nil, err
 	}
@@ -452,8 +460,12 @@ func startBackup(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *s
 	if sinks == "" && cfg.DataDir != "" {
 		sinks = filepath.Join(cfg.DataDir, "backup-sinks")
 	}
+	rep, events, err := s.observeService(rpc.Backup, nc, host, log)
+	if err != nil {
+		return nil, err
+	}
 	b, err := backup.New(backup.Config{Host: host, Log: log, Auth: s.policy, ProfileDir: cfg.BackupProfiles, SinkDir: sinks,
-		Scrypt: cfg.BackupScrypt, Replica: s.replica})
+		Scrypt: cfg.BackupScrypt, Replica: rep, Events: events})
 	if err != nil {
 		return nil, err
 	}
