@@ -2,12 +2,14 @@ package system
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -24,7 +26,13 @@ import (
 // get fetches path from the ops handler: status and body.
 func get(t *testing.T, srv *httptest.Server, path string) (int, string) {
 	t.Helper()
-	resp, err := srv.Client().Get(srv.URL + path)
+	return getURL(t, srv.URL+path)
+}
+
+// getURL fetches url: status and body.
+func getURL(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,6 +104,32 @@ func TestOpsEndpoints(t *testing.T) {
 	}
 	if !strings.Contains(body, "qubesbus_qubes_xml_writes_total ") || strings.Contains(body, "qubesbus_qubes_xml_writes_total 0\n") {
 		t.Errorf("/metrics: no qubes.xml write counted")
+	}
+	checkREADMENamesMetrics(t, body)
+}
+
+// checkREADMENamesMetrics: the README's table names every qubesbus metric a scrape
+// shows, so that it does not drift from what is exported.
+func checkREADMENamesMetrics(t *testing.T, scrape string) {
+	t.Helper()
+	readme, err := os.ReadFile(filepath.Join(repoTestdata, "..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, l := range strings.Split(scrape, "\n") {
+		name, ok := strings.CutPrefix(l, "# TYPE qubesbus_")
+		if !ok {
+			continue
+		}
+		n++
+		name = "qubesbus_" + strings.Fields(name)[0]
+		if !strings.Contains(string(readme), "`"+name+"`") {
+			t.Errorf("README.md does not name the metric %s", name)
+		}
+	}
+	if n < 12 {
+		t.Errorf("only %d qubesbus metrics in the scrape", n)
 	}
 }
 
@@ -326,5 +360,31 @@ func waitStatus(t *testing.T, ch <-chan nats.Status) {
 	case <-ch:
 	case <-time.After(30 * time.Second):
 		t.Fatal("no status change")
+	}
+}
+
+// TestNATSMonitoring: NATSHTTP opens the embedded server's monitoring endpoint, where
+// /varz answers and /connz lists the services' connections; without it nothing
+// listens, and an external server is refused it.
+func TestNATSMonitoring(t *testing.T) {
+	sys := startSystem(t, func(c *Config) { c.NATSHTTP = "127.0.0.1:0"; c.NATSPort = 0 })
+	addr := sys.NATS.MonitorAddr()
+	if addr == nil {
+		t.Fatal("no monitoring listener")
+	}
+	base := "http://" + addr.String()
+	if code, body := getURL(t, base+"/varz"); code != 200 || !strings.Contains(body, `"server_id"`) {
+		t.Errorf("/varz: %d %.200s", code, body)
+	}
+	if code, body := getURL(t, base+"/connz"); code != 200 || !strings.Contains(body, `"qubesbus-gateway-test"`) {
+		t.Errorf("/connz: %d %.300s", code, body)
+	}
+
+	if a := startSystem(t).NATS.MonitorAddr(); a != nil {
+		t.Errorf("monitoring on %s without NATSHTTP", a)
+	}
+	err := Config{Socket: "s", DataDir: "d", HostID: "h", NATSURL: "nats://127.0.0.1:4222", NATSHTTP: ":8222"}.Validate()
+	if !errors.Is(err, ErrNATSHTTPExternal) {
+		t.Errorf("external server with NATSHTTP: %v", err)
 	}
 }

@@ -52,6 +52,10 @@ type Config struct {
 	// NATSPort is the embedded server's TCP client port: 0 opens none (the services
 	// connect in-process), -1 any free port.
 	NATSPort int
+	// NATSHTTP, if set, opens the embedded server's monitoring endpoint (/varz, /jsz,
+	// /connz) on this host:port (port 0: any free one, Server.MonitorAddr). Only
+	// with the embedded server: an external one has its own (http_port).
+	NATSHTTP string
 	// NKeyDir holds one nkey seed per role (bus/access). With the embedded server it
 	// defaults to <DataDir>/nkeys, created on first start, and the server accepts
 	// only those roles. With an external server a service uses its role's seed from
@@ -175,8 +179,15 @@ func (c Config) Validate() error {
 	if c.HostID == "" {
 		errs = append(errs, errors.New("no host id"))
 	}
+	if c.NATSHTTP != "" && c.NATSURL != "" {
+		errs = append(errs, ErrNATSHTTPExternal)
+	}
 	return errors.Join(errs...)
 }
+
+// ErrNATSHTTPExternal: the monitoring endpoint of a NATS server qubesbus does not run
+// is that server's to open (its http_port).
+var ErrNATSHTTPExternal = errors.New("a NATS monitoring address needs the embedded server (an external one opens its own, http_port)")
 
 // System is a running host.
 type System struct {
@@ -256,9 +267,12 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 		}
 		cfg.NATSCreds, cfg.NATSUser, cfg.NATSPass = "", "", ""
 		s.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.DataDir, "jetstream"),
-			Port: cfg.NATSPort, DontListen: cfg.NATSPort == 0, Users: s.Keys.ServerUsers()})
+			Port: cfg.NATSPort, DontListen: cfg.NATSPort == 0, Users: s.Keys.ServerUsers(), HTTP: cfg.NATSHTTP})
 		if err != nil {
 			return nil, err
+		}
+		if a := s.NATS.MonitorAddr(); a != nil {
+			log.Info("nats monitoring ready", "addr", a.String())
 		}
 		url = s.NATS.ClientURL()
 	}
