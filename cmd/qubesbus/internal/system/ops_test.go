@@ -388,3 +388,49 @@ func TestNATSMonitoring(t *testing.T) {
 		t.Errorf("external server with NATSHTTP: %v", err)
 	}
 }
+
+// TestServeOneServiceReady: a single service of `qubesbus serve` (storage, devices,
+// backup) reports its connection and the replica it serves from, and its replica's
+// metrics.
+func TestServeOneServiceReady(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cfg := Config{Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
+		QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: "test", NATSURL: ns.ClientURL()}
+	log := slog.New(slog.DiscardHandler)
+	for _, name := range []string{"persistence", "hypervisor"} { // what they ask at start
+		stop, err := StartOne(ctx, name, cfg, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = stop() })
+	}
+	for _, name := range []string{"storage", "devices", "backup"} {
+		t.Run(name, func(t *testing.T) {
+			c := cfg
+			reg := NewRegistry()
+			c.Metrics = reg
+			sys, err := StartService(ctx, name, c, log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sys.Stop()
+			srv := httptest.NewServer(OpsHandler(reg, sys.Ready))
+			defer srv.Close()
+			code, body := get(t, srv, "/readyz")
+			for _, want := range []string{"ok   nats qubesbus-" + name + "-test: CONNECTED", "ok   replica " + name + ": revision "} {
+				if !strings.Contains(body, want) {
+					t.Errorf("/readyz lacks %q", want)
+				}
+			}
+			if code != http.StatusOK {
+				t.Errorf("/readyz: %d\n%s", code, body)
+			}
+			if _, m := get(t, srv, "/metrics"); !strings.Contains(m, `qubesbus_replica_lag_revisions{service="`+name+`"} 0`) {
+				t.Errorf("/metrics:\n%s", grep(m, "qubesbus_replica"))
+			}
+		})
+	}
+}
