@@ -21,6 +21,13 @@ func httpFlag(fs *flag.FlagSet) *string {
 		"serve the web view (/), /healthz, /readyz and /metrics (Prometheus) on this address, e.g. 127.0.0.1:9090; empty: none (QUBESBUS_HTTP)")
 }
 
+// natsHTTPFlag is --nats-http, on the commands that may run the embedded server (run,
+// lab).
+func natsHTTPFlag(fs *flag.FlagSet, addr *string) {
+	fs.StringVar(addr, "nats-http", envOr("QUBESBUS_NATS_HTTP", ""),
+		"open the embedded NATS server's monitoring endpoint (/varz, /jsz, /connz; for nats-surveyor or prometheus-nats-exporter) on this address, e.g. 127.0.0.1:8222; empty: none (QUBESBUS_NATS_HTTP)")
+}
+
 // readiness is what /readyz asks: "starting" until the command has its host(s); and
 // the web view at /, which needs the bus too.
 type readiness struct {

@@ -77,6 +77,7 @@ func runCmd(ctx context.Context, args []string, log *slog.Logger, stdout, stderr
 	fs.SetOutput(stderr)
 	cfg := hostFlags(fs)
 	httpAddr := httpFlag(fs)
+	natsHTTPFlag(fs, &cfg.NATSHTTP)
 	if code, stop := parseFlags(fs, args, "run [flags]", stdout); stop {
 		return code
 	}

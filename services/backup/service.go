@@ -84,6 +84,9 @@ type Config struct {
 	// Replica, if set, is the process's follower of the host's configuration
 	// (shared by the services of `qubesbus run`); nil follows one of its own.
 	Replica *replica.Replica
+	// Events stores the service's events (nil: QUBES_EVENTS over Serve's
+	// connection); `qubesbus run` passes one that counts them for its metrics.
+	Events Events
 }
 
 // Validate reports every problem at once.
@@ -171,7 +174,10 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	s.rep = rep
 	s.served = ctx
 	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
-	s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	s.events = s.cfg.Events
+	if s.events == nil {
+		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	}
 	s.life = s.cfg.Lifecycle
 	if s.life == nil {
 		s.life = lifecycle.Client{NC: nc, Host: s.cfg.Host}

@@ -86,6 +86,9 @@ type Config struct {
 	// or automatic attachments on power events and hot-plugs. For hosts without a
 	// hypervisor that reports devices.
 	NoWatch bool
+	// Events stores the service's events (nil: QUBES_EVENTS over Serve's
+	// connection); `qubesbus run` passes one that counts them for its metrics.
+	Events Events
 }
 
 // Validate reports every problem at once.
@@ -175,7 +178,10 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	}
 	s.rep = rep
 	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
-	s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	s.events = s.cfg.Events
+	if s.events == nil {
+		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	}
 	s.life = s.cfg.Lifecycle
 	if s.life == nil {
 		s.life = lifecycle.Client{NC: nc, Host: s.cfg.Host}

@@ -74,6 +74,14 @@ type Config struct {
 	WriteTimeout time.Duration
 	// Lifecycle answers power states (nil: lifecycle.Client on Serve's connection).
 	Lifecycle PowerStates
+	// Events stores the service's events (nil: QUBES_EVENTS over Serve's
+	// connection); `qubesbus run` passes one that counts them for its metrics.
+	Events Events
+}
+
+// Events publishes events and returns once they are stored (cloudevent.Publisher).
+type Events interface {
+	Publish(ctx context.Context, evs ...cloudevent.Event) error
 }
 
 // PowerStates is what the service needs of the lifecycle: which qubes are not halted.
@@ -109,7 +117,7 @@ type Service struct {
 	host   Host
 	rep    *replica.Replica
 	store  Store
-	events *cloudevent.Publisher
+	events Events
 	tokens jetstream.KeyValue
 	life   PowerStates
 	follow *powerFollower
@@ -176,7 +184,10 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	}
 	s.rep = rep
 	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
-	s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	s.events = s.cfg.Events
+	if s.events == nil {
+		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	}
 	s.life = s.cfg.Lifecycle
 	if s.life == nil {
 		s.life = lifecycle.Client{NC: nc, Host: s.cfg.Host}

@@ -52,6 +52,10 @@ type Config struct {
 	// NATSPort is the embedded server's TCP client port: 0 opens none (the services
 	// connect in-process), -1 any free port.
 	NATSPort int
+	// NATSHTTP, if set, opens the embedded server's monitoring endpoint (/varz, /jsz,
+	// /connz) on this host:port (port 0: any free one, Server.MonitorAddr). Only
+	// with the embedded server: an external one has its own (http_port).
+	NATSHTTP string
 	// NKeyDir holds one nkey seed per role (bus/access). With the embedded server it
 	// defaults to <DataDir>/nkeys, created on first start, and the server accepts
 	// only those roles. With an external server a service uses its role's seed from
@@ -175,8 +179,15 @@ func (c Config) Validate() error {
 	if c.HostID == "" {
 		errs = append(errs, errors.New("no host id"))
 	}
+	if c.NATSHTTP != "" && c.NATSURL != "" {
+		errs = append(errs, ErrNATSHTTPExternal)
+	}
 	return errors.Join(errs...)
 }
+
+// ErrNATSHTTPExternal: the monitoring endpoint of a NATS server qubesbus does not run
+// is that server's to open (its http_port).
+var ErrNATSHTTPExternal = errors.New("a NATS monitoring address needs the embedded server (an external one opens its own, http_port)")
 
 // System is a running host.
 type System struct {
@@ -258,9 +269,12 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 		}
 		cfg.NATSCreds, cfg.NATSUser, cfg.NATSPass = "", "", ""
 		s.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.DataDir, "jetstream"),
-			Port: cfg.NATSPort, DontListen: cfg.NATSPort == 0, Users: s.Keys.ServerUsers()})
+			Port: cfg.NATSPort, DontListen: cfg.NATSPort == 0, Users: s.Keys.ServerUsers(), HTTP: cfg.NATSHTTP})
 		if err != nil {
 			return nil, err
+		}
+		if a := s.NATS.MonitorAddr(); a != nil {
+			log.Info("nats monitoring ready", "addr", a.String())
 		}
 		url = s.NATS.ClientURL()
 	}
@@ -435,8 +449,12 @@ func startStorage(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 	if sc.Root == "" {
 		sc.Root = filepath.Join(cfg.DataDir, "storage")
 	}
+	rep, events, err := s.observeService(rpc.Storage, nc, host, log)
+	if err != nil {
+		return nil, err
+	}
 	st, err := storage.New(storage.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
-		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken, Replica: s.replica})
+		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken, Replica: rep, Events: events})
 	if err != nil {
 		return nil, err
 	}
@@ -444,7 +462,11 @@ func startStorage(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 }
 
 func startDevices(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
-	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas, Replica: s.replica})
+	rep, events, err := s.observeService(rpc.Devices, nc, host, log)
+	if err != nil {
+		return nil, err
+	}
+	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas, Replica: rep, Events: events})
 	if err != nil {
 		return nil, err
 	}
@@ -458,8 +480,12 @@ func startBackup(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *s
 	if sinks == "" && cfg.DataDir != "" {
 		sinks = filepath.Join(cfg.DataDir, "backup-sinks")
 	}
+	rep, events, err := s.observeService(rpc.Backup, nc, host, log)
+	if err != nil {
+		return nil, err
+	}
 	b, err := backup.New(backup.Config{Host: host, Log: log, Auth: s.policy, ProfileDir: cfg.BackupProfiles, SinkDir: sinks,
-		Scrypt: cfg.BackupScrypt, Replica: s.replica})
+		Scrypt: cfg.BackupScrypt, Replica: rep, Events: events})
 	if err != nil {
 		return nil, err
 	}
