@@ -150,7 +150,10 @@ func ephemeral(p Pool, v Volume) bool {
 	return b
 }
 
-func (s *Service) volumeInfo(_ context.Context, c *rpc.Call) ([]byte, error) {
+func (s *Service) volumeInfo(ctx context.Context, c *rpc.Call) ([]byte, error) {
+	if err := s.syncSim(ctx); err != nil {
+		return nil, err
+	}
 	q, err := s.qubeVolumes(c.Dest.Name)
 	if err != nil {
 		return nil, err
@@ -197,6 +200,9 @@ func revisions(p Pool, v Volume) ([]string, error) {
 
 func (s *Service) volumeListSnapshots(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	s.follow.settle(ctx)
+	if err := s.syncSim(ctx); err != nil {
+		return nil, err
+	}
 	q, err := s.qubeVolumes(c.Dest.Name)
 	if err != nil {
 		return nil, err
@@ -227,6 +233,9 @@ func (s *Service) volumeWrite(ctx context.Context, c *rpc.Call, saveOnError bool
 	s.follow.settle(ctx)
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
+	if err := s.syncSim(ctx); err != nil {
+		return nil, err
+	}
 	q, err := s.qubeVolumes(c.Dest.Name)
 	if err != nil {
 		return nil, err
