@@ -135,7 +135,8 @@ var Roles = []Role{
 				"$KV.QUBES_SIMPOOLS.>", "$JS.API.STREAM.*.KV_QUBES_SIMPOOLS", "$JS.API.STREAM.MSG.GET.KV_QUBES_SIMPOOLS",
 				"$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS", "$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS.>",
 				"qubes.v1.*.events._app.pool-add", "qubes.v1.*.events._app.pool-pre-delete", "qubes.v1.*.events._app.pool-delete"},
-			plainEvents("domain-import-volume", "domain-volume-import-begin", "domain-volume-import-end")),
+			// domain-cmd-pre-run: an online resize runs qubes.ResizeDisk in the qube.
+			plainEvents("domain-import-volume", "domain-volume-import-begin", "domain-volume-import-end", "domain-cmd-pre-run")),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
 			"qubes.v1.*.svc.storage.>", "qubes.v1.*.lab.storage-faults"}},
 	{Name: Devices, About: "Devices and firewall: the hypervisor's device calls, the firewall bucket, only the events it fires.",

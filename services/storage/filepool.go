@@ -304,7 +304,20 @@ func (p *filePool) Remove(_ context.Context, v Volume) error {
 	return nil
 }
 
+// Resize follows qubesd's drivers, whether the qube runs or not (the image a running
+// qube uses is resized in place; qubesd also resizes its loop device, which a host
+// without Xen does not have). file (file.py FileVolume.resize) refuses read-only and
+// snap_on_start volumes with its own texts (the missing space is qubesd's);
+// file-reflink (reflink.py) refuses read-only ones only.
 func (p *filePool) Resize(_ context.Context, v Volume, size int64) error {
+	if p.driver == "file" {
+		if !v.RW {
+			return qerr.StoragePoolException("Can not resize readonly volume " + v.VID)
+		}
+		if v.SnapOnStart {
+			return qerr.StoragePoolException("Cannot resize volume based on a template - resizethe template instead")
+		}
+	}
 	if !v.RW {
 		return qerr.StoragePoolException("Cannot resize: " + v.VID + " is read-only")
 	}

@@ -186,9 +186,16 @@ func (p *simPool) Revisions(v Volume) ([]Revision, error) {
 
 func (p *simPool) IsOutdated(Volume, *Source) bool { return false }
 
+// Resize: lvm.py ThinVolume.resize refuses a read-only volume with its text, zfs.py
+// checks nothing; both resize a running volume (its snapshot) in place.
 func (p *simPool) Resize(ctx context.Context, v Volume, size int64) error {
 	if !v.RW {
-		return fmt.Errorf("%w: resize of %s", ErrReadOnly, v.VID)
+		switch p.driver {
+		case "lvm_thin":
+			return qerr.StoragePoolException("Can not resize readonly volume " + v.VID)
+		case "callback":
+			return fmt.Errorf("%w: resize of %s", ErrReadOnly, v.VID)
+		}
 	}
 	f := p.faults.get()
 	if f.ResizeFails != "" {
