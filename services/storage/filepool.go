@@ -141,7 +141,17 @@ func (p *filePool) revPath(v Volume, r Revision) string {
 // isodate is qubesd's storage.isodate of whole seconds, in UTC.
 func isodate(t time.Time) string { return t.UTC().Truncate(time.Second).Format("2006-01-02T15:04:05") }
 
-func (p *filePool) Path(v Volume) string { return filepath.Join(p.dir, v.VID) + "-dirty.img" }
+// Path is what Info reports: reflink.py's running copy; file.py's image, which for a
+// snapshot is its source's (FileVolume.path).
+func (p *filePool) Path(v Volume) string {
+	if p.driver == "file" {
+		if v.SnapOnStart && v.Source != "" {
+			return filepath.Join(p.dir, v.Source) + ".img"
+		}
+		return filepath.Join(p.dir, v.VID) + ".img"
+	}
+	return filepath.Join(p.dir, v.VID) + "-dirty.img"
+}
 
 func (p *filePool) ExportPath(v Volume) (string, bool) {
 	if !v.SaveOnStop {

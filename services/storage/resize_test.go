@@ -37,7 +37,9 @@ func (p *powerStates) PowerStates(context.Context) (map[string]string, error) {
 // driver whatever the power state, then has a running qube grow its filesystem
 // (domain-cmd-pre-run start_guid=False, then qubes.ResizeDisk over qrexec). A paused
 // qube refuses the service and a starting one has no qrexec yet: the call fails with
-// qubesd's error but the volume stays resized (qubesd saves in a finally).
+// qubesd's error but the volume stays resized (qubesd saves in a finally). The oracle
+// (real qubesd, fixture qubes.xml) answered exactly this for work's private, root and
+// volatile volumes running, and "Domain 'work' is paused" with the new size kept.
 func TestResizeRunningQube(t *testing.T) {
 	h := newHarness(t)
 	life := &powerStates{m: map[string]string{"dom0": "Running"}}
