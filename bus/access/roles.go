@@ -130,9 +130,9 @@ var Roles = []Role{
 		Publish: join([]string{inbox, discovery}, jsClient,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
 				"$KV.QUBES_CLONE_TOKENS.>", "$JS.API.STREAM.*.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS.>",
-				// Simulated volumes: reads, CAS writes, and the leader's last sequence
-				// of the host's keys (STREAM.MSG.GET) that a read waits for.
-				"$KV.QUBES_SIMPOOLS.>", "$JS.API.STREAM.*.KV_QUBES_SIMPOOLS", "$JS.API.STREAM.MSG.GET.KV_QUBES_SIMPOOLS",
+				// Simulated volumes: reads, CAS writes (a read waits for the stream's
+				// last sequence: STREAM.INFO, in jsClient).
+				"$KV.QUBES_SIMPOOLS.>", "$JS.API.STREAM.*.KV_QUBES_SIMPOOLS",
 				"$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS", "$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS.>",
 				"qubes.v1.*.events._app.pool-add", "qubes.v1.*.events._app.pool-pre-delete", "qubes.v1.*.events._app.pool-delete"},
 			// domain-cmd-pre-run: an online resize runs qubes.ResizeDisk in the qube.

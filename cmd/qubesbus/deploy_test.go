@@ -210,8 +210,8 @@ func servicesAsOwnUsers(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey s
 		{"admin.vm.feature.Get+perm dom0 name work\x00", "0\x00x"},
 		{"admin.vm.notes.Set+ dom0 name work\x00hello", "0\x00"},
 		{"admin.vm.notes.Get+ dom0 name work\x00", "0\x00hello"},
-		// A simulated pool: its volumes in QUBES_SIMPOOLS, written and read back (a
-		// read waits for the bucket's last sequence of the host).
+		// A simulated pool: its volumes in QUBES_SIMPOOLS, written, watched and read
+		// back (a read waits for the bucket's last sequence).
 		{"admin.pool.Add+lvm_thin dom0 name dom0\x00name=thin\nvolume_group=vg\nthin_pool=tp", "0\x00"},
 		{"admin.vm.CreateInPool.AppVM+fedora-41 dom0 name dom0\x00name=thinq label=red pool=thin", "0\x00"},
 		{"admin.vm.volume.Resize+private dom0 name thinq\x004294967296", "0\x00"},

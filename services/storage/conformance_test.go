@@ -18,8 +18,14 @@ import (
 )
 
 // testSimStore opens the simulated volumes' store of host "h" on a JetStream server
-// of its own (ns: nil starts one).
+// (ns: nil starts one).
 func testSimStore(t *testing.T, ns *server.Server) (*simStore, *server.Server) {
+	t.Helper()
+	return testSimStoreOf(t, ns, "h")
+}
+
+// testSimStoreOf is testSimStore for the given host.
+func testSimStoreOf(t *testing.T, ns *server.Server, host string) (*simStore, *server.Server) {
 	t.Helper()
 	if ns == nil {
 		ns = bustest.RunJetStream(t)
@@ -35,7 +41,7 @@ func testSimStore(t *testing.T, ns *server.Server) (*simStore, *server.Server) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := openSimStore(ctx, nc, kv, "h", slog.New(slog.DiscardHandler))
+	st, err := openSimStore(ctx, nc, kv, host, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

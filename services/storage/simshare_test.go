@@ -72,6 +72,20 @@ func TestSimStoreCompareAndSet(t *testing.T) {
 	if err := b.change(ctx, "thin", "appvms/q/private", gone); err != nil {
 		t.Fatal(err)
 	}
+	// Another host's volumes share the bucket, not the view: its writes move the
+	// sequence a Sync waits for (the watcher follows the whole bucket) and are skipped.
+	other, _ := testSimStoreOf(t, ns, "g")
+	if err := other.change(ctx, "thin", "appvms/q/private", func(*simRecord) (*simRecord, error) {
+		return &simRecord{Size: 7, Next: 1}, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := b.get("thin", "appvms/q/private"); r != nil {
+		t.Fatalf("host g's volume read through host h: %+v", r)
+	}
 	// Keys hold any pool name and vid.
 	for _, k := range [][2]string{{"a.b", "x/../y"}, {"p", ""}, {"-", "a b\n"}} {
 		if p, v, ok := parseSimKey("h.", simKey("h.", k[0], k[1])); !ok || p != k[0] || v != k[1] {

@@ -79,6 +79,12 @@ type cachedRec struct {
 // compare-and-set on the key's revision, retried on the current value when another
 // instance came first. Sync makes the cache as new as the bucket before a call reads
 // it, so a call served here sees what a call served by another instance wrote.
+//
+// The watcher follows the whole bucket (other hosts' keys are skipped), so that the
+// stream's last sequence, which the server keeps at hand, is what Sync waits for: the
+// last sequence of this host's keys alone costs the server a walk over every key
+// (3 ms a call at 20 000 volumes). Writes are rare next to reads (starts, stops,
+// resizes), so following other hosts' costs little.
 type simStore struct {
 	kv     jetstream.KeyValue
 	nc     *nats.Conn
@@ -87,7 +93,7 @@ type simStore struct {
 
 	mu      sync.Mutex
 	pools   map[string]map[string]cachedRec // pool → vid → newest known
-	applied uint64                          // stream sequence the watcher reached
+	applied uint64                          // stream sequence the watcher reached (any host's)
 	moved   chan struct{}                   // closed when applied advances
 }
 
@@ -115,7 +121,7 @@ func parseSimKey(prefix, key string) (pool, vid string, ok bool) {
 func openSimStore(ctx context.Context, nc *nats.Conn, kv jetstream.KeyValue, host string, log *slog.Logger) (*simStore, error) {
 	st := &simStore{kv: kv, nc: nc, prefix: host + ".", log: log,
 		pools: map[string]map[string]cachedRec{}, moved: make(chan struct{})}
-	w, err := kv.Watch(ctx, st.prefix+">")
+	w, err := kv.WatchAll(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("watch %s: %w", SimBucket, err)
 	}
@@ -201,11 +207,11 @@ func (st *simStore) each(pool string, f func(vid string, r *simRecord)) {
 	}
 }
 
-// lastSeqReply is the part of a $JS.API.STREAM.MSG.GET answer Sync reads.
-type lastSeqReply struct {
-	Message *struct {
-		Seq uint64 `json:"seq"`
-	} `json:"message"`
+// streamInfoReply is the part of a $JS.API.STREAM.INFO answer Sync reads.
+type streamInfoReply struct {
+	State *struct {
+		LastSeq uint64 `json:"last_seq"`
+	} `json:"state"`
 	Error *struct {
 		Code    int    `json:"code"`
 		ErrCode uint16 `json:"err_code"`
@@ -213,32 +219,28 @@ type lastSeqReply struct {
 	} `json:"error"`
 }
 
-// Sync waits until the cache holds every change the bucket had for this host when
-// it was called. It asks the stream leader (not a direct get, which a lagging
-// replica may answer) for the last sequence under the host's keys: one request,
+// Sync waits until the cache holds every change the bucket had when it was called.
+// It asks the stream leader (STREAM.INFO, answered by the leader, unlike a direct
+// get that a lagging replica may answer) for the stream's last sequence: one request,
 // whatever the number of volumes.
 func (st *simStore) Sync(ctx context.Context) error {
-	req, _ := json.Marshal(map[string]string{"last_by_subj": "$KV." + SimBucket + "." + st.prefix + ">"})
-	msg, err := st.nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET.KV_"+SimBucket, req)
+	msg, err := st.nc.RequestWithContext(ctx, "$JS.API.STREAM.INFO.KV_"+SimBucket, nil)
 	if err != nil {
 		return fmt.Errorf("sync %s: %w", SimBucket, err)
 	}
-	var rep lastSeqReply
+	var rep streamInfoReply
 	if err := json.Unmarshal(msg.Data, &rep); err != nil {
 		return fmt.Errorf("sync %s: %w", SimBucket, err)
 	}
 	if rep.Error != nil {
-		if rep.Error.ErrCode == uint16(jetstream.JSErrCodeMessageNotFound) {
-			return nil // nothing written for this host yet
-		}
 		return fmt.Errorf("sync %s: %s (%d)", SimBucket, rep.Error.Desc, rep.Error.ErrCode)
 	}
-	if rep.Message == nil {
-		return nil
+	if rep.State == nil {
+		return fmt.Errorf("sync %s: no stream state", SimBucket)
 	}
 	for {
 		st.mu.Lock()
-		done, moved := st.applied >= rep.Message.Seq, st.moved
+		done, moved := st.applied >= rep.State.LastSeq, st.moved
 		st.mu.Unlock()
 		if done {
 			return nil
