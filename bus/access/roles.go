@@ -126,12 +126,17 @@ var Roles = []Role{
 			[]string{"qubes.v1.*.events._app.domain-add", "qubes.v1.*.events._app.domain-pre-delete",
 				"qubes.v1.*.events._app.domain-delete", "qubes.v1.*.events.*.domain-create-on-disk"}),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>", "qubes.v1.*.svc.vmlifecycle.changed"}},
-	{Name: Storage, About: "Pools and volumes: its API, the clone-token bucket, its consumer of power events, only the events it fires.",
+	{Name: Storage, About: "Pools and volumes: its API, the clone-token and simulated-volume buckets, its consumer of power events, only the events it fires.",
 		Publish: join([]string{inbox, discovery}, jsClient,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
 				"$KV.QUBES_CLONE_TOKENS.>", "$JS.API.STREAM.*.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS.>",
+				// Simulated volumes: reads, CAS writes (a read waits for the stream's
+				// last sequence: STREAM.INFO, in jsClient).
+				"$KV.QUBES_SIMPOOLS.>", "$JS.API.STREAM.*.KV_QUBES_SIMPOOLS",
+				"$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS", "$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS.>",
 				"qubes.v1.*.events._app.pool-add", "qubes.v1.*.events._app.pool-pre-delete", "qubes.v1.*.events._app.pool-delete"},
-			plainEvents("domain-import-volume", "domain-volume-import-begin", "domain-volume-import-end")),
+			// domain-cmd-pre-run: an online resize runs qubes.ResizeDisk in the qube.
+			plainEvents("domain-import-volume", "domain-volume-import-begin", "domain-volume-import-end", "domain-cmd-pre-run")),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
 			"qubes.v1.*.svc.storage.>", "qubes.v1.*.lab.storage-faults"}},
 	{Name: Devices, About: "Devices and firewall: the hypervisor's device calls, the firewall and device-record buckets, its consumer of power events, only the events it fires.",

@@ -3,20 +3,58 @@ package storage
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 )
 
-// testPool opens a pool of each writable driver on a temporary root.
+// testSimStore opens the simulated volumes' store of host "h" on a JetStream server
+// (ns: nil starts one).
+func testSimStore(t *testing.T, ns *server.Server) (*simStore, *server.Server) {
+	t.Helper()
+	return testSimStoreOf(t, ns, "h")
+}
+
+// testSimStoreOf is testSimStore for the given host.
+func testSimStoreOf(t *testing.T, ns *server.Server, host string) (*simStore, *server.Server) {
+	t.Helper()
+	if ns == nil {
+		ns = bustest.RunJetStream(t)
+	}
+	nc := bustest.Connect(t, ns)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	kv, err := OpenSimBucket(ctx, js, 1, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := openSimStore(ctx, nc, kv, host, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, ns
+}
+
+// testPool opens a pool of each writable driver on a temporary root; the simulated
+// ones keep their volumes in a JetStream KV bucket, as in a service.
 func testPools(t *testing.T) map[string]Pool {
 	t.Helper()
 	stamp := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
-	host := Host{Root: t.TempDir(), Stamp: &stamp,
+	sim, _ := testSimStore(t, nil)
+	host := Host{Root: t.TempDir(), Stamp: &stamp, sim: sim,
 		StatFS: func(string) (int64, int64, error) { return 100 << 30, 20 << 30, nil }}
 	out := map[string]Pool{}
 	for _, cfg := range []PoolConfig{
@@ -83,8 +121,14 @@ func TestDriverConformance(t *testing.T) {
 			}
 			ro := priv
 			ro.RW = false
-			if err := p.Resize(ctx, ro, 5<<20); err == nil {
-				t.Fatal("resize of a read-only volume succeeded")
+			// Read-only volumes are refused, except by zfs (zfs.py checks nothing).
+			if err := p.Resize(ctx, ro, 5<<20); (err == nil) != (name == "zfs") {
+				t.Fatalf("resize of a read-only volume: %v", err)
+			}
+			if name == "zfs" {
+				if err := p.Resize(ctx, priv, 2<<20); err != nil {
+					t.Fatal(err)
+				}
 			}
 			// Each start/stop commits one revision; only revisions_to_keep stay.
 			for range 3 {

@@ -49,6 +49,9 @@ type Host struct {
 	// Stamp, if set, is the modification time every image gets when it is written
 	// (a simulated host whose revision names must not depend on the clock).
 	Stamp *time.Time
+	// sim keeps the simulated pools' volumes (the host's share of QUBES_SIMPOOLS);
+	// simulated pools cannot open without it.
+	sim *simStore
 }
 
 // Pool is one storage pool. Volumes are addressed by their settings (Volume, from

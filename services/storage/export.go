@@ -46,7 +46,10 @@ func (s *Service) exportSource(req storageapi.ExportRequest) (size, usage int64,
 }
 
 // exportVolume answers OpExport.
-func (s *Service) exportVolume(_ context.Context, req storageapi.ExportRequest) (storageapi.ExportReply, error) {
+func (s *Service) exportVolume(ctx context.Context, req storageapi.ExportRequest) (storageapi.ExportReply, error) {
+	if err := s.syncSim(ctx); err != nil {
+		return storageapi.ExportReply{}, err
+	}
 	size, usage, path, err := s.exportSource(req)
 	if err != nil || path == "" {
 		return storageapi.ExportReply{Size: size, Usage: usage}, err

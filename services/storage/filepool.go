@@ -141,7 +141,17 @@ func (p *filePool) revPath(v Volume, r Revision) string {
 // isodate is qubesd's storage.isodate of whole seconds, in UTC.
 func isodate(t time.Time) string { return t.UTC().Truncate(time.Second).Format("2006-01-02T15:04:05") }
 
-func (p *filePool) Path(v Volume) string { return filepath.Join(p.dir, v.VID) + "-dirty.img" }
+// Path is what Info reports: reflink.py's running copy; file.py's image, which for a
+// snapshot is its source's (FileVolume.path).
+func (p *filePool) Path(v Volume) string {
+	if p.driver == "file" {
+		if v.SnapOnStart && v.Source != "" {
+			return filepath.Join(p.dir, v.Source) + ".img"
+		}
+		return filepath.Join(p.dir, v.VID) + ".img"
+	}
+	return filepath.Join(p.dir, v.VID) + "-dirty.img"
+}
 
 func (p *filePool) ExportPath(v Volume) (string, bool) {
 	if !v.SaveOnStop {
@@ -304,7 +314,20 @@ func (p *filePool) Remove(_ context.Context, v Volume) error {
 	return nil
 }
 
+// Resize follows qubesd's drivers, whether the qube runs or not (the image a running
+// qube uses is resized in place; qubesd also resizes its loop device, which a host
+// without Xen does not have). file (file.py FileVolume.resize) refuses read-only and
+// snap_on_start volumes with its own texts (the missing space is qubesd's);
+// file-reflink (reflink.py) refuses read-only ones only.
 func (p *filePool) Resize(_ context.Context, v Volume, size int64) error {
+	if p.driver == "file" {
+		if !v.RW {
+			return qerr.StoragePoolException("Can not resize readonly volume " + v.VID)
+		}
+		if v.SnapOnStart {
+			return qerr.StoragePoolException("Cannot resize volume based on a template - resizethe template instead")
+		}
+	}
 	if !v.RW {
 		return qerr.StoragePoolException("Cannot resize: " + v.VID + " is read-only")
 	}

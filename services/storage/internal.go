@@ -214,6 +214,9 @@ func (s *Service) prepareVolumes(ctx context.Context, req storageapi.VolumesRequ
 	s.follow.settle(ctx) // a stop just before commits first
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
+	if err := s.syncSim(ctx); err != nil {
+		return err
+	}
 	q, err := s.qubeVolumes(req.Qube)
 	if err != nil {
 		return err

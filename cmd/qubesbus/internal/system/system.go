@@ -356,6 +356,10 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config, onlyIfMissing
 			_, err := devices.OpenDevicesBucket(ctx, js, cfg.Replicas)
 			return err
 		}},
+		{"KV_" + storage.SimBucket, func() error {
+			_, err := storage.OpenSimBucket(ctx, js, cfg.Replicas, nil)
+			return err
+		}},
 	}
 	for _, e := range ensure {
 		if onlyIfMissing {
