@@ -39,7 +39,7 @@ const usage = `usage: qubesbus [--log-format text|json] <command> [flags]
 commands:
   run      serve the gateway socket and every service (embedded NATS unless --nats-url)
   setup    create the JetStream streams and buckets on --nats-url, as a user allowed to (then exit)
-  serve    serve one service (persistence, hypervisor, vmlifecycle, properties, gateway) on --nats-url
+  serve    serve one service (serve --help lists them) on --nats-url
   query    make one Admin API call over the socket: query [--src NAME] METHOD DEST [ARG]
   bench    measure calls/s and latency per call class against the NATS and socket floor
   lab      run many simulated hosts on one NATS: lab --hosts N --qubes M [--nats-url URLS]
