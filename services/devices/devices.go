@@ -421,13 +421,17 @@ func (s *Service) attach(class string) rpc.Handler {
 			return nil, err
 		}
 		at := hostdev.Attachment{Port: info.Port, Frontend: c.Dest.Name, Options: opts}
-		if err := s.hv.Attach(ctx, at); err != nil {
-			if errors.Is(err, hostdev.ErrAttached) {
+		var hverr error
+		if err := s.changeFront(ctx, info.Port, c.Dest.Name, func() error {
+			hverr = s.hv.Attach(ctx, at)
+			return hverr
+		}); err != nil {
+			if errors.Is(hverr, hostdev.ErrAttached) {
 				return nil, qerr.DeviceAlreadyAttached(fmt.Sprintf("Device %s already attached to %s", info, info.Attachment))
 			}
-			return nil, fmt.Errorf("%w: attach: %w", qerr.ErrAbort, err)
-		}
-		if err := s.setFront(ctx, info.Port, c.Dest.Name); err != nil {
+			if hverr != nil {
+				return nil, fmt.Errorf("%w: attach: %w", qerr.ErrAbort, hverr)
+			}
 			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
 		return nil, s.publish(ctx, deviceEvent(c.Dest.Name, "device-attach:"+class, info.String(), opts))
@@ -564,10 +568,12 @@ func (s *Service) detach(class string) rpc.Handler {
 		if err := s.publish(ctx, cloudevent.New(c.Dest.Name, "device-pre-detach:"+class, "port", port)); err != nil {
 			return nil, err
 		}
-		if err := s.hv.Detach(ctx, hostdev.Attachment{Port: found.Port, Frontend: c.Dest.Name}); err != nil && !errors.Is(err, hostdev.ErrNotAttached) {
-			return nil, fmt.Errorf("%w: detach: %w", qerr.ErrAbort, err)
-		}
-		if err := s.setFront(ctx, found.Port, ""); err != nil {
+		if err := s.changeFront(ctx, found.Port, "", func() error {
+			if err := s.hv.Detach(ctx, hostdev.Attachment{Port: found.Port, Frontend: c.Dest.Name}); err != nil && !errors.Is(err, hostdev.ErrNotAttached) {
+				return fmt.Errorf("detach: %w", err)
+			}
+			return nil
+		}); err != nil {
 			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
 		return nil, s.publish(ctx, cloudevent.New(c.Dest.Name, "device-detach:"+class, "port", port))

@@ -5,8 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -73,6 +76,60 @@ func (s *Service) setFront(ctx context.Context, p device.Port, front string) err
 		ports[p.ID] = front
 		return ports
 	})
+}
+
+// pendingFor is how long a port stays marked as being attached or detached by an
+// instance (changeFront): longer than an attach takes, so a rescan does not announce
+// it; a mark left by an instance that died meanwhile stops counting after it.
+const pendingFor = time.Minute
+
+// A record's value for a port whose attachment an instance is changing: the frontend
+// before the change, then the time of the mark. The hypervisor shows the new state
+// before the record does, and a rescan by another instance in between must announce
+// neither the change (the instance changing it does, with its options) nor a revert.
+const pendingSep = "\x00pending\x00"
+
+func pendingValue(prev string, now time.Time) string {
+	return prev + pendingSep + strconv.FormatInt(now.UnixNano(), 10)
+}
+
+// frontOf is the frontend a record's value stands for (a mark: the one before the
+// change), and whether the value is a mark that still holds.
+func frontOf(v string, now time.Time) (front string, pending bool) {
+	prev, ts, ok := strings.Cut(v, pendingSep)
+	if !ok {
+		return v, false
+	}
+	n, err := strconv.ParseInt(ts, 10, 64)
+	return prev, err == nil && now.Sub(time.Unix(0, n)) < pendingFor
+}
+
+// changeFront attaches or detaches a block device (do) with the port marked in its
+// backend's record meanwhile, then records the frontend it has after: to, or the one
+// before if do fails.
+func (s *Service) changeFront(ctx context.Context, p device.Port, to string, do func() error) error {
+	if p.Class != watchedClass {
+		return do()
+	}
+	var prev string
+	if err := s.records.modify(ctx, p.Backend, func(ports map[string]string) map[string]string {
+		v, ok := ports[p.ID]
+		if !ok {
+			return nil
+		}
+		prev, _ = frontOf(v, time.Now())
+		ports[p.ID] = pendingValue(prev, time.Now())
+		return ports
+	}); err != nil {
+		return err
+	}
+	if err := do(); err != nil {
+		if rerr := s.setFront(context.WithoutCancel(ctx), p, prev); rerr != nil {
+			s.log.Warn("clear a device's pending mark", "port", p.String(), "err", rerr)
+		}
+		return err
+	}
+	return s.setFront(ctx, p, to)
 }
 
 // current is what a backend exposes now: port id → frontend.
@@ -276,7 +333,7 @@ func (s *Service) onShutdown(ctx context.Context, vm string) error {
 		for _, port := range sortedKeys(mine) {
 			p := device.Port{Backend: vm, ID: port, Class: watchedClass}.String()
 			evs = append(evs, cloudevent.New(vm, "device-removed:"+watchedClass, "port", p))
-			if front := mine[port]; front != "" {
+			if front, _ := frontOf(mine[port], time.Now()); front != "" {
 				evs = append(evs, cloudevent.New(front, "device-detach:"+watchedClass, "port", p))
 			}
 		}
@@ -303,7 +360,7 @@ func (s *Service) onShutdown(ctx context.Context, vm string) error {
 		err := s.records.modify(ctx, b, func(ports map[string]string) map[string]string {
 			evs = nil
 			for _, port := range sortedKeys(ports) {
-				if ports[port] == vm {
+				if front, _ := frontOf(ports[port], time.Now()); front == vm {
 					ports[port] = ""
 					evs = append(evs, cloudevent.New(vm, "device-detach:"+watchedClass, "port", device.Port{Backend: b, ID: port}.String()))
 				}
@@ -334,9 +391,16 @@ func (s *Service) rescan(ctx context.Context, backend string, listChange bool) e
 			return nil // the record stays as it is
 		}
 		cur := current(inv, backend)
+		now := time.Now()
+		next := maps.Clone(cur)
 		for _, port := range sortedKeys(cur) {
 			p := device.Port{Backend: backend, ID: port, Class: watchedClass}
-			front, seen := old[port]
+			v, seen := old[port]
+			front, pending := frontOf(v, now)
+			if pending { // an instance is changing it and announces the change
+				next[port] = v
+				continue
+			}
 			switch {
 			case !seen:
 				added = append(added, port)
@@ -355,13 +419,13 @@ func (s *Service) rescan(ctx context.Context, backend string, listChange bool) e
 		for _, port := range sortedKeys(old) {
 			if _, ok := cur[port]; !ok {
 				p := device.Port{Backend: backend, ID: port, Class: watchedClass}
-				if front := old[port]; front != "" {
+				if front, _ := frontOf(old[port], now); front != "" {
 					detached = append(detached, cloudevent.New(front, "device-detach:"+watchedClass, "port", p.String()))
 				}
 				removed = append(removed, cloudevent.New(backend, "device-removed:"+watchedClass, "port", p.String()))
 			}
 		}
-		return cur
+		return next
 	})
 	if err != nil {
 		return err
@@ -525,10 +589,9 @@ func (s *Service) attachAssigned(ctx context.Context, inv hostdev.Inventory, vm 
 			return fmt.Errorf("attach %s to %s: %w", d, vm, err)
 		}
 	}
-	if err := s.hv.Attach(ctx, hostdev.Attachment{Port: d.Port, Frontend: vm, Options: opts}); err != nil {
-		return fmt.Errorf("attach %s to %s: %w", d, vm, err)
-	}
-	if err := s.setFront(ctx, d.Port, vm); err != nil {
+	if err := s.changeFront(ctx, d.Port, vm, func() error {
+		return s.hv.Attach(ctx, hostdev.Attachment{Port: d.Port, Frontend: vm, Options: opts})
+	}); err != nil {
 		return fmt.Errorf("attach %s to %s: %w", d, vm, err)
 	}
 	if !notify {
