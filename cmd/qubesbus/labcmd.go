@@ -30,6 +30,7 @@ func labCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 	fs.IntVar(&c.NATSPort, "nats-port", 4222, "embedded NATS port")
 	fs.IntVar(&c.Replicas, "replicas", 1, "JetStream replicas (3 on a cluster)")
 	fs.IntVar(&c.Parallel, "parallel", 0, "hosts started at once (0: 4 per CPU)")
+	fs.DurationVar(&c.LeaseTTL, "lease-ttl", lab.DefaultLeaseTTL, "how long a host's lifecycle lease outlives its last renewal")
 	memprofile := fs.String("memprofile", "", "write a heap profile here once every host is ready")
 	httpAddr := httpFlag(fs)
 	natsHTTPFlag(fs, &c.NATSHTTP)

@@ -11,7 +11,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/lease"
 )
 
 func call(t *testing.T, socket, req string) []byte {
@@ -73,6 +78,32 @@ func TestLabEmbedded(t *testing.T) {
 	}
 	defer l.Stop()
 	checkHosts(t, l, 10)
+
+	// The lab's lifecycle leases live DefaultLeaseTTL, not the 5 s of a single host.
+	opt, err := nats.NkeyOptionFromSeed(l.Keys.SeedFile(access.Admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect(l.NATS.ClientURL(), opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(ctx, lease.Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := kv.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.TTL() != DefaultLeaseTTL {
+		t.Errorf("lease bucket TTL %v, want %v", st.TTL(), DefaultLeaseTTL)
+	}
 }
 
 // TestLabCluster is the lab: 20 hosts × 50 qubes on a 3-node JetStream cluster,
