@@ -422,6 +422,7 @@ func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Mo
 		if err := s.reflect(ctx, newRev, ch.Ops); err != nil {
 			return nil, 0, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
+		s.rtc.advance(newRev, ch.Ops)
 		if err := s.publish(ctx, ch.Post); err != nil {
 			// The change is in the change log (durable with the next sync) and every
 			// replica has or will have it: it stands, as in qubesd, where an exception
