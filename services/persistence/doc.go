@@ -10,10 +10,11 @@
 // against the in-memory state, appends it and replies only once the stream has
 // acknowledged the record and the record is durable: Config.SyncLog (the embedded
 // server's StreamSyncer, which fsyncs the stream's blocks) ran after the append.
-// Appends are serial, but the sync is shared (group commit, the durable flusher): every
-// change appended while one sync runs waits for the next, one fsync for all of them. A
-// caller that sends several changes in flight appends with DeferSync and asks for the
-// sync (store.sync) before it acknowledges them. So an acknowledged change survives the
+// Appends are serial, but the sync is shared (group commit, groupSync): a change waits
+// for the running sync if it started after the change's append, else for the next,
+// one fsync for every change appended meanwhile. A caller that sends several changes
+// in flight appends with DeferSync and asks for the sync (store.sync) before it
+// acknowledges them; the append starts a sync already, so it is often done by then. So an acknowledged change survives the
 // whole process being killed and, with SyncLog, a power cut. Without SyncLog (NATS in
 // another process) the acknowledgement means what the server's storage makes it:
 // a killed process, or with replicas 3 or sync_interval: always, a power cut too.

@@ -110,7 +110,7 @@ type Store struct {
 	unsaved bool
 
 	flush   flusher       // qubes.xml writes
-	durable flusher       // SyncLog calls
+	durable groupSync     // SyncLog calls
 	saveNow chan struct{} // wakes saveLoop: a change wants qubes.xml written
 	written atomic.Uint64 // revision qubes.xml holds, as far as this instance knows
 	wmu     sync.Mutex
@@ -149,7 +149,8 @@ func New(cfg Config) (*Store, error) {
 	s := &Store{cfg: cfg, log: log, disk: checkpoint.New(filepath.Join(cfg.DataDir, "qubes.xml")),
 		saveNow: make(chan struct{}, 1), wrote: make(chan struct{})}
 	s.flush.write = s.writeCheckpoint
-	s.durable.write = s.syncLog
+	s.durable.sync = s.syncLog
+	s.durable.rev = s.Revision
 	conf, mark, err := s.disk.Load(cfg.SeedXML)
 	switch {
 	case errors.Is(err, checkpoint.ErrMissing):
@@ -217,8 +218,9 @@ func (s *Store) Save() error {
 
 // Apply applies a mutation atomically and returns its revision. The change is durable
 // in the change log before Apply returns (with m.DeferSync, only once SyncThrough its
-// revision returns). With m.ChangesConfig, qubes.xml is written after that, in the
-// background, in one write shared by the changes made meanwhile (saveLoop).
+// revision returns; a sync starts right away all the same, so that it may be done by
+// then). With m.ChangesConfig, qubes.xml is written after that, in the background, in
+// one write shared by the changes made meanwhile (saveLoop).
 func (s *Store) Apply(ctx context.Context, m config.Mutation) (uint64, error) {
 	rev, err := s.append(ctx, m)
 	if err != nil {
@@ -228,6 +230,7 @@ func (s *Store) Apply(ctx context.Context, m config.Mutation) (uint64, error) {
 		defer s.saveSoon()
 	}
 	if m.DeferSync {
+		s.durable.start()
 		return rev, nil
 	}
 	if err := s.SyncThrough(ctx, rev); err != nil {
@@ -237,12 +240,13 @@ func (s *Store) Apply(ctx context.Context, m config.Mutation) (uint64, error) {
 }
 
 // SyncThrough returns once revision rev (which this instance holds) is durable in the
-// change log. Callers arriving while a sync runs share the next one (group commit).
+// change log: after the running sync if it started once rev was in the log, else after
+// the next one, which callers arriving meanwhile share (group commit).
 func (s *Store) SyncThrough(ctx context.Context, rev uint64) error {
 	if s.synced.Load() >= rev {
 		return nil
 	}
-	if err := s.durable.wait(ctx); err != nil {
+	if err := s.durable.wait(ctx, rev); err != nil {
 		return fmt.Errorf("%w: change log sync for revision %d: %w", ErrNotSaved, rev, err)
 	}
 	return nil
@@ -252,12 +256,10 @@ func (s *Store) SyncThrough(ctx context.Context, rev uint64) error {
 // waiting for it instead of holding them forever.
 const syncTimeout = 30 * time.Second
 
-// syncLog makes the records appended so far durable and notes their revision. Only
-// the durable flusher calls it, one call at a time.
-func (s *Store) syncLog() error {
-	s.mu.RLock()
-	rev := s.rev // every append up to rev was acknowledged: s.mu is held across each
-	s.mu.RUnlock()
+// syncLog makes the records through revision rev durable (every append up to rev was
+// acknowledged when rev was read: s.mu is held across each) and notes it. Only the
+// durable groupSync calls it, one call at a time.
+func (s *Store) syncLog(rev uint64) error {
 	if s.cfg.SyncLog != nil && rev > s.synced.Load() {
 		ctx, cancel := context.WithTimeout(context.Background(), syncTimeout)
 		defer cancel()
