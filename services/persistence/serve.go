@@ -121,9 +121,9 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn) (micro.Service, e
 				s.handleApply(ctx, d)
 			}()
 		}},
-		// flush: qubes.xml holds at least the given revision when it answers. Callers
-		// apply without ChangesConfig, then flush outside their own write lock, so
-		// concurrent changes share one write.
+		// flush: qubes.xml holds at least the given revision when it answers, for a
+		// caller that needs the file itself up to date (the services' changes leave it
+		// to the background writer); concurrent flushes share one write.
 		{configstore.OpFlush, func(r micro.Request) {
 			if !s.handling(r) {
 				return
