@@ -75,6 +75,7 @@ func (s *Store) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error)
 		return nil, err
 	}
 	s.cancel, s.stopTail, s.svc = cancel, stopTail, svc
+	s.announce.Store(nc)
 	go s.saveLoop(life)
 	return svc, nil
 }

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -116,10 +117,13 @@ type Store struct {
 	wmu     sync.Mutex
 	wrote   chan struct{} // closed (and replaced) after each write of qubes.xml
 	synced  atomic.Uint64 // revision the change log holds durably
-	syncs   atomic.Uint64
-	writes  atomic.Uint64
-	appends atomic.Uint64
-	lost    atomic.Uint64 // appends lost to another instance (conflicts)
+	// announce, once serving with SyncLog, publishes each synced revision
+	// (configstore.SyncedWatch), so writers need not ask store.sync per change.
+	announce atomic.Pointer[nats.Conn]
+	syncs    atomic.Uint64
+	writes   atomic.Uint64
+	appends  atomic.Uint64
+	lost     atomic.Uint64 // appends lost to another instance (conflicts)
 
 	serveMu  sync.Mutex
 	cancel   context.CancelFunc // ends the serving context; set once Serve started
@@ -270,6 +274,13 @@ func (s *Store) syncLog(rev uint64) error {
 	}
 	if rev > s.synced.Load() {
 		s.synced.Store(rev)
+		// Only an instance that syncs the log itself speaks for its durability: one
+		// without SyncLog beside one with it must not announce its appends early.
+		if nc := s.announce.Load(); nc != nil && s.cfg.SyncLog != nil {
+			if err := configstore.PublishSynced(nc, s.cfg.Host, rev); err != nil {
+				s.log.Debug("announce synced revision", "revision", rev, "err", err)
+			}
+		}
 	}
 	return nil
 }

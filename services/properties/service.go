@@ -59,6 +59,14 @@ type Store interface {
 	Sync(ctx context.Context, rev uint64) error
 }
 
+// watchedStore is configstore.Client with Sync through a SyncedWatch.
+type watchedStore struct {
+	configstore.Client
+	synced *configstore.SyncedWatch
+}
+
+func (w watchedStore) Sync(ctx context.Context, rev uint64) error { return w.synced.Sync(ctx, rev) }
+
 // Volumes is what the service needs of the storage service (storageapi.Client): the
 // volumes of a new qube made before it is added (a failure fails the create, as in
 // qubesd), and those of a removed qube removed before the reply.
@@ -251,7 +259,15 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		return nil, err
 	}
 	s.rep, s.notes = rep, newNotes(kv, s.cfg.Host)
-	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
+	client := configstore.Client{NC: nc, Host: s.cfg.Host}
+	// Durability of a change is learnt from persistence's notice of the sync that
+	// covered it, not asked for per change (store.sync).
+	synced, err := configstore.WatchSynced(client)
+	if err != nil {
+		return nil, err
+	}
+	context.AfterFunc(ctx, func() { _ = synced.Close() })
+	s.store = watchedStore{client, synced}
 	s.events = s.cfg.Events
 	if s.events == nil {
 		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
