@@ -81,7 +81,8 @@ tidy:
 	@for m in $(MODULES); do (cd $$m && GOWORK=off $(GO) mod tidy) || exit 1; done
 
 # Go benchmarks of every module, then the load tool's table (calls/s, p50, p99,
-# allocations per call, ratio to the bare NATS + socket floor).
+# allocations per call, ratio to the bare NATS + socket floor), admin.Events latency,
+# and property.Get (8 clients) and the qvm-ls shape against the recorded floor.
 BENCH_ARGS ?= --duration 3s --clients 1,32 --qubes 0,1000,9990 --subscribers 1,10,100
 # Config changes at group-commit speed (issue #17): feature.Set from 8 socket clients at
 # 9, 1009 and 9999 qubes, each acknowledged once the change log holds it durably.

@@ -55,3 +55,30 @@ func TestRequestWaitsForAResponder(t *testing.T) {
 		t.Fatalf("request once a responder came: %v", err)
 	}
 }
+
+// With tracing off (no provider installed) a request carries no trace context: the
+// message goes out as it was given, without even a header.
+func TestRequestUntracedByDefault(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	nc, srv := bustest.Connect(t, ns), bustest.Connect(t, ns)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	got := make(chan nats.Header, 1)
+	sub, err := srv.Subscribe("plain", func(m *nats.Msg) {
+		got <- m.Header
+		_ = m.Respond(nil)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := srv.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bus.Request(ctx, nc, &nats.Msg{Subject: "plain"}, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if h := <-got; h != nil {
+		t.Errorf("request with tracing off carried a header: %v", h)
+	}
+}

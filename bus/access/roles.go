@@ -8,7 +8,8 @@
 // The boundaries that matter: only the gateway publishes on API subjects, so only it
 // can assert a call's source (the Qubes-Source header); only the lab role and the
 // admin can reach the fault-injection subjects; the events role reads the events
-// stream and can call nothing; only the gateway writes the audit trail (QUBES_AUDIT),
+// stream and can call nothing; the webview role reads the events stream, the
+// configuration history and snapshots and the power states, and can change nothing; only the gateway writes the audit trail (QUBES_AUDIT),
 // and only the auditor role (and the admin) reads it.
 package access
 
@@ -29,11 +30,13 @@ const (
 	VMLifecycle = "vmlifecycle"
 	Storage     = "storage"
 	Devices     = "devices"
+	Backup      = "backup"
 	Hypervisor  = "hypervisor"
 	Gateway     = "gateway"
 	Events      = "events"
 	Auditor     = "auditor"
 	Lab         = "lab"
+	WebView     = "webview"
 )
 
 // Role is one NATS user of qubesbus.
@@ -93,6 +96,17 @@ func join(lists ...[]string) []string {
 	return out
 }
 
+// union is join without repeats, in first-seen order.
+func union(lists ...[]string) []string {
+	var out []string
+	for _, s := range join(lists...) {
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
 // Roles in the order the rendered configuration lists them.
 var Roles = []Role{
 	{Name: Admin, About: "Creates and updates the streams and buckets (qubesbus setup); operators.",
@@ -112,30 +126,46 @@ var Roles = []Role{
 			[]string{"qubes.v1.*.events._app.domain-add", "qubes.v1.*.events._app.domain-pre-delete",
 				"qubes.v1.*.events._app.domain-delete", "qubes.v1.*.events.*.domain-create-on-disk"}),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>", "qubes.v1.*.svc.vmlifecycle.changed"}},
-	{Name: Storage, About: "Pools and volumes: its API, the clone-token bucket, its consumer of power events, only the events it fires.",
+	{Name: Storage, About: "Pools and volumes: its API, the clone-token and simulated-volume buckets, its consumer of power events, only the events it fires.",
 		Publish: join([]string{inbox, discovery}, jsClient,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
 				"$KV.QUBES_CLONE_TOKENS.>", "$JS.API.STREAM.*.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS.>",
+				// Simulated volumes: reads, CAS writes (a read waits for the stream's
+				// last sequence: STREAM.INFO, in jsClient).
+				"$KV.QUBES_SIMPOOLS.>", "$JS.API.STREAM.*.KV_QUBES_SIMPOOLS",
+				"$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS", "$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS.>",
 				"qubes.v1.*.events._app.pool-add", "qubes.v1.*.events._app.pool-pre-delete", "qubes.v1.*.events._app.pool-delete"},
-			plainEvents("domain-import-volume", "domain-volume-import-begin", "domain-volume-import-end")),
+			// domain-cmd-pre-run: an online resize runs qubes.ResizeDisk in the qube.
+			plainEvents("domain-import-volume", "domain-volume-import-begin", "domain-volume-import-end", "domain-cmd-pre-run")),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
 			"qubes.v1.*.svc.storage.>", "qubes.v1.*.lab.storage-faults"}},
-	{Name: Devices, About: "Devices and firewall: the hypervisor's device calls, the firewall bucket, only the events it fires.",
+	{Name: Devices, About: "Devices and firewall: the hypervisor's device calls, the firewall and device-record buckets, its consumer of power events, only the events it fires.",
 		Publish: join([]string{inbox, discovery}, jsClient,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.runtime",
 				"qubes.v1.*.hv.devices", "qubes.v1.*.hv.device-attach", "qubes.v1.*.hv.device-detach",
 				"$KV.QUBES_FIREWALL.>", "$JS.API.STREAM.*.KV_QUBES_FIREWALL", "$JS.API.DIRECT.GET.KV_QUBES_FIREWALL", "$JS.API.DIRECT.GET.KV_QUBES_FIREWALL.>",
+				"$KV.QUBES_DEVICES.>", "$JS.API.STREAM.*.KV_QUBES_DEVICES", "$JS.API.DIRECT.GET.KV_QUBES_DEVICES", "$JS.API.DIRECT.GET.KV_QUBES_DEVICES.>",
 				"qubes.v1.*.events.*.property-pre-set.devices_denied", "qubes.v1.*.events.*.property-set.devices_denied"},
 			events("device-pre-attach", "device-attach", "device-pre-detach", "device-detach", "device-pre-assign", "device-assign",
 				"device-unassign", "device-assignment-changed", "device-added", "device-removed", "device-list-change"),
 			plainEvents("firewall-changed")),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
 			"qubes.v1.*.svc.devices.>", "qubes.v1.*.hvdevices"}},
+	{Name: Backup, About: "Backups: its API, volume data from storage, backup timestamps through the store, only the events it fires.",
+		Publish: join([]string{inbox, discovery}, jsClient,
+			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
+				"qubes.v1.*.svc.storage.export", "qubes.v1.*.svc.storage.read",
+				"qubes.v1.*.events._app.backup-progress",
+				"qubes.v1.*.events.*.property-pre-set.backup_timestamp", "qubes.v1.*.events.*.property-set.backup_timestamp"},
+			plainEvents("backup-get-files")),
+		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>"}},
 	{Name: VMLifecycle, About: "Power states over the hypervisor: only the events it fires.",
 		Publish: join([]string{inbox, discovery}, jsClient,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.stats", "qubes.v1.*.svc.vmlifecycle.changed",
 				"qubes.v1.*.hv.>", "$KV.QUBES_LEASES.>",
-				"qubes.v1.*.svc.storage.prepare", "qubes.v1.*.svc.storage.stop", "qubes.v1.*.svc.storage.remove",
+				// A create that finds the key taken reads it (was it deleted?).
+				"$JS.API.STREAM.*.KV_QUBES_LEASES", "$JS.API.DIRECT.GET.KV_QUBES_LEASES", "$JS.API.DIRECT.GET.KV_QUBES_LEASES.>",
+				"qubes.v1.*.svc.storage.verify", "qubes.v1.*.svc.storage.prepare", "qubes.v1.*.svc.storage.stop", "qubes.v1.*.svc.storage.remove",
 				"qubes.v1.*.svc.devices.prepare-start", "qubes.v1.*.svc.devices.attach-required",
 				"qubes.v1.*.events._app.domain-pre-delete", "qubes.v1.*.events._app.domain-delete"},
 			plainEvents("domain-pre-start", "domain-start-failed", "domain-verify-files", "domain-pre-spawn", "domain-spawn",
@@ -156,6 +186,13 @@ var Roles = []Role{
 		Subscribe: []string{inbox}},
 	{Name: Auditor, About: "Audit readers (qubesbus audit): read the audit stream only; may call nothing.",
 		Publish:   readStream("QUBES_AUDIT"),
+		Subscribe: []string{inbox}},
+	{Name: WebView, About: "The web view (--http /): reads the events stream, the configuration (history, snapshots) and power states; may change nothing.",
+		Publish: union(readStream("QUBES_EVENTS"), readStream("QUBES_CONFIG"),
+			// The two read-only questions it asks the services: a host's configuration
+			// and its qubes' power states. Not store.> (that applies mutations) nor
+			// api.> (only the gateway may assert a call's source).
+			[]string{"qubes.v1.*.store.snapshot", "qubes.v1.*.svc.vmlifecycle.states"}),
 		Subscribe: []string{inbox}},
 	{Name: Lab, About: "Test labs: fault injection on the simulated hypervisor; may call nothing.",
 		Publish:   []string{"qubes.v1.*.lab.>"},

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -31,6 +32,11 @@ type Config struct {
 	SyncAlways bool
 	// DontListen serves in-process connections only.
 	DontListen bool
+	// HTTP, if set, is the host:port of nats-server's monitoring endpoint (/varz,
+	// /jsz, /connz, …), for nats-surveyor or prometheus-nats-exporter; port 0 picks a
+	// free one (Server.MonitorAddr). It has no authentication: bind it to loopback or
+	// a management network.
+	HTTP string
 	// Users, if any, are the only clients the server accepts (nkey users with their
 	// permissions: access.Keys.ServerUsers), in-process connections included.
 	Users []*server.NkeyUser
@@ -45,6 +51,11 @@ func (c Config) Validate() error {
 	}
 	if c.ClusterPort != 0 && c.ClusterName == "" {
 		errs = append(errs, errors.New("cluster port without a cluster name"))
+	}
+	if c.HTTP != "" {
+		if _, _, err := monitorHostPort(c.HTTP); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -77,6 +88,9 @@ func Start(ctx context.Context, cfg Config) (*server.Server, error) {
 		// follower per service, the events watchers): a lab of 1000 hosts needs more
 		// than the server's default of 1000 per stream.
 		JetStreamLimits: server.JSLimitOpts{DefaultMaxConsumers: -1},
+	}
+	if cfg.HTTP != "" {
+		opts.HTTPHost, opts.HTTPPort, _ = monitorHostPort(cfg.HTTP) // checked by Validate
 	}
 	if cfg.ClusterPort != 0 {
 		opts.Cluster = server.ClusterOpts{Name: cfg.ClusterName, Host: host, Port: cfg.ClusterPort}
@@ -215,3 +229,23 @@ type startError struct {
 
 func (e *startError) Error() string { return "nats server: " + e.msg }
 func (e *startError) Unwrap() error { return e.cause }
+
+// ErrMonitorAddr is a monitoring address that is not host:port.
+var ErrMonitorAddr = errors.New("nats monitoring address: want host:port")
+
+// monitorHostPort splits a monitoring address into the server's options: port 0 is
+// the server's "any free port" (-1), since its 0 turns monitoring off.
+func monitorHostPort(addr string) (string, int, error) {
+	host, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, fmt.Errorf("%w: %q: %w", ErrMonitorAddr, addr, err)
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil || port < 0 || port > 65535 {
+		return "", 0, fmt.Errorf("%w: %q: bad port", ErrMonitorAddr, addr)
+	}
+	if port == 0 {
+		port = -1
+	}
+	return host, port, nil
+}

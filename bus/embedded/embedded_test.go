@@ -3,7 +3,9 @@ package embedded
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
+	"net/http"
 	"strings"
 	"syscall"
 	"testing"
@@ -45,5 +47,53 @@ func TestStartPortInUse(t *testing.T) {
 				t.Errorf("error %q: want %q and EADDRINUSE", err, tc.want)
 			}
 		})
+	}
+}
+
+// HTTP opens nats-server's monitoring endpoint: /varz and /jsz answer there. Unset,
+// the server has no monitoring listener.
+func TestMonitoring(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ns, err := Start(ctx, Config{StoreDir: t.TempDir(), DontListen: true, HTTP: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Shutdown()
+	addr := ns.MonitorAddr()
+	if addr == nil {
+		t.Fatal("no monitoring listener")
+	}
+	for path, want := range map[string]string{"/varz": `"server_id"`, "/jsz": `"streams"`, "/connz": `"connections"`} {
+		resp, err := http.Get("http://" + addr.String() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK || !strings.Contains(string(b), want) {
+			t.Errorf("%s: %d %v %.200s", path, resp.StatusCode, err, b)
+		}
+	}
+
+	off, err := Start(ctx, Config{StoreDir: t.TempDir(), DontListen: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer off.Shutdown()
+	if a := off.MonitorAddr(); a != nil {
+		t.Errorf("monitoring on %s without HTTP", a)
+	}
+}
+
+func TestMonitoringAddress(t *testing.T) {
+	for _, addr := range []string{"9090", "127.0.0.1:x", "127.0.0.1:70000"} {
+		err := Config{StoreDir: "d", HTTP: addr}.Validate()
+		if !errors.Is(err, ErrMonitorAddr) {
+			t.Errorf("%q: %v, want ErrMonitorAddr", addr, err)
+		}
+	}
+	if err := (Config{StoreDir: "d", HTTP: ":8222"}).Validate(); err != nil {
+		t.Errorf(":8222: %v", err)
 	}
 }

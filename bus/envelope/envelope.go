@@ -110,19 +110,31 @@ func OK(content []byte) (nats.Header, []byte) {
 // Failure returns the header and body that carry err: a *qerr.Error as an exception,
 // anything else (qerr.ErrAbort included) as an abort, as qubesd treats non-Qubes errors.
 func Failure(err error) (nats.Header, []byte) {
+	rep := Result(nil, err)
 	h := nats.Header{}
+	h.Set(HeaderStatus, rep.Status)
+	if rep.Status == StatusException {
+		h.Set(HeaderException, rep.Exception.Class)
+		return h, []byte(rep.Exception.Message)
+	}
+	return h, nil
+}
+
+// Result is the reply that carries content (err nil) or err, as ParseReply reads back
+// what OK or Failure wrote (marks aside): for a caller in the same process, which
+// needs no headers.
+func Result(content []byte, err error) Reply {
+	if err == nil {
+		return Reply{Status: StatusOK, Content: content}
+	}
 	var qe *qerr.Error
 	if errors.As(err, &qe) && !errors.Is(err, qerr.ErrAbort) {
-		h.Set(HeaderStatus, StatusException)
-		h.Set(HeaderException, qe.Class)
-		return h, []byte(qe.Message)
+		return Reply{Status: StatusException, Exception: qerr.FromWire(qe.Class, qe.Message)}
 	}
 	if errors.Is(err, ErrBehind) {
-		h.Set(HeaderStatus, StatusBehind)
-		return h, nil
+		return Reply{Status: StatusBehind}
 	}
-	h.Set(HeaderStatus, StatusAbort)
-	return h, nil
+	return Reply{Status: StatusAbort}
 }
 
 // ErrBehind marks a call refused before anything was done because the instance's

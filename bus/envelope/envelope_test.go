@@ -2,6 +2,7 @@ package envelope
 
 import (
 	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/nats-io/nats.go"
@@ -48,6 +49,7 @@ func TestReplies(t *testing.T) {
 		{"exception", qerr.VMNotFoundError("No such domain: " + qerr.Repr("x")), StatusException, qerr.ErrVMNotFound},
 		{"abort", qerr.Abort("write-once"), StatusAbort, qerr.ErrAbort},
 		{"plain go error aborts", errors.New("boom"), StatusAbort, qerr.ErrAbort},
+		{"wrapped exception", fmt.Errorf("get: %w", qerr.ValueError("bad")), StatusException, qerr.ErrValue},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -55,6 +57,9 @@ func TestReplies(t *testing.T) {
 			r, err := ParseReply(&nats.Msg{Header: h, Data: body})
 			if err != nil {
 				t.Fatal(err)
+			}
+			if local := Result(nil, tt.err); !sameReply(local, r) {
+				t.Fatalf("Result %+v, over the wire %+v", local, r)
 			}
 			if r.Status != tt.status || !errors.Is(r.Err(), tt.wantErr) {
 				t.Fatalf("got %+v (%v)", r, r.Err())
@@ -66,7 +71,21 @@ func TestReplies(t *testing.T) {
 	if err != nil || r.Status != StatusOK || string(r.Content) != "content" || r.Err() != nil {
 		t.Fatalf("ok reply: %+v %v", r, err)
 	}
+	if local := Result([]byte("content"), nil); !sameReply(local, r) {
+		t.Fatalf("Result %+v, over the wire %+v", local, r)
+	}
+	h, _ = Failure(fmt.Errorf("wait: %w", ErrBehind))
+	if r, err := ParseReply(&nats.Msg{Header: h}); err != nil || r.Status != StatusBehind || Result(nil, ErrBehind).Status != StatusBehind {
+		t.Fatalf("behind: %+v %v", r, err)
+	}
 	if _, err := ParseReply(&nats.Msg{Header: nats.Header{}}); !errors.Is(err, ErrMalformed) {
 		t.Fatalf("missing status: %v", err)
 	}
+}
+
+func sameReply(a, b Reply) bool {
+	if a.Status != b.Status || string(a.Content) != string(b.Content) || (a.Exception == nil) != (b.Exception == nil) {
+		return false
+	}
+	return a.Exception == nil || *a.Exception == *b.Exception
 }

@@ -164,7 +164,19 @@ func (t *Term) renew() {
 		switch {
 		case err == nil:
 			t.rev, last = rev, time.Now()
-		case isMismatch(err) || errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted):
+		case isMismatch(err):
+			// A renewal whose acknowledgement did not arrive in time (a loaded server)
+			// may still have been stored: then the key is newer than t.rev but still
+			// ours, and the term goes on from that revision.
+			if rev, ours := t.stillOurs(); ours {
+				l.log.Info("lease renewal stored after its timeout; term goes on", "key", l.key, "epoch", t.Epoch)
+				t.rev, last = rev, time.Now()
+				continue
+			}
+			l.log.Error("lease lost to another holder", "key", l.key, "epoch", t.Epoch, "err", err)
+			t.stop(ErrLost)
+			return
+		case errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted):
 			l.log.Error("lease lost to another holder", "key", l.key, "epoch", t.Epoch, "err", err)
 			t.stop(ErrLost)
 			return
@@ -172,6 +184,20 @@ func (t *Term) renew() {
 			l.log.Warn("lease: renew", "key", l.key, "err", err)
 		}
 	}
+}
+
+// stillOurs reads the key after a renewal conflicted: it is still this term's when its
+// latest value is this holder's and its revision is past the last renewal known (no
+// other holder can have written in between: one would have had to create the key
+// after it expired, with its own name).
+func (t *Term) stillOurs() (uint64, bool) {
+	ctx, cancel := context.WithTimeout(t.ctx, t.l.ttl/4)
+	defer cancel()
+	e, err := t.l.kv.Get(ctx, t.l.key)
+	if err != nil {
+		return 0, false
+	}
+	return e.Revision(), string(e.Value()) == t.l.holder && e.Revision() > t.rev
 }
 
 // isMismatch reports a revision conflict; replicated buckets report it with another

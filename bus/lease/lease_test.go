@@ -155,3 +155,54 @@ func TestHolderStepsDownWhenItCannotRenew(t *testing.T) {
 		t.Fatal("holder kept its term with no renewal")
 	}
 }
+
+// A renewal that the server stored but whose acknowledgement came too late leaves the
+// holder with an old revision; its next renewal conflicts. The key still names the
+// holder, so the term goes on (it used to end, and a loaded host lost and retook its
+// lease over and over). Here the late renewal is written by the test, with the
+// holder's name, as the server would have stored it.
+func TestLateRenewalKeepsTheTerm(t *testing.T) {
+	kv := bucket(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const key = "vmlifecycle.h1"
+	a, err := New(kv, key, "a", ttl, nil).Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := kv.Watch(ctx, key, jetstream.UpdatesOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	var late uint64
+	for late == 0 {
+		e, err := kv.Get(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The holder may renew between the Get and the Update: try again then.
+		if rev, err := kv.Update(ctx, key, []byte("a"), e.Revision()); err == nil {
+			late = rev
+		}
+	}
+	// The term goes on: a renewal after the late one, by the holder, shows up.
+	for {
+		select {
+		case e := <-w.Updates():
+			if e != nil && e.Revision() > late {
+				if string(e.Value()) != "a" {
+					t.Fatalf("key after the late renewal: %q", e.Value())
+				}
+				if a.Context().Err() != nil {
+					t.Fatalf("term ended: %v", context.Cause(a.Context()))
+				}
+				return
+			}
+		case <-a.Context().Done():
+			t.Fatalf("term ended after a late renewal: %v", context.Cause(a.Context()))
+		case <-ctx.Done():
+			t.Fatal("no renewal after the late one")
+		}
+	}
+}

@@ -88,6 +88,7 @@ const (
 	Properties  Service = "properties"
 	Storage     Service = "storage" // pools and volumes
 	Devices     Service = "devices" // device assignments, attachments, deny lists and the firewall
+	Backup      Service = "backup"  // backup profiles, archives of qubes (admin.backup.*)
 	Gateway     Service = "gateway" // streams served by the gateway itself (admin.Events)
 )
 
@@ -105,6 +106,11 @@ type Method struct {
 	ChangesConfig bool // persistence saves qubes.xml after it succeeds
 	Access        Access
 }
+
+// IsRead reports whether the method only reads: it neither writes nor executes, nor
+// changes the configuration, so sending it again or serving it from any current
+// instance is safe.
+func (m Method) IsRead() bool { return m.Access == Read && !m.ChangesConfig }
 
 // Validate reports a registry line that cannot be served.
 func (m Method) Validate() error {

@@ -12,11 +12,13 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/bus/tracing"
 )
 
 // Handler serves one checked call. It returns the OK content, or an error: a
@@ -44,6 +46,10 @@ type Mux struct {
 
 	// RuntimeMark, if set, stamps every reply with the service's runtime mark.
 	RuntimeMark func() envelope.RuntimeMark
+
+	// Local, if set, lets a caller in this process (the gateway) reach this mux
+	// without NATS while it serves (see Local).
+	Local *Local
 
 	// BarrierWait bounds how long a call waits for the resolver's replica to reach the
 	// caller's configuration revision (default 10 s).
@@ -129,6 +135,9 @@ func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, versi
 		_ = svc.Stop()
 		return nil, fmt.Errorf("flush subscriptions: %w", err)
 	}
+	if m.Local != nil {
+		m.Local.add(&served{mux: m, ctx: ctx, nc: nc, svc: svc})
+	}
 	return svc, nil
 }
 
@@ -141,12 +150,31 @@ func (m *Mux) endpoint(ctx context.Context, nc *nats.Conn, meth *Method) micro.H
 }
 
 func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
+	// The span is named "properties admin.vm.property.Set"; the name is made only
+	// while tracing is on.
+	method, spanName := subject.UnknownMethod, ""
+	if meth != nil {
+		method = meth.Name
+	}
+	if tracing.On() {
+		spanName = string(m.service) + " " + method
+	}
+	ctx, span := tracing.StartServer(ctx, nats.Header(r.Headers()), spanName)
+	defer span.End()
 	req, err := envelope.ParseRequest(nats.Header(r.Headers()), r.Data())
 	if err != nil {
 		m.log.Warn("malformed request envelope", "err", err)
-		m.respond(r, nil, nil, qerr.Abort("malformed envelope"))
+		m.respond(ctx, r, nil, nil, qerr.Abort("malformed envelope"))
 		return
 	}
+	tracing.Call(span, method, req.Source, req.Dest)
+	out, err := m.dispatch(ctx, meth, req)
+	m.respond(ctx, r, req, out, err)
+}
+
+// dispatch runs a call: the barrier, the checks and the handler. ctx is the service's
+// (a cancellable call's is cancelled by a cancel notice).
+func (m *Mux) dispatch(ctx context.Context, meth *Method, req *envelope.Request) ([]byte, error) {
 	if meth == nil || !meth.Cancellable {
 		// Only cancellable calls end early. Any other runs to completion, as in qubesd,
 		// also when this instance stops serving meanwhile (a lifecycle term ending):
@@ -170,21 +198,18 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 		}()
 	}
 	if err := m.barrier(ctx, meth, req.After.ConfigRev); err != nil {
-		m.respond(r, req, nil, err)
-		return
+		return nil, err
 	}
 	call, err := Check(ctx, m.resolver, m.Auth, meth, req)
 	if err != nil {
-		m.respond(r, req, nil, err)
-		return
+		return nil, err
 	}
 	h := m.handlers[call.Method.Name]
 	if call.Method.Service == Gateway {
 		h = checkOnly
 	}
 	if h == nil {
-		m.respond(r, req, nil, qerr.NotImplementedError("method not implemented by qubesbus yet: "+call.Method.Name))
-		return
+		return nil, qerr.NotImplementedError("method not implemented by qubesbus yet: " + call.Method.Name)
 	}
 	out, err := h(ctx, call)
 	if err == nil && call.Method.ChangesConfig && m.AfterChange != nil {
@@ -192,24 +217,33 @@ func (m *Mux) serve(ctx context.Context, meth *Method, r micro.Request) {
 			m.log.Error("after config change", "method", call.Method.Name, "dest", call.Dest.Name, "id", call.ID, "err", aerr)
 		}
 	}
-	m.respond(r, req, out, err)
+	return out, err
 }
 
-func (m *Mux) respond(r micro.Request, req *envelope.Request, content []byte, err error) {
+func (m *Mux) respond(ctx context.Context, r micro.Request, req *envelope.Request, content []byte, err error) {
 	var h nats.Header
 	var body []byte
 	if err == nil {
 		h, body = envelope.OK(content)
 	} else {
 		h, body = envelope.Failure(err)
-		var qe *qerr.Error
-		if req != nil && (errors.Is(err, qerr.ErrAbort) || !errors.As(err, &qe)) {
-			m.log.Warn("call aborted", "method", req.Method, "src", req.Source, "dest", req.Dest, "id", req.ID, "err", err)
-		}
+		m.logAbort(req, err)
 	}
-	m.stamp(h)
+	if tracing.On() {
+		traceOutcome(trace.SpanFromContext(ctx), h, err)
+	}
+	m.marks().Set(h)
 	if rerr := r.Respond(body, micro.WithHeaders(micro.Headers(h))); rerr != nil {
 		m.log.Warn("respond", "err", rerr)
+	}
+}
+
+// traceOutcome records on the call's span how it ended, as its reply says.
+func traceOutcome(span trace.Span, h nats.Header, err error) {
+	status := h.Get(envelope.HeaderStatus)
+	tracing.Outcome(span, status, h.Get(envelope.HeaderException))
+	if status != envelope.StatusOK && status != envelope.StatusException {
+		tracing.Fail(span, err)
 	}
 }
 
@@ -229,7 +263,7 @@ func (m *Mux) barrier(ctx context.Context, meth *Method, rev uint64) error {
 	if !ok || rev == 0 || rr.Revision() >= rev {
 		return nil
 	}
-	read := meth == nil || (meth.Access == Read && !meth.ChangesConfig)
+	read := meth == nil || meth.IsRead()
 	wait := m.BarrierWait
 	if wait <= 0 {
 		wait = 10 * time.Second
@@ -252,8 +286,16 @@ func (m *Mux) barrier(ctx context.Context, meth *Method, rev uint64) error {
 // StatusBehind; shorter than the gateway's first attempt (1 s).
 const readBarrierWait = 500 * time.Millisecond
 
-// stamp writes this instance's marks into a reply.
-func (m *Mux) stamp(h nats.Header) {
+// logAbort logs a call that ends without a response.
+func (m *Mux) logAbort(req *envelope.Request, err error) {
+	var qe *qerr.Error
+	if req != nil && (errors.Is(err, qerr.ErrAbort) || !errors.As(err, &qe)) {
+		m.log.Warn("call aborted", "method", req.Method, "src", req.Source, "dest", req.Dest, "id", req.ID, "err", err)
+	}
+}
+
+// marks are this instance's marks, which every reply carries.
+func (m *Mux) marks() envelope.Marks {
 	var marks envelope.Marks
 	if rr, ok := m.resolver.(revisioned); ok {
 		marks.ConfigRev = rr.Revision()
@@ -261,7 +303,7 @@ func (m *Mux) stamp(h nats.Header) {
 	if m.RuntimeMark != nil {
 		marks.Runtime = m.RuntimeMark()
 	}
-	marks.Set(h)
+	return marks
 }
 
 func (m *Mux) cancel(msg *nats.Msg) {

@@ -44,6 +44,9 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the whole run (services included: they run in this process)")
 	profileDir := fs.String("profile-dir", "", "write CPU, mutex and block profiles of each class measurement alone (<class>-<qubes>q-<clients>c.{cpu,mutex,block}.prof) into this directory")
 	fs.BoolVar(&cfg.SkipQvmLs, "skip-qvm-ls", false, "do not run the qvm-ls-shaped workload")
+	fs.IntVar(&cfg.FloorClients, "floor-clients", 8, "concurrent property.Get clients in the comparison with the recorded floor")
+	fs.IntVar(&cfg.Rounds, "rounds", 3, "rounds of the comparison with the recorded floor (each measures floor and qubesbus back to back)")
+	fs.BoolVar(&cfg.ReadsOnly, "reads-only", false, "only compare property.Get and the qvm-ls shape with the recorded floor (no other class, floor or fan-out)")
 	fs.BoolVar(&cfg.InProcessReaders, "inprocess-readers", false, "read the admin.Events subscribers in this process, not in a child process as a dom0 listener runs")
 	if code, stop := parseFlags(fs, args, "bench [--qubes 0,1000] [--clients 1,32] [flags]", stdout); stop {
 		return code

@@ -52,7 +52,7 @@ func TestComposeRunsEveryServiceAsItsOwnUser(t *testing.T) {
 			t.Errorf("compose never passes %s (user %s)", m[2], m[1])
 		}
 	}
-	wantReplicas := map[string]int{"persistence": 2, "properties": 2, "vmlifecycle": 2, "storage": 2, "devices": 0, "hypervisor": 0, "gateway": 0}
+	wantReplicas := map[string]int{"persistence": 2, "properties": 2, "vmlifecycle": 2, "storage": 2, "devices": 0, "backup": 0, "hypervisor": 0, "gateway": 0}
 	for _, name := range system.Services {
 		s, ok := c.Services[name]
 		if !ok {

@@ -210,6 +210,13 @@ func servicesAsOwnUsers(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey s
 		{"admin.vm.feature.Get+perm dom0 name work\x00", "0\x00x"},
 		{"admin.vm.notes.Set+ dom0 name work\x00hello", "0\x00"},
 		{"admin.vm.notes.Get+ dom0 name work\x00", "0\x00hello"},
+		// A simulated pool: its volumes in QUBES_SIMPOOLS, written, watched and read
+		// back (a read waits for the bucket's last sequence).
+		{"admin.pool.Add+lvm_thin dom0 name dom0\x00name=thin\nvolume_group=vg\nthin_pool=tp", "0\x00"},
+		{"admin.vm.CreateInPool.AppVM+fedora-41 dom0 name dom0\x00name=thinq label=red pool=thin", "0\x00"},
+		{"admin.vm.volume.Resize+private dom0 name thinq\x004294967296", "0\x00"},
+		{"admin.vm.volume.Info+private dom0 name thinq\x00", "0\x00pool=thin\nvid=appvms/thinq/private\nsize=4294967296\nusage=0\nrw=True\nsource=\npath=/dev/sim/thin/appvms/thinq/private\nsave_on_stop=True\nsnap_on_start=False\nrevisions_to_keep=1\nephemeral=False\nis_outdated=False\n"},
+		{"admin.pool.UsageDetails+thin dom0 name dom0\x00", "0\x00data_size=1099511627776\ndata_usage=15032385536\n"},
 		{"admin.vm.Start+ dom0 name work\x00", "0\x00"},
 		{"admin.vm.Create.AppVM+fedora-41 dom0 name dom0\x00name=gone label=red", "0\x00"},
 		{"admin.vm.Remove+ dom0 name gone\x00", "0\x00"}, // holds the qube in vmlifecycle
@@ -223,7 +230,7 @@ func servicesAsOwnUsers(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey s
 	}
 	// The gateway, as its own user, wrote the audit trail of the changes.
 	expectAuditTrail(t, ctx, ns.ClientURL(), tlsFiles, []string{"admin.vm.property.Set", "admin.vm.feature.Set",
-		"admin.vm.notes.Set", "admin.vm.Start", "admin.vm.Create.AppVM", "admin.vm.Remove", "admin.vm.Remove"})
+		"admin.vm.notes.Set", "admin.pool.Add", "admin.vm.CreateInPool.AppVM", "admin.vm.volume.Resize", "admin.vm.Start", "admin.vm.Create.AppVM", "admin.vm.Remove", "admin.vm.Remove"})
 }
 
 type testWriter struct{ t *testing.T }

@@ -32,6 +32,7 @@ func labCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 	fs.IntVar(&c.Parallel, "parallel", 0, "hosts started at once (0: 4 per CPU)")
 	memprofile := fs.String("memprofile", "", "write a heap profile here once every host is ready")
 	httpAddr := httpFlag(fs)
+	natsHTTPFlag(fs, &c.NATSHTTP)
 	if code, stop := parseFlags(fs, args, "lab --hosts N --qubes M [--nats-url URLS] [flags]", stdout); stop {
 		return code
 	}
@@ -58,6 +59,8 @@ func labCmd(ctx context.Context, args []string, stdout, stderr io.Writer, log *s
 		return 1
 	}
 	ready.set(l.Ready)
+	// One view of every host: any host's connection reaches the whole bus.
+	ready.startWeb(ctx, ready.serving, l.Hosts[0].ConnectAs, log)
 	for _, h := range l.Hosts {
 		fmt.Fprintf(stdout, "%s %s\n", h.ID, h.Socket)
 	}

@@ -17,6 +17,9 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+
+	"github.com/qubesbus/qubesbus/bus/buildinfo"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/telemetry"
 )
 
 func main() {
@@ -36,7 +39,7 @@ const usage = `usage: qubesbus [--log-format text|json] <command> [flags]
 commands:
   run      serve the gateway socket and every service (embedded NATS unless --nats-url)
   setup    create the JetStream streams and buckets on --nats-url, as a user allowed to (then exit)
-  serve    serve one service (persistence, hypervisor, vmlifecycle, properties, gateway) on --nats-url
+  serve    serve one service (serve --help lists them) on --nats-url
   query    make one Admin API call over the socket: query [--src NAME] METHOD DEST [ARG]
   bench    measure calls/s and latency per call class against the NATS and socket floor
   lab      run many simulated hosts on one NATS: lab --hosts N --qubes M [--nats-url URLS]
@@ -69,6 +72,20 @@ func dispatch(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	if err != nil {
 		fmt.Fprintln(stderr, "qubesbus:", err)
 		return 2
+	}
+	switch args[0] {
+	case "run", "serve", "lab":
+		// Traces only from the commands that serve; off unless OTEL_* ask for them.
+		shutdown, err := telemetry.Setup(ctx, os.Getenv, "qubesbus", buildinfo.Version(), log)
+		if err != nil {
+			fmt.Fprintln(stderr, "qubesbus:", err)
+			return 2
+		}
+		defer func() {
+			if err := shutdown(ctx); err != nil {
+				log.Warn("tracing", "err", err)
+			}
+		}()
 	}
 	switch args[0] {
 	case "version", "--version", "-version":

@@ -44,6 +44,7 @@ func hostFlags(fs *flag.FlagSet) *system.Config {
 	fs.StringVar(&c.SocketGroup, "socket-group", envOr("QUBESBUS_SOCKET_GROUP", ""), "group owning the socket (QUBESBUS_SOCKET_GROUP)")
 	fs.StringVar(&c.QubesXML, "qubes-xml", envOr("QUBESBUS_QUBES_XML", ""), "qubes.xml copied into the data dir on first start (QUBESBUS_QUBES_XML)")
 	fs.StringVar(&c.PolicyFile, "policy", envOr("QUBESBUS_POLICY", ""), "access rules, 'method +arg source target allow|deny' per line; without: only dom0 may call (QUBESBUS_POLICY)")
+	fs.StringVar(&c.BackupProfiles, "backup-profiles", envOr("QUBESBUS_BACKUP_PROFILES", "/etc/qubes/backup"), "directory of backup profiles, <id>.conf as in dom0 (QUBESBUS_BACKUP_PROFILES)")
 	fs.StringVar(&c.HostID, "host", envOr("QUBESBUS_HOST", "local"), "host id in subjects (QUBESBUS_HOST)")
 	fs.IntVar(&c.NATSPort, "nats-port", envInt("QUBESBUS_NATS_PORT", 0), "open the embedded NATS on this TCP port of 127.0.0.1, -1 for any free one; 0 opens none (the services connect in-process). Clients need a role's key from <data-dir>/nkeys (QUBESBUS_NATS_PORT)")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", envDuration("QUBESBUS_IDLE_TIMEOUT", time.Minute), "longest a client may take to send its request, 0 for no limit (QUBESBUS_IDLE_TIMEOUT)")
@@ -76,6 +77,7 @@ func runCmd(ctx context.Context, args []string, log *slog.Logger, stdout, stderr
 	fs.SetOutput(stderr)
 	cfg := hostFlags(fs)
 	httpAddr := httpFlag(fs)
+	natsHTTPFlag(fs, &cfg.NATSHTTP)
 	if code, stop := parseFlags(fs, args, "run [flags]", stdout); stop {
 		return code
 	}
@@ -111,6 +113,7 @@ func run(ctx context.Context, cfg system.Config, log *slog.Logger, ready *readin
 		return err
 	}
 	ready.set(sys.Ready)
+	ready.startWeb(ctx, ready.serving, sys.ConnectAs, log)
 	<-ctx.Done()
 	log.Info("shutting down", "cause", context.Cause(ctx))
 	return sys.Stop()
@@ -156,6 +159,7 @@ func serveCmd(ctx context.Context, args []string, log *slog.Logger, stdout, stde
 		return 1
 	}
 	ready.set(sys.Ready)
+	ready.startWeb(ctx, ready.serving, sys.ConnectAs, log)
 	<-ctx.Done()
 	if err := sys.Stop(); err != nil {
 		fmt.Fprintln(stderr, "qubesbus:", err)

@@ -156,9 +156,9 @@ var table = []rpc.Method{
 	// §11 Backup (dest dom0). Execute is classified R+X by qubesd (so Execute, not
 	// Write) yet saves qubes.xml on success (backup timestamps, §13): the one
 	// ChangesConfig method whose access is not Write.
-	{Name: "admin.backup.Info", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
-	{Name: "admin.backup.Execute", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, ChangesConfig: true, Access: rpc.Execute},
-	{Name: "admin.backup.Cancel", Service: rpc.Properties, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Execute},
+	{Name: "admin.backup.Info", Service: rpc.Backup, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Read},
+	{Name: "admin.backup.Execute", Service: rpc.Backup, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, ChangesConfig: true, Access: rpc.Execute},
+	{Name: "admin.backup.Cancel", Service: rpc.Backup, Arg: rpc.Required, Payload: rpc.Forbidden, Dest: rpc.AdminVMDest, Access: rpc.Execute},
 }
 
 // Registry holds every Admin API method; it panics at start-up if the table is broken.

@@ -61,6 +61,9 @@ func TestMethodOptions(t *testing.T) {
 		"admin.vm.Stats":        {arg: rule(rpc.Forbidden), payload: rule(rpc.Forbidden), dest: dest(rpc.AnyDest), cancellable: &yes, service: rpc.VMLifecycle},
 		"admin.vm.Start":        {service: rpc.VMLifecycle},
 		"admin.vm.property.Get": {arg: rule(rpc.Required), payload: rule(rpc.Forbidden), dest: dest(rpc.AnyDest), service: rpc.Properties},
+		"admin.backup.Info":     {arg: rule(rpc.Required), payload: rule(rpc.Forbidden), dest: dest(rpc.AdminVMDest), service: rpc.Backup},
+		"admin.backup.Execute":  {arg: rule(rpc.Required), payload: rule(rpc.Forbidden), dest: dest(rpc.AdminVMDest), service: rpc.Backup},
+		"admin.backup.Cancel":   {arg: rule(rpc.Required), payload: rule(rpc.Forbidden), dest: dest(rpc.AdminVMDest), service: rpc.Backup},
 	}
 	for name, c := range cases {
 		m, ok := Registry.Lookup(name)

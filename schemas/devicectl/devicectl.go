@@ -28,8 +28,9 @@ const ServiceToken = string(rpc.Devices)
 // Operations, each on subject.Host.Service(ServiceToken, op); the body is a Request,
 // the answer a Reply.
 const (
-	// OpPrepareStart checks that every required assignment of a qube about to start
-	// has a device (qubesd's check after domain-pre-start): the error is the Start's.
+	// OpPrepareStart checks the devices of a qube about to start as qubesd does
+	// around domain-pre-start (each assigned PCI device exists, every required
+	// assignment has a device): the error is the Start's.
 	OpPrepareStart = "prepare-start"
 	// OpAttachRequired attaches the required devices to the qube's created, still
 	// paused domain (in qubesd they are part of the domain's definition: no event).
@@ -41,20 +42,34 @@ type Request struct {
 	VM string `json:"vm"`
 }
 
-// Reply is empty on success; a Qubes exception travels as its class and message,
-// any other failure as Error.
+// Reply is empty on success; a Qubes exception travels as its class and message, a
+// hypervisor error as Hypervisor, any other failure as Error.
 type Reply struct {
-	Class   string `json:"class,omitempty"`
-	Message string `json:"message,omitempty"`
-	Error   string `json:"error,omitempty"`
+	Class      string `json:"class,omitempty"`
+	Message    string `json:"message,omitempty"`
+	Hypervisor string `json:"hypervisor,omitempty"`
+	Error      string `json:"error,omitempty"`
 }
+
+// HypervisorError is a libvirt error that qubesd's device code leaves unhandled during
+// a start (a PCI device assigned to the qube that the host does not have): it
+// reaches admin.vm.Start's handler, which answers QubesException "Start failed:
+// <Msg>, see …", while domain-start-failed carries Msg alone.
+type HypervisorError struct {
+	Msg string
+}
+
+func (e *HypervisorError) Error() string { return e.Msg }
 
 // ReplyOf is the reply that carries err.
 func ReplyOf(err error) Reply {
 	var qe *qerr.Error
+	var he *HypervisorError
 	switch {
 	case err == nil:
 		return Reply{}
+	case errors.As(err, &he):
+		return Reply{Hypervisor: he.Msg}
 	case errors.As(err, &qe):
 		return Reply{Class: qe.Class, Message: qe.Message}
 	default:
@@ -62,11 +77,14 @@ func ReplyOf(err error) Reply {
 	}
 }
 
-// Err is the error a reply carries: a *qerr.Error for a Qubes exception.
+// Err is the error a reply carries: a *qerr.Error for a Qubes exception, a
+// *HypervisorError for a hypervisor error.
 func (r Reply) Err() error {
 	switch {
 	case r.Class != "":
 		return qerr.FromWire(r.Class, r.Message)
+	case r.Hypervisor != "":
+		return &HypervisorError{Msg: r.Hypervisor}
 	case r.Error != "":
 		return errors.New(r.Error)
 	}
@@ -102,8 +120,9 @@ func (c Client) call(ctx context.Context, op, vm string) error {
 	}
 	if err := rep.Err(); err != nil {
 		var qe *qerr.Error
-		if errors.As(err, &qe) {
-			return qe
+		var he *HypervisorError
+		if errors.As(err, &qe) || errors.As(err, &he) {
+			return err
 		}
 		return fmt.Errorf("devices %s: %w", op, err)
 	}

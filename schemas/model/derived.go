@@ -2,6 +2,7 @@ package model
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -30,7 +31,7 @@ func HasTag(d *config.Domain, tag string) bool {
 
 // Template returns the qube's template, or nil (no template property or none set).
 func (m *Model) Template(d *config.Domain) *config.Domain {
-	if d == nil || !HasProperty(d.Class, "template") {
+	if d == nil {
 		return nil
 	}
 	return m.Ref(Holder{D: d}, "template")
@@ -38,7 +39,7 @@ func (m *Model) Template(d *config.Domain) *config.Domain {
 
 // NetVM returns the qube's effective netvm, or nil.
 func (m *Model) NetVM(d *config.Domain) *config.Domain {
-	if d == nil || !HasProperty(d.Class, "netvm") {
+	if d == nil {
 		return nil
 	}
 	return m.Ref(Holder{D: d}, "netvm")
@@ -51,18 +52,21 @@ func (m *Model) CheckFeature(d *config.Domain, name string, template, netvm, adm
 	if v, ok := Feature(d, name); ok {
 		return v, true
 	}
-	seen := map[*config.Domain]bool{d: true}
+	// Chains are short: a slice on the stack, not a map per call (GetAll checks
+	// features for several defaults).
+	var buf [8]*config.Domain
+	seen := append(buf[:0], d)
 	if template {
-		for t := m.Template(d); t != nil && !seen[t]; t = m.Template(t) {
-			seen[t] = true
+		for t := m.Template(d); t != nil && !slices.Contains(seen, t); t = m.Template(t) {
+			seen = append(seen, t)
 			if v, ok := Feature(t, name); ok {
 				return v, true
 			}
 		}
 	}
 	if netvm {
-		for n := m.NetVM(d); n != nil && !seen[n]; n = m.NetVM(n) {
-			seen[n] = true
+		for n := m.NetVM(d); n != nil && !slices.Contains(seen, n); n = m.NetVM(n) {
+			seen = append(seen, n)
 			if v, ok := Feature(n, name); ok {
 				return v, true
 			}

@@ -125,12 +125,19 @@ func (m *Replica) View(f func(c *config.Config)) {
 // ViewIndexed is View with the replica's name index: byName finds a qube in constant
 // time, so a read of one qube does not cost more with more qubes.
 func (m *Replica) ViewIndexed(f func(c *config.Config, byName func(string) *config.Domain)) {
+	m.ViewIndexedAt(func(_ uint64, c *config.Config, byName func(string) *config.Domain) { f(c, byName) })
+}
+
+// ViewIndexedAt is ViewIndexed that also gives the revision the configuration is at.
+func (m *Replica) ViewIndexedAt(f func(rev uint64, c *config.Config, byName func(string) *config.Domain)) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	f(m.x.Config(), func(name string) *config.Domain {
-		d, _ := m.x.ByName(name)
-		return d
-	})
+	f(m.rev, m.x.Config(), m.byName)
+}
+
+func (m *Replica) byName(name string) *config.Domain {
+	d, _ := m.x.ByName(name)
+	return d
 }
 
 // Apply applies an accepted change of revision rev. Changes arrive in revision order;

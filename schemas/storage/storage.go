@@ -41,8 +41,12 @@ const (
 	// the configuration, from the <volume-config> it had; failures are logged, as
 	// qubesd logs them, and the reply is OK.
 	OpRemove = "remove"
-	// OpPrepare prepares the volumes of a qube about to start (Storage.verify and
-	// Storage.start); on failure the volumes it prepared are as before.
+	// OpVerify checks the volumes of a qube about to start (Storage.verify, right
+	// after the device check and before its netvm starts): a missing image is the
+	// start's error. It changes nothing.
+	OpVerify = "verify"
+	// OpPrepare prepares the volumes of a qube about to start (Storage.start); on
+	// failure the volumes it prepared are as before.
 	OpPrepare = "prepare"
 	// OpStop stops the volumes of a qube whose start failed after OpPrepare (the
 	// domain could not be created), as qubesd's start calls Storage.stop then: a
@@ -144,6 +148,11 @@ func (c Client) RemoveVolumes(ctx context.Context, qube, volumeConfig string, re
 	return c.call(ctx, OpRemove, VolumesRequest{Qube: qube, VolumeConfig: volumeConfig, Revision: rev})
 }
 
+// VerifyStart checks a qube's volumes before its start.
+func (c Client) VerifyStart(ctx context.Context, qube string) error {
+	return c.call(ctx, OpVerify, VolumesRequest{Qube: qube})
+}
+
 // PrepareStart prepares a qube's volumes for its start.
 func (c Client) PrepareStart(ctx context.Context, qube string) error {
 	return c.call(ctx, OpPrepare, VolumesRequest{Qube: qube})
@@ -203,4 +212,81 @@ func (c LabClient) SetFaults(ctx context.Context, pool string, spec LabFaultSpec
 		return fmt.Errorf("storage lab faults: %s", rep.Error)
 	}
 	return nil
+}
+
+// Operations a backup reads volumes with (qubesd's Volume.export): OpExport answers an
+// ExportReply (the size and data regions of a volume's committed data, what a backup
+// stores), OpRead an ExportReply whose Data is one range of it. Both take an
+// ExportRequest. A running qube's save_on_stop volume exports its data from before
+// the start, as in qubesd. A volume whose data was never written (a fixture's qube,
+// or any volume of a simulated pool, which keeps no content) exports as holes only.
+const (
+	OpExport = "export"
+	OpRead   = "read"
+)
+
+// MaxRead bounds one OpRead (the reply stays well under NATS's default 1 MiB
+// payload limit once base64-encoded in JSON).
+const MaxRead = 256 << 10
+
+// ExportRequest names a volume of a qube; Offset and Length are OpRead's range.
+type ExportRequest struct {
+	Qube   string `json:"qube"`
+	Volume string `json:"volume"`
+	Offset int64  `json:"offset,omitempty"`
+	Length int64  `json:"length,omitempty"`
+}
+
+// Extent is a data region of a volume; the rest reads as zeros.
+type Extent struct {
+	Offset int64 `json:"offset"`
+	Length int64 `json:"length"`
+}
+
+// ExportReply answers OpExport (Size, Extents) and OpRead (Data).
+type ExportReply struct {
+	Reply
+	Size    int64    `json:"size,omitempty"`
+	Usage   int64    `json:"usage,omitempty"` // the pool's usage of the volume (qubesd's volume.usage)
+	Extents []Extent `json:"extents,omitempty"`
+	Data    []byte   `json:"data,omitempty"`
+}
+
+// ExportVolume returns the size, usage and data regions of a qube's volume.
+func (c Client) ExportVolume(ctx context.Context, qube, volume string) (ExportReply, error) {
+	return c.export(ctx, OpExport, ExportRequest{Qube: qube, Volume: volume})
+}
+
+// ReadVolume reads len(p) bytes (at most MaxRead) of a qube's volume at off.
+func (c Client) ReadVolume(ctx context.Context, qube, volume string, p []byte, off int64) (int, error) {
+	if len(p) > MaxRead {
+		p = p[:MaxRead]
+	}
+	rep, err := c.export(ctx, OpRead, ExportRequest{Qube: qube, Volume: volume, Offset: off, Length: int64(len(p))})
+	if err != nil {
+		return 0, err
+	}
+	return copy(p, rep.Data), nil
+}
+
+func (c Client) export(ctx context.Context, op string, req ExportRequest) (ExportReply, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	data, err := json.Marshal(req)
+	if err != nil {
+		return ExportReply{}, err
+	}
+	what := req.Qube + ":" + req.Volume
+	msg, err := bus.Request(ctx, c.NC, &nats.Msg{Subject: c.Host.Service(ServiceToken, op), Data: data}, requestWindow)
+	if err != nil {
+		return ExportReply{}, fmt.Errorf("%w: storage %s of %s: %w", qerr.ErrAbort, op, what, err)
+	}
+	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
+		return ExportReply{}, fmt.Errorf("%w: storage %s of %s: %s %s", qerr.ErrAbort, op, what, code, msg.Header.Get(micro.ErrorHeader))
+	}
+	var rep ExportReply
+	if err := json.Unmarshal(msg.Data, &rep); err != nil {
+		return ExportReply{}, fmt.Errorf("%w: storage %s of %s: %w", qerr.ErrAbort, op, what, err)
+	}
+	return rep, rep.Err()
 }

@@ -26,7 +26,7 @@ var (
 	// ErrProfileNotFound is QubesBackupProfileNotFoundError.
 	ErrProfileNotFound = errors.New("Backup profile does not exist")
 	ErrProfileInvalid  = errors.New("invalid backup profile")
-	// ErrProfileID is qubesd's enforce(): PermissionDenied.
+	// ErrProfileID is qubesd's enforce(): a ProtocolError.
 	ErrProfileID = errors.New("Backup profile ID must not contain forward slash character")
 )
 
@@ -56,8 +56,8 @@ func (e *ProfileError) Unwrap() error { return e.Err }
 // (destination_vm, destination_path, include) in its order; "$" in names is the old
 // spelling of "@".
 func LoadProfile(dir, id string) (*Profile, error) {
-	if strings.Contains(id, "/") {
-		return nil, ErrProfileID
+	if err := CheckID(id); err != nil {
+		return nil, err
 	}
 	data, err := os.ReadFile(filepath.Join(dir, id+".conf"))
 	if errors.Is(err, os.ErrNotExist) {
@@ -111,6 +111,14 @@ func LoadProfile(dir, id string) (*Profile, error) {
 		p.PassphraseVM = &s
 	}
 	return p, nil
+}
+
+// CheckID is qubesd's check of a profile id, before anything else: no "/".
+func CheckID(id string) error {
+	if strings.Contains(id, "/") {
+		return ErrProfileID
+	}
+	return nil
 }
 
 func scalar(v any) string {

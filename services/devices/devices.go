@@ -178,6 +178,30 @@ func (s *Service) target(arg, class string) (device.Assignment, error) {
 	return a, nil
 }
 
+// lookupPCI is the rest of qubesd's load_device_info for Assign and Attach: an
+// argument naming both a PCI port and an identity makes it read the identity of the
+// device at that port from libvirt, which fails for a port the host does not have.
+// qubesd leaves that libvirtError unhandled (the connection closes with no answer);
+// here it is answered as QubesException with libvirt's text, as a start shows it, so
+// the tool says why. qubesd's Unassign and Detach make the same lookup and abort
+// too; here they do not, so an assignment of a device that is gone can be removed.
+func (s *Service) lookupPCI(ctx context.Context, dev device.Assignment) error {
+	if dev.Class != "pci" || dev.DeviceID == device.Any {
+		return nil
+	}
+	if !pciRootPort.MatchString(dev.Port.ID) {
+		return nil
+	}
+	inv, err := s.inventory(ctx)
+	if err != nil {
+		return err
+	}
+	if msg, ok := missingPCI(inv, dev); ok {
+		return qerr.QubesException(msg)
+	}
+	return nil
+}
+
 func (s *Service) exists(vm string) bool {
 	found := false
 	_ = s.view(nil, func(m *model.Model) error {
@@ -219,6 +243,9 @@ func (s *Service) assign(class string) rpc.Handler {
 	return func(ctx context.Context, c *rpc.Call) ([]byte, error) {
 		dev, err := s.target(c.Arg, class)
 		if err != nil {
+			return nil, err
+		}
+		if err := s.lookupPCI(ctx, dev); err != nil {
 			return nil, err
 		}
 		a, err := s.parsePayload(c.Payload, dev)
@@ -321,6 +348,9 @@ func (s *Service) attach(class string) rpc.Handler {
 		if err != nil {
 			return nil, err
 		}
+		if err := s.lookupPCI(ctx, dev); err != nil {
+			return nil, err
+		}
 		a, err := s.parsePayload(c.Payload, dev)
 		if err != nil {
 			return nil, err
@@ -350,6 +380,11 @@ func (s *Service) attach(class string) rpc.Handler {
 		inv, err := s.inventory(ctx)
 		if err != nil {
 			return nil, err
+		}
+		// qubesd's attach reads the device's identity (assignment.device), which
+		// fails for a PCI port the host does not have (see lookupPCI).
+		if msg, ok := missingPCI(inv, a); ok {
+			return nil, qerr.QubesException(msg)
 		}
 		var found []device.Info
 		for _, d := range inv.Devices {
@@ -386,13 +421,19 @@ func (s *Service) attach(class string) rpc.Handler {
 			return nil, err
 		}
 		at := hostdev.Attachment{Port: info.Port, Frontend: c.Dest.Name, Options: opts}
-		if err := s.hv.Attach(ctx, at); err != nil {
-			if errors.Is(err, hostdev.ErrAttached) {
+		var hverr error
+		if err := s.changeFront(ctx, info.Port, c.Dest.Name, func() error {
+			hverr = s.hv.Attach(ctx, at)
+			return hverr
+		}); err != nil {
+			if errors.Is(hverr, hostdev.ErrAttached) {
 				return nil, qerr.DeviceAlreadyAttached(fmt.Sprintf("Device %s already attached to %s", info, info.Attachment))
 			}
-			return nil, fmt.Errorf("%w: attach: %w", qerr.ErrAbort, err)
+			if hverr != nil {
+				return nil, fmt.Errorf("%w: attach: %w", qerr.ErrAbort, hverr)
+			}
+			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
-		s.watch.setFront(info.Port, c.Dest.Name)
 		return nil, s.publish(ctx, deviceEvent(c.Dest.Name, "device-attach:"+class, info.String(), opts))
 	}
 }
@@ -527,10 +568,14 @@ func (s *Service) detach(class string) rpc.Handler {
 		if err := s.publish(ctx, cloudevent.New(c.Dest.Name, "device-pre-detach:"+class, "port", port)); err != nil {
 			return nil, err
 		}
-		if err := s.hv.Detach(ctx, hostdev.Attachment{Port: found.Port, Frontend: c.Dest.Name}); err != nil && !errors.Is(err, hostdev.ErrNotAttached) {
-			return nil, fmt.Errorf("%w: detach: %w", qerr.ErrAbort, err)
+		if err := s.changeFront(ctx, found.Port, "", func() error {
+			if err := s.hv.Detach(ctx, hostdev.Attachment{Port: found.Port, Frontend: c.Dest.Name}); err != nil && !errors.Is(err, hostdev.ErrNotAttached) {
+				return fmt.Errorf("detach: %w", err)
+			}
+			return nil
+		}); err != nil {
+			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
-		s.watch.setFront(found.Port, "")
 		return nil, s.publish(ctx, cloudevent.New(c.Dest.Name, "device-detach:"+class, "port", port))
 	}
 }

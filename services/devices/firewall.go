@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -55,6 +56,9 @@ type firewallTable struct {
 	kv   jetstream.KeyValue
 	host subject.Host
 	log  *slog.Logger
+	// mu serialises the writers of the tables, each reading the rules it writes
+	// under it, so a table never ends with rules older than the last written.
+	mu sync.Mutex
 }
 
 func newFirewallTable(kv jetstream.KeyValue, host subject.Host, log *slog.Logger) *firewallTable {
@@ -71,19 +75,53 @@ func FirewallKey(host, netvm, ip, entry string) string {
 	return k
 }
 
+// keysUnder lists the keys that begin with prefix. A NATS wildcard matches whole
+// '.'-separated tokens only, and these keys hold '.' inside their parts (an IPv4
+// address, a qube's name) but '/' between them: so the filter is the prefix's
+// complete tokens followed by '>' (the whole bucket when it has none, as at a
+// netvm's start) and the keys are then compared as strings.
+func (t *firewallTable) keysUnder(ctx context.Context, prefix string) ([]string, error) {
+	filter := ">"
+	if i := strings.LastIndexByte(prefix, '.'); i >= 0 {
+		filter = prefix[:i] + ".>"
+	}
+	lister, err := t.kv.ListKeysFiltered(ctx, filter)
+	if errors.Is(err, jetstream.ErrNoKeysFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", filter, err)
+	}
+	var keys []string
+	for k := range lister.Keys() {
+		if strings.HasPrefix(k, prefix) {
+			keys = append(keys, k)
+		}
+	}
+	return keys, nil
+}
+
+// purgeUnder removes every key that begins with prefix.
+func (t *firewallTable) purgeUnder(ctx context.Context, prefix string) error {
+	keys, err := t.keysUnder(ctx, prefix)
+	if err != nil {
+		return err
+	}
+	for _, k := range keys {
+		if err := t.kv.Purge(ctx, k); err != nil {
+			return fmt.Errorf("purge %s: %w", k, err)
+		}
+	}
+	return nil
+}
+
 // publish replaces a qube's entries in its netvm's table, as qubesd's
-// reload_firewall_for_vm does: old entries removed, new ones written, then the
-// completion key.
+// reload_firewall_for_vm does: old entries removed (not the completion key, whose
+// write tells the agent to reload), new ones written, then the completion key.
 func (t *firewallTable) publish(ctx context.Context, netvm, ip string, family int, rules []firewall.Rule, now time.Time) error {
 	prefix := FirewallKey(t.host.ID(), netvm, ip, "")
-	if lister, err := t.kv.ListKeysFiltered(ctx, prefix+"/>"); err == nil {
-		for k := range lister.Keys() {
-			if err := t.kv.Purge(ctx, k); err != nil {
-				return fmt.Errorf("purge %s: %w", k, err)
-			}
-		}
-	} else if !errors.Is(err, jetstream.ErrNoKeysFound) {
-		return fmt.Errorf("list %s: %w", prefix, err)
+	if err := t.purgeUnder(ctx, prefix+"/"); err != nil {
+		return err
 	}
 	for k, v := range firewall.QubesDB(rules, family, now) {
 		if _, err := t.kv.PutString(ctx, prefix+"/"+k, v); err != nil {
@@ -94,6 +132,12 @@ func (t *firewallTable) publish(ctx context.Context, netvm, ip string, family in
 		return fmt.Errorf("put %s: %w", prefix, err)
 	}
 	return nil
+}
+
+// clear removes every entry of a netvm's table: a netvm that starts has a new
+// QubesDB, holding only what dom0 writes into it then.
+func (t *firewallTable) clear(ctx context.Context, netvm string) error {
+	return t.purgeUnder(ctx, t.host.ID()+"/"+netvm+"/qubes-firewall/")
 }
 
 // rulesOf returns a qube's rules: its firewall.xml, or qubesd's defaults without one.
@@ -197,58 +241,142 @@ func (s *Service) firewallChanged(ctx context.Context, vm string, rules []firewa
 	return s.publishFirewallRules(ctx, vm, rules)
 }
 
+// fwTarget is one table entry set a qube's rules go to: its netvm, one of its
+// addresses and that address's family.
+type fwTarget struct {
+	netvm, ip string
+	family    int
+}
+
+// firewallTargets is where vm's rules go, as qubesd's reload_firewall_for_vm
+// writes them: nowhere unless vm and its netvm run, else under each address vm has.
+func firewallTargets(m *model.Model, vm string) []fwTarget {
+	h, err := m.Holder(vm)
+	if err != nil || m.PowerState(vm) != "Running" {
+		return nil
+	}
+	netvm := m.Ref(h, "netvm")
+	if netvm == nil || m.PowerState(netvm.Name()) != "Running" {
+		return nil
+	}
+	var out []fwTarget
+	for _, fam := range []int{4, 6} {
+		prop := map[int]string{4: "ip", 6: "ip6"}[fam]
+		if v, ok := m.Value(h, prop); ok && v.Text != "" {
+			out = append(out, fwTarget{netvm.Name(), v.Text, fam})
+		}
+	}
+	return out
+}
+
+// clientRules is a qube's rules and where they go.
+type clientRules struct {
+	vm      string
+	rules   []firewall.Rule
+	targets []fwTarget
+}
+
 // publishFirewallOf writes a qube's current rules in its netvm's table, as qubesd
 // does when the qube starts (no event).
 func (s *Service) publishFirewallOf(ctx context.Context, vm string) error {
-	var rules []firewall.Rule
-	err := s.view(nil, func(m *model.Model) error {
-		d := m.Domain(vm)
-		if d == nil {
-			return nil
-		}
-		var err error
-		rules, err = rulesOf(d)
-		return err
-	})
-	if err != nil || rules == nil {
-		return err
-	}
-	return s.publishFirewallRules(ctx, vm, rules)
-}
-
-// publishFirewallRules writes rules in the table of the netvm of vm if vm runs.
-func (s *Service) publishFirewallRules(ctx context.Context, vm string, rules []firewall.Rule) error {
+	s.fw.mu.Lock()
+	defer s.fw.mu.Unlock()
 	rt, err := s.runtime(ctx)
 	if err != nil {
 		return err
 	}
-	type target struct {
-		netvm, ip string
-		family    int
+	var c clientRules
+	err = s.view(rt, func(m *model.Model) error {
+		d := m.Domain(vm)
+		if d == nil {
+			return nil
+		}
+		if c.targets = firewallTargets(m, vm); len(c.targets) == 0 {
+			return nil
+		}
+		rules, err := rulesOf(d)
+		c.rules = rules
+		return err
+	})
+	if err != nil {
+		return err
 	}
-	var targets []target
+	s.writeRules(ctx, vm, c.rules, c.targets)
+	return nil
+}
+
+// publishFirewallRules writes rules, just saved, in the table of the netvm of vm.
+func (s *Service) publishFirewallRules(ctx context.Context, vm string, rules []firewall.Rule) error {
+	s.fw.mu.Lock()
+	defer s.fw.mu.Unlock()
+	rt, err := s.runtime(ctx)
+	if err != nil {
+		return err
+	}
+	var targets []fwTarget
 	_ = s.view(rt, func(m *model.Model) error {
-		h, err := m.Holder(vm)
-		if err != nil || m.PowerState(vm) != "Running" {
+		targets = firewallTargets(m, vm)
+		return nil
+	})
+	s.writeRules(ctx, vm, rules, targets)
+	return nil
+}
+
+// reloadNetvmTable fills the table of a netvm that just started with the rules of
+// every running qube connected to it, as qubesd's domain-qdb-create handler of a
+// qube that provides network does (reload_firewall_for_vm for each running
+// connected_vms): the table starts empty, as the netvm's new QubesDB, so rules left
+// from its last run, or lost meanwhile, are replaced.
+func (s *Service) reloadNetvmTable(ctx context.Context, netvm string) error {
+	s.fw.mu.Lock()
+	defer s.fw.mu.Unlock()
+	rt, err := s.runtime(ctx)
+	if err != nil {
+		return err
+	}
+	provides := false
+	var clients []clientRules
+	_ = s.view(rt, func(m *model.Model) error {
+		h, err := m.Holder(netvm)
+		if err != nil || !m.Bool(h, "provides_network") {
 			return nil
 		}
-		netvm := m.Ref(h, "netvm")
-		if netvm == nil {
-			return nil
-		}
-		for fam, prop := range map[int]string{4: "ip", 6: "ip6"} {
-			if v, ok := m.Value(h, prop); ok && v.Text != "" {
-				targets = append(targets, target{netvm.Name(), v.Text, fam})
+		provides = true
+		for i := range m.C.Domains {
+			d := &m.C.Domains[i]
+			targets := firewallTargets(m, d.Name())
+			if len(targets) == 0 || targets[0].netvm != netvm {
+				continue
 			}
+			rules, err := rulesOf(d)
+			if err != nil {
+				s.log.Error("firewall rules of a client", "vm", d.Name(), "netvm", netvm, "err", err)
+				continue
+			}
+			clients = append(clients, clientRules{d.Name(), rules, targets})
 		}
 		return nil
 	})
+	if !provides {
+		return nil
+	}
+	if err := s.fw.clear(ctx, netvm); err != nil {
+		return fmt.Errorf("clear the firewall table of %s: %w", netvm, err)
+	}
+	for _, c := range clients {
+		s.writeRules(ctx, c.vm, c.rules, c.targets)
+	}
+	return nil
+}
+
+// writeRules writes rules at each target; the caller holds s.fw.mu. A failed write
+// is logged: the rules are saved, the table is refreshed at the next change.
+func (s *Service) writeRules(ctx context.Context, vm string, rules []firewall.Rule, targets []fwTarget) {
 	for _, t := range targets {
 		if err := s.fw.publish(ctx, t.netvm, t.ip, t.family, rules, s.cfg.Now()); err != nil {
 			s.log.Error("publish firewall rules", "vm", vm, "netvm", t.netvm, "err", err)
 		}
 	}
-	return nil
 }
 
 // firewallReload fires firewall-changed (and reloads the netvm's table).

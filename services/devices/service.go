@@ -70,7 +70,8 @@ type Config struct {
 	// Lifecycle and Hypervisor default to the clients over Serve's connection.
 	Lifecycle  Lifecycle
 	Hypervisor Hypervisor
-	// Replicas of the firewall bucket when this instance creates it.
+	// Replicas of the firewall and device-record buckets when this instance creates
+	// them.
 	Replicas int
 	// Replica, if set, is a follower of the host's configuration that this process
 	// already runs (one per host, shared by the services of `qubesbus run` and a
@@ -84,6 +85,9 @@ type Config struct {
 	// or automatic attachments on power events and hot-plugs. For hosts without a
 	// hypervisor that reports devices.
 	NoWatch bool
+	// Events stores the service's events (nil: QUBES_EVENTS over Serve's
+	// connection); `qubesbus run` passes one that counts them for its metrics.
+	Events Events
 }
 
 // Validate reports every problem at once.
@@ -103,13 +107,20 @@ type Service struct {
 	cfg Config
 	log *slog.Logger
 	// Set by Serve:
-	rep    *replica.Replica
-	store  Store
-	events Events
-	life   Lifecycle
-	hv     Hypervisor
-	fw     *firewallTable
-	watch  *watch
+	rep     *replica.Replica
+	store   Store
+	events  Events
+	life    Lifecycle
+	hv      Hypervisor
+	fw      *firewallTable
+	records *records // the device watch's records (record.go)
+	// afterTrigger, when set (by tests, before Serve), is told each input the watch
+	// has handled, after its events are stored.
+	afterTrigger func(kind, vm string)
+	// watchStopped is closed once the device watch has stopped after ctx ended (at
+	// once when it does not run): a process that stops waits for it before it closes
+	// its connection, so that the inputs the watch took are handled.
+	watchStopped chan struct{}
 
 	// wmu serialises the changes of this instance (qubesd's single event loop);
 	// several instances stay consistent through revision-checked mutations.
@@ -136,7 +147,7 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Service{cfg: cfg, log: cfg.Log}, nil
+	return &Service{cfg: cfg, log: cfg.Log, watchStopped: make(chan struct{})}, nil
 }
 
 // Serve follows the host's configuration, opens the firewall bucket and starts the
@@ -160,9 +171,16 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if err != nil {
 		return nil, err
 	}
+	recs, err := OpenDevicesBucket(ctx, js, s.cfg.Replicas)
+	if err != nil {
+		return nil, err
+	}
 	s.rep = rep
 	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
-	s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	s.events = s.cfg.Events
+	if s.events == nil {
+		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	}
 	s.life = s.cfg.Lifecycle
 	if s.life == nil {
 		s.life = lifecycle.Client{NC: nc, Host: s.cfg.Host}
@@ -172,7 +190,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		s.hv = hostdev.Client{NC: nc, Host: s.cfg.Host}
 	}
 	s.fw = newFirewallTable(kv, s.cfg.Host, s.log)
-	s.watch = newWatch()
+	s.records = newRecords(recs, s.cfg.Host)
 	mux := rpc.NewMux(s.cfg.Registry, rpc.Devices, rep, s.log)
 	mux.Auth = s.cfg.Auth
 	s.handlers(mux)
@@ -185,8 +203,10 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		return nil, err
 	}
 	if s.cfg.NoWatch {
+		close(s.watchStopped)
 		s.log.Info("device watch off")
 	} else if err := s.startWatch(ctx, nc, js); err != nil {
+		close(s.watchStopped)
 		_ = svc.Stop()
 		return nil, fmt.Errorf("device watch: %w", err)
 	}

@@ -99,12 +99,28 @@ func (f *fakeHypervisor) Detach(_ context.Context, a hostdev.Attachment) error {
 
 type harness struct {
 	*testhost.Host
-	t     testing.TB
-	seq   uint64
-	life  *fakeLifecycle
-	hv    *fakeHypervisor
-	clock atomic.Int64
-	js    jetstream.JetStream
+	t        testing.TB
+	seq      uint64
+	barriers int // markers sent by barrier (watch_test.go)
+	life     *fakeLifecycle
+	hv       *fakeHypervisor
+	clock    atomic.Int64
+	js       jetstream.JetStream
+
+	// The devices instances serving the host, and which instance handled each
+	// barrier marker (watch_test.go).
+	mu        sync.Mutex
+	instances []*instance
+	markedBy  map[string]int // marker backend → instance
+	marked    chan struct{}  // a marker was handled
+}
+
+// instance is one devices service of the harness.
+type instance struct {
+	id     int
+	cancel context.CancelFunc
+	stop   func()
+	closed bool
 }
 
 func newHarness(t *testing.T) *harness {
@@ -115,30 +131,93 @@ func newHarness(t *testing.T) *harness {
 // newHarnessOn serves devices on a host seeded from a qubes.xml.
 func newHarnessOn(t testing.TB, seed string) *harness {
 	t.Helper()
+	return newHarnessN(t, seed, 1)
+}
+
+// newHarnessN serves n devices instances on one host seeded from a qubes.xml.
+func newHarnessN(t testing.TB, seed string, n int) *harness {
+	t.Helper()
 	x := testhost.Start(t, seed)
 	h := &harness{Host: x, t: t, life: &fakeLifecycle{}, hv: &fakeHypervisor{devices: []device.Info{
 		{Port: device.Port{Backend: "dom0", ID: "00_14.3", Class: "pci"}, DeviceID: "0x8086:0x51f0::p028000",
 			Vendor: "Intel Corporation", Product: "WiFi", Interfaces: "p028000", Data: []device.KV{{Key: "sbdf", Value: "0000:00:14.3"}}},
 		{Port: device.Port{Backend: "sys-net", ID: "sda", Class: "block"}, DeviceID: ":None", Name: "DT-USB",
 			Serial: "Kingston DataTraveler 3.0", Manufacturer: "hosted by sys-net", Interfaces: "b******"},
-	}}}
+	}}, markedBy: map[string]int{}, marked: make(chan struct{}, 1)}
 	h.clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).Unix())
-	nc := x.Connect()
-	s, err := New(Config{Host: x.Subjects, Lifecycle: h.life, Hypervisor: h.hv,
-		Now: func() time.Time { return time.Unix(h.clock.Load(), 0) }})
-	if err != nil {
-		t.Fatal(err)
+	for range n {
+		h.serve()
 	}
-	ms, err := s.Serve(x.Ctx, nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ms.Stop() })
-	if h.js, err = jetstream.New(nc); err != nil {
+	var err error
+	if h.js, err = jetstream.New(h.NC); err != nil {
 		t.Fatal(err)
 	}
 	h.events() // skip what start-up stored
 	return h
+}
+
+// serve starts one more devices instance on a connection of its own.
+func (h *harness) serve() *instance {
+	h.t.Helper()
+	h.mu.Lock()
+	in := &instance{id: len(h.instances)}
+	h.instances = append(h.instances, in)
+	h.mu.Unlock()
+	nc := h.Connect()
+	s, err := New(Config{Host: h.Subjects, Lifecycle: h.life, Hypervisor: h.hv,
+		Now: func() time.Time { return time.Unix(h.clock.Load(), 0) }})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	s.afterTrigger = func(_, vm string) {
+		if !strings.HasPrefix(vm, barrierPrefix) {
+			return
+		}
+		h.mu.Lock()
+		h.markedBy[vm] = in.id
+		h.mu.Unlock()
+		select {
+		case h.marked <- struct{}{}:
+		default:
+		}
+	}
+	ctx, cancel := context.WithCancel(h.Ctx)
+	ms, err := s.Serve(ctx, nc)
+	if err != nil {
+		cancel()
+		h.t.Fatal(err)
+	}
+	in.cancel = cancel
+	in.stop = func() {
+		cancel()
+		<-s.watchStopped
+		_ = ms.Stop()
+		nc.Close()
+	}
+	h.t.Cleanup(func() { cancel(); _ = ms.Stop() })
+	return in
+}
+
+// kill stops an instance as a process that is told to stop: its context ends, its
+// watch finishes what it took, its endpoints stop and its connection closes.
+func (h *harness) kill(in *instance) {
+	h.mu.Lock()
+	in.closed = true
+	h.mu.Unlock()
+	in.stop()
+}
+
+// live is the instances that run.
+func (h *harness) live() []int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []int
+	for _, in := range h.instances {
+		if !in.closed {
+			out = append(out, in.id)
+		}
+	}
+	return out
 }
 
 func (h *harness) call(method, dest, arg, payload string) string {
@@ -192,6 +271,7 @@ func TestFirewall(t *testing.T) {
 func TestFirewallPublishedForNetvm(t *testing.T) {
 	h := newHarness(t)
 	h.life.set("work", "Running")
+	h.life.set("sys-firewall", "Running")
 	h.expect("admin.vm.firewall.Set", "work", "", "action=accept specialtarget=dns\naction=drop dst6=fd00::/8\naction=drop\n", "0:",
 		"work|firewall-changed|")
 	kv, err := h.js.KeyValue(h.Ctx, FirewallBucket)
@@ -211,6 +291,14 @@ func TestFirewallPublishedForNetvm(t *testing.T) {
 	}
 	if _, err := kv.Get(h.Ctx, FirewallKey(h.Subjects.ID(), "sys-firewall", "10.137.0.5", "0001")); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Errorf("the IPv6 rule is in the IPv4 table: %v", err)
+	}
+	// Fewer rules: the entries beyond them go (the old entries are removed first).
+	h.expect("admin.vm.firewall.Set", "work", "", "action=accept\n", "0:", "work|firewall-changed|")
+	if e, err := kv.Get(h.Ctx, FirewallKey(h.Subjects.ID(), "sys-firewall", "10.137.0.5", "0000")); err != nil || string(e.Value()) != "action=accept" {
+		t.Errorf("entry 0000 after the second set: %v", err)
+	}
+	if _, err := kv.Get(h.Ctx, FirewallKey(h.Subjects.ID(), "sys-firewall", "10.137.0.5", "0002")); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Errorf("entry 0002 left from the old rules: %v", err)
 	}
 }
 

@@ -5,14 +5,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
-	"sync"
+	"strconv"
+	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/device"
 	"github.com/qubesbus/qubesbus/schemas/hostdev"
 	"github.com/qubesbus/qubesbus/schemas/model"
@@ -36,32 +41,95 @@ import (
 // Only block devices are watched, as in qubesd: its PCI extension watches nothing
 // (PCI devices are dom0's, which never stops, and a PCI hot-plug fires no event).
 //
-// The cache lives in this instance; every instance watches, so run one devices
-// instance per host (as `qubesbus run` does) or its events are fired once per instance.
+// The cache is each backend's record in the DevicesBucket (record.go), shared by the
+// host's devices instances, and each input reaches one of them: the power events
+// through a durable consumer they share (one event at a time, in order), the
+// hypervisor's device notices through a queue subscription. An instance changes a
+// record by compare-and-set and publishes the events of a change only once its
+// write succeeded; one that loses the race reads the record again and finds nothing
+// left to announce. So every event is fired once, whichever instance handles it.
+// Limits: an instance killed between its write and its publish loses that change's
+// events (at most once, never twice); and the records outlive the instances, so a
+// host whose hypervisor starts afresh under an old bucket starts from stale records.
 const watchedClass = "block"
 
-// watch is the device cache and what drives it.
-type watch struct {
-	mu sync.Mutex
-	// cache is backend → port id → frontend ("" when not attached).
-	cache map[string]map[string]string
-}
+// powerConsumer is the durable consumer of a host's devices instances.
+func powerConsumer(h subject.Host) string { return "devices-power-" + h.ID() }
 
-func newWatch() *watch { return &watch{cache: map[string]map[string]string{}} }
+// watchQueue is the queue group of the devices instances' hot-plug subscription.
+const watchQueue = "qubesbus-devices-watch"
+
+// powerAckWait is how long a power event handled by an instance that died stays
+// with it before another instance gets it.
+const powerAckWait = 30 * time.Second
 
 // setFront records where a block device is attached now (Attach and Detach call it,
 // as qubesd's pre-attach and pre-detach handlers update the cache).
-func (w *watch) setFront(p device.Port, front string) {
+func (s *Service) setFront(ctx context.Context, p device.Port, front string) error {
 	if p.Class != watchedClass {
-		return
+		return nil
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if ports := w.cache[p.Backend]; ports != nil {
-		if _, ok := ports[p.ID]; ok {
-			ports[p.ID] = front
+	return s.records.modify(ctx, p.Backend, func(ports map[string]string) map[string]string {
+		if _, ok := ports[p.ID]; !ok {
+			return nil
 		}
+		ports[p.ID] = front
+		return ports
+	})
+}
+
+// pendingFor is how long a port stays marked as being attached or detached by an
+// instance (changeFront): longer than an attach takes, so a rescan does not announce
+// it; a mark left by an instance that died meanwhile stops counting after it.
+const pendingFor = time.Minute
+
+// A record's value for a port whose attachment an instance is changing: the frontend
+// before the change, then the time of the mark. The hypervisor shows the new state
+// before the record does, and a rescan by another instance in between must announce
+// neither the change (the instance changing it does, with its options) nor a revert.
+const pendingSep = "\x00pending\x00"
+
+func pendingValue(prev string, now time.Time) string {
+	return prev + pendingSep + strconv.FormatInt(now.UnixNano(), 10)
+}
+
+// frontOf is the frontend a record's value stands for (a mark: the one before the
+// change), and whether the value is a mark that still holds.
+func frontOf(v string, now time.Time) (front string, pending bool) {
+	prev, ts, ok := strings.Cut(v, pendingSep)
+	if !ok {
+		return v, false
 	}
+	n, err := strconv.ParseInt(ts, 10, 64)
+	return prev, err == nil && now.Sub(time.Unix(0, n)) < pendingFor
+}
+
+// changeFront attaches or detaches a block device (do) with the port marked in its
+// backend's record meanwhile, then records the frontend it has after: to, or the one
+// before if do fails.
+func (s *Service) changeFront(ctx context.Context, p device.Port, to string, do func() error) error {
+	if p.Class != watchedClass {
+		return do()
+	}
+	var prev string
+	if err := s.records.modify(ctx, p.Backend, func(ports map[string]string) map[string]string {
+		v, ok := ports[p.ID]
+		if !ok {
+			return nil
+		}
+		prev, _ = frontOf(v, time.Now())
+		ports[p.ID] = pendingValue(prev, time.Now())
+		return ports
+	}); err != nil {
+		return err
+	}
+	if err := do(); err != nil {
+		if rerr := s.setFront(context.WithoutCancel(ctx), p, prev); rerr != nil {
+			s.log.Warn("clear a device's pending mark", "port", p.String(), "err", rerr)
+		}
+		return err
+	}
+	return s.setFront(ctx, p, to)
 }
 
 // current is what a backend exposes now: port id → frontend.
@@ -84,61 +152,81 @@ func sortedKeys(m map[string]string) []string {
 	return keys
 }
 
-// startWatch fills the cache from the hypervisor and follows the events and the
-// hypervisor's device changes until ctx ends. Events are handled one at a time, in
-// the order they arrive.
+// trigger is one input of the watch.
+type trigger struct {
+	kind string // "domain-start", "domain-shutdown", "change"
+	vm   string
+	msg  jetstream.Msg // the power event, acknowledged once handled (nil: a notice)
+}
+
+// startWatch records the backends the hypervisor shows that have no record yet and
+// follows the power events and the hypervisor's device changes until ctx ends. An
+// instance handles its inputs one at a time, in the order they arrive.
 func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.JetStream) error {
 	inv, err := s.hv.Devices(ctx)
 	if err != nil {
 		return fmt.Errorf("host devices: %w", err)
 	}
-	s.watch.mu.Lock()
+	seen := map[string]bool{}
 	for _, d := range inv.Devices {
-		if d.Class != watchedClass {
-			continue
+		if d.Class == watchedClass && !seen[d.Backend] {
+			seen[d.Backend] = true
+			if err := s.records.create(ctx, d.Backend, current(inv, d.Backend)); err != nil {
+				return err
+			}
 		}
-		if s.watch.cache[d.Backend] == nil {
-			s.watch.cache[d.Backend] = map[string]string{}
-		}
-		s.watch.cache[d.Backend][d.Port.ID] = d.Attachment
 	}
-	s.watch.mu.Unlock()
 
-	type trigger struct {
-		kind string // "domain-start", "domain-shutdown", "change"
-		vm   string
-	}
 	queue := make(chan trigger, 1024)
-	push := func(t trigger) {
+	stopped := make(chan struct{}) // closed when the loop below takes no more inputs
+	push := func(t trigger) bool {
+		select {
+		case <-stopped:
+			return false
+		default:
+		}
 		select {
 		case queue <- t:
-		case <-ctx.Done():
+			return true
+		case <-stopped:
+			return false
 		}
 	}
-	sub, err := nc.Subscribe(s.cfg.Host.HypervisorDevices(), func(m *nats.Msg) {
+	sub, err := nc.QueueSubscribe(s.cfg.Host.HypervisorDevices(), watchQueue, func(m *nats.Msg) {
 		var ch hostdev.Change
 		if json.Unmarshal(m.Data, &ch) == nil && ch.Backend != "" {
-			push(trigger{"change", ch.Backend})
+			push(trigger{kind: "change", vm: ch.Backend})
 		}
 	})
 	if err != nil {
 		return fmt.Errorf("subscribe to device changes: %w", err)
 	}
-	cons, err := js.OrderedConsumer(ctx, cloudevent.StreamName, jetstream.OrderedConsumerConfig{
+	cfg := jetstream.ConsumerConfig{
+		Durable:        powerConsumer(s.cfg.Host),
 		FilterSubjects: []string{s.cfg.Host.EventOfEveryVM("domain-start"), s.cfg.Host.EventOfEveryVM("domain-shutdown")},
 		DeliverPolicy:  jetstream.DeliverNewPolicy,
+		AckPolicy:      jetstream.AckExplicitPolicy,
+		MaxAckPending:  1, // one at a time, in order, across the instances
+		AckWait:        powerAckWait,
+	}
+	var cons jetstream.Consumer
+	err = bus.RetryJS(ctx, s.log, "consumer "+cfg.Durable, func(ctx context.Context) error {
+		var err error
+		cons, err = js.CreateOrUpdateConsumer(ctx, cloudevent.StreamName, cfg)
+		return err
 	})
 	if err != nil {
 		_ = sub.Unsubscribe()
 		return fmt.Errorf("follow power events: %w", err)
 	}
+	// A power event is acknowledged once handled; one this instance will not handle
+	// (it is stopping) is given back at once, for another instance.
 	cc, err := cons.Consume(func(m jetstream.Msg) {
-		ev, err := cloudevent.DecodeHeaders(&nats.Msg{Subject: m.Subject(), Header: m.Headers(), Data: m.Data()})
-		if err != nil {
-			ev, _, err = cloudevent.Decode(ctx, &nats.Msg{Subject: m.Subject(), Header: m.Headers(), Data: m.Data()})
-		}
-		if err == nil && ev.VM != "" {
-			push(trigger{ev.Name, ev.VM})
+		_, vm, name, ok := subject.ParseEvent(m.Subject())
+		if !ok || vm == "" {
+			_ = m.Ack()
+		} else if !push(trigger{kind: name, vm: vm, msg: m}) {
+			_ = m.Nak()
 		}
 	})
 	if err != nil {
@@ -149,26 +237,18 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 		s.log.Warn("flush device watch", "err", err)
 	}
 	go func() {
-		defer cc.Stop()
-		defer func() { _ = sub.Unsubscribe() }()
+		defer close(s.watchStopped)
 		for {
 			select {
 			case <-ctx.Done():
+				s.stopWatch(ctx, nc, stopped, sub, cc, queue)
 				return
 			case t := <-queue:
-				hctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
-				var err error
-				switch t.kind {
-				case "domain-start":
-					err = s.onStart(hctx, t.vm)
-				case "domain-shutdown":
-					err = s.onShutdown(hctx, t.vm)
-				case "change":
-					err = s.rescan(hctx, t.vm, true)
-				}
-				cancel()
-				if err != nil {
-					s.log.Warn("device watch", "event", t.kind, "vm", t.vm, "err", err)
+				// An input taken is handled to its end even when the instance stops
+				// meanwhile: its record written, its events then published.
+				s.handleLogged(context.WithoutCancel(ctx), t)
+				if t.msg != nil {
+					_ = t.msg.Ack()
 				}
 			}
 		}
@@ -176,93 +256,183 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 	return nil
 }
 
+// stopWatch takes no more inputs: the power events this instance received and did
+// not handle are given back at once (else the one pending would wait out its ack
+// wait before another instance gets it), the hot-plug notices it took are handled
+// (nobody else saw them), and the acknowledgements are flushed before the caller
+// closes the connection.
+func (s *Service) stopWatch(ctx context.Context, nc *nats.Conn, stopped chan struct{}, sub *nats.Subscription, cc jetstream.ConsumeContext, queue chan trigger) {
+	close(stopped)
+	_ = sub.Unsubscribe()
+	cc.Drain() // the buffered messages reach the callback, which gives them back
+	select {
+	case <-cc.Closed():
+	case <-time.After(5 * time.Second):
+		s.log.Warn("device watch: power events not drained")
+	}
+	for {
+		select {
+		case t := <-queue:
+			if t.msg != nil {
+				_ = t.msg.Nak()
+			} else {
+				s.handleLogged(context.WithoutCancel(ctx), t)
+			}
+			continue
+		default:
+		}
+		break
+	}
+	if err := nc.Flush(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+		s.log.Warn("device watch: flush acknowledgements", "err", err)
+	}
+}
+
+// handleLogged handles an input and logs its failure.
+func (s *Service) handleLogged(ctx context.Context, t trigger) {
+	if err := s.handle(ctx, t); err != nil {
+		s.log.Warn("device watch", "event", t.kind, "vm", t.vm, "err", err)
+	}
+	if s.afterTrigger != nil {
+		s.afterTrigger(t.kind, t.vm)
+	}
+}
+
+// handle runs one input of the watch.
+func (s *Service) handle(ctx context.Context, t trigger) error {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
+	defer cancel()
+	switch t.kind {
+	case "domain-start":
+		return s.onStart(ctx, t.vm)
+	case "domain-shutdown":
+		return s.onShutdown(ctx, t.vm)
+	case "change":
+		return s.rescan(ctx, t.vm, true)
+	}
+	return nil
+}
+
 // onStart handles a qube's domain-start: its auto-attach assignments, then its own
-// devices as a backend, then its firewall rules in its netvm's table.
+// devices as a backend, then its firewall rules in its netvm's table and, if it
+// provides network, its own table with the rules of its running clients.
 func (s *Service) onStart(ctx context.Context, vm string) error {
-	errs := []error{s.autoAttachFrontend(ctx, vm), s.rescan(ctx, vm, true), s.publishFirewallOf(ctx, vm)}
+	errs := []error{s.autoAttachFrontend(ctx, vm), s.rescan(ctx, vm, true), s.publishFirewallOf(ctx, vm),
+		s.reloadNetvmTable(ctx, vm)}
 	return errors.Join(errs...)
 }
 
-// onShutdown handles a qube's domain-shutdown (block extension's on_domain_shutdown).
+// onShutdown handles a qube's domain-shutdown (block extension's on_domain_shutdown):
+// its own record is emptied, then it is taken off as the frontend of the devices of
+// the other backends, one record at a time, each change's events published once it
+// is written.
 func (s *Service) onShutdown(ctx context.Context, vm string) error {
-	s.watch.mu.Lock()
-	mine := s.watch.cache[vm]
-	s.watch.cache[vm] = map[string]string{}
 	var evs []cloudevent.Event
-	for _, port := range sortedKeys(mine) {
-		p := device.Port{Backend: vm, ID: port, Class: watchedClass}.String()
-		evs = append(evs, cloudevent.New(vm, "device-removed:"+watchedClass, "port", p))
-		if front := mine[port]; front != "" {
-			evs = append(evs, cloudevent.New(front, "device-detach:"+watchedClass, "port", p))
+	err := s.records.modify(ctx, vm, func(mine map[string]string) map[string]string {
+		evs = nil
+		for _, port := range sortedKeys(mine) {
+			p := device.Port{Backend: vm, ID: port, Class: watchedClass}.String()
+			evs = append(evs, cloudevent.New(vm, "device-removed:"+watchedClass, "port", p))
+			if front, _ := frontOf(mine[port], time.Now()); front != "" {
+				evs = append(evs, cloudevent.New(front, "device-detach:"+watchedClass, "port", p))
+			}
 		}
+		return map[string]string{}
+	})
+	if err != nil {
+		return err
+	}
+	if err := s.publish(ctx, evs...); err != nil {
+		return err
 	}
 	// Devices attached to the stopped qube as a frontend (the backend keeps them).
-	backends := make([]string, 0, len(s.watch.cache))
-	for b := range s.watch.cache {
-		backends = append(backends, b)
+	backends, err := s.records.backends(ctx)
+	if err != nil {
+		return err
 	}
 	sort.Strings(backends)
+	var errs []error
 	for _, b := range backends {
 		if b == vm {
 			continue
 		}
-		ports := s.watch.cache[b]
-		for _, port := range sortedKeys(ports) {
-			if ports[port] == vm {
-				ports[port] = ""
-				evs = append(evs, cloudevent.New(vm, "device-detach:"+watchedClass, "port", device.Port{Backend: b, ID: port}.String()))
+		evs = nil
+		err := s.records.modify(ctx, b, func(ports map[string]string) map[string]string {
+			evs = nil
+			for _, port := range sortedKeys(ports) {
+				if front, _ := frontOf(ports[port], time.Now()); front == vm {
+					ports[port] = ""
+					evs = append(evs, cloudevent.New(vm, "device-detach:"+watchedClass, "port", device.Port{Backend: b, ID: port}.String()))
+				}
 			}
+			return ports
+		})
+		if err == nil {
+			err = s.publish(ctx, evs...)
 		}
+		errs = append(errs, err)
 	}
-	s.watch.mu.Unlock()
-	return s.publish(ctx, evs...)
+	return errors.Join(errs...)
 }
 
-// rescan compares a backend's devices with the cache (qubesd's device_list_change):
+// rescan compares a backend's devices with its record (qubesd's device_list_change):
 // detached by themselves, removed, added, attached by themselves; then the added
-// devices are attached to the running qubes whose assignments match them.
+// devices are attached to the running qubes whose assignments match them. The record
+// is read before the hypervisor, so what it is compared with is never older than the
+// record; a write that loses to another instance's is computed again.
 func (s *Service) rescan(ctx context.Context, backend string, listChange bool) error {
-	inv, err := s.inventory(ctx)
+	var inv hostdev.Inventory
+	var invErr error
+	var added []string
+	var detached, removed, attached []cloudevent.Event
+	err := s.records.modify(ctx, backend, func(old map[string]string) map[string]string {
+		added, detached, removed, attached = nil, nil, nil, nil
+		if inv, invErr = s.inventory(ctx); invErr != nil {
+			return nil // the record stays as it is
+		}
+		cur := current(inv, backend)
+		now := time.Now()
+		next := maps.Clone(cur)
+		for _, port := range sortedKeys(cur) {
+			p := device.Port{Backend: backend, ID: port, Class: watchedClass}
+			v, seen := old[port]
+			front, pending := frontOf(v, now)
+			if pending { // an instance is changing it and announces the change
+				next[port] = v
+				continue
+			}
+			switch {
+			case !seen:
+				added = append(added, port)
+				if cur[port] != "" {
+					attached = append(attached, cloudevent.New(cur[port], "device-attach:"+watchedClass, "device", infoOf(inv, p).String(), "options", "{}"))
+				}
+			case front != cur[port]:
+				if front != "" {
+					detached = append(detached, cloudevent.New(front, "device-detach:"+watchedClass, "port", p.String()))
+				}
+				if cur[port] != "" {
+					attached = append(attached, cloudevent.New(cur[port], "device-attach:"+watchedClass, "device", infoOf(inv, p).String(), "options", "{}"))
+				}
+			}
+		}
+		for _, port := range sortedKeys(old) {
+			if _, ok := cur[port]; !ok {
+				p := device.Port{Backend: backend, ID: port, Class: watchedClass}
+				if front, _ := frontOf(old[port], now); front != "" {
+					detached = append(detached, cloudevent.New(front, "device-detach:"+watchedClass, "port", p.String()))
+				}
+				removed = append(removed, cloudevent.New(backend, "device-removed:"+watchedClass, "port", p.String()))
+			}
+		}
+		return next
+	})
 	if err != nil {
 		return err
 	}
-	cur := current(inv, backend)
-	s.watch.mu.Lock()
-	old := s.watch.cache[backend]
-	if old == nil {
-		old = map[string]string{}
+	if invErr != nil {
+		return invErr
 	}
-	var added []string
-	var detached, removed, attached []cloudevent.Event
-	for _, port := range sortedKeys(cur) {
-		p := device.Port{Backend: backend, ID: port, Class: watchedClass}
-		front, seen := old[port]
-		switch {
-		case !seen:
-			added = append(added, port)
-			if cur[port] != "" {
-				attached = append(attached, cloudevent.New(cur[port], "device-attach:"+watchedClass, "device", infoOf(inv, p).String(), "options", "{}"))
-			}
-		case front != cur[port]:
-			if front != "" {
-				detached = append(detached, cloudevent.New(front, "device-detach:"+watchedClass, "port", p.String()))
-			}
-			if cur[port] != "" {
-				attached = append(attached, cloudevent.New(cur[port], "device-attach:"+watchedClass, "device", infoOf(inv, p).String(), "options", "{}"))
-			}
-		}
-	}
-	for _, port := range sortedKeys(old) {
-		if _, ok := cur[port]; !ok {
-			p := device.Port{Backend: backend, ID: port, Class: watchedClass}
-			if front := old[port]; front != "" {
-				detached = append(detached, cloudevent.New(front, "device-detach:"+watchedClass, "port", p.String()))
-			}
-			removed = append(removed, cloudevent.New(backend, "device-removed:"+watchedClass, "port", p.String()))
-		}
-	}
-	s.watch.cache[backend] = cur
-	s.watch.mu.Unlock()
 	if len(added)+len(detached)+len(removed)+len(attached) == 0 {
 		return nil
 	}
@@ -419,10 +589,11 @@ func (s *Service) attachAssigned(ctx context.Context, inv hostdev.Inventory, vm 
 			return fmt.Errorf("attach %s to %s: %w", d, vm, err)
 		}
 	}
-	if err := s.hv.Attach(ctx, hostdev.Attachment{Port: d.Port, Frontend: vm, Options: opts}); err != nil {
+	if err := s.changeFront(ctx, d.Port, vm, func() error {
+		return s.hv.Attach(ctx, hostdev.Attachment{Port: d.Port, Frontend: vm, Options: opts})
+	}); err != nil {
 		return fmt.Errorf("attach %s to %s: %w", d, vm, err)
 	}
-	s.watch.setFront(d.Port, vm)
 	if !notify {
 		return nil
 	}

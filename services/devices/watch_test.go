@@ -4,9 +4,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
@@ -77,20 +81,80 @@ func (h *harness) changed(backend string) {
 	}
 }
 
-// waitEvents waits until the events stored since the last look are want, exactly.
+// barrier sends markers down each path the device watch reads, behind everything
+// sent on it before: a domain-start of a backend of its own on the events stream (as
+// power does), and hot-plugs of other backends on the hypervisor's subject (as
+// changed does) until every live instance has handled one. The power events reach
+// the instances one at a time, in order (a shared durable consumer with one pending);
+// the hot-plugs one instance each, which handles its inputs in order. So once each
+// marker is handled, every trigger sent before them has been handled and its events
+// are stored.
+func (h *harness) barrier() (markers []string) {
+	h.t.Helper()
+	h.barriers++
+	started := fmt.Sprintf("%sstart-%d", barrierPrefix, h.barriers)
+	h.hv.plug(device.Info{Port: device.Port{Backend: started, ID: "xvdz", Class: "block"}, DeviceID: ":None"})
+	h.power(started, "domain-start")
+	markers = append(markers, started)
+	covered := map[int]bool{}
+	deadline := time.After(20 * time.Second)
+	for i := 0; ; i++ {
+		plugged := fmt.Sprintf("%splug-%d-%d", barrierPrefix, h.barriers, i)
+		h.hv.plug(device.Info{Port: device.Port{Backend: plugged, ID: "xvdz", Class: "block"}, DeviceID: ":None"})
+		h.changed(plugged)
+		markers = append(markers, plugged)
+		// Wait until this marker is handled, then see who has handled one.
+		for {
+			h.mu.Lock()
+			by, ok := h.markedBy[plugged]
+			h.mu.Unlock()
+			if ok {
+				covered[by] = true
+				break
+			}
+			select {
+			case <-h.marked:
+			case <-deadline:
+				h.t.Fatalf("barrier %s not passed", plugged)
+			}
+		}
+		all := true
+		for _, id := range h.live() {
+			all = all && covered[id]
+		}
+		if all {
+			return markers
+		}
+	}
+}
+
+// barrierPrefix names the barrier's backends (no qube of the fixture).
+const barrierPrefix = "barrier-"
+
+// waitEvents asserts that the events stored since the last look, up to a barrier,
+// are want exactly: nothing missing, nothing unexpected (nothing twice), in this
+// order.
 func (h *harness) waitEvents(want ...string) {
 	h.t.Helper()
+	markers := h.barrier()
 	var got []string
-	bustest.CheckFor(h.t, 10*time.Second, 10*time.Millisecond, func() error {
-		got = append(got, h.events()...)
-		if len(got) < len(want) {
-			return fmt.Errorf("events so far %q", got)
+	passed := map[string]bool{}
+	bustest.CheckFor(h.t, 10*time.Second, 5*time.Millisecond, func() error {
+		for _, e := range h.events() {
+			vm, ev, _ := strings.Cut(e, "|")
+			if !strings.HasPrefix(vm, barrierPrefix) {
+				got = append(got, e)
+			} else if strings.HasPrefix(ev, "device-added:") {
+				passed[vm] = true
+			}
+		}
+		for _, m := range markers {
+			if !passed[m] {
+				return fmt.Errorf("barrier %s not passed; events so far %q", m, got)
+			}
 		}
 		return nil
 	})
-	// Nothing more may follow.
-	time.Sleep(100 * time.Millisecond)
-	got = append(got, h.events()...)
 	if !slices.Equal(got, want) {
 		h.t.Errorf("events:\n got %q\nwant %q", got, want)
 	}
@@ -213,5 +277,106 @@ func TestRequiredDevicesAtStart(t *testing.T) {
 	}
 	if err := cl.PrepareStart(h.Ctx, "nosuchvm"); err == nil {
 		t.Error("PrepareStart of a missing qube succeeded")
+	}
+}
+
+// TestMissingPCIDevice: a PCI device assigned to a qube that the host does not have
+// (its port 00_1e.0 is absent). qubesd reads the identity of the device at that
+// port from libvirt, which answers "Node device not found": at a start (the PCI
+// extension's domain-pre-start, whatever the assignment's mode) that fails the
+// start; at an Assign or Attach naming the identity qubesd aborts, answered here
+// with the same text. A port the host has with another identity is "not available".
+func TestMissingPCIDevice(t *testing.T) {
+	h := newHarness(t)
+	const nodeErr = "Node device not found: no node device with matching name 'pci_0000_00_1e_0'"
+	cl := devicectl.Client{NC: h.NC, Host: h.Subjects}
+	h.expect("admin.vm.device.pci.Assign", "sys-net", "dom0+00_1e.0+0x8086+0x1234++p028000",
+		"device_id='0x8086:0x1234::p028000' port_id='00_1e.0' devclass='pci' backend_domain='dom0' mode='required' frontend_domain='sys-net'",
+		"2:QubesException:"+nodeErr)
+	// Without an identity qubesd does not look: the assignment is made.
+	h.expect("admin.vm.device.pci.Assign", "sys-net", "dom0+00_1e.0",
+		"device_id='*' port_id='00_1e.0' devclass='pci' backend_domain='dom0' mode='auto-attach' frontend_domain='sys-net'", "0:",
+		"sys-net|device-pre-assign:pci|device=dom0:00_1e.0:*,options={}",
+		"sys-net|device-assign:pci|device=dom0:00_1e.0:*,options={}")
+	err := cl.PrepareStart(h.Ctx, "sys-net")
+	var he *devicectl.HypervisorError
+	if !errors.As(err, &he) || he.Msg != nodeErr {
+		t.Fatalf("PrepareStart with a missing PCI device: %v", err)
+	}
+	// Attach to a running qube reads the device too.
+	h.life.set("sys-net", "Running")
+	h.expect("admin.vm.device.pci.Attach", "sys-net", "dom0+00_1e.0", "", "2:QubesException:"+nodeErr)
+	// Once it is gone from the assignments, a required one of a port the host has,
+	// with another identity, is not available (qubesd's check after domain-pre-start).
+	h.expect("admin.vm.device.pci.Unassign", "sys-net", "dom0+00_1e.0", "", "0:",
+		"sys-net|device-unassign:pci|device=dom0:00_1e.0:*")
+	h.expect("admin.vm.device.pci.Assign", "sys-net", "dom0+00_14.3+0x8086+0x9999++p028000",
+		"device_id='0x8086:0x9999::p028000' port_id='00_14.3' devclass='pci' backend_domain='dom0' mode='required' frontend_domain='sys-net'", "0:",
+		"sys-net|device-pre-assign:pci|device=dom0:00_14.3:0x8086:0x9999::p028000,options={}",
+		"sys-net|device-assign:pci|device=dom0:00_14.3:0x8086:0x9999::p028000,options={}")
+	var qe *qerr.Error
+	if err := cl.PrepareStart(h.Ctx, "sys-net"); !errors.As(err, &qe) || qe.Class != "QubesException" ||
+		qe.Message != "Pci device dom0:00_14.3:0x8086:0x9999::p028000 not available" {
+		t.Fatalf("PrepareStart with another device at the port: %v", err)
+	}
+}
+
+// TestFirewallReloadedWhenNetvmStarts: a netvm that starts gets the rules of its
+// running clients in its table, which starts empty (qubesd writes them into the
+// netvm's new QubesDB at its domain-qdb-create); while it is halted nothing is
+// written for it (reload_firewall_for_vm returns when the netvm does not run).
+func TestFirewallReloadedWhenNetvmStarts(t *testing.T) {
+	h := newHarness(t)
+	kv, err := h.js.KeyValue(h.Ctx, FirewallBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := func(ip, entry string) string { return FirewallKey(h.Subjects.ID(), "sys-firewall", ip, entry) }
+	table := func() map[string]string {
+		t.Helper()
+		out := map[string]string{}
+		lister, err := kv.ListKeys(h.Ctx)
+		if errors.Is(err, jetstream.ErrNoKeysFound) {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k := range lister.Keys() {
+			if !strings.HasPrefix(k, h.Subjects.ID()+"/sys-firewall/qubes-firewall/") {
+				continue
+			}
+			e, err := kv.Get(h.Ctx, k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out[k] = string(e.Value())
+		}
+		return out
+	}
+	h.life.set("work", "Running")
+	h.expect("admin.vm.firewall.Set", "work", "", "action=accept proto=tcp dstports=443\naction=drop\n", "0:",
+		"work|firewall-changed|")
+	if got := table(); len(got) != 0 {
+		t.Fatalf("rules written for a halted netvm: %q", got)
+	}
+	// What the table holds from before: stale rules of work, a client gone.
+	for k, v := range map[string]string{key("10.137.0.5", "0000"): "action=accept", key("10.137.0.5", "0005"): "action=drop",
+		key("10.137.0.5", ""): "", key("10.137.0.99", "policy"): "accept", key("10.137.0.99", ""): ""} {
+		if _, err := kv.PutString(h.Ctx, k, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.life.set("sys-firewall", "Running")
+	h.power("sys-firewall", "domain-start", "start_guid", "True")
+	h.waitEvents("sys-firewall|domain-start|start_guid=True")
+	want := map[string]string{
+		key("10.137.0.5", "policy"): "drop",
+		key("10.137.0.5", "0000"):   "action=accept proto=tcp dstports=443-443",
+		key("10.137.0.5", "0001"):   "action=drop",
+		key("10.137.0.5", ""):       "",
+	}
+	if got := table(); !maps.Equal(got, want) {
+		t.Errorf("sys-firewall's table after its start:\n got %q\nwant %q", got, want)
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nuid"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/audit"
@@ -20,6 +21,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/bus/tracing"
 	"github.com/qubesbus/qubesbus/schemas/adminapi"
 )
 
@@ -55,6 +57,16 @@ type Config struct {
 	// Metrics counts every relayed call and its duration (metrics.Metrics); nil
 	// counts nothing.
 	Metrics CallMetrics
+	// Local, if set, answers reads whose service runs in this process without a
+	// NATS round trip (rpc.Local); the rest, and reads it cannot serve, go over NATS.
+	Local LocalCaller
+}
+
+// LocalCaller serves a read through the mux of its service in this process, if one
+// serves here (rpc.Local): the same checks, handler and replica as over NATS, so the
+// reply is the same. ok is false when it did not serve the call.
+type LocalCaller interface {
+	Call(ctx context.Context, m *rpc.Method, req *envelope.Request) (rep envelope.Reply, ok bool)
 }
 
 // CallMetrics counts calls: method is a registered method's name, or "" for any
@@ -89,6 +101,15 @@ type Server struct {
 	marks envelope.Marks
 
 	events atomic.Pointer[Events] // admin.Events, once Serve has started it
+
+	// idle hands an accepted connection to a handler goroutine waiting for one
+	// (worker). A goroutine that stays keeps the stack its calls grew; a new goroutine
+	// per connection grew it again on every read (runtime.copystack in the profile).
+	idle chan *net.UnixConn
+
+	// answer produces the reply of a call that is not a stream: relay, or a table of
+	// recorded replies (Recorded).
+	answer func(ctx context.Context, req *envelope.Request) (envelope.Reply, error)
 }
 
 // Subscribers is the number of admin.Events subscribers now.
@@ -140,8 +161,10 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxConns == 0 {
 		cfg.MaxConns = 4096
 	}
-	return &Server{cfg: cfg, reg: cfg.Registry, log: cfg.Log, streams: map[string]StreamHandler{},
-		slots: make(chan struct{}, cfg.MaxConns), done: make(chan struct{})}, nil
+	s := &Server{cfg: cfg, reg: cfg.Registry, log: cfg.Log, streams: map[string]StreamHandler{},
+		slots: make(chan struct{}, cfg.MaxConns), done: make(chan struct{}), idle: make(chan *net.UnixConn)}
+	s.answer = s.relay
+	return s, nil
 }
 
 // HandleStream registers the gateway's own handler of a streaming method.
@@ -175,11 +198,34 @@ func (s *Server) accept(ctx context.Context, l *net.UnixListener) error {
 			continue
 		}
 		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			defer func() { <-s.slots }()
-			s.handle(ctx, c)
-		}()
+		select {
+		case s.idle <- c:
+		default:
+			go s.worker(ctx, c)
+		}
+	}
+}
+
+// workerIdle is how long a handler goroutine waits for another connection.
+const workerIdle = 2 * time.Second
+
+// worker serves c, then each connection handed to it on idle until none comes for
+// workerIdle or ctx ends.
+func (s *Server) worker(ctx context.Context, c *net.UnixConn) {
+	t := time.NewTimer(workerIdle)
+	defer t.Stop()
+	for {
+		s.handle(ctx, c)
+		<-s.slots
+		s.wg.Done()
+		t.Reset(workerIdle)
+		select {
+		case c = <-s.idle:
+		case <-t.C:
+			return
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 
@@ -200,26 +246,46 @@ func (s *Server) handle(ctx context.Context, c *net.UnixConn) {
 	}
 	req.ID = nuid.Next()
 	if h := s.streams[req.Method]; h != nil {
-		h(ctx, c, req, func(r *envelope.Request) (envelope.Reply, error) {
-			start := time.Now()
-			rep, err := s.relay(ctx, r)
-			s.auditCall(r, rep, err)
-			s.countCall(r, rep, err, start)
-			return rep, err
-		})
+		h(ctx, c, req, func(r *envelope.Request) (envelope.Reply, error) { return s.call(ctx, r) })
 		c.Close()
 		return
 	}
-	start := time.Now()
-	rep, err := s.relay(ctx, req)
-	s.auditCall(req, rep, err)
-	s.countCall(req, rep, err, start)
+	rep, err := s.call(ctx, req)
 	if err != nil {
 		s.log.Error("call failed", "method", req.Method, "id", req.ID, "err", err)
 		c.Close()
 		return
 	}
 	writeReply(c, rep, s.log)
+}
+
+// call answers a call (a stream's: its checks) and counts, audits and traces it.
+func (s *Server) call(ctx context.Context, req *envelope.Request) (envelope.Reply, error) {
+	start := time.Now()
+	// The span is named by the method as registered: a client's made-up names never
+	// become span names. Off, not even the lookup is made.
+	var name string
+	if tracing.On() {
+		name = subject.UnknownMethod
+		if meth, ok := s.reg.Lookup(req.Method); ok {
+			name = meth.Name
+		}
+	}
+	ctx, span := tracing.Start(ctx, name, trace.SpanKindServer)
+	defer span.End()
+	tracing.Call(span, name, req.Source, req.Dest)
+	rep, err := s.answer(ctx, req)
+	s.auditCall(req, rep, err)
+	outcome := s.countCall(req, rep, err, start)
+	if span.IsRecording() {
+		class := ""
+		if rep.Exception != nil {
+			class = rep.Exception.Class
+		}
+		tracing.Outcome(span, outcome, class)
+		tracing.Fail(span, err)
+	}
+	return rep, err
 }
 
 // auditCall records a relayed call if the audit rule selects it. A call with no reply
@@ -250,11 +316,8 @@ func (s *Server) auditCall(req *envelope.Request, rep envelope.Reply, err error)
 }
 
 // countCall counts a relayed call (a stream's: its checks, not the stream) in the
-// metrics, under its method's name if the registry has it.
-func (s *Server) countCall(req *envelope.Request, rep envelope.Reply, err error, start time.Time) {
-	if s.cfg.Metrics == nil {
-		return
-	}
+// metrics, under its method's name if the registry has it, and returns its outcome.
+func (s *Server) countCall(req *envelope.Request, rep envelope.Reply, err error, start time.Time) string {
 	outcome := audit.OutcomeAbort
 	switch {
 	case err != nil:
@@ -263,11 +326,15 @@ func (s *Server) countCall(req *envelope.Request, rep envelope.Reply, err error,
 	case rep.Status == envelope.StatusException:
 		outcome = audit.OutcomeException
 	}
+	if s.cfg.Metrics == nil {
+		return outcome
+	}
 	method := ""
 	if _, ok := s.reg.Lookup(req.Method); ok {
 		method = req.Method
 	}
 	s.cfg.Metrics.ObserveCall(method, outcome, time.Since(start))
+	return outcome
 }
 
 // auditRefused records a request the gateway dropped before any service saw it (it
@@ -292,23 +359,39 @@ func (s *Server) auditRefused(n int, cause error) {
 func (s *Server) relay(ctx context.Context, req *envelope.Request) (envelope.Reply, error) {
 	tok := subject.UnknownMethod
 	retry := true
-	if meth, ok := s.reg.Lookup(req.Method); ok {
+	meth, known := s.reg.Lookup(req.Method)
+	if known {
 		tok = meth.Name
-		retry = meth.Access == rpc.Read && !meth.ChangesConfig
+		retry = meth.IsRead()
+	}
+	req.After = req.After.Max(s.Marks())
+	if known && s.cfg.Local != nil {
+		// A read whose service runs here skips NATS. It runs as the service runs it
+		// for a request from NATS: to completion, with no deadline of the caller
+		// (the service's own requests and its barrier bound themselves), so no timer
+		// is set for it. A replica too far behind the caller (StatusBehind) sends it
+		// to the instances on NATS instead.
+		if rep, ok := s.cfg.Local.Call(context.WithoutCancel(ctx), &meth, req); ok {
+			s.observe(rep.Marks)
+			if rep.Status != envelope.StatusBehind {
+				return rep, nil
+			}
+		}
 	}
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.CallTimeout)
 	defer cancel()
 	deadline := time.Now().Add(s.cfg.RetryWindow)
 	backoff := bus.Backoff{Next: 20 * time.Millisecond, Max: 500 * time.Millisecond}
 	attemptTimeout := s.cfg.ReadTimeout
-	req.After = req.After.Max(s.Marks())
 	for attempt := 1; ; attempt++ {
 		actx, acancel := cctx, context.CancelFunc(func() {})
 		if retry {
 			actx, acancel = context.WithTimeout(cctx, attemptTimeout)
 			attemptTimeout *= 2
 		}
-		msg, err := s.nc.RequestMsgWithContext(actx, req.Msg(s.cfg.Host.API(tok)))
+		out := req.Msg(s.cfg.Host.API(tok))
+		tracing.Inject(ctx, out)
+		msg, err := s.nc.RequestMsgWithContext(actx, out)
 		acancel()
 		if err == nil {
 			rep, perr := envelope.ParseReply(msg)

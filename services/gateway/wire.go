@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/bus/qerr"
 )
 
 // MaxRequest is the largest request qubesd accepts, header, NUL and payload together.
@@ -77,4 +78,25 @@ func AppendEvent(dst []byte, subject, event string, kv ...string) []byte {
 		dst = append(append(dst, s...), 0)
 	}
 	return append(dst, 0)
+}
+
+// ErrNotAReply marks bytes that are not one OK or exception frame.
+var ErrNotAReply = errors.New("not a reply frame")
+
+// ParseReply reads back what AppendOK or AppendException wrote: the reply of a call
+// as its client received it.
+func ParseReply(b []byte) (envelope.Reply, error) {
+	switch {
+	case bytes.HasPrefix(b, okHeader):
+		return envelope.Reply{Status: envelope.StatusOK, Content: b[len(okHeader):]}, nil
+	case bytes.HasPrefix(b, exceptionHeader):
+		// class NUL traceback NUL message NUL
+		f := bytes.SplitN(b[len(exceptionHeader):], []byte{0}, 3)
+		if len(f) != 3 || len(f[0]) == 0 || !bytes.HasSuffix(f[2], []byte{0}) {
+			return envelope.Reply{}, ErrNotAReply
+		}
+		msg := f[2][:len(f[2])-1]
+		return envelope.Reply{Status: envelope.StatusException, Exception: qerr.FromWire(string(f[0]), string(msg))}, nil
+	}
+	return envelope.Reply{}, ErrNotAReply
 }

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"testing"
+
+	"github.com/qubesbus/qubesbus/bus/envelope"
 )
 
 func TestDecodeRequest(t *testing.T) {
@@ -100,4 +102,20 @@ func FuzzDecodeRequest(f *testing.F) {
 			t.Fatalf("header field holds NUL or space: %+v", r)
 		}
 	})
+}
+
+func TestParseReply(t *testing.T) {
+	ok, err := ParseReply(AppendOK(nil, []byte("a\x00b")))
+	if err != nil || ok.Status != envelope.StatusOK || string(ok.Content) != "a\x00b" {
+		t.Fatalf("ok: %+v %v", ok, err)
+	}
+	ex, err := ParseReply(AppendException(nil, "QubesVMNotFoundError", "No such domain: 'x'"))
+	if err != nil || ex.Status != envelope.StatusException || ex.Exception.Class != "QubesVMNotFoundError" || ex.Exception.Message != "No such domain: 'x'" {
+		t.Fatalf("exception: %+v %v", ex, err)
+	}
+	for _, bad := range []string{"", "1\x00\x00x\x00\x00", "2\x00Class\x00\x00msg", "2\x00\x00\x00msg\x00"} {
+		if _, err := ParseReply([]byte(bad)); !errors.Is(err, ErrNotAReply) {
+			t.Errorf("%q: err = %v, want ErrNotAReply", bad, err)
+		}
+	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/rpc"
+	"github.com/qubesbus/qubesbus/bus/tracing"
 	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/schemas/configstore"
@@ -96,6 +97,8 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn) (micro.Service, e
 		h    micro.HandlerFunc
 	}{
 		{configstore.OpSnapshot, func(r micro.Request) {
+			_, span := tracing.StartServer(ctx, nats.Header(r.Headers()), spanSnapshot)
+			defer span.End()
 			// gzip: 10 000 qubes are some 12 MB of JSON, past NATS's payload limit,
 			// and compress about twentyfold.
 			b, err := gzipJSON(s.view())
@@ -176,7 +179,16 @@ func (s *Store) handling(r micro.Request) bool {
 	return true
 }
 
+// Names of the server spans of the store API.
+const (
+	spanSnapshot = "persistence " + configstore.OpSnapshot
+	spanApply    = "persistence " + configstore.OpApply
+	spanFlush    = "persistence " + configstore.OpFlush
+)
+
 func (s *Store) handleApply(ctx context.Context, r micro.Request) {
+	ctx, span := tracing.StartServer(ctx, nats.Header(r.Headers()), spanApply)
+	defer span.End()
 	var m config.Mutation
 	if err := json.Unmarshal(r.Data(), &m); err != nil {
 		_ = r.RespondJSON(configstore.ApplyReply{Error: err.Error(), Code: configstore.CodeInvalid, Kind: configstore.KindBadOp})
@@ -187,6 +199,7 @@ func (s *Store) handleApply(ctx context.Context, r micro.Request) {
 	rev, err := s.Apply(ctx, m)
 	if err != nil {
 		s.log.Debug("apply refused", "revision", rev, "err", err)
+		tracing.Fail(span, err)
 	}
 	_ = r.RespondJSON(configstore.ReplyFor(rev, err))
 }
@@ -238,6 +251,8 @@ func gzipJSON(v any) ([]byte, error) {
 }
 
 func (s *Store) handleFlush(ctx context.Context, r micro.Request) {
+	ctx, span := tracing.StartServer(ctx, nats.Header(r.Headers()), spanFlush)
+	defer span.End()
 	var req configstore.FlushRequest
 	if err := json.Unmarshal(r.Data(), &req); err != nil {
 		_ = r.RespondJSON(configstore.ApplyReply{Error: err.Error(), Code: configstore.CodeInvalid})
@@ -255,6 +270,7 @@ func (s *Store) handleFlush(ctx context.Context, r micro.Request) {
 		}
 	}
 	if err := s.flush.wait(fctx); err != nil {
+		tracing.Fail(span, err)
 		_ = r.RespondJSON(configstore.ApplyReply{Revision: req.Revision, Error: err.Error(), Code: configstore.CodeNotSaved})
 		return
 	}

@@ -30,8 +30,18 @@ func (s *Service) propertyGet(ctx context.Context, c *rpc.Call) ([]byte, error) 
 }
 
 func (s *Service) propertyGetAll(ctx context.Context, c *rpc.Call) ([]byte, error) {
+	if c.Method.Name == "admin.property.GetAll" {
+		return s.read(ctx, c, false, func(m *model.Model, h model.Holder) ([]byte, error) {
+			return []byte(m.GetAllText(h)), nil
+		})
+	}
 	// Runtime values (xid, start_time, …) exist only on qubes, not on the app object.
-	return s.read(ctx, c, c.Method.Name == "admin.vm.property.GetAll", func(m *model.Model, h model.Holder) ([]byte, error) {
+	// qvm-ls asks for every qube's: kept until the configuration or runtime changes.
+	return s.cachedRuntimeRead(ctx, c, func(m *model.Model) ([]byte, error) {
+		h, err := s.holder(m, c)
+		if err != nil {
+			return nil, err
+		}
 		return []byte(m.GetAllText(h)), nil
 	})
 }

@@ -62,10 +62,10 @@ type notes struct {
 }
 
 func newNotes(kv jetstream.KeyValue, host subject.Host) *notes {
-	return &notes{kv: kv, host: escapeKey(host.ID())}
+	return &notes{kv: kv, host: subject.KVToken(host.ID())}
 }
 
-func (n *notes) key(uuid string) string { return n.host + "." + escapeKey(uuid) }
+func (n *notes) key(uuid string) string { return n.host + "." + subject.KVToken(uuid) }
 
 func (n *notes) get(ctx context.Context, uuid string) (string, error) {
 	e, err := n.kv.Get(ctx, n.key(uuid))
@@ -90,30 +90,6 @@ func (n *notes) remove(ctx context.Context, uuid string) error {
 		return nil
 	}
 	return err
-}
-
-// escapeKey makes s one token of a key-value key, which allows only
-// [-/_=.a-zA-Z0-9]: letters, digits, '-' and '_' stay, every other byte becomes
-// "=XX" (upper-case hex), so '.' never splits a token and distinct inputs stay
-// distinct. An empty s becomes "=" so that no token is empty.
-func escapeKey(s string) string {
-	if s == "" {
-		return "="
-	}
-	const hex = "0123456789ABCDEF"
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_':
-			b.WriteByte(c)
-		default:
-			b.WriteByte('=')
-			b.WriteByte(hex[c>>4])
-			b.WriteByte(hex[c&15])
-		}
-	}
-	return b.String()
 }
 
 func destUUID(c *rpc.Call) string { return c.Dest.UUID }

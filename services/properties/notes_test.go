@@ -129,19 +129,3 @@ func TestNotesPerHost(t *testing.T) {
 		t.Fatalf("removed: %q, %v", got, err)
 	}
 }
-
-func TestEscapeKey(t *testing.T) {
-	for _, tc := range []struct{ in, want string }{
-		{"", "="},
-		{"4d2f8e6a-1b3c", "4d2f8e6a-1b3c"},
-		{"Host_1", "Host_1"},
-		{"a.b", "a=2Eb"},
-		{"a=2Eb", "a=3D2Eb"},
-		{"a b/c*>", "a=20b=2Fc=2A=3E"},
-		{"é", "=C3=A9"},
-	} {
-		if got := escapeKey(tc.in); got != tc.want {
-			t.Errorf("escapeKey(%q) = %q, want %q", tc.in, got, tc.want)
-		}
-	}
-}

@@ -37,6 +37,9 @@ type runtimeCache struct {
 	has   bool
 	taken time.Time
 	heard envelope.RuntimeMark // newest change notice
+	// gen numbers the snapshots kept, so a reply computed from one can be kept with it
+	// (replyCache); one taken again at the same mark and revision keeps the number.
+	gen uint64
 }
 
 func newRuntimeCache(src runtimeSource, maxAge time.Duration) *runtimeCache {
@@ -44,29 +47,36 @@ func newRuntimeCache(src runtimeSource, maxAge time.Duration) *runtimeCache {
 }
 
 // get returns the runtime values current for a caller that has seen mark want, over
-// configuration revision rev.
-func (c *runtimeCache) get(ctx context.Context, want envelope.RuntimeMark, rev uint64) (map[string]model.Runtime, error) {
+// configuration revision rev, and the number of the kept snapshot they are (0: values
+// fetched but not kept). Values of one number never change.
+func (c *runtimeCache) get(ctx context.Context, want envelope.RuntimeMark, rev uint64) (map[string]model.Runtime, uint64, error) {
 	c.mu.Lock()
 	if c.has && !c.snap.Mark.Less(want) && !c.snap.Mark.Less(c.heard) && c.snap.ConfigRev == rev &&
 		c.now().Sub(c.taken) < c.maxAge {
-		vals := c.snap.Values
+		vals, gen := c.snap.Values, c.gen
 		c.mu.Unlock()
-		return vals, nil
+		return vals, gen, nil
 	}
 	c.mu.Unlock()
 	taken := c.now()
 	snap, err := c.src.RuntimeSnapshot(ctx)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
+	var gen uint64
 	if snap.Settled {
 		c.mu.Lock()
 		if !c.has || !snap.Mark.Less(c.snap.Mark) {
-			c.snap, c.has, c.taken = snap, true, taken
+			// A settled snapshot at the same mark and revision holds the same values:
+			// it keeps its number, so replies computed from it stay (replyCache).
+			if !c.has || snap.Mark != c.snap.Mark || snap.ConfigRev != c.snap.ConfigRev {
+				c.gen++
+			}
+			c.snap, c.has, c.taken, gen = snap, true, taken, c.gen
 		}
 		c.mu.Unlock()
 	}
-	return snap.Values, nil
+	return snap.Values, gen, nil
 }
 
 // heardOf records a change notice.

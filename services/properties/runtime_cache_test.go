@@ -44,7 +44,7 @@ func TestRuntimeCache(t *testing.T) {
 
 	state := func(want envelope.RuntimeMark, rev uint64) string {
 		t.Helper()
-		vals, err := c.get(ctx, want, rev)
+		vals, _, err := c.get(ctx, want, rev)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -103,7 +103,7 @@ func TestRuntimeCacheKeepsNewest(t *testing.T) {
 	src := &fakeSource{}
 	c := newRuntimeCache(src, time.Second)
 	src.set("Running", 20, true, 1)
-	if _, err := c.get(context.Background(), envelope.RuntimeMark{}, 1); err != nil {
+	if _, _, err := c.get(context.Background(), envelope.RuntimeMark{}, 1); err != nil {
 		t.Fatal(err)
 	}
 	c.mu.Lock()
@@ -111,7 +111,7 @@ func TestRuntimeCacheKeepsNewest(t *testing.T) {
 	c.mu.Unlock()
 	src.set("Halted", 19, true, 1)
 	c.heardOf(mark(21)) // force a fetch, which returns an older snapshot
-	if _, err := c.get(context.Background(), envelope.RuntimeMark{}, 1); err != nil {
+	if _, _, err := c.get(context.Background(), envelope.RuntimeMark{}, 1); err != nil {
 		t.Fatal(err)
 	}
 	c.mu.Lock()
@@ -130,7 +130,7 @@ func TestRuntimeCacheAdvance(t *testing.T) {
 	src.set("Running", 3, true, 7)
 	get := func(rev uint64) {
 		t.Helper()
-		if _, err := c.get(ctx, envelope.RuntimeMark{}, rev); err != nil {
+		if _, _, err := c.get(ctx, envelope.RuntimeMark{}, rev); err != nil {
 			t.Fatal(err)
 		}
 	}

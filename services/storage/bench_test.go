@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sys/unix"
 
 	"github.com/qubesbus/qubesbus/bus/envelope"
@@ -19,7 +21,11 @@ import (
 
 // seedWith writes the fixture plus extra AppVMs shaped as qubesd writes them (as the
 // lab's generator in cmd/qubesbus/internal/lab does) and returns the file.
-func seedWith(b *testing.B, extra int) string {
+func seedWith(b *testing.B, extra int) string { return seedIn(b, extra, "varlibqubes") }
+
+// seedIn is seedWith with the extra qubes' private and volatile volumes in pool (a
+// pool other than varlibqubes is added as a simulated lvm_thin pool).
+func seedIn(b *testing.B, extra int, pool string) string {
 	b.Helper()
 	c, err := qubesxml.Load(testhost.Fixture)
 	if err != nil {
@@ -38,14 +44,18 @@ func seedWith(b *testing.B, extra int) string {
 		qid := strconv.Itoa(maxQID + 1 + i)
 		vols := []Volume{
 			{Name: "root", Pool: "varlibqubes", VID: "appvms/" + name + "/root", RevisionsToKeep: 1, RW: true, SnapOnStart: true, Size: 10 << 30, Source: "vm-templates/fedora-41/root"},
-			{Name: "private", Pool: "varlibqubes", VID: "appvms/" + name + "/private", RevisionsToKeep: 1, RW: true, SaveOnStop: true, Size: 2 << 30},
-			{Name: "volatile", Pool: "varlibqubes", VID: "appvms/" + name + "/volatile", RevisionsToKeep: 1, RW: true, Size: 10 << 30},
+			{Name: "private", Pool: pool, VID: "appvms/" + name + "/private", RevisionsToKeep: 1, RW: true, SaveOnStop: true, Size: 2 << 30},
+			{Name: "volatile", Pool: pool, VID: "appvms/" + name + "/volatile", RevisionsToKeep: 1, RW: true, Size: 10 << 30},
 			{Name: "kernel", Pool: "linux-kernel", VID: "6.12.40-1.fc41"},
 		}
 		c.Domains = append(c.Domains, config.Domain{ID: "domain-" + qid, Class: "AppVM",
 			Properties: []config.Property{{Name: "label", Value: "gray"}, {Name: "name", Value: name}, {Name: "qid", Value: qid},
 				{Name: "uuid", Value: fmt.Sprintf("00000000-0000-4000-8000-%012d", i)}, {Name: "template", Value: "fedora-41"}},
 			VolumeConfig: renderVolumeConfig(vols)})
+	}
+	if pool != "varlibqubes" {
+		c.Pools = append(c.Pools, config.Pool{Attrs: []config.Attr{{Name: "driver", Value: "lvm_thin"}, {Name: "name", Value: pool},
+			{Name: "thin_pool", Value: "vm-pool"}, {Name: "volume_group", Value: "qubes_dom0"}}})
 	}
 	path := filepath.Join(b.TempDir(), "qubes.xml")
 	f, err := os.Create(path)
@@ -171,4 +181,70 @@ func BenchmarkClone10GiB(b *testing.B) {
 			return err
 		})
 	})
+}
+
+// BenchmarkSimVolumeReads: the same reads with the qubes' private and volatile volumes
+// in a simulated lvm_thin pool whose every volume has a record in QUBES_SIMPOOLS (one
+// KV entry each, 20 000 for 9 999 qubes), plus the pool's Info (its usage sums the
+// cached records). Each read waits for the bucket once (one request) and reads the
+// watcher's cache, so they should stay flat but for Info-pool, linear in memory.
+func BenchmarkSimVolumeReads(b *testing.B) {
+	for _, extra := range []int{10, 9990} {
+		seed := seedIn(b, extra, "thin")
+		h := &harness{Host: testhost.Start(b, seed), root: b.TempDir()}
+		nc := h.Connect()
+		js, err := jetstream.New(nc)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := OpenSimBucket(h.Ctx, js, 1, nil); err != nil {
+			b.Fatal(err)
+		}
+		stored := func() {
+			select {
+			case <-js.PublishAsyncComplete():
+			case <-time.After(time.Minute):
+				b.Fatal("records not stored")
+			}
+		}
+		for i := range extra {
+			if i%1000 == 999 {
+				stored() // bounded in flight
+			}
+			for _, vol := range []string{"private", "volatile"} {
+				vid := fmt.Sprintf("appvms/scale-%04d/%s", i+1, vol)
+				data, _ := json.Marshal(simRecord{Pool: "thin", VID: vid, Size: 2 << 30, Next: 1})
+				if _, err := js.PublishAsync("$KV."+SimBucket+"."+simKey(h.Subjects.ID()+".", "thin", vid), data); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		stored()
+		stamp := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+		s, err := New(Config{Host: h.Subjects, Root: h.root, Stamp: &stamp, Lifecycle: halted{},
+			StatFS: func(string) (int64, int64, error) { return 100 << 30, 20 << 30, nil }})
+		if err != nil {
+			b.Fatal(err)
+		}
+		svc, err := s.Serve(h.Ctx, h.Connect())
+		if err != nil {
+			b.Fatal(err)
+		}
+		qube := fmt.Sprintf("scale-%04d", extra/2)
+		for _, c := range []struct{ name, method, dest, arg string }{
+			{"List", "admin.vm.volume.List", qube, ""},
+			{"Info-private", "admin.vm.volume.Info", qube, "private"},
+			{"Info-pool", "admin.pool.Info", "dom0", "thin"},
+		} {
+			b.Run(fmt.Sprintf("qubes=%d/%s", 9+extra, c.name), func(b *testing.B) {
+				b.ReportAllocs()
+				for b.Loop() {
+					if r := h.Call("", c.method, c.dest, c.arg, nil); r.Status != envelope.StatusOK {
+						b.Fatalf("%s: %s %+v", c.method, r.Status, r.Exception)
+					}
+				}
+			})
+		}
+		_ = svc.Stop()
+	}
 }

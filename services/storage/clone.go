@@ -95,8 +95,7 @@ func (s *Service) takeToken(ctx context.Context, token string) (pendingClone, bo
 		return pc, false, err
 	}
 	if err := s.tokens.Delete(ctx, s.tokenKey(token), jetstream.LastRevision(e.Revision())); err != nil {
-		var apiErr *jetstream.APIError
-		if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+		if casConflict(err) { // replicated buckets answer 10164, not 10071
 			return pc, false, nil // used meanwhile
 		}
 		return pc, false, err

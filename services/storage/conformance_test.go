@@ -3,18 +3,58 @@ package storage
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/qerr"
 )
 
-// testPool opens a pool of each writable driver on a temporary root.
+// testSimStore opens the simulated volumes' store of host "h" on a JetStream server
+// (ns: nil starts one).
+func testSimStore(t *testing.T, ns *server.Server) (*simStore, *server.Server) {
+	t.Helper()
+	return testSimStoreOf(t, ns, "h")
+}
+
+// testSimStoreOf is testSimStore for the given host.
+func testSimStoreOf(t *testing.T, ns *server.Server, host string) (*simStore, *server.Server) {
+	t.Helper()
+	if ns == nil {
+		ns = bustest.RunJetStream(t)
+	}
+	nc := bustest.Connect(t, ns)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	kv, err := OpenSimBucket(ctx, js, 1, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := openSimStore(ctx, nc, kv, host, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, ns
+}
+
+// testPool opens a pool of each writable driver on a temporary root; the simulated
+// ones keep their volumes in a JetStream KV bucket, as in a service.
 func testPools(t *testing.T) map[string]Pool {
 	t.Helper()
 	stamp := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
-	host := Host{Root: t.TempDir(), Stamp: &stamp,
+	sim, _ := testSimStore(t, nil)
+	host := Host{Root: t.TempDir(), Stamp: &stamp, sim: sim,
 		StatFS: func(string) (int64, int64, error) { return 100 << 30, 20 << 30, nil }}
 	out := map[string]Pool{}
 	for _, cfg := range []PoolConfig{
@@ -81,8 +121,14 @@ func TestDriverConformance(t *testing.T) {
 			}
 			ro := priv
 			ro.RW = false
-			if err := p.Resize(ctx, ro, 5<<20); err == nil {
-				t.Fatal("resize of a read-only volume succeeded")
+			// Read-only volumes are refused, except by zfs (zfs.py checks nothing).
+			if err := p.Resize(ctx, ro, 5<<20); (err == nil) != (name == "zfs") {
+				t.Fatalf("resize of a read-only volume: %v", err)
+			}
+			if name == "zfs" {
+				if err := p.Resize(ctx, priv, 2<<20); err != nil {
+					t.Fatal(err)
+				}
 			}
 			// Each start/stop commits one revision; only revisions_to_keep stay.
 			for range 3 {
@@ -275,5 +321,101 @@ func TestVolumeConfigRoundTrip(t *testing.T) {
 	}
 	if _, err := parseVolumeConfig(RawOf(`<volume-config><volume name="x" size="big"/></volume-config>`)); err == nil {
 		t.Fatal("a size that is no number parsed")
+	}
+}
+
+// TestVerifyMissingImage: every driver verifies what a start needs (qubesd's
+// Volume.verify); the file drivers refuse an image that was written and is gone,
+// with their qubesd texts, and take one never written (a fixture's qube) as empty.
+func TestVerifyMissingImage(t *testing.T) {
+	ctx := context.Background()
+	for name, p := range testPools(t) {
+		t.Run(name, func(t *testing.T) {
+			tmpl := Volume{Name: "root", Pool: "p", VID: "vm-templates/t/root", RevisionsToKeep: 1, RW: true, SaveOnStop: true, Size: 1 << 20}
+			root := Volume{Name: "root", Pool: "p", VID: "appvms/q/root", RW: true, SnapOnStart: true, Source: tmpl.VID, Size: 1 << 20}
+			priv := Volume{Name: "private", Pool: "p", VID: "appvms/q/private", RevisionsToKeep: 1, RW: true, SaveOnStop: true, Size: 1 << 20}
+			vol := Volume{Name: "volatile", Pool: "p", VID: "appvms/q/volatile", RW: true, Size: 1 << 20}
+			src := &Source{Volume: tmpl, Pool: p}
+			verify := func(v Volume, src *Source) error {
+				t.Helper()
+				err := p.Verify(v, src)
+				var qe *qerr.Error
+				if err != nil && (!errors.As(err, &qe) || qe.Class != "StoragePoolException") {
+					t.Fatalf("verify %s: %v, want a StoragePoolException", v.VID, err)
+				}
+				return err
+			}
+			// Never written: nothing is missing.
+			for _, v := range []Volume{root, priv, vol} {
+				if err := verify(v, src); err != nil {
+					t.Fatalf("verify %s before anything was written: %v", v.VID, err)
+				}
+			}
+			for _, v := range []Volume{tmpl, priv} {
+				if err := p.Create(ctx, v); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, v := range []Volume{root, priv, vol} {
+				if err := verify(v, src); err != nil {
+					t.Fatalf("verify %s: %v", v.VID, err)
+				}
+			}
+			fp, ok := p.(*filePool)
+			if !ok {
+				return // only a file pool's data can go missing behind its back
+			}
+			for _, v := range []Volume{tmpl, priv} {
+				if err := os.Remove(fp.clean(v)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want := map[string][2]string{ // volume → file-reflink's text, file's text
+				root.VID: {"Missing image file '/var/lib/qubes/p-reflink/vm-templates/t/root.img' for volume appvms/q/root",
+					"Missing image file: /var/lib/qubes/p-file/vm-templates/t/root.img."},
+				priv.VID: {"Missing image file '/var/lib/qubes/p-reflink/appvms/q/private.img' for volume appvms/q/private",
+					"Missing image file: /var/lib/qubes/p-file/appvms/q/private.img."},
+			}
+			for _, v := range []Volume{root, priv} {
+				w := want[v.VID][0]
+				if name == "file" {
+					w = want[v.VID][1]
+				}
+				if err := verify(v, src); err == nil || err.(*qerr.Error).Message != w {
+					t.Errorf("verify %s: %v, want %q", v.VID, err, w)
+				}
+			}
+			if err := verify(vol, src); err != nil {
+				t.Errorf("verify of a volatile volume: %v", err)
+			}
+		})
+	}
+}
+
+func TestVerifyKernel(t *testing.T) {
+	root := t.TempDir()
+	p, err := kernelDriver{}.Open(PoolConfig{{"name", "linux-kernel"}, {"dir_path", "/var/lib/qubes/vm-kernels"}, {"driver", "linux-kernel"}}, Host{Root: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := Volume{Name: "kernel", Pool: "linux-kernel", VID: "6.12.40-1.fc41"}
+	if err := p.Verify(k, nil); err != nil {
+		t.Fatalf("a kernel never installed: %v", err)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "var/lib/qubes/vm-kernels", k.VID), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var qe *qerr.Error
+	if err := p.Verify(k, nil); !errors.As(err, &qe) || qe.Message != "Missing image file: /var/lib/qubes/vm-kernels/6.12.40-1.fc41/vmlinuz" {
+		t.Fatalf("a kernel without vmlinuz: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "var/lib/qubes/vm-kernels", k.VID, "vmlinuz"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Verify(k, nil); err != nil {
+		t.Fatalf("a kernel with vmlinuz: %v", err)
+	}
+	if err := p.Verify(Volume{Name: "kernel", Pool: "linux-kernel"}, nil); err != nil {
+		t.Fatalf("no kernel: %v", err)
 	}
 }

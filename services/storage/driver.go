@@ -49,6 +49,9 @@ type Host struct {
 	// Stamp, if set, is the modification time every image gets when it is written
 	// (a simulated host whose revision names must not depend on the clock).
 	Stamp *time.Time
+	// sim keeps the simulated pools' volumes (the host's share of QUBES_SIMPOOLS);
+	// simulated pools cannot open without it.
+	sim *simStore
 }
 
 // Pool is one storage pool. Volumes are addressed by their settings (Volume, from
@@ -93,6 +96,12 @@ type Pool interface {
 	// as after a stop; Clear with an empty image of its size.
 	Import(ctx context.Context, v Volume, src *Source) error
 	Clear(ctx context.Context, v Volume) error
+	// Verify is qubesd's Volume.verify, before a start: a *qerr.Error
+	// (StoragePoolException, the driver's text) when data the start needs is missing
+	// (the committed image of a save_on_stop volume, the source's of a snap_on_start
+	// one). Data never written (a fixture's qube, whose directory does not exist
+	// either) is not missing: it reads as an empty image.
+	Verify(v Volume, src *Source) error
 	// Start prepares the volume for a start of its qube (a snap_on_start volume takes a
 	// snapshot of src; a volatile one is emptied); Stop commits a save_on_stop volume as
 	// a new revision, dropping those beyond revisions_to_keep, and discards the rest.

@@ -2,10 +2,12 @@ package storage
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/schemas/config"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
@@ -45,6 +47,16 @@ func inThinPool(t *testing.T, h *harness, qubes ...string) storageapi.LabClient 
 	if _, err := h.Config().Apply(h.Ctx, config.Mutation{ExpectRevision: snap.Revision, Ops: ops}); err != nil {
 		t.Fatal(err)
 	}
+	// The change went to the store, not through the service: wait until its replica
+	// has it (a call carries no revision to wait for here).
+	bustest.CheckFor(t, 10*time.Second, 5*time.Millisecond, func() error {
+		for _, name := range qubes {
+			if got := infoOf(t, h, name); !strings.HasPrefix(got, "pool=thin\n") {
+				return fmt.Errorf("%s's private volume not in the thin pool yet", name)
+			}
+		}
+		return nil
+	})
 	return storageapi.LabClient{NC: h.Connect(), Host: h.Subjects}
 }
 

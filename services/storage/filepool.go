@@ -141,7 +141,17 @@ func (p *filePool) revPath(v Volume, r Revision) string {
 // isodate is qubesd's storage.isodate of whole seconds, in UTC.
 func isodate(t time.Time) string { return t.UTC().Truncate(time.Second).Format("2006-01-02T15:04:05") }
 
-func (p *filePool) Path(v Volume) string { return filepath.Join(p.dir, v.VID) + "-dirty.img" }
+// Path is what Info reports: reflink.py's running copy; file.py's image, which for a
+// snapshot is its source's (FileVolume.path).
+func (p *filePool) Path(v Volume) string {
+	if p.driver == "file" {
+		if v.SnapOnStart && v.Source != "" {
+			return filepath.Join(p.dir, v.Source) + ".img"
+		}
+		return filepath.Join(p.dir, v.VID) + ".img"
+	}
+	return filepath.Join(p.dir, v.VID) + "-dirty.img"
+}
 
 func (p *filePool) ExportPath(v Volume) (string, bool) {
 	if !v.SaveOnStop {
@@ -304,7 +314,20 @@ func (p *filePool) Remove(_ context.Context, v Volume) error {
 	return nil
 }
 
+// Resize follows qubesd's drivers, whether the qube runs or not (the image a running
+// qube uses is resized in place; qubesd also resizes its loop device, which a host
+// without Xen does not have). file (file.py FileVolume.resize) refuses read-only and
+// snap_on_start volumes with its own texts (the missing space is qubesd's);
+// file-reflink (reflink.py) refuses read-only ones only.
 func (p *filePool) Resize(_ context.Context, v Volume, size int64) error {
+	if p.driver == "file" {
+		if !v.RW {
+			return qerr.StoragePoolException("Can not resize readonly volume " + v.VID)
+		}
+		if v.SnapOnStart {
+			return qerr.StoragePoolException("Cannot resize volume based on a template - resizethe template instead")
+		}
+	}
 	if !v.RW {
 		return qerr.StoragePoolException("Cannot resize: " + v.VID + " is read-only")
 	}
@@ -432,6 +455,59 @@ func (p *filePool) Clear(_ context.Context, v Volume) error {
 		return err
 	}
 	return p.commit(v, p.imp(v))
+}
+
+// missing reports whether an image was written once and is gone: its file is absent
+// while its directory exists (a qube of the fixture whose data was never written
+// has neither).
+func missing(local string) bool {
+	return !exists(local) && exists(filepath.Dir(local))
+}
+
+// Verify follows qubesd's drivers. file-reflink (reflink.py ReflinkVolume.verify):
+// the source's committed image for snap_on_start, the volume's own for save_on_stop,
+// "Missing image file '<path>' for volume <vid>". file (file.py FileVolume.verify):
+// its path (the source's image for snap_on_start) when snap_on_start or save_on_stop,
+// "Missing image file: <path>.".
+func (p *filePool) Verify(v Volume, src *Source) error {
+	if !v.SnapOnStart && !v.SaveOnStop {
+		return nil
+	}
+	if p.driver == "file" {
+		vid := v.VID
+		if v.SnapOnStart {
+			if src == nil {
+				return nil
+			}
+			vid = src.Volume.VID
+		}
+		path := filepath.Join(p.dir, vid) + ".img" // as qubesd names it (not under Root)
+		if !missing(p.local(path)) {
+			return nil
+		}
+		return qerr.StoragePoolException("Missing image file: " + path + ".")
+	}
+	pool, vol := p, v
+	if v.SnapOnStart {
+		sp, ok := srcFilePool(src)
+		if !ok {
+			return nil // no image to look at (qubesd fails elsewhere)
+		}
+		pool, vol = sp, src.Volume
+	}
+	if !missing(pool.clean(vol)) {
+		return nil
+	}
+	path := filepath.Join(pool.dir, vol.VID) + ".img"
+	return qerr.StoragePoolException("Missing image file " + qerr.Repr(path) + " for volume " + v.VID)
+}
+
+func srcFilePool(src *Source) (*filePool, bool) {
+	if src == nil {
+		return nil, false
+	}
+	sp, ok := src.Pool.(*filePool)
+	return sp, ok
 }
 
 func (p *filePool) Start(_ context.Context, v Volume, src *Source) error {

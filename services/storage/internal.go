@@ -25,6 +25,7 @@ func (s *Service) internalEndpoints(ctx context.Context, nc *nats.Conn, svc micr
 	for op, f := range map[string]func(context.Context, storageapi.VolumesRequest) error{
 		storageapi.OpCreate:  s.createVolumes,
 		storageapi.OpRemove:  s.removeVolumes,
+		storageapi.OpVerify:  s.verifyVolumes,
 		storageapi.OpPrepare: s.prepareVolumes,
 		storageapi.OpStop:    s.stopVolumes,
 	} {
@@ -43,6 +44,35 @@ func (s *Service) internalEndpoints(ctx context.Context, nc *nats.Conn, svc micr
 					s.log.Error("storage operation failed", "op", op, "qube", req.Qube, "err", err)
 				}
 				_ = r.RespondJSON(storageapi.ReplyFor(err))
+			}()
+		})
+		detached := micro.HandlerFunc(func(r micro.Request) { h(bus.Detach(nc, r)) })
+		if err := svc.AddEndpoint("storage-"+op, detached, micro.WithEndpointSubject(s.cfg.Host.Service(storageapi.ServiceToken, op))); err != nil {
+			return fmt.Errorf("add %s endpoint: %w", op, err)
+		}
+	}
+	// A backup's reads: no write lock, they read committed data only.
+	for op, f := range map[string]func(context.Context, storageapi.ExportRequest) (storageapi.ExportReply, error){
+		storageapi.OpExport: s.exportVolume,
+		storageapi.OpRead:   s.readVolume,
+	} {
+		h := micro.HandlerFunc(func(r micro.Request) {
+			go func() {
+				var req storageapi.ExportRequest
+				var rep storageapi.ExportReply
+				var err error
+				if jerr := json.Unmarshal(r.Data(), &req); jerr != nil || req.Qube == "" || req.Volume == "" {
+					err = qerr.Abort("storage " + op + ": malformed request")
+				} else {
+					rep, err = f(ctx, req)
+				}
+				if err != nil {
+					if errors.Is(err, qerr.ErrAbort) {
+						s.log.Error("storage export failed", "op", op, "qube", req.Qube, "volume", req.Volume, "err", err)
+					}
+					rep = storageapi.ExportReply{Reply: storageapi.ReplyFor(err)}
+				}
+				_ = r.RespondJSON(rep)
 			}()
 		})
 		detached := micro.HandlerFunc(func(r micro.Request) { h(bus.Detach(nc, r)) })
@@ -157,10 +187,36 @@ func (s *Service) removeVolumes(ctx context.Context, req storageapi.VolumesReque
 // snapshot whose source has snapshots disabled and runs is refused, then every volume
 // starts. If one fails, the volumes this call started are discarded (those that
 // were dirty already stay as they were) and the error is the start's.
+// verifyVolumes is qubesd's Storage.verify: each volume in order, the first missing
+// image fails the start.
+func (s *Service) verifyVolumes(ctx context.Context, req storageapi.VolumesRequest) error {
+	s.follow.settle(ctx) // a stop just before commits first
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	q, err := s.qubeVolumes(req.Qube)
+	if err != nil {
+		return err
+	}
+	for _, v := range q.vols {
+		p, err := s.poolOf(q.pools, v)
+		if err != nil {
+			return err
+		}
+		v = effective(p, v)
+		if err := p.Verify(v, s.source(q.pools, v)); err != nil {
+			return driverError(fmt.Errorf("%s: %w", v.Name, err))
+		}
+	}
+	return nil
+}
+
 func (s *Service) prepareVolumes(ctx context.Context, req storageapi.VolumesRequest) error {
 	s.follow.settle(ctx) // a stop just before commits first
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
+	if err := s.syncSim(ctx); err != nil {
+		return err
+	}
 	q, err := s.qubeVolumes(req.Qube)
 	if err != nil {
 		return err

@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+
+	"github.com/qubesbus/qubesbus/bus/qerr"
 )
 
 // kernelDriver serves read-only kernel volumes: each directory under dir_path is a
@@ -91,6 +93,16 @@ func (p *kernelPool) Clear(context.Context, Volume) error {
 	return fmt.Errorf("%w: import_data of a kernel volume", ErrNotSupported)
 }
 func (p *kernelPool) Start(context.Context, Volume, *Source) error { return nil }
-func (p *kernelPool) Stop(context.Context, Volume) error           { return nil }
-func (p *kernelPool) IsDirty(Volume) bool                          { return false }
-func (p *kernelPool) Discard(context.Context, Volume) error        { return nil }
+
+// Verify is qubesd's LinuxModules.verify: a kernel named must have its vmlinuz,
+// "Missing image file: <dir>/<vid>/vmlinuz". A kernel directory that does not exist
+// at all is not checked (a host whose kernels were never installed, as a fixture's).
+func (p *kernelPool) Verify(v Volume, _ *Source) error {
+	if v.VID == "" || !missing(filepath.Join(p.local(), v.VID, "vmlinuz")) {
+		return nil
+	}
+	return qerr.StoragePoolException("Missing image file: " + filepath.Join(p.dir, v.VID, "vmlinuz"))
+}
+func (p *kernelPool) Stop(context.Context, Volume) error    { return nil }
+func (p *kernelPool) IsDirty(Volume) bool                   { return false }
+func (p *kernelPool) Discard(context.Context, Volume) error { return nil }

@@ -101,8 +101,11 @@ func (s *Service) openArg(c *rpc.Call) (Pool, []config.Pool, error) {
 	return p, pools, nil
 }
 
-func (s *Service) poolInfo(_ context.Context, c *rpc.Call) ([]byte, error) {
+func (s *Service) poolInfo(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	p, pools, err := s.openArg(c)
+	if err == nil {
+		err = s.syncSim(ctx)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -144,8 +147,11 @@ func (s *Service) includedIn(name string, p Pool, pools []config.Pool) string {
 	return ""
 }
 
-func (s *Service) poolUsageDetails(_ context.Context, c *rpc.Call) ([]byte, error) {
+func (s *Service) poolUsageDetails(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	p, _, err := s.openArg(c)
+	if err == nil {
+		err = s.syncSim(ctx)
+	}
 	if err != nil {
 		return nil, err
 	}

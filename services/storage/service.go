@@ -6,8 +6,9 @@
 // like every other change (config ops add-pool, set-pool, del-pool,
 // set-volume-config); this service reads them from its replica. The data (images,
 // revisions) is the pools': files under a file pool's dir_path, or a simulated pool's
-// memory. Clone tokens live in a JetStream KV bucket, so that CloneTo works whichever
-// instance serves it.
+// metadata in the QUBES_SIMPOOLS bucket (simstore.go: a watched cache, compare-and-set
+// writes), shared by the host's instances. Clone tokens live in a JetStream KV
+// bucket, so that CloneTo works whichever instance serves it.
 //
 // The volume side of qube operations is asked for over NATS (schemas/storage, in
 // internal.go): properties has a new qube's volumes created before the qube is added
@@ -74,6 +75,14 @@ type Config struct {
 	WriteTimeout time.Duration
 	// Lifecycle answers power states (nil: lifecycle.Client on Serve's connection).
 	Lifecycle PowerStates
+	// Events stores the service's events (nil: QUBES_EVENTS over Serve's
+	// connection); `qubesbus run` passes one that counts them for its metrics.
+	Events Events
+}
+
+// Events publishes events and returns once they are stored (cloudevent.Publisher).
+type Events interface {
+	Publish(ctx context.Context, evs ...cloudevent.Event) error
 }
 
 // PowerStates is what the service needs of the lifecycle: which qubes are not halted.
@@ -108,7 +117,7 @@ type Service struct {
 	host   Host
 	rep    *replica.Replica
 	store  Store
-	events *cloudevent.Publisher
+	events Events
 	tokens jetstream.KeyValue
 	life   PowerStates
 	follow *powerFollower
@@ -173,9 +182,19 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if s.tokens, err = openTokens(ctx, js, s.cfg.Replicas, s.cfg.TokenTTL); err != nil {
 		return nil, err
 	}
+	simKV, err := OpenSimBucket(ctx, js, s.cfg.Replicas, s.log)
+	if err != nil {
+		return nil, err
+	}
+	if s.host.sim, err = openSimStore(ctx, nc, simKV, s.cfg.Host.ID(), s.log); err != nil {
+		return nil, err
+	}
 	s.rep = rep
 	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
-	s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	s.events = s.cfg.Events
+	if s.events == nil {
+		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
+	}
 	s.life = s.cfg.Lifecycle
 	if s.life == nil {
 		s.life = lifecycle.Client{NC: nc, Host: s.cfg.Host}
@@ -255,16 +274,6 @@ func (s *Service) pool(pc config.Pool) (Pool, error) {
 	if sp, ok := p.(*simPool); ok {
 		sp.faults = s.faultsOf(name)
 	}
-	if old, ok := s.pools[name]; ok {
-		// A simulated pool's volumes outlive a change of its options.
-		if sp, ok := old.pool.(*simPool); ok {
-			if np, ok := p.(*simPool); ok {
-				sp.mu.Lock()
-				np.vols = sp.vols
-				sp.mu.Unlock()
-			}
-		}
-	}
 	s.pools[name] = openPool{key: key, pool: p}
 	return p, nil
 }
@@ -282,6 +291,30 @@ func (s *Service) apply(ctx context.Context, rev uint64, ops []config.Op) error 
 		return fmt.Errorf("%w: apply: %w", qerr.ErrAbort, err)
 	}
 	if err := s.rep.WaitRevision(ctx, newRev); err != nil {
+		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
+	}
+	return nil
+}
+
+// syncSim makes this instance's view of the simulated volumes as new as the bucket,
+// before a call reads them: another instance may have served the change before.
+// Hosts without a simulated pool skip the round trip.
+func (s *Service) syncSim(ctx context.Context) error {
+	simulated := false
+	s.rep.View(func(c *config.Config) {
+		for _, p := range c.Pools {
+			drv, _ := p.Attr("driver")
+			if d, ok := driverByName(drv); ok {
+				if _, ok := d.(simDriver); ok {
+					simulated = true
+				}
+			}
+		}
+	})
+	if !simulated {
+		return nil
+	}
+	if err := s.host.sim.Sync(ctx); err != nil {
 		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 	}
 	return nil

@@ -35,8 +35,14 @@ func newHarness(t *testing.T) *harness {
 // start runs one storage instance on its own connection.
 func (h *harness) start(t *testing.T) micro.Service {
 	t.Helper()
+	return h.startWith(t, halted{})
+}
+
+// startWith runs one storage instance that takes power states from life.
+func (h *harness) startWith(t *testing.T, life PowerStates) micro.Service {
+	t.Helper()
 	stamp := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
-	s, err := New(Config{Host: h.Subjects, Root: h.root, Stamp: &stamp, Lifecycle: halted{},
+	s, err := New(Config{Host: h.Subjects, Root: h.root, Stamp: &stamp, Lifecycle: life,
 		StatFS: func(string) (int64, int64, error) { return 100 << 30, 20 << 30, nil }})
 	if err != nil {
 		t.Fatal(err)

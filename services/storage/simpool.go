@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -12,8 +13,8 @@ import (
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
 )
 
-// simDriver keeps volumes as metadata only (sizes, revisions), for labs of thousands
-// of qubes. It also answers the lvm_thin and zfs driver names, whose pools need
+// simDriver keeps volumes as metadata only (sizes, revisions) in the host's
+// QUBES_SIMPOOLS bucket (simstore.go), for labs of thousands of qubes. It also answers the lvm_thin and zfs driver names, whose pools need
 // hardware this host does not have.
 type simDriver struct {
 	name   string
@@ -27,7 +28,10 @@ func (d simDriver) Name() string    { return d.name }
 func (d simDriver) Params() []Param { return d.params }
 
 func (d simDriver) Open(cfg PoolConfig, host Host) (Pool, error) {
-	p := &simPool{driver: d.name, host: host, vols: map[string]*simVol{}, rtk: "1"}
+	if host.sim == nil {
+		return nil, fmt.Errorf("%w: %s pools need the simulated volumes' store", ErrBadOption, d.name)
+	}
+	p := &simPool{driver: d.name, host: host, store: host.sim, rtk: "1"}
 	p.name, _ = cfg.Get("name")
 	p.cfg = PoolConfig{{"name", p.name}, {"driver", d.name}}
 	for _, prm := range d.params {
@@ -46,9 +50,9 @@ type simPool struct {
 	cfg               PoolConfig
 	host              Host
 	faults            *simFaults // set by the service; nil: none
-
-	mu   sync.Mutex
-	vols map[string]*simVol
+	// store keeps the volumes, shared by every instance of the host: a pool reopened
+	// with other options (or by another instance) has the same volumes.
+	store *simStore
 }
 
 // simFaults are the faults a lab injects into one simulated pool
@@ -101,28 +105,28 @@ func (p *simPool) copyDelay(ctx context.Context) error {
 	}
 }
 
-type simVol struct {
-	size  int64
-	dirty bool
-	revs  []Revision
-	next  int
-}
-
 var _ Pool = (*simPool)(nil)
 
-func (p *simPool) Config() PoolConfig            { return slices.Clone(p.cfg) }
-func (p *simPool) Setup(context.Context) error   { return nil }
-func (p *simPool) Destroy(context.Context) error { return nil }
-func (p *simPool) DirPath() string               { return "" }
-func (p *simPool) Listed() []string              { return nil }
+func (p *simPool) Config() PoolConfig          { return slices.Clone(p.cfg) }
+func (p *simPool) Setup(context.Context) error { return nil }
+func (p *simPool) DirPath() string             { return "" }
+func (p *simPool) Listed() []string            { return nil }
+
+// Destroy forgets the volumes of a removed pool, so that a pool added again under
+// its name starts empty.
+func (p *simPool) Destroy(ctx context.Context) error {
+	var vids []string
+	p.store.each(p.name, func(vid string, _ *simRecord) { vids = append(vids, vid) })
+	var errs []error
+	for _, vid := range vids {
+		errs = append(errs, p.store.change(ctx, p.name, vid, func(*simRecord) (*simRecord, error) { return nil, nil }))
+	}
+	return errors.Join(errs...)
+}
 
 func (p *simPool) Usage() (int64, int64, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	var used int64
-	for _, v := range p.vols {
-		used += v.size
-	}
+	p.store.each(p.name, func(_ string, r *simRecord) { used += r.Size })
 	return SimCapacity, min(used, SimCapacity), true
 }
 
@@ -133,38 +137,39 @@ func (p *simPool) now() time.Time {
 	return time.Now()
 }
 
-// vol returns the record of a volume, made from its settings on first use.
-func (p *simPool) vol(v Volume) *simVol {
-	sv := p.vols[v.VID]
-	if sv == nil {
-		sv = &simVol{size: v.Size, next: 1}
-		p.vols[v.VID] = sv
+// orNew is a volume's record, made from its settings when it has none yet (a
+// fixture's qube).
+func orNew(r *simRecord, v Volume) *simRecord {
+	if r == nil {
+		return &simRecord{Size: v.Size, Next: 1}
 	}
-	return sv
+	return r
 }
 
-func (p *simPool) Create(_ context.Context, v Volume) error {
+// change applies f to the volume's record (made from its settings if need be).
+func (p *simPool) change(ctx context.Context, v Volume, f func(r *simRecord) error) error {
+	return p.store.change(ctx, p.name, v.VID, func(cur *simRecord) (*simRecord, error) {
+		r := orNew(cur, v)
+		return r, f(r)
+	})
+}
+
+func (p *simPool) Create(ctx context.Context, v Volume) error {
 	if v.SaveOnStop && !v.SnapOnStart && p.faults.get().Full {
 		return p.full()
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.vols[v.VID] = &simVol{size: v.Size, next: 1}
-	return nil
+	return p.store.change(ctx, p.name, v.VID, func(*simRecord) (*simRecord, error) {
+		return &simRecord{Size: v.Size, Next: 1}, nil
+	})
 }
 
-func (p *simPool) Remove(_ context.Context, v Volume) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	delete(p.vols, v.VID)
-	return nil
+func (p *simPool) Remove(ctx context.Context, v Volume) error {
+	return p.store.change(ctx, p.name, v.VID, func(*simRecord) (*simRecord, error) { return nil, nil })
 }
 
 func (p *simPool) Size(v Volume) int64 {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if sv := p.vols[v.VID]; sv != nil {
-		return sv.size
+	if r, _ := p.store.get(p.name, v.VID); r != nil {
+		return r.Size
 	}
 	return v.Size
 }
@@ -173,64 +178,71 @@ func (p *simPool) UsageOf(Volume) int64 { return 0 }
 func (p *simPool) Path(v Volume) string { return "/dev/sim/" + p.name + "/" + v.VID }
 
 func (p *simPool) Revisions(v Volume) ([]Revision, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if sv := p.vols[v.VID]; sv != nil {
-		return slices.Clone(sv.revs), nil
+	if r, _ := p.store.get(p.name, v.VID); r != nil {
+		return r.Revs, nil
 	}
 	return nil, nil
 }
 
 func (p *simPool) IsOutdated(Volume, *Source) bool { return false }
 
-func (p *simPool) Resize(_ context.Context, v Volume, size int64) error {
+// Resize: lvm.py ThinVolume.resize refuses a read-only volume with its text, zfs.py
+// checks nothing; both resize a running volume (its snapshot) in place.
+func (p *simPool) Resize(ctx context.Context, v Volume, size int64) error {
 	if !v.RW {
-		return fmt.Errorf("%w: resize of %s", ErrReadOnly, v.VID)
+		switch p.driver {
+		case "lvm_thin":
+			return qerr.StoragePoolException("Can not resize readonly volume " + v.VID)
+		case "callback":
+			return fmt.Errorf("%w: resize of %s", ErrReadOnly, v.VID)
+		}
 	}
 	f := p.faults.get()
 	if f.ResizeFails != "" {
 		return qerr.StoragePoolException(f.ResizeFails)
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if f.Full && size > p.vol(v).size {
-		return p.full()
-	}
-	p.vol(v).size = size
-	return nil
+	return p.change(ctx, v, func(r *simRecord) error {
+		if f.Full && size > r.Size {
+			return p.full()
+		}
+		r.Size = size
+		return nil
+	})
 }
 
 // commit keeps the current data as a revision and drops those beyond the limit.
-func (p *simPool) commit(v Volume, sv *simVol) {
+func (p *simPool) commit(v Volume, r *simRecord) {
 	if v.RevisionsToKeep != 0 {
-		sv.revs = append(sv.revs, Revision{ID: strconv.Itoa(sv.next), Time: p.now()})
-		sv.next++
+		r.Revs = append(r.Revs, Revision{ID: strconv.Itoa(r.Next), Time: p.now()})
+		r.Next++
 	}
 	if keep := v.RevisionsToKeep; keep <= 0 {
 		if keep == 0 {
-			sv.revs = nil
+			r.Revs = nil
 		} else {
-			sv.revs = sv.revs[min(-keep, len(sv.revs)):]
+			r.Revs = r.Revs[min(-keep, len(r.Revs)):]
 		}
-	} else if len(sv.revs) > keep {
-		sv.revs = slices.Clone(sv.revs[len(sv.revs)-keep:])
+	} else if len(r.Revs) > keep {
+		r.Revs = slices.Clone(r.Revs[len(r.Revs)-keep:])
+	}
+	if len(r.Revs) == 0 {
+		r.Revs = nil
 	}
 }
 
-func (p *simPool) Revert(_ context.Context, v Volume, revision string) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	sv := p.vol(v)
-	i := slices.IndexFunc(sv.revs, func(r Revision) bool { return r.ID == revision })
-	if i < 0 {
-		return fmt.Errorf("%w: %s", ErrNoRevision, revision)
-	}
-	sv.revs = slices.Delete(sv.revs, i, i+1)
-	if v.RevisionsToKeep != 0 {
-		sv.revs = append(sv.revs, Revision{ID: strconv.Itoa(sv.next), Time: p.now()})
-		sv.next++
-	}
-	return nil
+func (p *simPool) Revert(ctx context.Context, v Volume, revision string) error {
+	return p.change(ctx, v, func(r *simRecord) error {
+		i := slices.IndexFunc(r.Revs, func(rv Revision) bool { return rv.ID == revision })
+		if i < 0 {
+			return fmt.Errorf("%w: %s", ErrNoRevision, revision)
+		}
+		r.Revs = slices.Delete(r.Revs, i, i+1)
+		if v.RevisionsToKeep != 0 {
+			r.Revs = append(r.Revs, Revision{ID: strconv.Itoa(r.Next), Time: p.now()})
+			r.Next++
+		}
+		return nil
+	})
 }
 
 func (p *simPool) Import(ctx context.Context, v Volume, src *Source) error {
@@ -244,29 +256,26 @@ func (p *simPool) Import(ctx context.Context, v Volume, src *Source) error {
 		return err
 	}
 	size := src.Pool.Size(src.Volume)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	sv := p.vol(v)
-	p.commit(v, sv)
-	sv.size = size
-	return nil
+	return p.change(ctx, v, func(r *simRecord) error {
+		p.commit(v, r)
+		r.Size = size
+		return nil
+	})
 }
 
-func (p *simPool) Clear(_ context.Context, v Volume) error {
+func (p *simPool) Clear(ctx context.Context, v Volume) error {
 	if !v.SaveOnStop {
 		return fmt.Errorf("%w: import_data of %s (not save_on_stop)", ErrNotSupported, v.VID)
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.commit(v, p.vol(v))
-	return nil
+	return p.change(ctx, v, func(r *simRecord) error {
+		p.commit(v, r)
+		return nil
+	})
 }
 
 func (p *simPool) Start(ctx context.Context, v Volume, _ *Source) error {
-	p.mu.Lock()
-	resume := p.vol(v).dirty
-	p.mu.Unlock()
-	if !resume {
+	r, _ := p.store.get(p.name, v.VID)
+	if r == nil || !r.Dirty {
 		// A new snapshot (or an emptied volatile volume) takes room, and a snapshot of
 		// a source is a copy.
 		if p.faults.get().Full {
@@ -278,35 +287,35 @@ func (p *simPool) Start(ctx context.Context, v Volume, _ *Source) error {
 			}
 		}
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.vol(v).dirty = v.SaveOnStop
-	return nil
+	return p.change(ctx, v, func(r *simRecord) error {
+		r.Dirty = v.SaveOnStop
+		return nil
+	})
 }
+
+// Verify: a simulated volume's data is metadata only, never missing.
+func (p *simPool) Verify(Volume, *Source) error { return nil }
 
 func (p *simPool) IsDirty(v Volume) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	sv := p.vols[v.VID]
-	return v.SaveOnStop && sv != nil && sv.dirty
+	r, _ := p.store.get(p.name, v.VID)
+	return v.SaveOnStop && r != nil && r.Dirty
 }
 
-func (p *simPool) Discard(_ context.Context, v Volume) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if sv := p.vols[v.VID]; sv != nil {
-		sv.dirty = false
-	}
-	return nil
+func (p *simPool) Discard(ctx context.Context, v Volume) error {
+	return p.store.change(ctx, p.name, v.VID, func(cur *simRecord) (*simRecord, error) {
+		if cur != nil {
+			cur.Dirty = false
+		}
+		return cur, nil
+	})
 }
 
-func (p *simPool) Stop(_ context.Context, v Volume) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	sv := p.vol(v)
-	if sv.dirty && v.RevisionsToKeep != -1 {
-		p.commit(v, sv)
-	}
-	sv.dirty = false
-	return nil
+func (p *simPool) Stop(ctx context.Context, v Volume) error {
+	return p.change(ctx, v, func(r *simRecord) error {
+		if r.Dirty && v.RevisionsToKeep != -1 {
+			p.commit(v, r)
+		}
+		r.Dirty = false
+		return nil
+	})
 }

@@ -150,7 +150,10 @@ func ephemeral(p Pool, v Volume) bool {
 	return b
 }
 
-func (s *Service) volumeInfo(_ context.Context, c *rpc.Call) ([]byte, error) {
+func (s *Service) volumeInfo(ctx context.Context, c *rpc.Call) ([]byte, error) {
+	if err := s.syncSim(ctx); err != nil {
+		return nil, err
+	}
 	q, err := s.qubeVolumes(c.Dest.Name)
 	if err != nil {
 		return nil, err
@@ -197,6 +200,9 @@ func revisions(p Pool, v Volume) ([]string, error) {
 
 func (s *Service) volumeListSnapshots(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	s.follow.settle(ctx)
+	if err := s.syncSim(ctx); err != nil {
+		return nil, err
+	}
 	q, err := s.qubeVolumes(c.Dest.Name)
 	if err != nil {
 		return nil, err
@@ -218,7 +224,9 @@ func (s *Service) volumeListSnapshots(ctx context.Context, c *rpc.Call) ([]byte,
 
 // volumeWrite runs a volume change under the write lock: f checks the call, changes
 // the pool's data and returns the new settings of the volume (nil: unchanged) and the
-// events to publish; the settings go to the change log (apply).
+// events to publish; the settings go to the change log (apply). New settings and
+// events f returns with its error (a resize done before the online step failed) are
+// kept.
 func (s *Service) volumeWrite(ctx context.Context, c *rpc.Call,
 	f func(q qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error)) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
@@ -226,6 +234,9 @@ func (s *Service) volumeWrite(ctx context.Context, c *rpc.Call,
 	s.follow.settle(ctx)
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
+	if err := s.syncSim(ctx); err != nil {
+		return nil, err
+	}
 	q, err := s.qubeVolumes(c.Dest.Name)
 	if err != nil {
 		return nil, err
@@ -239,21 +250,21 @@ func (s *Service) volumeWrite(ctx context.Context, c *rpc.Call,
 		return nil, err
 	}
 	nv, evs, err := f(q, v, p)
-	if err != nil {
-		return nil, driverError(err)
-	}
 	if nv != nil && !sameVolume(*nv, v) {
 		vols := slices.Clone(q.vols)
 		vols[i] = *nv
 		op := config.Op{Kind: config.OpSetVolumeConfig, Domain: q.id, Value: string(renderVolumeConfig(vols))}
-		if err := s.apply(ctx, q.rev, []config.Op{op}); err != nil {
+		if aerr := s.apply(ctx, q.rev, []config.Op{op}); aerr != nil {
 			// The data changed but the settings could not follow: abort, as qubesd
 			// does when its save fails.
-			return nil, err
+			return nil, aerr
 		}
 	}
-	if err := s.publish(ctx, evs...); err != nil {
-		return nil, err
+	if perr := s.publish(ctx, evs...); perr != nil {
+		return nil, perr
+	}
+	if err != nil {
+		return nil, driverError(err)
 	}
 	return nil, nil
 }
@@ -285,8 +296,32 @@ func (s *Service) volumeResize(ctx context.Context, c *rpc.Call) ([]byte, error)
 			return nil, nil, err
 		}
 		v.Size = size
-		return &v, nil, nil
+		evs, err := s.resizeOnline(ctx, c.Dest.Name, v.Name)
+		return &v, evs, err
 	})
+}
+
+// resizeOnline is the step of qubesd's Storage.resize after the driver's: a running
+// qube is asked to grow its filesystem (qubes.ResizeDisk over qrexec, as root), which
+// qubesd announces with domain-cmd-pre-run. The volume stays resized whatever this
+// answers. A paused qube refuses (run_service), one whose qrexec is not up yet
+// (starting) fails; a host without Xen runs no service in a qube, so the call succeeds
+// there as qubesd's does with the oracle's qrexec-client stand-in (exit 0).
+func (s *Service) resizeOnline(ctx context.Context, qube, volume string) ([]cloudevent.Event, error) {
+	states, err := s.life.PowerStates(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
+	}
+	switch st, ok := states[qube]; {
+	case !ok || st == "Halted":
+		return nil, nil
+	case st == "Paused":
+		return nil, qerr.VMNotRunningError("Domain " + qerr.Repr(qube) + " is paused")
+	case st == "Transient":
+		return nil, qerr.VMError("Domain " + qerr.Repr(qube) + ": qrexec not connected")
+	}
+	s.log.Debug("online resize", "qube", qube, "volume", volume, "service", "qubes.ResizeDisk")
+	return []cloudevent.Event{cloudevent.New(qube, "domain-cmd-pre-run", "start_guid", "False")}, nil
 }
 
 const revisionChars = letters + digits + ":-_."

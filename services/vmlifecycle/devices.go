@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/qubesbus/qubesbus/bus/qerr"
+	"github.com/qubesbus/qubesbus/schemas/devicectl"
 )
 
 // Devices is what a start asks the devices service (devicectl.Client): qubesd checks
@@ -18,8 +19,9 @@ type Devices interface {
 	AttachRequired(ctx context.Context, vm string) error
 }
 
-// checkRequiredDevices is the start's device check; a Qubes exception is the Start's
-// answer, any other failure aborts it.
+// checkRequiredDevices is the start's device check; a Qubes exception or a
+// hypervisor error (devicectl.HypervisorError) is the Start's answer, any other
+// failure aborts it.
 func (s *Service) checkRequiredDevices(ctx context.Context, name string) error {
 	if !s.requiresDevices(name) {
 		return nil
@@ -58,8 +60,9 @@ func devicesErr(err error, what string) error {
 		return nil
 	}
 	var qe *qerr.Error
-	if errors.As(err, &qe) {
-		return qe
+	var he *devicectl.HypervisorError
+	if errors.As(err, &qe) || errors.As(err, &he) {
+		return err
 	}
 	return fmt.Errorf("%w: %s: %w", qerr.ErrAbort, what, err)
 }

@@ -31,7 +31,8 @@ type Qube struct {
 	ProhibitStart   string // feature prohibit-start ("" = allowed)
 	AutoCleanup     bool   // DispVM removed after it stops
 	// RequiresDevices: the qube has a device assignment of mode required, which a
-	// start must check and attach (through the devices service).
+	// start must check and attach, or a PCI assignment of any mode, whose device a
+	// start must find (through the devices service).
 	RequiresDevices bool
 }
 
@@ -155,7 +156,9 @@ func qubeOf(m *model.Model, d *config.Domain) Qube {
 	for _, el := range d.Devices {
 		_, as, err := device.UnmarshalDevices(el, d.Name())
 		// An element the devices service cannot read either is its to report.
-		if err != nil || slices.ContainsFunc(as, func(a device.Assignment) bool { return a.Mode == device.ModeRequired }) {
+		if err != nil || slices.ContainsFunc(as, func(a device.Assignment) bool {
+			return a.Mode == device.ModeRequired || a.Class == "pci"
+		}) {
 			q.RequiresDevices = true
 		}
 	}

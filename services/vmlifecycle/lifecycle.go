@@ -11,6 +11,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/schemas/config"
+	"github.com/qubesbus/qubesbus/schemas/devicectl"
 )
 
 // reason is str(exception) of an error, as domain-start-failed and
@@ -214,6 +215,17 @@ func (s *Service) start(ctx context.Context, name string, path []string) error {
 	// Devices: every required assignment has a device, checked right after
 	// domain-pre-start as qubesd does (devices.go).
 	if err := s.checkRequiredDevices(ctx, name); err != nil {
+		var he *devicectl.HypervisorError
+		if errors.As(err, &he) {
+			// A libvirt error: admin.vm.Start's handler wraps it, the event has it bare.
+			_ = s.emit(ctx, evStartFailed(name, he.Msg))
+			return errStartFailed(he.Msg)
+		}
+		return fail(err)
+	}
+	// Storage: every image the start needs is there (Storage.verify, which fires
+	// domain-verify-files once it has looked).
+	if err := s.verifyVolumes(ctx, q); err != nil {
 		return fail(err)
 	}
 	if err := s.emit(ctx, evVerifyFiles(name)); err != nil {

@@ -9,13 +9,26 @@ import (
 )
 
 // Volumes is what the lifecycle needs of the storage service (storageapi.Client): a
-// qube's volumes prepared before its domain is created (qubesd's Storage.start, whose
-// failure is the start's error), stopped again when the domain then cannot be
+// qube's volumes verified after its device check (qubesd's Storage.verify: a
+// missing image) and prepared before its domain is created (Storage.start), each
+// failure being the start's error; stopped again when the domain then cannot be
 // created, and a disposable's removed with it.
 type Volumes interface {
+	VerifyStart(ctx context.Context, qube string) error
 	PrepareStart(ctx context.Context, qube string) error
 	StopVolumes(ctx context.Context, qube string) error
 	RemoveVolumes(ctx context.Context, qube, volumeConfig string, rev uint64) error
+}
+
+// verifyVolumes checks q's volumes before its start; the error is the start's.
+func (s *Service) verifyVolumes(ctx context.Context, q Qube) error {
+	if s.cfg.Volumes == nil {
+		return nil
+	}
+	if err := s.cfg.Volumes.VerifyStart(ctx, q.Name); err != nil {
+		return fmt.Errorf("verify volumes of %s: %w", q.Name, err)
+	}
+	return nil
 }
 
 // prepareVolumes prepares q's volumes for its start; the error is the start's (a

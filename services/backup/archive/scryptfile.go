@@ -2,6 +2,7 @@ package archive
 
 import (
 	"bytes"
+	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hmac"
@@ -76,6 +77,29 @@ func deriveKeys(passphrase, salt []byte, p ScryptParams) (encKey, macKey []byte,
 	return dk[:32], dk[32:], nil
 }
 
+// deriveKeysCtx is deriveKeys that gives up waiting when ctx ends.
+func deriveKeysCtx(ctx context.Context, passphrase, salt []byte, p ScryptParams) (encKey, macKey []byte, err error) {
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
+	}
+	type keys struct {
+		enc, mac []byte
+		err      error
+	}
+	done := make(chan keys, 1)
+	go func() {
+		var k keys
+		k.enc, k.mac, k.err = deriveKeys(passphrase, salt, p)
+		done <- k
+	}()
+	select {
+	case k := <-done:
+		return k.enc, k.mac, k.err
+	case <-ctx.Done():
+		return nil, nil, ctx.Err()
+	}
+}
+
 // Encrypter writes one scrypt file: Write the data, then Close to append the HMAC.
 type Encrypter struct {
 	w      io.Writer
@@ -87,7 +111,9 @@ type Encrypter struct {
 }
 
 // NewEncrypter derives the keys with a fresh random salt and writes the header to w.
-func NewEncrypter(w io.Writer, passphrase []byte, p ScryptParams) (*Encrypter, error) {
+// The derivation (about a second at the default cost) returns ctx's error as soon as
+// ctx ends; it finishes in the background, its result dropped, as scrypt cannot stop.
+func NewEncrypter(ctx context.Context, w io.Writer, passphrase []byte, p ScryptParams) (*Encrypter, error) {
 	if err := p.validate(); err != nil {
 		return nil, err
 	}
@@ -102,7 +128,7 @@ func NewEncrypter(w io.Writer, passphrase []byte, p ScryptParams) (*Encrypter, e
 	}
 	sum := sha256.Sum256(hdr[:48])
 	copy(hdr[48:64], sum[:16])
-	encKey, macKey, err := deriveKeys(passphrase, hdr[16:48], p)
+	encKey, macKey, err := deriveKeysCtx(ctx, passphrase, hdr[16:48], p)
 	if err != nil {
 		return nil, err
 	}

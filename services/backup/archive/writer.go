@@ -81,7 +81,7 @@ func (w *Writer) WriteHeader(ctx context.Context) error {
 		return err
 	}
 	var enc bytes.Buffer
-	e, err := NewEncrypter(&enc, PartPassphrase(w.opts.BackupID, HeaderName, w.opts.Passphrase), w.opts.Scrypt)
+	e, err := NewEncrypter(ctx, &enc, PartPassphrase(w.opts.BackupID, HeaderName, w.opts.Passphrase), w.opts.Scrypt)
 	if err != nil {
 		return err
 	}
@@ -111,7 +111,7 @@ type File struct {
 // AddFile writes f as an inner tar, compressed, split and encrypted; progress (if
 // set) is told each count of bytes of f read.
 func (w *Writer) AddFile(ctx context.Context, f File, progress func(n int64)) error {
-	sp := &splitter{w: w, inner: f.Name}
+	sp := &splitter{ctx: ctx, w: w, inner: f.Name}
 	defer sp.discard()
 	var stream io.Writer = sp
 	var gz *gzip.Writer
@@ -191,6 +191,7 @@ func (w *Writer) Close() error { return nil }
 // splitter cuts the inner stream into parts of ChunkSize bytes, each encrypted into a
 // temporary file and then written to the archive (its tar header needs its size).
 type splitter struct {
+	ctx   context.Context // ends a part's key derivation early
 	w     *Writer
 	inner string
 	i     int
@@ -208,7 +209,7 @@ func (s *splitter) start() error {
 	s.tmp = f
 	s.n = 0
 	name := PartName(s.inner, s.i)
-	s.enc, err = NewEncrypter(f, PartPassphrase(s.w.opts.BackupID, name, s.w.opts.Passphrase), s.w.opts.Scrypt)
+	s.enc, err = NewEncrypter(s.ctx, f, PartPassphrase(s.w.opts.BackupID, name, s.w.opts.Passphrase), s.w.opts.Scrypt)
 	return err
 }
 

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -24,6 +25,19 @@ type Result struct {
 	PerSecond  float64
 	P50, P99   time.Duration
 	AllocsCall float64 // heap allocations per call, whole process (in-process system)
+	// CPUCall is the process's CPU time (user and system) per call: clients, gateway,
+	// services and NATS together. Unlike calls/s it hardly moves with what else the
+	// machine runs.
+	CPUCall time.Duration
+}
+
+// processCPU is the CPU time this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // Op makes one call; client is the caller's index, i its call count.
@@ -38,6 +52,7 @@ func Run(ctx context.Context, class string, clients int, d time.Duration, op Op)
 	var errs atomic.Int64
 	stop := time.Now().Add(d)
 	var wg sync.WaitGroup
+	cpu0 := processCPU()
 	start := time.Now()
 	for c := 0; c < clients; c++ {
 		wg.Add(1)
@@ -55,6 +70,7 @@ func Run(ctx context.Context, class string, clients int, d time.Duration, op Op)
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	cpu := processCPU() - cpu0
 	runtime.ReadMemStats(&ms1)
 	var all []time.Duration
 	for _, l := range lat {
@@ -66,6 +82,7 @@ func Run(ctx context.Context, class string, clients int, d time.Duration, op Op)
 		r.PerSecond = float64(n) / elapsed.Seconds()
 		r.P50, r.P99 = all[n/2], all[min(n-1, n*99/100)]
 		r.AllocsCall = float64(ms1.Mallocs-ms0.Mallocs) / float64(n)
+		r.CPUCall = cpu / time.Duration(n)
 	}
 	return r
 }

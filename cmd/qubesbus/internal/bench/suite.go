@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -31,6 +30,11 @@ type Config struct {
 	Subscribers []int         // admin.Events fan-out, e.g. 1, 10, 100
 	Classes     []string      // empty: all
 	SkipQvmLs   bool
+	// FloorClients are the concurrent clients of property.Get in the comparison with
+	// the recorded floor (readsVsFloor); Rounds how often each pair is measured.
+	FloorClients, Rounds int
+	// ReadsOnly runs the comparison of reads with the recorded floor and nothing else.
+	ReadsOnly bool
 	// InProcessReaders reads the admin.Events subscribers from this process instead
 	// of a child process (which is how a dom0 listener runs).
 	InProcessReaders bool
@@ -81,7 +85,7 @@ type Report struct {
 	Floors  []Result // "floor: NATS", "floor: socket" per clients
 	Classes map[int][]Result
 	Events  []EventResult
-	QvmLs   map[int]time.Duration // qubes → wall time of List + GetAll each
+	Reads   []ReadsResult // per scale: property.Get and the qvm-ls shape against the recorded floor
 }
 
 // EventResult is publish-to-socket latency at a fan-out.
@@ -108,7 +112,13 @@ func Suite(ctx context.Context, cfg Config, log *slog.Logger) (*Report, error) {
 			return nil, fmt.Errorf("%d extra qubes: %w", scale, err)
 		}
 	}
-	rep := &Report{Classes: map[int][]Result{}, QvmLs: map[int]time.Duration{}}
+	if cfg.FloorClients <= 0 {
+		cfg.FloorClients = 8
+	}
+	if cfg.Rounds <= 0 {
+		cfg.Rounds = 3
+	}
+	rep := &Report{Classes: map[int][]Result{}}
 	for si, scale := range cfg.Scales {
 		dir := filepath.Join(cfg.Dir, fmt.Sprintf("scale-%d", scale))
 		if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -126,6 +136,18 @@ func Suite(ctx context.Context, cfg Config, log *slog.Logger) (*Report, error) {
 			QubesXML: seedFile, HostID: "bench", NATSPort: -1}, log)
 		if err != nil {
 			return nil, err
+		}
+		reads, err := readsVsFloor(ctx, cfg, sys.Socket, dir, scale, log)
+		if err != nil {
+			sys.Stop()
+			return nil, fmt.Errorf("reads against the recorded floor, %d extra qubes: %w", scale, err)
+		}
+		rep.Reads = append(rep.Reads, reads)
+		if cfg.ReadsOnly {
+			if err := sys.Stop(); err != nil {
+				log.Warn("stop", "err", err)
+			}
+			continue
 		}
 		if si == 0 {
 			if err := floors(ctx, cfg, sys, dir, rep); err != nil {
@@ -160,9 +182,6 @@ func Suite(ctx context.Context, cfg Config, log *slog.Logger) (*Report, error) {
 			sys.Stop()
 			return nil, err
 		}
-		if !cfg.SkipQvmLs {
-			rep.QvmLs[scale] = qvmLs(sys.Socket)
-		}
 		if err := sys.Stop(); err != nil {
 			log.Warn("stop", "err", err)
 		}
@@ -196,22 +215,6 @@ func floors(ctx context.Context, cfg Config, sys *system.System, dir string, rep
 		rep.Floors = append(rep.Floors, Run(ctx, "floor: socket round trip", n, cfg.Duration, sockOp))
 	}
 	return nil
-}
-
-// qvmLs is the qvm-ls-shaped workload: the list, then GetAll of every qube, in turn.
-func qvmLs(socket string) time.Duration {
-	start := time.Now()
-	b, err := Call(socket, []byte("admin.vm.List+ dom0 name dom0\x00"))
-	if err != nil || len(b) < 2 {
-		return -1
-	}
-	for _, line := range strings.Split(strings.TrimSuffix(string(b[2:]), "\n"), "\n") {
-		name, _, _ := strings.Cut(line, " ")
-		if r, err := Call(socket, []byte("admin.vm.property.GetAll+ dom0 name "+name+"\x00")); err != nil || len(r) < 2 || r[0] != '0' {
-			return -1
-		}
-	}
-	return time.Since(start)
 }
 
 // eventFanOut publishes events stamped with their send time and measures when each
@@ -264,6 +267,10 @@ func eventFanOut(ctx context.Context, cfg Config, sys *system.System) ([]EventRe
 func Print(w io.Writer, rep *Report, cfg Config) {
 	floor := map[int]time.Duration{}
 	floorRate := map[int]float64{}
+	if cfg.ReadsOnly {
+		printReads(w, rep)
+		return
+	}
 	fmt.Fprintln(w, "| qubes | call | clients | calls/s | p50 | p99 | allocs/call | p50 ÷ floor |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|")
 	for _, r := range rep.Floors {
@@ -295,14 +302,18 @@ func Print(w io.Writer, rep *Report, cfg Config) {
 		fmt.Fprintf(w, "| %d | %s | %d | %s | %s | %d |\n", e.Subscribers, by, e.Events, e.P50.Round(time.Microsecond), e.P99.Round(time.Microsecond), e.Stalls)
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| qubes | qvm-ls shape (List + GetAll each, one client) |")
-	fmt.Fprintln(w, "|---|---|")
-	for _, scale := range cfg.Scales {
-		d := rep.QvmLs[scale]
-		s := d.Round(time.Millisecond).String()
-		if d < 0 {
-			s = "failed"
+	printReads(w, rep)
+}
+
+// printReads writes the comparison of reads with the recorded floor.
+func printReads(w io.Writer, rep *Report) {
+	fmt.Fprintln(w, "| qubes | reads against the recorded floor | floor | qubesbus | qubesbus ÷ floor, time (median of rounds) | qubesbus ÷ floor, process CPU |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|")
+	for _, r := range rep.Reads {
+		fmt.Fprintf(w, "| %d | property.Get, %d clients, calls/s (best of %d) | %.0f | %.0f | %.2f | %.2f |\n", r.Qubes, r.Clients, r.Rounds, r.GetFloor.PerSecond, r.Get.PerSecond, r.GetRatio, r.GetCPURatio)
+		if r.QvmLs > 0 {
+			fmt.Fprintf(w, "| %d | qvm-ls shape (List + GetAll each, one client), median | %s | %s | %.2f | %.2f |\n", r.Qubes, r.QvmLsFloor.Round(100*time.Microsecond), r.QvmLs.Round(100*time.Microsecond), r.QvmLsRatio, r.QvmLsCPURatio)
+			fmt.Fprintf(w, "| %d | the same right after a change (no kept reply), median | | %s | %.2f | %.2f |\n", r.Qubes, r.QvmLsCold.Round(100*time.Microsecond), r.QvmLsColdRatio, r.QvmLsColdCPURatio)
 		}
-		fmt.Fprintf(w, "| %d | %s |\n", 9+scale, s)
 	}
 }

@@ -12,7 +12,8 @@ import (
 // A short run of the whole suite produces every table with real measurements.
 func TestSuiteMeasures(t *testing.T) {
 	cfg := Config{Seed: "../../../../testdata/qubes.xml", Dir: t.TempDir(), Duration: 200 * time.Millisecond,
-		Clients: []int{1, 4}, Scales: []int{2}, Subscribers: []int{2}, Classes: []string{"admin.vm.List"}}
+		Clients: []int{1, 4}, Scales: []int{2}, Subscribers: []int{2}, Classes: []string{"admin.vm.List"},
+		FloorClients: 2, Rounds: 2}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	rep, err := Suite(ctx, cfg, slog.New(slog.DiscardHandler))
@@ -30,9 +31,15 @@ func TestSuiteMeasures(t *testing.T) {
 	if len(rep.Events) != 1 || rep.Events[0].Events != 400 {
 		t.Errorf("events: %+v (want 200 events to each of 2 subscribers)", rep.Events)
 	}
+	if len(rep.Reads) != 1 {
+		t.Fatalf("reads against the floor: %+v", rep.Reads)
+	}
+	if r := rep.Reads[0]; r.Qubes != 11 || r.Get.Calls == 0 || r.GetFloor.Calls == 0 || r.GetRatio <= 0 || r.GetCPURatio <= 0 || r.QvmLsCPURatio <= 0 || r.QvmLsCold <= 0 || r.QvmLsColdCPURatio <= 0 || r.QvmLs <= 0 || r.QvmLsFloor <= 0 || r.QvmLsRatio <= 0 {
+		t.Errorf("reads against the floor: %+v", r)
+	}
 	var out bytes.Buffer
 	Print(&out, rep, cfg)
-	for _, want := range []string{"floor: NATS request-reply", "floor: socket round trip", "| 11 | admin.vm.List | 4 |", "publish→socket", "qvm-ls shape"} {
+	for _, want := range []string{"floor: NATS request-reply", "floor: socket round trip", "| 11 | admin.vm.List | 4 |", "publish→socket", "| 11 | property.Get, 2 clients", "| 11 | qvm-ls shape", "| 11 | the same right after a change"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("report lacks %q:\n%s", want, out.String())
 		}

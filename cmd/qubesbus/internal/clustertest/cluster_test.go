@@ -129,11 +129,12 @@ func TestClusterFaults(t *testing.T) {
 	}
 	storage := []*proc{storageProc("storage-a"), storageProc("storage-b")}
 	hypervisor := svc("hypervisor", "hypervisor")
-	devices := svc("devices", "devices") // one per host: it keeps each backend's device record
+	// Device records are in the QUBES_DEVICES bucket, so two instances share the host.
+	devices := []*proc{svc("devices", "devices-a"), svc("devices", "devices-b")}
 	lifecycle := []*proc{svc("vmlifecycle", "vmlifecycle-a"), svc("vmlifecycle", "vmlifecycle-b")}
 	gateway := svc("gateway", "gateway")
 	dump := func() {
-		for _, p := range append(append(append(append(append([]*proc{hypervisor, devices}, nodes...), persistence...), properties...), storage...), append(lifecycle, gateway)...) {
+		for _, p := range append(append(append(append(append(append([]*proc{hypervisor}, devices...), nodes...), persistence...), properties...), storage...), append(lifecycle, gateway)...) {
 			if p.log != nil {
 				t.Logf("--- %s ---\n%s", p.name, lastLines(p.log.String(), 15))
 			}
@@ -155,7 +156,7 @@ func TestClusterFaults(t *testing.T) {
 		{lifecycle[:1], serving("qubesbus-vmlifecycle", 1)},
 		{lifecycle[1:], nil},
 		{storage, serving("qubesbus-storage", 2)},
-		{[]*proc{devices}, serving("qubesbus-devices", 1)},
+		{devices, serving("qubesbus-devices", 2)},
 		{properties, serving("qubesbus-properties", 2)},
 		{[]*proc{gateway}, nil},
 	} {
@@ -179,7 +180,7 @@ func TestClusterFaults(t *testing.T) {
 		b, err := call(socket, "admin.vm.List+ dom0 name dom0\x00", 5*time.Second)
 		return err == nil && bytes.HasPrefix(b, []byte("0\x00dom0"))
 	})
-	for _, name := range []string{"qubesbus-properties", "qubesbus-storage"} {
+	for _, name := range []string{"qubesbus-properties", "qubesbus-storage", "qubesbus-devices"} {
 		if n := instances(probe, name); n != 2 {
 			dump()
 			t.Fatalf("%d %s instances, want 2", n, name)

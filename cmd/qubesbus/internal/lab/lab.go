@@ -29,6 +29,9 @@ type Config struct {
 	Dir      string // one folder per host: socket, data
 	NATSURL  string // a cluster to run on; empty starts one embedded server
 	NATSPort int    // embedded server port (-1: any)
+	// NATSHTTP, if set, opens the embedded server's monitoring endpoint (/varz, /jsz,
+	// /connz) on this host:port (port 0: any free one).
+	NATSHTTP string
 	Replicas int
 	// URLs spreads hosts' services over several servers: host i uses URLs[i%len].
 	URLs []string
@@ -59,6 +62,9 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *Lab, err error
 	if cfg.Hosts < 1 {
 		return nil, errors.New("lab: need at least one host")
 	}
+	if cfg.NATSHTTP != "" && (cfg.NATSURL != "" || len(cfg.URLs) > 0) {
+		return nil, fmt.Errorf("lab: %w", system.ErrNATSHTTPExternal)
+	}
 	seed, err := qubesxml.Load(cfg.Seed)
 	if err != nil {
 		return nil, err
@@ -81,9 +87,12 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *Lab, err error
 		}
 		l.Keys = keys
 		l.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.Dir, "nats"), Port: cfg.NATSPort,
-			Users: keys.ServerUsers()})
+			Users: keys.ServerUsers(), HTTP: cfg.NATSHTTP})
 		if err != nil {
 			return nil, err
+		}
+		if a := l.NATS.MonitorAddr(); a != nil {
+			log.Info("nats monitoring ready", "addr", a.String())
 		}
 		url = l.NATS.ClientURL()
 	}

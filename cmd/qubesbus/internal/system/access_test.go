@@ -10,10 +10,12 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
 	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/bus/lease"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
@@ -83,7 +85,7 @@ func TestOnlyTheGatewayCalls(t *testing.T) {
 	host := subject.ForHost("test")
 	spoof := (&envelope.Request{Method: "admin.vm.property.Set", Source: "dom0", Dest: "work", Arg: "label",
 		Payload: []byte("red"), ID: "spoofed"}).Msg(host.API("admin.vm.property.Set"))
-	for _, role := range []string{access.Properties, access.VMLifecycle, access.Persistence, access.Hypervisor, access.Events, access.Lab} {
+	for _, role := range []string{access.Properties, access.VMLifecycle, access.Persistence, access.Hypervisor, access.Events, access.Lab, access.WebView} {
 		expectRefused(t, connectAs(t, sys, role), spoof)
 	}
 	if got := roundTrip(t, sys.Socket, []byte("admin.vm.property.Get+label dom0 name work\x00")); string(got) != "0\x00default=False type=label blue" {
@@ -155,5 +157,40 @@ func TestRepliesStayWithTheirRole(t *testing.T) {
 	// The gateway's own calls still get their replies.
 	if got := roundTrip(t, sys.Socket, []byte("admin.vm.property.Get+label dom0 name work\x00")); string(got) != "0\x00default=False type=label blue" {
 		t.Fatalf("call over the socket: %q", got)
+	}
+}
+
+// TestStandbyMayAskForTheLease: a second lifecycle instance, as the vmlifecycle role,
+// tries to take the host's lease that the first holds. The client reads the key to
+// tell a taken key from a deleted one; the role may do that, so the standby learns
+// the lease is held (a conflict) and the server reports no permissions violation.
+func TestStandbyMayAskForTheLease(t *testing.T) {
+	sys := startSystem(t)
+	nc := connectAs(t, sys, access.VMLifecycle)
+	violations := make(chan error, 8)
+	nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { violations <- err })
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	kv, err := js.KeyValue(ctx, lease.Bucket)
+	if err != nil {
+		t.Fatalf("lease bucket as vmlifecycle: %v", err)
+	}
+	_, err = kv.Create(ctx, leaseKey(subject.ForHost("test")), []byte("standby"))
+	if !errors.Is(err, jetstream.ErrKeyExists) {
+		t.Fatalf("create of a held lease: %v, want ErrKeyExists", err)
+	}
+	// The violation, if any, reaches the error handler after a round trip; a flush
+	// is one more round trip, so it would have arrived by then.
+	if err := nc.FlushWithContext(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-violations:
+		t.Fatalf("vmlifecycle role: %v", err)
+	default:
 	}
 }

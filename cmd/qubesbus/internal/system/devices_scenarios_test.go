@@ -36,6 +36,21 @@ func deviceFrames(frames []string, power ...string) []string {
 	return out
 }
 
+// settled returns the events after mark once the recorder holds every event the
+// stream has now: a call replies after its events are stored, so after a call
+// these are all of its events.
+func (l *lifeEvents) settled(t *testing.T, mark uint64) []string {
+	t.Helper()
+	last := l.mark(t)
+	bustest.CheckFor(t, 10*time.Second, 5*time.Millisecond, func() error {
+		if rs := l.rec.Since(mark); last > mark && (len(rs) == 0 || rs[len(rs)-1].Seq < last) {
+			return fmt.Errorf("recorded %d events after %d, the stream has up to %d", len(rs), mark, last)
+		}
+		return nil
+	})
+	return l.since(mark)
+}
+
 func call(t *testing.T, sys *System, method, dest, arg, payload string) string {
 	t.Helper()
 	if arg != "" {
@@ -83,8 +98,10 @@ func TestDeviceScenarios(t *testing.T) {
 	if want := "2\x00QubesException\x00\x00Block device sys-net:sda::None not available\x00"; got != want {
 		t.Errorf("start without the device: %q, want %q", got, want)
 	}
+	// The events are stored before the reply, but the recorder reads them from the
+	// stream on its own: wait until it has both.
 	var work []string
-	for _, f := range evs.since(mark) {
+	for _, f := range evs.settled(t, mark) {
 		work = append(work, strings.SplitN(strings.TrimPrefix(f, "1\x00"), "\x00", 3)[1])
 	}
 	if want := []string{"domain-pre-start", "domain-start-failed"}; !slices.Equal(work, want) {
@@ -127,5 +144,45 @@ func TestDeviceScenarios(t *testing.T) {
 		"sys-net|device-removed:block|port=sys-net:sda", "work|device-detach:block|port=sys-net:sda")
 	if got := call(t, sys, "admin.vm.device.block.Attached", "work", "", ""); got != "0\x00" {
 		t.Errorf("work's attached devices after the crash: %q", got)
+	}
+}
+
+// TestStartWithMissingPCIDevice: a qube with a PCI device assigned that the host does
+// not have fails to start as qubesd's does (recorded on the oracle): its PCI
+// extension looks the device up in libvirt at domain-pre-start, whatever the
+// assignment's mode, and admin.vm.Start wraps libvirt's error; domain-start-failed
+// carries it bare, and nothing else of the start happens.
+func TestStartWithMissingPCIDevice(t *testing.T) {
+	sys := startSystem(t)
+	evs := captureLifeEvents(t, sys, "test")
+	const nodeErr = "Node device not found: no node device with matching name 'pci_0000_00_1e_0'"
+	for _, mode := range []string{"required", "auto-attach"} {
+		payload := "device_id='*' port_id='00_1e.0' devclass='pci' backend_domain='dom0' mode='" + mode + "' frontend_domain='personal'"
+		if got := call(t, sys, "admin.vm.device.pci.Assign", "personal", "dom0+00_1e.0", payload); got != "0\x00" {
+			t.Fatalf("assign (%s): %q", mode, got)
+		}
+		mark := evs.mark(t)
+		got := call(t, sys, "admin.vm.Start", "personal", "", "")
+		if want := "2\x00QubesException\x00\x00Start failed: " + nodeErr + ", see /var/log/libvirt/libxl/libxl-driver.log for details\x00"; got != want {
+			t.Errorf("start (%s): %q, want %q", mode, got, want)
+		}
+		want := []string{
+			"1\x00personal\x00domain-pre-start\x00start_guid\x00True\x00mem_required\x00None\x00\x00",
+			"1\x00personal\x00domain-start-failed\x00reason\x00" + nodeErr + "\x00\x00",
+		}
+		if got := evs.settled(t, mark); !slices.Equal(got, want) {
+			t.Errorf("events (%s):\n got %q\nwant %q", mode, got, want)
+		}
+		if got := call(t, sys, "admin.vm.device.pci.Unassign", "personal", "dom0+00_1e.0", ""); got != "0\x00" {
+			t.Fatalf("unassign (%s): %q", mode, got)
+		}
+	}
+	// A port the host has, with another device's identity: not available.
+	payload := "device_id='0x8086:0x9999::p028000' port_id='00_14.3' devclass='pci' backend_domain='dom0' mode='required' frontend_domain='personal'"
+	if got := call(t, sys, "admin.vm.device.pci.Assign", "personal", "dom0+00_14.3+0x8086+0x9999++p028000", payload); got != "0\x00" {
+		t.Fatalf("assign: %q", got)
+	}
+	if got, want := call(t, sys, "admin.vm.Start", "personal", "", ""), "2\x00QubesException\x00\x00Pci device dom0:00_14.3:0x8086:0x9999::p028000 not available\x00"; got != want {
+		t.Errorf("start: %q, want %q", got, want)
 	}
 }

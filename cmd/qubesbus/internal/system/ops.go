@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/metrics"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/configstore"
 	"github.com/qubesbus/qubesbus/schemas/replica"
@@ -135,6 +137,28 @@ func (s *System) countingEvents(nc *nats.Conn, host subject.Host) (metrics.Publi
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
 	return metrics.CountingPublisher{Publisher: cloudevent.NewPublisher(js, host.ID()), M: s.obs.metrics}, nil
+}
+
+// observeService is what a service that reads the host's configuration and
+// publishes events needs to be seen by the operators: the host's replica (the one this
+// process follows already, else one followed on nc, as by a single service of
+// `qubesbus serve`), listed under the service's name in the readiness check and the
+// replica metrics, and an events publisher that counts what it stores (nil without
+// metrics: the service's own).
+func (s *System) observeService(name rpc.Service, nc *nats.Conn, host subject.Host, log *slog.Logger) (*replica.Replica, metrics.Publisher, error) {
+	events, err := s.countingEvents(nc, host)
+	if err != nil {
+		return nil, nil, err
+	}
+	rep := s.replica
+	if rep == nil {
+		if rep, err = replica.Follow(s.ctx, nc, host, log); err != nil {
+			return nil, nil, err
+		}
+		s.replica = rep
+	}
+	s.obs.addReplica(string(name), rep, nc)
+	return rep, events, nil
 }
 
 // storeRevision is the configuration store's revision: the store's own in this process,

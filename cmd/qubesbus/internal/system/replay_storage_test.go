@@ -18,8 +18,16 @@ import (
 func recordedStorageHost(t *testing.T, tokens []string) func(*Config) {
 	return func(c *Config) {
 		root := filepath.Join(t.TempDir(), "root")
-		if err := os.MkdirAll(filepath.Join(root, "var/lib/qubes/vm-kernels/6.12.40-1.fc41"), 0o755); err != nil {
+		// The recorded host's kernel, with the files the oracle makes for it (a
+		// start verifies vmlinuz).
+		kernel := filepath.Join(root, "var/lib/qubes/vm-kernels/6.12.40-1.fc41")
+		if err := os.MkdirAll(kernel, 0o755); err != nil {
 			t.Fatal(err)
+		}
+		for _, f := range []string{"vmlinuz", "initramfs", "modules.img"} {
+			if err := os.WriteFile(filepath.Join(kernel, f), nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
 		}
 		stamp := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 		c.Storage = StorageHost{

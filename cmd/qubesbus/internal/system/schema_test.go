@@ -3,6 +3,8 @@ package system
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -13,14 +15,24 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/schemas/events"
+	"github.com/qubesbus/qubesbus/services/backup/archive"
 )
 
 // TestEmittedEventsMatchSchemas drives every kind of change the services make, then
 // reads the whole events stream back and checks each message: CloudEvents binary mode,
 // the SDK can decode it, and its data matches the schema of its event.
 func TestEmittedEventsMatchSchemas(t *testing.T) {
-	sys := startSystem(t)
+	profiles, out := t.TempDir(), t.TempDir()
+	sys := startSystem(t, func(c *Config) {
+		c.BackupProfiles = profiles
+		c.BackupScrypt = archive.ScryptParams{LogN: 10, R: 8, P: 1}
+	})
+	profile := "destination_vm: dom0\ndestination_path: " + out + "\ninclude: [work]\npassphrase_text: x\n"
+	if err := os.WriteFile(filepath.Join(profiles, "p.conf"), []byte(profile), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	calls := []string{
+		"admin.backup.Execute+p dom0 name dom0\x00",
 		"admin.vm.property.Set+memory dom0 name work\x00600",
 		"admin.vm.property.Reset+memory dom0 name work\x00",
 		"admin.vm.property.Set+label dom0 name work\x00green",
@@ -85,7 +97,7 @@ func TestEmittedEventsMatchSchemas(t *testing.T) {
 		total += n
 	}
 	t.Logf("%d events of %d kinds validated", total, len(names))
-	for _, want := range []string{"property-set:memory", "property-reset:memory", "domain-feature-set:foo.bar", "domain-tag-add:t1", "domain-add", "domain-delete", "domain-start", "domain-paused", "domain-shutdown", "domain-pre-delete"} {
+	for _, want := range []string{"backup-get-files", "property-set:backup_timestamp", "property-set:memory", "property-reset:memory", "domain-feature-set:foo.bar", "domain-tag-add:t1", "domain-add", "domain-delete", "domain-start", "domain-paused", "domain-shutdown", "domain-pre-delete"} {
 		if names[want] == 0 {
 			t.Errorf("no %s event was emitted", want)
 		}

@@ -189,7 +189,10 @@ func TestStorageStartInFullPoolLeavesNothing(t *testing.T) {
 }
 
 // qubesd refuses to snapshot a source volume whose snapshots are disabled
-// (revisions_to_keep=-1) while its qube runs: "Volume <vid> is running".
+// (revisions_to_keep=-1) while its qube runs. Storage.start would say "Volume <vid>
+// is running", but in a file-reflink pool Storage.verify comes first and finds the
+// source's committed image gone (the running qube's start renamed it to its dirty
+// image): "Missing image file …" (as the oracle answers).
 func TestStorageStartRefusesRunningSourceWithoutSnapshots(t *testing.T) {
 	var root string
 	sys := startSystem(t, storageRoot(t, &root))
@@ -198,7 +201,7 @@ func TestStorageStartRefusesRunningSourceWithoutSnapshots(t *testing.T) {
 	wantReply(t, sys, "admin.vm.Create.AppVM+fedora-41 dom0 name dom0\x00name=app label=red", "0\x00")
 	wantReply(t, sys, "admin.vm.property.Set+netvm dom0 name app\x00", "0\x00")
 	wantReply(t, sys, "admin.vm.Start+ dom0 name fedora-41\x00", "0\x00")
-	wantReply(t, sys, "admin.vm.Start+ dom0 name app\x00", "2\x00QubesVMError\x00\x00Volume vm-templates/fedora-41/root is running\x00")
+	wantReply(t, sys, "admin.vm.Start+ dom0 name app\x00", "2\x00StoragePoolException\x00\x00Missing image file '/var/lib/qubes/vm-templates/fedora-41/root.img' for volume appvms/app/root\x00")
 	wantReply(t, sys, "admin.vm.Kill+ dom0 name fedora-41\x00", "0\x00")
 	wantReply(t, sys, "admin.vm.Start+ dom0 name app\x00", "0\x00")
 }

@@ -30,6 +30,8 @@ import (
 	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/replica"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
+	"github.com/qubesbus/qubesbus/services/backup"
+	"github.com/qubesbus/qubesbus/services/backup/archive"
 	"github.com/qubesbus/qubesbus/services/devices"
 	"github.com/qubesbus/qubesbus/services/gateway"
 	"github.com/qubesbus/qubesbus/services/persistence"
@@ -50,6 +52,10 @@ type Config struct {
 	// NATSPort is the embedded server's TCP client port: 0 opens none (the services
 	// connect in-process), -1 any free port.
 	NATSPort int
+	// NATSHTTP, if set, opens the embedded server's monitoring endpoint (/varz, /jsz,
+	// /connz) on this host:port (port 0: any free one, Server.MonitorAddr). Only
+	// with the embedded server: an external one has its own (http_port).
+	NATSHTTP string
 	// NKeyDir holds one nkey seed per role (bus/access). With the embedded server it
 	// defaults to <DataDir>/nkeys, created on first start, and the server accepts
 	// only those roles. With an external server a service uses its role's seed from
@@ -97,6 +103,15 @@ type Config struct {
 	// Storage configures the storage service's host (zero: the real filesystem under
 	// <DataDir>/storage).
 	Storage StorageHost
+	// BackupProfiles is the directory of backup profiles, <id>.conf (default
+	// /etc/qubes/backup, as dom0).
+	BackupProfiles string
+	// BackupSinks stands for the qubes' filesystems a backup can be sent to:
+	// <BackupSinks>/<qube>/<destination_path> (default <DataDir>/backup-sinks).
+	BackupSinks string
+	// BackupScrypt is the key derivation cost of backup parts (zero: the archive's
+	// default); tests lower it.
+	BackupScrypt archive.ScryptParams
 	// Metrics, if set, receives the host's metrics (bus/metrics); a lab wraps one
 	// registry with a host label per host.
 	Metrics prometheus.Registerer
@@ -164,8 +179,15 @@ func (c Config) Validate() error {
 	if c.HostID == "" {
 		errs = append(errs, errors.New("no host id"))
 	}
+	if c.NATSHTTP != "" && c.NATSURL != "" {
+		errs = append(errs, ErrNATSHTTPExternal)
+	}
 	return errors.Join(errs...)
 }
+
+// ErrNATSHTTPExternal: the monitoring endpoint of a NATS server qubesbus does not run
+// is that server's to open (its http_port).
+var ErrNATSHTTPExternal = errors.New("a NATS monitoring address needs the embedded server (an external one opens its own, http_port)")
 
 // System is a running host.
 type System struct {
@@ -192,10 +214,12 @@ type System struct {
 	done   sync.WaitGroup
 	// obs is what the metrics and the readiness check read (ops.go).
 	obs observed
+	// local lets the gateway reach the services of this process without NATS.
+	local *rpc.Local
 }
 
 func newSystem(ctx context.Context, cfg Config, log *slog.Logger) *System {
-	s := &System{Socket: cfg.Socket, log: log}
+	s := &System{Socket: cfg.Socket, log: log, local: rpc.NewLocal()}
 	if cfg.PolicyFile != "" {
 		// Start fails on a bad policy file (checked in Validate); a nil policy
 		// allows dom0 only.
@@ -245,9 +269,12 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 		}
 		cfg.NATSCreds, cfg.NATSUser, cfg.NATSPass = "", "", ""
 		s.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.DataDir, "jetstream"),
-			Port: cfg.NATSPort, DontListen: cfg.NATSPort == 0, Users: s.Keys.ServerUsers()})
+			Port: cfg.NATSPort, DontListen: cfg.NATSPort == 0, Users: s.Keys.ServerUsers(), HTTP: cfg.NATSHTTP})
 		if err != nil {
 			return nil, err
+		}
+		if a := s.NATS.MonitorAddr(); a != nil {
+			log.Info("nats monitoring ready", "addr", a.String())
 		}
 		url = s.NATS.ClientURL()
 	}
@@ -325,6 +352,14 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, cfg Config, onlyIfMissing
 			_, err := lease.Open(ctx, js, cfg.LeaseTTL, cfg.Replicas)
 			return err
 		}},
+		{"KV_" + devices.DevicesBucket, func() error {
+			_, err := devices.OpenDevicesBucket(ctx, js, cfg.Replicas)
+			return err
+		}},
+		{"KV_" + storage.SimBucket, func() error {
+			_, err := storage.OpenSimBucket(ctx, js, cfg.Replicas, nil)
+			return err
+		}},
 	}
 	for _, e := range ensure {
 		if onlyIfMissing {
@@ -355,6 +390,7 @@ var services = []service{
 	{rpc.Storage, startStorage},
 	{rpc.Properties, startProperties},
 	{rpc.Devices, startDevices},
+	{rpc.Backup, startBackup},
 	{rpc.Gateway, startGateway},
 }
 
@@ -417,8 +453,12 @@ func startStorage(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 	if sc.Root == "" {
 		sc.Root = filepath.Join(cfg.DataDir, "storage")
 	}
+	rep, events, err := s.observeService(rpc.Storage, nc, host, log)
+	if err != nil {
+		return nil, err
+	}
 	st, err := storage.New(storage.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
-		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken, Replica: s.replica})
+		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken, Replica: rep, Events: events})
 	if err != nil {
 		return nil, err
 	}
@@ -426,11 +466,34 @@ func startStorage(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 }
 
 func startDevices(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
-	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas, Replica: s.replica})
+	rep, events, err := s.observeService(rpc.Devices, nc, host, log)
+	if err != nil {
+		return nil, err
+	}
+	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas, Replica: rep, Events: events})
 	if err != nil {
 		return nil, err
 	}
 	return dev.Serve(s.ctx, nc)
+}
+
+// startBackup serves admin.backup.*: profiles from cfg.BackupProfiles, archives to
+// dom0 paths or to a qube's sink directory under cfg.BackupSinks.
+func startBackup(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
+	sinks := cfg.BackupSinks
+	if sinks == "" && cfg.DataDir != "" {
+		sinks = filepath.Join(cfg.DataDir, "backup-sinks")
+	}
+	rep, events, err := s.observeService(rpc.Backup, nc, host, log)
+	if err != nil {
+		return nil, err
+	}
+	b, err := backup.New(backup.Config{Host: host, Log: log, Auth: s.policy, ProfileDir: cfg.BackupProfiles, SinkDir: sinks,
+		Scrypt: cfg.BackupScrypt, Replica: rep, Events: events})
+	if err != nil {
+		return nil, err
+	}
+	return b.Serve(s.ctx, nc)
 }
 
 func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
@@ -440,7 +503,7 @@ func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, lo
 	}
 	props, err := properties.New(properties.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
 		RuntimeMaxAge: cfg.RuntimeMaxAge, Events: events,
-		Volumes: storageapi.Client{NC: nc, Host: host}, Replica: s.replica})
+		Volumes: storageapi.Client{NC: nc, Host: host}, Replica: s.replica, Local: s.local})
 	if err != nil {
 		return nil, err
 	}
@@ -463,7 +526,7 @@ func startGateway(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 		_ = aud.Close(ctx) // what it could not store is in the log
 	}
 	gcfg := gateway.Config{Host: host, Log: log, Socket: cfg.Socket, SocketGroup: cfg.SocketGroup,
-		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout, Audit: aud}
+		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout, Audit: aud, Local: s.local}
 	if s.obs.metrics != nil {
 		gcfg.Metrics = s.obs.metrics
 	}
