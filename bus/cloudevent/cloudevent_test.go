@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"reflect"
+	"strconv"
 	"testing"
 	"time"
 
@@ -149,6 +150,54 @@ func TestPublishWaitsForTheStreamAndStoresOnce(t *testing.T) {
 		}
 		if got, _, err := Decode(ctx, rawToMsg(m)); err != nil || got.Name != want {
 			t.Fatalf("seq %d: %s %v, want %s", i+1, got.Name, err, want)
+		}
+	}
+}
+
+// Sends made one after another (as under a caller's lock) and waited for afterwards,
+// concurrently, are stored in the order they were sent.
+func TestSendKeepsOrderAcrossWaits(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	nc := bustest.Connect(t, ns)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	s, err := EnsureStream(ctx, js, StreamConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := NewPublisher(js, "local")
+	const sends = 50
+	waits := make(chan func(context.Context) error, sends)
+	for i := range sends {
+		waits <- p.Send(ctx, New("work", "domain-feature-pre-set:n", "value", strconv.Itoa(i)),
+			New("work", "domain-feature-set:n", "value", strconv.Itoa(i)))
+	}
+	close(waits)
+	errs := make(chan error, sends)
+	for wait := range waits {
+		go func() { errs <- wait(ctx) }()
+	}
+	for range sends {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for seq := uint64(1); seq <= 2*sends; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _, err := Decode(ctx, rawToMsg(m))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := strconv.Itoa(int(seq-1) / 2)
+		if len(got.Kwargs) != 1 || got.Kwargs[0].Value != want {
+			t.Fatalf("seq %d: %s %v, want value %q", seq, got.Name, got.Kwargs, want)
 		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -62,6 +63,9 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, c StreamConfig) (
 type Publisher struct {
 	js     jetstream.JetStream
 	hostID string
+	// mu orders sends: the stream stores one connection's messages in the order they
+	// were sent, and a retry holds it so nothing is sent until the retried events are.
+	mu sync.Mutex
 }
 
 // NewPublisher returns a publisher for one host.
@@ -72,41 +76,68 @@ func NewPublisher(js jetstream.JetStream, hostID string) *Publisher {
 // ErrPublish wraps a failure to store an event.
 var ErrPublish = errors.New("publish event")
 
-// Publish stores events in order. Publishing is asynchronous with one wait for all
-// acks, so a burst of events costs one round trip; order is kept because the stream
-// orders messages from one connection as they were sent.
+// Publish stores events in order: Send, then its wait.
 func (p *Publisher) Publish(ctx context.Context, events ...Event) error {
+	return p.Send(ctx, events...)(ctx)
+}
+
+// Send sends events without waiting for their acks and returns what waits for them
+// (a nil error once every one is stored). A caller that sends under its own lock and
+// waits after releasing it keeps its events in the order of its changes while the acks
+// of several changes are awaited at once: events sent later are stored after these.
+//
+// The one exception is a stream that fails to store an event (a leader election after
+// a node loss): its waiter sends it and the rest of its events again, one at a time,
+// holding the publisher so that nothing else is sent meanwhile, but events of later
+// Sends already sent then may be stored before them. A message stored before its ack
+// was lost is not stored twice (its Nats-Msg-Id).
+func (p *Publisher) Send(ctx context.Context, events ...Event) (wait func(context.Context) error) {
 	msgs := make([]*nats.Msg, len(events))
 	for i, e := range events {
 		msg, err := Encode(ctx, p.hostID, e)
 		if err != nil {
-			return err
+			return func(context.Context) error { return err }
 		}
 		msgs[i] = msg
 	}
-	if len(msgs) > 1 {
-		futures := make([]jetstream.PubAckFuture, 0, len(msgs))
-		for i, msg := range msgs {
-			// No retries inside the client: one would resend a later event while an
-			// earlier one waits, out of order. publishFrom retries, in order.
-			f, err := p.js.PublishMsgAsync(msg, jetstream.WithExpectStream(StreamName), jetstream.WithRetryAttempts(0))
-			if err != nil {
-				return p.publishFrom(ctx, msgs, events, i, err)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	futures := make([]jetstream.PubAckFuture, 0, len(msgs))
+	for i, msg := range msgs {
+		// No retries inside the client: one would resend a later event while an
+		// earlier one waits, out of order. publishFrom retries, in order.
+		f, err := p.js.PublishMsgAsync(msg, jetstream.WithExpectStream(StreamName), jetstream.WithRetryAttempts(0))
+		if err != nil {
+			// Too many acks pending, say: the rest one at a time, in order, once the
+			// ones sent are stored.
+			werr := p.await(ctx, futures, msgs, events, false)
+			if werr == nil {
+				werr = p.publishFrom(ctx, msgs, events, i, nil)
 			}
-			futures = append(futures, f)
+			return func(context.Context) error { return werr }
 		}
-		for i, f := range futures {
-			select {
-			case <-f.Ok():
-			case err := <-f.Err():
-				return p.publishFrom(ctx, msgs, events, i, err)
-			case <-ctx.Done():
-				return fmt.Errorf("%w: %w", ErrPublish, ctx.Err())
-			}
-		}
-		return nil
+		futures = append(futures, f)
 	}
-	return p.publishFrom(ctx, msgs, events, 0, nil)
+	return func(ctx context.Context) error { return p.await(ctx, futures, msgs, events, true) }
+}
+
+// await waits for the acks of msgs[:len(futures)]; the first failure is retried from
+// there in order (publishFrom), under mu unless the caller holds it (lock false).
+func (p *Publisher) await(ctx context.Context, futures []jetstream.PubAckFuture, msgs []*nats.Msg, events []Event, lock bool) error {
+	for i, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			if lock {
+				p.mu.Lock()
+				defer p.mu.Unlock()
+			}
+			return p.publishFrom(ctx, msgs, events, i, err)
+		case <-ctx.Done():
+			return fmt.Errorf("%w: %w", ErrPublish, ctx.Err())
+		}
+	}
+	return nil
 }
 
 // publishFrom publishes msgs[from:] one at a time, each again while the stream cannot

@@ -39,7 +39,8 @@ type StreamSyncer struct {
 
 	mu      sync.Mutex // one Sync at a time; it keeps the stamps
 	stamps  map[string]stamp
-	parents bool // the stream's directories up to root were synced
+	blocks  string // the names of the blocks when the message directory was last synced
+	parents bool   // the stream's directories up to root were synced
 }
 
 type stamp struct {
@@ -61,9 +62,10 @@ func NewStreamSyncer(ns *server.Server, account, stream string) (*StreamSyncer, 
 		stamps: map[string]stamp{}}, nil
 }
 
-// Sync fsyncs the stream's files that changed since the last Sync and its message
-// directory; the first call also syncs the stream's metadata and the directories
-// above it (a stream created since the last power cut). ctx is checked between files.
+// Sync fsyncs the stream's files that changed since the last Sync and, when blocks
+// were created or removed since, its message directory; the first call also syncs the
+// stream's metadata and the directories above it (a stream created since the last
+// power cut). ctx is checked between files.
 func (s *StreamSyncer) Sync(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -72,10 +74,13 @@ func (s *StreamSyncer) Sync(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("sync stream: %w", err)
 	}
+	var blocks strings.Builder
 	for _, e := range entries {
 		if !strings.HasSuffix(e.Name(), ".blk") {
 			continue
 		}
+		blocks.WriteString(e.Name())
+		blocks.WriteByte('/')
 		if err := ctx.Err(); err != nil {
 			return err
 		}
@@ -95,9 +100,13 @@ func (s *StreamSyncer) Sync(ctx context.Context) error {
 		}
 		s.stamps[e.Name()] = st
 	}
-	// New and removed blocks are directory entries.
-	if err := fsync(msgs); err != nil {
-		return fmt.Errorf("sync stream: %w", err)
+	// New and removed blocks are directory entries; appends to a block are not (one
+	// fsync per group of changes instead of two).
+	if blocks.String() != s.blocks {
+		if err := fsync(msgs); err != nil {
+			return fmt.Errorf("sync stream: %w", err)
+		}
+		s.blocks = blocks.String()
 	}
 	if !s.parents {
 		paths := []string{filepath.Join(s.dir, "meta.inf"), filepath.Join(s.dir, "meta.sum")}

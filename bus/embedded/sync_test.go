@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -48,6 +49,9 @@ func TestStreamSyncerFindsBlocks(t *testing.T) {
 	b, err := os.ReadFile(blocks[len(blocks)-1])
 	if err != nil || !bytes.Contains(b, []byte("payload-to-find")) {
 		t.Fatalf("the acknowledged message is not in %s (%v)", blocks[len(blocks)-1], err)
+	}
+	if want := filepath.Base(blocks[len(blocks)-1]) + "/"; !strings.HasSuffix(sy.blocks, want) {
+		t.Fatalf("message directory synced with blocks %q, want them to end with %q", sy.blocks, want)
 	}
 	// Nothing changed: a second Sync has no block to sync.
 	before := sy.stamps

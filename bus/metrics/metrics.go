@@ -272,8 +272,36 @@ func (p CountingPublisher) Publish(ctx context.Context, events ...cloudevent.Eve
 	if err := p.Publisher.Publish(ctx, events...); err != nil {
 		return err
 	}
+	p.count(events)
+	return nil
+}
+
+// Sender is a Publisher that can send events now and wait for their acks later
+// (cloudevent.Publisher.Send).
+type Sender interface {
+	Send(ctx context.Context, events ...cloudevent.Event) (wait func(context.Context) error)
+}
+
+// Send sends through the Publisher's Send (Publish when it has none, so the events are
+// stored before Send returns) and counts the events once they are stored.
+func (p CountingPublisher) Send(ctx context.Context, events ...cloudevent.Event) (wait func(context.Context) error) {
+	s, ok := p.Publisher.(Sender)
+	if !ok {
+		err := p.Publish(ctx, events...)
+		return func(context.Context) error { return err }
+	}
+	w := s.Send(ctx, events...)
+	return func(ctx context.Context) error {
+		if err := w(ctx); err != nil {
+			return err
+		}
+		p.count(events)
+		return nil
+	}
+}
+
+func (p CountingPublisher) count(events []cloudevent.Event) {
 	for _, e := range events {
 		p.M.EventPublished(e.Name)
 	}
-	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/pprof"
 	"strconv"
@@ -41,6 +42,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.StringVar(&subs, "subscribers", "1,10,100", "admin.Events fan-out")
 	fs.StringVar(&classes, "classes", "", "comma-separated call classes (default all)")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the whole run (services included: they run in this process)")
+	profileDir := fs.String("profile-dir", "", "write CPU, mutex and block profiles of each class measurement alone (<class>-<qubes>q-<clients>c.{cpu,mutex,block}.prof) into this directory")
 	fs.BoolVar(&cfg.SkipQvmLs, "skip-qvm-ls", false, "do not run the qvm-ls-shaped workload")
 	fs.IntVar(&cfg.FloorClients, "floor-clients", 8, "concurrent property.Get clients in the comparison with the recorded floor")
 	fs.IntVar(&cfg.Rounds, "rounds", 3, "rounds of the comparison with the recorded floor (each measures floor and qubesbus back to back)")
@@ -82,6 +84,17 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		}
 		defer pprof.StopCPUProfile()
 	}
+	if *profileDir != "" {
+		if err := os.MkdirAll(*profileDir, 0o755); err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		if *cpuprofile != "" {
+			fmt.Fprintln(stderr, "qubesbus bench: --cpuprofile and --profile-dir exclude each other")
+			return 2
+		}
+		cfg.Measure = func(name string) func() { return profileMeasurement(filepath.Join(*profileDir, name), stderr) }
+	}
 	rep, err := bench.Suite(ctx, cfg, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if ctx.Err() != nil { // the measurements were cut short: no report
 		fmt.Fprintln(stderr, "qubesbus bench: interrupted:", context.Cause(ctx))
@@ -95,4 +108,36 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fmt.Fprintf(stdout, "machine: %s, %d CPUs, %s/%s, %s; %s per measurement\n\n", host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, runtime.Version(), cfg.Duration)
 	bench.Print(stdout, rep, cfg)
 	return 0
+}
+
+// profileMeasurement profiles one measurement: CPU, and contention on mutexes and
+// blocking (every event while it runs; both are off before and after). It returns what
+// writes the profiles to prefix.{cpu,mutex,block}.prof; failures are reported, not fatal.
+func profileMeasurement(prefix string, stderr io.Writer) (done func()) {
+	cpu, err := os.Create(prefix + ".cpu.prof")
+	if err == nil {
+		if err = pprof.StartCPUProfile(cpu); err != nil {
+			cpu.Close()
+			cpu = nil
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "qubesbus bench: cpu profile:", err)
+	}
+	runtime.SetMutexProfileFraction(1)
+	runtime.SetBlockProfileRate(1)
+	return func() {
+		if cpu != nil {
+			pprof.StopCPUProfile()
+			cpu.Close()
+		}
+		for _, kind := range []string{"mutex", "block"} {
+			if f, err := os.Create(prefix + "." + kind + ".prof"); err == nil {
+				_ = pprof.Lookup(kind).WriteTo(f, 0)
+				f.Close()
+			}
+		}
+		runtime.SetMutexProfileFraction(0)
+		runtime.SetBlockProfileRate(0)
+	}
 }

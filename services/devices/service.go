@@ -53,7 +53,6 @@ type Hypervisor interface {
 // Store applies configuration changes (configstore.Client).
 type Store interface {
 	Apply(ctx context.Context, m config.Mutation) (uint64, error)
-	Flush(ctx context.Context, rev uint64) error
 }
 
 // Events publishes events and returns once they are stored (cloudevent.Publisher).
@@ -260,19 +259,16 @@ func (s *Service) view(rt func(string) model.Runtime, f func(m *model.Model) err
 }
 
 // apply applies ops at the revision they were planned on and waits until this
-// service's replica reflects them. save writes qubes.xml before returning.
+// service's replica reflects them. The change is durable in the change log when it
+// returns; with save, persistence writes qubes.xml after it, in the background
+// (ChangesConfig), where qubesd saves before its reply.
 func (s *Service) apply(ctx context.Context, rev uint64, ops []config.Op, save bool) error {
-	newRev, err := s.store.Apply(ctx, config.Mutation{ExpectRevision: rev, Ops: ops})
+	newRev, err := s.store.Apply(ctx, config.Mutation{ExpectRevision: rev, Ops: ops, ChangesConfig: save})
 	if err != nil {
 		return fmt.Errorf("%w: apply: %w", qerr.ErrAbort, err)
 	}
 	if err := s.rep.WaitRevision(ctx, newRev); err != nil {
 		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
-	}
-	if save {
-		if err := s.store.Flush(ctx, newRev); err != nil {
-			return fmt.Errorf("%w: save qubes.xml: %w", qerr.ErrAbort, err)
-		}
 	}
 	return nil
 }

@@ -76,6 +76,7 @@ func (s *Store) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error)
 		return nil, err
 	}
 	s.cancel, s.stopTail, s.svc = cancel, stopTail, svc
+	s.announce.Store(nc)
 	go s.saveLoop(life)
 	return svc, nil
 }
@@ -124,9 +125,9 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn) (micro.Service, e
 				s.handleApply(ctx, d)
 			}()
 		}},
-		// flush: qubes.xml holds at least the given revision when it answers. Callers
-		// apply without ChangesConfig, then flush outside their own write lock, so
-		// concurrent changes share one write.
+		// flush: qubes.xml holds at least the given revision when it answers, for a
+		// caller that needs the file itself up to date (the services' changes leave it
+		// to the background writer); concurrent flushes share one write.
 		{configstore.OpFlush, func(r micro.Request) {
 			if !s.handling(r) {
 				return

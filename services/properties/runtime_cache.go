@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/schemas/model"
 )
 
@@ -22,7 +23,8 @@ type runtimeSource interface {
 //   - the caller has not seen a newer mark (the gateway sends the newest mark any
 //     reply carried, so a GetAll after a Start's reply never reads the state from
 //     before the Start, even if the notice is still on its way);
-//   - it was derived from the configuration revision being read;
+//   - it was derived from the configuration revision being read, or from the one
+//     before a change of this service that cannot move a power state (advance);
 //   - it is younger than maxAge, which bounds staleness should a notice be lost
 //     (core NATS does not redeliver across a reconnect).
 type runtimeCache struct {
@@ -82,4 +84,47 @@ func (c *runtimeCache) heardOf(m envelope.RuntimeMark) {
 	c.mu.Lock()
 	c.heard = c.heard.Max(m)
 	c.mu.Unlock()
+}
+
+// advance carries a snapshot derived from revision rev-1 over to rev when the change
+// that made rev (ops, this service's own) leaves every power state as it was, so a
+// stream of such changes (feature.Set, property.Set) does not cost a fresh snapshot
+// each: a NATS round trip, and on the lifecycle's side a scan of every qube.
+func (c *runtimeCache) advance(rev uint64, ops []config.Op) {
+	if !runtimeNeutral(ops) {
+		return
+	}
+	c.mu.Lock()
+	if c.has && c.snap.ConfigRev == rev-1 {
+		c.snap.ConfigRev = rev
+	}
+	c.mu.Unlock()
+}
+
+// runtimeNeutral reports whether ops leave the runtime snapshot as it was. The
+// lifecycle derives it from the configuration through which qubes exist, their class
+// (RemoteVMs are always running) and the qrexec feature, their own or their
+// template's (vmlifecycle.Service.Runtimes); an op that might touch any of that, or an
+// op kind not listed, is not neutral.
+func runtimeNeutral(ops []config.Op) bool {
+	for _, op := range ops {
+		switch op.Kind {
+		case config.OpSetFeature, config.OpDelFeature:
+			if op.Name == "qrexec" {
+				return false
+			}
+		case config.OpSetProperty, config.OpDelProperty:
+			if op.Name == "template" {
+				return false
+			}
+		case config.OpSetGlobalProperty, config.OpDelGlobalProperty:
+			if op.Name == "default_template" {
+				return false
+			}
+		case config.OpAddTag, config.OpDelTag, config.OpSetDevices, config.OpSetFirewall:
+		default:
+			return false
+		}
+	}
+	return true
 }

@@ -2,11 +2,13 @@ package properties
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/qubesbus/qubesbus/bus/envelope"
+	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/schemas/model"
 )
 
@@ -116,5 +118,53 @@ func TestRuntimeCacheKeepsNewest(t *testing.T) {
 	defer c.mu.Unlock()
 	if c.snap.Mark != old.Mark {
 		t.Fatalf("cached mark %v, want the newer %v kept", c.snap.Mark, old.Mark)
+	}
+}
+
+// A change of this service that cannot move a power state carries the cached snapshot
+// over to its revision; any other change, or a revision it did not make, does not.
+func TestRuntimeCacheAdvance(t *testing.T) {
+	ctx := context.Background()
+	src := &fakeSource{}
+	c := newRuntimeCache(src, time.Hour)
+	src.set("Running", 3, true, 7)
+	get := func(rev uint64) {
+		t.Helper()
+		if _, _, err := c.get(ctx, envelope.RuntimeMark{}, rev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	expect := func(step string, asked int) {
+		t.Helper()
+		if src.asked != asked {
+			t.Fatalf("%s: %d snapshots asked, want %d", step, src.asked, asked)
+		}
+	}
+	get(7)
+	expect("first read", 1)
+
+	c.advance(8, []config.Op{{Kind: config.OpSetFeature, Domain: "domain-2", Name: "bench", Value: "1"}})
+	get(8)
+	expect("a feature change carries the snapshot over", 1)
+
+	c.advance(10, []config.Op{{Kind: config.OpAddTag, Domain: "domain-2", Name: "t"}})
+	get(10)
+	expect("a change that skipped a revision (another writer's) does not", 2)
+
+	src.set("Running", 3, true, 10)
+	get(10)
+	for i, ops := range [][]config.Op{
+		{{Kind: config.OpSetFeature, Domain: "domain-2", Name: "qrexec", Value: "1"}},
+		{{Kind: config.OpSetProperty, Domain: "domain-2", Name: "template", Value: "fedora"}},
+		{{Kind: config.OpSetGlobalProperty, Name: "default_template", Value: "fedora"}},
+		{{Kind: config.OpDelDomain, Domain: "domain-2"}},
+		{{Kind: config.OpAddTag, Domain: "domain-2", Name: "t"}, {Kind: config.OpDelFeature, Domain: "domain-2", Name: "qrexec"}},
+	} {
+		rev := uint64(11 + i)
+		asked := src.asked
+		src.set("Running", 3, true, rev)
+		c.advance(rev, ops)
+		get(rev)
+		expect(fmt.Sprintf("ops %v", ops), asked+1)
 	}
 }

@@ -59,6 +59,14 @@ type Store interface {
 	Sync(ctx context.Context, rev uint64) error
 }
 
+// watchedStore is configstore.Client with Sync through a SyncedWatch.
+type watchedStore struct {
+	configstore.Client
+	synced *configstore.SyncedWatch
+}
+
+func (w watchedStore) Sync(ctx context.Context, rev uint64) error { return w.synced.Sync(ctx, rev) }
+
 // Volumes is what the service needs of the storage service (storageapi.Client): the
 // volumes of a new qube made before it is added (a failure fails the create, as in
 // qubesd), and those of a removed qube removed before the reply.
@@ -70,6 +78,14 @@ type Volumes interface {
 // Events publishes events and returns once they are stored (cloudevent.Publisher).
 type Events interface {
 	Publish(ctx context.Context, evs ...cloudevent.Event) error
+}
+
+// EventSender is implemented by Events that can send events now and wait for them to
+// be stored later (cloudevent.Publisher, metrics.CountingPublisher): a change's
+// post-events are sent under the write lock, in the order of the changes, and their
+// acks awaited after it, so the next change need not wait for them.
+type EventSender interface {
+	Send(ctx context.Context, evs ...cloudevent.Event) (wait func(context.Context) error)
 }
 
 // Config of the properties service.
@@ -248,7 +264,15 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		return nil, err
 	}
 	s.rep, s.notes = rep, newNotes(kv, s.cfg.Host)
-	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
+	client := configstore.Client{NC: nc, Host: s.cfg.Host}
+	// Durability of a change is learnt from persistence's notice of the sync that
+	// covered it, not asked for per change (store.sync).
+	synced, err := configstore.WatchSynced(client)
+	if err != nil {
+		return nil, err
+	}
+	context.AfterFunc(ctx, func() { _ = synced.Close() })
+	s.store = watchedStore{client, synced}
 	s.events = s.cfg.Events
 	if s.events == nil {
 		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())
@@ -366,17 +390,18 @@ const maxRetries = 32
 // write serves a call that changes the configuration: it plans the change over the
 // current configuration, publishes the pre-events, applies the ops at the planned
 // revision (planning again if another writer came first), brings this service's
-// replica to the change (read-your-writes), publishes the post-events, and replies
-// once the change is durable.
+// replica to the change (read-your-writes), sends the post-events, and replies once
+// the change is durable and its post-events are stored.
 //
 // Only the first steps are serial (commit, under the write lock): the next call plans
-// as soon as this one's change is in the log. Durability is waited for outside the
-// lock, so the changes of concurrent calls share one sync of the change log (group
-// commit), and persistence writes qubes.xml after the replies (ChangesConfig).
+// as soon as this one's change is in the log and its post-events are sent. Durability
+// and the post-events' acks are waited for outside the lock, so the changes of
+// concurrent calls share one sync of the change log (group commit) and their events'
+// acks arrive together; persistence writes qubes.xml after the replies (ChangesConfig).
 func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
 	defer cancel()
-	ch, rev, err := s.commit(ctx, c, plan)
+	ch, rev, posted, err := s.commit(ctx, c, plan)
 	if err != nil {
 		return nil, err
 	}
@@ -387,21 +412,28 @@ func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Mod
 			return nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
 	}
+	if err := posted(ctx); err != nil {
+		// The change stands, as in qubesd, where an exception in a handler of a
+		// post-event leaves the change made. The call aborts (the client gets no
+		// answer) and its post-events are missing from the stream.
+		return nil, err
+	}
 	if ch.AbortAfter != nil {
 		return nil, ch.AbortAfter
 	}
 	return []byte(ch.Reply), nil
 }
 
-// commit runs under the write lock: plan, pre-events, apply, the replica, post-events,
-// so that events are stored in the order the changes were made. It returns the
-// change's revision (0 if there was nothing to apply), which is not durable yet.
-func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) (_ *model.Change, rev uint64, _ error) {
+// commit runs under the write lock: plan, pre-events, apply, the replica, sending the
+// post-events, so that events are stored in the order the changes were made. It
+// returns the change's revision (0 if there was nothing to apply), which is not
+// durable yet, and what waits for the post-events to be stored.
+func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) (_ *model.Change, rev uint64, posted func(context.Context) error, _ error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	rt, err := s.runtime(ctx, c.After.Runtime)
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, nil, err
 	}
 	prePublished := false
 	for attempt := 0; ; attempt++ {
@@ -416,23 +448,23 @@ func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Mo
 			return nil, err
 		})
 		if err != nil {
-			return nil, 0, err
+			return nil, 0, nil, err
 		}
 		if !prePublished {
 			// Nothing is applied unless the pre-events are stored: a failed publish
 			// aborts the call with the configuration unchanged.
 			if err := s.publish(ctx, ch.Pre); err != nil {
-				return nil, 0, err
+				return nil, 0, nil, err
 			}
 			prePublished = true
 		}
 		if ch.Err != nil {
-			return nil, 0, ch.Err
+			return nil, 0, nil, ch.Err
 		}
 		// A new qube's volumes are made before it is added (qubesd's create_on_disk).
 		undoVolumes, err := s.createVolumes(ctx, ch, rev)
 		if err != nil {
-			return nil, 0, err
+			return nil, 0, nil, err
 		}
 		// Durability is waited for after the write lock is released (write), so that
 		// concurrent changes share one sync; persistence writes qubes.xml after it.
@@ -445,25 +477,20 @@ func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Mo
 		if errors.Is(err, config.ErrStaleRevision) && attempt < maxRetries {
 			// Another writer came first: wait until the replica has seen it, plan again.
 			if werr := s.rep.WaitRevision(ctx, rev+1); werr != nil {
-				return nil, 0, qerr.Abort("wait for config: " + werr.Error())
+				return nil, 0, nil, qerr.Abort("wait for config: " + werr.Error())
 			}
 			continue
 		}
 		if err != nil {
-			return nil, 0, fmt.Errorf("%w: apply: %w", qerr.ErrAbort, err)
+			return nil, 0, nil, fmt.Errorf("%w: apply: %w", qerr.ErrAbort, err)
 		}
 		if err := s.reflect(ctx, newRev, ch.Ops); err != nil {
-			return nil, 0, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
+			return nil, 0, nil, fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 		}
-		if err := s.publish(ctx, ch.Post); err != nil {
-			// The change is in the change log (durable with the next sync) and every
-			// replica has or will have it: it stands, as in qubesd, where an exception
-			// in a handler of a post-event leaves the change made. The call aborts
-			// (the client gets no answer) and its post-events are missing from the
-			// stream.
-			return nil, 0, err
-		}
-		return ch, newRev, nil
+		s.rtc.advance(newRev, ch.Ops)
+		// The change is in the change log (durable with the next sync) and every
+		// replica has or will have it: it stands whatever becomes of its post-events.
+		return ch, newRev, s.send(ctx, ch.Post), nil
 	}
 }
 
@@ -480,15 +507,36 @@ func (s *Service) reflect(ctx context.Context, rev uint64, ops []config.Op) erro
 	return s.rep.WaitRevision(ctx, rev)
 }
 
-func (s *Service) publish(ctx context.Context, evs []model.Event) error {
-	if len(evs) == 0 {
+// send sends evs (EventSender) or, if the publisher cannot, publishes them now; it
+// returns what waits for them to be stored.
+func (s *Service) send(ctx context.Context, evs []model.Event) (wait func(context.Context) error) {
+	sender, ok := s.events.(EventSender)
+	if len(evs) == 0 || !ok {
+		err := s.publish(ctx, evs)
+		return func(context.Context) error { return err }
+	}
+	w := sender.Send(ctx, cloudEvents(evs)...)
+	return func(ctx context.Context) error {
+		if err := w(ctx); err != nil {
+			return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
+		}
 		return nil
 	}
+}
+
+func cloudEvents(evs []model.Event) []cloudevent.Event {
 	out := make([]cloudevent.Event, len(evs))
 	for i, e := range evs {
 		out[i] = cloudevent.New(e.VM, e.Name, e.Kwargs...)
 	}
-	if err := s.events.Publish(ctx, out...); err != nil {
+	return out
+}
+
+func (s *Service) publish(ctx context.Context, evs []model.Event) error {
+	if len(evs) == 0 {
+		return nil
+	}
+	if err := s.events.Publish(ctx, cloudEvents(evs)...); err != nil {
 		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
 	}
 	return nil

@@ -118,7 +118,7 @@ func (s *Service) volumeCloneTo(ctx context.Context, c *rpc.Call) ([]byte, error
 		return nil, qerr.ProtocolError("Token contains non-ASCII characters")
 	}
 	token := strings.TrimSpace(string(c.Payload))
-	return s.volumeWrite(ctx, c, false, func(q qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
+	return s.volumeWrite(ctx, c, func(q qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
 		pc, ok, err := s.takeToken(ctx, token)
 		if err != nil {
 			return nil, nil, fmt.Errorf("%w: clone token: %w", qerr.ErrAbort, err)

@@ -334,7 +334,7 @@ func (s *Service) poolAdd(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	if err := s.publish(ctx, cloudevent.New("", "pool-add", "pool", name)); err != nil {
 		return nil, err
 	}
-	return nil, s.save(ctx)
+	return nil, nil
 }
 
 // poolRemove is admin.pool.Remove: refused while a volume or a default_pool* global
@@ -382,7 +382,7 @@ func (s *Service) poolRemove(ctx context.Context, c *rpc.Call) ([]byte, error) {
 	if err := s.publish(ctx, cloudevent.New("", "pool-delete", "pool", c.Arg)); err != nil {
 		return nil, err
 	}
-	return nil, s.save(ctx)
+	return nil, nil
 }
 
 func poolDriver(p Pool) (string, bool) { return p.Config().Get("driver") }
@@ -453,7 +453,7 @@ func (s *Service) setPoolAttr(ctx context.Context, c *rpc.Call, check func(p Poo
 	if err := s.apply(ctx, rev, []config.Op{{Kind: config.OpSetPool, Pool: &np}}); err != nil {
 		return nil, err
 	}
-	return nil, s.save(ctx)
+	return nil, nil
 }
 
 func (s *Service) poolSetRevisions(ctx context.Context, c *rpc.Call) ([]byte, error) {

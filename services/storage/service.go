@@ -108,7 +108,6 @@ func (c Config) Validate() error {
 // Store applies configuration changes (configstore.Client).
 type Store interface {
 	Apply(ctx context.Context, m config.Mutation) (uint64, error)
-	Flush(ctx context.Context, rev uint64) error
 }
 
 // Service is the storage service of one host.
@@ -279,26 +278,20 @@ func (s *Service) pool(pc config.Pool) (Pool, error) {
 	return p, nil
 }
 
-// write applies ops at the revision they were planned on and waits until the
-// replica has them; it returns ErrStale when another writer came first.
+// apply applies ops at the revision they were planned on and waits until the
+// replica has them; it returns ErrStale when another writer came first. The change is
+// durable in the change log when it returns; persistence writes qubes.xml after it, in
+// the background (ChangesConfig), where qubesd saves before its reply.
 func (s *Service) apply(ctx context.Context, rev uint64, ops []config.Op) error {
 	if len(ops) == 0 {
 		return nil
 	}
-	newRev, err := s.store.Apply(ctx, config.Mutation{ExpectRevision: rev, Ops: ops})
+	newRev, err := s.store.Apply(ctx, config.Mutation{ExpectRevision: rev, Ops: ops, ChangesConfig: true})
 	if err != nil {
 		return fmt.Errorf("%w: apply: %w", qerr.ErrAbort, err)
 	}
 	if err := s.rep.WaitRevision(ctx, newRev); err != nil {
 		return fmt.Errorf("%w: %w", qerr.ErrAbort, err)
-	}
-	return nil
-}
-
-// save writes qubes.xml before the reply, as qubesd saves after every change.
-func (s *Service) save(ctx context.Context) error {
-	if err := s.store.Flush(ctx, s.rep.Revision()); err != nil {
-		return fmt.Errorf("%w: save qubes.xml: %w", qerr.ErrAbort, err)
 	}
 	return nil
 }

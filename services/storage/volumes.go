@@ -224,10 +224,10 @@ func (s *Service) volumeListSnapshots(ctx context.Context, c *rpc.Call) ([]byte,
 
 // volumeWrite runs a volume change under the write lock: f checks the call, changes
 // the pool's data and returns the new settings of the volume (nil: unchanged) and the
-// events to publish; the settings go to the change log and qubes.xml is saved.
-// saveOnError saves even when f fails (Resize, as qubesd); new settings and events f
-// returns with its error (a resize done before the online step failed) are kept.
-func (s *Service) volumeWrite(ctx context.Context, c *rpc.Call, saveOnError bool,
+// events to publish; the settings go to the change log (apply). New settings and
+// events f returns with its error (a resize done before the online step failed) are
+// kept.
+func (s *Service) volumeWrite(ctx context.Context, c *rpc.Call,
 	f func(q qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error)) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
 	defer cancel()
@@ -264,14 +264,9 @@ func (s *Service) volumeWrite(ctx context.Context, c *rpc.Call, saveOnError bool
 		return nil, perr
 	}
 	if err != nil {
-		if saveOnError && !errors.Is(err, qerr.ErrAbort) {
-			if serr := s.save(ctx); serr != nil {
-				return nil, serr
-			}
-		}
 		return nil, driverError(err)
 	}
-	return nil, s.save(ctx)
+	return nil, nil
 }
 
 // driverError maps a driver's error to the call's outcome: qubesd's exceptions pass,
@@ -296,7 +291,7 @@ func (s *Service) volumeResize(ctx context.Context, c *rpc.Call) ([]byte, error)
 	if err != nil {
 		return nil, err
 	}
-	return s.volumeWrite(ctx, c, true, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
+	return s.volumeWrite(ctx, c, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
 		if err := p.Resize(ctx, effective(p, v), size); err != nil {
 			return nil, nil, err
 		}
@@ -332,7 +327,7 @@ func (s *Service) resizeOnline(ctx context.Context, qube, volume string) ([]clou
 const revisionChars = letters + digits + ":-_."
 
 func (s *Service) volumeRevert(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	return s.volumeWrite(ctx, c, false, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
+	return s.volumeWrite(ctx, c, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
 		if !isASCII(c.Payload) {
 			return nil, nil, qerr.Abort("revision is not ASCII")
 		}
@@ -355,7 +350,7 @@ func (s *Service) volumeRevert(ctx context.Context, c *rpc.Call) ([]byte, error)
 }
 
 func (s *Service) volumeClear(ctx context.Context, c *rpc.Call) ([]byte, error) {
-	return s.volumeWrite(ctx, c, false, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
+	return s.volumeWrite(ctx, c, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
 		size := strconv.FormatInt(p.Size(v), 10)
 		if err := p.Clear(ctx, effective(p, v)); err != nil {
 			return nil, nil, err
@@ -379,7 +374,7 @@ func (s *Service) volumeSetRevisions(ctx context.Context, c *rpc.Call) ([]byte, 
 	if err != nil {
 		return nil, err
 	}
-	return s.volumeWrite(ctx, c, false, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
+	return s.volumeWrite(ctx, c, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
 		if n < -1 {
 			return nil, nil, qerr.ValueError("Invalid value for revisions_to_keep")
 		}
@@ -417,7 +412,7 @@ func (s *Service) volumeSetRW(ctx context.Context, c *rpc.Call) ([]byte, error) 
 	if err != nil {
 		return nil, err
 	}
-	return s.volumeWrite(ctx, c, false, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
+	return s.volumeWrite(ctx, c, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
 		if err := s.halted(ctx, c.Dest.Name); err != nil {
 			return nil, nil, err
 		}
@@ -434,7 +429,7 @@ func (s *Service) volumeSetEphemeral(ctx context.Context, c *rpc.Call) ([]byte, 
 	if err != nil {
 		return nil, err
 	}
-	return s.volumeWrite(ctx, c, false, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
+	return s.volumeWrite(ctx, c, func(_ qubeVolumes, v Volume, p Pool) (*Volume, []cloudevent.Event, error) {
 		ev := effective(p, v)
 		if b && (ev.SnapOnStart || ev.SaveOnStop || !ev.RW) {
 			return nil, nil, qerr.ValueError("Cannot enable ephemeral on snap_on_start or save_on_stop or non-dom0 or not writable volume")

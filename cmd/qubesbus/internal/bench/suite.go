@@ -38,6 +38,10 @@ type Config struct {
 	// InProcessReaders reads the admin.Events subscribers from this process instead
 	// of a child process (which is how a dom0 listener runs).
 	InProcessReaders bool
+	// Measure, if set, is called before each class measurement with its name
+	// ("feature.Set-1009q-8c") and the function it returns after it: profiles of
+	// the calls alone, without start-up and floors.
+	Measure func(name string) (done func())
 }
 
 // Classes in table order.
@@ -165,7 +169,13 @@ func Suite(ctx context.Context, cfg Config, log *slog.Logger) (*Report, error) {
 				if class == "Start+Shutdown" && n > scale {
 					continue
 				}
-				rep.Classes[scale] = append(rep.Classes[scale], Run(ctx, class, n, cfg.Duration, op))
+				done := func() {}
+				if cfg.Measure != nil {
+					done = cfg.Measure(fmt.Sprintf("%s-%dq-%dc", class, 9+scale, n))
+				}
+				r := Run(ctx, class, n, cfg.Duration, op)
+				done()
+				rep.Classes[scale] = append(rep.Classes[scale], r)
 			}
 		}
 		if err := ctx.Err(); err != nil { // interrupted: stop, do not start the next

@@ -36,3 +36,31 @@ func TestQubesXMLSavedAfterTheReply(t *testing.T) {
 		t.Fatal("qubes.xml does not hold the new label")
 	}
 }
+
+// Storage and devices changes take the same path as properties': durable in the
+// change log before the reply, in qubes.xml after it.
+func TestStorageAndDevicesSavedAfterTheReply(t *testing.T) {
+	sys := startSystem(t)
+	file := filepath.Join(filepath.Dir(sys.Socket), "data", "qubes.xml")
+	for _, tc := range []struct{ req, want string }{
+		{"admin.pool.Add+lvm_thin dom0 name dom0\x00name=thin\nvolume_group=qubes_dom0\nthin_pool=vm-pool", `name="thin"`},
+		{"admin.vm.device.denied.Add dom0 name work\x00u03****", `<property name="devices_denied">u03****</property>`},
+	} {
+		if got := roundTrip(t, sys.Socket, []byte(tc.req)); string(got) != "0\x00" {
+			t.Fatalf("%q: %q", tc.req, got)
+		}
+		if m := sys.Store.Metrics(); m.Synced < m.Revision {
+			t.Fatalf("%q: the change log was not synced before the reply: %+v", tc.req, m)
+		}
+		if err := sys.Store.WaitWritten(t.Context(), sys.Store.Revision()); err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Contains(b, []byte(tc.want)) {
+			t.Fatalf("%q: qubes.xml does not hold %s", tc.req, tc.want)
+		}
+	}
+}
