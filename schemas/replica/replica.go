@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -24,6 +25,9 @@ const AdminVMUUID = "00000000-0000-0000-0000-000000000000"
 type Replica struct {
 	mu  sync.RWMutex
 	rev uint64
+	// pub is rev for Revision, which takes no lock: called inside a view (holding
+	// the read lock), a second read lock would deadlock once a writer waits.
+	pub atomic.Uint64
 	x   *indexed.Config
 	// changed is signalled when rev grows.
 	changed *sync.Cond
@@ -35,7 +39,9 @@ type Replica struct {
 
 // New indexes a configuration; the replica owns conf from now on.
 func New(conf *config.Config, rev uint64) *Replica {
-	return &Replica{x: indexed.New(conf), rev: rev, lag: make(chan struct{}, 1)}
+	r := &Replica{x: indexed.New(conf), rev: rev, lag: make(chan struct{}, 1)}
+	r.pub.Store(rev)
+	return r
 }
 
 func domainUUID(d *config.Domain) string {
@@ -109,11 +115,7 @@ func (m *Replica) Labels() []config.Label {
 }
 
 // Revision is the revision the replica reflects.
-func (m *Replica) Revision() uint64 {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	return m.rev
-}
+func (m *Replica) Revision() uint64 { return m.pub.Load() }
 
 // View runs f with read access to the configuration; f must not keep or change it.
 func (m *Replica) View(f func(c *config.Config)) {
@@ -157,6 +159,7 @@ func (m *Replica) Apply(rev uint64, ops []config.Op) error {
 		return fmt.Errorf("apply revision %d: %w", rev, err)
 	}
 	m.rev = rev
+	m.pub.Store(rev)
 	m.cond().Broadcast()
 	return nil
 }
@@ -167,6 +170,7 @@ func (m *Replica) Reset(conf *config.Config, rev uint64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.x, m.rev = x, rev
+	m.pub.Store(rev)
 	m.cond().Broadcast()
 }
 

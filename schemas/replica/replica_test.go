@@ -3,6 +3,7 @@ package replica
 import (
 	"context"
 	"errors"
+	"runtime"
 	"testing"
 	"time"
 
@@ -71,5 +72,36 @@ func TestResolveApplyWait(t *testing.T) {
 	}
 	if refs := r.Refs(); len(refs) != 9 || refs[0].Name != "dom0" {
 		t.Fatalf("refs %v", refs)
+	}
+}
+
+// Revision called inside a view (which holds the read lock) while a change waits for
+// the write lock: a second read lock would wait behind the writer, which waits for the
+// view, and storage's volume reads hung this way for good under a stream of changes.
+func TestRevisionInsideAViewWithAWriterWaiting(t *testing.T) {
+	r := New(load(t), 1)
+	op := []config.Op{{Kind: config.OpSetProperty, Domain: "domain-5", Name: "label", Value: "red"}}
+	applied := make(chan error, 1)
+	viewed := make(chan uint64, 1)
+	go r.View(func(*config.Config) {
+		go func() { applied <- r.Apply(2, op) }()
+		// TryRLock fails once a writer is waiting: the moment the second read lock
+		// would block.
+		for r.mu.TryRLock() {
+			r.mu.RUnlock()
+			runtime.Gosched()
+		}
+		viewed <- r.Revision()
+	})
+	select {
+	case rev := <-viewed:
+		if rev != 1 {
+			t.Errorf("revision inside the view %d, want 1 (the change waits)", rev)
+		}
+	case <-time.After(30 * time.Second): // without the fix it never comes
+		t.Fatal("Revision inside a view deadlocked behind a waiting writer")
+	}
+	if err := <-applied; err != nil || r.Revision() != 2 {
+		t.Fatalf("the change after the view: %v, at %d", err, r.Revision())
 	}
 }

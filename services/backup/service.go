@@ -217,9 +217,8 @@ func (s *Service) load(ctx context.Context, id string, withPassphrase bool) (*jo
 		return nil, wireError(err)
 	}
 	j := &job{profile: p}
-	s.rep.View(func(c *config.Config) {
-		j.conf = c.Clone()
-		j.rev = s.rep.Revision()
+	s.rep.ViewIndexedAt(func(rev uint64, c *config.Config, _ func(string) *config.Domain) {
+		j.conf, j.rev = c.Clone(), rev
 	})
 	if j.destVM, err = p.CheckDestination(j.conf); err != nil {
 		return nil, wireError(err)

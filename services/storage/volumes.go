@@ -29,8 +29,10 @@ type qubeVolumes struct {
 func (s *Service) qubeVolumes(name string) (qubeVolumes, error) {
 	var q qubeVolumes
 	var err error
-	s.rep.ViewIndexed(func(c *config.Config, byName func(string) *config.Domain) {
-		q.rev = s.rep.Revision()
+	// The revision comes with the view: asking the replica for it here would take its
+	// read lock a second time, which deadlocks once a writer waits between the two.
+	s.rep.ViewIndexedAt(func(rev uint64, c *config.Config, byName func(string) *config.Domain) {
+		q.rev = rev
 		d := byName(name)
 		if d == nil {
 			err = qerr.VMNotFoundError("No such domain: " + qerr.Repr(name))

@@ -134,10 +134,27 @@ func TestClusterFaults(t *testing.T) {
 	lifecycle := []*proc{svc("vmlifecycle", "vmlifecycle-a"), svc("vmlifecycle", "vmlifecycle-b")}
 	gateway := svc("gateway", "gateway")
 	dump := func() {
-		for _, p := range append(append(append(append(append(append([]*proc{hypervisor}, devices...), nodes...), persistence...), properties...), storage...), append(lifecycle, gateway)...) {
+		all := append(append(append(append(append(append([]*proc{hypervisor}, devices...), nodes...), persistence...), properties...), storage...), append(lifecycle, gateway)...)
+		for _, p := range all {
 			if p.log != nil {
 				t.Logf("--- %s ---\n%s", p.name, lastLines(p.log.String(), 15))
 			}
+		}
+		// QUBESBUS_CLUSTER_LOGS=DIR keeps every process's whole log there, with the
+		// goroutines of each qubesbus process (SIGQUIT) at the moment of the failure.
+		if dir := os.Getenv("QUBESBUS_CLUSTER_LOGS"); dir != "" {
+			for _, p := range all {
+				if p.log == nil {
+					continue
+				}
+				if p.args[0] == qb {
+					p.quit()
+				}
+				if err := os.WriteFile(filepath.Join(dir, p.name+".log"), []byte(p.log.String()), 0o644); err != nil {
+					t.Log(err)
+				}
+			}
+			t.Logf("whole logs in %s", dir)
 		}
 	}
 	// Start order: each group needs the ones before, so it starts once they answer

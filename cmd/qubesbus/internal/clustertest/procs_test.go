@@ -69,6 +69,23 @@ func (p *proc) kill() {
 	}
 }
 
+// quit asks a Go process for its goroutines (SIGQUIT prints them and exits) and
+// waits until it has exited.
+func (p *proc) quit() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd == nil || p.cmd.Process == nil {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGQUIT)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
 func (p *proc) stop() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
