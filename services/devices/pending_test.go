@@ -20,7 +20,7 @@ func TestPendingMark(t *testing.T) {
 		{"work", "work", false, "attached"},
 		{pendingValue("", now), "", true, "being attached"},
 		{pendingValue("work", now.Add(-time.Second)), "work", true, "being detached"},
-		{pendingValue("work", now.Add(-2 * pendingFor)), "work", false, "a dead instance's mark"},
+		{pendingValue("work", now.Add(-2*pendingFor)), "work", false, "a dead instance's mark"},
 		{"work" + pendingSep + "x", "work", false, "a mark without a time"},
 	} {
 		front, pending := frontOf(tc.v, now)
