@@ -18,6 +18,15 @@ import (
 	"github.com/qubesbus/qubesbus/schemas/configstore"
 )
 
+// Shared is given, the follower this process already runs for the host (the
+// services of `qubesbus run` share one), or when given is nil a follower of its own.
+func Shared(ctx context.Context, given *Replica, nc *nats.Conn, host subject.Host, log *slog.Logger) (*Replica, error) {
+	if given != nil {
+		return given, nil
+	}
+	return Follow(ctx, nc, host, log)
+}
+
 // Follow returns a replica of the host's configuration that follows the change log
 // until ctx ends. It starts from a snapshot, which names the log sequence it reflects,
 // and reads the log from the next record on with an ordered consumer: the consumer

@@ -248,12 +248,9 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if s.rep != nil {
 		return nil, errors.New("properties: Serve called twice")
 	}
-	rep := s.cfg.Replica
-	if rep == nil {
-		var err error
-		if rep, err = replica.Follow(ctx, nc, s.cfg.Host, s.log); err != nil {
-			return nil, err
-		}
+	rep, err := replica.Shared(ctx, s.cfg.Replica, nc, s.cfg.Host, s.log)
+	if err != nil {
+		return nil, err
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {

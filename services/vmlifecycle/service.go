@@ -149,12 +149,9 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if s.model != nil {
 		return nil, errors.New("vmlifecycle: Serve called twice")
 	}
-	rep := s.cfg.Replica
-	if rep == nil {
-		var err error
-		if rep, err = replica.Follow(ctx, nc, s.host, s.log); err != nil {
-			return nil, err
-		}
+	rep, err := replica.Shared(ctx, s.cfg.Replica, nc, s.host, s.log)
+	if err != nil {
+		return nil, err
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {
