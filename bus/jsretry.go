@@ -60,3 +60,26 @@ func RetryJS(ctx context.Context, log *slog.Logger, what string, op func(context
 		}
 	}
 }
+
+// RetryJSFor is RetryJS for an operation that returns what it made (a stream, a
+// bucket, a consumer).
+func RetryJSFor[T any](ctx context.Context, log *slog.Logger, what string, op func(context.Context) (T, error)) (T, error) {
+	var v T
+	err := RetryJS(ctx, log, what, func(ctx context.Context) error {
+		var err error
+		v, err = op(ctx)
+		return err
+	})
+	return v, err
+}
+
+// OpenKV binds the bucket cfg names, creating it with cfg when it does not exist yet
+// (an existing bucket keeps the settings an operator gave it), retried as RetryJS.
+func OpenKV(ctx context.Context, js jetstream.JetStream, log *slog.Logger, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
+	return RetryJSFor(ctx, log, "bucket "+cfg.Bucket, func(ctx context.Context) (jetstream.KeyValue, error) {
+		if kv, err := js.KeyValue(ctx, cfg.Bucket); err == nil {
+			return kv, nil
+		}
+		return js.CreateOrUpdateKeyValue(ctx, cfg)
+	})
+}

@@ -131,11 +131,8 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, c StreamConfig) (
 		DenyDelete: true,
 		DenyPurge:  true,
 	}
-	var s jetstream.Stream
-	err := bus.RetryJS(ctx, nil, "stream "+StreamName, func(ctx context.Context) error {
-		var err error
-		s, err = js.CreateOrUpdateStream(ctx, cfg)
-		return err
+	s, err := bus.RetryJSFor(ctx, nil, "stream "+StreamName, func(ctx context.Context) (jetstream.Stream, error) {
+		return js.CreateOrUpdateStream(ctx, cfg)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("ensure stream %s: %w", StreamName, err)

@@ -46,11 +46,8 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, c StreamConfig) (
 		Discard:     jetstream.DiscardOld,
 		Duplicates:  2 * time.Minute,
 	}
-	var s jetstream.Stream
-	err := bus.RetryJS(ctx, nil, "stream "+StreamName, func(ctx context.Context) error {
-		var err error
-		s, err = js.CreateOrUpdateStream(ctx, cfg)
-		return err
+	s, err := bus.RetryJSFor(ctx, nil, "stream "+StreamName, func(ctx context.Context) (jetstream.Stream, error) {
+		return js.CreateOrUpdateStream(ctx, cfg)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("ensure stream %s: %w", StreamName, err)

@@ -42,17 +42,15 @@ func Open(ctx context.Context, js jetstream.JetStream, ttl time.Duration, replic
 	if ttl <= 0 {
 		ttl = DefaultTTL
 	}
-	var kv jetstream.KeyValue
-	err := bus.RetryJS(ctx, nil, "bucket "+Bucket, func(ctx context.Context) error {
-		var err error
-		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+	kv, err := bus.RetryJSFor(ctx, nil, "bucket "+Bucket, func(ctx context.Context) (jetstream.KeyValue, error) {
+		kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
 			Bucket: Bucket, Description: "qubesbus leases: one holder per role",
 			TTL: ttl, History: 1, Storage: jetstream.FileStorage, Replicas: max(replicas, 1),
 		})
 		if errors.Is(err, jetstream.ErrBucketExists) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-			kv, err = js.KeyValue(ctx, Bucket)
+			return js.KeyValue(ctx, Bucket)
 		}
-		return err
+		return kv, err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("lease bucket: %w", err)

@@ -38,12 +38,9 @@ func OpenFirewallBucket(ctx context.Context, js jetstream.JetStream, replicas in
 	if replicas < 1 {
 		replicas = 1
 	}
-	var kv jetstream.KeyValue
-	err := bus.RetryJS(ctx, nil, "bucket "+FirewallBucket, func(ctx context.Context) error {
-		var err error
-		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: FirewallBucket,
+	kv, err := bus.RetryJSFor(ctx, nil, "bucket "+FirewallBucket, func(ctx context.Context) (jetstream.KeyValue, error) {
+		return js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: FirewallBucket,
 			Description: "firewall rules each netvm enforces, as QubesDB /qubes-firewall", Replicas: replicas})
-		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("firewall bucket: %w", err)

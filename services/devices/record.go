@@ -32,17 +32,9 @@ func OpenDevicesBucket(ctx context.Context, js jetstream.JetStream, replicas int
 	if replicas < 1 {
 		replicas = 1
 	}
-	var kv jetstream.KeyValue
-	err := bus.RetryJS(ctx, nil, "bucket "+DevicesBucket, func(ctx context.Context) error {
-		var err error
-		if kv, err = js.KeyValue(ctx, DevicesBucket); err == nil {
-			return nil
-		}
-		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: DevicesBucket,
-			Description: "device watch: each backend's block devices and their frontends, per host",
-			History:     1, Storage: jetstream.FileStorage, Replicas: replicas})
-		return err
-	})
+	kv, err := bus.OpenKV(ctx, js, nil, jetstream.KeyValueConfig{Bucket: DevicesBucket,
+		Description: "device watch: each backend's block devices and their frontends, per host",
+		History:     1, Storage: jetstream.FileStorage, Replicas: replicas})
 	if err != nil {
 		return nil, fmt.Errorf("devices bucket %s: %w", DevicesBucket, err)
 	}

@@ -209,11 +209,8 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 		MaxAckPending:  1, // one at a time, in order, across the instances
 		AckWait:        powerAckWait,
 	}
-	var cons jetstream.Consumer
-	err = bus.RetryJS(ctx, s.log, "consumer "+cfg.Durable, func(ctx context.Context) error {
-		var err error
-		cons, err = js.CreateOrUpdateConsumer(ctx, cloudevent.StreamName, cfg)
-		return err
+	cons, err := bus.RetryJSFor(ctx, s.log, "consumer "+cfg.Durable, func(ctx context.Context) (jetstream.Consumer, error) {
+		return js.CreateOrUpdateConsumer(ctx, cloudevent.StreamName, cfg)
 	})
 	if err != nil {
 		_ = sub.Unsubscribe()

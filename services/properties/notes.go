@@ -35,10 +35,8 @@ func OpenNotes(ctx context.Context, js jetstream.JetStream, cfg NotesConfig) (je
 	if cfg.Replicas == 0 {
 		cfg.Replicas = 1
 	}
-	var kv jetstream.KeyValue
-	err := bus.RetryJS(ctx, nil, "bucket "+NotesBucket, func(ctx context.Context) error {
-		var err error
-		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+	kv, err := bus.RetryJSFor(ctx, nil, "bucket "+NotesBucket, func(ctx context.Context) (jetstream.KeyValue, error) {
+		return js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
 			Bucket:       NotesBucket,
 			Description:  "admin.vm.notes: one key per host and qube UUID",
 			History:      1,
@@ -46,7 +44,6 @@ func OpenNotes(ctx context.Context, js jetstream.JetStream, cfg NotesConfig) (je
 			Storage:      jetstream.FileStorage,
 			Replicas:     cfg.Replicas,
 		})
-		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("notes bucket %s: %w", NotesBucket, err)

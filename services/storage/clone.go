@@ -24,16 +24,8 @@ func openTokens(ctx context.Context, js jetstream.JetStream, replicas int, ttl t
 	if replicas == 0 {
 		replicas = 1
 	}
-	var kv jetstream.KeyValue
-	err := bus.RetryJS(ctx, nil, "bucket "+TokenBucket, func(ctx context.Context) error {
-		var err error
-		if kv, err = js.KeyValue(ctx, TokenBucket); err == nil {
-			return nil
-		}
-		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: TokenBucket, TTL: ttl,
-			Replicas: replicas, Storage: jetstream.FileStorage, History: 1})
-		return err
-	})
+	kv, err := bus.OpenKV(ctx, js, nil, jetstream.KeyValueConfig{Bucket: TokenBucket, TTL: ttl,
+		Replicas: replicas, Storage: jetstream.FileStorage, History: 1})
 	if err != nil {
 		return nil, fmt.Errorf("open bucket %s: %w", TokenBucket, err)
 	}

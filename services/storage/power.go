@@ -35,11 +35,8 @@ func followPower(ctx context.Context, js jetstream.JetStream, s *Service) (*powe
 		MaxAckPending: 1, // in order
 		AckWait:       30 * time.Second,
 	}
-	var cons jetstream.Consumer
-	err := bus.RetryJS(ctx, s.log, "consumer "+cfg.Durable, func(ctx context.Context) error {
-		var err error
-		cons, err = js.CreateOrUpdateConsumer(ctx, cloudevent.StreamName, cfg)
-		return err
+	cons, err := bus.RetryJSFor(ctx, s.log, "consumer "+cfg.Durable, func(ctx context.Context) (jetstream.Consumer, error) {
+		return js.CreateOrUpdateConsumer(ctx, cloudevent.StreamName, cfg)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("power-state consumer: %w", err)

@@ -31,16 +31,8 @@ func OpenSimBucket(ctx context.Context, js jetstream.JetStream, replicas int, lo
 	if replicas == 0 {
 		replicas = 1
 	}
-	var kv jetstream.KeyValue
-	err := bus.RetryJS(ctx, log, "bucket "+SimBucket, func(ctx context.Context) error {
-		var err error
-		if kv, err = js.KeyValue(ctx, SimBucket); err == nil {
-			return nil
-		}
-		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: SimBucket,
-			Replicas: replicas, Storage: jetstream.FileStorage, History: 1})
-		return err
-	})
+	kv, err := bus.OpenKV(ctx, js, log, jetstream.KeyValueConfig{Bucket: SimBucket,
+		Replicas: replicas, Storage: jetstream.FileStorage, History: 1})
 	if err != nil {
 		return nil, fmt.Errorf("open bucket %s: %w", SimBucket, err)
 	}
