@@ -55,12 +55,22 @@ func (e *ProfileError) Unwrap() error { return e.Err }
 // LoadProfile reads <dir>/<id>.conf as qubesd: a missing file, then the required keys
 // (destination_vm, destination_path, include) in its order; "$" in names is the old
 // spelling of "@".
+//
+// A profile "does not exist" as qubesd's os.path.exists says: whenever the path cannot
+// be stat'ed, whatever the reason (no such file, but also a name longer than the
+// filesystem takes, ENAMETOOLONG, which a client chooses with a long profile id). A
+// profile that exists but cannot be read is another error (qubesd's open raises, and
+// the call is aborted).
 func LoadProfile(dir, id string) (*Profile, error) {
 	if err := CheckID(id); err != nil {
 		return nil, err
 	}
-	data, err := os.ReadFile(filepath.Join(dir, id+".conf"))
-	if errors.Is(err, os.ErrNotExist) {
+	path := filepath.Join(dir, id+".conf")
+	if _, err := os.Stat(path); err != nil {
+		return nil, &ProfileError{Msg: "Backup profile does not exist: " + id, Err: ErrProfileNotFound}
+	}
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) { // removed meanwhile
 		return nil, &ProfileError{Msg: "Backup profile does not exist: " + id, Err: ErrProfileNotFound}
 	}
 	if err != nil {

@@ -90,6 +90,8 @@ func TestProfileErrors(t *testing.T) {
 	}{
 		{name: "slash", id: "a/b", want: "Backup profile ID must not contain forward slash character", is: ErrProfileID, stage: "load"},
 		{name: "missing", id: "nope", want: "Backup profile does not exist: nope", is: ErrProfileNotFound, stage: "load"},
+		// os.path.exists is false for a name the filesystem refuses as too long.
+		{name: "too long", id: strings.Repeat("p", 60<<10), want: "Backup profile does not exist: " + strings.Repeat("p", 60<<10), is: ErrProfileNotFound, stage: "load"},
 		{name: "no destination_vm", id: "p1", text: "destination_path: /tmp\ninclude: [work]\n", want: "Invalid backup profile - missing 'destination_vm'", is: ErrProfileInvalid, stage: "load"},
 		{name: "no destination_path", id: "p2", text: "destination_vm: dom0\ninclude: [work]\n", want: "Invalid backup profile - missing 'destination_path'", is: ErrProfileInvalid, stage: "load"},
 		{name: "no include", id: "p3", text: "destination_vm: dom0\ndestination_path: /tmp\n", want: "Invalid backup profile - missing 'include'", is: ErrProfileInvalid, stage: "load"},
