@@ -88,8 +88,60 @@ func TestSimStoreCompareAndSet(t *testing.T) {
 	}
 	// Keys hold any pool name and vid.
 	for _, k := range [][2]string{{"a.b", "x/../y"}, {"p", ""}, {"-", "a b\n"}} {
-		if p, v, ok := parseSimKey("h.", simKey("h.", k[0], k[1])); !ok || p != k[0] || v != k[1] {
-			t.Fatalf("key of %q %q reads back as %q %q %v", k[0], k[1], p, v, ok)
+		if p, v, hashed, ok := parseSimKey("h.", simKey("h.", k[0], k[1])); !ok || hashed || p != k[0] || v != k[1] {
+			t.Fatalf("key of %q %q reads back as %q %q %v %v", k[0], k[1], p, v, hashed, ok)
+		}
+	}
+}
+
+// TestSimStoreLongNames: a pool named with 60 KiB (qubesd sets no limit) keeps its
+// volumes like any other: the key stays far below the NATS protocol line limit (the
+// name is hashed in it), a write answers at once, another instance reads it (a
+// running one after Sync, a new one at start) and sees its removal.
+func TestSimStoreLongNames(t *testing.T) {
+	a, ns := testSimStore(t, nil)
+	b, _ := testSimStore(t, ns)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pool := strings.Repeat("p", 60<<10)
+	vid := "vg/" + strings.Repeat("v", 60<<10)
+	for _, k := range [][2]string{{pool, "appvms/q/private"}, {"thin", vid}, {pool, vid}} {
+		if key := simKey("h.", k[0], k[1]); len(key) > 2+2*maxSimKeyPart+1 {
+			t.Fatalf("key of %d bytes", len(key))
+		}
+		if _, _, hashed, ok := parseSimKey("h.", simKey("h.", k[0], k[1])); !ok || !hashed {
+			t.Fatalf("a long name's key: hashed %v, ok %v", hashed, ok)
+		}
+	}
+	if simKey("h.", pool, "x") == simKey("h.", pool+"q", "x") {
+		t.Fatal("two long pool names share a key")
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 5*time.Second) // an overlong key would hang until this
+	defer wcancel()
+	if err := a.change(wctx, pool, vid, func(cur *simRecord) (*simRecord, error) {
+		return orNew(cur, Volume{Size: 1 << 20}), nil
+	}); err != nil {
+		t.Fatalf("write of a long-named pool's volume: %v", err)
+	}
+	if err := b.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := b.get(pool, vid); r == nil || r.Pool != pool || r.VID != vid {
+		t.Fatal("the long-named pool's volume not read through another instance")
+	}
+	c, _ := testSimStore(t, ns)
+	if r, _ := c.get(pool, vid); r == nil {
+		t.Fatal("the long-named pool's volume not loaded by a new instance")
+	}
+	if err := a.change(ctx, pool, vid, func(*simRecord) (*simRecord, error) { return nil, nil }); err != nil {
+		t.Fatal(err)
+	}
+	for name, st := range map[string]*simStore{"b": b, "c": c} {
+		if err := st.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if r, _ := st.get(pool, vid); r != nil {
+			t.Fatalf("store %s still reads the removed volume", name)
 		}
 	}
 }

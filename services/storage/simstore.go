@@ -3,7 +3,9 @@ package storage
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,11 +17,12 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
 )
 
-// SimBucket holds the metadata of every simulated volume (key
-// <host>.<pool>.<vid>, both base64url-encoded so any pool name or vid is one key
-// token), so that all storage instances of a host see the same simulated volumes.
+// SimBucket holds the metadata of every simulated volume (key <host>.<pool>.<vid>,
+// each part one key token: simKey), so that all storage instances of a host see the
+// same simulated volumes.
 const SimBucket = "QUBES_SIMPOOLS"
 
 // ErrSimConflict: a simulated volume kept changing under a compare-and-set.
@@ -85,34 +88,75 @@ type simStore struct {
 
 	mu      sync.Mutex
 	pools   map[string]map[string]cachedRec // pool → vid → newest known
+	hashed  map[string][2]string            // a key with a hashed part → its pool and vid
 	applied uint64                          // stream sequence the watcher reached (any host's)
 	moved   chan struct{}                   // closed when applied advances
 }
 
+// maxSimKeyPart bounds the encoded form of a pool name or vid in a key. A key is a
+// NATS subject ($KV.QUBES_SIMPOOLS.<key>), whose protocol line the server refuses
+// beyond 4096 bytes (bus.MaxControlLine); a client chooses a pool's name, of any
+// length up to its 64 KiB request, as qubesd sets no limit.
+const maxSimKeyPart = 128
+
+// simKey is the key of a pool's volume: <prefix><pool>.<vid>, each part "_" and its
+// base64url form (any name is one key token), or, when that is longer than
+// maxSimKeyPart, "=" and the hex SHA-256 of the name (base64url has no '='). A hashed
+// part cannot be read back from the key: the record holds the names (simRecord.Pool,
+// VID), and the store remembers them for the key's deletion (simStore.hashed).
 func simKey(prefix, pool, vid string) string {
-	return prefix + "_" + base64.RawURLEncoding.EncodeToString([]byte(pool)) +
-		"._" + base64.RawURLEncoding.EncodeToString([]byte(vid))
+	return prefix + simKeyPart(pool) + "." + simKeyPart(vid)
 }
 
-func parseSimKey(prefix, key string) (pool, vid string, ok bool) {
+func simKeyPart(name string) string {
+	enc := base64.RawURLEncoding.EncodeToString([]byte(name))
+	if len(enc) <= maxSimKeyPart-1 {
+		return "_" + enc
+	}
+	sum := sha256.Sum256([]byte(name))
+	return "=" + hex.EncodeToString(sum[:])
+}
+
+// parseSimKey reads a key of prefix back: the pool name and vid, or, when a part is
+// hashed, hashed true and the names unknown.
+func parseSimKey(prefix, key string) (pool, vid string, hashed, ok bool) {
 	rest, ok := strings.CutPrefix(key, prefix)
 	if !ok {
-		return "", "", false
+		return "", "", false, false
 	}
 	a, b, ok := strings.Cut(rest, ".")
-	if !ok || !strings.HasPrefix(a, "_") || !strings.HasPrefix(b, "_") {
-		return "", "", false
+	if !ok {
+		return "", "", false, false
 	}
-	p, err1 := base64.RawURLEncoding.DecodeString(a[1:])
-	v, err2 := base64.RawURLEncoding.DecodeString(b[1:])
-	return string(p), string(v), err1 == nil && err2 == nil
+	p, hp, ok1 := parseSimKeyPart(a)
+	v, hv, ok2 := parseSimKeyPart(b)
+	if !ok1 || !ok2 {
+		return "", "", false, false
+	}
+	if hp || hv {
+		return "", "", true, true
+	}
+	return p, v, false, true
+}
+
+func parseSimKeyPart(part string) (name string, hashed, ok bool) {
+	if h, isHash := strings.CutPrefix(part, "="); isHash {
+		_, err := hex.DecodeString(h)
+		return "", true, err == nil && len(h) == 2*sha256.Size
+	}
+	enc, isB64 := strings.CutPrefix(part, "_")
+	if !isB64 {
+		return "", false, false
+	}
+	n, err := base64.RawURLEncoding.DecodeString(enc)
+	return string(n), false, err == nil
 }
 
 // openSimStore starts the watcher of host's keys and returns once the cache holds
 // what the bucket held; the watcher stops with ctx.
 func openSimStore(ctx context.Context, nc *nats.Conn, kv jetstream.KeyValue, host string, log *slog.Logger) (*simStore, error) {
 	st := &simStore{kv: kv, nc: nc, prefix: host + ".", log: log,
-		pools: map[string]map[string]cachedRec{}, moved: make(chan struct{})}
+		pools: map[string]map[string]cachedRec{}, hashed: map[string][2]string{}, moved: make(chan struct{})}
 	w, err := kv.WatchAll(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("watch %s: %w", SimBucket, err)
@@ -144,19 +188,34 @@ func openSimStore(ctx context.Context, nc *nats.Conn, kv jetstream.KeyValue, hos
 	return st, nil
 }
 
-// apply takes a watched entry into the cache.
+// apply takes a watched entry into the cache. The names of a key with a hashed part
+// come from its record, and for its deletion from the record seen before.
 func (st *simStore) apply(e jetstream.KeyValueEntry) {
-	pool, vid, ok := parseSimKey(st.prefix, e.Key())
+	pool, vid, hashed, ok := parseSimKey(st.prefix, e.Key())
 	var rec *simRecord
 	if ok && e.Operation() == jetstream.KeyValuePut {
 		rec = new(simRecord)
 		if err := json.Unmarshal(e.Value(), rec); err != nil {
 			st.log.Warn("unreadable simulated volume", "key", e.Key(), "err", err)
 			ok = false
+		} else if hashed {
+			pool, vid = rec.Pool, rec.VID
+			if simKey(st.prefix, pool, vid) != e.Key() {
+				st.log.Warn("simulated volume under another key", "key", e.Key(), "pool", cloudevent.LogName(pool), "vid", cloudevent.LogName(vid))
+				ok = false
+			}
 		}
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	if ok && hashed {
+		if rec != nil {
+			st.hashed[e.Key()] = [2]string{pool, vid}
+		} else {
+			names, known := st.hashed[e.Key()]
+			pool, vid, ok = names[0], names[1], known
+		}
+	}
 	if ok {
 		st.put(pool, vid, e.Revision(), rec)
 	}
