@@ -52,10 +52,27 @@ type Role struct {
 var (
 	inbox     = "_INBOX.>"
 	discovery = "$SRV.>"
-	// jsClient is what a JetStream client needs to read streams and buckets it does
-	// not manage (stream info, consumers, acks, flow control).
-	jsClient = []string{"$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.>", "$JS.ACK.>", "$JS.FC.>"}
+	// jsClient is what every JetStream client of a service needs: account and stream
+	// info, acks and flow control. Consumers only on the streams each reads
+	// (readStream), so that no service reads the audit trail or another's buckets.
+	jsClient = []string{"$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.ACK.>", "$JS.FC.>"}
+	// readConfig is what a replica of the configuration needs (schemas/replica): its
+	// ordered consumer of QUBES_CONFIG, and the reads of single records from the
+	// stream leader with which it catches up when the consumer lags (a failover).
+	readConfig = union(readStream("QUBES_CONFIG"),
+		[]string{"$JS.API.STREAM.MSG.GET.QUBES_CONFIG", "$JS.API.DIRECT.GET.QUBES_CONFIG", "$JS.API.DIRECT.GET.QUBES_CONFIG.>"})
 )
+
+// api lists the API subjects of the given methods (a trailing ".>" for a family):
+// what a service subscribes to, each only its own methods (the registry's owner), so
+// that no service hears, or answers, the calls of another.
+func api(methods ...string) []string {
+	out := make([]string, len(methods))
+	for i, m := range methods {
+		out[i] = "qubes.v1.*.api." + m
+	}
+	return out
+}
 
 // readStream is what a JetStream client needs to read one stream through consumers
 // of its own (an ordered consumer, as `qubesbus events` and `qubesbus audit` use, or a
@@ -111,11 +128,12 @@ func union(lists ...[]string) []string {
 var Roles = []Role{
 	{Name: Admin, About: "Creates and updates the streams and buckets (qubesbus setup); operators.",
 		Publish: []string{">"}, Subscribe: []string{">"}},
-	{Name: Persistence, About: "The configuration store: its API, the change log, the lock bucket.",
-		Publish:   []string{inbox, discovery, "qubes.v1.*.config", "qubes.v1.*.config.>", "$JS.API.>", "$KV.>"},
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.store.>", "$KV.>"}},
+	{Name: Persistence, About: "The configuration store: its API and the change log (QUBES_CONFIG: creates, writes, reads and compacts it; no other stream).",
+		Publish: union([]string{inbox, discovery, "qubes.v1.*.config", "qubes.v1.*.config.>",
+			"$JS.API.STREAM.CREATE.QUBES_CONFIG", "$JS.API.STREAM.PURGE.QUBES_CONFIG"}, readConfig),
+		Subscribe: []string{inbox, discovery, "qubes.v1.*.store.>"}},
 	{Name: Properties, About: "Properties, features, tags, labels, notes, create and remove: only the events it fires.",
-		Publish: join([]string{inbox, discovery}, jsClient,
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states", "qubes.v1.*.svc.vmlifecycle.runtime",
 				"qubes.v1.*.svc.vmlifecycle.hold", "qubes.v1.*.svc.vmlifecycle.release",
 				"qubes.v1.*.svc.storage.create", "qubes.v1.*.svc.storage.remove",
@@ -125,9 +143,16 @@ var Roles = []Role{
 				"domain-tag-add", "domain-tag-delete"),
 			[]string{"qubes.v1.*.events._app.domain-add", "qubes.v1.*.events._app.domain-pre-delete",
 				"qubes.v1.*.events._app.domain-delete", "qubes.v1.*.events.*.domain-create-on-disk"}),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>", "qubes.v1.*.svc.vmlifecycle.changed"}},
+		Subscribe: join([]string{inbox, discovery},
+			// Its methods; calls of methods not in the registry (_unknown) and the checks
+			// of admin.Events, which it resolves for the gateway.
+			api("admin.vm.List", "admin.vmclass.List", "admin.vm.property.>", "admin.property.>", "admin.vm.feature.>",
+				"admin.vm.tag.>", "admin.label.>", "admin.vm.notes.>", "admin.deviceclass.List",
+				"admin.vm.Create.>", "admin.vm.CreateInPool.>", "admin.vm.CreateDisposable", "admin.vm.Remove",
+				"admin.Events", "_unknown"),
+			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>", "qubes.v1.*.svc.vmlifecycle.changed"})},
 	{Name: Storage, About: "Pools and volumes: its API, the clone-token and simulated-volume buckets, its consumer of power events, only the events it fires.",
-		Publish: join([]string{inbox, discovery}, jsClient,
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream("QUBES_EVENTS"), readStream("KV_QUBES_SIMPOOLS"),
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
 				"$KV.QUBES_CLONE_TOKENS.>", "$JS.API.STREAM.*.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS.>",
 				// Simulated volumes: reads, CAS writes (a read waits for the stream's
@@ -137,10 +162,12 @@ var Roles = []Role{
 				"qubes.v1.*.events._app.pool-add", "qubes.v1.*.events._app.pool-pre-delete", "qubes.v1.*.events._app.pool-delete"},
 			// domain-cmd-pre-run: an online resize runs qubes.ResizeDisk in the qube.
 			plainEvents("domain-import-volume", "domain-volume-import-begin", "domain-volume-import-end", "domain-cmd-pre-run")),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
-			"qubes.v1.*.svc.storage.>", "qubes.v1.*.lab.storage-faults"}},
+		Subscribe: join([]string{inbox, discovery}, api("admin.pool.>", "admin.vm.volume.>"),
+			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
+				"qubes.v1.*.svc.storage.>", "qubes.v1.*.lab.storage-faults"})},
 	{Name: Devices, About: "Devices and firewall: the hypervisor's device calls, the firewall and device-record buckets, its consumer of power events, only the events it fires.",
-		Publish: join([]string{inbox, discovery}, jsClient,
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream("QUBES_EVENTS"),
+			readStream("KV_QUBES_FIREWALL"), readStream("KV_QUBES_DEVICES"),
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.runtime",
 				"qubes.v1.*.hv.devices", "qubes.v1.*.hv.device-attach", "qubes.v1.*.hv.device-detach",
 				"$KV.QUBES_FIREWALL.>", "$JS.API.STREAM.*.KV_QUBES_FIREWALL", "$JS.API.DIRECT.GET.KV_QUBES_FIREWALL", "$JS.API.DIRECT.GET.KV_QUBES_FIREWALL.>",
@@ -149,18 +176,20 @@ var Roles = []Role{
 			events("device-pre-attach", "device-attach", "device-pre-detach", "device-detach", "device-pre-assign", "device-assign",
 				"device-unassign", "device-assignment-changed", "device-added", "device-removed", "device-list-change"),
 			plainEvents("firewall-changed")),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
-			"qubes.v1.*.svc.devices.>", "qubes.v1.*.hvdevices"}},
+		Subscribe: join([]string{inbox, discovery}, api("admin.vm.device.>", "admin.vm.firewall.>"),
+			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
+				"qubes.v1.*.svc.devices.>", "qubes.v1.*.hvdevices"})},
 	{Name: Backup, About: "Backups: its API, volume data from storage, backup timestamps through the store, only the events it fires.",
-		Publish: join([]string{inbox, discovery}, jsClient,
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
 				"qubes.v1.*.svc.storage.export", "qubes.v1.*.svc.storage.read",
 				"qubes.v1.*.events._app.backup-progress",
 				"qubes.v1.*.events.*.property-pre-set.backup_timestamp", "qubes.v1.*.events.*.property-set.backup_timestamp"},
 			plainEvents("backup-get-files")),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>"}},
+		Subscribe: join([]string{inbox, discovery}, api("admin.backup.>"),
+			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>"})},
 	{Name: VMLifecycle, About: "Power states over the hypervisor: only the events it fires.",
-		Publish: join([]string{inbox, discovery}, jsClient,
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream("QUBES_HV"),
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.stats", "qubes.v1.*.svc.vmlifecycle.changed",
 				"qubes.v1.*.hv.>", "$KV.QUBES_LEASES.>",
 				// A create that finds the key taken reads it (was it deleted?).
@@ -172,14 +201,16 @@ var Roles = []Role{
 				"domain-qdb-create", "domain-pre-unpaused", "domain-unpaused", "domain-start", "domain-pre-shutdown",
 				"domain-shutdown-failed", "domain-stopped", "domain-shutdown", "domain-pre-paused", "domain-paused",
 				"domain-resumed", "property-reset.xid", "property-reset.stubdom_xid", "property-reset.start_time")),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.>", "qubes.v1.*.config", "qubes.v1.*.config.>"}},
+		Subscribe: join([]string{inbox, discovery},
+			api("admin.vm.Start", "admin.vm.Shutdown", "admin.vm.Kill", "admin.vm.Pause", "admin.vm.Unpause",
+				"admin.vm.Suspend", "admin.vm.Resume", "admin.vm.CurrentState", "admin.vm.Stats", "admin.vm.Console"),
+			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.>", "qubes.v1.*.config", "qubes.v1.*.config.>"})},
 	{Name: Hypervisor, About: "The (simulated) hypervisor: its driver API, its notices, and the lab's faults.",
 		Publish:   []string{inbox, discovery, "$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_HV", "qubes.v1.*.hvnotice", "qubes.v1.*.hvdevices"},
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.hv.>", "qubes.v1.*.lab.>"}},
 	{Name: Gateway, About: "The socket: the only role that may send Admin API calls, and so assert their source.",
-		Publish: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.stats-lease",
-			"$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_EVENTS", "$JS.API.CONSUMER.>",
-			"qubes.v1.*.audit"},
+		Publish: union([]string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.stats-lease"},
+			readStream("QUBES_EVENTS"), []string{"qubes.v1.*.audit"}),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.svc.vmlifecycle.stats"}},
 	{Name: Events, About: "Event consumers (qubesbus events, dashboards): read the events stream only; may call nothing.",
 		Publish:   readStream("QUBES_EVENTS"),
@@ -188,7 +219,7 @@ var Roles = []Role{
 		Publish:   readStream("QUBES_AUDIT"),
 		Subscribe: []string{inbox}},
 	{Name: WebView, About: "The web view (--http /): reads the events stream, the configuration (history, snapshots) and power states; may change nothing.",
-		Publish: union(readStream("QUBES_EVENTS"), readStream("QUBES_CONFIG"),
+		Publish: union(readStream("QUBES_EVENTS"), readConfig,
 			// The two read-only questions it asks the services: a host's configuration
 			// and its qubes' power states. Not store.> (that applies mutations) nor
 			// api.> (only the gateway may assert a call's source).

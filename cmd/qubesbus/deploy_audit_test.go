@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/audit"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -33,8 +34,9 @@ func expectViolation(t *testing.T, errs <-chan error, what string) {
 }
 
 // TestOnlyTheGatewayUserWritesTheAuditTrail: with deploy/nats's users, the gateway
-// stores an audit record; every other user (a service's, the readers') is refused
-// on the audit subject, and nothing it sent is stored.
+// stores an audit record; every other user (each service's, storage, devices and
+// backup included, the readers', the web view's, the lab's) is refused on the audit
+// subject, and nothing it sent is stored.
 func TestOnlyTheGatewayUserWritesTheAuditTrail(t *testing.T) {
 	ns := runDeployServer(t, nil, "", "")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -44,7 +46,11 @@ func TestOnlyTheGatewayUserWritesTheAuditTrail(t *testing.T) {
 		t.Fatal(err)
 	}
 	data, _ := json.Marshal(audit.Record{Source: "dom0", Method: "admin.vm.Start", Dest: "work", Outcome: audit.OutcomeOK})
-	for _, user := range []string{"gateway", "properties", "vmlifecycle", "persistence", "hypervisor", "events", "auditor"} {
+	for _, r := range access.Roles {
+		user := r.Name
+		if user == access.Admin {
+			continue
+		}
 		t.Run(user, func(t *testing.T) {
 			errs := make(chan error, 16)
 			js, _ := jetstream.New(connectAs(t, ns, user, errs))

@@ -218,6 +218,13 @@ func servicesAsOwnUsers(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey s
 		{"admin.vm.volume.Info+private dom0 name thinq\x00", "0\x00pool=thin\nvid=appvms/thinq/private\nsize=4294967296\nusage=0\nrw=True\nsource=\npath=/dev/sim/thin/appvms/thinq/private\nsave_on_stop=True\nsnap_on_start=False\nrevisions_to_keep=1\nephemeral=False\nis_outdated=False\n"},
 		{"admin.pool.UsageDetails+thin dom0 name dom0\x00", "0\x00data_size=1099511627776\ndata_usage=15032385536\n"},
 		{"admin.vm.Start+ dom0 name work\x00", "0\x00"},
+		// Devices and the firewall, as the devices user (sys-firewall runs: its
+		// QubesDB table is written).
+		{"admin.vm.device.pci.Assign+dom0+00_14.3+0x8086+0x51f0++p028000 dom0 name personal\x00device_id='0x8086:0x51f0::p028000' port_id='00_14.3' devclass='pci' backend_domain='dom0' mode='required' frontend_domain='personal'", "0\x00"},
+		{"admin.vm.device.pci.Unassign+dom0+00_14.3+0x8086+0x51f0++p028000 dom0 name personal\x00", "0\x00"},
+		{"admin.vm.Start+ dom0 name sys-firewall\x00", "0\x00"},
+		{"admin.vm.firewall.Set+ dom0 name work\x00action=accept dsthost=qubes-os.org\naction=drop\n", "0\x00"},
+		{"admin.vm.firewall.Get+ dom0 name work\x00", "0\x00action=accept dsthost=qubes-os.org\naction=drop\n"},
 		{"admin.vm.Create.AppVM+fedora-41 dom0 name dom0\x00name=gone label=red", "0\x00"},
 		{"admin.vm.Remove+ dom0 name gone\x00", "0\x00"}, // holds the qube in vmlifecycle
 		{"admin.vm.Remove+ dom0 name work\x00", "2\x00QubesVMNotHaltedError\x00\x00Domain is not powered off: 'work'\x00"},
@@ -230,7 +237,9 @@ func servicesAsOwnUsers(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey s
 	}
 	// The gateway, as its own user, wrote the audit trail of the changes.
 	expectAuditTrail(t, ctx, ns.ClientURL(), tlsFiles, []string{"admin.vm.property.Set", "admin.vm.feature.Set",
-		"admin.vm.notes.Set", "admin.pool.Add", "admin.vm.CreateInPool.AppVM", "admin.vm.volume.Resize", "admin.vm.Start", "admin.vm.Create.AppVM", "admin.vm.Remove", "admin.vm.Remove"})
+		"admin.vm.notes.Set", "admin.pool.Add", "admin.vm.CreateInPool.AppVM", "admin.vm.volume.Resize", "admin.vm.Start",
+		"admin.vm.device.pci.Assign", "admin.vm.device.pci.Unassign", "admin.vm.Start", "admin.vm.firewall.Set",
+		"admin.vm.Create.AppVM", "admin.vm.Remove", "admin.vm.Remove"})
 }
 
 type testWriter struct{ t *testing.T }

@@ -3,20 +3,27 @@ package system
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
 	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/bus/audit"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/lease"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/adminapi"
+	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
 
@@ -77,29 +84,175 @@ func TestUnauthenticatedClientsRefused(t *testing.T) {
 }
 
 // TestOnlyTheGatewayCalls: Qubes-Source is trusted only from the gateway. Every other
-// role, a service's own included, is refused when it publishes a call on an API
-// subject, and the call has no effect; the events role cannot call either, and only
-// the lab role (besides the hypervisor's own) reaches the fault-injection subjects.
+// role (each service's own, storage, devices and backup included, the readers', the
+// lab's) is refused when it publishes a call on an API subject, and the call has no
+// effect; the events role cannot call either, and only the lab role (besides the
+// hypervisor's own and the storage's faults) reaches the fault-injection subjects.
 func TestOnlyTheGatewayCalls(t *testing.T) {
 	sys := startSystem(t)
 	host := subject.ForHost("test")
 	spoof := (&envelope.Request{Method: "admin.vm.property.Set", Source: "dom0", Dest: "work", Arg: "label",
 		Payload: []byte("red"), ID: "spoofed"}).Msg(host.API("admin.vm.property.Set"))
-	for _, role := range []string{access.Properties, access.VMLifecycle, access.Persistence, access.Hypervisor, access.Events, access.Lab, access.WebView} {
-		expectRefused(t, connectAs(t, sys, role), spoof)
+	for _, r := range access.Roles {
+		if r.Name == access.Gateway || r.Name == access.Admin {
+			continue
+		}
+		t.Run(r.Name, func(t *testing.T) { expectRefused(t, connectAs(t, sys, r.Name), spoof) })
 	}
 	if got := roundTrip(t, sys.Socket, []byte("admin.vm.property.Get+label dom0 name work\x00")); string(got) != "0\x00default=False type=label blue" {
 		t.Fatalf("a spoofed call changed the label: %q", got)
 	}
 
-	// The lab's faults: the lab role may inject them, the events role may not.
+	// The lab's faults: the lab role may inject them; no other role but the admin may.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	lab := simdriver.LabClient{NC: connectAs(t, sys, access.Lab), Host: host}
 	if _, err := lab.Domains(ctx); err != nil {
 		t.Fatalf("lab role: %v", err)
 	}
-	expectRefused(t, connectAs(t, sys, access.Events), nats.NewMsg(host.Lab(simdriver.LabOpCrash)))
+	for _, r := range access.Roles {
+		if r.Name == access.Lab || r.Name == access.Admin {
+			continue
+		}
+		t.Run("lab/"+r.Name, func(t *testing.T) {
+			expectRefused(t, connectAs(t, sys, r.Name), nats.NewMsg(host.Lab(simdriver.LabOpCrash)))
+		})
+	}
+}
+
+// canSubscribe reports whether a role's permissions let it subscribe to subj.
+func canSubscribe(r access.Role, subj string) bool {
+	for _, allow := range r.Permissions().Subscribe.Allow {
+		if server.SubjectMatchesFilter(subj, allow) {
+			return true
+		}
+	}
+	return false
+}
+
+// TestServicesHearOnlyTheirOwnMethods: each service's role may subscribe to the API
+// subjects of the methods the registry gives it, and to no other method's: a service
+// (storage, devices, backup as much as the others) neither reads the calls of
+// another, payloads included, nor answers them in its place. Calls of unknown methods
+// and the checks of admin.Events go to properties, which resolves them. Live: a
+// subscription outside a role's methods is refused by the server.
+func TestServicesHearOnlyTheirOwnMethods(t *testing.T) {
+	hearer := func(m rpc.Method) string {
+		if m.Service == rpc.Gateway {
+			return access.Properties
+		}
+		return string(m.Service)
+	}
+	methods := adminapi.Registry.Methods()
+	methods = append(methods, rpc.Method{Name: subject.UnknownMethod, Service: rpc.Properties})
+	for _, m := range methods {
+		subj := subject.ForHost("test").API(m.Name)
+		for _, r := range access.Roles {
+			if r.Name == access.Admin {
+				continue
+			}
+			if got, want := canSubscribe(r, subj), r.Name == hearer(m); got != want {
+				t.Errorf("%s: role %s may subscribe: %v, want %v", m.Name, r.Name, got, want)
+			}
+		}
+	}
+
+	sys := startSystem(t)
+	for _, c := range []struct{ role, subj string }{
+		{access.Storage, "qubes.v1.test.api.admin.vm.property.Get"},
+		{access.Devices, "qubes.v1.*.api.>"},
+		{access.Backup, "qubes.v1.test.api.admin.vm.notes.Set"},
+		{access.Properties, "qubes.v1.test.api.admin.backup.Execute"},
+		{access.VMLifecycle, "qubes.v1.test.api.admin.vm.firewall.Set"},
+	} {
+		expectSubscribeRefused(t, connectAs(t, sys, c.role), c.subj)
+	}
+}
+
+// expectSubscribeRefused subscribes to subj as nc and waits for the server to refuse.
+func expectSubscribeRefused(t *testing.T, nc *nats.Conn, subj string) {
+	t.Helper()
+	denied := make(chan error, 4)
+	nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { denied <- err })
+	sub, err := nc.SubscribeSync(subj)
+	if err != nil {
+		t.Fatalf("subscribe %s: %v", subj, err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-denied:
+		if !errors.Is(err, nats.ErrPermissionViolation) {
+			t.Errorf("%s on %s: %v, want a permissions violation", nc.Opts.Name, subj, err)
+		}
+	case <-time.After(time.Minute):
+		t.Errorf("%s could subscribe to %s", nc.Opts.Name, subj)
+	}
+}
+
+// TestStreamsStayWithTheirRoles: no role but the auditor (and the admin) reads the
+// audit trail, services and the gateway included; no role but the admin deletes or
+// purges the audit or events stream, the configuration store included; and every role
+// that keeps a replica of the configuration may read single records of the change log
+// from the stream leader, as the replica does to catch up while its consumer lags (a
+// failover), not only through its consumer.
+func TestStreamsStayWithTheirRoles(t *testing.T) {
+	sys := startSystem(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, r := range access.Roles {
+		if r.Name == access.Auditor || r.Name == access.Admin {
+			continue
+		}
+		t.Run("audit/"+r.Name, func(t *testing.T) {
+			nc := connectAs(t, sys, r.Name)
+			denied := make(chan error, 4)
+			nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { denied <- err })
+			js, _ := jetstream.New(nc)
+			cctx, ccancel := context.WithTimeout(ctx, 2*time.Second)
+			_, err := js.OrderedConsumer(cctx, audit.StreamName, jetstream.OrderedConsumerConfig{})
+			ccancel()
+			if err == nil {
+				t.Fatalf("%s opened a consumer on %s", r.Name, audit.StreamName)
+			}
+			select {
+			case perr := <-denied:
+				if !errors.Is(perr, nats.ErrPermissionViolation) {
+					t.Errorf("%v, want a permissions violation", perr)
+				}
+			case <-time.After(time.Minute):
+				t.Errorf("no permissions violation (consumer: %v)", err)
+			}
+		})
+	}
+	for _, role := range []string{access.Persistence, access.Properties, access.Storage, access.Devices, access.Gateway} {
+		for _, stream := range []string{audit.StreamName, cloudevent.StreamName} {
+			for _, op := range []string{"DELETE", "PURGE"} {
+				expectRefused(t, connectAs(t, sys, role), nats.NewMsg("$JS.API.STREAM."+op+"."+stream))
+			}
+		}
+	}
+	aj, _ := jetstream.New(connectAs(t, sys, access.Admin))
+	for _, stream := range []string{audit.StreamName, cloudevent.StreamName} {
+		if _, err := aj.Stream(ctx, stream); err != nil {
+			t.Errorf("%s after the refused deletions: %v", stream, err)
+		}
+	}
+
+	for _, role := range []string{access.Persistence, access.Properties, access.VMLifecycle, access.Storage, access.Devices, access.Backup, access.WebView} {
+		js, _ := jetstream.New(connectAs(t, sys, role))
+		rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
+		l, err := changelog.Attach(rctx, js, subject.ForHost("test"))
+		if err == nil {
+			_, err = l.Next(rctx, 1)
+		}
+		rcancel()
+		if err != nil {
+			t.Errorf("%s reading the change log from the leader: %v", role, err)
+		}
+	}
 }
 
 // expectRefused publishes msg as nc and waits for the server to report the
@@ -192,5 +345,35 @@ func TestStandbyMayAskForTheLease(t *testing.T) {
 	case err := <-violations:
 		t.Fatalf("vmlifecycle role: %v", err)
 	default:
+	}
+}
+
+// TestServeWithTheRunsKeys: `qubesbus serve <service>` against the TCP port of a
+// `qubesbus run`, with the role's key from its key dir, starts within seconds for
+// every role, also those that may not read every stream's info (the gateway, the
+// hypervisor): it leaves the streams to the run that made them instead of waiting for
+// answers its role never gets. The extra gateway serves calls on its own socket.
+func TestServeWithTheRunsKeys(t *testing.T) {
+	sys := startSystem(t)
+	keys := filepath.Join(filepath.Dir(sys.Socket), "data", "nkeys")
+	log := slog.New(slog.DiscardHandler)
+	for _, c := range []struct{ name, host string }{{"gateway", "test"}, {"hypervisor", "other"}, {"persistence", "other"}} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			cfg := Config{Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"), NKeyDir: keys,
+				QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: c.host, NATSURL: sys.NATSURL}
+			ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+			defer cancel()
+			stop, err := StartOne(ctx, c.name, cfg, log)
+			if err != nil {
+				t.Fatalf("serve %s with its key: %v", c.name, err)
+			}
+			defer func() { _ = stop() }()
+			if c.name == "gateway" {
+				if got := roundTrip(t, cfg.Socket, []byte("admin.vm.property.Get+label dom0 name work\x00")); string(got) != "0\x00default=False type=label blue" {
+					t.Fatalf("call through the served gateway: %q", got)
+				}
+			}
+		})
 	}
 }

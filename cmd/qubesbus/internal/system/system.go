@@ -608,15 +608,17 @@ func StartService(ctx context.Context, name string, cfg Config, log *slog.Logger
 		return nil, s.policyErr
 	}
 	s.NATSURL = cfg.NATSURL
-	nc, err := bus.Connect(ctx, cfg.connAs(cfg.NATSURL, roleOf(name), "qubesbus-"+name+"-"+cfg.HostID), log)
+	cc := cfg.connAs(cfg.NATSURL, roleOf(name), "qubesbus-"+name+"-"+cfg.HostID)
+	nc, err := bus.Connect(ctx, cc, log)
 	if err != nil {
 		return nil, err
 	}
 	s.addConn(nc)
 	// On a server without users, whichever service starts first creates the streams
-	// (idempotent). A service running as its own user (deploy/nats permissions) may not,
-	// and a denied request gets no answer: `qubesbus setup` has created them.
-	if cfg.NATSUser == "" && cfg.NATSCreds == "" {
+	// (idempotent). A service running as its own user (deploy/nats permissions, or its
+	// role's key from the key dir of a `qubesbus run`) may not, and a denied request
+	// gets no answer: `qubesbus setup` (or the run) has created them.
+	if cc.User == "" && cc.Creds == "" && cc.NKeySeed == "" {
 		if err := ensureStreams(ctx, nc, cfg, true); err != nil {
 			s.Stop()
 			return nil, err
