@@ -156,3 +156,71 @@ func TestOnlyTheGatewayWritesTheAuditTrail(t *testing.T) {
 		}
 	}
 }
+
+// TestAuditTrailOfEveryService: the calls of storage, devices, the firewall and
+// backup that change something each leave one record, with its outcome and exception
+// class (a failed change too), and so do the refused calls of their reads; their
+// reads that succeed leave none.
+func TestAuditTrailOfEveryService(t *testing.T) {
+	var root string
+	sys := startSystem(t, storageRoot(t, &root), func(c *Config) { c.BackupProfiles = t.TempDir() })
+	denied := "2\x00PermissionDenied\x00\x00\x00"
+	rec := func(source, method, dest, arg, outcome, exception string, payload int) *audit.Record {
+		return &audit.Record{Host: "test", Source: source, Method: method, Dest: dest, Arg: arg, Outcome: outcome,
+			Exception: exception, PayloadLen: payload}
+	}
+	assign := "device_id='0x8086:0x51f0::p028000' port_id='00_14.3' devclass='pci' backend_domain='dom0' mode='required' frontend_domain='work'"
+	fw := "action=accept dsthost=qubes-os.org\naction=drop\n"
+	calls := []struct {
+		req, resp string // resp: the reply's first bytes
+		want      *audit.Record
+	}{
+		// Storage.
+		{"admin.pool.Add+file dom0 name dom0\x00name=extra\ndir_path=" + root + "/extra", "0\x00", rec("dom0", "admin.pool.Add", "dom0", "file", "ok", "", len("name=extra\ndir_path="+root+"/extra"))},
+		{"admin.pool.List+ dom0 name dom0\x00", "0\x00", nil},
+		{"admin.vm.volume.Resize+private dom0 name work\x004294967296", "0\x00", rec("dom0", "admin.vm.volume.Resize", "work", "private", "ok", "", 10)},
+		{"admin.vm.volume.Resize+private dom0 name work\x00x", "2\x00ProtocolError", rec("dom0", "admin.vm.volume.Resize", "work", "private", "exception", "ProtocolError", 1)},
+		{"admin.vm.volume.List+ work name work\x00", denied, rec("work", "admin.vm.volume.List", "work", "", "exception", "PermissionDenied", 0)},
+		{"admin.pool.Remove+extra dom0 name dom0\x00", "0\x00", rec("dom0", "admin.pool.Remove", "dom0", "extra", "ok", "", 0)},
+		// Devices.
+		{"admin.vm.device.pci.Assign+dom0+00_14.3+0x8086+0x51f0++p028000 dom0 name work\x00" + assign, "0\x00",
+			rec("dom0", "admin.vm.device.pci.Assign", "work", "dom0+00_14.3+0x8086+0x51f0++p028000", "ok", "", len(assign))},
+		{"admin.vm.device.pci.Assigned+ dom0 name work\x00", "0\x00dom0+00_14.3", nil},
+		{"admin.vm.device.pci.Attach+dom0+00_14.3+0x8086+0x51f0++p028000 dom0 name work\x00", "2\x00QubesVMNotRunningError",
+			rec("dom0", "admin.vm.device.pci.Attach", "work", "dom0+00_14.3+0x8086+0x51f0++p028000", "exception", "QubesVMNotRunningError", 0)},
+		{"admin.vm.device.pci.Unassign+dom0+00_14.3+0x8086+0x51f0++p028000 dom0 name work\x00", "0\x00",
+			rec("dom0", "admin.vm.device.pci.Unassign", "work", "dom0+00_14.3+0x8086+0x51f0++p028000", "ok", "", 0)},
+		{"admin.vm.device.pci.Assign+dom0+00_14.3+0x8086+0x51f0++p028000 work name work\x00" + assign, denied,
+			rec("work", "admin.vm.device.pci.Assign", "work", "dom0+00_14.3+0x8086+0x51f0++p028000", "exception", "PermissionDenied", len(assign))},
+		// The firewall.
+		{"admin.vm.firewall.Set+ dom0 name work\x00" + fw, "0\x00", rec("dom0", "admin.vm.firewall.Set", "work", "", "ok", "", len(fw))},
+		{"admin.vm.firewall.Get+ dom0 name work\x00", "0\x00action=accept", nil},
+		{"admin.vm.firewall.Reload+ dom0 name work\x00", "0\x00", rec("dom0", "admin.vm.firewall.Reload", "work", "", "ok", "", 0)},
+		{"admin.vm.firewall.Get+ work name work\x00", denied, rec("work", "admin.vm.firewall.Get", "work", "", "exception", "PermissionDenied", 0)},
+		// Backup.
+		{"admin.backup.Execute+nope dom0 name dom0\x00", "2\x00QubesBackupProfileNotFoundError",
+			rec("dom0", "admin.backup.Execute", "dom0", "nope", "exception", "QubesBackupProfileNotFoundError", 0)},
+		{"admin.backup.Cancel+nope dom0 name dom0\x00", "2\x00QubesException", rec("dom0", "admin.backup.Cancel", "dom0", "nope", "exception", "QubesException", 0)},
+		{"admin.backup.Info+nope work name dom0\x00", denied, rec("work", "admin.backup.Info", "dom0", "nope", "exception", "PermissionDenied", 0)},
+	}
+	var want []*audit.Record
+	for _, c := range calls {
+		if got := roundTrip(t, sys.Socket, []byte(c.req)); !strings.HasPrefix(string(got), c.resp) {
+			t.Fatalf("%q: %q, want %q…", c.req, got, c.resp)
+		}
+		if c.want != nil {
+			want = append(want, c.want)
+		}
+	}
+	got := readAudit(t, sys, len(want))
+	for i, r := range got {
+		w := *want[i]
+		w.Time, w.RequestID = r.Time, r.RequestID
+		if r != w {
+			t.Errorf("record %d:\n got %+v\nwant %+v", i, r, w)
+		}
+		if r.RequestID == "" || time.Since(r.Time) > time.Minute {
+			t.Errorf("record %d: request id %q, time %v", i, r.RequestID, r.Time)
+		}
+	}
+}
