@@ -47,8 +47,18 @@ type proc struct {
 
 func start(t *testing.T, bin string, args ...string) *proc {
 	t.Helper()
+	return startWith(t, bin, nil, args...)
+}
+
+// startWith is start with the command changed by prepare first (its environment, its
+// stdout).
+func startWith(t *testing.T, bin string, prepare func(*exec.Cmd), args ...string) *proc {
+	t.Helper()
 	p := &proc{t: t, cmd: exec.Command(bin, args...), lines: make(chan string, 1000), done: make(chan struct{})}
 	p.cmd.Env = append(os.Environ(), "QUBESBUS_LOG_LEVEL=info")
+	if prepare != nil {
+		prepare(p.cmd)
+	}
 	stderr, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -91,6 +101,12 @@ func (p *proc) stderr() string {
 // waitLine waits for a stderr line holding every one of parts.
 func (p *proc) waitLine(parts ...string) {
 	p.t.Helper()
+	p.line(parts...)
+}
+
+// line is waitLine returning the line.
+func (p *proc) line(parts ...string) string {
+	p.t.Helper()
 	deadline := time.After(lineWait)
 	for {
 		select {
@@ -100,7 +116,7 @@ func (p *proc) waitLine(parts ...string) {
 				ok = ok && strings.Contains(l, s)
 			}
 			if ok {
-				return
+				return l
 			}
 		case <-p.done:
 			p.t.Fatalf("exited (%v) before a line with %q; stderr:\n%s", p.err, parts, p.stderr())
@@ -153,6 +169,7 @@ func TestRunFailsFastNamingWhat(t *testing.T) {
 	}
 	defer taken.Close()
 	port := strconv.Itoa(taken.Addr().(*net.TCPAddr).Port)
+	unreadable := t.TempDir() // a directory: no one reads it as a file, root included
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -162,6 +179,7 @@ func TestRunFailsFastNamingWhat(t *testing.T) {
 		{"refused url", []string{"--nats-url", "nats://127.0.0.1:1"}, []string{"nats://127.0.0.1:1"}},
 		{"unresolvable url", []string{"--nats-url", "nats://nosuch.invalid:4222"}, []string{"nats://nosuch.invalid:4222"}},
 		{"no creds file", []string{"--nats-url", "nats://127.0.0.1:1", "--nats-creds", "/nonexistent"}, []string{"/nonexistent"}},
+		{"unreadable creds file", []string{"--nats-url", "nats://127.0.0.1:1", "--nats-creds", unreadable}, []string{unreadable}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -294,5 +312,216 @@ func TestSIGINTEndsRunAndStreamingQuery(t *testing.T) {
 	}
 	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
 		t.Errorf("socket left behind after a clean exit: %v", err)
+	}
+}
+
+// stdoutLines starts p's stdout reader: its lines, closed at EOF. Call before start.
+func stdoutLines(t *testing.T, cmd *exec.Cmd) <-chan string {
+	t.Helper()
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 1000)
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			select {
+			case lines <- sc.Text():
+			default:
+			}
+		}
+	}()
+	return lines
+}
+
+// startWithStdout is start with the process's stdout lines.
+func startWithStdout(t *testing.T, bin string, args ...string) (*proc, <-chan string) {
+	t.Helper()
+	var lines <-chan string
+	p := startWith(t, bin, func(c *exec.Cmd) { lines = stdoutLines(t, c) }, args...)
+	return p, lines
+}
+
+// firstLine waits for p's first stdout line.
+func firstLine(t *testing.T, p *proc, lines <-chan string) string {
+	t.Helper()
+	select {
+	case l, ok := <-lines:
+		if !ok {
+			t.Fatalf("stdout closed before a line; stderr:\n%s", p.stderr())
+		}
+		return l
+	case <-time.After(lineWait):
+		t.Fatalf("no stdout line after %s; stderr:\n%s", lineWait, p.stderr())
+	}
+	panic("unreachable")
+}
+
+// TestSignalsEndEveryCommand: SIGINT or SIGTERM ends `events`, `audit`, `lab` and
+// `bench` promptly at any time: while they connect (a NATS address that accepts the
+// connection and never answers, which would hold them 5 s and then fail), while they
+// start, and while they run. events, audit and lab exit 0 (a stop the user asked
+// for); bench exits 1 and says it was interrupted (it has no report to give).
+func TestSignalsEndEveryCommand(t *testing.T) {
+	bin := buildQubesbus(t)
+	t.Run("connecting", func(t *testing.T) {
+		mute, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer mute.Close()
+		url := "nats://" + mute.Addr().String()
+		for _, cmd := range []string{"events", "audit"} {
+			p := start(t, bin, cmd, "--nats-url", url, "--data-dir", t.TempDir())
+			c, err := mute.Accept() // it is connecting
+			if err != nil {
+				t.Fatal(err)
+			}
+			p.signal(syscall.SIGTERM)
+			if code := p.exit(promptly); code != 0 {
+				t.Errorf("%s: exit status %d after SIGTERM while connecting; stderr:\n%s", cmd, code, p.stderr())
+			}
+			c.Close()
+		}
+	})
+
+	t.Run("tailing", func(t *testing.T) {
+		dir := t.TempDir()
+		sock := filepath.Join(dir, "qubesd.sock")
+		run := start(t, bin, runArgs(t, dir, "--nats-port", "-1")...)
+		ready := run.line(`msg="socket ready"`, sock)
+		i := strings.Index(ready, "nats=nats://")
+		if i < 0 {
+			t.Fatalf("no NATS URL in %q", ready)
+		}
+		url := strings.Fields(ready[i+len("nats="):])[0]
+		set := exec.Command(bin, "query", "--socket", sock, "admin.vm.feature.Set", "work", "signals-test")
+		set.Stdin = strings.NewReader("1")
+		if b, err := set.CombinedOutput(); err != nil {
+			t.Fatalf("feature.Set: %v: %s", err, b)
+		}
+		// An event and an audit record are in: each tail prints one, then follows.
+		for _, c := range []struct {
+			cmd  string
+			want string
+		}{{"events", "domain-feature-set:signals-test"}, {"audit", "admin.vm.feature.Set"}} {
+			p, lines := startWithStdout(t, bin, c.cmd, "--nats-url", url, "--data-dir", filepath.Join(dir, "data"), "--since", "1")
+			for l := firstLine(t, p, lines); !strings.Contains(l, c.want); l = firstLine(t, p, lines) {
+			}
+			p.signal(syscall.SIGINT)
+			if code := p.exit(promptly); code != 0 {
+				t.Errorf("%s: exit status %d after SIGINT; stderr:\n%s", c.cmd, code, p.stderr())
+			}
+		}
+		run.signal(syscall.SIGTERM)
+		if code := run.exit(promptly); code != 0 {
+			t.Errorf("run: exit status %d", code)
+		}
+	})
+
+	seed, _ := filepath.Abs("../../testdata/qubes.xml")
+	labArgs := func(dir string) []string {
+		return []string{"lab", "--hosts", "3", "--qubes", "20", "--qubes-xml", seed, "--dir", dir, "--nats-port", "-1"}
+	}
+	t.Run("lab at once", func(t *testing.T) {
+		p := start(t, bin, labArgs(t.TempDir())...)
+		p.signal(syscall.SIGTERM)
+		if code := p.exit(promptly); code != 0 && code != -1 {
+			t.Errorf("exit status %d; stderr:\n%s", code, p.stderr())
+		}
+	})
+	t.Run("lab starting", func(t *testing.T) {
+		p := start(t, bin, labArgs(t.TempDir())...)
+		p.waitLine("started the config change log") // the first host's store is up
+		p.signal(syscall.SIGINT)
+		if code := p.exit(promptly); code != 0 {
+			t.Errorf("exit status %d; stderr:\n%s", code, p.stderr())
+		}
+	})
+	t.Run("lab ready", func(t *testing.T) {
+		p := start(t, bin, labArgs(t.TempDir())...)
+		p.waitLine(`msg="lab ready"`)
+		p.signal(syscall.SIGTERM)
+		if code := p.exit(promptly); code != 0 {
+			t.Errorf("exit status %d; stderr:\n%s", code, p.stderr())
+		}
+	})
+
+	benchArgs := []string{"bench", "--qubes-xml", seed, "--duration", "10m", "--qubes", "0", "--clients", "1",
+		"--classes", "property.Get", "--subscribers", "1", "--skip-qvm-ls"}
+	t.Run("bench at once", func(t *testing.T) {
+		p := startWith(t, bin, func(c *exec.Cmd) { c.Env = append(c.Env, "TMPDIR="+t.TempDir()) }, benchArgs...)
+		p.signal(syscall.SIGINT)
+		if code := p.exit(promptly); code != 1 && code != -1 {
+			t.Errorf("exit status %d; stderr:\n%s", code, p.stderr())
+		}
+	})
+	t.Run("bench measuring", func(t *testing.T) {
+		tmp := t.TempDir()
+		p := startWith(t, bin, func(c *exec.Cmd) { c.Env = append(c.Env, "TMPDIR="+tmp) }, benchArgs...)
+		// Its host serves (the socket is there): the measurement of 10 minutes runs.
+		deadline := time.Now().Add(lineWait)
+		for {
+			socks, _ := filepath.Glob(filepath.Join(tmp, "qubesbus-bench*", "scale-0", "qubesd.sock"))
+			if len(socks) > 0 {
+				break
+			}
+			select {
+			case <-p.done:
+				t.Fatalf("exited (%v) before measuring; stderr:\n%s", p.err, p.stderr())
+			case <-time.After(10 * time.Millisecond):
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no host after %s; stderr:\n%s", lineWait, p.stderr())
+			}
+		}
+		p.signal(syscall.SIGTERM)
+		if code := p.exit(promptly); code != 1 || !strings.Contains(p.stderr(), "interrupted") {
+			t.Errorf("exit status %d; stderr:\n%s", code, p.stderr())
+		}
+		if left, _ := filepath.Glob(filepath.Join(tmp, "qubesbus-bench*")); len(left) > 0 {
+			t.Errorf("bench left %v behind", left)
+		}
+	})
+}
+
+// The tails (events, audit) fail within seconds naming what is wrong: the URL, an
+// unreadable credentials or key file, or where the role's key was looked for when
+// there is none.
+func TestTailsFailFastNamingWhat(t *testing.T) {
+	bin := buildQubesbus(t)
+	garbage := filepath.Join(t.TempDir(), "garbage.nk")
+	if err := os.WriteFile(garbage, []byte("not a seed\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	run := start(t, bin, runArgs(t, dir, "--nats-port", "-1")...)
+	ready := run.line(`msg="socket ready"`)
+	url := strings.Fields(ready[strings.Index(ready, "nats=")+len("nats="):])[0]
+	unreadable := t.TempDir()
+	nokeys := t.TempDir()
+	for _, cmd := range []string{"events", "audit"} {
+		for _, tc := range []struct {
+			name string
+			args []string
+			want string
+		}{
+			{"refused url", []string{"--nats-url", "nats://127.0.0.1:1"}, "nats://127.0.0.1:1"},
+			{"unreadable creds", []string{"--nats-url", url, "--nats-creds", unreadable}, unreadable},
+			{"garbage key", []string{"--nats-url", url, "--nats-nkey", garbage}, garbage},
+			{"no key", []string{"--nats-url", url, "--data-dir", nokeys}, filepath.Join(nokeys, "nkeys")},
+		} {
+			t.Run(cmd+"/"+tc.name, func(t *testing.T) {
+				p := start(t, bin, append([]string{cmd}, tc.args...)...)
+				if code := p.exit(promptly); code != 1 {
+					t.Errorf("exit status %d, want 1", code)
+				}
+				if !strings.Contains(p.stderr(), tc.want) {
+					t.Errorf("stderr does not name %q:\n%s", tc.want, p.stderr())
+				}
+			})
+		}
 	}
 }

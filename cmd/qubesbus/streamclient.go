@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
+	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 
 	"github.com/nats-io/nats.go"
 
@@ -37,9 +40,16 @@ func (c *streamClient) flags(fs *flag.FlagSet, role string) {
 	fs.StringVar(&c.TLS.Key, "nats-tls-key", envOr("QUBESBUS_NATS_TLS_KEY", ""), "PEM key of the client certificate")
 }
 
-// connect connects as role.
+// connect connects as role. Refused without any credentials, the error says where
+// the role's key was looked for.
 func (c streamClient) connect(ctx context.Context, role string, log *slog.Logger) (*nats.Conn, error) {
-	return bus.Connect(ctx, bus.ConnConfig{URL: c.NATSURL, Creds: c.Creds, User: c.User, Password: os.Getenv("QUBESBUS_NATS_PASSWORD"),
-		NKeySeed: defaultNKey(c.NKey, c.Creds, c.User, c.DataDir, role), InboxPrefix: access.InboxPrefix(role), TLS: c.TLS,
+	seed := defaultNKey(c.NKey, c.Creds, c.User, c.DataDir, role)
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: c.NATSURL, Creds: c.Creds, User: c.User, Password: os.Getenv("QUBESBUS_NATS_PASSWORD"),
+		NKeySeed: seed, InboxPrefix: access.InboxPrefix(role), TLS: c.TLS,
 		Name: "qubesbus-" + role}, log)
+	if err != nil && errors.Is(err, nats.ErrAuthorization) && seed == "" && c.Creds == "" && c.User == "" {
+		return nil, fmt.Errorf("%w (no credentials: no key %s; give --data-dir of the run, --nats-nkey, --nats-creds or --nats-user)",
+			err, access.SeedFile(filepath.Join(c.DataDir, "nkeys"), role))
+	}
+	return nc, err
 }

@@ -319,7 +319,11 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 			return nil, err
 		}
 	}
-	log.Info("socket ready", "socket", cfg.Socket, "nats", url, "host", cfg.HostID)
+	natsAt := url
+	if s.NATS != nil && s.NATS.Addr() == nil {
+		natsAt = "in-process only (no TCP port: --nats-port opens one)"
+	}
+	log.Info("socket ready", "socket", cfg.Socket, "nats", natsAt, "host", cfg.HostID)
 	s.obs.started.Store(true)
 	return s, nil
 }
