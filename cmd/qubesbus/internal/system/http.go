@@ -79,6 +79,11 @@ func ServeOps(ctx context.Context, addr string, h http.Handler, log *slog.Logger
 		_ = srv.Shutdown(sctx)
 	})
 	log.Info("http ready", "addr", l.Addr().String())
+	if tcp, ok := l.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() {
+		// Everything here is read-only, but it shows every host's qubes and events.
+		log.Warn("http: no authentication, and not on loopback: anyone who reaches this address reads the qubes and events of every host",
+			"addr", l.Addr().String())
+	}
 	return l.Addr(), func() {
 		stop()
 		_ = srv.Close()
