@@ -101,6 +101,7 @@ fuzz:
 	cd services/properties && $(GO) test -run '^$$' -fuzz '^FuzzSanitiseNotes$$' -fuzztime $(FUZZTIME) .
 	cd bus && $(GO) test -run '^$$' -fuzz '^FuzzSubjectTokens$$' -fuzztime $(FUZZTIME) ./subject/
 	cd bus && $(GO) test -run '^$$' -fuzz '^FuzzServiceEnvelope$$' -fuzztime $(FUZZTIME) ./rpc/
+	cd services/storage && $(GO) test -run '^$$' -fuzz '^FuzzSimKey$$' -fuzztime $(FUZZTIME) .
 	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./firewall/
 
 clean:

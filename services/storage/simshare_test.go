@@ -283,3 +283,34 @@ func TestInstanceClosedMidway(t *testing.T) {
 		t.Fatalf("snapshots through the bus %q, want %q", r.Content, after)
 	}
 }
+
+// FuzzSimKey: any pool name and vid make a key that is a valid key-value key, stays
+// within the bound, and reads back as the names (or, hashed, as no names).
+func FuzzSimKey(f *testing.F) {
+	f.Add("thin", "appvms/q/private")
+	f.Add("", "")
+	f.Add("a.b", "x/../y")
+	f.Add(strings.Repeat("p", 200), "v")
+	f.Add("=", "_")
+	f.Fuzz(func(t *testing.T, pool, vid string) {
+		key := simKey("h.", pool, vid)
+		if len(key) > len("h.")+2*maxSimKeyPart+1 {
+			t.Fatalf("key of %d bytes", len(key))
+		}
+		for _, c := range []byte(key) {
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("-/_=.", c) >= 0) {
+				t.Fatalf("key %q holds %q", key, c)
+			}
+		}
+		if strings.Count(key, ".") != 2 {
+			t.Fatalf("key %q is not three tokens", key)
+		}
+		p, v, hashed, ok := parseSimKey("h.", key)
+		if !ok || (!hashed && (p != pool || v != vid)) {
+			t.Fatalf("key %q reads back as %q %q hashed %v ok %v", key, p, v, hashed, ok)
+		}
+		if want := simKeyPart(pool)[0] == '=' || simKeyPart(vid)[0] == '='; hashed != want {
+			t.Fatalf("key %q: hashed %v", key, hashed)
+		}
+	})
+}
