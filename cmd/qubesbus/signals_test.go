@@ -525,3 +525,33 @@ func TestTailsFailFastNamingWhat(t *testing.T) {
 		}
 	}
 }
+
+// A running `run` whose socket is deleted creates it again, and calls go through it.
+func TestRunRecreatesItsSocket(t *testing.T) {
+	bin := buildQubesbus(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "qubesd.sock")
+	p := start(t, bin, runArgs(t, dir)...)
+	p.waitLine(`msg="socket ready"`, sock)
+	if err := os.Remove(sock); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(promptly)
+	for {
+		if label, err := runQuery(bin, sock, "admin.vm.property.Get", "work", "label"); err == nil && label == "default=False type=label blue\n" {
+			break
+		}
+		select {
+		case <-p.done:
+			t.Fatalf("exited (%v); stderr:\n%s", p.err, p.stderr())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no socket answering %s after its deletion; stderr:\n%s", promptly, p.stderr())
+		}
+	}
+	p.signal(syscall.SIGTERM)
+	if code := p.exit(promptly); code != 0 {
+		t.Errorf("exit status %d", code)
+	}
+}
