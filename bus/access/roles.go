@@ -6,7 +6,8 @@
 // from it (Conf).
 //
 // The boundaries that matter: only the gateway publishes on API subjects, so only it
-// can assert a call's source (the Qubes-Source header); only the lab role and the
+// can assert a call's source (the Qubes-Source header), and each service subscribes
+// only to the API subjects of its own methods; only the lab role and the
 // admin can reach the fault-injection subjects; the events role reads the events
 // stream and can call nothing; the webview role reads the events stream, the
 // configuration history and snapshots and the power states, and can change nothing; only the gateway writes the audit trail (QUBES_AUDIT),
@@ -132,7 +133,7 @@ var Roles = []Role{
 		Publish: union([]string{inbox, discovery, "qubes.v1.*.config", "qubes.v1.*.config.>",
 			"$JS.API.STREAM.CREATE.QUBES_CONFIG", "$JS.API.STREAM.PURGE.QUBES_CONFIG"}, readConfig),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.store.>"}},
-	{Name: Properties, About: "Properties, features, tags, labels, notes, create and remove: only the events it fires.",
+	{Name: Properties, About: "Properties, features, tags, labels, notes, create and remove: hears only its own methods (and unknown ones); only the events it fires.",
 		Publish: union([]string{inbox, discovery}, jsClient, readConfig,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states", "qubes.v1.*.svc.vmlifecycle.runtime",
 				"qubes.v1.*.svc.vmlifecycle.hold", "qubes.v1.*.svc.vmlifecycle.release",
@@ -151,7 +152,7 @@ var Roles = []Role{
 				"admin.vm.Create.>", "admin.vm.CreateInPool.>", "admin.vm.CreateDisposable", "admin.vm.Remove",
 				"admin.Events", "_unknown"),
 			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>", "qubes.v1.*.svc.vmlifecycle.changed"})},
-	{Name: Storage, About: "Pools and volumes: its API, the clone-token and simulated-volume buckets, its consumer of power events, only the events it fires.",
+	{Name: Storage, About: "Pools and volumes: hears only admin.pool.* and admin.vm.volume.*; the clone-token and simulated-volume buckets, its consumer of power events, only the events it fires.",
 		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream("QUBES_EVENTS"), readStream("KV_QUBES_SIMPOOLS"),
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
 				"$KV.QUBES_CLONE_TOKENS.>", "$JS.API.STREAM.*.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS.>",
@@ -165,7 +166,7 @@ var Roles = []Role{
 		Subscribe: join([]string{inbox, discovery}, api("admin.pool.>", "admin.vm.volume.>"),
 			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
 				"qubes.v1.*.svc.storage.>", "qubes.v1.*.lab.storage-faults"})},
-	{Name: Devices, About: "Devices and firewall: the hypervisor's device calls, the firewall and device-record buckets, its consumer of power events, only the events it fires.",
+	{Name: Devices, About: "Devices and firewall: hears only admin.vm.device.* and admin.vm.firewall.*; the hypervisor's device calls, the firewall and device-record buckets, its consumer of power events, only the events it fires.",
 		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream("QUBES_EVENTS"),
 			readStream("KV_QUBES_FIREWALL"), readStream("KV_QUBES_DEVICES"),
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.runtime",
@@ -179,7 +180,7 @@ var Roles = []Role{
 		Subscribe: join([]string{inbox, discovery}, api("admin.vm.device.>", "admin.vm.firewall.>"),
 			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
 				"qubes.v1.*.svc.devices.>", "qubes.v1.*.hvdevices"})},
-	{Name: Backup, About: "Backups: its API, volume data from storage, backup timestamps through the store, only the events it fires.",
+	{Name: Backup, About: "Backups: hears only admin.backup.*; volume data from storage, backup timestamps through the store, only the events it fires.",
 		Publish: union([]string{inbox, discovery}, jsClient, readConfig,
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
 				"qubes.v1.*.svc.storage.export", "qubes.v1.*.svc.storage.read",
@@ -188,7 +189,7 @@ var Roles = []Role{
 			plainEvents("backup-get-files")),
 		Subscribe: join([]string{inbox, discovery}, api("admin.backup.>"),
 			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>"})},
-	{Name: VMLifecycle, About: "Power states over the hypervisor: only the events it fires.",
+	{Name: VMLifecycle, About: "Power states over the hypervisor: hears only its power methods; only the events it fires.",
 		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream("QUBES_HV"),
 			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.stats", "qubes.v1.*.svc.vmlifecycle.changed",
 				"qubes.v1.*.hv.>", "$KV.QUBES_LEASES.>",
