@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -25,6 +26,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/access"
 )
 
 func call(socket, req string, timeout time.Duration) ([]byte, error) {
@@ -95,7 +97,7 @@ func TestClusterFaults(t *testing.T) {
 	var err error
 	var probe *nats.Conn
 	waitFor(t, "nats servers", 30*time.Second, func() bool {
-		probe, err = bus.Connect(ctx, bus.ConnConfig{URL: all, Name: "clustertest"}, slog.New(slog.DiscardHandler))
+		probe, err = bus.Connect(ctx, bus.ConnConfig{URL: all, Name: "clustertest", User: access.Admin, Password: password(access.Admin)}, slog.New(slog.DiscardHandler))
 		return err == nil
 	})
 	defer probe.Close()
@@ -109,11 +111,22 @@ func TestClusterFaults(t *testing.T) {
 
 	seed, _ := filepath.Abs("../../../../testdata/qubes.xml")
 	socket := filepath.Join(dir, "qubesd.sock")
+	// Every service as its own user (deploy/nats's permissions); the streams and
+	// buckets made first by the admin, as a deployment does (qubesbus setup).
 	svc := func(name, id string, extra ...string) *proc {
 		args := append([]string{qb, "serve", name, "--nats-url", all, "--host", "lab", "--replicas", "3",
-			"--data-dir", filepath.Join(dir, "data-"+id), "--qubes-xml", seed, "--socket", socket}, extra...)
-		return &proc{name: id, args: args}
+			"--data-dir", filepath.Join(dir, "data-"+id), "--qubes-xml", seed, "--socket", socket, "--nats-user", name}, extra...)
+		return &proc{name: id, args: args, env: []string{"QUBESBUS_NATS_PASSWORD=" + password(name)}}
 	}
+	waitFor(t, "qubesbus setup", 60*time.Second, func() bool {
+		setup := exec.CommandContext(ctx, qb, "setup", "--nats-url", all, "--replicas", "3", "--nats-user", access.Admin)
+		setup.Env = append(os.Environ(), "QUBESBUS_NATS_PASSWORD="+password(access.Admin))
+		out, err := setup.CombinedOutput()
+		if err != nil {
+			t.Logf("setup: %v: %s", err, out)
+		}
+		return err == nil
+	})
 	persistence := []*proc{svc("persistence", "persistence-a"), svc("persistence", "persistence-b")}
 	properties := []*proc{svc("properties", "properties-a"), svc("properties", "properties-b")}
 	// The storage instances share one data dir: their file pools are the host's

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/qubesbus/qubesbus/bus/access"
 )
 
 // proc is a child process that can be killed with SIGKILL and started again.
@@ -188,8 +190,30 @@ func listening(urls []string, timeout time.Duration) bool {
 	return true
 }
 
+// password is the test's password of a role's user.
+func password(role string) string { return "pw-" + role }
+
+// rolePasswords is the environment nats-server reads the users' passwords from
+// (deploy/nats/permissions.conf).
+func rolePasswords() []string {
+	var env []string
+	for _, r := range access.Roles {
+		env = append(env, "QUBESBUS_"+strings.ToUpper(r.Name)+"_PASSWORD="+password(r.Name))
+	}
+	return env
+}
+
+// natsNodes configures three clustered nodes with deploy/nats's users, so that every
+// qubesbus process runs with its role's permissions, as deployed.
 func natsNodes(t *testing.T, dir, bin string) ([]*proc, []string) {
 	t.Helper()
+	perms, err := os.ReadFile("../../../../deploy/nats/permissions.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "permissions.conf"), perms, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	client := []int{freePort(t), freePort(t), freePort(t)}
 	route := []int{freePort(t), freePort(t), freePort(t)}
 	var nodes []*proc
@@ -204,11 +228,12 @@ cluster {
   listen: 127.0.0.1:%d
   routes: [nats-route://127.0.0.1:%d, nats-route://127.0.0.1:%d, nats-route://127.0.0.1:%d]
 }
+include ./permissions.conf
 `, i+1, client[i], filepath.Join(dir, fmt.Sprintf("js%d", i+1)), route[i], route[0], route[1], route[2])
 		if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		nodes = append(nodes, &proc{name: fmt.Sprintf("n%d", i+1), args: []string{bin, "-c", conf}})
+		nodes = append(nodes, &proc{name: fmt.Sprintf("n%d", i+1), args: []string{bin, "-c", conf}, env: rolePasswords()})
 		urls = append(urls, fmt.Sprintf("nats://127.0.0.1:%d", client[i]))
 	}
 	return nodes, urls
