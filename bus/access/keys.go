@@ -54,11 +54,12 @@ func (k *Keys) Dir() string { return k.dir }
 // SeedFile is the seed file of a role.
 func (k *Keys) SeedFile(role string) string { return SeedFile(k.dir, role) }
 
-// ServerUsers are the server's users: every role's public key with its permissions.
-func (k *Keys) ServerUsers() []*server.NkeyUser {
+// ServerUsers are the server's users: every role's public key with its permissions
+// on a server of the given hosts (Role.PermissionsFor).
+func (k *Keys) ServerUsers(hosts ...string) []*server.NkeyUser {
 	out := make([]*server.NkeyUser, 0, len(Roles))
 	for _, r := range Roles {
-		out = append(out, &server.NkeyUser{Nkey: k.pubs[r.Name], Permissions: r.Permissions()})
+		out = append(out, &server.NkeyUser{Nkey: k.pubs[r.Name], Permissions: r.PermissionsFor(hosts)})
 	}
 	return out
 }

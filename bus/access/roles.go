@@ -259,6 +259,48 @@ func (r Role) Permissions() *server.Permissions {
 	return p
 }
 
+// EventDurables are the durable consumers of QUBES_EVENTS that a host's services keep
+// (storage's and devices' power events, named so by services/storage and
+// services/devices), each with the role that owns it.
+func EventDurables(host string) [][2]string {
+	return [][2]string{{Storage, "storage-power-" + host}, {Devices, "devices-power-" + host}}
+}
+
+// PermissionsFor is Permissions on a server that serves the given hosts (an embedded
+// one: `qubesbus run`, a lab). Every role that may open consumers on QUBES_EVENTS may
+// name any consumer, so it could delete, change or pull from a service's durable
+// consumer (storage would stop following power states until restarted): here every
+// role but the owner (and the admin) is denied the consumer API subjects of each
+// host's durables. (NATS wildcards match whole tokens, and a durable's name holds its
+// host: a server configured by hand lists its hosts' the same way, see README.)
+func (r Role) PermissionsFor(hosts []string) *server.Permissions {
+	p := r.Permissions()
+	if r.Name == Admin {
+		return p
+	}
+	for _, h := range hosts {
+		for _, d := range EventDurables(h) {
+			if d[0] == r.Name {
+				continue
+			}
+			for _, subj := range DurableAPI(d[1]) {
+				// Only what the role's allowances would let through.
+				if slices.ContainsFunc(p.Publish.Allow, func(a string) bool { return server.SubjectsCollide(a, subj) }) {
+					p.Publish.Deny = append(p.Publish.Deny, subj)
+				}
+			}
+		}
+	}
+	return p
+}
+
+// DurableAPI lists the consumer API subjects that name a durable of QUBES_EVENTS:
+// create or update (with or without a filter), info, delete and pulls.
+func DurableAPI(name string) []string {
+	return []string{"$JS.API.CONSUMER.*.QUBES_EVENTS." + name, "$JS.API.CONSUMER.*.QUBES_EVENTS." + name + ".>",
+		"$JS.API.CONSUMER.*.*.QUBES_EVENTS." + name}
+}
+
 // ResponseTTL bounds how long after a request its one reply may come: the longest
 // call (a shutdown waiting for the qube, within the gateway's 10-minute call bound).
 const ResponseTTL = 30 * time.Minute
@@ -290,8 +332,9 @@ func (r Role) subscribe() []string {
 }
 
 // Conf renders the roles as a nats-server authorization block whose passwords come
-// from environment variables (QUBESBUS_<ROLE>_PASSWORD), for deploy/nats.
-func Conf() string {
+// from environment variables (QUBESBUS_<ROLE>_PASSWORD), for deploy/nats, with the
+// denials of PermissionsFor for the given hosts.
+func Conf(hosts ...string) string {
 	var b strings.Builder
 	b.WriteString(`# Generated from bus/access (go run ./cmd/qubesbus setup --print-permissions):
 # do not edit by hand. One NATS user per role; each may publish only its own subjects,
@@ -303,6 +346,10 @@ func Conf() string {
 #
 # The audit trail (stream QUBES_AUDIT, subjects qubes.v1.<host>.audit): only the gateway
 # publishes on it; the auditor role and the admin read it, the events role cannot.
+#
+# The durable consumers storage and devices keep on QUBES_EVENTS are named after their
+# host, and only their owner may touch them: the deny lists name them for the hosts
+# given (qubesbus setup --print-permissions --hosts local,other).
 
 authorization {
   users = [
@@ -313,7 +360,11 @@ authorization {
 		}
 		fmt.Fprintf(&b, "    # %s\n", r.About)
 		fmt.Fprintf(&b, "    { user: %s, password: $QUBESBUS_%s_PASSWORD, permissions: {\n", r.Name, strings.ToUpper(r.Name))
-		fmt.Fprintf(&b, "        publish:   { allow: %s }\n", list(r.publish()))
+		if deny := r.PermissionsFor(hosts).Publish.Deny; len(deny) > 0 {
+			fmt.Fprintf(&b, "        publish:   { allow: %s,\n                     deny: %s }\n", list(r.publish()), list(deny))
+		} else {
+			fmt.Fprintf(&b, "        publish:   { allow: %s }\n", list(r.publish()))
+		}
 		fmt.Fprintf(&b, "        subscribe: { allow: %s }\n", list(r.subscribe()))
 		if r.responds() {
 			fmt.Fprintf(&b, "        allow_responses: { max: 1, expires: %q }\n", ResponseTTL.String())

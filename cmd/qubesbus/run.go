@@ -176,11 +176,12 @@ func setupCmd(ctx context.Context, args []string, log *slog.Logger, stdout, stde
 	fs.SetOutput(stderr)
 	cfg := setupFlags(fs)
 	printPerms := fs.Bool("print-permissions", false, "print the NATS users and permissions of every role (deploy/nats/permissions.conf) and exit")
+	permHosts := fs.String("hosts", "local", "with --print-permissions: the host ids whose services' durable consumers only their owners may touch, comma-separated")
 	if code, stop := parseFlags(fs, args, "setup --nats-url URLS [flags]", stdout); stop {
 		return code
 	}
 	if *printPerms {
-		fmt.Fprint(stdout, access.Conf())
+		fmt.Fprint(stdout, access.Conf(strings.Split(*permHosts, ",")...))
 		return 0
 	}
 	if cfg.NATSURL == "" {

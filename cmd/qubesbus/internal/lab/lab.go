@@ -97,8 +97,12 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *Lab, err error
 			return nil, err
 		}
 		l.Keys = keys
+		hosts := make([]string, cfg.Hosts)
+		for i := range hosts {
+			hosts[i] = hostID(i)
+		}
 		l.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.Dir, "nats"), Port: cfg.NATSPort,
-			Users: keys.ServerUsers(), HTTP: cfg.NATSHTTP})
+			Users: keys.ServerUsers(hosts...), HTTP: cfg.NATSHTTP})
 		if err != nil {
 			return nil, err
 		}
@@ -163,8 +167,11 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *Lab, err error
 }
 
 // startHost writes host i's seed (the shared seed plus its extra qubes) and starts it.
+// hostID is the id of host i of a lab.
+func hostID(i int) string { return fmt.Sprintf("host-%02d", i+1) }
+
 func startHost(ctx context.Context, cfg Config, seed *config.Config, i int, url, keyDir string, inProcess *server.Server, log *slog.Logger) (*Host, error) {
-	id := fmt.Sprintf("host-%02d", i+1)
+	id := hostID(i)
 	dir := filepath.Join(cfg.Dir, id)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err

@@ -377,3 +377,39 @@ func TestServeWithTheRunsKeys(t *testing.T) {
 		})
 	}
 }
+
+// TestServiceDurablesStayWithTheirOwners: storage and devices keep durable consumers of
+// QUBES_EVENTS (power states). The roles that may open consumers of their own on that
+// stream (the readers, the gateway, the other service) may not delete, change or pull
+// from them: a read-only events credential could otherwise stop storage following
+// power states until a restart. The durables are still there afterwards.
+func TestServiceDurablesStayWithTheirOwners(t *testing.T) {
+	sys := startSystem(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	admin, _ := jetstream.New(connectAs(t, sys, access.Admin))
+	for _, d := range access.EventDurables("test") {
+		if _, err := admin.Consumer(ctx, cloudevent.StreamName, d[1]); err != nil {
+			t.Fatalf("%s's durable %s: %v (named differently by the service?)", d[0], d[1], err)
+		}
+		for _, role := range []string{access.Events, access.WebView, access.Gateway, access.Storage, access.Devices} {
+			if role == d[0] {
+				continue
+			}
+			t.Run(role+"/"+d[1], func(t *testing.T) {
+				nc := connectAs(t, sys, role)
+				for _, op := range []string{"DELETE", "INFO", "MSG.NEXT"} {
+					expectRefused(t, nc, nats.NewMsg("$JS.API.CONSUMER."+op+"."+cloudevent.StreamName+"."+d[1]))
+				}
+				expectRefused(t, nc, nats.NewMsg("$JS.API.CONSUMER.CREATE."+cloudevent.StreamName+"."+d[1]+".qubes.v1.test.events.>"))
+			})
+		}
+		if _, err := admin.Consumer(ctx, cloudevent.StreamName, d[1]); err != nil {
+			t.Errorf("%s after the refused requests: %v", d[1], err)
+		}
+	}
+	// Their owners still follow power states: a start makes storage prepare volumes.
+	if got := roundTrip(t, sys.Socket, []byte("admin.vm.Start+ dom0 name work\x00")); string(got) != "0\x00" {
+		t.Fatalf("start: %q", got)
+	}
+}

@@ -269,7 +269,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 		}
 		cfg.NATSCreds, cfg.NATSUser, cfg.NATSPass = "", "", ""
 		s.NATS, err = embedded.Start(ctx, embedded.Config{StoreDir: filepath.Join(cfg.DataDir, "jetstream"),
-			Port: cfg.NATSPort, DontListen: cfg.NATSPort == 0, Users: s.Keys.ServerUsers(), HTTP: cfg.NATSHTTP})
+			Port: cfg.NATSPort, DontListen: cfg.NATSPort == 0, Users: s.Keys.ServerUsers(cfg.HostID), HTTP: cfg.NATSHTTP})
 		if err != nil {
 			return nil, err
 		}
