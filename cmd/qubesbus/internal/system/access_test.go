@@ -413,3 +413,48 @@ func TestServiceDurablesStayWithTheirOwners(t *testing.T) {
 		t.Fatalf("start: %q", got)
 	}
 }
+
+// TestEveryServiceConnectsAsItsRole: in `qubesbus run` each service's connection (and
+// the web view's) is authenticated with its own role's key, none with the admin's: the
+// server's own account of its clients says so.
+func TestEveryServiceConnectsAsItsRole(t *testing.T) {
+	sys := startSystem(t)
+	pub := map[string]string{} // public key → role
+	for _, r := range access.Roles {
+		seed, err := os.ReadFile(sys.Keys.SeedFile(r.Name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		kp, err := nkeys.FromSeed([]byte(strings.TrimSpace(string(seed))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, _ := kp.PublicKey()
+		pub[p] = r.Name
+	}
+	connz, err := sys.NATS.Connz(&server.ConnzOptions{Username: true, Limit: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, c := range connz.Conns {
+		name, _ := strings.CutSuffix(strings.TrimPrefix(c.Name, "qubesbus-"), "-test")
+		role, ok := pub[c.AuthorizedUser]
+		if !ok {
+			t.Errorf("connection %q authenticated as %q, no role's key", c.Name, c.AuthorizedUser)
+			continue
+		}
+		if _, isRole := access.Find(name); isRole && role != name {
+			t.Errorf("connection %q is the %s role, want %s", c.Name, role, name)
+		}
+		seen[role] = true
+	}
+	for _, svc := range Services {
+		if !seen[svc] {
+			t.Errorf("no connection of %s as its role (connections: %d)", svc, len(connz.Conns))
+		}
+	}
+	if seen[access.Admin] {
+		t.Error("a connection of the running system is the admin")
+	}
+}
