@@ -127,6 +127,11 @@ type Service struct {
 	wmu sync.Mutex
 }
 
+// Stopped is closed once the device watch has ended after Serve's ctx ended (at once
+// if it never ran). A process that stops waits for it before it closes the service's
+// connection, so that every input the watch took is handled to its end.
+func (s *Service) Stopped() <-chan struct{} { return s.watchStopped }
+
 // New checks the configuration; Serve starts the service.
 func New(cfg Config) (*Service, error) {
 	if err := cfg.Validate(); err != nil {

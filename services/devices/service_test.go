@@ -190,7 +190,7 @@ func (h *harness) serve() *instance {
 	in.cancel = cancel
 	in.stop = func() {
 		cancel()
-		<-s.watchStopped
+		<-s.Stopped()
 		_ = ms.Stop()
 		nc.Close()
 	}

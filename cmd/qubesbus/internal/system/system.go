@@ -212,6 +212,9 @@ type System struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	done   sync.WaitGroup
+	// background holds what Stop waits for once ctx is cancelled, before it closes
+	// the connections: services' work that outlives their handlers (the device watch).
+	background []<-chan struct{}
 	// obs is what the metrics and the readiness check read (ops.go).
 	obs observed
 	// local lets the gateway reach the services of this process without NATS.
@@ -474,7 +477,11 @@ func startDevices(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 	if err != nil {
 		return nil, err
 	}
-	return dev.Serve(s.ctx, nc)
+	svc, err := dev.Serve(s.ctx, nc)
+	if err == nil {
+		s.background = append(s.background, dev.Stopped())
+	}
+	return svc, err
 }
 
 // startBackup serves admin.backup.*: profiles from cfg.BackupProfiles, archives to
@@ -639,6 +646,13 @@ func (s *System) Stop() error {
 	s.cancel()
 	s.done.Wait()
 	var errs []error
+	for _, stopped := range s.background {
+		select {
+		case <-stopped:
+		case <-time.After(30 * time.Second):
+			errs = append(errs, errors.New("stop: background work still running after 30 s"))
+		}
+	}
 	if s.Store != nil {
 		// Stops taking changes and writes qubes.xml once more if it is behind.
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
