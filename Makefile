@@ -7,7 +7,7 @@ QUBES_XML ?= testdata/qubes.xml
 
 SERVICES := $(filter services/%,$(MODULES))
 
-.PHONY: run test vet build bench fuzz standalone deps tidy cluster-test clean
+.PHONY: run test vet build bench bench-python fuzz standalone deps tidy cluster-test clean
 
 # Built, then run itself rather than through `go run`, which exits 1 after Ctrl-C
 # whatever the program's status: Ctrl-C stops qubesbus cleanly and make exits 0.
@@ -91,6 +91,15 @@ bench:
 	@for m in $(MODULES); do (cd $$m && $(GO) test -run '^$$' -bench . -benchmem ./...) || exit 1; done
 	$(GO) run ./cmd/qubesbus bench $(BENCH_ARGS)
 	$(GO) run ./cmd/qubesbus bench $(BENCH_WRITE_ARGS)
+
+# Issue #17's comparison with the Python client of the dom0 tools (qubesadmin), in one
+# run: qubesbus over the 1009-qube fixture, the recorded floor (`qubesbus bench
+# --serve-floor`) and, given QUBES_CORE_ADMIN_SRC and QUBES_CORE_QREXEC_SRC, the real
+# qubesd (../shared/oracle). Needs QUBESADMIN_SRC, an unpacked qubes-core-admin-client
+# tree, so it is no part of `make test`. PYBENCH_ARGS: tools/pybench.py's flags.
+PYBENCH_ARGS ?=
+bench-python: build
+	tools/bench-python.sh $(PYBENCH_ARGS)
 
 # Each fuzz target runs FUZZTIME (30 s by default).
 fuzz:
