@@ -257,13 +257,6 @@ func eventFanOut(ctx context.Context, cfg Config, sys *system.System) ([]EventRe
 		if err != nil {
 			return nil, err
 		}
-		if d := os.Getenv("QB_DUMP"); d != "" {
-			f, _ := os.Create(fmt.Sprintf("%s.%d", d, subs))
-			for _, l := range lats {
-				fmt.Fprintln(f, l.Nanoseconds())
-			}
-			f.Close()
-		}
 		slices.Sort(lats)
 		out = append(out, EventResult{Subscribers: subs, Events: len(lats), P50: Percentile(lats, 50), P99: Percentile(lats, 99), InProcess: inProcess, Stalls: stalls})
 	}
