@@ -40,6 +40,10 @@ type Attachment struct {
 type Inventory struct {
 	Devices  []device.Info `json:"devices"`
 	Attached []Attachment  `json:"attached,omitempty"`
+	// Boot identifies the hypervisor's boot: it changes when the host restarts, and
+	// with it every domain and attachment. What was recorded under another boot is
+	// gone ("": the hypervisor does not say).
+	Boot string `json:"boot,omitempty"`
 }
 
 // Change is what the hypervisor announces on subject.Host.HypervisorDevices after a

@@ -159,13 +159,14 @@ type trigger struct {
 	msg  jetstream.Msg // the power event, acknowledged once handled (nil: a notice)
 }
 
-// startWatch records the backends the hypervisor shows that have no record yet and
+// startWatch records the backends the hypervisor shows that have no record of this
+// boot yet (qubesd's cache as it loads: no events) and
 // follows the power events and the hypervisor's device changes until ctx ends. An
 // instance handles its inputs one at a time, in the order they arrive.
 func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.JetStream) error {
-	inv, err := s.hv.Devices(ctx)
+	inv, err := s.inventory(ctx)
 	if err != nil {
-		return fmt.Errorf("host devices: %w", err)
+		return err
 	}
 	seen := map[string]bool{}
 	for _, d := range inv.Devices {
