@@ -224,9 +224,9 @@ func (m *Model) kernelInstalled(k string) error {
 	ok, installed := m.Host.Kernels[k]
 	switch {
 	case !installed:
-		return propErr("Kernel '" + k + "' not installed")
+		return propErr("Kernel " + qerr.Repr(k) + " not installed")
 	case !ok:
-		return propErr("Kernel '" + k + "' not properly installed: missing 'vmlinuz' file")
+		return propErr("Kernel " + qerr.Repr(k) + " not properly installed: missing 'vmlinuz' file")
 	}
 	return nil
 }
