@@ -219,6 +219,11 @@ func (m *Model) Reset(h Holder, prop string) (*Change, error) {
 			return nil, qerr.Abort("property " + s.Name + " is write-once")
 		}
 	}
+	if s.ResetCheck != nil {
+		if err := s.ResetCheck(m, h); err != nil {
+			return nil, err
+		}
+	}
 	before := m.read(h, s)
 	kw := []string{"name", s.Name}
 	if before.HasValue {

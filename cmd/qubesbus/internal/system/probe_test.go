@@ -113,6 +113,7 @@ func probeUnesc(t *testing.T, s string) []byte {
 var probeMasks = []*regexp.Regexp{
 	regexp.MustCompile(` at 0x[0-9a-f]+`),
 	regexp.MustCompile(`type=str [0-9]{9,}\.[0-9]+`),
+	regexp.MustCompile(`start_time=[0-9]{9,}\.[0-9]+`),
 	regexp.MustCompile(`\bmem=[0-9]+`),
 	regexp.MustCompile(`\bcputime=[0-9]+`),
 }
@@ -368,8 +369,8 @@ func TestProbeThroughSocket(t *testing.T) {
 			t.Logf("%s: %d calls, %d events compared", name, calls, events)
 		})
 	}
-	if replayed < 2 {
-		t.Fatalf("%d probe files replayed, want at least 2", replayed)
+	if replayed < 3 {
+		t.Fatalf("%d probe files replayed, want at least 3", replayed)
 	}
 	if !t.Failed() {
 		if u := devs.unused(); len(u) > 0 {
