@@ -399,7 +399,8 @@ func (m *Model) TagSet(src string, d *config.Domain, tag string) (*Change, error
 // createdBySide are the handlers of domain-tag-add:created-by-…, which run before the
 // event reaches a subscriber: the admin extension adds the creator's
 // tag-created-vm-with tags, then the GUI extension sets guivm to the creator's
-// set-created-guivm qube. An error (a guivm that cannot be set) is left in ch.Err.
+// set-created-guivm qube. An error (a guivm that is missing or cannot be set) is left
+// in ch.Err and returned.
 func (m *Model) createdBySide(ch *Change, d *config.Domain, creator *config.Domain) error {
 	if with, ok := Feature(creator, "tag-created-vm-with"); ok {
 		for _, t := range strings.Fields(with) {
@@ -414,7 +415,14 @@ func (m *Model) createdBySide(ch *Change, d *config.Domain, creator *config.Doma
 	if !ok || g == "" || !HasProperty(d.Class, "guivm") {
 		return nil
 	}
-	sub, err := m.Set(Holder{D: d}, "guivm", []byte(g))
+	var sub *Change
+	err := error(nil)
+	if m.Domain(g) == nil {
+		// qubesd's extension crashes looking it up (issue 15, class 8).
+		err = qerr.VMNotFoundError("No such domain: " + qerr.Repr(g))
+	} else {
+		sub, err = m.Set(Holder{D: d}, "guivm", []byte(g))
+	}
 	if err == nil {
 		err = sub.Err
 	}

@@ -2,6 +2,7 @@
 # for each file, then
 #   python3 record_scenarios.py SOCKET ints > ints.txt
 #   python3 record_scenarios.py SOCKET scenarios > scenarios.txt
+#   python3 record_scenarios.py SOCKET create > create.txt
 """Records the second round of issue 15's probe against a fresh qubesd, in
 record_probe.py's format (an OK answer with content is written "OK<TAB>content"):
 
@@ -15,7 +16,11 @@ ip6, the servicevm, net.fake-* and ipv6 features, guivm, audiovm, template,
 keyboard_layout, the global defaults) on halted qubes and on running, connected and
 paused ones; checks in pre-set handlers (kernel, template, netvm of a running qube);
 pausing and unpausing twice; exception classes; a qube's repr in messages; the calls
-qubesd crashes on (replaced by deviations.txt)."""
+qubesd crashes on (replaced by deviations.txt).
+
+create: what admin.vm.Create.* refuses and what a new qube announces and inherits
+(the creator's tag-created-vm-with and set-created-guivm), a second template and what
+a template change re-announces, removals refused and done."""
 import socket, sys, threading, time
 SOCK = sys.argv[1]
 def raw(method, dest, arg='', payload=b''):
@@ -330,4 +335,55 @@ def running():
     # and every later save too (deviations.txt)
     greset('default_kernel'); run('admin.property.Get', 'dom0', 'default_kernel')
 
-{'ints': ints, 'scenarios': lambda: (halted(), running())}[sys.argv[2]]()
+def create():
+    # what a creation refuses, and what a new qube announces and inherits
+    for cls, arg, payload in [('AppVM', 'fedora-41', 'name=probe1 label=red'),
+                              ('AppVM', 'fedora-41', 'name=probe1 label=red'),
+                              ('AppVM', 'fedora-41', 'name=probe2 label=nope'),
+                              ('AppVM', 'fedora-41', 'name=probe2'),
+                              ('AppVM', 'fedora-41', 'label=red'),
+                              ('AppVM', 'fedora-41', 'name=Probe2 label=red name=x'),
+                              ('AppVM', 'fedora-41', 'name=-probe label=red'),
+                              ('AppVM', 'fedora-41', 'name=dom0 label=red'),
+                              ('AppVM', 'fedora-41', 'name=probe2 label=red x=y'),
+                              ('AppVM', 'work', 'name=probe2 label=red'),
+                              ('AppVM', 'nosuch', 'name=probe2 label=red'),
+                              ('AppVM', '', 'name=probe2 label=red'),
+                              ('TemplateVM', 'fedora-41', 'name=probe2 label=red'),
+                              ('TemplateVM', '', 'name=probet label=blue'),
+                              ('StandaloneVM', '', 'name=probe3 label=green'),
+                              ('StandaloneVM', 'fedora-41', 'name=probe4 label=green'),
+                              ('DispVM', 'default-dvm', 'name=probe5 label=red'),
+                              ('AdminVM', '', 'name=probe6 label=red'),
+                              ('NoSuchVM', '', 'name=probe6 label=red')]:
+        run('admin.vm.Create.' + cls, 'dom0', arg, payload)
+    for vm in ['probe1', 'probet', 'probe3', 'probe4']:
+        run('admin.vm.property.GetAll', vm)
+        run('admin.vm.tag.List', vm); run('admin.vm.feature.List', vm)
+    # a creator's features: tags and GUI qube of what it creates
+    fset('dom0', 'tag-created-vm-with', 'x1 x2 x1'); fset('dom0', 'set-created-guivm', 'sys-net')
+    run('admin.vm.Create.AppVM', 'dom0', 'fedora-41', b'name=probe7 label=red')
+    run('admin.vm.tag.List', 'probe7'); vget('probe7', 'guivm')
+    fset('dom0', 'set-created-guivm', 'nosuch')
+    run('admin.vm.Create.AppVM', 'dom0', 'fedora-41', b'name=probe8 label=red')
+    run('admin.vm.tag.List', 'probe8')
+    fdel('dom0', 'tag-created-vm-with'); fdel('dom0', 'set-created-guivm')
+    # a second template: what a template change re-announces
+    fset('probet', 'boot-mode.kernelopts.debug', 'debug=1'); vset('probet', 'appvm_default_bootmode', 'debug')
+    vset('probet', 'kernelopts', 'quiet'); vset('probet', 'memory', '99999999999999999999')
+    vset('probe1', 'template', 'probet'); vget('probe1', 'bootmode'); vget('probe1', 'kernelopts')
+    vget('probe1', 'memory'); vget('probe1', 'maxmem')
+    vset('probet', 'appvm_default_bootmode', 'default'); vreset('probet', 'kernelopts')
+    vset('probe1', 'template', 'fedora-41'); vreset('probe1', 'template')
+    vset('probe1', 'template', 'probe1'); vset('probet', 'template', 'fedora-41')
+    gset('default_template', 'probet'); gset('default_template', 'probe1'); greset('default_template')
+    vset('probe1', 'default_dispvm', 'probet'); vset('probet', 'template_for_dispvms', 'True')
+    vset('probe1', 'default_dispvm', 'probet'); vset('probet', 'template_for_dispvms', 'False')
+    vreset('probe1', 'default_dispvm'); vset('probet', 'template_for_dispvms', 'False')
+    # removal refused while in use, then done
+    run('admin.vm.Remove', 'probet')
+    for vm in ['probe1', 'probe7', 'probe8', 'probe3', 'probe4', 'probet', 'probe2']:
+        run('admin.vm.Remove', vm)
+    run('admin.vm.Remove', 'dom0'); run('admin.vm.Remove', 'fedora-41')
+
+{'ints': ints, 'scenarios': lambda: (halted(), running()), 'create': create}[sys.argv[2]]()
