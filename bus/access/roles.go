@@ -124,7 +124,9 @@ var Roles = []Role{
 				"domain-feature-pre-set", "domain-feature-set", "domain-feature-pre-delete", "domain-feature-delete",
 				"domain-tag-add", "domain-tag-delete"),
 			[]string{"qubes.v1.*.events._app.domain-add", "qubes.v1.*.events._app.domain-pre-delete",
-				"qubes.v1.*.events._app.domain-delete", "qubes.v1.*.events.*.domain-create-on-disk"}),
+				"qubes.v1.*.events._app.domain-delete", "qubes.v1.*.events.*.domain-create-on-disk"},
+			// preload-dispvm-max's handlers and CreateDisposable+preload announce it.
+			plainEvents("domain-preload-dispvm-start")),
 		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>", "qubes.v1.*.svc.vmlifecycle.changed"}},
 	{Name: Storage, About: "Pools and volumes: its API, the clone-token and simulated-volume buckets, its consumer of power events, only the events it fires.",
 		Publish: join([]string{inbox, discovery}, jsClient,

@@ -231,12 +231,25 @@ func TestGlobalDefaultChange(t *testing.T) {
 			},
 		},
 		{
+			// sys-net follows default_guivm and its keyboard_layout its GUI qube's:
+			// qubesd takes it and then cannot read that layout (issue 15, class 8).
+			name: "default_guivm set to a qube that follows it",
+			do:   setOn("", "default_guivm", "sys-net"),
+			want: "QubesValueError: Loops of GUI qubes are unsupported: keyboard_layout of qube 'sys-net' would follow itself",
+		},
+		{
 			// Every qube but dom0 follows default_guivm: each gets its tags moved and
 			// property-set:guivm re-fired.
+			// sys-net's own keyboard_layout keeps it from following itself.
 			name: "default_guivm set",
-			edit: editDomain("work", func(d *config.Domain) {
-				d.Properties = append(d.Properties, config.Property{Name: "guivm", Value: "dom0"})
-			}),
+			edit: func(c *config.Config) {
+				editDomain("work", func(d *config.Domain) {
+					d.Properties = append(d.Properties, config.Property{Name: "guivm", Value: "dom0"})
+				})(c)
+				editDomain("sys-net", func(d *config.Domain) {
+					d.Properties = append(d.Properties, config.Property{Name: "keyboard_layout", Value: "us++"})
+				})(c)
+			},
 			do: setOn("", "default_guivm", "sys-net"),
 			events: concat(
 				[]string{"|property-pre-set:default_guivm|name=default_guivm,newvalue=sys-net,oldvalue=dom0"},
