@@ -15,6 +15,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -89,11 +90,12 @@ func (m *Mux) Handle(method string, h Handler) {
 func (m *Mux) HandleUnknown() { m.unknown = true }
 
 // Serve adds a micro service on nc with one endpoint per owned method, in the queue
-// group of the service, and returns it once the server has every subscription.
-func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, version string) (micro.Service, error) {
+// group of the service, and returns it once the server has every subscription. Its
+// version is the build's (bus/buildinfo).
+func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host) (micro.Service, error) {
 	svc, err := micro.AddService(nc, micro.Config{
 		Name:        m.service.Micro(),
-		Version:     version,
+		Version:     buildinfo.Version(),
 		Description: "qubesbus " + string(m.service) + " service",
 		QueueGroup:  m.service.Micro(),
 		Metadata:    map[string]string{"host": host.ID()},

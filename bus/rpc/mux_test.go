@@ -38,7 +38,7 @@ func TestMuxServesCancelsAndSaves(t *testing.T) {
 	mux.AfterChange = func(context.Context, *Call) error { saves.Add(1); return nil }
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	svc, err := mux.Serve(ctx, nc, host, "0.0.1")
+	svc, err := mux.Serve(ctx, nc, host)
 	if err != nil {
 		t.Fatal(err)
 	}

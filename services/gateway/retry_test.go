@@ -96,7 +96,7 @@ func TestReadsRetryChangesDoNot(t *testing.T) {
 			}
 			time.Sleep(time.Millisecond)
 		}
-		if _, err := mux.Serve(ctx, svcNC, host, "0.0.1"); err != nil {
+		if _, err := mux.Serve(ctx, svcNC, host); err != nil {
 			t.Error(err)
 		}
 	}()

@@ -23,7 +23,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
@@ -294,7 +293,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	mux.Local = s.cfg.Local
 	mux.HandleUnknown()
 	s.handlers(mux)
-	return mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
+	return mux.Serve(ctx, nc, s.cfg.Host)
 }
 
 // runtime returns the runtime values of every qube that is not halted, as current as

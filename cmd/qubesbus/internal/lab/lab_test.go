@@ -14,9 +14,9 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/lease"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 )
 
 func call(t *testing.T, socket, req string) []byte {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/embedded"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 )
 
 // get fetches path from the ops handler: status and body.
@@ -305,7 +306,7 @@ func TestReadyzFollowsOneService(t *testing.T) {
 	reg := NewRegistry()
 	sys, err := Start(ctx, Config{Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
 		QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: "test", NATSURL: ns.ClientURL(), Metrics: reg,
-		ServiceNATSURLs: map[string]string{"storage": proxy.URL()}}, slog.New(slog.DiscardHandler))
+		ServiceNATSURLs: map[string]string{string(rpc.Storage): proxy.URL()}}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
