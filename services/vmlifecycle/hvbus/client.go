@@ -260,12 +260,13 @@ func (c Client) Watch(ctx context.Context) (<-chan vmlifecycle.Notice, error) {
 	out := make(chan vmlifecycle.Notice)
 	go func() {
 		defer close(out)
-		wait := 100 * time.Millisecond
+		newBackoff := func() bus.Backoff { return bus.Backoff{Next: 100 * time.Millisecond, Max: 5 * time.Second} }
+		backoff := newBackoff()
 		for ctx.Err() == nil {
 			msg, err := next(ctx, cons)
 			switch {
 			case err == nil:
-				wait = 100 * time.Millisecond
+				backoff = newBackoff()
 			case ctx.Err() != nil:
 				return
 			case errors.Is(err, nats.ErrTimeout):
@@ -273,12 +274,9 @@ func (c Client) Watch(ctx context.Context) (<-chan vmlifecycle.Notice, error) {
 			default:
 				// The consumer may have been deleted, or the connection is down: set it
 				// up again once things may have settled.
-				select {
-				case <-ctx.Done():
+				if backoff.Wait(ctx) != nil {
 					return
-				case <-time.After(wait):
 				}
-				wait = min(2*wait, 5*time.Second)
 				if again, err := c.JS.CreateOrUpdateConsumer(ctx, NoticeStream, cfg); err == nil {
 					cons = again
 				}

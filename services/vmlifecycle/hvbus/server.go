@@ -137,7 +137,7 @@ func New(cfg Config) (*Server, error) {
 // the domains back with Domains anyway).
 func (srv *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error) {
 	host, drv := srv.cfg.Host, srv.cfg.Driver
-	log := srv.cfg.Log.With("service", "hypervisor", "host", host.ID())
+	log := srv.cfg.Log.With("service", string(rpc.Hypervisor), "host", host.ID())
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("jetstream: %w", err)
@@ -333,17 +333,10 @@ func (s *server) respondErr(r micro.Request, op string, err error) {
 	case s.ctx.Err() != nil && (errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)):
 		code = CodeUnavailable
 	default:
-		for _, m := range sentinels {
-			if errors.Is(err, m.err) {
-				code = m.code
-				break
-			}
-		}
-		for _, m := range hostdev.Codes {
-			if errors.Is(err, m.Err) {
-				code = m.Code
-				break
-			}
+		if c := hostdev.Codes.Code(err); c != "" {
+			code = c
+		} else if c := sentinels.Code(err); c != "" {
+			code = c
 		}
 	}
 	// The full text goes in the body: header values cannot hold line breaks.
@@ -377,7 +370,7 @@ func publish(ctx context.Context, js jetstream.JetStream, subj string, n vmlifec
 		return err
 	}
 	id := nuid.Next()
-	wait := 100 * time.Millisecond
+	backoff := bus.Backoff{Next: 100 * time.Millisecond, Max: 5 * time.Second}
 	for attempt := 1; ; attempt++ {
 		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		_, err := js.Publish(pctx, subj, data, jetstream.WithMsgID(id), jetstream.WithExpectStream(NoticeStream))
@@ -386,12 +379,9 @@ func publish(ctx context.Context, js jetstream.JetStream, subj string, n vmlifec
 			return nil
 		}
 		log.Warn("publish notice", "kind", n.Kind, "vm", n.Name, "xid", n.XID, "attempt", attempt, "err", err)
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("publish notice: %w (last attempt: %w)", ctx.Err(), err)
-		case <-time.After(wait):
+		if werr := backoff.Wait(ctx); werr != nil {
+			return fmt.Errorf("publish notice: %w (last attempt: %w)", werr, err)
 		}
-		wait = min(2*wait, 5*time.Second)
 	}
 }
 
