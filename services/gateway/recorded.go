@@ -45,9 +45,6 @@ func (r *Recording) Add(request, response []byte) error {
 	return nil
 }
 
-// Len is the number of recorded calls.
-func (r *Recording) Len() int { return len(r.replies) }
-
 func (r *Recording) answer(_ context.Context, req *envelope.Request) (envelope.Reply, error) {
 	rep, ok := r.replies[keyOf(req)]
 	if !ok {

@@ -65,7 +65,7 @@ func TestUnauthenticatedClientsRefused(t *testing.T) {
 		nc.Close()
 		t.Fatal("an unknown key got onto the bus")
 	}
-	opt, err = nats.NkeyOptionFromSeed(sys.Keys.SeedFile(access.Events))
+	opt, err = nats.NkeyOptionFromSeed(access.SeedFile(sys.cfg.NKeyDir, access.Events))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -589,17 +589,8 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
 	return ensureStreams(ctx, nc, cfg, false)
 }
 
-// StartOne runs a single service against cfg.NATSURL and returns its stop function.
-func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (func() error, error) {
-	s, err := StartService(ctx, name, cfg, log)
-	if err != nil {
-		return nil, err
-	}
-	return s.Stop, nil
-}
-
-// StartService is StartOne returning the system of the one service (for its
-// readiness and metrics).
+// StartService runs a single service against cfg.NATSURL (`qubesbus serve`) and
+// returns the system of the one service (its readiness and metrics; Stop stops it).
 func StartService(ctx context.Context, name string, cfg Config, log *slog.Logger) (*System, error) {
 	if cfg.NATSURL == "" {
 		return nil, errors.New("no NATS URL")
