@@ -198,6 +198,10 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		_ = svc.Stop()
 		return nil, err
 	}
+	if err := nc.FlushTimeout(10 * time.Second); err != nil { // the server has the endpoints
+		_ = svc.Stop()
+		return nil, fmt.Errorf("flush: %w", err)
+	}
 	if s.cfg.NoWatch {
 		close(s.watchStopped)
 		s.log.Info("device watch off")
