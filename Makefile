@@ -53,21 +53,27 @@ test:
 	done; \
 	printf "\n=== summary\n$$summary"; exit $$status
 
-# Services share only bus and schemas: no service's non-test code may depend on a
-# package of another service. Prints each import that crosses into another service.
+# Services share only bus and schemas: no package of a service, its tests included,
+# may import a package of another service. The one way in is internal/testhost, the
+# test host whose persistence every service's tests run against. Prints each import
+# that crosses into another service.
 MODULE_PATH = github.com/qubesbus/qubesbus
-# CROSSING reads "package import…" lines (go list -f) and prints each import of a
-# package of another service than own, by a package outside that service.
-CROSSING = function svc(p, s) { if (index(p, pre) != 1) return ""; s = substr(p, length(pre) + 1); sub(/\/.*/, "", s); return s } \
-	{ from = svc($$1); for (i = 2; i <= NF; i++) { to = svc($$i); if (to != "" && to != own && to != from) print "  " $$1 " imports " $$i } }
+# CROSSING reads "package|import|…" lines (go list -f, test variants "pkg [pkg.test]"
+# included) and prints each import of a package of another service than own, by a
+# package outside that service.
+CROSSING = function norm(p) { sub(/ \[.*$$/, "", p); return p } \
+	function svc(p, s) { p = norm(p); if (index(p, pre) != 1) return ""; s = substr(p, length(pre) + 1); sub(/\/.*/, "", s); sub(/\.test$$/, "", s); sub(/_test$$/, "", s); return s } \
+	{ if (norm($$1) == testhost) next; from = svc($$1); \
+	  for (i = 2; i <= NF; i++) { to = svc($$i); if (to != "" && to != own && to != from) print "  " norm($$1) " imports " norm($$i) } }
 deps:
 	@status=0; \
 	for m in $(SERVICES); do \
 		own=$${m#services/}; \
-		if ! list=$$(cd $$m && $(GO) list -deps -f '{{.ImportPath}}{{range .Imports}} {{.}}{{end}}' ./...); then \
+		if ! list=$$(cd $$m && $(GO) list -deps -test -f '{{.ImportPath}}|{{join .Imports "|"}}' ./...); then \
 			echo "deps: go list failed in $$m"; status=1; continue; \
 		fi; \
-		bad=$$(printf '%s\n' "$$list" | awk -v own="$$own" -v pre="$(MODULE_PATH)/services/" '$(CROSSING)' | sort -u); \
+		bad=$$(printf '%s\n' "$$list" | awk -F'|' -v own="$$own" -v pre="$(MODULE_PATH)/services/" \
+			-v testhost="$(MODULE_PATH)/internal/testhost" '$(CROSSING)' | sort -u); \
 		if [ -n "$$bad" ]; then echo "deps: $$m depends on another service:"; echo "$$bad"; status=1; fi; \
 	done; \
 	if [ $$status = 0 ]; then echo "deps: no service depends on another"; fi; \
