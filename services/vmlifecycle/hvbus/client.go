@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nuid"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 )
@@ -221,7 +222,7 @@ func (c Client) roundTrip(ctx context.Context, op string, budget time.Duration, 
 func (c Client) Watch(ctx context.Context) (<-chan vmlifecycle.Notice, error) {
 	name := c.Consumer
 	if name == "" {
-		name = "vmlifecycle-" + consumerToken(c.Host.ID())
+		name = string(rpc.VMLifecycle) + "-" + consumerToken(c.Host.ID())
 	}
 	if err := validConsumerName(name); err != nil {
 		return nil, fmt.Errorf("watch hypervisor notices: %w", err)

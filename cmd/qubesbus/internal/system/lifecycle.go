@@ -40,7 +40,7 @@ func leaseKey(host subject.Host) string {
 	if !ok {
 		id = "x" + hex.EncodeToString([]byte(id))
 	}
-	return "vmlifecycle." + id
+	return string(rpc.VMLifecycle) + "." + id
 }
 
 // startLifecycle runs the host's lifecycle service whenever this instance holds the
