@@ -441,7 +441,11 @@ func startPersistence(s *System, nc *nats.Conn, host subject.Host, cfg Config, l
 // on qubes.v1.<host>.lab.* (faults, latencies).
 func startHypervisor(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
 	hv := simdriver.New(cfg.Hypervisor)
-	lab, err := simdriver.ServeLab(nc, host, hv)
+	ls, err := simdriver.NewLabService(simdriver.LabServiceConfig{Host: host, Hypervisor: hv})
+	if err != nil {
+		return nil, err
+	}
+	lab, err := ls.Serve(s.ctx, nc)
 	if err != nil {
 		return nil, err
 	}
