@@ -50,17 +50,17 @@ const (
 	OpDetachDevice = hostdev.OpDetach
 )
 
-// DeviceDriver is a driver that also knows the host's devices (the simulated
-// hypervisor does); the server answers the device operations of one.
+// DeviceDriver knows the host's devices (the simulated hypervisor does); the server
+// answers the device operations of Config.Devices.
 type DeviceDriver interface {
 	Devices(ctx context.Context) (hostdev.Inventory, error)
 	AttachDevice(ctx context.Context, a hostdev.Attachment) error
 	DetachDevice(ctx context.Context, a hostdev.Attachment) error
 }
 
-// DeviceChangeNotifier is a driver that reports hot-plugs and unplugs (the simulated
-// hypervisor does); the server announces each on subject.Host.HypervisorDevices, the
-// body a hostdev.Change.
+// DeviceChangeNotifier reports hot-plugs and unplugs (the simulated hypervisor does);
+// the server announces each of Config.DeviceChanges on subject.Host.HypervisorDevices,
+// the body a hostdev.Change.
 type DeviceChangeNotifier interface {
 	OnDeviceChange(f func(backend string))
 }

@@ -104,7 +104,12 @@ func (e errBadRequest) Unwrap() error { return e.err }
 type Config struct {
 	Host   subject.Host
 	Driver vmlifecycle.Driver
-	Log    *slog.Logger // nil: discard
+	// Devices, if set, answers the device operations (hostdev), and DeviceChanges
+	// reports the hot-plugs announced on subject.Host.HypervisorDevices: the
+	// simulated hypervisor is all three.
+	Devices       DeviceDriver
+	DeviceChanges DeviceChangeNotifier
+	Log           *slog.Logger // nil: discard
 }
 
 // Server is the hypervisor service of one host.
@@ -184,7 +189,7 @@ func (srv *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, err
 			return fail(fmt.Errorf("add hypervisor endpoint %s: %w", m.op, err))
 		}
 	}
-	if dd, ok := drv.(DeviceDriver); ok {
+	if dd := srv.cfg.Devices; dd != nil {
 		for _, m := range deviceMethods {
 			f := func(ctx context.Context, _ vmlifecycle.Driver, a callArgs) (any, error) { return m.call(ctx, dd, a) }
 			err := svc.AddEndpoint(m.op, micro.HandlerFunc(func(r micro.Request) { s.handle(bus.Detach(nc, r), m.op, f) }),
@@ -194,7 +199,7 @@ func (srv *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, err
 			}
 		}
 	}
-	if dn, ok := drv.(DeviceChangeNotifier); ok {
+	if dn := srv.cfg.DeviceChanges; dn != nil {
 		dn.OnDeviceChange(func(backend string) {
 			if ctx.Err() != nil {
 				return

@@ -450,7 +450,7 @@ func startHypervisor(s *System, nc *nats.Conn, host subject.Host, cfg Config, lo
 		return nil, err
 	}
 	s.services = append(s.services, lab)
-	srv, err := hvbus.New(hvbus.Config{Host: host, Driver: hv, Log: log})
+	srv, err := hvbus.New(hvbus.Config{Host: host, Driver: hv, Devices: hv, DeviceChanges: hv, Log: log})
 	if err != nil {
 		return nil, err
 	}
