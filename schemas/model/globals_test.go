@@ -271,9 +271,10 @@ func TestGlobalDefaultChange(t *testing.T) {
 				if got := tagsOf(c, "work"); !reflect.DeepEqual(got, []string{"work-tag", "backup", "audiovm-dom0", "guivm-dom0"}) {
 					t.Errorf("work (explicit guivm) tags %v", got)
 				}
-				v, isDefault, _ := Effective(c, "personal", "guivm")
-				if v != "sys-net" || !isDefault {
-					t.Errorf("personal guivm %q default %v", v, isDefault)
+				m := New(c, DefaultHost, nil)
+				h, _ := m.Holder("personal")
+				if r, err := m.Get(h, "guivm"); err != nil || r.Value.String() != "sys-net" || !r.Default {
+					t.Errorf("personal guivm: %v (default %v), %v", r.Value, r.Default, err)
 				}
 			},
 		},

@@ -24,7 +24,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -196,13 +195,17 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	mux := rpc.NewMux(s.cfg.Registry, rpc.Devices, rep, s.log)
 	mux.Auth = s.cfg.Auth
 	s.handlers(mux)
-	svc, err := mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
+	svc, err := mux.Serve(ctx, nc, s.cfg.Host)
 	if err != nil {
 		return nil, err
 	}
 	if err := s.serveStartOps(nc, svc); err != nil {
 		_ = svc.Stop()
 		return nil, err
+	}
+	if err := nc.FlushTimeout(10 * time.Second); err != nil { // the server has the endpoints
+		_ = svc.Stop()
+		return nil, fmt.Errorf("flush: %w", err)
 	}
 	if s.cfg.NoWatch {
 		close(s.watchStopped)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/device"
 	"github.com/qubesbus/qubesbus/schemas/hostdev"
@@ -54,10 +55,10 @@ import (
 const watchedClass = "block"
 
 // powerConsumer is the durable consumer of a host's devices instances.
-func powerConsumer(h subject.Host) string { return "devices-power-" + h.ID() }
+func powerConsumer(h subject.Host) string { return string(rpc.Devices) + "-power-" + h.ID() }
 
 // watchQueue is the queue group of the devices instances' hot-plug subscription.
-const watchQueue = "qubesbus-devices-watch"
+var watchQueue = rpc.Devices.Micro() + "-watch"
 
 // powerAckWait is how long a power event handled by an instance that died stays
 // with it before another instance gets it.
@@ -254,6 +255,10 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 	return nil
 }
 
+// drainWait bounds how long a stopping instance waits for its power consumer to hand
+// back the events it holds.
+const drainWait = 5 * time.Second
+
 // stopWatch takes no more inputs: the power events this instance received and did
 // not handle are given back at once (else the one pending would wait out its ack
 // wait before another instance gets it), the hot-plug notices it took are handled
@@ -263,11 +268,14 @@ func (s *Service) stopWatch(ctx context.Context, nc *nats.Conn, stopped chan str
 	close(stopped)
 	_ = sub.Unsubscribe()
 	cc.Drain() // the buffered messages reach the callback, which gives them back
+	// ctx has ended (the instance stops): the drain has a bound of its own.
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), drainWait)
 	select {
 	case <-cc.Closed():
-	case <-time.After(5 * time.Second):
+	case <-dctx.Done():
 		s.log.Warn("device watch: power events not drained")
 	}
+	cancel()
 	for {
 		select {
 		case t := <-queue:

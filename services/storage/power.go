@@ -10,6 +10,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 )
 
@@ -23,7 +24,7 @@ type powerFollower struct {
 }
 
 // consumerName is the durable consumer of a host's storage instances.
-func consumerName(h subject.Host) string { return "storage-power-" + h.ID() }
+func consumerName(h subject.Host) string { return string(rpc.Storage) + "-power-" + h.ID() }
 
 func followPower(ctx context.Context, js jetstream.JetStream, s *Service) (*powerFollower, error) {
 	cfg := jetstream.ConsumerConfig{

@@ -13,10 +13,10 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/lease"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
 
@@ -65,7 +65,7 @@ func TestUnauthenticatedClientsRefused(t *testing.T) {
 		nc.Close()
 		t.Fatal("an unknown key got onto the bus")
 	}
-	opt, err = nats.NkeyOptionFromSeed(sys.Keys.SeedFile(access.Events))
+	opt, err = nats.NkeyOptionFromSeed(access.SeedFile(sys.cfg.NKeyDir, access.Events))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -19,7 +19,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/qubesbus/qubesbus/bus"
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/audit"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/embedded"
@@ -27,6 +26,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/policy"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/replica"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
@@ -71,7 +71,7 @@ type Config struct {
 	// Setup): the host only checks, rather than every host updating them.
 	StreamsReady bool
 	// ServiceNATSURLs connects single services to other servers of the same cluster
-	// (by service name, or "setup"); the rest use NATSURL.
+	// (by service name, or setupConn); the rest use NATSURL.
 	ServiceNATSURLs map[string]string
 	IdleTimeout     time.Duration
 	// EventsWriteTimeout cuts off an admin.Events subscriber that stops reading.
@@ -157,6 +157,14 @@ func fileExists(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
 }
+
+// setupConn is the part of the system that creates the streams and buckets before
+// the services start (a name of ServiceNATSURLs beside the services').
+const setupConn = "setup"
+
+// connName names the connection of a part of the system (a service, setupConn) on a
+// host: qubesbus-<part>-<host>, as the metrics' conn label and readiness show it.
+func connName(part, host string) string { return "qubesbus-" + part + "-" + host }
 
 // roleOf is the NATS role a part of the system connects as: each service its own,
 // set-up as the admin.
@@ -284,7 +292,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 	s.NATSURL = url
 	s.cfg = cfg
 	dial := func(name string) (*nats.Conn, error) {
-		cc := cfg.connAs(url, roleOf(name), "qubesbus-"+name+"-"+cfg.HostID)
+		cc := cfg.connAs(url, roleOf(name), connName(name, cfg.HostID))
 		if u := cfg.ServiceNATSURLs[name]; u != "" {
 			cc.URL = u
 		} else if s.NATS != nil {
@@ -304,7 +312,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 
 	// The events stream exists before any service may publish to it. The setup
 	// connection is needed for that only.
-	enc, err := dial("setup")
+	enc, err := dial(setupConn)
 	if err != nil {
 		return nil, err
 	}
@@ -436,12 +444,16 @@ func startPersistence(s *System, nc *nats.Conn, host subject.Host, cfg Config, l
 // on qubes.v1.<host>.lab.* (faults, latencies).
 func startHypervisor(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
 	hv := simdriver.New(cfg.Hypervisor)
-	lab, err := simdriver.ServeLab(nc, host, hv)
+	ls, err := simdriver.NewLabService(simdriver.LabServiceConfig{Host: host, Hypervisor: hv})
+	if err != nil {
+		return nil, err
+	}
+	lab, err := ls.Serve(s.ctx, nc)
 	if err != nil {
 		return nil, err
 	}
 	s.services = append(s.services, lab)
-	srv, err := hvbus.New(hvbus.Config{Host: host, Driver: hv, Log: log})
+	srv, err := hvbus.New(hvbus.Config{Host: host, Driver: hv, Devices: hv, DeviceChanges: hv, Log: log})
 	if err != nil {
 		return nil, err
 	}
@@ -577,7 +589,7 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return errors.New("no NATS URL")
 	}
 	cfg = cfg.withKeyDir()
-	nc, err := bus.Connect(ctx, cfg.connAs(cfg.NATSURL, access.Admin, "qubesbus-setup"), log)
+	nc, err := bus.Connect(ctx, cfg.connAs(cfg.NATSURL, access.Admin, "qubesbus-"+setupConn), log)
 	if err != nil {
 		return err
 	}
@@ -588,17 +600,8 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
 	return ensureStreams(ctx, nc, cfg, false)
 }
 
-// StartOne runs a single service against cfg.NATSURL and returns its stop function.
-func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (func() error, error) {
-	s, err := StartService(ctx, name, cfg, log)
-	if err != nil {
-		return nil, err
-	}
-	return s.Stop, nil
-}
-
-// StartService is StartOne returning the system of the one service (for its
-// readiness and metrics).
+// StartService runs a single service against cfg.NATSURL (`qubesbus serve`) and
+// returns the system of the one service (its readiness and metrics; Stop stops it).
 func StartService(ctx context.Context, name string, cfg Config, log *slog.Logger) (*System, error) {
 	if cfg.NATSURL == "" {
 		return nil, errors.New("no NATS URL")
@@ -615,7 +618,7 @@ func StartService(ctx context.Context, name string, cfg Config, log *slog.Logger
 		return nil, s.policyErr
 	}
 	s.NATSURL = cfg.NATSURL
-	nc, err := bus.Connect(ctx, cfg.connAs(cfg.NATSURL, roleOf(name), "qubesbus-"+name+"-"+cfg.HostID), log)
+	nc, err := bus.Connect(ctx, cfg.connAs(cfg.NATSURL, roleOf(name), connName(name, cfg.HostID)), log)
 	if err != nil {
 		return nil, err
 	}
@@ -633,7 +636,7 @@ func StartService(ctx context.Context, name string, cfg Config, log *slog.Logger
 		s.Stop()
 		return nil, err
 	}
-	if name == "gateway" {
+	if name == string(rpc.Gateway) {
 		log.Info("socket ready", "socket", cfg.Socket, "nats", cfg.NATSURL, "host", cfg.HostID)
 	}
 	s.obs.started.Store(true)

@@ -12,7 +12,6 @@ package webview
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"regexp"
@@ -34,9 +33,6 @@ import (
 	"github.com/qubesbus/qubesbus/schemas/model"
 	"github.com/qubesbus/qubesbus/schemas/replica"
 )
-
-// ErrStopped is returned once the view's context has ended.
-var ErrStopped = errors.New("webview: stopped")
 
 // discoverEvery is how often the view looks for hosts that appeared on the bus.
 const discoverEvery = 5 * time.Second

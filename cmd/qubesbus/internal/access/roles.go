@@ -9,8 +9,14 @@
 // can assert a call's source (the Qubes-Source header); only the lab role and the
 // admin can reach the fault-injection subjects; the events role reads the events
 // stream and can call nothing; the webview role reads the events stream, the
-// configuration history and snapshots and the power states, and can change nothing; only the gateway writes the audit trail (QUBES_AUDIT),
-// and only the auditor role (and the admin) reads it.
+// configuration history and snapshots and the power states, and can change nothing;
+// only the gateway writes the audit trail (QUBES_AUDIT), and only the auditor role
+// (and the admin) reads it.
+//
+// Every subject comes from a builder of bus/subject with the constants of the
+// contract it belongs to (schemas/lifecycle's OpHold, schemas/storage's OpVerify, …),
+// and every stream and bucket from its owner's constant: no internal operation,
+// service, stream or bucket name is spelled a second time here.
 package access
 
 import (
@@ -20,19 +26,36 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/qubesbus/qubesbus/bus/audit"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/lease"
+	"github.com/qubesbus/qubesbus/bus/rpc"
+	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/changelog"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
+	"github.com/qubesbus/qubesbus/schemas/devicectl"
+	"github.com/qubesbus/qubesbus/schemas/hostdev"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
+	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
+	"github.com/qubesbus/qubesbus/services/devices"
+	"github.com/qubesbus/qubesbus/services/properties"
+	"github.com/qubesbus/qubesbus/services/storage"
+	"github.com/qubesbus/qubesbus/services/vmlifecycle/hvbus"
 )
 
-// The roles.
+// The roles: each service's is its name (bus/rpc), the only spelling of service
+// names; the others are people and tools.
 const (
 	Admin       = "admin"
-	Persistence = "persistence"
-	Properties  = "properties"
-	VMLifecycle = "vmlifecycle"
-	Storage     = "storage"
-	Devices     = "devices"
-	Backup      = "backup"
-	Hypervisor  = "hypervisor"
-	Gateway     = "gateway"
+	Persistence = string(rpc.Persistence)
+	Properties  = string(rpc.Properties)
+	VMLifecycle = string(rpc.VMLifecycle)
+	Storage     = string(rpc.Storage)
+	Devices     = string(rpc.Devices)
+	Backup      = string(rpc.Backup)
+	Hypervisor  = string(rpc.Hypervisor)
+	Gateway     = string(rpc.Gateway)
 	Events      = "events"
 	Auditor     = "auditor"
 	Lab         = "lab"
@@ -57,6 +80,50 @@ var (
 	jsClient = []string{"$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.>", "$JS.ACK.>", "$JS.FC.>"}
 )
 
+// Subjects of every host (subject.AnyHost), built from the contracts' constants: an
+// internal operation is named once, in the contract its caller and its handler share.
+var (
+	anyHost = subject.AnyHost()
+	// api and cancel: Admin API calls and their cancel notices.
+	api    = anyHost.APIAll()
+	cancel = anyHost.CancelAll()
+	// store is persistence's whole API (configstore.Op*).
+	store = anyHost.Store(subject.Rest)
+	// configLog is the change log and the notices beside it (ConfigSynced).
+	configLog = []string{anyHost.Config(), anyHost.Config() + "." + subject.Rest}
+)
+
+// lifecycleOps, storageOps and devicesOps are the subjects of those services'
+// internal operations (subject.Host.Service).
+func lifecycleOps(ops ...string) []string { return serviceOps(lifecycle.ServiceToken, ops) }
+func storageOps(ops ...string) []string   { return serviceOps(storageapi.ServiceToken, ops) }
+func devicesOps(ops ...string) []string   { return serviceOps(devicectl.ServiceToken, ops) }
+
+func serviceOps(service string, ops []string) []string {
+	out := make([]string, len(ops))
+	for i, op := range ops {
+		out[i] = anyHost.Service(service, op)
+	}
+	return out
+}
+
+// hypervisorOps are subjects of the hypervisor's driver API (subject.Host.Hypervisor).
+func hypervisorOps(ops ...string) []string {
+	out := make([]string, len(ops))
+	for i, op := range ops {
+		out[i] = anyHost.Hypervisor(op)
+	}
+	return out
+}
+
+// bucket is what a client needs to read and write one KV bucket: its messages, its
+// stream's info and direct gets.
+func bucket(name string) []string {
+	stream := "KV_" + name
+	return []string{"$KV." + name + ".>", "$JS.API.STREAM.*." + stream,
+		"$JS.API.DIRECT.GET." + stream, "$JS.API.DIRECT.GET." + stream + ".>"}
+}
+
 // readStream is what a JetStream client needs to read one stream through consumers
 // of its own (an ordered consumer, as `qubesbus events` and `qubesbus audit` use, or a
 // push consumer with flow control): the consumer API of that stream only, so the
@@ -74,16 +141,26 @@ func readStream(stream string) []string {
 func events(families ...string) []string {
 	out := make([]string, len(families))
 	for i, f := range families {
-		out[i] = "qubes.v1.*.events.*." + f + ".>"
+		out[i] = anyHost.EventOfEveryVM(f) + "." + subject.Rest
 	}
 	return out
 }
 
-// plainEvents lists events without a suffix (domain-start).
+// plainEvents lists events of every qube by their exact names: domain-start, or
+// property-reset:xid for one suffix only.
 func plainEvents(names ...string) []string {
 	out := make([]string, len(names))
 	for i, n := range names {
-		out[i] = "qubes.v1.*.events.*." + n
+		out[i] = anyHost.EventOfEveryVM(n)
+	}
+	return out
+}
+
+// globalEvents lists events of the app object (no qube): domain-add.
+func globalEvents(names ...string) []string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = anyHost.Event("", n)
 	}
 	return out
 }
@@ -112,92 +189,89 @@ var Roles = []Role{
 	{Name: Admin, About: "Creates and updates the streams and buckets (qubesbus setup); operators.",
 		Publish: []string{">"}, Subscribe: []string{">"}},
 	{Name: Persistence, About: "The configuration store: its API, the change log, the lock bucket.",
-		Publish:   []string{inbox, discovery, "qubes.v1.*.config", "qubes.v1.*.config.>", "$JS.API.>", "$KV.>"},
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.store.>", "$KV.>"}},
+		Publish:   join([]string{inbox, discovery}, configLog, []string{"$JS.API.>", "$KV.>"}),
+		Subscribe: []string{inbox, discovery, store, "$KV.>"}},
 	{Name: Properties, About: "Properties, features, tags, labels, notes, create and remove: only the events it fires.",
-		Publish: join([]string{inbox, discovery}, jsClient,
-			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states", "qubes.v1.*.svc.vmlifecycle.runtime",
-				"qubes.v1.*.svc.vmlifecycle.hold", "qubes.v1.*.svc.vmlifecycle.release",
-				"qubes.v1.*.svc.storage.create", "qubes.v1.*.svc.storage.remove",
-				"$KV.QUBES_NOTES.>", "$JS.API.STREAM.*.KV_QUBES_NOTES", "$JS.API.DIRECT.GET.KV_QUBES_NOTES", "$JS.API.DIRECT.GET.KV_QUBES_NOTES.>"},
+		Publish: join([]string{inbox, discovery}, jsClient, []string{store},
+			lifecycleOps(lifecycle.OpStates, lifecycle.OpRuntime, lifecycle.OpHold, lifecycle.OpRelease),
+			storageOps(storageapi.OpCreate, storageapi.OpRemove),
+			bucket(properties.NotesBucket),
 			events("property-pre-set", "property-set", "property-pre-reset", "property-pre-del", "property-reset", "property-del",
 				"domain-feature-pre-set", "domain-feature-set", "domain-feature-pre-delete", "domain-feature-delete",
 				"domain-tag-add", "domain-tag-delete"),
-			[]string{"qubes.v1.*.events._app.domain-add", "qubes.v1.*.events._app.domain-pre-delete",
-				"qubes.v1.*.events._app.domain-delete", "qubes.v1.*.events.*.domain-create-on-disk"},
+			globalEvents("domain-add", "domain-pre-delete", "domain-delete"),
+			plainEvents("domain-create-on-disk"),
 			// preload-dispvm-max's handlers and CreateDisposable+preload announce it.
 			plainEvents("domain-preload-dispvm-start")),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>", "qubes.v1.*.svc.vmlifecycle.changed"}},
+		Subscribe: join([]string{inbox, discovery, api, cancel}, configLog, lifecycleOps(lifecycle.SubjectChanged))},
 	{Name: Storage, About: "Pools and volumes: its API, the clone-token and simulated-volume buckets, its consumer of power events, only the events it fires.",
-		Publish: join([]string{inbox, discovery}, jsClient,
-			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
-				"$KV.QUBES_CLONE_TOKENS.>", "$JS.API.STREAM.*.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS.>",
-				// Simulated volumes: reads, CAS writes (a read waits for the stream's
-				// last sequence: STREAM.INFO, in jsClient).
-				"$KV.QUBES_SIMPOOLS.>", "$JS.API.STREAM.*.KV_QUBES_SIMPOOLS",
-				"$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS", "$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS.>",
-				"qubes.v1.*.events._app.pool-add", "qubes.v1.*.events._app.pool-pre-delete", "qubes.v1.*.events._app.pool-delete"},
+		Publish: join([]string{inbox, discovery}, jsClient, []string{store},
+			lifecycleOps(lifecycle.OpStates),
+			bucket(storage.TokenBucket),
+			// Simulated volumes: reads, CAS writes (a read waits for the stream's
+			// last sequence: STREAM.INFO, in jsClient).
+			bucket(storage.SimBucket),
+			globalEvents("pool-add", "pool-pre-delete", "pool-delete"),
 			// domain-cmd-pre-run: an online resize runs qubes.ResizeDisk in the qube.
 			plainEvents("domain-import-volume", "domain-volume-import-begin", "domain-volume-import-end", "domain-cmd-pre-run")),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
-			"qubes.v1.*.svc.storage.>", "qubes.v1.*.lab.storage-faults"}},
+		Subscribe: join([]string{inbox, discovery, api, cancel}, configLog,
+			storageOps(subject.Rest), []string{anyHost.Lab(storageapi.LabOpFaults)})},
 	{Name: Devices, About: "Devices and firewall: the hypervisor's device calls, the firewall and device-record buckets, its consumer of power events, only the events it fires.",
-		Publish: join([]string{inbox, discovery}, jsClient,
-			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.runtime",
-				"qubes.v1.*.hv.devices", "qubes.v1.*.hv.device-attach", "qubes.v1.*.hv.device-detach",
-				"$KV.QUBES_FIREWALL.>", "$JS.API.STREAM.*.KV_QUBES_FIREWALL", "$JS.API.DIRECT.GET.KV_QUBES_FIREWALL", "$JS.API.DIRECT.GET.KV_QUBES_FIREWALL.>",
-				"$KV.QUBES_DEVICES.>", "$JS.API.STREAM.*.KV_QUBES_DEVICES", "$JS.API.DIRECT.GET.KV_QUBES_DEVICES", "$JS.API.DIRECT.GET.KV_QUBES_DEVICES.>",
-				"qubes.v1.*.events.*.property-pre-set.devices_denied", "qubes.v1.*.events.*.property-set.devices_denied"},
+		Publish: join([]string{inbox, discovery}, jsClient, []string{store},
+			lifecycleOps(lifecycle.OpRuntime),
+			hypervisorOps(hostdev.OpDevices, hostdev.OpAttach, hostdev.OpDetach),
+			bucket(devices.FirewallBucket), bucket(devices.DevicesBucket),
+			plainEvents("property-pre-set:devices_denied", "property-set:devices_denied"),
 			events("device-pre-attach", "device-attach", "device-pre-detach", "device-detach", "device-pre-assign", "device-assign",
 				"device-unassign", "device-assignment-changed", "device-added", "device-removed", "device-list-change"),
 			plainEvents("firewall-changed")),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
-			"qubes.v1.*.svc.devices.>", "qubes.v1.*.hvdevices"}},
+		Subscribe: join([]string{inbox, discovery, api, cancel}, configLog,
+			devicesOps(subject.Rest), []string{anyHost.HypervisorDevices()})},
 	{Name: Backup, About: "Backups: its API, volume data from storage, backup timestamps through the store, only the events it fires.",
-		Publish: join([]string{inbox, discovery}, jsClient,
-			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
-				"qubes.v1.*.svc.storage.export", "qubes.v1.*.svc.storage.read",
-				"qubes.v1.*.events._app.backup-progress",
-				"qubes.v1.*.events.*.property-pre-set.backup_timestamp", "qubes.v1.*.events.*.property-set.backup_timestamp"},
-			plainEvents("backup-get-files")),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>"}},
+		Publish: join([]string{inbox, discovery}, jsClient, []string{store},
+			lifecycleOps(lifecycle.OpStates),
+			storageOps(storageapi.OpExport, storageapi.OpRead),
+			globalEvents("backup-progress"),
+			plainEvents("property-pre-set:backup_timestamp", "property-set:backup_timestamp", "backup-get-files")),
+		Subscribe: join([]string{inbox, discovery, api, cancel}, configLog)},
 	{Name: VMLifecycle, About: "Power states over the hypervisor: only the events it fires.",
-		Publish: join([]string{inbox, discovery}, jsClient,
-			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.stats", "qubes.v1.*.svc.vmlifecycle.changed",
-				"qubes.v1.*.hv.>", "$KV.QUBES_LEASES.>",
-				// A create that finds the key taken reads it (was it deleted?).
-				"$JS.API.STREAM.*.KV_QUBES_LEASES", "$JS.API.DIRECT.GET.KV_QUBES_LEASES", "$JS.API.DIRECT.GET.KV_QUBES_LEASES.>",
-				"qubes.v1.*.svc.storage.verify", "qubes.v1.*.svc.storage.prepare", "qubes.v1.*.svc.storage.stop", "qubes.v1.*.svc.storage.remove",
-				"qubes.v1.*.svc.devices.prepare-start", "qubes.v1.*.svc.devices.attach-required",
-				"qubes.v1.*.events._app.domain-pre-delete", "qubes.v1.*.events._app.domain-delete"},
+		Publish: join([]string{inbox, discovery}, jsClient, []string{store},
+			lifecycleOps(lifecycle.SubjectStats, lifecycle.SubjectChanged),
+			hypervisorOps(subject.Rest),
+			// The lease: a create that finds the key taken reads it (was it deleted?).
+			bucket(lease.Bucket),
+			storageOps(storageapi.OpVerify, storageapi.OpPrepare, storageapi.OpStop, storageapi.OpRemove),
+			devicesOps(devicectl.OpPrepareStart, devicectl.OpAttachRequired),
+			globalEvents("domain-pre-delete", "domain-delete"),
 			plainEvents("domain-pre-start", "domain-start-failed", "domain-verify-files", "domain-pre-spawn", "domain-spawn",
 				"domain-qdb-create", "domain-pre-unpaused", "domain-unpaused", "domain-start", "domain-pre-shutdown",
 				"domain-shutdown-failed", "domain-stopped", "domain-shutdown", "domain-pre-paused", "domain-paused",
-				"domain-resumed", "property-reset.xid", "property-reset.stubdom_xid", "property-reset.start_time")),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.>", "qubes.v1.*.config", "qubes.v1.*.config.>"}},
+				"domain-resumed", "property-reset:xid", "property-reset:stubdom_xid", "property-reset:start_time")),
+		Subscribe: join([]string{inbox, discovery, api, cancel}, lifecycleOps(subject.Rest), configLog)},
 	{Name: Hypervisor, About: "The (simulated) hypervisor: its driver API, its notices, and the lab's faults.",
-		Publish:   []string{inbox, discovery, "$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_HV", "qubes.v1.*.hvnotice", "qubes.v1.*.hvdevices"},
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.hv.>", "qubes.v1.*.lab.>"}},
+		Publish: []string{inbox, discovery, "$JS.API.INFO", "$JS.API.STREAM.INFO." + hvbus.NoticeStream,
+			anyHost.HypervisorNotices(), anyHost.HypervisorDevices()},
+		Subscribe: []string{inbox, discovery, anyHost.Hypervisor(subject.Rest), anyHost.Lab(subject.Rest)}},
 	{Name: Gateway, About: "The socket: the only role that may send Admin API calls, and so assert their source.",
-		Publish: []string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.stats-lease",
-			"$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_EVENTS", "$JS.API.CONSUMER.>",
-			"qubes.v1.*.audit"},
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.svc.vmlifecycle.stats"}},
+		Publish: join([]string{inbox, discovery, api, cancel}, lifecycleOps(lifecycle.OpStatsLease),
+			[]string{"$JS.API.INFO", "$JS.API.STREAM.INFO." + cloudevent.StreamName, "$JS.API.CONSUMER.>",
+				anyHost.Audit()}),
+		Subscribe: join([]string{inbox, discovery}, lifecycleOps(lifecycle.SubjectStats))},
 	{Name: Events, About: "Event consumers (qubesbus events, dashboards): read the events stream only; may call nothing.",
-		Publish:   readStream("QUBES_EVENTS"),
+		Publish:   readStream(cloudevent.StreamName),
 		Subscribe: []string{inbox}},
 	{Name: Auditor, About: "Audit readers (qubesbus audit): read the audit stream only; may call nothing.",
-		Publish:   readStream("QUBES_AUDIT"),
+		Publish:   readStream(audit.StreamName),
 		Subscribe: []string{inbox}},
 	{Name: WebView, About: "The web view (--http /): reads the events stream, the configuration (history, snapshots) and power states; may change nothing.",
-		Publish: union(readStream("QUBES_EVENTS"), readStream("QUBES_CONFIG"),
+		Publish: union(readStream(cloudevent.StreamName), readStream(changelog.StreamName),
 			// The two read-only questions it asks the services: a host's configuration
 			// and its qubes' power states. Not store.> (that applies mutations) nor
 			// api.> (only the gateway may assert a call's source).
-			[]string{"qubes.v1.*.store.snapshot", "qubes.v1.*.svc.vmlifecycle.states"}),
+			[]string{anyHost.Store(configstore.OpSnapshot)}, lifecycleOps(lifecycle.OpStates)),
 		Subscribe: []string{inbox}},
 	{Name: Lab, About: "Test labs: fault injection on the simulated hypervisor; may call nothing.",
-		Publish:   []string{"qubes.v1.*.lab.>"},
+		Publish:   []string{anyHost.Lab(subject.Rest)},
 		Subscribe: []string{inbox}},
 }
 
@@ -263,7 +337,7 @@ func (r Role) subscribe() []string {
 // from environment variables (QUBESBUS_<ROLE>_PASSWORD), for deploy/nats.
 func Conf() string {
 	var b strings.Builder
-	b.WriteString(`# Generated from bus/access (go run ./cmd/qubesbus setup --print-permissions):
+	b.WriteString(`# Generated from cmd/qubesbus/internal/access (go run ./cmd/qubesbus setup --print-permissions):
 # do not edit by hand. One NATS user per role; each may publish only its own subjects,
 # in particular only the events it fires. Passwords come from the environment (never
 # commit them): QUBESBUS_<ROLE>_PASSWORD.
