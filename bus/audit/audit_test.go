@@ -51,19 +51,6 @@ func TestAuditedRule(t *testing.T) {
 	}
 }
 
-func TestParseAuditSubject(t *testing.T) {
-	for _, host := range []string{"local", "lab.1", "a b"} {
-		if got, ok := subject.ParseAudit(subject.ForHost(host).Audit()); !ok || got != host {
-			t.Errorf("ParseAudit(Audit(%q)) = %q %v", host, got, ok)
-		}
-	}
-	for _, s := range []string{"qubes.v1.local.events.x.y", "qubes.v1.audit", "other.local.audit", "qubes.v1.a.b.audit"} {
-		if h, ok := subject.ParseAudit(s); ok {
-			t.Errorf("ParseAudit(%q) = %q, want no match", s, h)
-		}
-	}
-}
-
 // logSink keeps the messages logged and reports each one on a channel.
 type logSink struct {
 	mu    sync.Mutex

@@ -49,7 +49,7 @@ func TestReplies(t *testing.T) {
 		{"exception", qerr.VMNotFoundError("No such domain: " + qerr.Repr("x")), StatusException, qerr.ErrVMNotFound},
 		{"abort", qerr.Abort("write-once"), StatusAbort, qerr.ErrAbort},
 		{"plain go error aborts", errors.New("boom"), StatusAbort, qerr.ErrAbort},
-		{"wrapped exception", fmt.Errorf("get: %w", qerr.ValueError("bad")), StatusException, qerr.ErrValue},
+		{"wrapped exception", fmt.Errorf("get: %w", qerr.ValueError("bad")), StatusException, qerr.ValueError("")},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -256,9 +256,11 @@ func b2f(b bool) float64 {
 	return 0
 }
 
-// Publisher stores events (cloudevent.Publisher).
+// Publisher stores events (cloudevent.Publisher): Publish returns once they are
+// stored, Send sends them now and returns what waits for their acks.
 type Publisher interface {
 	Publish(ctx context.Context, events ...cloudevent.Event) error
+	Send(ctx context.Context, events ...cloudevent.Event) (wait func(context.Context) error)
 }
 
 // CountingPublisher counts the events its Publisher stored (EventPublished).
@@ -276,21 +278,9 @@ func (p CountingPublisher) Publish(ctx context.Context, events ...cloudevent.Eve
 	return nil
 }
 
-// Sender is a Publisher that can send events now and wait for their acks later
-// (cloudevent.Publisher.Send).
-type Sender interface {
-	Send(ctx context.Context, events ...cloudevent.Event) (wait func(context.Context) error)
-}
-
-// Send sends through the Publisher's Send (Publish when it has none, so the events are
-// stored before Send returns) and counts the events once they are stored.
+// Send sends through the Publisher and counts the events once they are stored.
 func (p CountingPublisher) Send(ctx context.Context, events ...cloudevent.Event) (wait func(context.Context) error) {
-	s, ok := p.Publisher.(Sender)
-	if !ok {
-		err := p.Publish(ctx, events...)
-		return func(context.Context) error { return err }
-	}
-	w := s.Send(ctx, events...)
+	w := p.Publisher.Send(ctx, events...)
 	return func(ctx context.Context) error {
 		if err := w(ctx); err != nil {
 			return err

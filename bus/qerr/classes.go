@@ -11,7 +11,9 @@ package qerr
 // (KeyError, ValueError, QubesVolumeNotFoundError, QubesPoolNotFoundError,
 // QubesVolumeRevisionNotFoundError, …) abort the call with no response (use Abort), and
 // QubesDaemonAccessError, QubesDaemonCommunicationError and QubesPropertyAccessError
-// are raised by the client library itself.
+// are raised by the client library itself. Nor are the classes qubesd has but no path
+// of qubesbus raises (QubesVMNotSuspendedError, QubesNoTemplateError, …: events.md
+// §5.2); an exception relayed from the wire keeps its class all the same (FromWire).
 
 // class is a row of table.
 type class uint8
@@ -50,10 +52,8 @@ const (
 	cVMNotStartedError
 	cVMNotRunningError
 	cVMNotPausedError
-	cVMNotSuspendedError
 	cVMNotHaltedError
 	cVMShutdownTimeoutError
-	cNoTemplateError
 	cMemoryError
 
 	cFeatureNotFoundError
@@ -105,10 +105,8 @@ var table = [nClasses]struct {
 	cVMNotStartedError:      {"QubesVMNotStartedError", closes, plain},
 	cVMNotRunningError:      {"QubesVMNotRunningError", closes, plain},
 	cVMNotPausedError:       {"QubesVMNotPausedError", closes, plain},
-	cVMNotSuspendedError:    {"QubesVMNotSuspendedError", closes, plain},
 	cVMNotHaltedError:       {"QubesVMNotHaltedError", closes, plain},
 	cVMShutdownTimeoutError: {"QubesVMShutdownTimeoutError", closes, plain},
-	cNoTemplateError:        {"QubesNoTemplateError", closes, plain},
 	cMemoryError:            {"QubesMemoryError", closes, plain},
 
 	cFeatureNotFoundError:   {"QubesFeatureNotFoundError", closes, plain},
@@ -176,10 +174,8 @@ func VMInUseError(msg string) *Error           { return cVMInUseError.new(msg) }
 func VMNotStartedError(msg string) *Error      { return cVMNotStartedError.new(msg) }
 func VMNotRunningError(msg string) *Error      { return cVMNotRunningError.new(msg) }
 func VMNotPausedError(msg string) *Error       { return cVMNotPausedError.new(msg) }
-func VMNotSuspendedError(msg string) *Error    { return cVMNotSuspendedError.new(msg) }
 func VMNotHaltedError(msg string) *Error       { return cVMNotHaltedError.new(msg) }
 func VMShutdownTimeoutError(msg string) *Error { return cVMShutdownTimeoutError.new(msg) }
-func NoTemplateError(msg string) *Error        { return cNoTemplateError.new(msg) }
 func MemoryError(msg string) *Error            { return cMemoryError.new(msg) }
 
 func FeatureNotFoundError(msg string) *Error   { return cFeatureNotFoundError.new(msg) }

@@ -42,29 +42,13 @@ func AbortsAfter(class string) bool {
 	return ok && table[c].after == abort
 }
 
-// Sentinels of the classes callers branch on. Compare with errors.Is.
+// Sentinels of the classes the code branches on. Compare with errors.Is; any class's
+// constructor with an empty argument matches its class the same way
+// (errors.Is(err, qerr.ValueError(""))).
 var (
-	ErrProtocol          = cProtocolError.sentinel()
-	ErrPermissionDenied  = cPermissionDenied.sentinel()
-	ErrVMNotFound        = cVMNotFoundError.sentinel()
-	ErrInvalidUUID       = cVMInvalidUUIDError.sentinel()
-	ErrValue             = cValueError.sentinel()
-	ErrPropertyValue     = cPropertyValueError.sentinel()
-	ErrNoSuchProperty    = cNoSuchPropertyError.sentinel()
-	ErrFeatureNotFound   = cFeatureNotFoundError.sentinel()
-	ErrTagNotFound       = cTagNotFoundError.sentinel()
-	ErrLabelNotFound     = cLabelNotFoundError.sentinel()
-	ErrVMAlreadyExists   = cVMAlreadyExistsError.sentinel()
-	ErrVMInUse           = cVMInUseError.sentinel()
-	ErrVMNotStarted      = cVMNotStartedError.sentinel()
-	ErrVMNotRunning      = cVMNotRunningError.sentinel()
-	ErrVMNotPaused       = cVMNotPausedError.sentinel()
-	ErrVMNotHalted       = cVMNotHaltedError.sentinel()
-	ErrVMNotSuspended    = cVMNotSuspendedError.sentinel()
-	ErrVMShutdownTimeout = cVMShutdownTimeoutError.sentinel()
-	ErrMemory            = cMemoryError.sentinel()
-	ErrNotImplemented    = cNotImplementedError.sentinel()
-	ErrQubes             = cQubesException.sentinel()
+	ErrProtocol         = cProtocolError.sentinel()
+	ErrPermissionDenied = cPermissionDenied.sentinel()
+	ErrVMNotFound       = cVMNotFoundError.sentinel()
 )
 
 // ErrAbort is the outcome of qubesd's unhandled exceptions: the connection is closed

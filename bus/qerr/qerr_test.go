@@ -11,7 +11,7 @@ func TestIsMatchesClass(t *testing.T) {
 	if !errors.Is(err, ErrVMNotFound) {
 		t.Fatal("wrapped QubesVMNotFoundError does not match its sentinel")
 	}
-	if errors.Is(err, ErrValue) {
+	if errors.Is(err, ValueError("")) {
 		t.Fatal("QubesVMNotFoundError matches QubesValueError")
 	}
 	var qe *Error

@@ -14,12 +14,14 @@ import (
 	"github.com/qubesbus/qubesbus/bus/subject"
 )
 
-// laggingReplica is a resolver over a replica that reaches revisions when told.
+// laggingReplica is a resolver over a replica that reaches revisions when told. A
+// caller that starts waiting for a revision it lacks is reported on waiting.
 type laggingReplica struct {
 	qubes
-	mu  sync.Mutex
-	rev uint64
-	up  chan struct{}
+	mu      sync.Mutex
+	rev     uint64
+	up      chan struct{}
+	waiting chan uint64
 }
 
 func (r *laggingReplica) Revision() uint64 {
@@ -45,6 +47,10 @@ func (r *laggingReplica) WaitRevision(ctx context.Context, rev uint64) error {
 			return nil
 		}
 		select {
+		case r.waiting <- rev:
+		default:
+		}
+		select {
 		case <-up:
 		case <-ctx.Done():
 			return ctx.Err()
@@ -59,7 +65,7 @@ func TestMuxWaitsForTheCallersRevision(t *testing.T) {
 	host := subject.ForHost("t")
 	reg := NewRegistry(Method{Name: "admin.vm.List", Service: Properties, Arg: Forbidden, Payload: Forbidden})
 	rep := &laggingReplica{qubes: qubes{"dom0": {Name: "dom0", Class: "AdminVM", UUID: "00000000-0000-0000-0000-000000000000"}},
-		rev: 3, up: make(chan struct{})}
+		rev: 3, up: make(chan struct{}), waiting: make(chan uint64, 1)}
 	mux := NewMux(reg, Properties, rep, slog.New(slog.DiscardHandler))
 	mux.BarrierWait = 2 * time.Second
 	var servedAt uint64
@@ -69,7 +75,7 @@ func TestMuxWaitsForTheCallersRevision(t *testing.T) {
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	if _, err := mux.Serve(ctx, bustest.Connect(t, ns), host, "0.0.1"); err != nil {
+	if _, err := mux.Serve(ctx, bustest.Connect(t, ns), host); err != nil {
 		t.Fatal(err)
 	}
 	client := bustest.Connect(t, ns)
@@ -82,7 +88,16 @@ func TestMuxWaitsForTheCallersRevision(t *testing.T) {
 	if r := call(2); r.Err() != nil || r.Marks.ConfigRev != 3 || servedAt != 3 {
 		t.Fatalf("older revision: %+v served at %d", r, servedAt)
 	}
-	time.AfterFunc(100*time.Millisecond, func() { rep.advance(5) })
+	// The replica reaches 5 once the call waits for it, so the call is served only
+	// after waiting.
+	go func() {
+		for rev := range rep.waiting {
+			if rev == 5 {
+				rep.advance(5)
+				return
+			}
+		}
+	}()
 	if r := call(5); r.Err() != nil || r.Marks.ConfigRev != 5 || servedAt != 5 {
 		t.Fatalf("newer revision: %+v served at %d, want 5", r, servedAt)
 	}

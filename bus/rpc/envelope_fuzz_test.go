@@ -156,7 +156,7 @@ func FuzzServiceEnvelope(f *testing.F) {
 	mux.Handle("admin.vm.Stats", func(context.Context, *Call) ([]byte, error) { return nil, nil })
 	ctx, cancel := context.WithCancel(context.Background())
 	f.Cleanup(cancel)
-	svc, err := mux.Serve(ctx, nc, host, "0.0.1")
+	svc, err := mux.Serve(ctx, nc, host)
 	if err != nil {
 		f.Fatal(err)
 	}

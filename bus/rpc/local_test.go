@@ -35,7 +35,7 @@ func TestLocalAnswersReadsLikeNATS(t *testing.T) {
 	mux.Local = local
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	if _, err := mux.Serve(ctx, bustest.Connect(t, ns), host, "0.0.1"); err != nil {
+	if _, err := mux.Serve(ctx, bustest.Connect(t, ns), host); err != nil {
 		t.Fatal(err)
 	}
 	client := bustest.Connect(t, ns)

@@ -15,6 +15,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -32,7 +33,7 @@ type Handler func(ctx context.Context, c *Call) ([]byte, error)
 type Mux struct {
 	reg      *Registry
 	service  Service
-	resolver Resolver
+	resolver Replica
 	log      *slog.Logger
 	handlers map[string]Handler
 	unknown  bool
@@ -59,8 +60,16 @@ type Mux struct {
 	inflight map[string]context.CancelFunc // cancellable calls by the token of their request id
 }
 
-// NewMux returns a mux for the methods that svc owns in reg.
-func NewMux(reg *Registry, svc Service, res Resolver, log *slog.Logger) *Mux {
+// Replica is what a mux serves from: a Resolver over a replica of the configuration
+// (replica.Replica), which says the revision it holds and waits for a later one.
+type Replica interface {
+	Resolver
+	Revision() uint64
+	WaitRevision(ctx context.Context, rev uint64) error
+}
+
+// NewMux returns a mux for the methods that svc owns in reg, served from res.
+func NewMux(reg *Registry, svc Service, res Replica, log *slog.Logger) *Mux {
 	return &Mux{reg: reg, service: svc, resolver: res, log: log,
 		handlers: map[string]Handler{}, inflight: map[string]context.CancelFunc{}}
 }
@@ -89,11 +98,12 @@ func (m *Mux) Handle(method string, h Handler) {
 func (m *Mux) HandleUnknown() { m.unknown = true }
 
 // Serve adds a micro service on nc with one endpoint per owned method, in the queue
-// group of the service, and returns it once the server has every subscription.
-func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host, version string) (micro.Service, error) {
+// group of the service, and returns it once the server has every subscription. Its
+// version is the build's (bus/buildinfo).
+func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host) (micro.Service, error) {
 	svc, err := micro.AddService(nc, micro.Config{
 		Name:        m.service.Micro(),
-		Version:     version,
+		Version:     buildinfo.Version(),
 		Description: "qubesbus " + string(m.service) + " service",
 		QueueGroup:  m.service.Micro(),
 		Metadata:    map[string]string{"host": host.ID()},
@@ -247,20 +257,13 @@ func traceOutcome(span trace.Span, h nats.Header, err error) {
 	}
 }
 
-// revisioned is a resolver over a configuration replica (replica.Replica).
-type revisioned interface {
-	Revision() uint64
-	WaitRevision(ctx context.Context, rev uint64) error
-}
-
 // barrier waits until the resolver's replica holds the configuration revision the
 // caller has already seen, so that a call after a change served by another instance
 // sees that change. A read waits briefly and then answers StatusBehind, which the
 // gateway sends again (perhaps to another instance): a replica can lag for seconds
 // after a node loss. A change waits longer and then aborts.
 func (m *Mux) barrier(ctx context.Context, meth *Method, rev uint64) error {
-	rr, ok := m.resolver.(revisioned)
-	if !ok || rev == 0 || rr.Revision() >= rev {
+	if rev == 0 || m.resolver.Revision() >= rev {
 		return nil
 	}
 	read := meth == nil || meth.IsRead()
@@ -273,7 +276,7 @@ func (m *Mux) barrier(ctx context.Context, meth *Method, rev uint64) error {
 	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	if err := rr.WaitRevision(wctx, rev); err != nil {
+	if err := m.resolver.WaitRevision(wctx, rev); err != nil {
 		if read {
 			return fmt.Errorf("%w: configuration replica behind the caller's revision %d: %w", envelope.ErrBehind, rev, err)
 		}
@@ -297,9 +300,7 @@ func (m *Mux) logAbort(req *envelope.Request, err error) {
 // marks are this instance's marks, which every reply carries.
 func (m *Mux) marks() envelope.Marks {
 	var marks envelope.Marks
-	if rr, ok := m.resolver.(revisioned); ok {
-		marks.ConfigRev = rr.Revision()
-	}
+	marks.ConfigRev = m.resolver.Revision()
 	if m.RuntimeMark != nil {
 		marks.Runtime = m.RuntimeMark()
 	}

@@ -38,7 +38,7 @@ func TestMuxServesCancelsAndSaves(t *testing.T) {
 	mux.AfterChange = func(context.Context, *Call) error { saves.Add(1); return nil }
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	svc, err := mux.Serve(ctx, nc, host, "0.0.1")
+	svc, err := mux.Serve(ctx, nc, host)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +64,7 @@ func TestMuxServesCancelsAndSaves(t *testing.T) {
 	}
 	select {
 	case rep := <-done:
-		if !errors.Is(rep.Err(), qerr.ErrQubes) {
+		if !errors.Is(rep.Err(), qerr.QubesException("")) {
 			t.Fatalf("cancelled call replied %+v", rep)
 		}
 	case <-time.After(10 * time.Second):
@@ -77,7 +77,7 @@ func TestMuxServesCancelsAndSaves(t *testing.T) {
 	if rep := call(&envelope.Request{Method: "admin.vm.feature.Set", Source: "dom0", Dest: "nosuch", Arg: "f"}); saves.Load() != 1 || !errors.Is(rep.Err(), qerr.ErrVMNotFound) {
 		t.Fatalf("failed change saved or wrong error: %+v, saves %d", rep, saves.Load())
 	}
-	if rep := call(&envelope.Request{Method: "admin.vm.Console", Source: "dom0", Dest: "dom0"}); !errors.Is(rep.Err(), qerr.ErrNotImplemented) {
+	if rep := call(&envelope.Request{Method: "admin.vm.Console", Source: "dom0", Dest: "dom0"}); !errors.Is(rep.Err(), qerr.NotImplementedError("")) {
 		t.Fatalf("method without handler: %+v", rep)
 	}
 }

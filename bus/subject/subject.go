@@ -23,6 +23,14 @@ type Host struct{ id string }
 // ForHost returns the builder for a host id; the id becomes one bounded token (Token).
 func ForHost(id string) Host { return Host{id: Token(id)} }
 
+// AnyHost is the builder whose host token is the wildcard "*": each of its subjects
+// matches that subject on every host (permissions, stream subjects).
+func AnyHost() Host { return Host{id: "*"} }
+
+// Rest is NATS's wildcard for every remaining token: Store(Rest) matches every
+// operation of persistence's API, Service(s, Rest) every internal operation of s.
+const Rest = ">"
+
 // ID is the escaped host token.
 func (h Host) ID() string { return h.id }
 
@@ -69,10 +77,16 @@ func (h Host) EventsOf(vm string) string {
 	return Prefix + "." + h.id + ".events." + tok
 }
 
-// EventOfEveryVM matches one event (no suffix: domain-start) of every qube, as a
-// consumer filter.
+// EventOfEveryVM matches one event of every qube, as a consumer filter or a
+// permission: "domain-start", or with a suffix "property-set:netvm" (the tokens
+// property-set.netvm, as Event makes them).
 func (h Host) EventOfEveryVM(event string) string {
-	return Prefix + "." + h.id + ".events.*." + Token(event)
+	base, suffix, found := strings.Cut(event, ":")
+	s := Prefix + "." + h.id + ".events.*." + Token(base)
+	if found {
+		s += "." + Token(suffix)
+	}
+	return s
 }
 
 // EventsOfFilter is EventsOf followed by ".>" (a consumer filter).
@@ -81,9 +95,9 @@ func (h Host) EventsOfFilter(vm string) string { return h.EventsOf(vm) + ".>" }
 // Events matches every event of the host.
 func (h Host) Events() string { return Prefix + "." + h.id + ".events.>" }
 
-// Store is a subject of persistence's own API, e.g. Store("snapshot"). Like Lab,
-// Hypervisor and Service, its operation is a constant of the calling code, never a
-// client's name.
+// Store is a subject of persistence's own API, e.g. Store(configstore.OpSnapshot).
+// Like Lab, Hypervisor and Service, its operation is a constant of the contract both
+// sides share, never a client's name.
 func (h Host) Store(op string) string { return Prefix + "." + h.id + ".store." + op }
 
 // Config is the subject of the host's configuration change log.
@@ -93,7 +107,7 @@ func (h Host) Config() string { return Prefix + "." + h.id + ".config" }
 func (h Host) Lab(op string) string { return Prefix + "." + h.id + ".lab." + op }
 
 // Hypervisor is a subject of the host's hypervisor driver API (the simulated
-// hypervisor served over NATS), e.g. Hypervisor("create").
+// hypervisor served over NATS), e.g. Hypervisor(hvbus.OpCreate).
 func (h Host) Hypervisor(op string) string { return Prefix + "." + h.id + ".hv." + op }
 
 // HypervisorNotices is the subject the host's hypervisor reports its notices on
@@ -148,7 +162,8 @@ func ParseEvent(subj string) (host, vm, event string, ok bool) {
 }
 
 // Service is a subject of a service's internal API (not the Admin API), e.g.
-// Service("vmlifecycle", "states").
+// Service(lifecycle.ServiceToken, lifecycle.OpStates): the service's token and the
+// operation are constants of the service's contract (schemas/…), never spelled here.
 func (h Host) Service(service, op string) string {
 	return Prefix + "." + h.id + ".svc." + service + "." + op
 }

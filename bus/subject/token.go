@@ -3,7 +3,6 @@ package subject
 import (
 	"crypto/sha256"
 	hexenc "encoding/hex"
-	"strings"
 )
 
 // MaxToken is the longest token a builder makes from a name. A client chooses the
@@ -43,7 +42,7 @@ const HashedTokenLen = len(hashedPrefix) + hashedReadable + 1 + 2*16
 //
 // which no escaped name can equal (see hashedPrefix), and two different long names
 // share only with a 128-bit hash collision. A hashed token cannot be read back
-// (UnescapeToken fails, IsHashed is true): the exact name travels in the message.
+// (UnescapeToken fails; it starts with hashedPrefix): the exact name travels in the message.
 // Wildcards and per-family permissions still work, since a hashed token is one token.
 func Token(name string) string {
 	esc := EscapeToken(name)
@@ -58,6 +57,3 @@ func Token(name string) string {
 	b = hexenc.AppendEncode(b, sum[:16])
 	return string(b)
 }
-
-// IsHashed reports whether tok is a hashed token (Token of a long name).
-func IsHashed(tok string) bool { return strings.HasPrefix(tok, hashedPrefix) }

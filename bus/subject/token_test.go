@@ -14,7 +14,7 @@ func TestTokenBoundsLongNames(t *testing.T) {
 	dots := strings.Repeat(".", 43)
 	for _, name := range []string{short + "a", dots, strings.Repeat("t", 60<<10), strings.Repeat("\x01", 64<<10)} {
 		tok := Token(name)
-		if len(tok) != HashedTokenLen || !IsHashed(tok) {
+		if len(tok) != HashedTokenLen || !isHashed(tok) {
 			t.Errorf("Token(%d bytes) = %q: want a hashed token of %d bytes", len(name), tok, HashedTokenLen)
 		}
 		if _, err := UnescapeToken(tok); err == nil {
@@ -113,7 +113,7 @@ func FuzzSubjectTokens(f *testing.F) {
 				if err != nil || back != name {
 					t.Fatalf("Token(%q) = %q reads back as %q, %v", name, tok, back, err)
 				}
-			} else if err == nil || !IsHashed(tok) || len(tok) != HashedTokenLen {
+			} else if err == nil || !isHashed(tok) || len(tok) != HashedTokenLen {
 				t.Fatalf("Token of a long name = %q, not a hashed token", tok)
 			}
 			if tok == GlobalVM || tok == UnknownMethod {
@@ -125,3 +125,6 @@ func FuzzSubjectTokens(f *testing.F) {
 		}
 	})
 }
+
+// isHashed reports whether tok is a hashed token (Token of a long name).
+func isHashed(tok string) bool { return strings.HasPrefix(tok, hashedPrefix) }

@@ -48,8 +48,19 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.IntVar(&cfg.Rounds, "rounds", 3, "rounds of the comparison with the recorded floor (each measures floor and qubesbus back to back)")
 	fs.BoolVar(&cfg.ReadsOnly, "reads-only", false, "only compare property.Get and the qvm-ls shape with the recorded floor (no other class, floor or fan-out)")
 	fs.BoolVar(&cfg.InProcessReaders, "inprocess-readers", false, "read the admin.Events subscribers in this process, not in a child process as a dom0 listener runs")
+	serveFloor := fs.String("serve-floor", "", "serve the recorded floor alone on this socket until SIGTERM/SIGINT, measuring nothing: the answers --floor-from gives to property.Get of work's label and to the qvm-ls shape, from a table (for tools/pybench.py)")
+	floorFrom := fs.String("floor-from", envOr("QUBESBUS_SOCKET", "run/qubesd.sock"), "with --serve-floor: the running qubesbus socket whose answers it records (QUBESBUS_SOCKET)")
 	if code, stop := parseFlags(fs, args, "bench [--qubes 0,1000] [--clients 1,32] [flags]", stdout); stop {
 		return code
+	}
+	if *serveFloor != "" {
+		log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		ready := func(calls int) { fmt.Fprintf(stderr, "floor ready: %d recorded calls on %s\n", calls, *serveFloor) }
+		if err := bench.ServeRecordedFloor(ctx, *serveFloor, *floorFrom, ready, log); err != nil {
+			fmt.Fprintln(stderr, "qubesbus bench:", err)
+			return 1
+		}
+		return 0
 	}
 	var err error
 	if cfg.Clients, err = ints(clients); err == nil {

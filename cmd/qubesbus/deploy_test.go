@@ -15,10 +15,10 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus"
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
 )
 
@@ -196,11 +196,11 @@ func servicesAsOwnUsers(t *testing.T, tls *bus.TLSFiles, serverCert, serverKey s
 	for _, svc := range system.Services {
 		cfg := system.Config{Socket: socket, DataDir: filepath.Join(dir, svc), QubesXML: "../../testdata/qubes.xml",
 			HostID: "local", NATSURL: ns.ClientURL(), NATSUser: svc, NATSPass: "pw-" + svc, NATSTLS: tlsFiles}
-		stop, err := system.StartOne(ctx, svc, cfg, log)
+		one, err := system.StartService(ctx, svc, cfg, log)
 		if err != nil {
 			t.Fatalf("%s as its own user: %v", svc, err)
 		}
-		defer stop()
+		defer one.Stop()
 	}
 	// In order: the Gets read what the Sets wrote.
 	for _, c := range []struct{ req, want string }{
@@ -249,7 +249,7 @@ func (w testWriter) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
-// TestPermissionsConfIsRendered: deploy/nats/permissions.conf is bus/access's table as
+// TestPermissionsConfIsRendered: deploy/nats/permissions.conf is the access package's table as
 // `qubesbus setup --print-permissions` renders it, so a server configured by hand gives
 // every role the same rights as the embedded one. QUBESBUS_UPDATE_PERMISSIONS=1
 // rewrites the file.
@@ -266,6 +266,6 @@ func TestPermissionsConfIsRendered(t *testing.T) {
 		t.Fatal(err)
 	}
 	if string(got) != want {
-		t.Fatalf("%s differs from bus/access's roles; run QUBESBUS_UPDATE_PERMISSIONS=1 go test -run TestPermissionsConfIsRendered ./cmd/qubesbus/", path)
+		t.Fatalf("%s differs from the access package's roles; run QUBESBUS_UPDATE_PERMISSIONS=1 go test -run TestPermissionsConfIsRendered ./cmd/qubesbus/", path)
 	}
 }

@@ -10,8 +10,8 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
 )
 

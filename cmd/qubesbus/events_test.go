@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 
 	"github.com/nats-io/nats.go/jetstream"
 

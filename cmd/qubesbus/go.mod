@@ -68,6 +68,8 @@ require (
 
 replace (
 	github.com/qubesbus/qubesbus/bus => ../../bus
+	// Not required here: the services require it for their tests, and a standalone
+	// build resolves every module their go.mod names.
 	github.com/qubesbus/qubesbus/internal/testhost => ../../internal/testhost
 	github.com/qubesbus/qubesbus/schemas => ../../schemas
 	github.com/qubesbus/qubesbus/services/backup => ../../services/backup

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -94,4 +95,15 @@ func TestRunQuerySIGTERM(t *testing.T) {
 	if now, _ := os.ReadFile(seed); !bytes.Equal(now, orig) {
 		t.Error("the seed qubes.xml was modified")
 	}
+}
+
+// call sends one request (header, NUL, payload), half-closes, and reads to EOF, or
+// until ctx ends (then with ctx's error).
+func call(ctx context.Context, socket, header string, payload []byte) ([]byte, error) {
+	var resp []byte
+	err := callTo(ctx, socket, header, payload, func(b []byte) error {
+		resp = append(resp, b...)
+		return nil
+	})
+	return resp, err
 }

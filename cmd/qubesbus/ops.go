@@ -10,7 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/webview"
 )

@@ -118,18 +118,8 @@ func queryCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 // eventHeader starts every frame of a stream of events.
 var eventHeader = []byte("1\x00")
 
-// call sends one request (header, NUL, payload), half-closes, and reads to EOF, or
-// until ctx ends (then with ctx's error).
-func call(ctx context.Context, socket, header string, payload []byte) ([]byte, error) {
-	var resp []byte
-	err := callTo(ctx, socket, header, payload, func(b []byte) error {
-		resp = append(resp, b...)
-		return nil
-	})
-	return resp, err
-}
-
-// callTo is call passing the response to read as it arrives.
+// callTo sends one request (header, NUL, payload), half-closes, and passes the
+// response to read as it arrives, to EOF or until ctx ends (then with ctx's error).
 func callTo(ctx context.Context, socket, header string, payload []byte, read func([]byte) error) error {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", socket)

@@ -12,7 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/qubesbus/qubesbus/bus"
-	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 )
 
 // streamClient is how the commands that read a stream (events, audit) reach NATS: as

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
@@ -92,6 +93,18 @@ func (h *Host) Follow(nc *nats.Conn) *replica.Replica {
 		h.T.Fatal(err)
 	}
 	return rep
+}
+
+// WaitWritten returns once qubes.xml holds the store's current revision (written in
+// the background after the replies); a test failure if the test's deadline passes.
+func (h *Host) WaitWritten() {
+	h.T.Helper()
+	rev := h.Store.Revision()
+	for h.Store.Metrics().Written < rev {
+		if err := bus.Sleep(h.Ctx, time.Millisecond); err != nil {
+			h.T.Fatalf("qubes.xml at revision %d, waiting for %d: %v", h.Store.Metrics().Written, rev, err)
+		}
+	}
 }
 
 // Config is a client of the persistence service on the test's connection.

@@ -138,9 +138,6 @@ func Attach(ctx context.Context, js jetstream.JetStream, host subject.Host) (*Lo
 	return &Log{js: js, stream: s, subject: host.Config()}, nil
 }
 
-// Subject is the host's subject in the stream.
-func (l *Log) Subject() string { return l.subject }
-
 // Append stores r if the host's last record is still at sequence after (0: the host
 // has none yet) and returns r's sequence once the stream has acknowledged it. On
 // ErrConflict nothing was stored. On other errors (a timeout) the record may or may

@@ -5,7 +5,6 @@
 package device
 
 import (
-	"errors"
 	"fmt"
 	"strings"
 )
@@ -97,9 +96,6 @@ func (i Info) String() string { return i.Port.String() + ":" + i.Identity() }
 
 // Key is the Available line's key: port_id:device_id.
 func (i Info) Key() string { return i.Port.ID + ":" + i.Identity() }
-
-// ErrBadChars is a value that cannot be serialised (qubesd's ProtocolError).
-var ErrBadChars = errors.New("invalid characters")
 
 // pack is qubesd's DeviceSerializer.pack_property.
 func pack(b *strings.Builder, key, value string) {

@@ -37,14 +37,6 @@ func ParseQarg(arg, class string) (Assignment, error) {
 	return Assignment{Port: Port{Backend: backend, ID: port, Class: class}, DeviceID: devid, Mode: ModeManual}, nil
 }
 
-// Qarg is the qrexec form of a device (qubesd's repr_for_qarg).
-func Qarg(backend, port, devid string) string {
-	s := backend + "+" + port + ":" + devid
-	s = strings.ReplaceAll(s, ":", "+")
-	s = strings.ReplaceAll(s, unknownInterface, "_______")
-	return strings.ReplaceAll(s, "*", "_")
-}
-
 // ProtocolError is an error qubesd answers as ProtocolError with this text.
 type ProtocolError struct{ Msg string }
 

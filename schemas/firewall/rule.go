@@ -378,18 +378,6 @@ func (r Rule) Expired(now time.Time) bool {
 	return err == nil && n/10 < now.Unix()
 }
 
-// ExpireTime is when the rule expires (ok false without expiry).
-func (r Rule) ExpireTime() (time.Time, bool) {
-	if r.Expire == "" {
-		return time.Time{}, false
-	}
-	n, err := strconv.ParseInt(strings.TrimLeft(r.Expire, "0")+"0", 10, 64)
-	if err != nil {
-		return time.Time{}, false
-	}
-	return time.Unix(n/10, 0), true
-}
-
 // field is one set option in qubesd's property order: (order, name), with the comment
 // moved to the end for the API text.
 type field struct{ key, value string }
@@ -470,18 +458,6 @@ func Get(rules []Rule, now time.Time) string {
 
 // Default is the rule set of a qube without firewall.xml: accept everything.
 func Default() []Rule { return []Rule{{Action: "accept"}} }
-
-// NextExpiry is the earliest expiry among rules not yet expired at now.
-func NextExpiry(rules []Rule, now time.Time) (time.Time, bool) {
-	var best time.Time
-	found := false
-	for _, r := range rules {
-		if t, ok := r.ExpireTime(); ok && !r.Expired(now) && (!found || t.Before(best)) {
-			best, found = t, true
-		}
-	}
-	return best, found
-}
 
 // QubesDB returns the entries qubesd writes for a qube's rules under
 // /qubes-firewall/<ip>/ of its netvm: "policy" (always drop) and one "NNNN" key per

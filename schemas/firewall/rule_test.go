@@ -178,9 +178,6 @@ func TestExpiry(t *testing.T) {
 	if got, want := Get(rules, now), "action=drop expire=3000\naction=accept dst6=fd00::/8\naction=drop\n"; got != want {
 		t.Errorf("Get = %q, want %q", got, want)
 	}
-	if next, ok := NextExpiry(rules, now); !ok || next.Unix() != 3000 {
-		t.Errorf("NextExpiry = %v, %v", next, ok)
-	}
 	db := QubesDB(rules, 4, now)
 	want := map[string]string{"policy": "drop", "0001": "action=drop", "0003": "action=drop"}
 	if len(db) != len(want) {

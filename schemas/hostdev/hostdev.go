@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/device"
 )
@@ -40,6 +41,10 @@ type Attachment struct {
 type Inventory struct {
 	Devices  []device.Info `json:"devices"`
 	Attached []Attachment  `json:"attached,omitempty"`
+	// Boot identifies the hypervisor's boot: it changes when the host restarts, and
+	// with it every domain and attachment. What was recorded under another boot is
+	// gone ("": the hypervisor does not say).
+	Boot string `json:"boot,omitempty"`
 }
 
 // Change is what the hypervisor announces on subject.Host.HypervisorDevices after a
@@ -70,13 +75,11 @@ const (
 	CodeFrontendStopped = "frontend-stopped"
 )
 
-// Codes maps each error to its code, for the server.
-var Codes = []struct {
-	Code string
-	Err  error
-}{
-	{CodeNoDevice, ErrNoDevice}, {CodeAttached, ErrAttached}, {CodeNotAttached, ErrNotAttached},
-	{CodeFrontendStopped, ErrFrontendStopped},
+// Codes maps each error to its code and back (the server answers Codes.Code, the
+// client matches Codes.Err).
+var Codes = qerr.Codes{
+	{Code: CodeNoDevice, Err: ErrNoDevice}, {Code: CodeAttached, Err: ErrAttached},
+	{Code: CodeNotAttached, Err: ErrNotAttached}, {Code: CodeFrontendStopped, Err: ErrFrontendStopped},
 }
 
 // Find returns the exposed device at a port.
@@ -117,10 +120,8 @@ func (c Client) call(ctx context.Context, op string, args any, out any) error {
 		if text == "" {
 			text = rep.Header.Get(micro.ErrorHeader)
 		}
-		for _, e := range Codes {
-			if e.Code == code {
-				return fmt.Errorf("hypervisor %s: %w: %s", op, e.Err, text)
-			}
+		if sentinel := Codes.Err(code); sentinel != nil {
+			return fmt.Errorf("hypervisor %s: %w: %s", op, sentinel, text)
 		}
 		return fmt.Errorf("hypervisor %s: %s (%s)", op, text, code)
 	}

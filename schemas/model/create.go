@@ -2,6 +2,7 @@ package model
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -254,12 +255,6 @@ func (m *Model) addDomain(d *config.Domain, source string, volPools map[string]s
 	var tags []string
 	addTag := func(t string) { tags = appendMissing(tags, t) }
 	if HasProperty(d.Class, "guivm") {
-		if src := m.Domain(source); src != nil {
-			if g, ok := Feature(src, "set-created-guivm"); ok && g != "" && m.Domain(g) != nil {
-				d.Properties = append(d.Properties, config.Property{Name: "guivm", Value: g})
-				nd.Properties = d.Properties
-			}
-		}
 		for _, p := range []string{"guivm", "audiovm"} {
 			if v, ok := nm.Value(h, p); ok && !v.None {
 				addTag(p + "-" + v.Text)
@@ -272,37 +267,62 @@ func (m *Model) addDomain(d *config.Domain, source string, volPools map[string]s
 		}
 	}
 	d.Tags = appendMissing(d.Tags, tags...)
+	nd.Tags, nd.Features = d.Tags, d.Features
+
+	// The created-by tag's handlers run before the tag's own event: the creator's
+	// tag-created-vm-with tags, then its set-created-guivm as the new qube's guivm.
+	createdBy := "created-by-" + source
+	var byEvents []Event
+	var byOps []config.Op
+	if src := m.Domain(source); src != nil {
+		by := &Change{}
+		if err := nm.createdBySide(by, nd, src); err != nil {
+			return nil, err
+		}
+		byEvents, byOps = by.Post, by.Ops
+	}
+	if err := applyToNew(d, byOps); err != nil {
+		return nil, err
+	}
+	nd.Properties, nd.Tags = d.Properties, d.Tags
 	d.VolumeConfig = nm.volumeConfig(nd, volPools)
 
 	ch := &Change{}
 	evs := []Event{Ev("", "domain-add", "vm", name)}
-	var extra []string
 	if !disposable {
-		extra = append(extra, "created-by-"+source)
-		if src := m.Domain(source); src != nil {
-			if v, ok := Feature(src, "tag-created-vm-with"); ok {
-				for _, t := range strings.Fields(v) {
-					if ValidateTag(t) == nil && !contains(extra, t) {
-						extra = append(extra, t)
-					}
-				}
-			}
-		}
-		for _, t := range extra {
-			evs = append(evs, Ev(name, "domain-tag-add:"+t, "tag", t))
-		}
-		evs = append(evs, Ev(name, "domain-create-on-disk"))
+		evs = append(append(evs, byEvents...),
+			Ev(name, "domain-tag-add:"+createdBy, "tag", createdBy),
+			Ev(name, "domain-create-on-disk"))
+		d.Tags = appendMissing(d.Tags, createdBy)
 	} else {
-		extra = []string{"created-by-" + source, "disp-created-by-" + source}
-		evs = append(evs, Ev(name, "domain-create-on-disk"))
-		for _, t := range extra {
-			evs = append(evs, Ev(name, "domain-tag-add:"+t, "tag", t))
-		}
+		dispBy := "disp-created-by-" + source
+		evs = append(append(append(evs, Ev(name, "domain-create-on-disk")), byEvents...),
+			Ev(name, "domain-tag-add:"+createdBy, "tag", createdBy),
+			Ev(name, "domain-tag-add:"+dispBy, "tag", dispBy))
+		d.Tags = appendMissing(d.Tags, createdBy, dispBy)
 	}
-	d.Tags = appendMissing(d.Tags, extra...)
 	ch.Ops = []config.Op{{Kind: config.OpAddDomain, New: d}}
 	ch.Post = evs
 	return ch, nil
+}
+
+// applyToNew applies the property and tag ops of the created-by handlers to the new
+// qube before it is added.
+func applyToNew(d *config.Domain, ops []config.Op) error {
+	for _, op := range ops {
+		switch op.Kind {
+		case config.OpSetProperty:
+			d.Properties = append(slices.DeleteFunc(d.Properties, func(p config.Property) bool { return p.Name == op.Name }),
+				config.Property{Name: op.Name, Value: op.Value})
+		case config.OpAddTag:
+			d.Tags = appendMissing(d.Tags, op.Name)
+		case config.OpDelTag:
+			d.Tags = slices.DeleteFunc(d.Tags, func(t string) bool { return t == op.Name })
+		default:
+			return fmt.Errorf("created-by handlers: unexpected %s on a new qube", op.Kind)
+		}
+	}
+	return nil
 }
 
 func appendMissing(list []string, items ...string) []string {

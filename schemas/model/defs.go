@@ -147,7 +147,8 @@ func defineQubeProperties() {
 		}})
 	define("ATSD", Spec{Name: "guivm", Type: "vm", Kind: KindVM, Stage: 4, AllowNone: true,
 		Help:    "Qube that runs the graphical interface for this qube; none for no GUI.",
-		Default: fromGlobal("default_guivm"), Side: tagSync("guivm"), ResetSide: tagSyncReset("guivm")})
+		Default: fromGlobal("default_guivm"), Setter: layoutLoopSetter("guivm"), ResetCheck: layoutLoopResetCheck("guivm"),
+		Side: tagSync("guivm"), ResetSide: tagSyncReset("guivm")})
 	define("ATSDR", Spec{Name: "icon", Type: "str", Kind: KindStr, Stage: 2, ReadOnly: true,
 		Help:    "Name of the icon shown for this qube, derived from its class and label.",
 		Default: defaultIcon})
@@ -210,7 +211,7 @@ func defineQubeProperties() {
 				}
 			}
 			return Text("us++"), true
-		}, Setter: keyboardLayoutSetter, Side: keyboardLayoutSide})
+		}, Setter: keyboardLayoutSetter, ResetCheck: layoutLoopResetCheck("keyboard_layout"), Side: keyboardLayoutSide})
 	define("ATSDR", Spec{Name: "klass", Type: "str", Kind: KindStr, Stage: 2, ReadOnly: true,
 		Help: "Class of this qube.",
 		Default: func(_ *Model, h Holder) (Value, bool) {
@@ -452,9 +453,15 @@ func defineGlobalProperties() {
 		Setter: dispvmSetter("default_dispvm"), Side: globalDispVMSide, ResetSide: globalDispVMResetSide})
 	g(Spec{Name: "default_guivm", Type: "vm", Kind: KindVM, AllowNone: true,
 		Help: "Default GUI qube of new and default-following qubes.", Default: static(Text("dom0")),
+		Setter: layoutLoopSetter("default_guivm"), ResetCheck: layoutLoopResetCheck("default_guivm"),
 		Side: globalRefire("guivm")})
 	g(Spec{Name: "default_kernel", Type: "str", Kind: KindStr,
-		Help: "Kernel that qubes boot unless they name another.", Veto: kernelVeto})
+		Help: "Kernel that qubes boot unless they name another.", Veto: kernelVeto,
+		ResetCheck: func(*Model, Holder) error {
+			// It has no default: qubesd resets it, then cannot read the kernel of
+			// the qubes that follow it, nor save qubes.xml, from then on.
+			return qerr.ValueError("default_kernel has no default value and cannot be reset; set it to an installed kernel instead")
+		}})
 	g(Spec{Name: "default_netvm", Type: "vm", Kind: KindVM, AllowNone: true,
 		Help: "Qube that provides network to qubes that follow the default.", Default: static(None),
 		Setter: defaultNetvmSetter, PreSide: defaultNetvmPreSide, Side: defaultNetvmSide})

@@ -7,11 +7,10 @@
 //
 // Reading:
 //
-//	v, isDefault, err := model.Effective(conf, "work", "netvm") // "sys-firewall", false, nil
-//
 //	m := model.New(conf, model.DefaultHost, runtime) // runtime may be nil: all halted
 //	h, _ := m.Holder("work")                         // or model.Global
 //	r, _ := m.Get(h, "maxmem")                        // r.Text(): "default=True type=int 4000"
+//	r, _ = m.Get(h, "netvm")                          // r.Value.String(), r.Default: "sys-firewall", false
 //	n, ok := m.Int(h, "memory")                       // effective values, defaults included
 //	netvm := m.NetVM(h.D)                             // *config.Domain or nil; also Template, Ref
 //

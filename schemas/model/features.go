@@ -1,7 +1,9 @@
 package model
 
 import (
+	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/qubesbus/qubesbus/bus/qerr"
@@ -66,9 +68,14 @@ func (m *Model) FeatureSet(d *config.Domain, name string, payload []byte) (*Chan
 	// pre-event, with dom0's kwargs, on the global default_dispvm, unless the value
 	// is unchanged or there is no default_dispvm. That qube's handlers then run: its
 	// event is streamed after dom0's, and its checks can veto dom0's change.
+	// That handler passes oldvalue explicitly: None when dom0 had none.
 	if d.Class == "AdminVM" && name == "preload-dispvm-max" && !(hasOld && old == value) {
 		if t := m.Ref(Global, "default_dispvm"); t != nil {
-			ch.Pre = append(ch.Pre, Ev(t.Name(), "domain-feature-pre-set:"+name, kw...))
+			oldText := "None"
+			if hasOld {
+				oldText = old
+			}
+			ch.Pre = append(ch.Pre, Ev(t.Name(), "domain-feature-pre-set:"+name, "feature", name, "value", value, "oldvalue", oldText))
 			if HasProperty(t.Class, "template_for_dispvms") {
 				if ch.Err = m.preloadMaxVeto(t, value); ch.Err != nil {
 					return ch, nil
@@ -76,12 +83,161 @@ func (m *Model) FeatureSet(d *config.Domain, name string, payload []byte) (*Chan
 			}
 		}
 	}
+	// The extensions' domain-feature-set handlers run before the event reaches a
+	// subscriber. Those that check the value (vm-config, custom-persist) fail the call
+	// with only the pre-event out; qubesd keeps the value in memory unsaved, here it is
+	// not taken.
+	if ch.Err = checkFeatureSet(name, value); ch.Err != nil {
+		return ch, nil
+	}
+	if name == "service.meminfo-writer" {
+		return m.meminfoWriterSet(d, ch, kw, value, hasOld)
+	}
 	ch.Ops = []config.Op{{Kind: config.OpSetFeature, Domain: d.ID, Name: name, Value: value}}
 	if !(hasOld && old == value) {
 		ch.Post = m.bootModeFeatureSide(d, name)
 	}
 	ch.Post = append(ch.Post, Ev(d.Name(), "domain-feature-set:"+name, kw...))
+	if name == "preload-dispvm-max" && !(hasOld && old == value) {
+		ch.Post = append(ch.Post, m.preloadStart(d, "set to "+qerr.Repr(value))...)
+	}
 	return ch, nil
+}
+
+// preloadStart is domain-preload-dispvm-start, which qubesd fires (from a task
+// started by the domain-feature-set or -delete handler of preload-dispvm-max, so after
+// that event) on the disposable template that should preload: for dom0's feature the
+// global default_dispvm, for a qube's own one that qube, if it is a disposable
+// template and the global feature does not rule it.
+func (m *Model) preloadStart(d *config.Domain, what string) []Event {
+	if d.Class == "AdminVM" {
+		if t := m.Ref(Global, "default_dispvm"); t != nil {
+			return []Event{Ev(t.Name(), "domain-preload-dispvm-start", "reason", "global feature was "+what)}
+		}
+		return nil
+	}
+	if !HasProperty(d.Class, "template_for_dispvms") || !m.Bool(Holder{D: d}, "template_for_dispvms") {
+		return nil
+	}
+	if dom0 := m.AdminVM(); dom0 != nil && m.Ref(Global, "default_dispvm") == d {
+		if _, ok := Feature(dom0, "preload-dispvm-max"); ok {
+			return nil
+		}
+	}
+	if what != "deleted" {
+		return []Event{Ev(d.Name(), "domain-preload-dispvm-start", "reason", "local feature was "+what)}
+	}
+	return nil
+}
+
+// meminfoWriterSet is the services extension's compatibility handler of
+// service.meminfo-writer: a true value resets maxmem, a false one sets it to 0, and
+// the feature is removed again; the events of both come before domain-feature-set.
+func (m *Model) meminfoWriterSet(d *config.Domain, ch *Change, kw []string, value string, hasOld bool) (*Change, error) {
+	const f = "service.meminfo-writer"
+	h := Holder{D: d}
+	var sub *Change
+	var err error
+	if value != "" {
+		sub, err = m.Reset(h, "maxmem")
+	} else {
+		sub, err = m.Set(h, "maxmem", []byte("0"))
+	}
+	if err == nil && sub.Err != nil {
+		err = sub.Err
+	}
+	if err != nil {
+		if sub != nil {
+			ch.Pre = append(ch.Pre, sub.Pre...)
+		}
+		ch.Err = err
+		return ch, nil
+	}
+	ch.Post = append(append(append(ch.Post, sub.Pre...), sub.Post...),
+		Ev(d.Name(), "domain-feature-pre-delete:"+f, "feature", f),
+		Ev(d.Name(), "domain-feature-delete:"+f, "feature", f),
+		Ev(d.Name(), "domain-feature-set:"+f, kw...))
+	ch.Ops = sub.Ops
+	if hasOld {
+		ch.Ops = append(ch.Ops, config.Op{Kind: config.OpDelFeature, Domain: d.ID, Name: f})
+	}
+	return ch, nil
+}
+
+// checkFeatureSet are the checks of the vm-config and custom-persist extensions'
+// domain-feature-set handlers (qubes/ext/vm_config.py, custom_persist.py).
+func checkFeatureSet(name, value string) error {
+	if config, ok := strings.CutPrefix(name, "vm-config."); ok {
+		switch {
+		case len(config) > 52:
+			return qerr.ValueError("VM config name must not exceed 46 bytes")
+		case config == "":
+			return qerr.ValueError("Empty config name not allowed")
+		case !(config[0] >= 'a' && config[0] <= 'z' || config[0] >= 'A' && config[0] <= 'Z'):
+			return qerr.ValueError("Config name must start with an ASCII letter")
+		}
+	}
+	key, ok := strings.CutPrefix(name, "custom-persist.")
+	if !ok {
+		return nil
+	}
+	const keyMax = 63 - len("/persist/")
+	switch {
+	case key == "":
+		return qerr.ValueError("custom-persist key cannot be empty")
+	case len(key) > keyMax:
+		return qerr.ValueError(fmt.Sprintf("custom-persist key is too long (max %d), ignoring: %s", keyMax, key))
+	}
+	if strings.HasPrefix(value, "/") {
+		return nil
+	}
+	opts := strings.Split(value, ":")
+	if len(opts) < 5 || !strings.HasPrefix(opts[4], "/") {
+		return qerr.ValueError("invalid value format: '" + value + "'")
+	}
+	if opts[0] != "file" && opts[0] != "dir" {
+		return qerr.ValueError("invalid resource type option '" + opts[0] + "' in value '" + value + "'")
+	}
+	if mode, ok := parsePyIntBase8(opts[3]); !ok || mode < 0 || mode > 0o7777 {
+		return qerr.ValueError("invalid mode option '" + opts[3] + "' in value '" + value + "'")
+	}
+	return nil
+}
+
+// parsePyIntBase8 is Python's int(s, 8) on printable ASCII: surrounding whitespace,
+// a sign, an optional 0o prefix, octal digits with single underscores between them
+// (and after the prefix). Values beyond 0o7777 are reported as 0o10000.
+func parsePyIntBase8(s string) (int, bool) {
+	s = strings.Trim(s, " \t\n\r\v\f")
+	neg := false
+	if s != "" && (s[0] == '+' || s[0] == '-') {
+		neg = s[0] == '-'
+		s = s[1:]
+	}
+	if len(s) >= 2 && s[0] == '0' && (s[1] == 'o' || s[1] == 'O') {
+		s = s[2:]
+		if strings.HasPrefix(s, "_") {
+			s = s[1:]
+		}
+	}
+	if s == "" || s[0] == '_' || s[len(s)-1] == '_' || strings.Contains(s, "__") {
+		return 0, false
+	}
+	n := 0
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c == '_' {
+			continue
+		}
+		if c < '0' || c > '7' {
+			return 0, false
+		}
+		n = min(n*8+int(c-'0'), 0o10000)
+	}
+	if neg {
+		n = -n
+	}
+	return n, true
 }
 
 // bootModeFeatureSide are the events of qubesd's handlers of domain-feature-set for
@@ -126,24 +282,16 @@ func (m *Model) validateFeature(d *config.Domain, name, value, old string, hasOl
 	}
 	// docs/spec/methods.md §4.1 lists the delay check on dom0 only; qubesd's
 	// DVMTemplateMixin (qubes/vm/mix/dvmtemplate.py, AppVM and StandaloneVM) checks it
-	// too, skips the check when the value is unchanged, counts empty as "0" and accepts
-	// what Python's float() accepts.
-	if name == "preload-dispvm-delay" && HasProperty(d.Class, "template_for_dispvms") && !(hasOld && old == value) {
+	// too. Both skip the check when the value is unchanged, count empty as "0" and
+	// accept what Python's float() accepts.
+	// dom0's handler (qubes/vm/adminvm.py) is the same.
+	if name == "preload-dispvm-delay" && (HasProperty(d.Class, "template_for_dispvms") || d.Class == "AdminVM") && !(hasOld && old == value) {
 		if value != "" && !isPyFloat(value) {
 			return qerr.ValueError("Invalid preload-dispvm-delay value: not an integer or float")
 		}
 	}
-	if d.Class == "AdminVM" && value != "" {
-		switch name {
-		case "preload-dispvm-threshold":
-			if !isDigits(value) {
-				return qerr.ValueError("Invalid preload-dispvm-threshold value: not a digit")
-			}
-		case "preload-dispvm-delay":
-			if !isNumber(value) {
-				return qerr.ValueError("Invalid preload-dispvm-delay value: not an integer or float")
-			}
-		}
+	if d.Class == "AdminVM" && name == "preload-dispvm-threshold" && value != "" && !isDigits(value) {
+		return qerr.ValueError("Invalid preload-dispvm-threshold value: not a digit")
 	}
 	return nil
 }
@@ -151,16 +299,22 @@ func (m *Model) validateFeature(d *config.Domain, name, value, old string, hasOl
 // preloadMaxVeto is qubesd's domain-feature-pre-set:preload-dispvm-max handler of
 // the qubes that can be disposable templates (DVMTemplateMixin, qubes/vm/mix/
 // dvmtemplate.py: AppVM and StandaloneVM, whatever their template_for_dispvms). In
-// order: qrexec (with the template's) must be truthy; so must the feature
-// supported-rpc.qubes.WaitForRunningSystem (supports_preload); the value, empty
+// order: qrexec (with the template's) must be truthy; so must the features
+// supported-rpc.qubes.WaitForRunningSystem and …WaitForSession (supports_preload,
+// the message names the missing ones); the value, empty
 // counting as "0", must be digits. All QubesValueError, after the pre-set event.
 func (m *Model) preloadMaxVeto(d *config.Domain, value string) error {
 	if v, ok := m.CheckFeature(d, "qrexec", true, false, false); !ok || v == "" {
 		return qerr.ValueError("Qube does not support qrexec")
 	}
-	const service = "qubes.WaitForRunningSystem"
-	if v, ok := m.CheckFeature(d, "supported-rpc."+service, true, false, false); !ok || v == "" {
-		return qerr.ValueError("Qube does not support the RPC '" + service + "'")
+	var missing []string
+	for _, service := range []string{"qubes.WaitForRunningSystem", "qubes.WaitForSession"} {
+		if v, ok := m.CheckFeature(d, "supported-rpc."+service, true, false, false); !ok || v == "" {
+			missing = append(missing, service)
+		}
+	}
+	if len(missing) > 0 {
+		return qerr.ValueError("Qube does not support the RPC(s) '" + strings.Join(missing, ", ") + "'")
 	}
 	if value != "" && !isDigits(value) {
 		return qerr.ValueError("Invalid preload-dispvm-max value: not a digit")
@@ -176,12 +330,6 @@ var pyFloatRe = regexp.MustCompile(`\A[+-]?(?:(?:[0-9](?:_?[0-9])*(?:\.(?:[0-9](
 
 func isPyFloat(s string) bool { return pyFloatRe.MatchString(strings.Trim(s, " ")) }
 
-func isNumber(s string) bool {
-	s = strings.TrimPrefix(s, "-")
-	whole, frac, _ := strings.Cut(s, ".")
-	return (whole != "" || frac != "") && (whole == "" || isDigits(whole)) && (frac == "" || isDigits(frac))
-}
-
 // FeatureRemove plans admin.vm.feature.Remove.
 func (m *Model) FeatureRemove(d *config.Domain, name string) (*Change, error) {
 	if prohibitedFeatures[name] {
@@ -194,6 +342,9 @@ func (m *Model) FeatureRemove(d *config.Domain, name string) (*Change, error) {
 	}
 	ch.Ops = []config.Op{{Kind: config.OpDelFeature, Domain: d.ID, Name: name}}
 	ch.Post = []Event{Ev(d.Name(), "domain-feature-delete:"+name, "feature", name)}
+	if name == "preload-dispvm-max" {
+		ch.Post = append(ch.Post, m.preloadStart(d, "deleted")...)
+	}
 	return ch, nil
 }
 
@@ -229,14 +380,63 @@ func (m *Model) TagSet(src string, d *config.Domain, tag string) (*Change, error
 		return ch, nil // nothing fired, saved all the same
 	}
 	ch.Ops = []config.Op{{Kind: config.OpAddTag, Domain: d.ID, Name: tag}}
-	ch.Post = []Event{Ev(d.Name(), "domain-tag-add:"+tag, "tag", tag)}
-	if creator, ok := strings.CutPrefix(tag, "created-by-"); ok && m.Domain(creator) == nil {
-		// qubesd's extension looks the creator up after the tag was added in memory;
-		// a missing one fails the call without saving.
-		ch.NoSave = true
-		ch.AbortAfter = qerr.Abort("created-by tag names a missing qube")
+	if name, ok := strings.CutPrefix(tag, "created-by-"); ok {
+		creator := m.Domain(name)
+		if creator == nil {
+			// qubesd's extensions look the creator up (after the tag was added in
+			// memory) and crash, before any subscriber hears of the tag (issue 15,
+			// class 8): refused here, with nothing taken.
+			return nil, qerr.VMNotFoundError("No such domain: " + qerr.Repr(name))
+		}
+		if err := m.createdBySide(ch, d, creator); err != nil {
+			return ch, nil
+		}
 	}
+	ch.Post = append(ch.Post, Ev(d.Name(), "domain-tag-add:"+tag, "tag", tag))
 	return ch, nil
+}
+
+// createdBySide are the handlers of domain-tag-add:created-by-…, which run before the
+// event reaches a subscriber: the admin extension adds the creator's
+// tag-created-vm-with tags, then the GUI extension sets guivm to the creator's
+// set-created-guivm qube. An error (a guivm that is missing or cannot be set) is left
+// in ch.Err and returned.
+func (m *Model) createdBySide(ch *Change, d *config.Domain, creator *config.Domain) error {
+	if with, ok := Feature(creator, "tag-created-vm-with"); ok {
+		for _, t := range strings.Fields(with) {
+			if ValidateTag(t) != nil || HasTag(d, t) || slices.ContainsFunc(ch.Ops, func(o config.Op) bool { return o.Kind == config.OpAddTag && o.Name == t }) {
+				continue
+			}
+			ch.Ops = append(ch.Ops, config.Op{Kind: config.OpAddTag, Domain: d.ID, Name: t})
+			ch.Post = append(ch.Post, Ev(d.Name(), "domain-tag-add:"+t, "tag", t))
+		}
+	}
+	g, ok := Feature(creator, "set-created-guivm")
+	if !ok || g == "" || !HasProperty(d.Class, "guivm") {
+		return nil
+	}
+	var sub *Change
+	err := error(nil)
+	if m.Domain(g) == nil {
+		// qubesd's extension crashes looking it up (issue 15, class 8).
+		err = qerr.VMNotFoundError("No such domain: " + qerr.Repr(g))
+	} else {
+		sub, err = m.Set(Holder{D: d}, "guivm", []byte(g))
+	}
+	if err == nil {
+		err = sub.Err
+	}
+	if err != nil {
+		ch.Pre = ch.Post
+		if sub != nil {
+			ch.Pre = append(ch.Pre, sub.Pre...)
+		}
+		ch.Post, ch.Ops, ch.Err = nil, nil, err
+		return err
+	}
+	ch.Post = append(append(ch.Post, sub.Pre...), sub.Post...)
+	ch.Ops = append(ch.Ops, sub.Ops...)
+	return nil
 }
 
 // TagRemove plans admin.vm.tag.Remove from source src.

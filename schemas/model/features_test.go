@@ -12,6 +12,11 @@ func featureSetOn(vm, name, value string) func(m *Model) (*Change, error) {
 	}
 }
 
+// preloadRPCs gives vm the two RPCs qubesd's supports_preload asks for.
+func preloadRPCs(vm string) func(c *config.Config) {
+	return edits(setFeature(vm, "supported-rpc.qubes.WaitForRunningSystem", "1"), setFeature(vm, "supported-rpc.qubes.WaitForSession", "1"))
+}
+
 func setFeature(vm, name, value string) func(c *config.Config) {
 	return editDomain(vm, func(d *config.Domain) {
 		for i := range d.Features {
@@ -28,7 +33,6 @@ func setFeature(vm, name, value string) func(c *config.Config) {
 // StandaloneVM) checks qrexec, then supports_preload, then the digits, all after the
 // pre-set event; other classes take any value.
 func TestFeaturePreloadDispvmMax(t *testing.T) {
-	const rpc = "supported-rpc.qubes.WaitForRunningSystem"
 	pre := func(vm, value string) string {
 		return vm + "|domain-feature-pre-set:preload-dispvm-max|feature=preload-dispvm-max,value=" + value
 	}
@@ -37,10 +41,10 @@ func TestFeaturePreloadDispvmMax(t *testing.T) {
 	}
 	runChangeCases(t, []changeCase{
 		{
-			// qrexec comes from the template; WaitForRunningSystem is missing.
-			name:   "template lacks the RPC",
+			// qrexec comes from the template; both RPCs are missing.
+			name:   "template lacks the RPCs",
 			do:     featureSetOn("default-dvm", "preload-dispvm-max", "2"),
-			want:   "QubesValueError: Qube does not support the RPC 'qubes.WaitForRunningSystem'",
+			want:   "QubesValueError: Qube does not support the RPC(s) 'qubes.WaitForRunningSystem, qubes.WaitForSession'",
 			events: []string{pre("default-dvm", "2")},
 		},
 		{
@@ -52,28 +56,39 @@ func TestFeaturePreloadDispvmMax(t *testing.T) {
 			events: []string{pre("legacy", "x")},
 		},
 		{
-			name:   "RPC before digits",
+			name:   "RPCs before digits",
 			do:     featureSetOn("legacy", "preload-dispvm-max", "x"),
-			want:   "QubesValueError: Qube does not support the RPC 'qubes.WaitForRunningSystem'",
+			want:   "QubesValueError: Qube does not support the RPC(s) 'qubes.WaitForRunningSystem, qubes.WaitForSession'",
 			events: []string{pre("legacy", "x")},
 		},
 		{
+			// The message names the missing ones only.
+			name:   "one RPC missing",
+			edit:   setFeature("fedora-41", "supported-rpc.qubes.WaitForRunningSystem", "1"),
+			do:     featureSetOn("default-dvm", "preload-dispvm-max", "2"),
+			want:   "QubesValueError: Qube does not support the RPC(s) 'qubes.WaitForSession'",
+			events: []string{pre("default-dvm", "2")},
+		},
+		{
 			name:   "not a digit",
-			edit:   setFeature("fedora-41", rpc, "1"),
+			edit:   preloadRPCs("fedora-41"),
 			do:     featureSetOn("default-dvm", "preload-dispvm-max", "-1"),
 			want:   "QubesValueError: Invalid preload-dispvm-max value: not a digit",
 			events: []string{pre("default-dvm", "-1")},
 		},
 		{
-			name:   "digits",
-			edit:   setFeature("fedora-41", rpc, "1"),
-			do:     featureSetOn("default-dvm", "preload-dispvm-max", "2"),
-			events: []string{pre("default-dvm", "2"), set("default-dvm", "2")},
+			// A disposable template starts preloading after the event (dom0 has no
+			// preload-dispvm-max of its own to rule it).
+			name: "digits",
+			edit: preloadRPCs("fedora-41"),
+			do:   featureSetOn("default-dvm", "preload-dispvm-max", "2"),
+			events: []string{pre("default-dvm", "2"), set("default-dvm", "2"),
+				"default-dvm|domain-preload-dispvm-start|reason=local feature was set to '2'"},
 		},
 		{
 			// Empty counts as "0".
 			name:   "empty",
-			edit:   setFeature("legacy", rpc, "1"),
+			edit:   preloadRPCs("legacy"),
 			do:     featureSetOn("legacy", "preload-dispvm-max", ""),
 			events: []string{pre("legacy", ""), set("legacy", "")},
 		},
@@ -254,7 +269,6 @@ func TestFeaturePreloadDispvmDelay(t *testing.T) {
 // same pre-event, with dom0's kwargs, on the global default_dispvm, whose checks then
 // run; not when the value is unchanged or there is no default_dispvm.
 func TestFeatureGlobalPreloadDispvmMax(t *testing.T) {
-	const rpc = "supported-rpc.qubes.WaitForRunningSystem"
 	ev := func(kind, vm, value string, old ...string) string {
 		s := vm + "|domain-feature-" + kind + ":preload-dispvm-max|feature=preload-dispvm-max,value=" + value
 		for _, o := range old {
@@ -264,27 +278,30 @@ func TestFeatureGlobalPreloadDispvmMax(t *testing.T) {
 	}
 	runChangeCases(t, []changeCase{
 		{
-			name: "default_dispvm lacks the RPC",
+			// dom0's handler passes oldvalue on: None when dom0 had none.
+			name: "default_dispvm lacks the RPCs",
 			do:   featureSetOn("dom0", "preload-dispvm-max", "2"),
-			want: "QubesValueError: Qube does not support the RPC 'qubes.WaitForRunningSystem'",
+			want: "QubesValueError: Qube does not support the RPC(s) 'qubes.WaitForRunningSystem, qubes.WaitForSession'",
 			events: []string{ev("pre-set", "dom0", "2"),
-				ev("pre-set", "default-dvm", "2")},
+				ev("pre-set", "default-dvm", "2", "None")},
 		},
 		{
 			name: "not a digit on the default_dispvm",
-			edit: setFeature("fedora-41", rpc, "1"),
+			edit: preloadRPCs("fedora-41"),
 			do:   featureSetOn("dom0", "preload-dispvm-max", "x"),
 			want: "QubesValueError: Invalid preload-dispvm-max value: not a digit",
 			events: []string{ev("pre-set", "dom0", "x"),
-				ev("pre-set", "default-dvm", "x")},
+				ev("pre-set", "default-dvm", "x", "None")},
 		},
 		{
+			// The default_dispvm starts preloading after the event.
 			name: "accepted, oldvalue passed on",
-			edit: edits(setFeature("fedora-41", rpc, "1"), setFeature("dom0", "preload-dispvm-max", "1")),
+			edit: edits(preloadRPCs("fedora-41"), setFeature("dom0", "preload-dispvm-max", "1")),
 			do:   featureSetOn("dom0", "preload-dispvm-max", "3"),
 			events: []string{ev("pre-set", "dom0", "3", "1"),
 				ev("pre-set", "default-dvm", "3", "1"),
-				ev("set", "dom0", "3", "1")},
+				ev("set", "dom0", "3", "1"),
+				"default-dvm|domain-preload-dispvm-start|reason=global feature was set to '3'"},
 		},
 		{
 			// Unchanged: dom0's handler returns before re-firing.
@@ -304,13 +321,14 @@ func TestFeatureGlobalPreloadDispvmMax(t *testing.T) {
 			name: "default_dispvm without the handler",
 			edit: setGlobal("default_dispvm", "fedora-41"),
 			do:   featureSetOn("dom0", "preload-dispvm-max", "x"),
-			events: []string{ev("pre-set", "dom0", "x"), ev("pre-set", "fedora-41", "x"),
-				ev("set", "dom0", "x")},
+			events: []string{ev("pre-set", "dom0", "x"), ev("pre-set", "fedora-41", "x", "None"),
+				ev("set", "dom0", "x"),
+				"fedora-41|domain-preload-dispvm-start|reason=global feature was set to 'x'"},
 		},
 		{
 			// Another qube's preload-dispvm-max is not re-fired.
 			name:   "only dom0 re-fires",
-			edit:   setFeature("legacy", rpc, "1"),
+			edit:   preloadRPCs("legacy"),
 			do:     featureSetOn("legacy", "preload-dispvm-max", "1"),
 			events: []string{ev("pre-set", "legacy", "1"), ev("set", "legacy", "1")},
 		},

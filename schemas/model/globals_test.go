@@ -231,12 +231,25 @@ func TestGlobalDefaultChange(t *testing.T) {
 			},
 		},
 		{
+			// sys-net follows default_guivm and its keyboard_layout its GUI qube's:
+			// qubesd takes it and then cannot read that layout (issue 15, class 8).
+			name: "default_guivm set to a qube that follows it",
+			do:   setOn("", "default_guivm", "sys-net"),
+			want: "QubesValueError: Loops of GUI qubes are unsupported: keyboard_layout of qube 'sys-net' would follow itself",
+		},
+		{
 			// Every qube but dom0 follows default_guivm: each gets its tags moved and
 			// property-set:guivm re-fired.
+			// sys-net's own keyboard_layout keeps it from following itself.
 			name: "default_guivm set",
-			edit: editDomain("work", func(d *config.Domain) {
-				d.Properties = append(d.Properties, config.Property{Name: "guivm", Value: "dom0"})
-			}),
+			edit: func(c *config.Config) {
+				editDomain("work", func(d *config.Domain) {
+					d.Properties = append(d.Properties, config.Property{Name: "guivm", Value: "dom0"})
+				})(c)
+				editDomain("sys-net", func(d *config.Domain) {
+					d.Properties = append(d.Properties, config.Property{Name: "keyboard_layout", Value: "us++"})
+				})(c)
+			},
 			do: setOn("", "default_guivm", "sys-net"),
 			events: concat(
 				[]string{"|property-pre-set:default_guivm|name=default_guivm,newvalue=sys-net,oldvalue=dom0"},
@@ -258,9 +271,10 @@ func TestGlobalDefaultChange(t *testing.T) {
 				if got := tagsOf(c, "work"); !reflect.DeepEqual(got, []string{"work-tag", "backup", "audiovm-dom0", "guivm-dom0"}) {
 					t.Errorf("work (explicit guivm) tags %v", got)
 				}
-				v, isDefault, _ := Effective(c, "personal", "guivm")
-				if v != "sys-net" || !isDefault {
-					t.Errorf("personal guivm %q default %v", v, isDefault)
+				m := New(c, DefaultHost, nil)
+				h, _ := m.Holder("personal")
+				if r, err := m.Get(h, "guivm"); err != nil || r.Value.String() != "sys-net" || !r.Default {
+					t.Errorf("personal guivm: %v (default %v), %v", r.Value, r.Default, err)
 				}
 			},
 		},

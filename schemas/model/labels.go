@@ -44,8 +44,9 @@ func (m *Model) LabelCreate(name string, payload []byte) (*Change, error) {
 		return nil, qerr.InvalidLabelValueError("Label value must only contain hexadecimal digits after prefix: 0123456789abcdefABCDEF")
 	}
 	if !XMLSafe(string(payload)) {
-		// Accepted by qubesd, which then cannot save qubes.xml any more.
-		return nil, qerr.Abort("label colour cannot be stored in qubes.xml")
+		// qubesd takes it (its check strips surrounding whitespace, \v and \f
+		// included) and then cannot save qubes.xml any more; refused here instead.
+		return nil, qerr.InvalidLabelValueError("Label value must not contain control characters")
 	}
 	if m.Label(name) != nil {
 		return nil, qerr.LabelInUseError("Label is still in use: " + qerr.Repr(name))

@@ -349,19 +349,3 @@ func (m *Model) GetAllText(h Holder) string {
 	}
 	return b.String()
 }
-
-// Effective returns the effective value of a property of a qube as Get shows it (None
-// is "") and whether it is at its default, over the default host with every qube
-// halted.
-func Effective(c *config.Config, vm, prop string) (value string, isDefault bool, err error) {
-	m := New(c, DefaultHost, nil)
-	h, err := m.Holder(vm)
-	if err != nil {
-		return "", false, err
-	}
-	r, err := m.Get(h, prop)
-	if err != nil {
-		return "", false, err
-	}
-	return r.Value.String(), r.Default, nil
-}

@@ -144,10 +144,12 @@ func ipSide(family string) func(*Model, Holder, Value, bool, Value) ([]Event, []
 	}
 }
 
+// ipResetSide: property-reset:ip passes no newvalue, so the handler's "unchanged"
+// test compares None with the old value: everything is announced unless the qube had
+// no address (the default, even when it stays the same, counts as a change).
 func ipResetSide(m *Model, h Holder, old Value, oldOK bool) ([]Event, []config.Op) {
-	v, ok := m.defaultOf(h, SpecOf(h.Class(), "ip"))
-	if !ok {
-		v = None
+	if !oldOK || old.None {
+		return nil, nil
 	}
-	return ipSide("")(m, h, old, oldOK, v)
+	return ipSide("")(m, h, old, oldOK, None)
 }

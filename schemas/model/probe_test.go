@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -13,70 +15,31 @@ import (
 	"github.com/qubesbus/qubesbus/bus/qerr"
 )
 
-// The differential probe: testdata/probe/qubesd.txt is a recording of the real qubesd
+// The differential probes: testdata/probe/*.txt are recordings of the real qubesd
 // (the oracle in shared/oracle, started on testdata/qubes.xml with every qube but dom0
-// halted) answering, in one session, every property of every fixture qube and of the
-// global holder set to a grid of values (by API type, plus a few per property) and then
-// reset, with the events an admin.Events subscriber received for each call. The test
-// replays the same calls in order on the model, applying each change, and compares
-// every outcome and every event. The expectations are qubesd's own answers; the only
-// exceptions are the calls listed in probeDeviations, where qubesd crashes.
+// halted) by the scripts beside them. qubesd.txt (record_probe.py) answers, in one
+// session, every property of every fixture qube and of the global holder set to a
+// grid of values (by API type, plus a few per property) and then reset, with the
+// events an admin.Events subscriber received for each call. This test replays, on the
+// model, the files made only of property Set and Reset calls, in order, applying each
+// change, and compares every outcome and every event.
+// cmd/qubesbus/internal/system's TestProbeThroughSocket replays every file (the
+// others call features, tags and power methods too) through the socket. The
+// expectations are qubesd's own answers; the only exceptions are the blocks of
+// deviations.txt, where qubesd crashes in its own handler (issue 15, class 8).
 //
 // Recording format, one block per call:
 //
 //	>>	method	dest	arg	payload
-//	=	OK | EXC Class: message | ABORT
+//	=	OK [content] | EXC Class: message | ABORT
 //	.	qube (or _ for the global holder)	event	key=value …
 //
-// Bytes outside printable ASCII and backslashes are written \xNN.
-const probeFile = "testdata/probe/qubesd.txt"
-
-// probeDeviations are the calls where qubesd ends the connection without an answer
-// because its own handler crashes (issue 15, class 8); qubesbus answers a Qubes
-// exception instead, before any event and without a change, as qubesd's crash leaves
-// its state unchanged too. Keyed by "method dest arg payload".
-var probeDeviations = map[string]string{
-	// _setter_netvm reads provides_network, which AdminVM lacks.
-	"admin.vm.property.Set default-dvm netvm dom0":  "EXC QubesValueError: The dom0 qube does not provide network",
-	"admin.vm.property.Set legacy netvm dom0":       "EXC QubesValueError: The dom0 qube does not provide network",
-	"admin.vm.property.Set personal netvm dom0":     "EXC QubesValueError: The dom0 qube does not provide network",
-	"admin.vm.property.Set sys-firewall netvm dom0": "EXC QubesValueError: The dom0 qube does not provide network",
-	"admin.vm.property.Set sys-net netvm dom0":      "EXC QubesValueError: The dom0 qube does not provide network",
-	"admin.vm.property.Set untrusted netvm dom0":    "EXC QubesValueError: The dom0 qube does not provide network",
-	"admin.vm.property.Set work netvm dom0":         "EXC QubesValueError: The dom0 qube does not provide network",
-	"admin.vm.property.Set fedora-41 netvm dom0":    "EXC QubesValueError: The dom0 qube does not provide network",
-	// qubesd stores it, fires the pre-events, then crashes in the netvm handlers of
-	// the qubes that follow the default (dom0 has no connected-IP reload).
-	"admin.property.Set dom0 default_netvm dom0": "EXC QubesValueError: The dom0 qube does not provide network",
-}
-
-// probeAfterCrash are the later calls whose events carry a value qubesd kept in memory
-// from a call it crashed in (listed above): here that value was never taken.
-var probeAfterCrash = map[string][]string{
-	"admin.property.Reset dom0 default_netvm ": {
-		"_\tproperty-pre-reset:default_netvm\tname=default_netvm oldvalue=sys-net",
-		"_\tproperty-pre-del:default_netvm\tname=default_netvm oldvalue=sys-net",
-		"_\tproperty-reset:default_netvm\tname=default_netvm oldvalue=sys-net",
-		"_\tproperty-del:default_netvm\tname=default_netvm oldvalue=sys-net",
-	},
-}
-
-func init() {
-	// validate_disposable_template asserts the target is a QubesVM: dom0 is not.
-	for _, vm := range []string{"dom0", "default-dvm", "fedora-41", "legacy", "personal", "sys-firewall", "sys-net", "untrusted", "work"} {
-		for _, p := range []string{"default_dispvm", "management_dispvm"} {
-			who := "qube '" + vm + "'"
-			probeDeviations["admin.vm.property.Set "+vm+" "+p+" dom0"] = "EXC QubesPropertyValueError: Cannot set invalid property to " + who + ", " + p + " 'dom0' has template_for_dispvms set to False"
-		}
-		// _setter_label takes int() of the text after "label-".
-		probeDeviations["admin.vm.property.Set "+vm+" label label-x"] = "EXC QubesLabelNotFoundError: Label does not exist: label-x"
-	}
-	for _, p := range []string{"default_dispvm", "management_dispvm"} {
-		probeDeviations["admin.property.Set dom0 "+p+" dom0"] = "EXC QubesPropertyValueError: Cannot set invalid property to system, " + p + " 'dom0' has template_for_dispvms set to False"
-	}
-}
+// Bytes outside printable ASCII and backslashes are written \xNN; lines starting
+// with # are comments.
+const probeDir = "testdata/probe"
 
 type probeCall struct {
+	file                       string
 	line                       int
 	method, dest, arg, payload string
 	outcome                    string
@@ -84,12 +47,14 @@ type probeCall struct {
 }
 
 func (c probeCall) key() string {
-	return c.method + " " + c.dest + " " + c.arg + " " + c.payload
+	return c.method + "\t" + c.dest + "\t" + c.arg + "\t" + c.payload
 }
 
-func readProbe(t *testing.T) []probeCall {
+func (c probeCall) where() string { return fmt.Sprintf("%s:%d", c.file, c.line) }
+
+func readProbe(t *testing.T, name string) []probeCall {
 	t.Helper()
-	f, err := os.Open(probeFile)
+	f, err := os.Open(filepath.Join(probeDir, name))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,19 +63,20 @@ func readProbe(t *testing.T) []probeCall {
 	sc := bufio.NewScanner(f)
 	sc.Buffer(nil, 1<<20)
 	for n := 1; sc.Scan(); n++ {
-		fields := strings.SplitN(sc.Text(), "\t", 5)
-		switch fields[0] {
-		case ">>":
-			if len(fields) != 5 {
-				t.Fatalf("%s:%d: malformed call", probeFile, n)
-			}
-			calls = append(calls, probeCall{line: n, method: fields[1], dest: fields[2], arg: fields[3], payload: fields[4]})
-		case "=":
-			calls[len(calls)-1].outcome = fields[1]
-		case ".":
+		line := sc.Text()
+		if line == "" || strings.HasPrefix(line, "#") || strings.HasPrefix(line, "@\t") {
+			continue
+		}
+		fields := strings.SplitN(line, "\t", 5)
+		switch {
+		case fields[0] == ">>" && len(fields) == 5:
+			calls = append(calls, probeCall{file: name, line: n, method: fields[1], dest: fields[2], arg: fields[3], payload: fields[4]})
+		case fields[0] == "=" && len(calls) > 0:
+			calls[len(calls)-1].outcome = strings.Join(fields[1:], "\t")
+		case fields[0] == "." && len(calls) > 0:
 			calls[len(calls)-1].events = append(calls[len(calls)-1].events, strings.Join(fields[1:], "\t"))
 		default:
-			t.Fatalf("%s:%d: unknown line", probeFile, n)
+			t.Fatalf("%s:%d: malformed line", name, n)
 		}
 	}
 	if err := sc.Err(); err != nil {
@@ -182,15 +148,117 @@ func probeEvents(evs []Event) []string {
 	return out
 }
 
-// TestProbeAgainstQubesd replays the recorded probe on the model.
+// probeMethods are the calls the model replays: property Set, Reset, Get and GetAll.
+var probeMethods = map[string]bool{
+	"admin.vm.property.Set": true, "admin.vm.property.Reset": true,
+	"admin.property.Set": true, "admin.property.Reset": true,
+	"admin.vm.property.Get": true, "admin.property.Get": true,
+	"admin.vm.property.GetAll": true, "admin.property.GetAll": true,
+}
+
+// probeDeviations are the blocks of deviations.txt by scope: "@<TAB>*" (every file),
+// "@<TAB>FILE" (the calls of FILE with the block's method, dest, arg and payload) or
+// "@<TAB>FILE:LINE" (the one call recorded at that line, which must be the block's).
+type probeDeviations struct {
+	byKey  map[string]probeCall // scope + "\t" + key
+	pinned map[string]probeCall // FILE:LINE
+	used   map[string]bool      // the keys of both maps that matched a call
+}
+
+func readProbeDeviations(t *testing.T) *probeDeviations {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(probeDir, "deviations.txt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	scopes := map[int]string{}
+	scope := ""
+	for n, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "@\t"); ok {
+			scope = rest
+		} else if strings.HasPrefix(line, ">>\t") {
+			if scope == "" {
+				t.Fatalf("deviations.txt:%d: block before any @ scope", n+1)
+			}
+			scopes[n+1] = scope
+		}
+	}
+	d := &probeDeviations{byKey: map[string]probeCall{}, pinned: map[string]probeCall{}, used: map[string]bool{}}
+	for _, c := range readProbe(t, "deviations.txt") {
+		if scope := scopes[c.line]; strings.Contains(scope, ":") {
+			d.pinned[scope] = c
+		} else {
+			d.byKey[scope+"\t"+c.key()] = c
+		}
+	}
+	return d
+}
+
+func (d *probeDeviations) lookup(t *testing.T, c probeCall) (probeCall, bool) {
+	t.Helper()
+	if p, ok := d.pinned[c.where()]; ok {
+		if p.key() != c.key() {
+			t.Fatalf("deviations.txt:%d is pinned to %s, which records %q, not %q", p.line, c.where(), c.key(), p.key())
+		}
+		d.used[c.where()] = true
+		return p, true
+	}
+	for _, scope := range []string{c.file, "*"} {
+		if p, ok := d.byKey[scope+"\t"+c.key()]; ok {
+			d.used[scope+"\t"+c.key()] = true
+			return p, true
+		}
+	}
+	return probeCall{}, false
+}
+
+// TestProbeAgainstQubesd replays the recorded property probes on the model.
 func TestProbeAgainstQubesd(t *testing.T) {
-	calls := readProbe(t)
+	files, err := filepath.Glob(filepath.Join(probeDir, "*.txt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	devs := readProbeDeviations(t)
+	replayed := map[string]bool{}
+	for _, f := range files {
+		name := filepath.Base(f)
+		if name == "deviations.txt" {
+			continue
+		}
+		calls := readProbe(t, name)
+		if slices.ContainsFunc(calls, func(c probeCall) bool { return !probeMethods[c.method] }) {
+			t.Logf("%s: not only property calls, replayed through the socket only", name)
+			continue
+		}
+		replayed[name] = true
+		replayProbeOnModel(t, name, calls, devs)
+	}
+	if len(replayed) < 2 {
+		t.Fatalf("%d property probes replayed, want at least 2", len(replayed))
+	}
+	// A deviation of a replayed file, or of every file for a property call, that no
+	// call matched is stale.
+	for k, d := range devs.pinned {
+		if file, _, _ := strings.Cut(k, ":"); replayed[file] && !devs.used[k] {
+			t.Errorf("%s: deviation pinned to %s matches no recorded call", d.where(), k)
+		}
+	}
+	for k, d := range devs.byKey {
+		scope, _, _ := strings.Cut(k, "\t")
+		if !devs.used[k] && (replayed[scope] || scope == "*" && probeMethods[d.method]) {
+			t.Errorf("%s: deviation %q matches no recorded call", d.where(), k)
+		}
+	}
+}
+
+func replayProbeOnModel(t *testing.T, name string, calls []probeCall, devs *probeDeviations) {
 	c := loadFixture(t)
-	var mismatches, events, deviations, skipped int
+	var mismatches, events, ndevs, skipped int
 	for _, call := range calls {
 		m := New(c, DefaultHost, nil)
+		global := strings.HasPrefix(call.method, "admin.property.")
 		h := Global
-		if call.method != "admin.property.Set" && call.method != "admin.property.Reset" {
+		if !global {
 			h = holder(t, m, call.dest)
 		}
 		if call.arg == "autostart" && call.outcome == "ABORT" {
@@ -201,13 +269,22 @@ func TestProbeAgainstQubesd(t *testing.T) {
 		}
 		var ch *Change
 		var err error
-		if strings.HasSuffix(call.method, ".Set") {
+		var content string
+		switch {
+		case strings.HasSuffix(call.method, ".Set"):
 			ch, err = m.Set(h, call.arg, probeUnesc(t, call.payload))
-		} else {
+		case strings.HasSuffix(call.method, ".Reset"):
 			ch, err = m.Reset(h, call.arg)
+		case strings.HasSuffix(call.method, ".GetAll"):
+			content = m.GetAllText(h)
+		default:
+			var r Reading
+			if r, err = m.Get(h, call.arg); err == nil {
+				content = r.Text()
+			}
 		}
 		var got []string
-		if err == nil {
+		if err == nil && ch != nil {
 			got = probeEvents(ch.Pre)
 			err = ch.Err
 			if err == nil {
@@ -216,29 +293,30 @@ func TestProbeAgainstQubesd(t *testing.T) {
 				err = ch.AbortAfter
 			}
 		}
-		want, wantEvents := reprAddressRe.ReplaceAllString(call.outcome, " at "+reprAddress), call.events
-		if after, ok := probeAfterCrash[call.key()]; ok {
-			wantEvents = after
-			deviations++
-		} else if dev, ok := probeDeviations[call.key()]; ok {
-			if call.outcome != "ABORT" {
-				t.Errorf("%s:%d %s: listed as a deviation, but qubesd answered %s", probeFile, call.line, call.key(), call.outcome)
+		want, wantEvents := call.outcome, call.events
+		if d, ok := devs.lookup(t, call); ok {
+			if d.outcome == call.outcome && slices.Equal(d.events, call.events) {
+				t.Errorf("%s: deviation %s is what qubesd answered", d.where(), call.where())
 			}
-			want, wantEvents = dev, nil
-			deviations++
+			want, wantEvents = d.outcome, d.events
+			ndevs++
 		}
+		want = reprAddressRe.ReplaceAllString(want, " at "+reprAddress)
 		events += len(wantEvents)
 		gotOutcome := probeOutcome(err)
+		if err == nil && content != "" {
+			gotOutcome += "\t" + probeEsc(content)
+		}
 		if gotOutcome != want || strings.Join(got, "\n") != strings.Join(wantEvents, "\n") {
 			mismatches++
 			if mismatches <= 40 {
-				t.Errorf("%s:%d %s\n got %s\n     %s\nwant %s\n     %s", probeFile, call.line, call.key(),
+				t.Errorf("%s %s\n got %s\n     %s\nwant %s\n     %s", call.where(), strings.ReplaceAll(call.key(), "\t", " "),
 					gotOutcome, strings.Join(got, "\n     "), want, strings.Join(wantEvents, "\n     "))
 			}
 		}
 	}
-	t.Logf("probe: %d calls (%d not compared), %d events compared, %d deviations from qubesd's crashes, %d mismatches", len(calls), skipped, events, deviations, mismatches)
+	t.Logf("%s: %d calls (%d not compared), %d events compared, %d deviations from qubesd's crashes, %d mismatches", name, len(calls), skipped, events, ndevs, mismatches)
 	if mismatches > 0 {
-		t.Errorf("%d of %d calls differ from qubesd", mismatches, len(calls))
+		t.Errorf("%s: %d of %d calls differ from qubesd", name, mismatches, len(calls))
 	}
 }

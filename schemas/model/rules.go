@@ -224,9 +224,9 @@ func (m *Model) kernelInstalled(k string) error {
 	ok, installed := m.Host.Kernels[k]
 	switch {
 	case !installed:
-		return propErr("Kernel '" + k + "' not installed")
+		return propErr("Kernel " + qerr.Repr(k) + " not installed")
 	case !ok:
-		return propErr("Kernel '" + k + "' not properly installed: missing 'vmlinuz' file")
+		return propErr("Kernel " + qerr.Repr(k) + " not properly installed: missing 'vmlinuz' file")
 	}
 	return nil
 }
@@ -600,4 +600,87 @@ func globalDispVMSide(m *Model, _ Holder, old Value, oldOK bool, _ Value) ([]Eve
 		}
 	}
 	return evs, nil
+}
+
+// layoutOverride is a planned change seen by layoutLoop: prop of d (nil: the global
+// holder) set to value, or unset.
+type layoutOverride struct {
+	d     *config.Domain
+	prop  string
+	value string
+	unset bool
+}
+
+func (m *Model) layoutStored(d *config.Domain, prop string, o layoutOverride) (string, bool) {
+	if o.d == d && o.prop == prop {
+		return o.value, !o.unset
+	}
+	if d == nil {
+		return m.stored(Global, prop)
+	}
+	return d.Property(prop)
+}
+
+// layoutNext is the qube whose keyboard_layout d's follows, if it follows one: d
+// leaves its own unset and has a GUI qube (its own guivm, or the global default_guivm)
+// that has the property.
+func (m *Model) layoutNext(d *config.Domain, o layoutOverride) *config.Domain {
+	if d.Class == "AdminVM" || !HasProperty(d.Class, "keyboard_layout") || !HasProperty(d.Class, "guivm") {
+		return nil
+	}
+	if _, set := m.layoutStored(d, "keyboard_layout", o); set {
+		return nil
+	}
+	g, set := m.layoutStored(d, "guivm", o)
+	if !set {
+		if g, set = m.layoutStored(nil, "default_guivm", o); !set {
+			g = "dom0"
+		}
+	}
+	if g == "" {
+		return nil
+	}
+	return m.Domain(g)
+}
+
+// layoutLoop finds a qube whose keyboard_layout would follow a chain of GUI qubes
+// back to itself once o is made. qubesd takes such a guivm (a qube its own GUI qube,
+// two qubes each other's, a default_guivm that follows the default itself) and then
+// cannot read that keyboard_layout: its default recurses until Python gives up, and
+// Get, GetAll and qvm-ls fail on the qube from then on (issue 15, class 8). Refused
+// before any event instead.
+func (m *Model) layoutLoop(o layoutOverride) error {
+	n := len(m.C.Domains)
+	for _, d := range m.Domains() {
+		cur := d
+		for range n + 1 {
+			cur = m.layoutNext(cur, o)
+			if cur == nil {
+				break
+			}
+			if cur == d {
+				return qerr.ValueError("Loops of GUI qubes are unsupported: keyboard_layout of qube " + qerr.Repr(d.Name()) + " would follow itself")
+			}
+		}
+	}
+	return nil
+}
+
+// layoutLoopSetter refuses a guivm (or default_guivm) that closes a loop.
+func layoutLoopSetter(prop string) func(*Model, Holder, Value) (Value, error) {
+	return func(m *Model, h Holder, v Value) (Value, error) {
+		text := v.Text
+		if v.None {
+			text = ""
+		}
+		return v, m.layoutLoop(layoutOverride{d: h.D, prop: prop, value: text})
+	}
+}
+
+// layoutLoopResetCheck refuses a Reset (of guivm, default_guivm or keyboard_layout)
+// that closes a loop.
+func layoutLoopResetCheck(prop string) func(*Model, Holder) error {
+	return func(m *Model, h Holder) error {
+		return m.layoutLoop(layoutOverride{d: h.D, prop: prop, unset: true})
+	}
 }

@@ -173,9 +173,11 @@ func (m *Model) Set(h Holder, prop string, payload []byte) (*Change, error) {
 		}
 	}
 	if !XMLSafe(v.Text) {
-		// Python's printable set holds \v and \f, which qubes.xml cannot: qubesd takes
-		// the value and then fails every save. Refuse it with the same empty response.
-		return nil, qerr.Abort("value cannot be stored in qubes.xml")
+		// Python's printable set holds \v and \f, which qubes.xml cannot hold: qubesd
+		// takes the value, announces it, then crashes saving qubes.xml and keeps it in
+		// memory only. Refused here, before any event, as qubesd's sanitiser refuses
+		// the other control characters (issue 15, class 8).
+		return nil, qerr.ValueError("Invalid characters in property value")
 	}
 	before := m.read(h, s)
 	kw := []string{"name", s.Name, "newvalue", v.EventText()}
@@ -215,6 +217,11 @@ func (m *Model) Reset(h Holder, prop string) (*Change, error) {
 	if s.WriteOnce {
 		if _, set := m.stored(h, s.Name); set {
 			return nil, qerr.Abort("property " + s.Name + " is write-once")
+		}
+	}
+	if s.ResetCheck != nil {
+		if err := s.ResetCheck(m, h); err != nil {
+			return nil, err
 		}
 	}
 	before := m.read(h, s)

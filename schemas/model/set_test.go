@@ -267,7 +267,12 @@ func TestReset(t *testing.T) {
 		{vm: "sys-firewall", prop: "netvm", want: "QubesValueError: Loops in network are unsupported", pre: 1},
 		{vm: "work", prop: "xid", pre: 2, get: "default=True type=int -1"},
 		{vm: "dom0", prop: "name", pre: 2, get: "default=True type=str dom0"},
-		{vm: "", prop: "default_kernel", pre: 2, get: "default=True type=str "},
+		// qubesd resets it and then cannot save or read the kernel of qubes that
+		// follow it (issue 15, class 8): refused before any event.
+		{vm: "", prop: "default_kernel", want: "QubesValueError: default_kernel has no default value and cannot be reset; set it to an installed kernel instead"},
+		// A qube that follows default_guivm, once its own guivm is reset, would take
+		// its keyboard_layout from itself.
+		{vm: "work", prop: "guivm", pre: 2, get: "default=True type=vm dom0"},
 		{vm: "work", prop: "nope", want: "QubesNoSuchPropertyError: Invalid property 'nope' of work"},
 	} {
 		t.Run(tc.vm+"."+tc.prop, func(t *testing.T) {

@@ -25,6 +25,9 @@ type Spec struct {
 	Setter func(m *Model, h Holder, v Value) (Value, error)
 	// Veto runs after the pre-set event was fired (qubesd's pre-set handlers).
 	Veto func(m *Model, h Holder, v Value) error
+	// ResetCheck refuses a Reset before any event (where qubesd's own reset leaves a
+	// state it cannot read back or save).
+	ResetCheck func(m *Model, h Holder) error
 	// ResetVeto runs after the pre-reset event was fired.
 	ResetVeto func(m *Model, h Holder) error
 	// ResetPreSide runs after ResetVeto: the events the pre-reset handlers fire (they

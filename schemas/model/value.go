@@ -45,9 +45,6 @@ func (v Value) EventText() string {
 	return v.Text
 }
 
-// IsTrue reports Python truthiness of a bool or text value.
-func (v Value) IsTrue() bool { return !v.None && v.Text != "" && v.Text != "False" && v.Text != "0" }
-
 // Event is one Qubes event a change fires: VM is the qube name ("" for global), Name
 // the wire name, Kwargs alternating keys and values in qubesd's order.
 type Event struct {

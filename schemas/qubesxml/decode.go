@@ -2,8 +2,9 @@
 // (see docs/spec/qubes-xml.md): a file written by qubesd loads and encodes back to the
 // same bytes.
 //
-// Decode returns the Config in writer order (labels by index, domains dom0 first then
-// by name, properties by load stage and name), so Decode∘Encode is a fixed point.
+// Load and Parse return the Config in writer order (labels by index, domains dom0
+// first then by name, properties by load stage and name), so Parse∘Marshal is a fixed
+// point.
 // Devices, volume config and unknown elements are kept as verbatim XML, stored with
 // the indentation of depth 0 and re-indented on write.
 package qubesxml
@@ -65,15 +66,6 @@ func Load(path string) (*config.Config, error) {
 // Parse decodes qubes.xml bytes read from file (named in errors; "" for none).
 func Parse(data []byte, file string) (*config.Config, error) {
 	return decode(data, file)
-}
-
-// Decode reads a qubes.xml document from r.
-func Decode(r io.Reader) (*config.Config, error) {
-	data, err := io.ReadAll(r)
-	if err != nil {
-		return nil, fmt.Errorf("read qubes.xml: %w", err)
-	}
-	return decode(data, "")
 }
 
 type parser struct {

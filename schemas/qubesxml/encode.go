@@ -2,7 +2,6 @@ package qubesxml
 
 import (
 	"fmt"
-	"io"
 	"slices"
 	"strconv"
 	"strings"
@@ -55,20 +54,8 @@ func defaultID(d *config.Domain) string {
 	return ""
 }
 
-// Encode writes c as qubesd would write it. Nothing is written if c holds a
-// string that cannot be represented in XML.
-func Encode(w io.Writer, c *config.Config) error {
-	b, err := Marshal(c)
-	if err != nil {
-		return err
-	}
-	if _, err := w.Write(b); err != nil {
-		return fmt.Errorf("write qubes.xml: %w", err)
-	}
-	return nil
-}
-
-// Marshal returns the bytes Encode writes.
+// Marshal returns c as qubesd would write it, or an error if c holds a string that
+// cannot be represented in XML (Save then writes nothing).
 func Marshal(c *config.Config) ([]byte, error) {
 	e := &encoder{b: make([]byte, 0, 1024+1300*len(c.Domains))}
 	e.s("<qubes>\n")

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -27,16 +28,16 @@ func readFixture(t testing.TB, path string) []byte {
 
 func mustEncode(t testing.TB, c *config.Config) []byte {
 	t.Helper()
-	var buf bytes.Buffer
-	if err := Encode(&buf, c); err != nil {
+	b, err := Marshal(c)
+	if err != nil {
 		t.Fatalf("encode: %v", err)
 	}
-	return buf.Bytes()
+	return b
 }
 
 func mustDecode(t testing.TB, b []byte) *config.Config {
 	t.Helper()
-	c, err := Decode(bytes.NewReader(b))
+	c, err := Parse(b, "")
 	if err != nil {
 		t.Fatalf("decode: %v", err)
 	}
@@ -292,9 +293,15 @@ func TestEscaping(t *testing.T) {
 func TestEncodeRejectsNonXMLCharacters(t *testing.T) {
 	for _, v := range []string{"a\x00b", "\x1b[0m", "bad\xffutf8", "\uFFFE"} {
 		c := &config.Config{Properties: []config.Property{{Name: "p", Value: v}}}
-		var buf bytes.Buffer
-		if err := Encode(&buf, c); err == nil || buf.Len() != 0 {
-			t.Errorf("Encode(%q) = %v, wrote %d bytes; want error and nothing written", v, err, buf.Len())
+		if _, err := Marshal(c); err == nil {
+			t.Errorf("Marshal(%q): no error", v)
+		}
+		path := filepath.Join(t.TempDir(), "qubes.xml")
+		if err := Save(path, c); err == nil {
+			t.Errorf("Save(%q): no error", v)
+		}
+		if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("Save(%q) wrote the file (%v)", v, err)
 		}
 	}
 }
@@ -352,10 +359,10 @@ func TestCorruptInput(t *testing.T) {
 				!strings.Contains(err.Error(), tt.msg) {
 				t.Fatalf("error %q: want prefix %q and %q", err, prefix, tt.msg)
 			}
-			// Decode names the line only.
-			_, err = Decode(strings.NewReader(tt.data))
+			// Without a file, the error names the line only.
+			_, err = Parse([]byte(tt.data), "")
 			if want := fmt.Sprintf("line %d: ", tt.line); err == nil || !strings.HasPrefix(err.Error(), want) {
-				t.Fatalf("Decode error %v: want prefix %q", err, want)
+				t.Fatalf("Parse error %v: want prefix %q", err, want)
 			}
 		})
 	}
@@ -437,7 +444,7 @@ func FuzzDecode(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		c, err := Decode(bytes.NewReader(data))
+		c, err := Parse(data, "")
 		if err != nil {
 			var se *SyntaxError
 			if !errors.As(err, &se) || !errors.Is(err, ErrMalformed) {
@@ -445,13 +452,13 @@ func FuzzDecode(f *testing.F) {
 			}
 			return
 		}
-		var buf bytes.Buffer
-		if err := Encode(&buf, c); err != nil {
+		b, err := Marshal(c)
+		if err != nil {
 			t.Fatalf("encode of decoded config: %v", err)
 		}
-		c2, err := Decode(bytes.NewReader(buf.Bytes()))
+		c2, err := Parse(b, "")
 		if err != nil {
-			t.Fatalf("decode of encoded config: %v\n%s", err, buf.Bytes())
+			t.Fatalf("decode of encoded config: %v\n%s", err, b)
 		}
 		if !reflect.DeepEqual(c, c2) {
 			t.Fatalf("decode(encode(c)) != c\nc1 %#v\nc2 %#v", c, c2)
@@ -473,12 +480,11 @@ func BenchmarkEncode1000(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	var buf bytes.Buffer
+	var out []byte
 	for b.Loop() {
-		buf.Reset()
-		if err := Encode(&buf, c); err != nil {
+		if out, err = Marshal(c); err != nil {
 			b.Fatal(err)
 		}
 	}
-	b.SetBytes(int64(buf.Len()))
+	b.SetBytes(int64(len(out)))
 }

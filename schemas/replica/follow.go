@@ -122,10 +122,8 @@ func (f *follower) catchUp() {
 			return
 		case <-f.r.lagging():
 		}
-		select {
-		case <-f.ctx.Done():
+		if bus.Sleep(f.ctx, catchUpGrace) != nil {
 			return
-		case <-time.After(catchUpGrace):
 		}
 		if !f.r.hasWaiters() {
 			continue // the consumer delivered meanwhile

@@ -87,24 +87,6 @@ func (m *Replica) ResolveUUID(_ context.Context, uuid string) (rpc.Ref, error) {
 	return refOf(d), nil
 }
 
-// Refs returns every qube in admin.vm.List order: dom0 first, then by name (bytes).
-func (m *Replica) Refs() []rpc.Ref {
-	m.mu.RLock()
-	c := m.x.Config()
-	out := make([]rpc.Ref, 0, len(c.Domains))
-	for i := range c.Domains {
-		out = append(out, refOf(&c.Domains[i]))
-	}
-	m.mu.RUnlock()
-	sort.Slice(out, func(i, j int) bool {
-		if a, b := out[i].IsAdminVM(), out[j].IsAdminVM(); a != b {
-			return a
-		}
-		return out[i].Name < out[j].Name
-	})
-	return out
-}
-
 // Labels returns the labels by index.
 func (m *Replica) Labels() []config.Label {
 	m.mu.RLock()

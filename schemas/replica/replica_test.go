@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"runtime"
+	"sort"
 	"testing"
 	"time"
 
 	"github.com/qubesbus/qubesbus/bus/qerr"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/schemas/qubesxml"
 )
@@ -70,8 +72,8 @@ func TestResolveApplyWait(t *testing.T) {
 	if _, err := r.ResolveName(ctx, "work"); err != nil || r.Revision() != 9 {
 		t.Fatalf("after reset: %v at %d", err, r.Revision())
 	}
-	if refs := r.Refs(); len(refs) != 9 || refs[0].Name != "dom0" {
-		t.Fatalf("refs %v", refs)
+	if all := refs(r); len(all) != 9 || all[0].Name != "dom0" {
+		t.Fatalf("refs %v", all)
 	}
 }
 
@@ -104,4 +106,22 @@ func TestRevisionInsideAViewWithAWriterWaiting(t *testing.T) {
 	if err := <-applied; err != nil || r.Revision() != 2 {
 		t.Fatalf("the change after the view: %v, at %d", err, r.Revision())
 	}
+}
+
+// refs returns every qube in admin.vm.List order: dom0 first, then by name (bytes).
+func refs(m *Replica) []rpc.Ref {
+	m.mu.RLock()
+	c := m.x.Config()
+	out := make([]rpc.Ref, 0, len(c.Domains))
+	for i := range c.Domains {
+		out = append(out, refOf(&c.Domains[i]))
+	}
+	m.mu.RUnlock()
+	sort.Slice(out, func(i, j int) bool {
+		if a, b := out[i].IsAdminVM(), out[j].IsAdminVM(); a != b {
+			return a
+		}
+		return out[i].Name < out[j].Name
+	})
+	return out
 }

@@ -56,7 +56,7 @@ const (
 
 // LabOpFaults is the lab operation (subject.Host.Lab) that sets the faults of the
 // host's simulated pools: a LabFaults in, a LabReply out.
-const LabOpFaults = "storage-faults"
+const LabOpFaults = ServiceToken + "-faults"
 
 // VolumesRequest names a qube and, for create and remove, its volume settings.
 type VolumesRequest struct {

@@ -5,7 +5,7 @@ go 1.26.0
 require (
 	github.com/nats-io/nats.go v1.55.0
 	github.com/qubesbus/qubesbus/bus v0.0.0
-	github.com/qubesbus/qubesbus/internal/testhost v0.0.0-00010101000000-000000000000
+	github.com/qubesbus/qubesbus/internal/testhost v0.0.0
 	github.com/qubesbus/qubesbus/schemas v0.0.0
 	golang.org/x/crypto v0.58.0
 	gopkg.in/yaml.v3 v3.0.1
@@ -46,5 +46,5 @@ replace (
 	github.com/qubesbus/qubesbus/internal/testhost => ../../internal/testhost
 	github.com/qubesbus/qubesbus/schemas => ../../schemas
 	// Only the tests reach persistence, through internal/testhost.
-	github.com/qubesbus/qubesbus/services/persistence => ../persistence
+	github.com/qubesbus/qubesbus/services/persistence => ../../services/persistence
 )

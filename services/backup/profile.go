@@ -199,9 +199,6 @@ type Volume struct {
 	RevisionsToKeep string `xml:"revisions_to_keep,attr"`
 }
 
-// SizeBytes is the volume's configured size.
-func (v Volume) SizeBytes() int64 { n, _ := strconv.ParseInt(v.Size, 10, 64); return n }
-
 // SnapshotsDisabled is qubesd's Volume.snapshots_disabled.
 func (v Volume) SnapshotsDisabled() bool {
 	return v.RevisionsToKeep == "-1" && v.SnapOnStart != "True" && v.SaveOnStop == "True"

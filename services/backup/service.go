@@ -12,7 +12,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -188,7 +187,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	mux.Handle("admin.backup.Info", s.info)
 	mux.Handle("admin.backup.Execute", s.execute)
 	mux.Handle("admin.backup.Cancel", s.cancel)
-	return mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
+	return mux.Serve(ctx, nc, s.cfg.Host)
 }
 
 // wireError is a profile error as qubesd raises it.

@@ -43,6 +43,9 @@ func (s *Service) inventory(ctx context.Context) (hostdev.Inventory, error) {
 	if err != nil {
 		return inv, fmt.Errorf("%w: host devices: %w", qerr.ErrAbort, err)
 	}
+	if s.records != nil {
+		s.records.seeBoot(inv.Boot)
+	}
 	return inv, nil
 }
 

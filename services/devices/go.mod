@@ -45,5 +45,5 @@ replace (
 	github.com/qubesbus/qubesbus/internal/testhost => ../../internal/testhost
 	github.com/qubesbus/qubesbus/schemas => ../../schemas
 	// Only the tests reach persistence, through internal/testhost.
-	github.com/qubesbus/qubesbus/services/persistence => ../persistence
+	github.com/qubesbus/qubesbus/services/persistence => ../../services/persistence
 )

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"strings"
+	"sync/atomic"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -42,9 +43,34 @@ func OpenDevicesBucket(ctx context.Context, js jetstream.JetStream, replicas int
 }
 
 // records reads and writes a host's backend records.
+//
+// A record holds the hypervisor boot it was written under (hostdev.Inventory.Boot).
+// A host that restarts has new domains and no attachments; the bucket outlives it, so
+// a record of an earlier boot reads as no record at all, as qubesd's cache is empty
+// after it restarts, and a backend that starts again announces its devices as added.
 type records struct {
 	kv   jetstream.KeyValue
-	host string // escaped key token of the host
+	host string       // escaped key token of the host
+	boot atomic.Value // string: the hypervisor's boot, as last seen
+}
+
+// recordValue is a record as stored: the ports (port id → frontend, "" when not
+// attached) and the boot they were seen under.
+type recordValue struct {
+	Boot  string            `json:"boot,omitempty"`
+	Ports map[string]string `json:"ports"`
+}
+
+// seeBoot records the boot the hypervisor reports now ("" leaves it as it is).
+func (r *records) seeBoot(boot string) {
+	if boot != "" {
+		r.boot.Store(boot)
+	}
+}
+
+func (r *records) currentBoot() string {
+	b, _ := r.boot.Load().(string)
+	return b
 }
 
 func newRecords(kv jetstream.KeyValue, host subject.Host) *records {
@@ -63,11 +89,14 @@ func (r *records) get(ctx context.Context, backend string) (map[string]string, u
 	if err != nil {
 		return nil, 0, fmt.Errorf("read device record of %s: %w", backend, err)
 	}
-	ports := map[string]string{}
-	if err := json.Unmarshal(e.Value(), &ports); err != nil {
+	var v recordValue
+	if err := json.Unmarshal(e.Value(), &v); err != nil {
 		return nil, 0, fmt.Errorf("device record of %s: %w", backend, err)
 	}
-	return ports, e.Revision(), nil
+	if v.Ports == nil || v.Boot != r.currentBoot() {
+		return map[string]string{}, e.Revision(), nil // of an earlier boot: gone with it
+	}
+	return v.Ports, e.Revision(), nil
 }
 
 // errStale: the record changed since it was read.
@@ -76,7 +105,10 @@ var errStale = errors.New("device record changed meanwhile")
 // put writes a record read at rev (0: there was none), failing with errStale when
 // another writer came first.
 func (r *records) put(ctx context.Context, backend string, ports map[string]string, rev uint64) error {
-	data, err := json.Marshal(ports)
+	if ports == nil {
+		ports = map[string]string{}
+	}
+	data, err := json.Marshal(recordValue{Boot: r.currentBoot(), Ports: ports})
 	if err != nil {
 		return err
 	}
@@ -95,14 +127,29 @@ func (r *records) put(ctx context.Context, backend string, ports map[string]stri
 	return nil
 }
 
-// create writes a backend's record unless it has one: an instance that starts
-// never overwrites what a running one recorded (it would swallow the events of a
-// change that one is about to handle).
+// create writes a backend's record unless it has one of this boot: an instance that
+// starts never overwrites what a running one recorded (it would swallow the events of
+// a change that one is about to handle).
 func (r *records) create(ctx context.Context, backend string, ports map[string]string) error {
-	if err := r.put(ctx, backend, ports, 0); err != nil && !errors.Is(err, errStale) {
-		return err
+	for attempt := 0; attempt < maxRetries; attempt++ {
+		e, err := r.kv.Get(ctx, r.key(backend))
+		var rev uint64
+		switch {
+		case errors.Is(err, jetstream.ErrKeyNotFound):
+		case err != nil:
+			return fmt.Errorf("read device record of %s: %w", backend, err)
+		default:
+			var v recordValue
+			if json.Unmarshal(e.Value(), &v) == nil && v.Ports != nil && v.Boot == r.currentBoot() {
+				return nil
+			}
+			rev = e.Revision()
+		}
+		if err := r.put(ctx, backend, ports, rev); !errors.Is(err, errStale) {
+			return err
+		}
 	}
-	return nil
+	return fmt.Errorf("%w: %s", ErrRecordConflict, backend)
 }
 
 // modify reads a backend's record, lets f compute the new one from it and writes

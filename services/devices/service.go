@@ -24,7 +24,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -127,6 +126,11 @@ type Service struct {
 	wmu sync.Mutex
 }
 
+// Stopped is closed once the device watch has ended after Serve's ctx ended (at once
+// if it never ran). A process that stops waits for it before it closes the service's
+// connection, so that every input the watch took is handled to its end.
+func (s *Service) Stopped() <-chan struct{} { return s.watchStopped }
+
 // New checks the configuration; Serve starts the service.
 func New(cfg Config) (*Service, error) {
 	if err := cfg.Validate(); err != nil {
@@ -191,13 +195,17 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	mux := rpc.NewMux(s.cfg.Registry, rpc.Devices, rep, s.log)
 	mux.Auth = s.cfg.Auth
 	s.handlers(mux)
-	svc, err := mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
+	svc, err := mux.Serve(ctx, nc, s.cfg.Host)
 	if err != nil {
 		return nil, err
 	}
 	if err := s.serveStartOps(nc, svc); err != nil {
 		_ = svc.Stop()
 		return nil, err
+	}
+	if err := nc.FlushTimeout(10 * time.Second); err != nil { // the server has the endpoints
+		_ = svc.Stop()
+		return nil, fmt.Errorf("flush: %w", err)
 	}
 	if s.cfg.NoWatch {
 		close(s.watchStopped)

@@ -57,12 +57,13 @@ type fakeHypervisor struct {
 	devices  []device.Info
 	attached []hostdev.Attachment
 	stopped  map[string][]device.Info // devices of stopped backends (watch_test.go)
+	boot     string                   // the hypervisor's boot (Inventory.Boot)
 }
 
 func (f *fakeHypervisor) Devices(context.Context) (hostdev.Inventory, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	inv := hostdev.Inventory{Attached: slices.Clone(f.attached)}
+	inv := hostdev.Inventory{Attached: slices.Clone(f.attached), Boot: f.boot}
 	for _, d := range f.devices {
 		for _, a := range f.attached {
 			if a.Port == d.Port {
@@ -190,7 +191,7 @@ func (h *harness) serve() *instance {
 	in.cancel = cancel
 	in.stop = func() {
 		cancel()
-		<-s.watchStopped
+		<-s.Stopped()
 		_ = ms.Stop()
 		nc.Close()
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/device"
 	"github.com/qubesbus/qubesbus/schemas/hostdev"
@@ -49,15 +50,15 @@ import (
 // write succeeded; one that loses the race reads the record again and finds nothing
 // left to announce. So every event is fired once, whichever instance handles it.
 // Limits: an instance killed between its write and its publish loses that change's
-// events (at most once, never twice); and the records outlive the instances, so a
-// host whose hypervisor starts afresh under an old bucket starts from stale records.
+// events (at most once, never twice). The records outlive the instances and the
+// host; a record of an earlier boot of the hypervisor counts as none (record.go).
 const watchedClass = "block"
 
-// powerConsumer is the durable consumer of a host's devices instances.
-func powerConsumer(h subject.Host) string { return "devices-power-" + h.ID() }
+// PowerConsumer is the durable consumer of a host's devices instances.
+func PowerConsumer(h subject.Host) string { return string(rpc.Devices) + "-power-" + h.ID() }
 
 // watchQueue is the queue group of the devices instances' hot-plug subscription.
-const watchQueue = "qubesbus-devices-watch"
+var watchQueue = rpc.Devices.Micro() + "-watch"
 
 // powerAckWait is how long a power event handled by an instance that died stays
 // with it before another instance gets it.
@@ -159,13 +160,14 @@ type trigger struct {
 	msg  jetstream.Msg // the power event, acknowledged once handled (nil: a notice)
 }
 
-// startWatch records the backends the hypervisor shows that have no record yet and
+// startWatch records the backends the hypervisor shows that have no record of this
+// boot yet (qubesd's cache as it loads: no events) and
 // follows the power events and the hypervisor's device changes until ctx ends. An
 // instance handles its inputs one at a time, in the order they arrive.
 func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.JetStream) error {
-	inv, err := s.hv.Devices(ctx)
+	inv, err := s.inventory(ctx)
 	if err != nil {
-		return fmt.Errorf("host devices: %w", err)
+		return err
 	}
 	seen := map[string]bool{}
 	for _, d := range inv.Devices {
@@ -202,7 +204,7 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 		return fmt.Errorf("subscribe to device changes: %w", err)
 	}
 	cfg := jetstream.ConsumerConfig{
-		Durable:        powerConsumer(s.cfg.Host),
+		Durable:        PowerConsumer(s.cfg.Host),
 		FilterSubjects: []string{s.cfg.Host.EventOfEveryVM("domain-start"), s.cfg.Host.EventOfEveryVM("domain-shutdown")},
 		DeliverPolicy:  jetstream.DeliverNewPolicy,
 		AckPolicy:      jetstream.AckExplicitPolicy,
@@ -253,6 +255,10 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 	return nil
 }
 
+// drainWait bounds how long a stopping instance waits for its power consumer to hand
+// back the events it holds.
+const drainWait = 5 * time.Second
+
 // stopWatch takes no more inputs: the power events this instance received and did
 // not handle are given back at once (else the one pending would wait out its ack
 // wait before another instance gets it), the hot-plug notices it took are handled
@@ -262,11 +268,14 @@ func (s *Service) stopWatch(ctx context.Context, nc *nats.Conn, stopped chan str
 	close(stopped)
 	_ = sub.Unsubscribe()
 	cc.Drain() // the buffered messages reach the callback, which gives them back
+	// ctx has ended (the instance stops): the drain has a bound of its own.
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), drainWait)
 	select {
 	case <-cc.Closed():
-	case <-time.After(5 * time.Second):
+	case <-dctx.Done():
 		s.log.Warn("device watch: power events not drained")
 	}
+	cancel()
 	for {
 		select {
 		case t := <-queue:

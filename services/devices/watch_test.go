@@ -380,3 +380,41 @@ func TestFirewallReloadedWhenNetvmStarts(t *testing.T) {
 		t.Errorf("sys-firewall's table after its start:\n got %q\nwant %q", got, want)
 	}
 }
+
+// TestHostRestartForgetsTheLastBoot: the records outlive a restart of the whole host
+// (the bucket stays), but the domains and attachments of the last boot are gone. As
+// qubesd's cache after it restarts, a record of another boot counts as none: the
+// backend that starts again announces its device as added, and nobody's detach of an
+// attachment that ended with the old boot is announced.
+func TestHostRestartForgetsTheLastBoot(t *testing.T) {
+	h := newHarness(t)
+	h.hv.mu.Lock()
+	h.hv.boot = "boot-1"
+	h.hv.mu.Unlock()
+	h.life.set("sys-net", "Running")
+	h.life.set("work", "Running")
+	h.expect("admin.vm.device.block.Attach", "work", "sys-net+sda", "", "0:",
+		"work|device-pre-attach:block|device=sys-net:sda::None,options={}",
+		"work|device-attach:block|device=sys-net:sda::None,options={'read-only': 'no', 'frontend-dev': 'xvdi'}")
+
+	// The host restarts: the service stops, every domain is gone, the hypervisor has
+	// booted again, and a new instance starts on the same bucket.
+	h.kill(h.instances[0])
+	h.hv.down("sys-net")
+	h.hv.down("work")
+	h.hv.mu.Lock()
+	h.hv.boot = "boot-2"
+	h.hv.mu.Unlock()
+	h.life.set("sys-net", "Halted")
+	h.life.set("work", "Halted")
+	h.serve()
+	h.expect("admin.vm.device.block.Attached", "work", "", "", "0:")
+
+	h.hv.up("sys-net")
+	h.life.set("sys-net", "Running")
+	h.power("sys-net", "domain-start", "start_guid", "True")
+	h.waitEvents("sys-net|domain-start|start_guid=True",
+		"sys-net|device-list-change:block|",
+		"sys-net|device-added:block|device=sys-net:sda::None")
+	h.expect("admin.vm.device.block.Available", "sys-net", "", "", "0:sda::None device_id=':None' port_id='sda' devclass='block' backend_domain='sys-net' name='DT-USB' serial='Kingston DataTraveler 3.0' manufacturer='hosted by sys-net' interfaces='b******'\n")
+}

@@ -14,6 +14,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
 )
 
 // BenchmarkCall is one Admin API call along the whole request path, on one machine:
@@ -32,7 +33,7 @@ func BenchmarkCall(b *testing.B) {
 
 	// The other service: answers every store request.
 	store := bustest.Connect(b, ns)
-	if _, err := store.Subscribe(host.Store("apply"), func(m *nats.Msg) { _ = m.Respond([]byte(`{"revision":1}`)) }); err != nil {
+	if _, err := store.Subscribe(host.Store(configstore.OpApply), func(m *nats.Msg) { _ = m.Respond([]byte(`{"revision":1}`)) }); err != nil {
 		b.Fatal(err)
 	}
 	if err := store.Flush(); err != nil {
@@ -42,13 +43,13 @@ func BenchmarkCall(b *testing.B) {
 	mux := rpc.NewMux(reg, rpc.Properties, namedQubes{}, slog.New(slog.DiscardHandler))
 	mux.Auth = onlyDom0{}
 	mux.Handle("admin.vm.feature.Set", func(ctx context.Context, c *rpc.Call) ([]byte, error) {
-		rep, err := bus.Request(ctx, svc, &nats.Msg{Subject: host.Store("apply"), Data: c.Payload}, 0)
+		rep, err := bus.Request(ctx, svc, &nats.Msg{Subject: host.Store(configstore.OpApply), Data: c.Payload}, 0)
 		if err != nil {
 			return nil, err
 		}
 		return rep.Data[:0], nil
 	})
-	if _, err := mux.Serve(ctx, svc, host, "0.0.1"); err != nil {
+	if _, err := mux.Serve(ctx, svc, host); err != nil {
 		b.Fatal(err)
 	}
 

@@ -46,7 +46,7 @@ func TestRequestsCarryTheNewestMarks(t *testing.T) {
 	props := rpc.NewMux(reg, rpc.Properties, oneQube{}, slog.New(slog.DiscardHandler))
 	props.Handle("admin.vm.List", record)
 	for _, m := range []*rpc.Mux{life, props} {
-		if _, err := m.Serve(ctx, bustest.Connect(t, ns), host, "0.0.1"); err != nil {
+		if _, err := m.Serve(ctx, bustest.Connect(t, ns), host); err != nil {
 			t.Fatal(err)
 		}
 	}

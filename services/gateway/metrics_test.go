@@ -45,7 +45,7 @@ func TestCallMetrics(t *testing.T) {
 	mux.Handle("admin.vm.List", func(context.Context, *rpc.Call) ([]byte, error) { return []byte("x"), nil })
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	if _, err := mux.Serve(ctx, bustest.Connect(t, ns), host, "0.0.1"); err != nil {
+	if _, err := mux.Serve(ctx, bustest.Connect(t, ns), host); err != nil {
 		t.Fatal(err)
 	}
 	m := &callLog{}

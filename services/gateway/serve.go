@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
@@ -50,6 +51,11 @@ func (s *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error
 	})
 	if err != nil {
 		return nil, fmt.Errorf("add gateway service: %w", err)
+	}
+	// Discoverable once Serve returns: the server has the service's subscriptions.
+	if err := nc.FlushTimeout(10 * time.Second); err != nil {
+		_ = svc.Stop()
+		return nil, fmt.Errorf("flush: %w", err)
 	}
 	l, err := Listen(s.cfg.Socket, s.cfg.SocketGroup)
 	if err != nil {

@@ -60,7 +60,7 @@ func TestSocketRecreatedWhenDeletedOrReplaced(t *testing.T) {
 		return nil, nil
 	})
 	for _, m := range []*rpc.Mux{props, life} {
-		if _, err := m.Serve(ctx, bustest.Connect(t, ns), host, "0.0.1"); err != nil {
+		if _, err := m.Serve(ctx, bustest.Connect(t, ns), host); err != nil {
 			t.Fatal(err)
 		}
 	}

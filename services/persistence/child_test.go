@@ -1,21 +1,17 @@
 package persistence
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"os/signal"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/subject"
 )
 
@@ -58,7 +54,7 @@ func runChild() int {
 		log.Error("serve", "err", err)
 		return 2
 	}
-	fmt.Println("ready")
+	fmt.Println(bustest.Ready)
 	<-ctx.Done()
 	closeCtx, cancelClose := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancelClose()
@@ -70,109 +66,9 @@ func runChild() int {
 	return 0
 }
 
-// child is a persistence instance in another process.
-type child struct {
-	cmd    *exec.Cmd
-	stderr syncBuffer
-	done   chan error // Wait's result
-}
-
-// startChild starts an instance and waits until it serves.
-func startChild(t *testing.T, natsURL, dataDir, host, seed string) *child {
+// startChild starts an instance in another process and waits until it serves.
+func startChild(t *testing.T, natsURL, dataDir, host, seed string) *bustest.Child {
 	t.Helper()
-	c := &child{done: make(chan error, 1)}
-	c.cmd = exec.Command(os.Args[0], "-test.run=^$")
-	c.cmd.Env = append(os.Environ(), childEnv+"=1", childNATS+"="+natsURL,
+	return bustest.StartChild(t, time.Minute, childEnv+"=1", childNATS+"="+natsURL,
 		childDataDir+"="+dataDir, childHost+"="+host, childSeed+"="+seed)
-	c.cmd.Stderr = &c.stderr
-	stdout, err := c.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ready := make(chan bool, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		ok := false
-		for sc.Scan() {
-			if sc.Text() == "ready" && !ok {
-				ok = true
-				ready <- true
-			}
-		}
-		if !ok {
-			ready <- false
-		}
-		c.done <- c.cmd.Wait()
-	}()
-	t.Cleanup(func() {
-		_ = c.cmd.Process.Kill()
-		<-c.done
-		c.done <- nil
-	})
-	select {
-	case ok := <-ready:
-		if !ok {
-			err := <-c.done
-			c.done <- err // for Cleanup
-			t.Fatalf("instance exited before it served: %v\n%s", err, c.stderr.String())
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatalf("instance not serving after 60 s:\n%s", c.stderr.String())
-	}
-	return c
-}
-
-// kill sends SIGKILL: no Close, no final save, nothing flushed.
-func (c *child) kill() { _ = c.cmd.Process.Kill() }
-
-// wait returns how the process ended.
-func (c *child) wait(t *testing.T) error {
-	t.Helper()
-	select {
-	case err := <-c.done:
-		c.done <- err // for Cleanup
-		return err
-	case <-time.After(60 * time.Second):
-		t.Fatal("instance did not exit")
-		return nil
-	}
-}
-
-// stop sends SIGTERM and requires a clean exit.
-func (c *child) stop(t *testing.T) {
-	t.Helper()
-	_ = c.cmd.Process.Signal(syscall.SIGTERM)
-	if err := c.wait(t); err != nil {
-		t.Fatalf("instance exit: %v\n%s", err, c.stderr.String())
-	}
-}
-
-// wasKilled reports whether err is the exit of a SIGKILLed process.
-func wasKilled(err error) bool {
-	var ee *exec.ExitError
-	if !errors.As(err, &ee) {
-		return false
-	}
-	ws, ok := ee.Sys().(syscall.WaitStatus)
-	return ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }

@@ -127,7 +127,7 @@ func TestCrashRecovery(t *testing.T) {
 		wg := writeLoad(ctx, t, client, writers, 10*time.Second, &next, acked, func(int) {
 			if roundAcks.Add(1) >= killAt {
 				once.Do(func() {
-					c.kill() // the other writers are mid-call: a random point of apply
+					c.Kill() // the other writers are mid-call: a random point of apply
 					cancel()
 				})
 			}
@@ -135,11 +135,11 @@ func TestCrashRecovery(t *testing.T) {
 		wg.Wait()
 		cancel()
 		if t.Failed() { // the writers gave up before the kill
-			c.kill()
+			c.Kill()
 			t.FailNow()
 		}
-		if err := c.wait(t); !wasKilled(err) {
-			t.Fatalf("round %d: instance ended with %v, not SIGKILL:\n%s", round, err, c.stderr.String())
+		if err := c.Wait(t, time.Minute); !bustest.WasKilled(err) {
+			t.Fatalf("round %d: instance ended with %v, not SIGKILL:\n%s", round, err, c.Log())
 		}
 		kills = append(kills, int(roundAcks.Load()))
 
@@ -162,7 +162,7 @@ func TestCrashRecovery(t *testing.T) {
 	if miss := acked.missing(snap.Config); len(miss) > 0 {
 		t.Fatalf("final instance lacks %d acknowledged writes", len(miss))
 	}
-	c.stop(t)
+	c.Stop(t, time.Minute)
 	conf, mark, err := loadCheckpoint(dir)
 	if err != nil {
 		t.Fatal(err)

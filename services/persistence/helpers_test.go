@@ -2,6 +2,7 @@ package persistence
 
 import (
 	"context"
+	"fmt"
 	"net/url"
 	"path/filepath"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/embedded"
 	"github.com/qubesbus/qubesbus/schemas/config"
 	"github.com/qubesbus/qubesbus/services/persistence/checkpoint"
@@ -49,4 +51,31 @@ func portOf(t *testing.T, clientURL string) int {
 // match its marker.
 func loadCheckpoint(dir string) (*config.Config, checkpoint.Mark, error) {
 	return checkpoint.New(filepath.Join(dir, "qubes.xml")).Load("")
+}
+
+// Snapshot is a deep copy of the configuration and its revision (a zero Snapshot while
+// none is known).
+func (s *Store) Snapshot() Snapshot {
+	v := s.view()
+	if v.Config != nil {
+		v.Config = v.Config.Clone()
+	}
+	return v
+}
+
+// Writes is how often this instance wrote qubes.xml since Open.
+func (s *Store) Writes() uint64 { return s.writes.Load() }
+
+// Save writes qubes.xml now if it does not hold the current revision yet.
+func (s *Store) Save() error { return s.flush.wait(context.Background()) }
+
+// WaitWritten returns once qubes.xml holds revision rev or later, without asking for
+// a write, or when ctx ends.
+func (s *Store) WaitWritten(ctx context.Context, rev uint64) error {
+	for s.written.Load() < rev {
+		if err := bus.Sleep(ctx, time.Millisecond); err != nil {
+			return fmt.Errorf("qubes.xml at revision %d, waiting for %d: %w", s.written.Load(), rev, err)
+		}
+	}
+	return nil
 }

@@ -262,11 +262,9 @@ func (s *Store) handleFlush(ctx context.Context, r micro.Request) {
 	defer cancel()
 	// Another instance may have taken the change: wait until this one follows it.
 	for s.Revision() < req.Revision {
-		select {
-		case <-fctx.Done():
-			_ = r.RespondJSON(configstore.ApplyReply{Error: "revision not reached: " + fctx.Err().Error(), Code: configstore.CodeNotSaved})
+		if err := bus.Sleep(fctx, 2*time.Millisecond); err != nil {
+			_ = r.RespondJSON(configstore.ApplyReply{Error: "revision not reached: " + err.Error(), Code: configstore.CodeNotSaved})
 			return
-		case <-time.After(2 * time.Millisecond):
 		}
 	}
 	if err := s.flush.wait(fctx); err != nil {

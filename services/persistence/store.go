@@ -114,8 +114,6 @@ type Store struct {
 	durable groupSync     // SyncLog calls
 	saveNow chan struct{} // wakes saveLoop: a change wants qubes.xml written
 	written atomic.Uint64 // revision qubes.xml holds, as far as this instance knows
-	wmu     sync.Mutex
-	wrote   chan struct{} // closed (and replaced) after each write of qubes.xml
 	synced  atomic.Uint64 // revision the change log holds durably
 	// announce, once serving with SyncLog, publishes each synced revision
 	// (configstore.SyncedWatch), so writers need not ask store.sync per change.
@@ -151,7 +149,7 @@ func New(cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
 	s := &Store{cfg: cfg, log: log, disk: checkpoint.New(filepath.Join(cfg.DataDir, "qubes.xml")),
-		saveNow: make(chan struct{}, 1), wrote: make(chan struct{})}
+		saveNow: make(chan struct{}, 1)}
 	s.flush.write = s.writeCheckpoint
 	s.durable.sync = s.syncLog
 	s.durable.rev = s.Revision
@@ -171,18 +169,8 @@ func New(cfg Config) (*Store, error) {
 	return s, nil
 }
 
-// Snapshot returns a deep copy of the configuration and its revision (a zero Snapshot
-// while none is known).
-func (s *Store) Snapshot() Snapshot {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	if s.state == nil {
-		return Snapshot{}
-	}
-	return Snapshot{Revision: s.rev, Sequence: s.seq, Config: s.state.Config().Clone()}
-}
-
-// view is Snapshot without the deep copy: the parts it shares are never written again.
+// view is the configuration and its revision (a zero Snapshot while none is known),
+// without a deep copy: the parts it shares are never written again.
 func (s *Store) view() Snapshot {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
@@ -199,9 +187,6 @@ func (s *Store) Revision() uint64 {
 	return s.rev
 }
 
-// Writes is how often this instance wrote qubes.xml since Open.
-func (s *Store) Writes() uint64 { return s.writes.Load() }
-
 // Metrics are the store's counters (store.metrics and the micro stats of each endpoint).
 type Metrics = configstore.Metrics
 
@@ -212,12 +197,6 @@ func (s *Store) Metrics() Metrics {
 	s.mu.RUnlock()
 	return Metrics{Revision: rev, Sequence: seq, Written: s.written.Load(), Writes: s.writes.Load(),
 		Appends: s.appends.Load(), Conflicts: s.lost.Load(), Synced: s.synced.Load(), Syncs: s.syncs.Load()}
-}
-
-// Save writes qubes.xml now if it does not hold the current revision yet (for a
-// shutdown; Close does it too). Concurrent calls share one write.
-func (s *Store) Save() error {
-	return s.flush.wait(context.Background())
 }
 
 // Apply applies a mutation atomically and returns its revision. The change is durable
@@ -447,29 +426,7 @@ func (s *Store) writeCheckpoint() error {
 		s.writes.Add(1)
 	}
 	s.written.Store(rev)
-	s.wmu.Lock()
-	close(s.wrote)
-	s.wrote = make(chan struct{})
-	s.wmu.Unlock()
 	return nil
-}
-
-// WaitWritten returns once qubes.xml holds revision rev or later, without asking for
-// a write (the background writer's, or Save's, or Close's), or when ctx ends.
-func (s *Store) WaitWritten(ctx context.Context, rev uint64) error {
-	for {
-		s.wmu.Lock()
-		wrote := s.wrote
-		s.wmu.Unlock()
-		if s.written.Load() >= rev {
-			return nil
-		}
-		select {
-		case <-wrote:
-		case <-ctx.Done():
-			return fmt.Errorf("qubes.xml at revision %d, waiting for %d: %w", s.written.Load(), rev, ctx.Err())
-		}
-	}
 }
 
 // Close stops serving, waits for calls in progress (until ctx ends) and writes

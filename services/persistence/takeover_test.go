@@ -64,11 +64,11 @@ func TestTakeover(t *testing.T) {
 		lastAck[w] = now
 		if acks == beforeKill {
 			killedAt = time.Now()
-			active.kill()
+			active.Kill()
 		}
 	})
 	wg.Wait()
-	if err := active.wait(t); !wasKilled(err) {
+	if err := active.Wait(t, time.Minute); !bustest.WasKilled(err) {
 		t.Fatalf("active instance ended with %v", err)
 	}
 	if after < afterKill {

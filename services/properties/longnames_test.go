@@ -26,6 +26,21 @@ func (f *flakyEvents) failing(prefix string) {
 }
 
 func (f *flakyEvents) Publish(ctx context.Context, evs ...cloudevent.Event) error {
+	if err := f.injected(evs); err != nil {
+		return err
+	}
+	return f.Events.Publish(ctx, evs...)
+}
+
+func (f *flakyEvents) Send(ctx context.Context, evs ...cloudevent.Event) (wait func(context.Context) error) {
+	if err := f.injected(evs); err != nil {
+		return func(context.Context) error { return err }
+	}
+	return f.Events.Send(ctx, evs...)
+}
+
+// injected is the failure of the first event whose name has the failing prefix.
+func (f *flakyEvents) injected(evs []cloudevent.Event) error {
 	f.mu.Lock()
 	fail := f.fail
 	f.mu.Unlock()
@@ -34,7 +49,7 @@ func (f *flakyEvents) Publish(ctx context.Context, evs ...cloudevent.Event) erro
 			return fmt.Errorf("%w %s: injected failure", cloudevent.ErrPublish, cloudevent.LogName(e.Name))
 		}
 	}
-	return f.Events.Publish(ctx, evs...)
+	return nil
 }
 
 // short renders a long reply or event for a failure message.

@@ -23,7 +23,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
@@ -75,16 +74,13 @@ type Volumes interface {
 	RemoveVolumes(ctx context.Context, qube, volumeConfig string, rev uint64) error
 }
 
-// Events publishes events and returns once they are stored (cloudevent.Publisher).
+// Events stores the service's events (cloudevent.Publisher,
+// metrics.CountingPublisher). Publish returns once they are stored; Send sends them
+// now and returns what waits for them to be stored: a change's post-events are sent
+// under the write lock, in the order of the changes, and their acks awaited after it,
+// so the next change need not wait for them.
 type Events interface {
 	Publish(ctx context.Context, evs ...cloudevent.Event) error
-}
-
-// EventSender is implemented by Events that can send events now and wait for them to
-// be stored later (cloudevent.Publisher, metrics.CountingPublisher): a change's
-// post-events are sent under the write lock, in the order of the changes, and their
-// acks awaited after it, so the next change need not wait for them.
-type EventSender interface {
 	Send(ctx context.Context, evs ...cloudevent.Event) (wait func(context.Context) error)
 }
 
@@ -294,7 +290,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	mux.Local = s.cfg.Local
 	mux.HandleUnknown()
 	s.handlers(mux)
-	return mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
+	return mux.Serve(ctx, nc, s.cfg.Host)
 }
 
 // runtime returns the runtime values of every qube that is not halted, as current as
@@ -504,15 +500,12 @@ func (s *Service) reflect(ctx context.Context, rev uint64, ops []config.Op) erro
 	return s.rep.WaitRevision(ctx, rev)
 }
 
-// send sends evs (EventSender) or, if the publisher cannot, publishes them now; it
-// returns what waits for them to be stored.
+// send sends evs and returns what waits for them to be stored.
 func (s *Service) send(ctx context.Context, evs []model.Event) (wait func(context.Context) error) {
-	sender, ok := s.events.(EventSender)
-	if len(evs) == 0 || !ok {
-		err := s.publish(ctx, evs)
-		return func(context.Context) error { return err }
+	if len(evs) == 0 {
+		return func(context.Context) error { return nil }
 	}
-	w := sender.Send(ctx, cloudEvents(evs)...)
+	w := s.events.Send(ctx, cloudEvents(evs)...)
 	return func(ctx context.Context) error {
 		if err := w(ctx); err != nil {
 			return fmt.Errorf("%w: %w", qerr.ErrAbort, err)

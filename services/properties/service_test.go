@@ -171,8 +171,9 @@ func TestPropertyEvents(t *testing.T) {
 		"|property-set:clockvm|name=clockvm,newvalue=work,oldvalue=sys-net")
 	h.expect("admin.vm.feature.CheckWithNetvm", "work", "service.clocksync", "", "0:1")
 	// qubes.xml follows the replies, in the background.
-	if err := h.Store.WaitWritten(h.Ctx, h.Store.Revision()); err != nil || h.Store.Writes() == 0 {
-		t.Errorf("qubes.xml was never saved: %v", err)
+	h.WaitWritten()
+	if h.Store.Metrics().Writes == 0 {
+		t.Error("qubes.xml was never saved")
 	}
 
 	// The guivm tag follows the guivm.
@@ -214,7 +215,10 @@ func TestFeaturesTagsLabels(t *testing.T) {
 	h.expect("admin.vm.tag.Get", "work", "t1", "", "0:1")
 	h.expect("admin.vm.tag.Remove", "work", "t1", "", "0:", "work|domain-tag-delete:t1|tag=t1")
 	h.expect("admin.vm.tag.Remove", "work", "t1", "", "2:QubesTagNotFoundError:Tag not set for domain work: t1")
-	h.expect("admin.vm.tag.Set", "work", "created-by-ghost", "", "abort", "work|domain-tag-add:created-by-ghost|tag=created-by-ghost")
+	// qubesd's extensions crash looking the creator up, before any subscriber hears of
+	// the tag (issue 15, class 8): refused, nothing announced or kept.
+	h.expect("admin.vm.tag.Set", "work", "created-by-ghost", "", "2:QubesVMNotFoundError:No such domain: 'ghost'")
+	h.expect("admin.vm.tag.Get", "work", "created-by-ghost", "", "0:0")
 
 	h.expect("admin.label.Create", "dom0", "cyan", "0x00ffff", "0:")
 	h.expect("admin.label.List", "dom0", "", "", "0:red\norange\nyellow\ngreen\ngray\nblue\npurple\nblack\ncyan\n")

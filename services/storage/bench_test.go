@@ -58,14 +58,11 @@ func seedIn(b *testing.B, extra int, pool string) string {
 			{Name: "thin_pool", Value: "vm-pool"}, {Name: "volume_group", Value: "qubes_dom0"}}})
 	}
 	path := filepath.Join(b.TempDir(), "qubes.xml")
-	f, err := os.Create(path)
+	data, err := qubesxml.Marshal(c)
 	if err != nil {
 		b.Fatal(err)
 	}
-	if err := qubesxml.Encode(f, c); err != nil {
-		b.Fatal(err)
-	}
-	if err := f.Close(); err != nil {
+	if err := os.WriteFile(path, data, 0o600); err != nil {
 		b.Fatal(err)
 	}
 	return path

@@ -15,6 +15,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/qerr"
+	"github.com/qubesbus/qubesbus/schemas/config"
 )
 
 // testSimStore opens the simulated volumes' store of host "h" on a JetStream server
@@ -312,14 +313,14 @@ func TestVolumeConfigRoundTrip(t *testing.T) {
   <volume name="volatile" pool="varlibqubes" vid="appvms/work/volatile" revisions_to_keep="1" rw="True" save_on_stop="False" snap_on_start="False" ephemeral="True" size="10737418240"/>
   <volume name="kernel" pool="linux-kernel" vid="6.12.40-1.fc41" revisions_to_keep="0" rw="False" save_on_stop="False" snap_on_start="False"/>
 </volume-config>`
-	vols, err := parseVolumeConfig(RawOf(raw))
+	vols, err := parseVolumeConfig(config.RawXML(raw))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := string(renderVolumeConfig(vols)); got != raw {
 		t.Fatalf("round trip:\n%s\nwant\n%s", got, raw)
 	}
-	if _, err := parseVolumeConfig(RawOf(`<volume-config><volume name="x" size="big"/></volume-config>`)); err == nil {
+	if _, err := parseVolumeConfig(config.RawXML(`<volume-config><volume name="x" size="big"/></volume-config>`)); err == nil {
 		t.Fatal("a size that is no number parsed")
 	}
 }

@@ -47,7 +47,7 @@ func (s *Service) internalEndpoints(ctx context.Context, nc *nats.Conn, svc micr
 			}()
 		})
 		detached := micro.HandlerFunc(func(r micro.Request) { h(bus.Detach(nc, r)) })
-		if err := svc.AddEndpoint("storage-"+op, detached, micro.WithEndpointSubject(s.cfg.Host.Service(storageapi.ServiceToken, op))); err != nil {
+		if err := svc.AddEndpoint(storageapi.ServiceToken+"-"+op, detached, micro.WithEndpointSubject(s.cfg.Host.Service(storageapi.ServiceToken, op))); err != nil {
 			return fmt.Errorf("add %s endpoint: %w", op, err)
 		}
 	}
@@ -76,7 +76,7 @@ func (s *Service) internalEndpoints(ctx context.Context, nc *nats.Conn, svc micr
 			}()
 		})
 		detached := micro.HandlerFunc(func(r micro.Request) { h(bus.Detach(nc, r)) })
-		if err := svc.AddEndpoint("storage-"+op, detached, micro.WithEndpointSubject(s.cfg.Host.Service(storageapi.ServiceToken, op))); err != nil {
+		if err := svc.AddEndpoint(storageapi.ServiceToken+"-"+op, detached, micro.WithEndpointSubject(s.cfg.Host.Service(storageapi.ServiceToken, op))); err != nil {
 			return fmt.Errorf("add %s endpoint: %w", op, err)
 		}
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 )
 
@@ -22,12 +23,12 @@ type powerFollower struct {
 	cons jetstream.Consumer
 }
 
-// consumerName is the durable consumer of a host's storage instances.
-func consumerName(h subject.Host) string { return "storage-power-" + h.ID() }
+// PowerConsumer is the durable consumer of a host's storage instances.
+func PowerConsumer(h subject.Host) string { return string(rpc.Storage) + "-power-" + h.ID() }
 
 func followPower(ctx context.Context, js jetstream.JetStream, s *Service) (*powerFollower, error) {
 	cfg := jetstream.ConsumerConfig{
-		Durable: consumerName(s.cfg.Host),
+		Durable: PowerConsumer(s.cfg.Host),
 		// Only the event it acts on: settle waits for nothing else to be handled.
 		FilterSubject: s.cfg.Host.EventOfEveryVM("domain-shutdown"),
 		DeliverPolicy: jetstream.DeliverNewPolicy,

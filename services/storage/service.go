@@ -35,7 +35,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -202,7 +201,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	mux := rpc.NewMux(s.cfg.Registry, rpc.Storage, rep, s.log)
 	mux.Auth = s.cfg.Auth
 	s.handlers(mux)
-	svc, err := mux.Serve(ctx, nc, s.cfg.Host, buildinfo.Version())
+	svc, err := mux.Serve(ctx, nc, s.cfg.Host)
 	if err != nil {
 		return nil, err
 	}

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
 )
@@ -95,14 +96,7 @@ func (p *simPool) copyDelay(ctx context.Context) error {
 	if d <= 0 {
 		return nil
 	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return bus.Sleep(ctx, d)
 }
 
 var _ Pool = (*simPool)(nil)

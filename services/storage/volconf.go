@@ -126,6 +126,3 @@ func renderVolumeConfig(vols []Volume) config.RawXML {
 	b.WriteString("</volume-config>")
 	return config.RawXML(b.String())
 }
-
-// RawOf is a volume-config element given as text.
-func RawOf(s string) config.RawXML { return config.RawXML(s) }

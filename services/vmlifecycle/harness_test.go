@@ -61,7 +61,11 @@ func newHost(t testing.TB, cfg simdriver.Config) *host {
 	x.events = captureEvents(t, js, x.h)
 	x.rep = th.Follow(x.svcNC)
 	x.hv = simdriver.New(cfg)
-	lab, err := simdriver.ServeLab(x.svcNC, x.h, x.hv)
+	ls, err := simdriver.NewLabService(simdriver.LabServiceConfig{Host: x.h, Hypervisor: x.hv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lab, err := ls.Serve(th.Ctx, x.svcNC)
 	if err != nil {
 		t.Fatal(err)
 	}

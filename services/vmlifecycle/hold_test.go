@@ -2,6 +2,7 @@ package vmlifecycle_test
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -9,6 +10,20 @@ import (
 
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
+
+// atSelect is a context that reports the first call of Done: a Start's first use of
+// its context is the select on the qube's lock, so the report says the Start waits
+// there.
+type atSelect struct {
+	context.Context
+	once    sync.Once
+	waiting chan struct{}
+}
+
+func (c *atSelect) Done() <-chan struct{} {
+	c.once.Do(func() { close(c.waiting) })
+	return c.Context.Done()
+}
 
 // While another service holds a qube, no power operation on it begins; it runs once
 // the hold is released, and only that qube waits.
@@ -25,18 +40,27 @@ func TestHoldKeepsOperationsOut(t *testing.T) {
 	if !before.Less(after) {
 		t.Fatalf("mark after the hold %v does not follow %v", after, before)
 	}
-	done := make(chan reply, 1)
-	go func() { done <- x.call("admin.vm.Start", "work", "") }()
+	if !x.svc.Locked("work") {
+		t.Fatal("the hold does not keep work's lock")
+	}
 	if r := x.call("admin.vm.Start", "personal", ""); r != ok("") { // another qube is not held up
 		t.Fatalf("start personal during the hold: %v", r)
 	}
+	sctx := &atSelect{Context: ctx, waiting: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() { done <- x.svc.Start(sctx, "work") }()
+	<-sctx.waiting
+	// The Start waits on work's lock, which the hold has: it cannot have begun.
 	select {
-	case r := <-done:
-		t.Fatalf("start of a held qube went ahead: %v", r)
-	case <-time.After(300 * time.Millisecond):
+	case err := <-done:
+		t.Fatalf("start of a held qube went ahead: %v", err)
+	default:
+	}
+	if !x.svc.Locked("work") {
+		t.Fatal("the hold lost work's lock while a Start waited")
 	}
 	release(x.rep.Revision())
-	if r := <-done; r != ok("") {
-		t.Fatalf("start after the release: %v", r)
+	if err := <-done; err != nil {
+		t.Fatalf("start after the release: %v", err)
 	}
 }

@@ -94,7 +94,7 @@ func TestStatsStream(t *testing.T) {
 	x.call("admin.vm.Start", "sys-net", "")
 
 	samples := make(chan *nats.Msg, 64)
-	sub, err := x.nc.ChanSubscribe("qubes.v1.t.svc.vmlifecycle.stats", samples)
+	sub, err := x.nc.ChanSubscribe(x.h.Service(lifecycle.ServiceToken, lifecycle.SubjectStats), samples)
 	if err != nil {
 		t.Fatal(err)
 	}

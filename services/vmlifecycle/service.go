@@ -23,7 +23,6 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus"
-	"github.com/qubesbus/qubesbus/bus/buildinfo"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -194,7 +193,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	go s.follow(ctx, notices)
 
 	s.notify.Store(nc)
-	svc, err := mux.Serve(ctx, nc, s.host, buildinfo.Version())
+	svc, err := mux.Serve(ctx, nc, s.host)
 	if err != nil {
 		return nil, err
 	}

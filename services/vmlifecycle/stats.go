@@ -91,14 +91,6 @@ func (p *statsProducer) prune(now time.Time) {
 	}
 }
 
-// watchers is the number of open stats leases.
-func (p *statsProducer) watchers() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.prune(time.Now())
-	return len(p.leases)
-}
-
 func (p *statsProducer) vmStats(_ context.Context, c *rpc.Call) ([]byte, error) {
 	lease := c.ID
 	if lease == "" {

@@ -30,8 +30,8 @@ func TestScryptRoundTrip(t *testing.T) {
 		if err := e.Close(); err != nil {
 			t.Fatal(err)
 		}
-		if enc.Len() != size+ScryptOverhead {
-			t.Fatalf("size %d: encrypted %d bytes, want %d", size, enc.Len(), size+ScryptOverhead)
+		if enc.Len() != size+scryptOverhead {
+			t.Fatalf("size %d: encrypted %d bytes, want %d", size, enc.Len(), size+scryptOverhead)
 		}
 		got, err := Decrypt(enc.Bytes(), []byte("pass"), 0)
 		if err != nil || !bytes.Equal(got, data) {

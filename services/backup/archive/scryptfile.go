@@ -38,8 +38,8 @@ const (
 	scryptMagic      = "scrypt"
 	scryptHeaderSize = 96
 	scryptMACSize    = 32
-	// ScryptOverhead is what the format adds to the data's length.
-	ScryptOverhead = scryptHeaderSize + scryptMACSize
+	// scryptOverhead is what the format adds to the data's length.
+	scryptOverhead = scryptHeaderSize + scryptMACSize
 )
 
 // ScryptParams are the key derivation's cost parameters.

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nuid"
 
 	"github.com/qubesbus/qubesbus/bus"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 )
@@ -221,7 +222,7 @@ func (c Client) roundTrip(ctx context.Context, op string, budget time.Duration, 
 func (c Client) Watch(ctx context.Context) (<-chan vmlifecycle.Notice, error) {
 	name := c.Consumer
 	if name == "" {
-		name = "vmlifecycle-" + consumerToken(c.Host.ID())
+		name = string(rpc.VMLifecycle) + "-" + consumerToken(c.Host.ID())
 	}
 	if err := validConsumerName(name); err != nil {
 		return nil, fmt.Errorf("watch hypervisor notices: %w", err)
@@ -260,12 +261,13 @@ func (c Client) Watch(ctx context.Context) (<-chan vmlifecycle.Notice, error) {
 	out := make(chan vmlifecycle.Notice)
 	go func() {
 		defer close(out)
-		wait := 100 * time.Millisecond
+		newBackoff := func() bus.Backoff { return bus.Backoff{Next: 100 * time.Millisecond, Max: 5 * time.Second} }
+		backoff := newBackoff()
 		for ctx.Err() == nil {
 			msg, err := next(ctx, cons)
 			switch {
 			case err == nil:
-				wait = 100 * time.Millisecond
+				backoff = newBackoff()
 			case ctx.Err() != nil:
 				return
 			case errors.Is(err, nats.ErrTimeout):
@@ -273,12 +275,9 @@ func (c Client) Watch(ctx context.Context) (<-chan vmlifecycle.Notice, error) {
 			default:
 				// The consumer may have been deleted, or the connection is down: set it
 				// up again once things may have settled.
-				select {
-				case <-ctx.Done():
+				if backoff.Wait(ctx) != nil {
 					return
-				case <-time.After(wait):
 				}
-				wait = min(2*wait, 5*time.Second)
 				if again, err := c.JS.CreateOrUpdateConsumer(ctx, NoticeStream, cfg); err == nil {
 					cons = again
 				}

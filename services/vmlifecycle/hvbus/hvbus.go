@@ -21,6 +21,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/schemas/hostdev"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle"
 )
@@ -49,17 +50,17 @@ const (
 	OpDetachDevice = hostdev.OpDetach
 )
 
-// DeviceDriver is a driver that also knows the host's devices (the simulated
-// hypervisor does); the server answers the device operations of one.
+// DeviceDriver knows the host's devices (the simulated hypervisor does); the server
+// answers the device operations of Config.Devices.
 type DeviceDriver interface {
 	Devices(ctx context.Context) (hostdev.Inventory, error)
 	AttachDevice(ctx context.Context, a hostdev.Attachment) error
 	DetachDevice(ctx context.Context, a hostdev.Attachment) error
 }
 
-// DeviceChangeNotifier is a driver that reports hot-plugs and unplugs (the simulated
-// hypervisor does); the server announces each on subject.Host.HypervisorDevices, the
-// body a hostdev.Change.
+// DeviceChangeNotifier reports hot-plugs and unplugs (the simulated hypervisor does);
+// the server announces each of Config.DeviceChanges on subject.Host.HypervisorDevices,
+// the body a hostdev.Change.
 type DeviceChangeNotifier interface {
 	OnDeviceChange(f func(backend string))
 }
@@ -101,16 +102,13 @@ const (
 
 // sentinels maps codes to the errors a client's Error matches; the server picks the
 // first whose error the driver's error matches.
-var sentinels = []struct {
-	code string
-	err  error
-}{
-	{CodeNoDomain, vmlifecycle.ErrNoDomain},
-	{CodeNotEnoughMemory, vmlifecycle.ErrNotEnoughMemory},
-	{CodeUnsupported, vmlifecycle.ErrUnsupported},
-	{CodeTimeout, context.DeadlineExceeded},
-	{CodeCanceled, context.Canceled},
-	{CodeFenced, ErrFenced},
+var sentinels = qerr.Codes{
+	{Code: CodeNoDomain, Err: vmlifecycle.ErrNoDomain},
+	{Code: CodeNotEnoughMemory, Err: vmlifecycle.ErrNotEnoughMemory},
+	{Code: CodeUnsupported, Err: vmlifecycle.ErrUnsupported},
+	{Code: CodeTimeout, Err: context.DeadlineExceeded},
+	{Code: CodeCanceled, Err: context.Canceled},
+	{Code: CodeFenced, Err: ErrFenced},
 }
 
 // Error is a failure the hypervisor reported. errors.Is matches it against the
@@ -123,14 +121,7 @@ type Error struct {
 func (e *Error) Error() string { return e.Message }
 
 // Unwrap returns the sentinel of the code, nil for codes without one.
-func (e *Error) Unwrap() error {
-	for _, s := range sentinels {
-		if s.code == e.Code {
-			return s.err
-		}
-	}
-	return nil
-}
+func (e *Error) Unwrap() error { return sentinels.Err(e.Code) }
 
 // callArgs is the request body of every call; each uses the fields it needs.
 type callArgs struct {

@@ -104,7 +104,12 @@ func (e errBadRequest) Unwrap() error { return e.err }
 type Config struct {
 	Host   subject.Host
 	Driver vmlifecycle.Driver
-	Log    *slog.Logger // nil: discard
+	// Devices, if set, answers the device operations (hostdev), and DeviceChanges
+	// reports the hot-plugs announced on subject.Host.HypervisorDevices: the
+	// simulated hypervisor is all three.
+	Devices       DeviceDriver
+	DeviceChanges DeviceChangeNotifier
+	Log           *slog.Logger // nil: discard
 }
 
 // Server is the hypervisor service of one host.
@@ -137,7 +142,7 @@ func New(cfg Config) (*Server, error) {
 // the domains back with Domains anyway).
 func (srv *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error) {
 	host, drv := srv.cfg.Host, srv.cfg.Driver
-	log := srv.cfg.Log.With("service", "hypervisor", "host", host.ID())
+	log := srv.cfg.Log.With("service", string(rpc.Hypervisor), "host", host.ID())
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("jetstream: %w", err)
@@ -184,7 +189,7 @@ func (srv *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, err
 			return fail(fmt.Errorf("add hypervisor endpoint %s: %w", m.op, err))
 		}
 	}
-	if dd, ok := drv.(DeviceDriver); ok {
+	if dd := srv.cfg.Devices; dd != nil {
 		for _, m := range deviceMethods {
 			f := func(ctx context.Context, _ vmlifecycle.Driver, a callArgs) (any, error) { return m.call(ctx, dd, a) }
 			err := svc.AddEndpoint(m.op, micro.HandlerFunc(func(r micro.Request) { s.handle(bus.Detach(nc, r), m.op, f) }),
@@ -194,7 +199,7 @@ func (srv *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, err
 			}
 		}
 	}
-	if dn, ok := drv.(DeviceChangeNotifier); ok {
+	if dn := srv.cfg.DeviceChanges; dn != nil {
 		dn.OnDeviceChange(func(backend string) {
 			if ctx.Err() != nil {
 				return
@@ -333,17 +338,10 @@ func (s *server) respondErr(r micro.Request, op string, err error) {
 	case s.ctx.Err() != nil && (errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)):
 		code = CodeUnavailable
 	default:
-		for _, m := range sentinels {
-			if errors.Is(err, m.err) {
-				code = m.code
-				break
-			}
-		}
-		for _, m := range hostdev.Codes {
-			if errors.Is(err, m.Err) {
-				code = m.Code
-				break
-			}
+		if c := hostdev.Codes.Code(err); c != "" {
+			code = c
+		} else if c := sentinels.Code(err); c != "" {
+			code = c
 		}
 	}
 	// The full text goes in the body: header values cannot hold line breaks.
@@ -377,7 +375,7 @@ func publish(ctx context.Context, js jetstream.JetStream, subj string, n vmlifec
 		return err
 	}
 	id := nuid.Next()
-	wait := 100 * time.Millisecond
+	backoff := bus.Backoff{Next: 100 * time.Millisecond, Max: 5 * time.Second}
 	for attempt := 1; ; attempt++ {
 		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		_, err := js.Publish(pctx, subj, data, jetstream.WithMsgID(id), jetstream.WithExpectStream(NoticeStream))
@@ -386,12 +384,9 @@ func publish(ctx context.Context, js jetstream.JetStream, subj string, n vmlifec
 			return nil
 		}
 		log.Warn("publish notice", "kind", n.Kind, "vm", n.Name, "xid", n.XID, "attempt", attempt, "err", err)
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("publish notice: %w (last attempt: %w)", ctx.Err(), err)
-		case <-time.After(wait):
+		if werr := backoff.Wait(ctx); werr != nil {
+			return fmt.Errorf("publish notice: %w (last attempt: %w)", werr, err)
 		}
-		wait = min(2*wait, 5*time.Second)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strconv"
 
 	"github.com/qubesbus/qubesbus/schemas/device"
 	"github.com/qubesbus/qubesbus/schemas/hostdev"
@@ -133,7 +134,7 @@ func (h *Hypervisor) runningLocked(name string) bool {
 func (h *Hypervisor) Devices(context.Context) (hostdev.Inventory, error) {
 	h.lock()
 	defer h.mu.Unlock()
-	inv := hostdev.Inventory{Attached: slices.Clone(h.devices.attached)}
+	inv := hostdev.Inventory{Attached: slices.Clone(h.devices.attached), Boot: strconv.FormatInt(h.boot.UnixNano(), 10)}
 	for _, d := range h.devices.all {
 		if !h.runningLocked(d.Backend) {
 			continue

@@ -3,6 +3,7 @@ package simdriver
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -94,9 +95,34 @@ func ms(d time.Duration) *int64 { v := d.Milliseconds(); return &v }
 // LabServiceName is the micro service of the lab endpoints of every host.
 const LabServiceName = "qubesbus-simlab"
 
-// ServeLab answers the lab API of a host on nc, as a micro service in its own queue
-// group, until the returned service is stopped.
-func ServeLab(nc *nats.Conn, host subject.Host, h *Hypervisor) (micro.Service, error) {
+// LabServiceConfig configures the lab service of a host's simulated hypervisor.
+type LabServiceConfig struct {
+	Host       subject.Host
+	Hypervisor *Hypervisor
+}
+
+// LabService answers the lab API of a host (New, then Serve, as every service).
+type LabService struct{ cfg LabServiceConfig }
+
+// NewLabService checks the configuration; Serve starts the service.
+func NewLabService(cfg LabServiceConfig) (*LabService, error) {
+	var errs []error
+	if cfg.Host.ID() == "" {
+		errs = append(errs, errors.New("no host"))
+	}
+	if cfg.Hypervisor == nil {
+		errs = append(errs, errors.New("no hypervisor"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("lab service: %w", err)
+	}
+	return &LabService{cfg: cfg}, nil
+}
+
+// Serve answers the lab API on nc, as a micro service in its own queue group, until
+// ctx ends or the returned service is stopped.
+func (l *LabService) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error) {
+	host, h := l.cfg.Host, l.cfg.Hypervisor
 	svc, err := micro.AddService(nc, micro.Config{
 		Name: LabServiceName, Version: buildinfo.Version(), QueueGroup: LabServiceName,
 		Description: "simulated hypervisor control for test labs",
@@ -193,6 +219,7 @@ func ServeLab(nc *nats.Conn, host subject.Host, h *Hypervisor) (micro.Service, e
 		_ = svc.Stop()
 		return nil, fmt.Errorf("flush: %w", err)
 	}
+	context.AfterFunc(ctx, func() { _ = svc.Stop() })
 	return svc, nil
 }
 

@@ -180,13 +180,6 @@ func (h *Hypervisor) SetFaults(vm string, f Faults) {
 	}
 }
 
-// FaultsOf returns the faults of a qube.
-func (h *Hypervisor) FaultsOf(vm string) Faults {
-	h.lock()
-	defer h.mu.Unlock()
-	return h.faults[vm]
-}
-
 func (h *Hypervisor) snapshot(d *domain, now time.Time) vmlifecycle.Domain {
 	cpu := d.cpu
 	if !d.runSince.IsZero() {

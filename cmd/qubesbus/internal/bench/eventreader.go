@@ -380,11 +380,15 @@ func startReaders(ctx context.Context, socket string, conns, events int) (*reade
 		}
 		ready <- err
 	}()
+	wait := time.NewTimer(30 * time.Second)
 	select {
 	case err = <-ready:
-	case <-time.After(30 * time.Second):
+	case <-wait.C:
 		err = errors.New("subscriptions not established within 30s")
+	case <-ctx.Done():
+		err = ctx.Err()
 	}
+	wait.Stop()
 	if err != nil {
 		cancel()
 		_ = cmd.Wait()

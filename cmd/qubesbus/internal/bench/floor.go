@@ -3,11 +3,15 @@ package bench
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"path/filepath"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/qubesbus/qubesbus/services/gateway"
 )
 
 // NATSFloor is a bare request-reply on the same server: a responder that answers
@@ -59,4 +63,28 @@ func SocketFloor(dir string) (Op, func(), error) {
 		return err
 	}
 	return op, func() { l.Close() }, nil
+}
+
+// ServeRecordedFloor is the recorded floor on its own, for clients the bench does not
+// drive (tools/pybench.py, with the Python library the dom0 tools use): it records
+// what the qubesbus socket from answers to the reads (RecordReads, the qvm-ls shape
+// included), then answers them on socket from that table, through the gateway's own
+// socket handling, until ctx ends. ready, if not nil, is called with the number of
+// recorded calls once socket accepts calls. A call not recorded is aborted (an empty
+// response).
+func ServeRecordedFloor(ctx context.Context, socket, from string, ready func(calls int), log *slog.Logger) error {
+	rec, err := RecordReads(from, true)
+	if err != nil {
+		return fmt.Errorf("record the reads from %s: %w", from, err)
+	}
+	l, err := gateway.Listen(socket, "")
+	if err != nil {
+		return err
+	}
+	s := gateway.ServeRecording(ctx, l, rec, log)
+	if ready != nil {
+		ready(rec.Len())
+	}
+	s.Wait()
+	return nil
 }

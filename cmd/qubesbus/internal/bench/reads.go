@@ -51,15 +51,9 @@ const getRequest = "admin.vm.property.Get+label dom0 name work\x00"
 // alternating which goes first in each round.
 func readsVsFloor(ctx context.Context, cfg Config, socket, dir string, qubes int, log *slog.Logger) (ReadsResult, error) {
 	res := ReadsResult{Qubes: 9 + qubes, Clients: cfg.FloorClients, Rounds: cfg.Rounds}
-	rec := gateway.NewRecording()
-	record := func(req, resp []byte) error { return rec.Add(req, resp) }
-	if err := recordCall(socket, []byte(getRequest), record); err != nil {
+	rec, err := RecordReads(socket, !cfg.SkipQvmLs)
+	if err != nil {
 		return res, err
-	}
-	if !cfg.SkipQvmLs {
-		if _, err := qvmLs(socket, record); err != nil {
-			return res, fmt.Errorf("record qvm-ls: %w", err)
-		}
 	}
 	floorSock := filepath.Join(dir, "recorded.sock")
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: floorSock, Net: "unix"})
@@ -153,6 +147,23 @@ func readsVsFloor(ctx context.Context, cfg Config, socket, dir string, qubes int
 		res.QvmLsCold, res.QvmLsColdRatio, res.QvmLsColdCPURatio = medianDuration(cold), median(coldRatios), median(coldCPU)
 	}
 	return res, nil
+}
+
+// RecordReads makes the calls of the reads the recorded floor answers on socket, and
+// returns them with their answers: getRequest and, with qvmLsToo, the qvm-ls shape
+// (admin.vm.List, then GetAll of every qube it lists).
+func RecordReads(socket string, qvmLsToo bool) (*gateway.Recording, error) {
+	rec := gateway.NewRecording()
+	record := func(req, resp []byte) error { return rec.Add(req, resp) }
+	if err := recordCall(socket, []byte(getRequest), record); err != nil {
+		return nil, err
+	}
+	if qvmLsToo {
+		if _, err := qvmLs(socket, record); err != nil {
+			return nil, fmt.Errorf("record qvm-ls: %w", err)
+		}
+	}
+	return rec, nil
 }
 
 // recordCall makes one call and hands request and response to record.

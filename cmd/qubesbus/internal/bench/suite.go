@@ -13,8 +13,9 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/lab"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
 	"github.com/qubesbus/qubesbus/schemas/qubesxml"
@@ -248,7 +249,10 @@ func eventFanOut(ctx context.Context, cfg Config, sys *system.System) ([]EventRe
 				return nil, err
 			}
 			t := time.Now()
-			time.Sleep(2 * time.Millisecond)
+			if err := bus.Sleep(ctx, 2*time.Millisecond); err != nil {
+				collect()
+				return nil, err
+			}
 			if time.Since(t) > 3*time.Millisecond {
 				stalls++
 			}

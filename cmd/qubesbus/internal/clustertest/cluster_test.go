@@ -26,7 +26,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/qubesbus/qubesbus/bus"
-	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 )
 
 func call(socket, req string, timeout time.Duration) ([]byte, error) {

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 )
 
 // proc is a child process that can be killed with SIGKILL and started again.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -14,9 +15,9 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/lease"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 )
 
 func call(t *testing.T, socket, req string) []byte {
@@ -72,7 +73,8 @@ func checkHosts(t *testing.T, l *Lab, qubes int) {
 func TestLabEmbedded(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	l, err := Start(ctx, Config{Hosts: 3, Qubes: 10, Seed: "../../../../testdata/qubes.xml", Dir: t.TempDir(), NATSPort: -1}, slog.New(slog.DiscardHandler))
+	dir := t.TempDir()
+	l, err := Start(ctx, Config{Hosts: 3, Qubes: 10, Seed: "../../../../testdata/qubes.xml", Dir: dir, NATSPort: -1}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +82,7 @@ func TestLabEmbedded(t *testing.T) {
 	checkHosts(t, l, 10)
 
 	// The lab's lifecycle leases live DefaultLeaseTTL, not the 5 s of a single host.
-	opt, err := nats.NkeyOptionFromSeed(l.Keys.SeedFile(access.Admin))
+	opt, err := nats.NkeyOptionFromSeed(access.SeedFile(filepath.Join(dir, "nkeys"), access.Admin))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,13 +15,13 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/audit"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/lease"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/schemas/adminapi"
 	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
@@ -72,7 +72,7 @@ func TestUnauthenticatedClientsRefused(t *testing.T) {
 		nc.Close()
 		t.Fatal("an unknown key got onto the bus")
 	}
-	opt, err = nats.NkeyOptionFromSeed(sys.Keys.SeedFile(access.Events))
+	opt, err = nats.NkeyOptionFromSeed(access.SeedFile(sys.cfg.NKeyDir, access.Events))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -364,11 +364,11 @@ func TestServeWithTheRunsKeys(t *testing.T) {
 				QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: c.host, NATSURL: sys.NATSURL}
 			ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
 			defer cancel()
-			stop, err := StartOne(ctx, c.name, cfg, log)
+			one, err := StartService(ctx, c.name, cfg, log)
 			if err != nil {
 				t.Fatalf("serve %s with its key: %v", c.name, err)
 			}
-			defer func() { _ = stop() }()
+			defer func() { _ = one.Stop() }()
 			if c.name == "gateway" {
 				if got := roundTrip(t, cfg.Socket, []byte("admin.vm.property.Get+label dom0 name work\x00")); string(got) != "0\x00default=False type=label blue" {
 					t.Fatalf("call through the served gateway: %q", got)
@@ -421,7 +421,7 @@ func TestEveryServiceConnectsAsItsRole(t *testing.T) {
 	sys := startSystem(t)
 	pub := map[string]string{} // public key → role
 	for _, r := range access.Roles {
-		seed, err := os.ReadFile(sys.Keys.SeedFile(r.Name))
+		seed, err := os.ReadFile(access.SeedFile(filepath.Join(filepath.Dir(sys.Socket), "data", "nkeys"), r.Name))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,7 +1,6 @@
 package system
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -9,7 +8,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
@@ -18,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/schemas/qubesxml"
 )
 
@@ -44,7 +43,7 @@ func runKillChild(dir string) int {
 		log.Error("start", "err", err)
 		return 2
 	}
-	fmt.Println("ready")
+	fmt.Println(bustest.Ready)
 	<-ctx.Done()
 	if err := sys.Stop(); err != nil {
 		log.Error("stop", "err", err)
@@ -53,70 +52,10 @@ func runKillChild(dir string) int {
 	return 0
 }
 
-// killChild is a whole host in another process.
-type killChild struct {
-	cmd    *exec.Cmd
-	stderr strings.Builder
-	mu     sync.Mutex // guards stderr
-	done   chan error
-}
-
-func (c *killChild) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.stderr.Write(p)
-}
-
-func (c *killChild) log() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.stderr.String()
-}
-
-func startKillChild(t *testing.T, dir string) *killChild {
+// startKillChild starts a whole host in another process and waits until it serves.
+func startKillChild(t *testing.T, dir string) *bustest.Child {
 	t.Helper()
-	c := &killChild{done: make(chan error, 1)}
-	c.cmd = exec.Command(os.Args[0], "-test.run=^$")
-	c.cmd.Env = append(os.Environ(), killChildEnv+"="+dir)
-	c.cmd.Stderr = c
-	stdout, err := c.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ready := make(chan bool, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		ok := false
-		for sc.Scan() {
-			if sc.Text() == "ready" && !ok {
-				ok = true
-				ready <- true
-			}
-		}
-		if !ok {
-			ready <- false
-		}
-		c.done <- c.cmd.Wait()
-	}()
-	t.Cleanup(func() {
-		_ = c.cmd.Process.Kill()
-		err := <-c.done
-		c.done <- err
-	})
-	select {
-	case ok := <-ready:
-		if !ok {
-			err := <-c.done
-			c.done <- err
-			t.Fatalf("host exited before it served: %v\n%s", err, c.log())
-		}
-	case <-time.After(2 * time.Minute):
-		t.Fatalf("host not serving after 2 min:\n%s", c.log())
-	}
-	return c
+	return bustest.StartChild(t, 2*time.Minute, killChildEnv+"="+dir)
 }
 
 // sockCall is one request over the socket: the reply's bytes, or an error when the
@@ -191,7 +130,7 @@ func TestKillWholeProcessKeepsAcknowledgedChanges(t *testing.T) {
 		}
 		killAt := 50 + rng.IntN(250)
 		var once sync.Once
-		kill := func() { once.Do(func() { _ = c.cmd.Process.Kill() }) }
+		kill := func() { once.Do(c.Kill) }
 		var wg sync.WaitGroup
 		for w := range writers {
 			wg.Go(func() {
@@ -217,10 +156,8 @@ func TestKillWholeProcessKeepsAcknowledgedChanges(t *testing.T) {
 			})
 		}
 		wg.Wait()
-		err = <-c.done
-		c.done <- err
-		if ws, ok := c.cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
-			t.Fatalf("round %d: host ended with %v, not SIGKILL:\n%s", round, err, c.log())
+		if err := c.Wait(t, time.Minute); !bustest.WasKilled(err) {
+			t.Fatalf("round %d: host ended with %v, not SIGKILL:\n%s", round, err, c.Log())
 		}
 		if t.Failed() {
 			t.FailNow()
@@ -238,14 +175,7 @@ func TestKillWholeProcessKeepsAcknowledgedChanges(t *testing.T) {
 	if miss := present(list); len(miss) > 0 {
 		t.Fatalf("the last restart lacks %d acknowledged changes, e.g. %v", len(miss), miss[0])
 	}
-	if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-c.done; err != nil {
-		c.done <- err
-		t.Fatalf("clean stop: %v\n%s", err, c.log())
-	}
-	c.done <- nil
+	c.Stop(t, time.Minute)
 	conf, err := qubesxml.Load(filepath.Join(dir, "data", "qubes.xml"))
 	if err != nil {
 		t.Fatal(err)

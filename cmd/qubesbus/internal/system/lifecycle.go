@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/lease"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
@@ -39,7 +40,7 @@ func leaseKey(host subject.Host) string {
 	if !ok {
 		id = "x" + hex.EncodeToString([]byte(id))
 	}
-	return "vmlifecycle." + id
+	return string(rpc.VMLifecycle) + "." + id
 }
 
 // startLifecycle runs the host's lifecycle service whenever this instance holds the
@@ -113,10 +114,7 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 					}
 					<-tctx.Done()
 					_ = m.Stop()
-					select {
-					case <-time.After(termGrace):
-					case <-ctx.Done():
-					}
+					_ = bus.Sleep(ctx, termGrace)
 				}
 				stopService()
 			}
@@ -133,10 +131,7 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 			}
 			cancel()
 			if err != nil {
-				select { // do not spin on a failing start
-				case <-time.After(time.Second):
-				case <-ctx.Done():
-				}
+				_ = bus.Sleep(ctx, time.Second) // do not spin on a failing start
 			}
 		}
 	}()

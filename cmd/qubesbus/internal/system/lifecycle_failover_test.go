@@ -31,12 +31,12 @@ func TestLifecycleStandbyTakesOver(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	start := func(name string) func() error {
 		t.Helper()
-		stop, err := StartOne(ctx, name, cfg, log)
+		one, err := StartService(ctx, name, cfg, log)
 		if err != nil {
 			t.Fatalf("start %s: %v", name, err)
 		}
-		t.Cleanup(func() { _ = stop() })
-		return stop
+		t.Cleanup(func() { _ = one.Stop() })
+		return one.Stop
 	}
 	start("persistence")
 	start("hypervisor")

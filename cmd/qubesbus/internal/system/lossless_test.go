@@ -9,13 +9,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 )
 
 // losslessRounds is how often a subscriber opens admin.Events and a change follows its
@@ -126,7 +127,7 @@ func TestLosslessEventsCluster(t *testing.T) {
 		Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
 		QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: "test",
 		NATSURL: servers[1].ClientURL(), Replicas: 3,
-		ServiceNATSURLs: map[string]string{"gateway": servers[0].ClientURL(), "properties": servers[2].ClientURL()},
+		ServiceNATSURLs: map[string]string{string(rpc.Gateway): servers[0].ClientURL(), string(rpc.Properties): servers[2].ClientURL()},
 	}
 	sys, err := Start(ctx, cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
@@ -149,7 +150,7 @@ func TestLosslessEventsCluster(t *testing.T) {
 	if r := info.CachedInfo().Config.Replicas; r != 3 {
 		t.Fatalf("stream replicas %d, want 3", r)
 	}
-	if !strings.Contains(cfg.ServiceNATSURLs["gateway"], "127.0.0.1") {
+	if !strings.Contains(cfg.ServiceNATSURLs[string(rpc.Gateway)], "127.0.0.1") {
 		t.Fatal("bad cluster URL")
 	}
 	checkLossless(t, sys.Socket, losslessRounds(), eventChange(t, js, "test"))

@@ -29,10 +29,9 @@ import (
 // it serves.
 type observed struct {
 	metrics *metrics.Metrics // nil without Config.Metrics
-	started atomic.Bool      // Start (or StartOne) has returned
+	started atomic.Bool      // Start (or StartService) has returned
 
-	cmu   sync.Mutex
-	conns []*nats.Conn
+	cmu sync.Mutex // guards System.conns
 
 	rmu      sync.Mutex
 	replicas []followed

@@ -21,6 +21,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/embedded"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 )
 
 // get fetches path from the ops handler: status and body.
@@ -78,9 +79,7 @@ func TestOpsEndpoints(t *testing.T) {
 	wantReply(t, sys, "admin.vm.device.pci.Assign+dom0+00_1e.0 dom0 name personal\x00"+
 		"device_id='*' port_id='00_1e.0' devclass='pci' backend_domain='dom0' mode='required' frontend_domain='personal'", "0\x00")
 	// qubes.xml follows the reply, in the background.
-	if err := sys.Store.WaitWritten(t.Context(), sys.Store.Revision()); err != nil {
-		t.Fatal(err)
-	}
+	waitWritten(t, sys)
 	_, body = get(t, srv, "/metrics")
 	for _, want := range []string{
 		`qubesbus_api_calls_total{method="admin.vm.List",outcome="ok"} 1`,
@@ -305,7 +304,7 @@ func TestReadyzFollowsOneService(t *testing.T) {
 	reg := NewRegistry()
 	sys, err := Start(ctx, Config{Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
 		QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: "test", NATSURL: ns.ClientURL(), Metrics: reg,
-		ServiceNATSURLs: map[string]string{"storage": proxy.URL()}}, slog.New(slog.DiscardHandler))
+		ServiceNATSURLs: map[string]string{string(rpc.Storage): proxy.URL()}}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -401,11 +400,11 @@ func TestServeOneServiceReady(t *testing.T) {
 		QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: "test", NATSURL: ns.ClientURL()}
 	log := slog.New(slog.DiscardHandler)
 	for _, name := range []string{"persistence", "hypervisor"} { // what they ask at start
-		stop, err := StartOne(ctx, name, cfg, log)
+		one, err := StartService(ctx, name, cfg, log)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { _ = stop() })
+		t.Cleanup(func() { _ = one.Stop() })
 	}
 	for _, name := range []string{"storage", "devices", "backup"} {
 		t.Run(name, func(t *testing.T) {

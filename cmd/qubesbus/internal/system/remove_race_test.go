@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"

@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qubesbus/qubesbus/bus/access"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/schemas/device"
 
 	"github.com/nats-io/nats.go/jetstream"

@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )

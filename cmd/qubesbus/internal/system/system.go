@@ -19,7 +19,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/qubesbus/qubesbus/bus"
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/audit"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/embedded"
@@ -27,6 +26,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/policy"
 	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/replica"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
@@ -56,7 +56,7 @@ type Config struct {
 	// /connz) on this host:port (port 0: any free one, Server.MonitorAddr). Only
 	// with the embedded server: an external one has its own (http_port).
 	NATSHTTP string
-	// NKeyDir holds one nkey seed per role (bus/access). With the embedded server it
+	// NKeyDir holds one nkey seed per role (cmd/qubesbus/internal/access). With the embedded server it
 	// defaults to <DataDir>/nkeys, created on first start, and the server accepts
 	// only those roles. With an external server a service uses its role's seed from
 	// here when the directory has one and no other credentials are given.
@@ -71,7 +71,7 @@ type Config struct {
 	// Setup): the host only checks, rather than every host updating them.
 	StreamsReady bool
 	// ServiceNATSURLs connects single services to other servers of the same cluster
-	// (by service name, or "setup"); the rest use NATSURL.
+	// (by service name, or setupConn); the rest use NATSURL.
 	ServiceNATSURLs map[string]string
 	IdleTimeout     time.Duration
 	// EventsWriteTimeout cuts off an admin.Events subscriber that stops reading.
@@ -158,6 +158,14 @@ func fileExists(path string) bool {
 	return err == nil
 }
 
+// setupConn is the part of the system that creates the streams and buckets before
+// the services start (a name of ServiceNATSURLs beside the services').
+const setupConn = "setup"
+
+// connName names the connection of a part of the system (a service, setupConn) on a
+// host: qubesbus-<part>-<host>, as the metrics' conn label and readiness show it.
+func connName(part, host string) string { return "qubesbus-" + part + "-" + host }
+
 // roleOf is the NATS role a part of the system connects as: each service its own,
 // set-up as the admin.
 func roleOf(name string) string {
@@ -212,6 +220,9 @@ type System struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	done   sync.WaitGroup
+	// background holds what Stop waits for once ctx is cancelled, before it closes
+	// the connections: services' work that outlives their handlers (the device watch).
+	background []<-chan struct{}
 	// obs is what the metrics and the readiness check read (ops.go).
 	obs observed
 	// local lets the gateway reach the services of this process without NATS.
@@ -281,7 +292,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 	s.NATSURL = url
 	s.cfg = cfg
 	dial := func(name string) (*nats.Conn, error) {
-		cc := cfg.connAs(url, roleOf(name), "qubesbus-"+name+"-"+cfg.HostID)
+		cc := cfg.connAs(url, roleOf(name), connName(name, cfg.HostID))
 		if u := cfg.ServiceNATSURLs[name]; u != "" {
 			cc.URL = u
 		} else if s.NATS != nil {
@@ -301,7 +312,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (_ *System, err er
 
 	// The events stream exists before any service may publish to it. The setup
 	// connection is needed for that only.
-	enc, err := dial("setup")
+	enc, err := dial(setupConn)
 	if err != nil {
 		return nil, err
 	}
@@ -437,12 +448,16 @@ func startPersistence(s *System, nc *nats.Conn, host subject.Host, cfg Config, l
 // on qubes.v1.<host>.lab.* (faults, latencies).
 func startHypervisor(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
 	hv := simdriver.New(cfg.Hypervisor)
-	lab, err := simdriver.ServeLab(nc, host, hv)
+	ls, err := simdriver.NewLabService(simdriver.LabServiceConfig{Host: host, Hypervisor: hv})
+	if err != nil {
+		return nil, err
+	}
+	lab, err := ls.Serve(s.ctx, nc)
 	if err != nil {
 		return nil, err
 	}
 	s.services = append(s.services, lab)
-	srv, err := hvbus.New(hvbus.Config{Host: host, Driver: hv, Log: log})
+	srv, err := hvbus.New(hvbus.Config{Host: host, Driver: hv, Devices: hv, DeviceChanges: hv, Log: log})
 	if err != nil {
 		return nil, err
 	}
@@ -478,7 +493,11 @@ func startDevices(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 	if err != nil {
 		return nil, err
 	}
-	return dev.Serve(s.ctx, nc)
+	svc, err := dev.Serve(s.ctx, nc)
+	if err == nil {
+		s.background = append(s.background, dev.Stopped())
+	}
+	return svc, err
 }
 
 // startBackup serves admin.backup.*: profiles from cfg.BackupProfiles, archives to
@@ -574,7 +593,7 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return errors.New("no NATS URL")
 	}
 	cfg = cfg.withKeyDir()
-	nc, err := bus.Connect(ctx, cfg.connAs(cfg.NATSURL, access.Admin, "qubesbus-setup"), log)
+	nc, err := bus.Connect(ctx, cfg.connAs(cfg.NATSURL, access.Admin, "qubesbus-"+setupConn), log)
 	if err != nil {
 		return err
 	}
@@ -585,17 +604,8 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
 	return ensureStreams(ctx, nc, cfg, false)
 }
 
-// StartOne runs a single service against cfg.NATSURL and returns its stop function.
-func StartOne(ctx context.Context, name string, cfg Config, log *slog.Logger) (func() error, error) {
-	s, err := StartService(ctx, name, cfg, log)
-	if err != nil {
-		return nil, err
-	}
-	return s.Stop, nil
-}
-
-// StartService is StartOne returning the system of the one service (for its
-// readiness and metrics).
+// StartService runs a single service against cfg.NATSURL (`qubesbus serve`) and
+// returns the system of the one service (its readiness and metrics; Stop stops it).
 func StartService(ctx context.Context, name string, cfg Config, log *slog.Logger) (*System, error) {
 	if cfg.NATSURL == "" {
 		return nil, errors.New("no NATS URL")
@@ -612,7 +622,7 @@ func StartService(ctx context.Context, name string, cfg Config, log *slog.Logger
 		return nil, s.policyErr
 	}
 	s.NATSURL = cfg.NATSURL
-	cc := cfg.connAs(cfg.NATSURL, roleOf(name), "qubesbus-"+name+"-"+cfg.HostID)
+	cc := cfg.connAs(cfg.NATSURL, roleOf(name), connName(name, cfg.HostID))
 	nc, err := bus.Connect(ctx, cc, log)
 	if err != nil {
 		return nil, err
@@ -632,7 +642,7 @@ func StartService(ctx context.Context, name string, cfg Config, log *slog.Logger
 		s.Stop()
 		return nil, err
 	}
-	if name == "gateway" {
+	if name == string(rpc.Gateway) {
 		log.Info("socket ready", "socket", cfg.Socket, "nats", cfg.NATSURL, "host", cfg.HostID)
 	}
 	s.obs.started.Store(true)
@@ -645,6 +655,13 @@ func (s *System) Stop() error {
 	s.cancel()
 	s.done.Wait()
 	var errs []error
+	for _, stopped := range s.background {
+		select {
+		case <-stopped:
+		case <-time.After(30 * time.Second):
+			errs = append(errs, errors.New("stop: background work still running after 30 s"))
+		}
+	}
 	if s.Store != nil {
 		// Stops taking changes and writes qubes.xml once more if it is behind.
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -666,7 +683,7 @@ func (s *System) Stop() error {
 	return errors.Join(errs...)
 }
 
-// ConnectAs opens a connection to the system's NATS as a role (bus/access): in-process
+// ConnectAs opens a connection to the system's NATS as a role (cmd/qubesbus/internal/access): in-process
 // to the embedded server, with the role's key. Tests, the lab and the load tool use it;
 // it is closed with the system.
 func (s *System) ConnectAs(ctx context.Context, role, name string) (*nats.Conn, error) {

@@ -178,3 +178,36 @@ func connectAs(t testing.TB, sys *System, role string) *nats.Conn {
 	}
 	return nc
 }
+
+// TestStopWaitsForTheDeviceWatch: Stop returns only once the devices service's watch,
+// which outlives its handlers, has handed back every input it took.
+func TestStopWaitsForTheDeviceWatch(t *testing.T) {
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	sys, err := Start(ctx, Config{Socket: filepath.Join(dir, "qubesd.sock"), DataDir: filepath.Join(dir, "data"),
+		QubesXML: filepath.Join(repoTestdata, "qubes.xml"), HostID: "test", NATSPort: -1}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sys.background) == 0 {
+		t.Fatal("the device watch is not among what Stop waits for")
+	}
+	for _, stopped := range sys.background {
+		select {
+		case <-stopped:
+			t.Fatal("background work ended before Stop")
+		default:
+		}
+	}
+	if err := sys.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, stopped := range sys.background {
+		select {
+		case <-stopped:
+		default:
+			t.Fatal("Stop returned while background work still ran")
+		}
+	}
+}

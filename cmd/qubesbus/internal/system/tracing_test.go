@@ -14,8 +14,8 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/tracing"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 )
 
 // endSignal tells the test each time a span has ended (after the exporter before it

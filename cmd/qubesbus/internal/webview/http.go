@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/subject"
 )
@@ -154,10 +155,8 @@ func (v *View) serveState(w http.ResponseWriter, r *http.Request) {
 			}
 		case <-changed:
 			// Let a burst settle into one update.
-			select {
-			case <-ctx.Done():
+			if bus.Sleep(ctx, minInterval) != nil {
 				return
-			case <-time.After(minInterval):
 			}
 		}
 	}

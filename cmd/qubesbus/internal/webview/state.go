@@ -2,7 +2,7 @@
 // the bus with its qubes (class, power state, label colour, netvm) and a live event
 // feed, served from assets embedded in the binary.
 //
-// Everything comes from the bus as the webview role (bus/access), which can read but
+// Everything comes from the bus as the webview role (cmd/qubesbus/internal/access), which can read but
 // change nothing: the hosts are the subjects of the configuration history
 // (QUBES_CONFIG), each host's qubes a replica of its configuration (a snapshot from
 // persistence, then the history), power states the vmlifecycle service's answer
@@ -12,7 +12,6 @@ package webview
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"regexp"
@@ -34,9 +33,6 @@ import (
 	"github.com/qubesbus/qubesbus/schemas/model"
 	"github.com/qubesbus/qubesbus/schemas/replica"
 )
-
-// ErrStopped is returned once the view's context has ended.
-var ErrStopped = errors.New("webview: stopped")
 
 // discoverEvery is how often the view looks for hosts that appeared on the bus.
 const discoverEvery = 5 * time.Second

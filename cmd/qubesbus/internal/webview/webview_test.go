@@ -19,12 +19,13 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/qubesbus/qubesbus/bus/access"
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/system"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/webview"
 	"github.com/qubesbus/qubesbus/schemas/configstore"
+	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
 
 const testdata = "../../../../testdata"
@@ -358,7 +359,7 @@ func TestPageIsSelfContained(t *testing.T) {
 func TestRoleIsReadOnly(t *testing.T) {
 	sys, _ := startView(t)
 	host := subject.ForHost("test")
-	for _, subj := range []string{host.Store(configstore.OpApply), host.API("admin.vm.Start"), host.Lab("crash")} {
+	for _, subj := range []string{host.Store(configstore.OpApply), host.API("admin.vm.Start"), host.Lab(simdriver.LabOpCrash)} {
 		nc, err := sys.ConnectAs(context.Background(), access.WebView, "webview-readonly")
 		if err != nil {
 			t.Fatal(err)

@@ -10,8 +10,14 @@
 // only to the API subjects of its own methods; only the lab role and the
 // admin can reach the fault-injection subjects; the events role reads the events
 // stream and can call nothing; the webview role reads the events stream, the
-// configuration history and snapshots and the power states, and can change nothing; only the gateway writes the audit trail (QUBES_AUDIT),
-// and only the auditor role (and the admin) reads it.
+// configuration history and snapshots and the power states, and can change nothing;
+// only the gateway writes the audit trail (QUBES_AUDIT), and only the auditor role
+// (and the admin) reads it.
+//
+// Every subject comes from a builder of bus/subject with the constants of the
+// contract it belongs to (schemas/lifecycle's OpHold, schemas/storage's OpVerify, …),
+// and every stream and bucket from its owner's constant: no internal operation,
+// service, stream or bucket name is spelled a second time here.
 package access
 
 import (
@@ -21,19 +27,36 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/qubesbus/qubesbus/bus/audit"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
+	"github.com/qubesbus/qubesbus/bus/lease"
+	"github.com/qubesbus/qubesbus/bus/rpc"
+	"github.com/qubesbus/qubesbus/bus/subject"
+	"github.com/qubesbus/qubesbus/schemas/changelog"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
+	"github.com/qubesbus/qubesbus/schemas/devicectl"
+	"github.com/qubesbus/qubesbus/schemas/hostdev"
+	"github.com/qubesbus/qubesbus/schemas/lifecycle"
+	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
+	"github.com/qubesbus/qubesbus/services/devices"
+	"github.com/qubesbus/qubesbus/services/properties"
+	"github.com/qubesbus/qubesbus/services/storage"
+	"github.com/qubesbus/qubesbus/services/vmlifecycle/hvbus"
 )
 
-// The roles.
+// The roles: each service's is its name (bus/rpc), the only spelling of service
+// names; the others are people and tools.
 const (
 	Admin       = "admin"
-	Persistence = "persistence"
-	Properties  = "properties"
-	VMLifecycle = "vmlifecycle"
-	Storage     = "storage"
-	Devices     = "devices"
-	Backup      = "backup"
-	Hypervisor  = "hypervisor"
-	Gateway     = "gateway"
+	Persistence = string(rpc.Persistence)
+	Properties  = string(rpc.Properties)
+	VMLifecycle = string(rpc.VMLifecycle)
+	Storage     = string(rpc.Storage)
+	Devices     = string(rpc.Devices)
+	Backup      = string(rpc.Backup)
+	Hypervisor  = string(rpc.Hypervisor)
+	Gateway     = string(rpc.Gateway)
 	Events      = "events"
 	Auditor     = "auditor"
 	Lab         = "lab"
@@ -60,17 +83,61 @@ var (
 	// readConfig is what a replica of the configuration needs (schemas/replica): its
 	// ordered consumer of QUBES_CONFIG, and the reads of single records from the
 	// stream leader with which it catches up when the consumer lags (a failover).
-	readConfig = union(readStream("QUBES_CONFIG"),
-		[]string{"$JS.API.STREAM.MSG.GET.QUBES_CONFIG", "$JS.API.DIRECT.GET.QUBES_CONFIG", "$JS.API.DIRECT.GET.QUBES_CONFIG.>"})
+	readConfig = union(readStream(changelog.StreamName), []string{"$JS.API.STREAM.MSG.GET." + changelog.StreamName,
+		"$JS.API.DIRECT.GET." + changelog.StreamName, "$JS.API.DIRECT.GET." + changelog.StreamName + ".>"})
 )
 
-// api lists the API subjects of the given methods (a trailing ".>" for a family):
+// Subjects of every host (subject.AnyHost), built from the contracts' constants: an
+// internal operation is named once, in the contract its caller and its handler share.
+var (
+	anyHost = subject.AnyHost()
+	// api and cancel: Admin API calls and their cancel notices.
+	api    = anyHost.APIAll()
+	cancel = anyHost.CancelAll()
+	// store is persistence's whole API (configstore.Op*).
+	store = anyHost.Store(subject.Rest)
+	// configLog is the change log and the notices beside it (ConfigSynced).
+	configLog = []string{anyHost.Config(), anyHost.Config() + "." + subject.Rest}
+)
+
+// lifecycleOps, storageOps and devicesOps are the subjects of those services'
+// internal operations (subject.Host.Service).
+func lifecycleOps(ops ...string) []string { return serviceOps(lifecycle.ServiceToken, ops) }
+func storageOps(ops ...string) []string   { return serviceOps(storageapi.ServiceToken, ops) }
+func devicesOps(ops ...string) []string   { return serviceOps(devicectl.ServiceToken, ops) }
+
+func serviceOps(service string, ops []string) []string {
+	out := make([]string, len(ops))
+	for i, op := range ops {
+		out[i] = anyHost.Service(service, op)
+	}
+	return out
+}
+
+// hypervisorOps are subjects of the hypervisor's driver API (subject.Host.Hypervisor).
+func hypervisorOps(ops ...string) []string {
+	out := make([]string, len(ops))
+	for i, op := range ops {
+		out[i] = anyHost.Hypervisor(op)
+	}
+	return out
+}
+
+// bucket is what a client needs to read and write one KV bucket: its messages, its
+// stream's info and direct gets.
+func bucket(name string) []string {
+	stream := "KV_" + name
+	return []string{"$KV." + name + ".>", "$JS.API.STREAM.*." + stream,
+		"$JS.API.DIRECT.GET." + stream, "$JS.API.DIRECT.GET." + stream + ".>"}
+}
+
+// apiOf lists the API subjects of the given methods (a trailing ".>" for a family):
 // what a service subscribes to, each only its own methods (the registry's owner), so
 // that no service hears, or answers, the calls of another.
-func api(methods ...string) []string {
+func apiOf(methods ...string) []string {
 	out := make([]string, len(methods))
 	for i, m := range methods {
-		out[i] = "qubes.v1.*.api." + m
+		out[i] = anyHost.API(m)
 	}
 	return out
 }
@@ -92,16 +159,26 @@ func readStream(stream string) []string {
 func events(families ...string) []string {
 	out := make([]string, len(families))
 	for i, f := range families {
-		out[i] = "qubes.v1.*.events.*." + f + ".>"
+		out[i] = anyHost.EventOfEveryVM(f) + "." + subject.Rest
 	}
 	return out
 }
 
-// plainEvents lists events without a suffix (domain-start).
+// plainEvents lists events of every qube by their exact names: domain-start, or
+// property-reset:xid for one suffix only.
 func plainEvents(names ...string) []string {
 	out := make([]string, len(names))
 	for i, n := range names {
-		out[i] = "qubes.v1.*.events.*." + n
+		out[i] = anyHost.EventOfEveryVM(n)
+	}
+	return out
+}
+
+// globalEvents lists events of the app object (no qube): domain-add.
+func globalEvents(names ...string) []string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = anyHost.Event("", n)
 	}
 	return out
 }
@@ -129,105 +206,102 @@ func union(lists ...[]string) []string {
 var Roles = []Role{
 	{Name: Admin, About: "Creates and updates the streams and buckets (qubesbus setup); operators.",
 		Publish: []string{">"}, Subscribe: []string{">"}},
-	{Name: Persistence, About: "The configuration store: its API and the change log (QUBES_CONFIG: creates, writes, reads and compacts it; no other stream).",
-		Publish: union([]string{inbox, discovery, "qubes.v1.*.config", "qubes.v1.*.config.>",
-			"$JS.API.STREAM.CREATE.QUBES_CONFIG", "$JS.API.STREAM.PURGE.QUBES_CONFIG"}, readConfig),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.store.>"}},
+	{Name: Persistence, About: "The configuration store: its API and the change log (" + changelog.StreamName + ": creates, writes, reads and compacts it; no other stream).",
+		Publish: union([]string{inbox, discovery}, configLog,
+			[]string{"$JS.API.STREAM.CREATE." + changelog.StreamName, "$JS.API.STREAM.PURGE." + changelog.StreamName}, readConfig),
+		Subscribe: []string{inbox, discovery, store}},
 	{Name: Properties, About: "Properties, features, tags, labels, notes, create and remove: hears only its own methods (and unknown ones); only the events it fires.",
-		Publish: union([]string{inbox, discovery}, jsClient, readConfig,
-			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states", "qubes.v1.*.svc.vmlifecycle.runtime",
-				"qubes.v1.*.svc.vmlifecycle.hold", "qubes.v1.*.svc.vmlifecycle.release",
-				"qubes.v1.*.svc.storage.create", "qubes.v1.*.svc.storage.remove",
-				"$KV.QUBES_NOTES.>", "$JS.API.STREAM.*.KV_QUBES_NOTES", "$JS.API.DIRECT.GET.KV_QUBES_NOTES", "$JS.API.DIRECT.GET.KV_QUBES_NOTES.>"},
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, []string{store},
+			lifecycleOps(lifecycle.OpStates, lifecycle.OpRuntime, lifecycle.OpHold, lifecycle.OpRelease),
+			storageOps(storageapi.OpCreate, storageapi.OpRemove),
+			bucket(properties.NotesBucket),
 			events("property-pre-set", "property-set", "property-pre-reset", "property-pre-del", "property-reset", "property-del",
 				"domain-feature-pre-set", "domain-feature-set", "domain-feature-pre-delete", "domain-feature-delete",
 				"domain-tag-add", "domain-tag-delete"),
-			[]string{"qubes.v1.*.events._app.domain-add", "qubes.v1.*.events._app.domain-pre-delete",
-				"qubes.v1.*.events._app.domain-delete", "qubes.v1.*.events.*.domain-create-on-disk"}),
+			globalEvents("domain-add", "domain-pre-delete", "domain-delete"),
+			plainEvents("domain-create-on-disk"),
+			// preload-dispvm-max's handlers and CreateDisposable+preload announce it.
+			plainEvents("domain-preload-dispvm-start")),
 		Subscribe: join([]string{inbox, discovery},
 			// Its methods; calls of methods not in the registry (_unknown) and the checks
 			// of admin.Events, which it resolves for the gateway.
-			api("admin.vm.List", "admin.vmclass.List", "admin.vm.property.>", "admin.property.>", "admin.vm.feature.>",
+			apiOf("admin.vm.List", "admin.vmclass.List", "admin.vm.property.>", "admin.property.>", "admin.vm.feature.>",
 				"admin.vm.tag.>", "admin.label.>", "admin.vm.notes.>", "admin.deviceclass.List",
 				"admin.vm.Create.>", "admin.vm.CreateInPool.>", "admin.vm.CreateDisposable", "admin.vm.Remove",
-				"admin.Events", "_unknown"),
-			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>", "qubes.v1.*.svc.vmlifecycle.changed"})},
+				"admin.Events", subject.UnknownMethod),
+			[]string{cancel}, configLog, lifecycleOps(lifecycle.SubjectChanged))},
 	{Name: Storage, About: "Pools and volumes: hears only admin.pool.* and admin.vm.volume.*; the clone-token and simulated-volume buckets, its consumer of power events, only the events it fires.",
-		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream("QUBES_EVENTS"), readStream("KV_QUBES_SIMPOOLS"),
-			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
-				"$KV.QUBES_CLONE_TOKENS.>", "$JS.API.STREAM.*.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS", "$JS.API.DIRECT.GET.KV_QUBES_CLONE_TOKENS.>",
-				// Simulated volumes: reads, CAS writes (a read waits for the stream's
-				// last sequence: STREAM.INFO, in jsClient).
-				"$KV.QUBES_SIMPOOLS.>", "$JS.API.STREAM.*.KV_QUBES_SIMPOOLS",
-				"$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS", "$JS.API.DIRECT.GET.KV_QUBES_SIMPOOLS.>",
-				"qubes.v1.*.events._app.pool-add", "qubes.v1.*.events._app.pool-pre-delete", "qubes.v1.*.events._app.pool-delete"},
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream(cloudevent.StreamName),
+			readStream("KV_"+storage.SimBucket), []string{store},
+			lifecycleOps(lifecycle.OpStates),
+			bucket(storage.TokenBucket),
+			// Simulated volumes: reads, CAS writes (a read waits for the stream's
+			// last sequence: STREAM.INFO, in jsClient).
+			bucket(storage.SimBucket),
+			globalEvents("pool-add", "pool-pre-delete", "pool-delete"),
 			// domain-cmd-pre-run: an online resize runs qubes.ResizeDisk in the qube.
 			plainEvents("domain-import-volume", "domain-volume-import-begin", "domain-volume-import-end", "domain-cmd-pre-run")),
-		Subscribe: join([]string{inbox, discovery}, api("admin.pool.>", "admin.vm.volume.>"),
-			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
-				"qubes.v1.*.svc.storage.>", "qubes.v1.*.lab.storage-faults"})},
+		Subscribe: join([]string{inbox, discovery}, apiOf("admin.pool.>", "admin.vm.volume.>"), []string{cancel}, configLog,
+			storageOps(subject.Rest), []string{anyHost.Lab(storageapi.LabOpFaults)})},
 	{Name: Devices, About: "Devices and firewall: hears only admin.vm.device.* and admin.vm.firewall.*; the hypervisor's device calls, the firewall and device-record buckets, its consumer of power events, only the events it fires.",
-		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream("QUBES_EVENTS"),
-			readStream("KV_QUBES_FIREWALL"), readStream("KV_QUBES_DEVICES"),
-			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.runtime",
-				"qubes.v1.*.hv.devices", "qubes.v1.*.hv.device-attach", "qubes.v1.*.hv.device-detach",
-				"$KV.QUBES_FIREWALL.>", "$JS.API.STREAM.*.KV_QUBES_FIREWALL", "$JS.API.DIRECT.GET.KV_QUBES_FIREWALL", "$JS.API.DIRECT.GET.KV_QUBES_FIREWALL.>",
-				"$KV.QUBES_DEVICES.>", "$JS.API.STREAM.*.KV_QUBES_DEVICES", "$JS.API.DIRECT.GET.KV_QUBES_DEVICES", "$JS.API.DIRECT.GET.KV_QUBES_DEVICES.>",
-				"qubes.v1.*.events.*.property-pre-set.devices_denied", "qubes.v1.*.events.*.property-set.devices_denied"},
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream(cloudevent.StreamName),
+			readStream("KV_"+devices.FirewallBucket), readStream("KV_"+devices.DevicesBucket), []string{store},
+			lifecycleOps(lifecycle.OpRuntime),
+			hypervisorOps(hostdev.OpDevices, hostdev.OpAttach, hostdev.OpDetach),
+			bucket(devices.FirewallBucket), bucket(devices.DevicesBucket),
+			plainEvents("property-pre-set:devices_denied", "property-set:devices_denied"),
 			events("device-pre-attach", "device-attach", "device-pre-detach", "device-detach", "device-pre-assign", "device-assign",
 				"device-unassign", "device-assignment-changed", "device-added", "device-removed", "device-list-change"),
 			plainEvents("firewall-changed")),
-		Subscribe: join([]string{inbox, discovery}, api("admin.vm.device.>", "admin.vm.firewall.>"),
-			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>",
-				"qubes.v1.*.svc.devices.>", "qubes.v1.*.hvdevices"})},
+		Subscribe: join([]string{inbox, discovery}, apiOf("admin.vm.device.>", "admin.vm.firewall.>"), []string{cancel}, configLog,
+			devicesOps(subject.Rest), []string{anyHost.HypervisorDevices()})},
 	{Name: Backup, About: "Backups: hears only admin.backup.*; volume data from storage, backup timestamps through the store, only the events it fires.",
-		Publish: union([]string{inbox, discovery}, jsClient, readConfig,
-			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.states",
-				"qubes.v1.*.svc.storage.export", "qubes.v1.*.svc.storage.read",
-				"qubes.v1.*.events._app.backup-progress",
-				"qubes.v1.*.events.*.property-pre-set.backup_timestamp", "qubes.v1.*.events.*.property-set.backup_timestamp"},
-			plainEvents("backup-get-files")),
-		Subscribe: join([]string{inbox, discovery}, api("admin.backup.>"),
-			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.config", "qubes.v1.*.config.>"})},
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, []string{store},
+			lifecycleOps(lifecycle.OpStates),
+			storageOps(storageapi.OpExport, storageapi.OpRead),
+			globalEvents("backup-progress"),
+			plainEvents("property-pre-set:backup_timestamp", "property-set:backup_timestamp", "backup-get-files")),
+		Subscribe: join([]string{inbox, discovery}, apiOf("admin.backup.>"), []string{cancel}, configLog)},
 	{Name: VMLifecycle, About: "Power states over the hypervisor: hears only its power methods; only the events it fires.",
-		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream("QUBES_HV"),
-			[]string{"qubes.v1.*.store.>", "qubes.v1.*.svc.vmlifecycle.stats", "qubes.v1.*.svc.vmlifecycle.changed",
-				"qubes.v1.*.hv.>", "$KV.QUBES_LEASES.>",
-				// A create that finds the key taken reads it (was it deleted?).
-				"$JS.API.STREAM.*.KV_QUBES_LEASES", "$JS.API.DIRECT.GET.KV_QUBES_LEASES", "$JS.API.DIRECT.GET.KV_QUBES_LEASES.>",
-				"qubes.v1.*.svc.storage.verify", "qubes.v1.*.svc.storage.prepare", "qubes.v1.*.svc.storage.stop", "qubes.v1.*.svc.storage.remove",
-				"qubes.v1.*.svc.devices.prepare-start", "qubes.v1.*.svc.devices.attach-required",
-				"qubes.v1.*.events._app.domain-pre-delete", "qubes.v1.*.events._app.domain-delete"},
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream(hvbus.NoticeStream), []string{store},
+			lifecycleOps(lifecycle.SubjectStats, lifecycle.SubjectChanged),
+			hypervisorOps(subject.Rest),
+			// The lease: a create that finds the key taken reads it (was it deleted?).
+			bucket(lease.Bucket),
+			storageOps(storageapi.OpVerify, storageapi.OpPrepare, storageapi.OpStop, storageapi.OpRemove),
+			devicesOps(devicectl.OpPrepareStart, devicectl.OpAttachRequired),
+			globalEvents("domain-pre-delete", "domain-delete"),
 			plainEvents("domain-pre-start", "domain-start-failed", "domain-verify-files", "domain-pre-spawn", "domain-spawn",
 				"domain-qdb-create", "domain-pre-unpaused", "domain-unpaused", "domain-start", "domain-pre-shutdown",
 				"domain-shutdown-failed", "domain-stopped", "domain-shutdown", "domain-pre-paused", "domain-paused",
-				"domain-resumed", "property-reset.xid", "property-reset.stubdom_xid", "property-reset.start_time")),
+				"domain-resumed", "property-reset:xid", "property-reset:stubdom_xid", "property-reset:start_time")),
 		Subscribe: join([]string{inbox, discovery},
-			api("admin.vm.Start", "admin.vm.Shutdown", "admin.vm.Kill", "admin.vm.Pause", "admin.vm.Unpause",
+			apiOf("admin.vm.Start", "admin.vm.Shutdown", "admin.vm.Kill", "admin.vm.Pause", "admin.vm.Unpause",
 				"admin.vm.Suspend", "admin.vm.Resume", "admin.vm.CurrentState", "admin.vm.Stats", "admin.vm.Console"),
-			[]string{"qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.>", "qubes.v1.*.config", "qubes.v1.*.config.>"})},
+			[]string{cancel}, lifecycleOps(subject.Rest), configLog)},
 	{Name: Hypervisor, About: "The (simulated) hypervisor: its driver API, its notices, and the lab's faults.",
-		Publish:   []string{inbox, discovery, "$JS.API.INFO", "$JS.API.STREAM.INFO.QUBES_HV", "qubes.v1.*.hvnotice", "qubes.v1.*.hvdevices"},
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.hv.>", "qubes.v1.*.lab.>"}},
+		Publish: []string{inbox, discovery, "$JS.API.INFO", "$JS.API.STREAM.INFO." + hvbus.NoticeStream,
+			anyHost.HypervisorNotices(), anyHost.HypervisorDevices()},
+		Subscribe: []string{inbox, discovery, anyHost.Hypervisor(subject.Rest), anyHost.Lab(subject.Rest)}},
 	{Name: Gateway, About: "The socket: the only role that may send Admin API calls, and so assert their source.",
-		Publish: union([]string{inbox, discovery, "qubes.v1.*.api.>", "qubes.v1.*.cancel.*", "qubes.v1.*.svc.vmlifecycle.stats-lease"},
-			readStream("QUBES_EVENTS"), []string{"qubes.v1.*.audit"}),
-		Subscribe: []string{inbox, discovery, "qubes.v1.*.svc.vmlifecycle.stats"}},
+		Publish: union([]string{inbox, discovery, api, cancel}, lifecycleOps(lifecycle.OpStatsLease),
+			readStream(cloudevent.StreamName), []string{anyHost.Audit()}),
+		Subscribe: join([]string{inbox, discovery}, lifecycleOps(lifecycle.SubjectStats))},
 	{Name: Events, About: "Event consumers (qubesbus events, dashboards): read the events stream only; may call nothing.",
-		Publish:   readStream("QUBES_EVENTS"),
+		Publish:   readStream(cloudevent.StreamName),
 		Subscribe: []string{inbox}},
 	{Name: Auditor, About: "Audit readers (qubesbus audit): read the audit stream only; may call nothing.",
-		Publish:   readStream("QUBES_AUDIT"),
+		Publish:   readStream(audit.StreamName),
 		Subscribe: []string{inbox}},
 	{Name: WebView, About: "The web view (--http /): reads the events stream, the configuration (history, snapshots) and power states; may change nothing.",
-		Publish: union(readStream("QUBES_EVENTS"), readConfig,
+		Publish: union(readStream(cloudevent.StreamName), readConfig,
 			// The two read-only questions it asks the services: a host's configuration
 			// and its qubes' power states. Not store.> (that applies mutations) nor
 			// api.> (only the gateway may assert a call's source).
-			[]string{"qubes.v1.*.store.snapshot", "qubes.v1.*.svc.vmlifecycle.states"}),
+			[]string{anyHost.Store(configstore.OpSnapshot)}, lifecycleOps(lifecycle.OpStates)),
 		Subscribe: []string{inbox}},
 	{Name: Lab, About: "Test labs: fault injection on the simulated hypervisor; may call nothing.",
-		Publish:   []string{"qubes.v1.*.lab.>"},
+		Publish:   []string{anyHost.Lab(subject.Rest)},
 		Subscribe: []string{inbox}},
 }
 
@@ -263,7 +337,8 @@ func (r Role) Permissions() *server.Permissions {
 // (storage's and devices' power events, named so by services/storage and
 // services/devices), each with the role that owns it.
 func EventDurables(host string) [][2]string {
-	return [][2]string{{Storage, "storage-power-" + host}, {Devices, "devices-power-" + host}}
+	h := subject.ForHost(host)
+	return [][2]string{{Storage, storage.PowerConsumer(h)}, {Devices, devices.PowerConsumer(h)}}
 }
 
 // PermissionsFor is Permissions on a server that serves the given hosts (an embedded
@@ -297,8 +372,9 @@ func (r Role) PermissionsFor(hosts []string) *server.Permissions {
 // DurableAPI lists the consumer API subjects that name a durable of QUBES_EVENTS:
 // create or update (with or without a filter), info, delete and pulls.
 func DurableAPI(name string) []string {
-	return []string{"$JS.API.CONSUMER.*.QUBES_EVENTS." + name, "$JS.API.CONSUMER.*.QUBES_EVENTS." + name + ".>",
-		"$JS.API.CONSUMER.*.*.QUBES_EVENTS." + name}
+	stream := cloudevent.StreamName
+	return []string{"$JS.API.CONSUMER.*." + stream + "." + name, "$JS.API.CONSUMER.*." + stream + "." + name + ".>",
+		"$JS.API.CONSUMER.*.*." + stream + "." + name}
 }
 
 // ResponseTTL bounds how long after a request its one reply may come: the longest
@@ -336,7 +412,7 @@ func (r Role) subscribe() []string {
 // denials of PermissionsFor for the given hosts.
 func Conf(hosts ...string) string {
 	var b strings.Builder
-	b.WriteString(`# Generated from bus/access (go run ./cmd/qubesbus setup --print-permissions):
+	b.WriteString(`# Generated from cmd/qubesbus/internal/access (go run ./cmd/qubesbus setup --print-permissions):
 # do not edit by hand. One NATS user per role; each may publish only its own subjects,
 # in particular only the events it fires. Passwords come from the environment (never
 # commit them): QUBESBUS_<ROLE>_PASSWORD.

@@ -15,12 +15,8 @@ import (
 // 0600, in a 0700 directory). The server knows only the public keys; a client proves
 // its role by signing the server's nonce with the seed, so no secret crosses the bus.
 type Keys struct {
-	dir  string
 	pubs map[string]string // role → public key
 }
-
-// ErrNoKey: a role's seed file is missing and was not to be created.
-var ErrNoKey = errors.New("no nkey for the role")
 
 // SeedFile is where a role's seed is kept under dir.
 func SeedFile(dir, role string) string { return filepath.Join(dir, role+".nk") }
@@ -34,7 +30,7 @@ func Ensure(dir string) (*Keys, error) {
 	if err := os.Chmod(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("nkeys dir: %w", err)
 	}
-	k := &Keys{dir: dir, pubs: map[string]string{}}
+	k := &Keys{pubs: map[string]string{}}
 	for _, r := range Roles {
 		pub, err := readPublic(SeedFile(dir, r.Name))
 		if errors.Is(err, fs.ErrNotExist) {
@@ -47,12 +43,6 @@ func Ensure(dir string) (*Keys, error) {
 	}
 	return k, nil
 }
-
-// Dir is the directory of the seed files.
-func (k *Keys) Dir() string { return k.dir }
-
-// SeedFile is the seed file of a role.
-func (k *Keys) SeedFile(role string) string { return SeedFile(k.dir, role) }
 
 // ServerUsers are the server's users: every role's public key with its permissions
 // on a server of the given hosts (Role.PermissionsFor).
