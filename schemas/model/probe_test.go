@@ -1,18 +1,15 @@
 package model
 
 import (
-	"bufio"
 	"errors"
-	"fmt"
-	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/qubesbus/qubesbus/bus/qerr"
+	"github.com/qubesbus/qubesbus/schemas/model/probefile"
 )
 
 // The differential probes: testdata/probe/*.txt are recordings of the real qubesd
@@ -26,94 +23,30 @@ import (
 // cmd/qubesbus/internal/system's TestProbeThroughSocket replays every file (the
 // others call features, tags and power methods too) through the socket. The
 // expectations are qubesd's own answers; the only exceptions are the blocks of
-// deviations.txt, where qubesd crashes in its own handler (issue 15, class 8).
-//
-// Recording format, one block per call:
-//
-//	>>	method	dest	arg	payload
-//	=	OK [content] | EXC Class: message | ABORT
-//	.	qube (or _ for the global holder)	event	key=value …
-//
-// Bytes outside printable ASCII and backslashes are written \xNN; lines starting
-// with # are comments.
+// deviations.txt, where qubesd crashes in its own handler (issue 15, class 8). The
+// format is package probefile's.
 const probeDir = "testdata/probe"
 
-type probeCall struct {
-	file                       string
-	line                       int
-	method, dest, arg, payload string
-	outcome                    string
-	events                     []string
-}
-
-func (c probeCall) key() string {
-	return c.method + "\t" + c.dest + "\t" + c.arg + "\t" + c.payload
-}
-
-func (c probeCall) where() string { return fmt.Sprintf("%s:%d", c.file, c.line) }
+type probeCall = probefile.Call
 
 func readProbe(t *testing.T, name string) []probeCall {
 	t.Helper()
-	f, err := os.Open(filepath.Join(probeDir, name))
+	calls, err := probefile.Read(probeDir, name)
 	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var calls []probeCall
-	sc := bufio.NewScanner(f)
-	sc.Buffer(nil, 1<<20)
-	for n := 1; sc.Scan(); n++ {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") || strings.HasPrefix(line, "@\t") {
-			continue
-		}
-		fields := strings.SplitN(line, "\t", 5)
-		switch {
-		case fields[0] == ">>" && len(fields) == 5:
-			calls = append(calls, probeCall{file: name, line: n, method: fields[1], dest: fields[2], arg: fields[3], payload: fields[4]})
-		case fields[0] == "=" && len(calls) > 0:
-			calls[len(calls)-1].outcome = strings.Join(fields[1:], "\t")
-		case fields[0] == "." && len(calls) > 0:
-			calls[len(calls)-1].events = append(calls[len(calls)-1].events, strings.Join(fields[1:], "\t"))
-		default:
-			t.Fatalf("%s:%d: malformed line", name, n)
-		}
-	}
-	if err := sc.Err(); err != nil {
 		t.Fatal(err)
 	}
 	return calls
 }
 
-// probeEsc writes bytes as the recorder does: printable ASCII but backslash kept,
-// the rest \xNN.
-func probeEsc(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c >= 32 && c < 127 && c != '\\' {
-			b.WriteByte(c)
-		} else {
-			fmt.Fprintf(&b, `\x%02x`, c)
-		}
-	}
-	return b.String()
-}
+func probeEsc(s string) string { return probefile.Esc(s) }
 
 func probeUnesc(t *testing.T, s string) []byte {
-	var out []byte
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s)+0 && s[i+1] == 'x' {
-			n, err := strconv.ParseUint(s[i+2:i+4], 16, 8)
-			if err != nil {
-				t.Fatalf("bad escape in %q", s)
-			}
-			out = append(out, byte(n))
-			i += 3
-			continue
-		}
-		out = append(out, s[i])
+	t.Helper()
+	b, err := probefile.Unesc(s)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return out
+	return b
 }
 
 var reprAddressRe = regexp.MustCompile(` at 0x[0-9a-f]+`)
@@ -156,60 +89,13 @@ var probeMethods = map[string]bool{
 	"admin.vm.property.GetAll": true, "admin.property.GetAll": true,
 }
 
-// probeDeviations are the blocks of deviations.txt by scope: "@<TAB>*" (every file),
-// "@<TAB>FILE" (the calls of FILE with the block's method, dest, arg and payload) or
-// "@<TAB>FILE:LINE" (the one call recorded at that line, which must be the block's).
-type probeDeviations struct {
-	byKey  map[string]probeCall // scope + "\t" + key
-	pinned map[string]probeCall // FILE:LINE
-	used   map[string]bool      // the keys of both maps that matched a call
-}
-
-func readProbeDeviations(t *testing.T) *probeDeviations {
+func readProbeDeviations(t *testing.T) *probefile.Deviations {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join(probeDir, "deviations.txt"))
+	d, err := probefile.ReadDeviations(probeDir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	scopes := map[int]string{}
-	scope := ""
-	for n, line := range strings.Split(string(data), "\n") {
-		if rest, ok := strings.CutPrefix(line, "@\t"); ok {
-			scope = rest
-		} else if strings.HasPrefix(line, ">>\t") {
-			if scope == "" {
-				t.Fatalf("deviations.txt:%d: block before any @ scope", n+1)
-			}
-			scopes[n+1] = scope
-		}
-	}
-	d := &probeDeviations{byKey: map[string]probeCall{}, pinned: map[string]probeCall{}, used: map[string]bool{}}
-	for _, c := range readProbe(t, "deviations.txt") {
-		if scope := scopes[c.line]; strings.Contains(scope, ":") {
-			d.pinned[scope] = c
-		} else {
-			d.byKey[scope+"\t"+c.key()] = c
-		}
-	}
 	return d
-}
-
-func (d *probeDeviations) lookup(t *testing.T, c probeCall) (probeCall, bool) {
-	t.Helper()
-	if p, ok := d.pinned[c.where()]; ok {
-		if p.key() != c.key() {
-			t.Fatalf("deviations.txt:%d is pinned to %s, which records %q, not %q", p.line, c.where(), c.key(), p.key())
-		}
-		d.used[c.where()] = true
-		return p, true
-	}
-	for _, scope := range []string{c.file, "*"} {
-		if p, ok := d.byKey[scope+"\t"+c.key()]; ok {
-			d.used[scope+"\t"+c.key()] = true
-			return p, true
-		}
-	}
-	return probeCall{}, false
 }
 
 // TestProbeAgainstQubesd replays the recorded property probes on the model.
@@ -226,7 +112,7 @@ func TestProbeAgainstQubesd(t *testing.T) {
 			continue
 		}
 		calls := readProbe(t, name)
-		if slices.ContainsFunc(calls, func(c probeCall) bool { return !probeMethods[c.method] }) {
+		if slices.ContainsFunc(calls, func(c probeCall) bool { return !probeMethods[c.Method] }) {
 			t.Logf("%s: not only property calls, replayed through the socket only", name)
 			continue
 		}
@@ -238,30 +124,30 @@ func TestProbeAgainstQubesd(t *testing.T) {
 	}
 	// A deviation of a replayed file, or of every file for a property call, that no
 	// call matched is stale.
-	for k, d := range devs.pinned {
-		if file, _, _ := strings.Cut(k, ":"); replayed[file] && !devs.used[k] {
-			t.Errorf("%s: deviation pinned to %s matches no recorded call", d.where(), k)
+	for k, d := range devs.Pinned {
+		if file, _, _ := strings.Cut(k, ":"); replayed[file] && !devs.Used(k) {
+			t.Errorf("%s: deviation pinned to %s matches no recorded call", d.Where(), k)
 		}
 	}
-	for k, d := range devs.byKey {
+	for k, d := range devs.ByKey {
 		scope, _, _ := strings.Cut(k, "\t")
-		if !devs.used[k] && (replayed[scope] || scope == "*" && probeMethods[d.method]) {
-			t.Errorf("%s: deviation %q matches no recorded call", d.where(), k)
+		if !devs.Used(k) && (replayed[scope] || scope == "*" && probeMethods[d.Method]) {
+			t.Errorf("%s: deviation %q matches no recorded call", d.Where(), k)
 		}
 	}
 }
 
-func replayProbeOnModel(t *testing.T, name string, calls []probeCall, devs *probeDeviations) {
+func replayProbeOnModel(t *testing.T, name string, calls []probeCall, devs *probefile.Deviations) {
 	c := loadFixture(t)
 	var mismatches, events, ndevs, skipped int
 	for _, call := range calls {
 		m := New(c, DefaultHost, nil)
-		global := strings.HasPrefix(call.method, "admin.property.")
+		global := strings.HasPrefix(call.Method, "admin.property.")
 		h := Global
 		if !global {
-			h = holder(t, m, call.dest)
+			h = holder(t, m, call.Dest)
 		}
-		if call.arg == "autostart" && call.outcome == "ABORT" {
+		if call.Arg == "autostart" && call.Outcome == "ABORT" {
 			// The oracle has no sudo/systemctl: qubesd's autostart handlers fail
 			// there (after the pre-event) and change nothing. Not compared.
 			skipped++
@@ -271,15 +157,15 @@ func replayProbeOnModel(t *testing.T, name string, calls []probeCall, devs *prob
 		var err error
 		var content string
 		switch {
-		case strings.HasSuffix(call.method, ".Set"):
-			ch, err = m.Set(h, call.arg, probeUnesc(t, call.payload))
-		case strings.HasSuffix(call.method, ".Reset"):
-			ch, err = m.Reset(h, call.arg)
-		case strings.HasSuffix(call.method, ".GetAll"):
+		case strings.HasSuffix(call.Method, ".Set"):
+			ch, err = m.Set(h, call.Arg, probeUnesc(t, call.Payload))
+		case strings.HasSuffix(call.Method, ".Reset"):
+			ch, err = m.Reset(h, call.Arg)
+		case strings.HasSuffix(call.Method, ".GetAll"):
 			content = m.GetAllText(h)
 		default:
 			var r Reading
-			if r, err = m.Get(h, call.arg); err == nil {
+			if r, err = m.Get(h, call.Arg); err == nil {
 				content = r.Text()
 			}
 		}
@@ -293,12 +179,16 @@ func replayProbeOnModel(t *testing.T, name string, calls []probeCall, devs *prob
 				err = ch.AbortAfter
 			}
 		}
-		want, wantEvents := call.outcome, call.events
-		if d, ok := devs.lookup(t, call); ok {
-			if d.outcome == call.outcome && slices.Equal(d.events, call.events) {
-				t.Errorf("%s: deviation %s is what qubesd answered", d.where(), call.where())
+		want, wantEvents := call.Outcome, call.Events
+		d, ok, derr := devs.Lookup(call)
+		if derr != nil {
+			t.Fatal(derr)
+		}
+		if ok {
+			if d.Outcome == call.Outcome && slices.Equal(d.Events, call.Events) {
+				t.Errorf("%s: deviation %s is what qubesd answered", d.Where(), call.Where())
 			}
-			want, wantEvents = d.outcome, d.events
+			want, wantEvents = d.Outcome, d.Events
 			ndevs++
 		}
 		want = reprAddressRe.ReplaceAllString(want, " at "+reprAddress)
@@ -310,7 +200,7 @@ func replayProbeOnModel(t *testing.T, name string, calls []probeCall, devs *prob
 		if gotOutcome != want || strings.Join(got, "\n") != strings.Join(wantEvents, "\n") {
 			mismatches++
 			if mismatches <= 40 {
-				t.Errorf("%s %s\n got %s\n     %s\nwant %s\n     %s", call.where(), strings.ReplaceAll(call.key(), "\t", " "),
+				t.Errorf("%s %s\n got %s\n     %s\nwant %s\n     %s", call.Where(), strings.ReplaceAll(call.Key(), "\t", " "),
 					gotOutcome, strings.Join(got, "\n     "), want, strings.Join(wantEvents, "\n     "))
 			}
 		}

@@ -1,10 +1,7 @@
 package system
 
 import (
-	"bufio"
 	"bytes"
-	"fmt"
-	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -12,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/qubesbus/qubesbus/schemas/model/probefile"
 )
 
 // The differential probes of issue 15, replayed through the socket: each file in
@@ -29,82 +28,17 @@ import (
 // calls where qubesd crashes in its own handler (issue 15, class 8).
 const probeDir = "../../../../schemas/model/testdata/probe"
 
-type probeCall struct {
-	file                       string
-	line                       int
-	method, dest, arg, payload string
-	outcome                    string
-	events                     []string
-}
+type probeCall = probefile.Call
 
-func (c probeCall) key() string {
-	return c.method + "\t" + c.dest + "\t" + c.arg + "\t" + c.payload
-}
-
-func (c probeCall) where() string { return fmt.Sprintf("%s:%d", c.file, c.line) }
-
-func readProbeFile(t *testing.T, name string) []probeCall {
-	t.Helper()
-	path := filepath.Join(probeDir, name)
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var calls []probeCall
-	sc := bufio.NewScanner(f)
-	sc.Buffer(nil, 1<<20)
-	for n := 1; sc.Scan(); n++ {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") || strings.HasPrefix(line, "@\t") {
-			continue
-		}
-		fields := strings.SplitN(line, "\t", 5)
-		switch {
-		case fields[0] == ">>" && len(fields) == 5:
-			calls = append(calls, probeCall{file: name, line: n, method: fields[1], dest: fields[2], arg: fields[3], payload: fields[4]})
-		case fields[0] == "=" && len(calls) > 0:
-			calls[len(calls)-1].outcome = strings.Join(fields[1:], "\t")
-		case fields[0] == "." && len(calls) > 0:
-			calls[len(calls)-1].events = append(calls[len(calls)-1].events, strings.Join(fields[1:], "\t"))
-		default:
-			t.Fatalf("%s:%d: malformed line", path, n)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return calls
-}
-
-func probeEsc(s []byte) string {
-	var b strings.Builder
-	for _, c := range s {
-		if c >= 32 && c < 127 && c != '\\' {
-			b.WriteByte(c)
-		} else {
-			fmt.Fprintf(&b, `\x%02x`, c)
-		}
-	}
-	return b.String()
-}
+func probeEsc(s []byte) string { return probefile.Esc(string(s)) }
 
 func probeUnesc(t *testing.T, s string) []byte {
 	t.Helper()
-	var out []byte
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) && s[i+1] == 'x' {
-			n, err := strconv.ParseUint(s[i+2:i+4], 16, 8)
-			if err != nil {
-				t.Fatalf("bad escape in %q", s)
-			}
-			out = append(out, byte(n))
-			i += 3
-			continue
-		}
-		out = append(out, s[i])
+	b, err := probefile.Unesc(s)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return out
+	return b
 }
 
 // probeMasks blank what differs between runs of the same qubesd, or what the
@@ -204,23 +138,23 @@ func newProbeSession(t *testing.T, sys *System) *probeSession {
 
 func (p *probeSession) call(t *testing.T, c probeCall) (string, []string) {
 	t.Helper()
-	req := c.method
-	if c.arg != "" {
-		req += "+" + c.arg
+	req := c.Method
+	if c.Arg != "" {
+		req += "+" + c.Arg
 	}
-	req += " dom0 name " + c.dest + "\x00"
-	resp := roundTrip(t, p.sys.Socket, append([]byte(req), probeUnesc(t, c.payload)...))
+	req += " dom0 name " + c.Dest + "\x00"
+	resp := roundTrip(t, p.sys.Socket, append([]byte(req), probeUnesc(t, c.Payload)...))
 	p.seq++
 	tag := strconv.Itoa(p.seq)
 	if got := roundTrip(t, p.sys.Socket, []byte("admin.vm.feature.Set+probe-sync dom0 name dom0\x00"+tag)); !bytes.Equal(got, []byte("0\x00")) {
-		t.Fatalf("%s: sync: %q", c.where(), got)
+		t.Fatalf("%s: sync: %q", c.Where(), got)
 	}
 	marker := "1\x00dom0\x00domain-feature-set:probe-sync\x00feature\x00probe-sync\x00value\x00" + tag + "\x00"
 	var evs []string
 	for {
 		frame, err := p.events.next(30 * time.Second)
 		if err != nil {
-			t.Fatalf("%s: events: %v", c.where(), err)
+			t.Fatalf("%s: events: %v", c.Where(), err)
 		}
 		if bytes.HasPrefix(frame, []byte(marker)) {
 			break
@@ -232,110 +166,50 @@ func (p *probeSession) call(t *testing.T, c probeCall) (string, []string) {
 	return probeOutcome(resp), evs
 }
 
-// deviations are the blocks of deviations.txt by scope: "@<TAB>*" (every file),
-// "@<TAB>FILE" (the calls of FILE with the block's method, dest, arg and payload) or
-// "@<TAB>FILE:LINE" (the one call recorded at that line, which must be the block's).
-type deviations struct {
-	byKey  map[string]probeCall // scope + "\t" + key
-	pinned map[string]probeCall // FILE:LINE
-	used   map[string]bool      // the keys of both maps that matched a call
-}
-
-func readDeviations(t *testing.T) *deviations {
+func readDeviations(t *testing.T) *probefile.Deviations {
 	t.Helper()
-	f, err := os.Open(filepath.Join(probeDir, "deviations.txt"))
+	d, err := probefile.ReadDeviations(probeDir)
 	if err != nil {
 		t.Fatal(err)
-	}
-	defer f.Close()
-	d := &deviations{byKey: map[string]probeCall{}, pinned: map[string]probeCall{}, used: map[string]bool{}}
-	// Scopes come from the "@" lines; the blocks themselves are read as a probe file.
-	scopes := map[int]string{}
-	scope := ""
-	sc := bufio.NewScanner(f)
-	for n := 1; sc.Scan(); n++ {
-		line := sc.Text()
-		if rest, ok := strings.CutPrefix(line, "@\t"); ok {
-			scope = rest
-		} else if strings.HasPrefix(line, ">>\t") {
-			if scope == "" {
-				t.Fatalf("deviations.txt:%d: block before any @ scope", n)
-			}
-			scopes[n] = scope
-		}
-	}
-	for _, c := range readProbeFile(t, "deviations.txt") {
-		scope := scopes[c.line]
-		if strings.Contains(scope, ":") {
-			if _, dup := d.pinned[scope]; dup {
-				t.Fatalf("deviations.txt:%d: a second block pinned to %s", c.line, scope)
-			}
-			d.pinned[scope] = c
-		} else {
-			d.byKey[scope+"\t"+c.key()] = c
-		}
 	}
 	return d
 }
 
-// lookup returns the deviation that replaces call c, if any, and marks it used.
-func (d *deviations) lookup(t *testing.T, c probeCall) (probeCall, bool) {
+func readProbeFile(t *testing.T, name string) []probeCall {
 	t.Helper()
-	if p, ok := d.pinned[c.where()]; ok {
-		if p.key() != c.key() {
-			t.Fatalf("deviations.txt:%d is pinned to %s, which records %q, not %q", p.line, c.where(), c.key(), p.key())
-		}
-		d.used[c.where()] = true
-		return p, true
+	calls, err := probefile.Read(probeDir, name)
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, scope := range []string{c.file, "*"} {
-		if p, ok := d.byKey[scope+"\t"+c.key()]; ok {
-			d.used[scope+"\t"+c.key()] = true
-			return p, true
-		}
-	}
-	return probeCall{}, false
-}
-
-// unused lists the deviations no replayed call matched.
-func (d *deviations) unused() []string {
-	var out []string
-	for k, p := range d.pinned {
-		if !d.used[k] {
-			out = append(out, p.where())
-		}
-	}
-	for k, p := range d.byKey {
-		if !d.used[k] {
-			out = append(out, p.where())
-		}
-	}
-	slices.Sort(out)
-	return out
+	return calls
 }
 
 // replayProbe replays one probe file on a fresh system and returns the calls and
 // events compared.
-func replayProbe(t *testing.T, name string, devs *deviations) (calls, events int) {
+func replayProbe(t *testing.T, name string, devs *probefile.Deviations) (calls, events int) {
 	t.Helper()
 	sys := startSystem(t)
 	p := newProbeSession(t, sys)
 	mismatches := 0
 	for _, c := range readProbeFile(t, name) {
-		if c.arg == "autostart" && c.outcome == "ABORT" {
+		if c.Arg == "autostart" && c.Outcome == "ABORT" {
 			// The oracle has no systemctl: qubesd's autostart handler fails there
 			// after the pre-event and changes nothing. Not sent.
 			continue
 		}
-		want, wantEvents := c.outcome, c.events
-		if d, ok := devs.lookup(t, c); ok {
-			if d.outcome == c.outcome && slices.Equal(d.events, c.events) {
-				t.Errorf("%s: the deviation for %s is what qubesd answered", d.where(), c.where())
+		want, wantEvents := c.Outcome, c.Events
+		d, ok, derr := devs.Lookup(c)
+		if derr != nil {
+			t.Fatal(derr)
+		}
+		if ok {
+			if d.Outcome == c.Outcome && slices.Equal(d.Events, c.Events) {
+				t.Errorf("%s: the deviation for %s is what qubesd answered", d.Where(), c.Where())
 			}
-			want, wantEvents = d.outcome, d.events
+			want, wantEvents = d.Outcome, d.Events
 		}
 		got, gotEvents := p.call(t, c)
-		if strings.HasPrefix(c.dest, "probe") {
+		if strings.HasPrefix(c.Dest, "probe") {
 			// A qube the session created: its uuid is drawn, qubesd's was seeded.
 			got, want = anyUUID.ReplaceAllString(got, "‹uuid›"), anyUUID.ReplaceAllString(want, "‹uuid›")
 		}
@@ -344,7 +218,7 @@ func replayProbe(t *testing.T, name string, devs *deviations) (calls, events int
 		if probeMask(got) != probeMask(want) || probeNormalise(gotEvents) != probeNormalise(wantEvents) {
 			mismatches++
 			if mismatches <= 40 {
-				t.Errorf("%s %s\n got %s\n     %s\nwant %s\n     %s", c.where(), strings.ReplaceAll(c.key(), "\t", " "),
+				t.Errorf("%s %s\n got %s\n     %s\nwant %s\n     %s", c.Where(), strings.ReplaceAll(c.Key(), "\t", " "),
 					got, strings.Join(gotEvents, "\n     "), want, strings.Join(wantEvents, "\n     "))
 			}
 		}
@@ -379,7 +253,7 @@ func TestProbeThroughSocket(t *testing.T) {
 		t.Fatalf("%d probe files replayed, want at least 3", replayed)
 	}
 	if !t.Failed() {
-		if u := devs.unused(); len(u) > 0 {
+		if u := devs.Unused(); len(u) > 0 {
 			t.Errorf("deviations that match no recorded call: %v", u)
 		}
 	}
