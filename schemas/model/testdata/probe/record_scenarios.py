@@ -21,75 +21,12 @@ qubesd crashes on (replaced by deviations.txt).
 create: what admin.vm.Create.* refuses and what a new qube announces and inherits
 (the creator's tag-created-vm-with and set-created-guivm), a second template and what
 a template change re-announces, removals refused and done."""
-import socket, sys, threading, time
+import sys
+from probelib import Recorder, esc, raw as _raw
 SOCK = sys.argv[1]
-def raw(method, dest, arg='', payload=b''):
-    s = socket.socket(socket.AF_UNIX); s.connect(SOCK)
-    m = method + ('+' + arg if arg else '')
-    s.sendall(m.encode() + b' dom0 name ' + dest.encode() + b'\0' + payload)
-    s.shutdown(socket.SHUT_WR)
-    buf = b''
-    while True:
-        d = s.recv(65536)
-        if not d: break
-        buf += d
-    s.close()
-    return buf
-def esc(b):
-    return ''.join(chr(c) if 32 <= c < 127 and c != 92 else '\\x%02x' % c for c in b)
-def outcome(buf):
-    if not buf: return 'ABORT'
-    if buf[:2] == b'0\0': return 'OK' + ('\t' + esc(buf[2:]) if len(buf) > 2 else '')
-    parts = buf.split(b'\0')
-    return 'EXC %s: %s' % (parts[1].decode(), esc(parts[3]))
-events = []; cv = threading.Condition()
-def listen():
-    s = socket.socket(socket.AF_UNIX); s.connect(SOCK)
-    s.sendall(b'admin.Events dom0 name dom0\0'); s.shutdown(socket.SHUT_WR)
-    buf = b''
-    while True:
-        d = s.recv(65536)
-        if not d: break
-        buf += d
-        while buf.startswith(b'1\0'):
-            fields = []; i = 2; ok = False
-            while True:
-                j = buf.find(b'\0', i)
-                if j < 0: break
-                f = buf[i:j]; i = j + 1
-                if f == b'' and len(fields) >= 2 and len(fields) % 2 == 0:
-                    ok = True; break
-                fields.append(f)
-            if not ok: break
-            buf = buf[i:]
-            with cv:
-                events.append(fields); cv.notify_all()
-threading.Thread(target=listen, daemon=True).start()
-time.sleep(0.5)
-seq = [0]
-def sync():
-    seq[0] += 1
-    tag = str(seq[0]).encode()
-    raw('admin.vm.feature.Set', 'dom0', 'probe-sync', tag)
-    with cv:
-        while not any(f[1] == b'domain-feature-set:probe-sync' and f[5] == tag for f in events):
-            cv.wait(5)
-sync()
-with cv: events.clear()
-def run(method, dest, arg='', payload=b''):
-    if isinstance(payload, str): payload = payload.encode()
-    buf = raw(method, dest, arg, payload)
-    sync()
-    with cv:
-        evs = [f for f in events if f[1] != b'connection-established' and b'probe-sync' not in f[1]]
-        events.clear()
-    print('>>\t%s\t%s\t%s\t%s' % (method, dest, arg, esc(payload)))
-    print('=\t' + outcome(buf))
-    for f in evs:
-        kw = ' '.join('%s=%s' % (esc(f[k]), esc(f[k+1])) for k in range(2, len(f), 2))
-        print('.\t%s\t%s\t%s' % (esc(f[0]) or '_', esc(f[1]), kw))
-    sys.stdout.flush()
-    return buf
+def raw(method, dest, arg='', payload=b''): return _raw(SOCK, method, dest, arg, payload)
+rec = Recorder(SOCK, content=True)
+run, sync = rec.run, rec.sync
 def vset(vm, prop, value): return run('admin.vm.property.Set', vm, prop, value)
 def vget(vm, prop): return run('admin.vm.property.Get', vm, prop)
 def vreset(vm, prop): return run('admin.vm.property.Reset', vm, prop)
