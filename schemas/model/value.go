@@ -66,9 +66,4 @@ type Change struct {
 	Ops   []config.Op
 	Post  []Event
 	Reply string
-	// NoSave marks the rare changes qubesd keeps in memory without saving.
-	NoSave bool
-	// AbortAfter makes the call end with an empty response after Ops and Post (qubesd
-	// bugs that fail after changing its in-memory state).
-	AbortAfter error
 }

@@ -411,9 +411,6 @@ func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Mod
 		// answer) and its post-events are missing from the stream.
 		return nil, err
 	}
-	if ch.AbortAfter != nil {
-		return nil, ch.AbortAfter
-	}
 	return []byte(ch.Reply), nil
 }
 
@@ -462,7 +459,7 @@ func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Mo
 		// Durability is waited for after the write lock is released (write), so that
 		// concurrent changes share one sync; persistence writes qubes.xml after it.
 		mut := config.Mutation{ExpectRevision: rev, Ops: ch.Ops, DeferSync: true,
-			ChangesConfig: c.Method.ChangesConfig && !ch.NoSave}
+			ChangesConfig: c.Method.ChangesConfig}
 		newRev, err := s.store.Apply(ctx, mut)
 		if err != nil {
 			undoVolumes() // nothing half-made: the qube was not added
