@@ -156,9 +156,9 @@ func ReadDeviations(dir string) (*Deviations, error) {
 	return d, nil
 }
 
-// Lookup returns the deviation that replaces call c, if any, and marks it used. A
+// lookup returns the deviation that replaces call c, if any, and marks it used. A
 // block pinned to c's line that records another request is an error.
-func (d *Deviations) Lookup(c Call) (Call, bool, error) {
+func (d *Deviations) lookup(c Call) (Call, bool, error) {
 	if p, ok := d.Pinned[c.Where()]; ok {
 		if p.Key() != c.Key() {
 			return Call{}, false, fmt.Errorf("%s:%d is pinned to %s, which records %q, not %q", DeviationsFile, p.Line, c.Where(), c.Key(), p.Key())
@@ -173,6 +173,20 @@ func (d *Deviations) Lookup(c Call) (Call, bool, error) {
 		}
 	}
 	return Call{}, false, nil
+}
+
+// Expect is what a replay must answer to call c: its deviation's outcome and events
+// if it has one (deviated), else what qubesd answered. A deviation that records what
+// qubesd answered anyway, or a pinned one of another request, is an error.
+func (d *Deviations) Expect(c Call) (outcome string, events []string, deviated bool, err error) {
+	p, ok, err := d.lookup(c)
+	if err != nil || !ok {
+		return c.Outcome, c.Events, false, err
+	}
+	if p.Outcome == c.Outcome && slices.Equal(p.Events, c.Events) {
+		return "", nil, false, fmt.Errorf("%s: the deviation for %s is what qubesd answered", p.Where(), c.Where())
+	}
+	return p.Outcome, p.Events, true, nil
 }
 
 // Used reports whether the deviation under key (of Pinned or ByKey) matched a call.

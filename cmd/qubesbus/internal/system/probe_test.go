@@ -197,16 +197,9 @@ func replayProbe(t *testing.T, name string, devs *probefile.Deviations) (calls, 
 			// after the pre-event and changes nothing. Not sent.
 			continue
 		}
-		want, wantEvents := c.Outcome, c.Events
-		d, ok, derr := devs.Lookup(c)
+		want, wantEvents, _, derr := devs.Expect(c)
 		if derr != nil {
 			t.Fatal(derr)
-		}
-		if ok {
-			if d.Outcome == c.Outcome && slices.Equal(d.Events, c.Events) {
-				t.Errorf("%s: the deviation for %s is what qubesd answered", d.Where(), c.Where())
-			}
-			want, wantEvents = d.Outcome, d.Events
 		}
 		got, gotEvents := p.call(t, c)
 		if strings.HasPrefix(c.Dest, "probe") {
