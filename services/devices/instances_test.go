@@ -39,9 +39,7 @@ func TestTwoInstancesFireEachEventOnce(t *testing.T) {
 	h.waitEvents()
 
 	// The backend crashes.
-	h.hv.down("sys-net")
-	h.life.set("sys-net", "Halted")
-	h.power("sys-net", "domain-shutdown")
+	h.stopped("sys-net")
 	h.waitEvents("sys-net|domain-shutdown|",
 		"sys-net|device-removed:block|port="+sda,
 		"sys-net|device-removed:block|port=sys-net:sdb1",
@@ -49,9 +47,7 @@ func TestTwoInstancesFireEachEventOnce(t *testing.T) {
 
 	// It starts again, and the hypervisor announces its devices too: the start's
 	// rescan and the notices' race for the record; one of them announces them.
-	h.hv.up("sys-net")
-	h.life.set("sys-net", "Running")
-	h.power("sys-net", "domain-start", "start_guid", "True")
+	h.started("sys-net")
 	for range 3 {
 		h.changed("sys-net")
 	}
@@ -73,9 +69,7 @@ func TestTwoInstancesAutoAttachOnce(t *testing.T) {
 	h.expect("admin.vm.device.block.Assign", "work", "sys-net+sda++None", assign, "0:",
 		"work|device-pre-assign:block|device=sys-net:sda::None,options={}",
 		"work|device-assign:block|device=sys-net:sda::None,options={}")
-	h.hv.up("sys-net")
-	h.life.set("sys-net", "Running")
-	h.power("sys-net", "domain-start", "start_guid", "True")
+	h.started("sys-net")
 	for range 3 {
 		h.changed("sys-net")
 	}
@@ -101,18 +95,14 @@ func TestInstanceStopsOtherCarriesOn(t *testing.T) {
 
 	// sys-net crashes; instance 1 stops at the same time, whether or not it took the
 	// event: what it took it finishes, what it did not the other gets.
-	h.hv.down("sys-net")
-	h.life.set("sys-net", "Halted")
-	h.power("sys-net", "domain-shutdown")
+	h.stopped("sys-net")
 	h.kill(h.instances[1])
 	h.waitEvents("sys-net|domain-shutdown|",
 		"sys-net|device-removed:block|port="+sda,
 		"work|device-detach:block|port="+sda)
 
 	// The one left serves on: a restart of the backend, a hot-plug, an attach.
-	h.hv.up("sys-net")
-	h.life.set("sys-net", "Running")
-	h.power("sys-net", "domain-start", "start_guid", "True")
+	h.started("sys-net")
 	h.waitEvents("sys-net|domain-start|start_guid=True",
 		"sys-net|device-list-change:block|",
 		"sys-net|device-added:block|device=sys-net:sda::None")

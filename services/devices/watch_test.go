@@ -72,6 +72,24 @@ func (h *harness) power(vm, name string, kv ...string) {
 	}
 }
 
+// started is a qube's start as the services see it: its devices appear, the lifecycle
+// says Running and announces domain-start.
+func (h *harness) started(vm string) {
+	h.t.Helper()
+	h.hv.up(vm)
+	h.life.set(vm, "Running")
+	h.power(vm, "domain-start", "start_guid", "True")
+}
+
+// stopped is a qube's stop (or crash): its devices and attachments go, the lifecycle
+// says Halted and announces domain-shutdown.
+func (h *harness) stopped(vm string) {
+	h.t.Helper()
+	h.hv.down(vm)
+	h.life.set(vm, "Halted")
+	h.power(vm, "domain-shutdown")
+}
+
 // changed announces a hot-plug as the hypervisor does.
 func (h *harness) changed(backend string) {
 	h.t.Helper()
@@ -173,17 +191,13 @@ func TestBackendCrashDetachesAndRemoves(t *testing.T) {
 		"work|device-attach:block|device=sys-net:sda::None,options={'read-only': 'no', 'frontend-dev': 'xvdi'}")
 	// sys-net crashes: the lifecycle announces its stop; its device goes, and work
 	// loses it (qubesd's on_domain_shutdown: device-removed, then the frontend's detach).
-	h.hv.down("sys-net")
-	h.life.set("sys-net", "Halted")
-	h.power("sys-net", "domain-shutdown")
+	h.stopped("sys-net")
 	h.waitEvents("sys-net|domain-shutdown|",
 		"sys-net|device-removed:block|port="+sda,
 		"work|device-detach:block|port="+sda)
 	h.expect("admin.vm.device.block.Attached", "work", "", "", "0:")
 	// It starts again: the device appears; nothing is assigned, so it stays free.
-	h.hv.up("sys-net")
-	h.life.set("sys-net", "Running")
-	h.power("sys-net", "domain-start", "start_guid", "True")
+	h.started("sys-net")
 	h.waitEvents("sys-net|domain-start|start_guid=True",
 		"sys-net|device-list-change:block|",
 		"sys-net|device-added:block|device=sys-net:sda::None")
@@ -199,9 +213,7 @@ func TestAutoAttachWhenBackendStarts(t *testing.T) {
 	h.expect("admin.vm.device.block.Assign", "work", "sys-net+sda++None", assign, "0:",
 		"work|device-pre-assign:block|device=sys-net:sda::None,options={}",
 		"work|device-assign:block|device=sys-net:sda::None,options={}")
-	h.hv.up("sys-net")
-	h.life.set("sys-net", "Running")
-	h.power("sys-net", "domain-start", "start_guid", "True")
+	h.started("sys-net")
 	h.waitEvents("sys-net|domain-start|start_guid=True",
 		"sys-net|device-list-change:block|",
 		"sys-net|device-added:block|device=sys-net:sda::None",
@@ -210,9 +222,7 @@ func TestAutoAttachWhenBackendStarts(t *testing.T) {
 		t.Errorf("sda attached to %q, want work", got)
 	}
 	// work stops: its device is detached (the backend keeps it).
-	h.hv.down("work")
-	h.life.set("work", "Halted")
-	h.power("work", "domain-shutdown")
+	h.stopped("work")
 	h.waitEvents("work|domain-shutdown|", "work|device-detach:block|port="+sda)
 	// work starts again: its auto-attach assignment attaches the device (no pre-event,
 	// as qubesd's attach_and_notify).
@@ -410,9 +420,7 @@ func TestHostRestartForgetsTheLastBoot(t *testing.T) {
 	h.serve()
 	h.expect("admin.vm.device.block.Attached", "work", "", "", "0:")
 
-	h.hv.up("sys-net")
-	h.life.set("sys-net", "Running")
-	h.power("sys-net", "domain-start", "start_guid", "True")
+	h.started("sys-net")
 	h.waitEvents("sys-net|domain-start|start_guid=True",
 		"sys-net|device-list-change:block|",
 		"sys-net|device-added:block|device=sys-net:sda::None")
