@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/qubesbus/qubesbus/bus/bustest"
 )
 
 // addrLog is a slog handler that hands on the addr of the records whose message is
@@ -87,20 +89,6 @@ func (w *lineWriter) Write(p []byte) (int, error) {
 	}
 }
 
-func httpGet(t *testing.T, url string) (int, string) {
-	t.Helper()
-	resp, err := http.Get(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp.StatusCode, string(b)
-}
-
 // TestLabHTTP: `lab --http` serves every host's readiness checks, their metrics with a
 // host label each and one web view of all of them; --nats-http opens the lab's NATS
 // monitoring endpoint.
@@ -131,11 +119,11 @@ func TestLabHTTP(t *testing.T) {
 		}
 	}
 
-	code, ready := httpGet(t, base+"/readyz")
+	code, ready := bustest.HTTPGet(t, base+"/readyz")
 	if code != http.StatusOK || !strings.HasSuffix(ready, "ready\n") {
 		t.Errorf("/readyz: %d\n%s", code, ready)
 	}
-	_, metrics := httpGet(t, base+"/metrics")
+	_, metrics := bustest.HTTPGet(t, base+"/metrics")
 	for _, id := range ids {
 		for _, want := range []string{
 			"ok   " + id + " nats qubesbus-storage-" + id + ": CONNECTED",
@@ -160,7 +148,7 @@ func TestLabHTTP(t *testing.T) {
 		}
 	}
 	// The web view: its page, and every host on the bus in the list the page shows.
-	if code, page := httpGet(t, base+"/"); code != http.StatusOK || !strings.Contains(page, "<title>qubesbus</title>") {
+	if code, page := bustest.HTTPGet(t, base+"/"); code != http.StatusOK || !strings.Contains(page, "<title>qubesbus</title>") {
 		t.Errorf("/: %d %.200s", code, page)
 	}
 	// The page's feed of hosts (/state, server-sent events): every host of the lab.
@@ -187,7 +175,7 @@ func TestLabHTTP(t *testing.T) {
 	if len(seen) < hosts {
 		t.Errorf("/state showed hosts %v of %v", seen, ids)
 	}
-	if code, varz := httpGet(t, monitor+"/varz"); code != http.StatusOK || !strings.Contains(varz, `"server_id"`) {
+	if code, varz := bustest.HTTPGet(t, monitor+"/varz"); code != http.StatusOK || !strings.Contains(varz, `"server_id"`) {
 		t.Errorf("nats /varz: %d %.200s", code, varz)
 	}
 

@@ -27,22 +27,7 @@ import (
 // get fetches path from the ops handler: status and body.
 func get(t *testing.T, srv *httptest.Server, path string) (int, string) {
 	t.Helper()
-	return getURL(t, srv.URL+path)
-}
-
-// getURL fetches url: status and body.
-func getURL(t *testing.T, url string) (int, string) {
-	t.Helper()
-	resp, err := http.Get(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp.StatusCode, string(b)
+	return bustest.HTTPGet(t, srv.URL+path)
 }
 
 // TestOpsEndpoints: /healthz answers, /readyz is ready once the host serves, and
@@ -372,10 +357,10 @@ func TestNATSMonitoring(t *testing.T) {
 		t.Fatal("no monitoring listener")
 	}
 	base := "http://" + addr.String()
-	if code, body := getURL(t, base+"/varz"); code != 200 || !strings.Contains(body, `"server_id"`) {
+	if code, body := bustest.HTTPGet(t, base+"/varz"); code != 200 || !strings.Contains(body, `"server_id"`) {
 		t.Errorf("/varz: %d %.200s", code, body)
 	}
-	if code, body := getURL(t, base+"/connz"); code != 200 || !strings.Contains(body, `"qubesbus-gateway-test"`) {
+	if code, body := bustest.HTTPGet(t, base+"/connz"); code != 200 || !strings.Contains(body, `"qubesbus-gateway-test"`) {
 		t.Errorf("/connz: %d %.300s", code, body)
 	}
 
