@@ -54,19 +54,7 @@ func TestEncodeDecode(t *testing.T) {
 }
 
 func TestPublishToStream(t *testing.T) {
-	ns := bustest.RunJetStream(t)
-	nc := bustest.Connect(t, ns)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s, err := EnsureStream(ctx, js, StreamConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := NewPublisher(js, "local")
+	ctx, _, s, p := withStream(t, 10*time.Second)
 	evs := []Event{New("work", "domain-pre-start", "start_guid", "True"), New("work", "domain-start"), New("", "domain-add", "vm", "x")}
 	if err := p.Publish(ctx, evs...); err != nil {
 		t.Fatal(err)
@@ -157,19 +145,7 @@ func TestPublishWaitsForTheStreamAndStoresOnce(t *testing.T) {
 // Sends made one after another (as under a caller's lock) and waited for afterwards,
 // concurrently, are stored in the order they were sent.
 func TestSendKeepsOrderAcrossWaits(t *testing.T) {
-	ns := bustest.RunJetStream(t)
-	nc := bustest.Connect(t, ns)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	s, err := EnsureStream(ctx, js, StreamConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := NewPublisher(js, "local")
+	ctx, _, s, p := withStream(t, 20*time.Second)
 	const sends = 50
 	waits := make(chan func(context.Context) error, sends)
 	for i := range sends {

@@ -8,9 +8,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/subject"
 )
 
@@ -86,20 +84,8 @@ func TestLongNamesTravelExactly(t *testing.T) {
 // Long names are stored by JetStream (headers under its 64 KiB limit, subject bounded)
 // and read back exactly.
 func TestPublishLongNames(t *testing.T) {
-	ns := bustest.RunJetStream(t)
-	nc := bustest.Connect(t, ns)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	s, err := EnsureStream(ctx, js, StreamConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, nc, s, p := withStream(t, 20*time.Second)
 	evs := longNameEvents()
-	p := NewPublisher(js, "local")
 	if err := p.Publish(ctx, evs...); err != nil {
 		t.Fatal(err)
 	}
