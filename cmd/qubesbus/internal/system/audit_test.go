@@ -62,6 +62,28 @@ func readAudit(t *testing.T, sys *System, n int) []audit.Record {
 	return out
 }
 
+// auditCall is a call through the socket and the audit record it must leave (nil: none).
+type auditCall struct {
+	req, resp string // resp: the reply's first bytes
+	want      *audit.Record
+}
+
+// sendAuditCalls makes the calls in order, checks each reply's start, and returns the
+// records they must leave.
+func sendAuditCalls(t *testing.T, sys *System, calls []auditCall) []*audit.Record {
+	t.Helper()
+	var want []*audit.Record
+	for _, c := range calls {
+		if got := roundTrip(t, sys.Socket, []byte(c.req)); !strings.HasPrefix(string(got), c.resp) {
+			t.Fatalf("%q: %q, want %q…", c.req, got, c.resp)
+		}
+		if c.want != nil {
+			want = append(want, c.want)
+		}
+	}
+	return want
+}
+
 // TestAuditTrail: through the socket, an allowed change, an allowed power call and
 // refused calls each leave exactly one record on QUBES_AUDIT; reads leave none.
 func TestAuditTrail(t *testing.T) {
@@ -75,10 +97,7 @@ func TestAuditTrail(t *testing.T) {
 		return &audit.Record{Host: "test", Source: source, Method: method, Dest: dest, Arg: arg, Outcome: outcome,
 			Exception: exception, PayloadLen: payload}
 	}
-	calls := []struct {
-		req, resp string // resp: the reply's first bytes
-		want      *audit.Record
-	}{
+	calls := []auditCall{
 		{"admin.vm.property.Set+label dom0 name work\x00red", "0\x00", rec("dom0", "admin.vm.property.Set", "work", "label", "ok", "", 3)},
 		{"admin.vm.property.Get+label dom0 name work\x00", "0\x00default=False type=label red", nil},
 		{"admin.vm.property.Get+label work name work\x00", "0\x00default=False type=label red", nil}, // allowed by the policy
@@ -88,15 +107,7 @@ func TestAuditTrail(t *testing.T) {
 		{"admin.vm.List+ dom0 name dom0\x00", "0\x00dom0", nil},
 		{"admin.vm.Kill+ work name work\x00", denied, rec("work", "admin.vm.Kill", "work", "", "exception", "PermissionDenied", 0)},
 	}
-	var want []*audit.Record
-	for _, c := range calls {
-		if got := roundTrip(t, sys.Socket, []byte(c.req)); !strings.HasPrefix(string(got), c.resp) {
-			t.Fatalf("%q: %q, want %q…", c.req, got, c.resp)
-		}
-		if c.want != nil {
-			want = append(want, c.want)
-		}
-	}
+	want := sendAuditCalls(t, sys, calls)
 	got := readAudit(t, sys, len(want))
 	ids := map[string]bool{}
 	for i, r := range got {
@@ -171,10 +182,7 @@ func TestAuditTrailOfEveryService(t *testing.T) {
 	}
 	assign := "device_id='0x8086:0x51f0::p028000' port_id='00_14.3' devclass='pci' backend_domain='dom0' mode='required' frontend_domain='work'"
 	fw := "action=accept dsthost=qubes-os.org\naction=drop\n"
-	calls := []struct {
-		req, resp string // resp: the reply's first bytes
-		want      *audit.Record
-	}{
+	calls := []auditCall{
 		// Storage.
 		{"admin.pool.Add+file dom0 name dom0\x00name=extra\ndir_path=" + root + "/extra", "0\x00", rec("dom0", "admin.pool.Add", "dom0", "file", "ok", "", len("name=extra\ndir_path="+root+"/extra"))},
 		{"admin.pool.List+ dom0 name dom0\x00", "0\x00", nil},
@@ -203,15 +211,7 @@ func TestAuditTrailOfEveryService(t *testing.T) {
 		{"admin.backup.Cancel+nope dom0 name dom0\x00", "2\x00QubesException", rec("dom0", "admin.backup.Cancel", "dom0", "nope", "exception", "QubesException", 0)},
 		{"admin.backup.Info+nope work name dom0\x00", denied, rec("work", "admin.backup.Info", "dom0", "nope", "exception", "PermissionDenied", 0)},
 	}
-	var want []*audit.Record
-	for _, c := range calls {
-		if got := roundTrip(t, sys.Socket, []byte(c.req)); !strings.HasPrefix(string(got), c.resp) {
-			t.Fatalf("%q: %q, want %q…", c.req, got, c.resp)
-		}
-		if c.want != nil {
-			want = append(want, c.want)
-		}
-	}
+	want := sendAuditCalls(t, sys, calls)
 	got := readAudit(t, sys, len(want))
 	for i, r := range got {
 		w := *want[i]
