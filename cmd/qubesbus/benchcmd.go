@@ -42,7 +42,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.StringVar(&subs, "subscribers", "1,10,100", "admin.Events fan-out")
 	fs.StringVar(&classes, "classes", "", "comma-separated call classes (default all)")
 	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the whole run (services included: they run in this process)")
-	profileDir := fs.String("profile-dir", "", "write CPU, mutex and block profiles of each class measurement alone (<class>-<qubes>q-<clients>c.{cpu,mutex,block}.prof) into this directory")
+	profileDir := fs.String("profile-dir", "", "write CPU, mutex and block profiles of each class measurement alone (<class>-<qubes>q-<clients>c.{cpu,mutex,block,allocs,allocs-base}.prof; pprof -diff_base the allocs-base) into this directory")
 	fs.BoolVar(&cfg.SkipQvmLs, "skip-qvm-ls", false, "do not run the qvm-ls-shaped workload")
 	fs.IntVar(&cfg.FloorClients, "floor-clients", 8, "concurrent property.Get clients in the comparison with the recorded floor")
 	fs.IntVar(&cfg.Rounds, "rounds", 3, "rounds of the comparison with the recorded floor (each measures floor and qubesbus back to back)")
@@ -137,11 +137,22 @@ func profileMeasurement(prefix string, stderr io.Writer) (done func()) {
 	}
 	runtime.SetMutexProfileFraction(1)
 	runtime.SetBlockProfileRate(1)
+	// The allocations profile counts from the process's start: the one taken before
+	// is the base to subtract (pprof -diff_base).
+	writeAllocs := func(name string) {
+		runtime.GC() // the profile is as of the last GC
+		if f, err := os.Create(prefix + name); err == nil {
+			_ = pprof.Lookup("allocs").WriteTo(f, 0)
+			f.Close()
+		}
+	}
+	writeAllocs(".allocs-base.prof")
 	return func() {
 		if cpu != nil {
 			pprof.StopCPUProfile()
 			cpu.Close()
 		}
+		writeAllocs(".allocs.prof")
 		for _, kind := range []string{"mutex", "block"} {
 			if f, err := os.Create(prefix + "." + kind + ".prof"); err == nil {
 				_ = pprof.Lookup(kind).WriteTo(f, 0)
