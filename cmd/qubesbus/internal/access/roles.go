@@ -286,7 +286,9 @@ var Roles = []Role{
 	{Name: Gateway, About: "The socket: the only role that may send Admin API calls, and so assert their source.",
 		Publish: union([]string{inbox, discovery, api, cancel}, lifecycleOps(lifecycle.OpStatsLease),
 			readStream(cloudevent.StreamName), []string{anyHost.Audit()}),
-		Subscribe: join([]string{inbox, discovery}, lifecycleOps(lifecycle.SubjectStats))},
+		// The events' own subjects: admin.Events relays each as it is published, before
+		// the stream's copy comes (gateway's hub).
+		Subscribe: join([]string{inbox, discovery, anyHost.Events()}, lifecycleOps(lifecycle.SubjectStats))},
 	{Name: Events, About: "Event consumers (qubesbus events, dashboards): read the events stream only; may call nothing.",
 		Publish:   readStream(cloudevent.StreamName),
 		Subscribe: []string{inbox}},
