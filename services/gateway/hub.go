@@ -40,11 +40,12 @@ type hub struct {
 	cancel context.CancelFunc // stops the running feed; nil when none runs
 	done   chan struct{}
 
-	fast      *fastPath             // nil when none runs
-	ahead     map[string]aheadEvent // events relayed by the fast path, not yet by the feed
-	aheadN    uint64                // counts the events relayed by the fast path
-	relayed   idRing                // the feed's latest events: a late fast copy is dropped
-	lastPrune time.Time
+	fast       *fastPath             // nil when none runs
+	ahead      map[string]aheadEvent // events relayed by the fast path, not yet by the feed
+	aheadN     uint64                // counts the events relayed by the fast path
+	lastJoined uint64                // the joined of the subscriber added last
+	relayed    idRing                // the feed's latest events: a late fast copy is dropped
+	lastPrune  time.Time
 }
 
 // fastPath is one subscription of the fast path; its callback relays only while it
@@ -272,7 +273,7 @@ func (h *hub) add(s *subscriber) error {
 		go h.run(ctx, f, h.done)
 		h.startFast()
 	}
-	s.joined = h.aheadN
+	s.joined, h.lastJoined = h.aheadN, h.aheadN
 	h.subs[s] = struct{}{}
 	return nil
 }
@@ -351,12 +352,16 @@ func (h *hub) run(ctx context.Context, f *feed, done chan struct{}) {
 			}
 			return
 		}
+		id := msg.Header.Get(jetstream.MsgIDHeader)
+		if h.hadAhead(id) {
+			continue // no need to decode it again
+		}
 		ev, err := cloudevent.DecodeHeaders(msg)
 		if err != nil {
 			h.e.log.Warn("skipping undecodable event", "subject", msg.Subject, "err", err)
 			continue
 		}
-		h.deliverStored(msg.Header.Get(jetstream.MsgIDHeader), item{seq: f.last, vm: ev.VM, frame: appendCloudEvent(nil, ev)})
+		h.deliverStored(id, item{seq: f.last, vm: ev.VM, frame: appendCloudEvent(nil, ev)})
 	}
 }
 
@@ -393,6 +398,20 @@ func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
 	h.aheadN++
 	h.ahead[id] = aheadEvent{n: h.aheadN, at: now}
 	h.deliverLocked(it, 0)
+}
+
+// hadAhead reports whether every subscriber had the feed's event id from the fast
+// path, and if so marks it relayed.
+func (h *hub) hadAhead(id string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	a, ok := h.ahead[id]
+	if !ok || h.lastJoined >= a.n {
+		return false // deliverStored decides, subscriber by subscriber
+	}
+	delete(h.ahead, id)
+	h.relayed.add(id)
+	return true
 }
 
 // deliverStored relays an event of the feed, with its Nats-Msg-Id, to every

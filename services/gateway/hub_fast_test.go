@@ -66,10 +66,13 @@ func TestHubFastPathRelaysEachEventOnce(t *testing.T) {
 	// late joins between the fast copy and the feed's: only the feed gives it event 1.
 	late, _, lateClient, _ := hh.subscribe("", 1)
 	hh.h.mu.Lock()
-	late.joined = hh.h.aheadN
+	late.joined, hh.h.lastJoined = hh.h.aheadN, hh.h.aheadN
 	hh.h.mu.Unlock()
 	waitDirect(late)
 	ahead1(hh.h, path) // a second copy of the same publish
+	if hh.h.hadAhead(id1) {
+		t.Fatal("the feed skips event 1, which late has not had")
+	}
 	hh.h.deliverStored(id1, item{seq: 5, vm: "work", frame: frame1})
 
 	// Event 2 comes from the feed first; its fast copy comes late.
@@ -82,9 +85,16 @@ func TestHubFastPathRelaysEachEventOnce(t *testing.T) {
 	ahead3(hh.h, &fastPath{})
 	hh.h.deliverStored(id3, item{seq: 7, vm: "work", frame: frame3})
 
-	want := slicesConcat(frame1, frame2, frame3)
+	// Event 4 reaches both from the fast path: the feed's copy is not decoded.
+	id4, ahead4, frame4, _ := encoded(t, 4)
+	ahead4(hh.h, path)
+	if !hh.h.hadAhead(id4) {
+		t.Fatal("every subscriber had event 4, yet the feed relays it")
+	}
+
+	want := slicesConcat(frame1, frame2, frame3, frame4)
 	readExactly(t, hh, earlyClient, want)
-	readExactly(t, hh, lateClient, slicesConcat(frame1, frame2, frame3, frameN("work", -1, 0)))
+	readExactly(t, hh, lateClient, slicesConcat(want, frameN("work", -1, 0)))
 	hh.h.mu.Lock()
 	defer hh.h.mu.Unlock()
 	if len(hh.h.ahead) != 0 {
