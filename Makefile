@@ -137,6 +137,7 @@ fuzz:
 	cd bus && $(GO) test -run '^$$' -fuzz '^FuzzServiceEnvelope$$' -fuzztime $(FUZZTIME) ./rpc/
 	cd services/storage && $(GO) test -run '^$$' -fuzz '^FuzzSimKey$$' -fuzztime $(FUZZTIME) .
 	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./firewall/
+	cd bus && $(GO) test -run '^$$' -fuzz '^FuzzJSONString$$' -fuzztime $(FUZZTIME) ./cloudevent/
 
 clean:
 	rm -rf bin $(RUN_DIR)
