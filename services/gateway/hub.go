@@ -76,7 +76,10 @@ type idRing struct {
 	set  map[string]struct{}
 }
 
-const relayedMemory = 4096
+// relayedMemory is how many of the feed's latest events a hub remembers: a fast copy
+// comes at most a few events after the feed's, and a lab's thousand gateways with
+// subscribers keep about 50 KB each.
+const relayedMemory = 1024
 
 func (r *idRing) add(id string) {
 	if r.ids == nil {
