@@ -26,6 +26,7 @@ const (
 	APICallDuration   = "qubesbus_api_call_duration_seconds"
 	EventsPublished   = "qubesbus_events_published_total"
 	EventSubscribers  = "qubesbus_admin_events_subscribers"
+	EventsRelayed     = "qubesbus_admin_events_relayed_total"
 	ReplicaLag        = "qubesbus_replica_lag_revisions"
 	ReplicaRevision   = "qubesbus_replica_revision"
 	QubesXMLWrites    = "qubesbus_qubes_xml_writes_total"
@@ -170,6 +171,9 @@ type Sources struct {
 	Conns func() []*nats.Conn
 	// Subscribers is the number of admin.Events subscribers of the gateway.
 	Subscribers func() int
+	// EventsRelayed counts the events the gateway relayed to admin.Events subscribers
+	// from the fast path and from the stream's consumer.
+	EventsRelayed func() (published, stored uint64)
 	// Replicas are each service's replica revision and lag behind the configuration
 	// store's revision (labelled by service).
 	Replicas func() []ReplicaState
@@ -194,6 +198,7 @@ func Register(reg prometheus.Registerer, src Sources) {
 
 var (
 	descSubscribers = prometheus.NewDesc(EventSubscribers, "admin.Events subscribers on the gateway's socket.", nil, nil)
+	descRelayed     = prometheus.NewDesc(EventsRelayed, "Events the gateway relayed to admin.Events subscribers, by where it heard them first: published (its subject, the fast path) or stored (the stream's consumer: what the fast path missed).", []string{"path"}, nil)
 	descLag         = prometheus.NewDesc(ReplicaLag, "Revisions a service's configuration replica is behind the store.", []string{"service"}, nil)
 	descReplicaRev  = prometheus.NewDesc(ReplicaRevision, "Configuration revision a service's replica holds.", []string{"service"}, nil)
 	descWrites      = prometheus.NewDesc(QubesXMLWrites, "qubes.xml writes by this persistence instance.", nil, nil)
@@ -208,7 +213,7 @@ var (
 type collector struct{ src Sources }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descSubscribers, descLag, descReplicaRev, descWrites, descConfigRev,
+	for _, d := range []*prometheus.Desc{descSubscribers, descRelayed, descLag, descReplicaRev, descWrites, descConfigRev,
 		descLeaseHeld, descLeaseEpoch, descConnected, descReconnects} {
 		ch <- d
 	}
@@ -218,6 +223,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	s := c.src
 	if s.Subscribers != nil {
 		ch <- prometheus.MustNewConstMetric(descSubscribers, prometheus.GaugeValue, float64(s.Subscribers()))
+	}
+	if s.EventsRelayed != nil {
+		published, stored := s.EventsRelayed()
+		ch <- prometheus.MustNewConstMetric(descRelayed, prometheus.CounterValue, float64(published), "published")
+		ch <- prometheus.MustNewConstMetric(descRelayed, prometheus.CounterValue, float64(stored), "stored")
 	}
 	if s.Replicas != nil {
 		for _, r := range s.Replicas() {

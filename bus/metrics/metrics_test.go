@@ -72,15 +72,20 @@ func TestHotPathDoesNotAllocate(t *testing.T) {
 func TestSources(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	Register(reg, Sources{
-		Subscribers: func() int { return 3 },
-		Replicas:    func() []ReplicaState { return []ReplicaState{{Service: "properties", Revision: 7, Lag: 2}} },
-		Store:       func() (uint64, uint64) { return 9, 4 },
-		Lease:       func() (bool, uint64) { return true, 12 },
+		Subscribers:   func() int { return 3 },
+		EventsRelayed: func() (uint64, uint64) { return 40, 2 },
+		Replicas:      func() []ReplicaState { return []ReplicaState{{Service: "properties", Revision: 7, Lag: 2}} },
+		Store:         func() (uint64, uint64) { return 9, 4 },
+		Lease:         func() (bool, uint64) { return true, 12 },
 	})
 	want := `
 # HELP qubesbus_admin_events_subscribers admin.Events subscribers on the gateway's socket.
 # TYPE qubesbus_admin_events_subscribers gauge
 qubesbus_admin_events_subscribers 3
+# HELP qubesbus_admin_events_relayed_total Events the gateway relayed to admin.Events subscribers, by where it heard them first: published (its subject, the fast path) or stored (the stream's consumer: what the fast path missed).
+# TYPE qubesbus_admin_events_relayed_total counter
+qubesbus_admin_events_relayed_total{path="published"} 40
+qubesbus_admin_events_relayed_total{path="stored"} 2
 # HELP qubesbus_replica_lag_revisions Revisions a service's configuration replica is behind the store.
 # TYPE qubesbus_replica_lag_revisions gauge
 qubesbus_replica_lag_revisions{service="properties"} 2
@@ -91,7 +96,7 @@ qubesbus_qubes_xml_writes_total 4
 # TYPE qubesbus_lifecycle_lease_held gauge
 qubesbus_lifecycle_lease_held 1
 `
-	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), EventSubscribers, ReplicaLag, QubesXMLWrites, LeaseHeld); err != nil {
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), EventSubscribers, EventsRelayed, ReplicaLag, QubesXMLWrites, LeaseHeld); err != nil {
 		t.Error(err)
 	}
 }

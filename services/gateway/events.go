@@ -43,6 +43,10 @@ type Events struct {
 // Subscribers is the number of admin.Events subscribers now.
 func (e *Events) Subscribers() int { return e.hub.count() }
 
+// Relayed counts the events relayed to subscribers, by where the gateway heard them
+// first: their subject as they were published (the fast path), or the stream.
+func (e *Events) Relayed() (published, stored uint64) { return e.hub.relayedCounts() }
+
 // NewEvents returns the admin.Events handler for a host.
 func NewEvents(cfg EventsConfig, nc *nats.Conn, host subject.Host, log *slog.Logger) (*Events, error) {
 	if cfg.WriteTimeout == 0 {

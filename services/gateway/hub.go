@@ -45,12 +45,33 @@ type hub struct {
 	aheadN     uint64                // counts the events relayed by the fast path
 	lastJoined uint64                // the joined of the subscriber added last
 	relayed    idRing                // the feed's latest events: a late fast copy is dropped
-	lastPrune  time.Time
+	stored     uint64                // counts the events the feed relayed to anyone
+	// The fast path relays at once only while it is known to have missed nothing
+	// (fastOK): since okEpoch no reconnect or dropped message, and the feed has
+	// brought nothing it had not heard. Otherwise what it hears waits in held for the
+	// feed, in the stream's order, until the feed brings an event it heard in the
+	// current epoch with nothing else held: then the two agree again.
+	fastOK    bool
+	okEpoch   uint64
+	held      map[string]heldEvent
+	lastPrune time.Time
 }
 
 // fastPath is one subscription of the fast path; its callback relays only while it
 // is the hub's.
-type fastPath struct{ sub *nats.Subscription }
+type fastPath struct {
+	sub *nats.Subscription
+	// epoch counts what may have lost the path messages: the connection's reconnects
+	// and the messages the subscription dropped. A message heard at an epoch follows
+	// every loss counted in it.
+	epoch func() uint64
+}
+
+// heldEvent is an event the fast path heard while it was not trusted.
+type heldEvent struct {
+	epoch uint64
+	at    time.Time
+}
 
 // aheadEvent is an event the fast path relayed: to the subscribers that joined before
 // it (subscriber.joined < n), at.
@@ -286,22 +307,28 @@ func (h *hub) add(s *subscriber) error {
 // later. The caller holds mu.
 func (h *hub) startFast() {
 	path := new(fastPath)
-	sub, err := h.e.nc.Subscribe(h.e.host.Events(), func(msg *nats.Msg) { h.relayAhead(path, msg) })
+	nc := h.e.nc
+	sub, err := nc.Subscribe(h.e.host.Events(), func(msg *nats.Msg) { h.relayAhead(path, msg) })
 	if err != nil {
 		h.e.log.Warn("admin.Events fast path; relaying from the stream only", "err", err)
 		return
 	}
 	_ = sub.SetPendingLimits(max(h.e.cfg.Buffer, feedPending), 64<<20)
 	path.sub = sub
-	h.fast, h.ahead = path, map[string]aheadEvent{}
+	path.epoch = func() uint64 {
+		dropped, _ := sub.Dropped()
+		return nc.Stats().Reconnects + uint64(max(dropped, 0))
+	}
+	h.fast, h.ahead, h.held = path, map[string]aheadEvent{}, map[string]heldEvent{}
+	h.fastOK, h.okEpoch = true, path.epoch()
 }
 
 // stopFastLocked ends the fast path and forgets what it relayed.
 func (h *hub) stopFastLocked() {
-	if h.fast != nil {
+	if h.fast != nil && h.fast.sub != nil {
 		_ = h.fast.sub.Unsubscribe()
 	}
-	h.fast, h.ahead, h.relayed = nil, nil, idRing{}
+	h.fast, h.ahead, h.held, h.relayed = nil, nil, nil, idRing{}
 }
 
 // count is the number of subscribers.
@@ -355,16 +382,16 @@ func (h *hub) run(ctx context.Context, f *feed, done chan struct{}) {
 			}
 			return
 		}
-		id := msg.Header.Get(jetstream.MsgIDHeader)
-		if h.hadAhead(id) {
-			continue // no need to decode it again
+		fe := h.fromFeed(msg.Header.Get(jetstream.MsgIDHeader))
+		if fe.skip {
+			continue // every subscriber had it: no need to decode it again
 		}
 		ev, err := cloudevent.DecodeHeaders(msg)
 		if err != nil {
 			h.e.log.Warn("skipping undecodable event", "subject", msg.Subject, "err", err)
 			continue
 		}
-		h.deliverStored(id, item{seq: f.last, vm: ev.VM, frame: appendCloudEvent(nil, ev)})
+		h.deliverStored(fe, item{seq: f.last, vm: ev.VM, frame: appendCloudEvent(nil, ev)})
 	}
 }
 
@@ -382,12 +409,16 @@ func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
 	}
 	it := item{seq: seqAhead, vm: ev.VM, frame: appendCloudEvent(nil, ev)}
 	now := time.Now()
+	epoch := path.epoch() // read before mu: the callback runs while other goroutines hold the connection's lock
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.fast != path {
 		return // a fast path that has stopped
 	}
 	if _, dup := h.ahead[id]; dup || h.relayed.has(id) {
+		return
+	}
+	if _, dup := h.held[id]; dup {
 		return
 	}
 	if now.Sub(h.lastPrune) > time.Second {
@@ -397,40 +428,78 @@ func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
 				delete(h.ahead, k)
 			}
 		}
+		for k, a := range h.held {
+			if now.Sub(a.at) > aheadTTL {
+				delete(h.held, k)
+			}
+		}
+	}
+	if h.fastOK && epoch != h.okEpoch {
+		h.fastOK = false // a reconnect or a drop: what was lost comes from the feed first
+	}
+	if !h.fastOK {
+		h.held[id] = heldEvent{epoch: epoch, at: now}
+		return
 	}
 	h.aheadN++
 	h.ahead[id] = aheadEvent{n: h.aheadN, at: now}
 	h.deliverLocked(it, 0)
 }
 
-// hadAhead reports whether every subscriber had the feed's event id from the fast
-// path, and if so marks it relayed.
-func (h *hub) hadAhead(id string) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	a, ok := h.ahead[id]
-	if !ok || h.lastJoined >= a.n {
-		return false // deliverStored decides, subscriber by subscriber
-	}
-	delete(h.ahead, id)
-	h.relayed.add(id)
-	return true
+// feedEvent is what the fast path's bookkeeping says of an event the feed brings.
+type feedEvent struct {
+	gotAhead uint64 // subscribers that joined before this had it from the fast path (0: none)
+	skip     bool   // every subscriber had it
+	// agree: the fast path heard it in the current epoch (epoch) and held nothing else:
+	// once it is relayed, the fast path may relay at once again (deliverStored).
+	agree bool
+	epoch uint64
+	path  *fastPath
 }
 
-// deliverStored relays an event of the feed, with its Nats-Msg-Id, to every
-// subscriber that the fast path did not give it to.
-func (h *hub) deliverStored(id string, it item) {
+// fromFeed does the fast path's bookkeeping for an event the feed brings (its
+// Nats-Msg-Id).
+func (h *hub) fromFeed(id string) feedEvent {
+	h.mu.Lock()
+	path := h.fast
+	h.mu.Unlock()
+	if path == nil || id == "" {
+		return feedEvent{}
+	}
+	epoch := path.epoch()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	var gotAhead uint64 // subscribers that joined before this had it
-	if id != "" && h.fast != nil {
-		if a, ok := h.ahead[id]; ok {
-			delete(h.ahead, id)
-			gotAhead = a.n
-		}
-		h.relayed.add(id)
+	if h.fast != path {
+		return feedEvent{}
 	}
-	h.deliverLocked(it, gotAhead)
+	h.relayed.add(id)
+	if a, ok := h.ahead[id]; ok {
+		delete(h.ahead, id)
+		return feedEvent{gotAhead: a.n, skip: h.lastJoined < a.n}
+	}
+	if hv, ok := h.held[id]; ok {
+		delete(h.held, id)
+		return feedEvent{agree: !h.fastOK && hv.epoch == epoch && len(h.held) == 0, epoch: epoch, path: path}
+	}
+	// An event the fast path has not heard: lost, or its copy is late. Relaying later
+	// events at once could put them before one still to come from the feed.
+	h.fastOK = false
+	return feedEvent{}
+}
+
+// deliverStored relays an event of the feed to every subscriber but those that had it
+// from the fast path; if the feed and the fast path agree again, the fast path relays
+// at once from now on: every event it heard is relayed, and it has lost nothing since.
+func (h *hub) deliverStored(fe feedEvent, it item) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.deliverLocked(it, fe.gotAhead) {
+		h.stored++
+	}
+	// What the fast path heard meanwhile is held: it must come from the feed first.
+	if fe.agree && h.fast == fe.path && !h.fastOK && len(h.held) == 0 {
+		h.fastOK, h.okEpoch = true, fe.epoch
+	}
 }
 
 // resumeWindow is how long the hub keeps trying to resume its feed before it cuts its
@@ -462,17 +531,27 @@ func (h *hub) deliver(it item) {
 	h.deliverLocked(it, 0)
 }
 
+// relayedCounts counts the events relayed first from the fast path and from the
+// feed (to at least one subscriber that had not had them).
+func (h *hub) relayedCounts() (published, stored uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.aheadN, h.stored
+}
+
 // deliverLocked relays one frame to every subscriber it is for, but those that joined
 // before the fast path's event gotAhead (0: none), which had it.
-func (h *hub) deliverLocked(it item, gotAhead uint64) {
+func (h *hub) deliverLocked(it item, gotAhead uint64) (offered bool) {
 	for s := range h.subs {
 		if s.joined < gotAhead {
 			continue
 		}
 		if s.vm == "" || s.vm == it.vm {
 			s.offer(it, h.e.cfg.Buffer)
+			offered = true
 		}
 	}
+	return offered
 }
 
 func (h *hub) cutAll() {

@@ -48,16 +48,31 @@ func readExactly(t *testing.T, hh *hubHarness, c interface {
 	}
 }
 
+// fromTheFeed hands the hub an event as its feed brings it.
+func fromTheFeed(h *hub, id string, it item) {
+	if fe := h.fromFeed(id); !fe.skip {
+		h.deliverStored(fe, it)
+	}
+}
+
 // The fast path and the feed bring the same event; every subscriber gets it once:
 // from the fast path if it had joined by then, else from the feed. A second fast
 // copy (a publish sent again), a fast copy after the feed's, and a fast path that
-// has stopped relay nothing.
-func TestHubFastPathRelaysEachEventOnce(t *testing.T) {
+// has stopped relay nothing. Once the fast path may have missed an event (the feed
+// brings one it has not heard, or a reconnect or drop), what it hears waits for the
+// feed, in the feed's order, until the two agree again.
+func TestHubFastPathRelaysEachEventOnceInOrder(t *testing.T) {
 	hh := newHubHarness(t, 256)
-	path := &fastPath{}
+	var losses uint64 // the path's epoch: reconnects and drops
+	path := &fastPath{epoch: func() uint64 { return losses }}
 	hh.h.mu.Lock()
-	hh.h.fast, hh.h.ahead = path, map[string]aheadEvent{}
+	hh.h.fast, hh.h.ahead, hh.h.held, hh.h.fastOK = path, map[string]aheadEvent{}, map[string]heldEvent{}, true
 	hh.h.mu.Unlock()
+	fastOK := func() bool {
+		hh.h.mu.Lock()
+		defer hh.h.mu.Unlock()
+		return hh.h.fastOK
+	}
 
 	early, _, earlyClient, _ := hh.subscribe("", 1)
 	waitDirect(early)
@@ -70,35 +85,93 @@ func TestHubFastPathRelaysEachEventOnce(t *testing.T) {
 	hh.h.mu.Unlock()
 	waitDirect(late)
 	ahead1(hh.h, path) // a second copy of the same publish
-	if hh.h.hadAhead(id1) {
+	fe := hh.h.fromFeed(id1)
+	if fe.skip {
 		t.Fatal("the feed skips event 1, which late has not had")
 	}
-	hh.h.deliverStored(id1, item{seq: 5, vm: "work", frame: frame1})
+	hh.h.deliverStored(fe, item{seq: 5, vm: "work", frame: frame1})
 
-	// Event 2 comes from the feed first; its fast copy comes late.
+	// Event 2 reaches both from the fast path: the feed's copy is not decoded.
 	id2, ahead2, frame2, _ := encoded(t, 2)
-	hh.h.deliverStored(id2, item{seq: 6, vm: "work", frame: frame2})
 	ahead2(hh.h, path)
-
-	// Event 3 reaches a fast path that has stopped: only the feed relays it.
-	id3, ahead3, frame3, _ := encoded(t, 3)
-	ahead3(hh.h, &fastPath{})
-	hh.h.deliverStored(id3, item{seq: 7, vm: "work", frame: frame3})
-
-	// Event 4 reaches both from the fast path: the feed's copy is not decoded.
-	id4, ahead4, frame4, _ := encoded(t, 4)
-	ahead4(hh.h, path)
-	if !hh.h.hadAhead(id4) {
-		t.Fatal("every subscriber had event 4, yet the feed relays it")
+	if fe := hh.h.fromFeed(id2); !fe.skip {
+		t.Fatal("every subscriber had event 2, yet the feed relays it")
 	}
 
-	want := slicesConcat(frame1, frame2, frame3, frame4)
+	// Event 3 comes from the feed first (its fast copy was lost, or is late): the
+	// fast path is no longer trusted, and its late copy relays nothing.
+	id3, ahead3, frame3, _ := encoded(t, 3)
+	fromTheFeed(hh.h, id3, item{seq: 7, vm: "work", frame: frame3})
+	ahead3(hh.h, path)
+	if fastOK() {
+		t.Fatal("the fast path missed event 3, yet it is still trusted")
+	}
+	// Event 4 is heard but waits for the feed; its coming makes the two agree again.
+	id4, ahead4, frame4, _ := encoded(t, 4)
+	ahead4(hh.h, path)
+	fromTheFeed(hh.h, id4, item{seq: 8, vm: "work", frame: frame4})
+	if !fastOK() {
+		t.Fatal("the feed brought the only event held, heard in this epoch: the fast path is trusted again")
+	}
+	// Event 5 reaches a fast path that has stopped: only the feed relays it.
+	id5, ahead5, frame5, _ := encoded(t, 5)
+	ahead5(hh.h, &fastPath{epoch: func() uint64 { return losses }})
+	fromTheFeed(hh.h, id5, item{seq: 9, vm: "work", frame: frame5})
+	if fastOK() {
+		t.Fatal("the fast path did not hear event 5, yet it is still trusted")
+	}
+	// Between the feed's bookkeeping for an event that makes the two agree and its
+	// delivery, the fast path hears the next one: it waits too.
+	id5b, ahead5b, frame5b, _ := encoded(t, 50)
+	id5c, ahead5c, frame5c, _ := encoded(t, 51)
+	ahead5b(hh.h, path)
+	fe5b := hh.h.fromFeed(id5b)
+	ahead5c(hh.h, path)
+	hh.h.deliverStored(fe5b, item{seq: 10, vm: "work", frame: frame5b})
+	if fastOK() {
+		t.Fatal("event 51 is held, yet the fast path is trusted")
+	}
+	fromTheFeed(hh.h, id5c, item{seq: 10, vm: "work", frame: frame5c})
+	if !fastOK() {
+		t.Fatal("the feed brought event 51, the only one held: the fast path is trusted again")
+	}
+
+	// A reconnect: event 6 was lost with it, event 7 heard after it must wait for 6.
+	losses++
+	id6, _, frame6, _ := encoded(t, 6)
+	id7, ahead7, frame7, _ := encoded(t, 7)
+	ahead7(hh.h, path)
+	fromTheFeed(hh.h, id6, item{seq: 10, vm: "work", frame: frame6})
+	fromTheFeed(hh.h, id7, item{seq: 11, vm: "work", frame: frame7})
+	if !fastOK() {
+		t.Fatal("after the feed brought event 7 the fast path is trusted again")
+	}
+	// Event 8, heard before a drop and held, agrees with the feed only in its own
+	// epoch: event 9, heard after the drop, waits too.
+	hh.h.mu.Lock()
+	hh.h.fastOK = false
+	hh.h.mu.Unlock()
+	id8, ahead8, frame8, _ := encoded(t, 8)
+	ahead8(hh.h, path)
+	losses++
+	id9, ahead9, frame9, _ := encoded(t, 9)
+	ahead9(hh.h, path)
+	fromTheFeed(hh.h, id8, item{seq: 12, vm: "work", frame: frame8})
+	if fastOK() {
+		t.Fatal("event 8 was heard before the drop: it proves nothing after it")
+	}
+	fromTheFeed(hh.h, id9, item{seq: 13, vm: "work", frame: frame9})
+	if !fastOK() {
+		t.Fatal("event 9, heard after the drop, came from the feed with nothing held")
+	}
+
+	want := slicesConcat(frame1, frame2, frame3, frame4, frame5, frame5b, frame5c, frame6, frame7, frame8, frame9)
 	readExactly(t, hh, earlyClient, want)
 	readExactly(t, hh, lateClient, slicesConcat(want, frameN("work", -1, 0)))
 	hh.h.mu.Lock()
 	defer hh.h.mu.Unlock()
-	if len(hh.h.ahead) != 0 {
-		t.Errorf("%d events still awaited from the feed", len(hh.h.ahead))
+	if len(hh.h.ahead) != 0 || len(hh.h.held) != 0 {
+		t.Errorf("%d events still awaited from the feed, %d held", len(hh.h.ahead), len(hh.h.held))
 	}
 }
 
@@ -171,7 +244,8 @@ func TestHubFeedCoversWhatTheFastPathMisses(t *testing.T) {
 		t.Fatalf("read: %v", err)
 	}
 	if !bytes.Equal(got, want.Bytes()) {
-		t.Fatalf("frames differ from the events published, in order, once each (first difference at byte %d)", firstDiff(got, want.Bytes()))
+		d := firstDiff(got, want.Bytes())
+		t.Fatalf("frames differ from the events published, in order, once each (first difference at byte %d: got %q, want %q)", d, got[max(0, d-60):min(len(got), d+60)], want.Bytes()[max(0, d-60):min(want.Len(), d+60)])
 	}
 	// No copy follows: the next frame is a new event's.
 	publish(600, 601)

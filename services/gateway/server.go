@@ -120,6 +120,14 @@ func (s *Server) Subscribers() int {
 	return 0
 }
 
+// EventsRelayed counts the events relayed to admin.Events subscribers (Events.Relayed).
+func (s *Server) EventsRelayed() (published, stored uint64) {
+	if e := s.events.Load(); e != nil {
+		return e.Relayed()
+	}
+	return 0, 0
+}
+
 // Marks returns the newest marks the gateway has seen in replies.
 func (s *Server) Marks() envelope.Marks {
 	s.mmu.Lock()

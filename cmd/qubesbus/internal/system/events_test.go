@@ -290,3 +290,33 @@ func hungUp(t testing.TB, c *net.UnixConn) bool {
 	}
 	return revents&unix.POLLHUP != 0
 }
+
+// Under the roles' permissions, as deployed, the gateway hears events as they are
+// published (admin.Events' fast path), not only from the stream's consumer: a role
+// table without the gateway's subscription would still pass every other events test,
+// only slower.
+func TestEventsFastPathUnderTheRoles(t *testing.T) {
+	sys := startSystem(t)
+	s := openEvents(t, sys.Socket, "work")
+	const n = 20
+	for i := range n {
+		if resp := roundTrip(t, sys.Socket, []byte(fmt.Sprintf("admin.vm.feature.Set+fast dom0 name work\x00%d", i))); string(resp) != "0\x00" {
+			t.Fatalf("feature.Set: %q", resp)
+		}
+	}
+	last := fmt.Sprintf("1\x00work\x00domain-feature-set:fast\x00feature\x00fast\x00value\x00%d\x00oldvalue\x00%d\x00\x00", n-1, n-2)
+	for {
+		frame, err := s.next(10 * time.Second)
+		if err != nil {
+			t.Fatalf("waiting for the last change's event: %v", err)
+		}
+		if string(frame) == last {
+			break
+		}
+	}
+	published, stored := sys.obs.gateway.Load().EventsRelayed()
+	if published == 0 {
+		t.Fatalf("no event came by the fast path (%d from the stream)", stored)
+	}
+	t.Logf("%d events from the fast path, %d from the stream first", published, stored)
+}

@@ -94,6 +94,12 @@ func (s *System) initMetrics(reg prometheus.Registerer) {
 			}
 			return 0
 		},
+		EventsRelayed: func() (published, stored uint64) {
+			if gw := s.obs.gateway.Load(); gw != nil {
+				return gw.EventsRelayed()
+			}
+			return 0, 0
+		},
 		Replicas: func() []metrics.ReplicaState {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			defer cancel()

@@ -77,6 +77,8 @@ func TestOpsEndpoints(t *testing.T) {
 		`qubesbus_replica_lag_revisions{service="devices"} 0`,
 		`qubesbus_replica_lag_revisions{service="backup"} 0`,
 		`qubesbus_admin_events_subscribers 0`,
+		`qubesbus_admin_events_relayed_total{path="published"} 0`,
+		`qubesbus_admin_events_relayed_total{path="stored"} 0`,
 		`qubesbus_replica_lag_revisions{service="properties"} 0`,
 		`qubesbus_lifecycle_lease_held 1`,
 		`qubesbus_nats_connected{conn="qubesbus-gateway-test"} 1`,
