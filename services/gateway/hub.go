@@ -7,6 +7,7 @@ import (
 	"math"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -65,6 +66,39 @@ type fastPath struct {
 	// and the messages the subscription dropped. A message heard at an epoch follows
 	// every loss counted in it.
 	epoch func() uint64
+	// received counts the messages the subscription has received (handled or
+	// queued); handled, those relayAhead is done with, each followed by a tick.
+	received func() uint64
+	handled  atomic.Uint64
+	tick     chan struct{}
+}
+
+// catchUpWait bounds how long the feed waits for the fast path to handle what it has
+// received (it always makes progress: this only guards a subscription closed under it).
+const catchUpWait = 100 * time.Millisecond
+
+// catchUp returns once the fast path has handled every message it had received when
+// catchUp was called. Both copies of an event come over the gateway's one connection,
+// the published one first, but the feed and the fast path read them in two
+// goroutines: without this, the feed would often take the lead and find an event the
+// fast path has not heard yet, which reads as a loss.
+func (p *fastPath) catchUp() {
+	if p.received == nil {
+		return
+	}
+	target := p.received()
+	if p.handled.Load() >= target {
+		return
+	}
+	timeout := time.NewTimer(catchUpWait)
+	defer timeout.Stop()
+	for p.handled.Load() < target {
+		select {
+		case <-p.tick:
+		case <-timeout.C:
+			return
+		}
+	}
 }
 
 // heldEvent is an event the fast path heard while it was not trusted.
@@ -306,7 +340,7 @@ func (h *hub) add(s *subscriber) error {
 // error, or a permission the server refuses later) the feed relays everything, only
 // later. The caller holds mu.
 func (h *hub) startFast() {
-	path := new(fastPath)
+	path := &fastPath{tick: make(chan struct{}, 1)}
 	nc := h.e.nc
 	sub, err := nc.Subscribe(h.e.host.Events(), func(msg *nats.Msg) { h.relayAhead(path, msg) })
 	if err != nil {
@@ -318,6 +352,11 @@ func (h *hub) startFast() {
 	path.epoch = func() uint64 {
 		dropped, _ := sub.Dropped()
 		return nc.Stats().Reconnects + uint64(max(dropped, 0))
+	}
+	path.received = func() uint64 {
+		delivered, _ := sub.Delivered()
+		pending, _, _ := sub.Pending()
+		return uint64(max(delivered, 0)) + uint64(max(pending, 0))
 	}
 	h.fast, h.ahead, h.held = path, map[string]aheadEvent{}, map[string]heldEvent{}
 	h.fastOK, h.okEpoch = true, path.epoch()
@@ -399,6 +438,13 @@ func (h *hub) run(ctx context.Context, f *feed, done chan struct{}) {
 // unless it was relayed already (by the feed, or a second copy of a publish sent
 // again).
 func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
+	defer func() {
+		path.handled.Add(1)
+		select {
+		case path.tick <- struct{}{}:
+		default:
+		}
+	}()
 	id := msg.Header.Get(jetstream.MsgIDHeader)
 	if id == "" {
 		return // nothing to know its stored copy by: the feed relays it
@@ -466,6 +512,7 @@ func (h *hub) fromFeed(id string) feedEvent {
 	if path == nil || id == "" {
 		return feedEvent{}
 	}
+	path.catchUp()
 	epoch := path.epoch()
 	h.mu.Lock()
 	defer h.mu.Unlock()
