@@ -114,8 +114,7 @@ func HostOf(ev *ce.Event) string { return strings.TrimPrefix(ev.Source(), "/qube
 // Encode turns an event into a NATS message for its subject on a host: binary mode
 // (ce-* headers), or structured mode when a name is not HeaderSafe.
 func Encode(ctx context.Context, hostID string, e Event) (*nats.Msg, error) {
-	structured := !HeaderSafe(e.VM) || !HeaderSafe(e.Name)
-	if !structured && plainHostID(hostID) {
+	if HeaderSafe(e.VM) && HeaderSafe(e.Name) && plainHostID(hostID) {
 		return encodeBinary(hostID, e, nuid.Next(), time.Now()), nil
 	}
 	return encodeSDK(ctx, hostID, e, nuid.Next(), time.Now())
