@@ -41,7 +41,7 @@ func readExactly(t *testing.T, hh *hubHarness, c interface {
 	}
 	// Nothing follows: a marker delivered now is the next frame.
 	marker := frameN("work", -1, 0)
-	hh.h.deliver(item{seq: 1 << 40, vm: "work", frame: marker})
+	hh.h.deliverStored(feedEvent{}, item{seq: 1 << 40, vm: "work", frame: marker})
 	got = make([]byte, len(marker))
 	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, marker) {
 		t.Fatalf("after the frames: %q %v, want only the marker", got, err)

@@ -324,13 +324,6 @@ func (h *hub) resume(ctx context.Context, start uint64) (*feed, error) {
 	}
 }
 
-// deliver relays one frame to every subscriber it is for.
-func (h *hub) deliver(it item) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.deliverLocked(it, 0)
-}
-
 // deliverLocked relays one frame to every subscriber it is for, but those that joined
 // before the fast path's event gotAhead (0: none), which had it.
 func (h *hub) deliverLocked(it item, gotAhead uint64) (offered bool) {

@@ -93,7 +93,7 @@ func BenchmarkHubFanOut(b *testing.B) {
 			b.ResetTimer()
 			for i := range b.N {
 				want <- n * len(frame)
-				h.deliver(item{seq: uint64(i + 1), vm: "work", frame: frame})
+				h.deliverStored(feedEvent{}, item{seq: uint64(i + 1), vm: "work", frame: frame})
 				<-got
 			}
 		})

@@ -111,7 +111,7 @@ func TestHubOrderAcrossFullSocket(t *testing.T) {
 		got <- b
 	}()
 	for i := range n {
-		hh.h.deliver(item{seq: uint64(i + 1), vm: "work", frame: frameN("work", i, i%1500)})
+		hh.h.deliverStored(feedEvent{}, item{seq: uint64(i + 1), vm: "work", frame: frameN("work", i, i%1500)})
 		if i%500 == 0 {
 			runtime.Gosched()
 		}
@@ -145,14 +145,14 @@ func TestHubFiltersAndDropsBeforeStart(t *testing.T) {
 	}
 	const start = 3 // sequences are i+1: frames 2… are relayed
 	for i := range 4 {
-		hh.h.deliver(item{seq: uint64(i + 1), vm: vms[i], frame: frames[i]})
+		hh.h.deliverStored(feedEvent{}, item{seq: uint64(i + 1), vm: vms[i], frame: frames[i]})
 	}
 	hh.startPump(all, allConn, start, allDone)
 	hh.startPump(work, workConn, start, workDone)
 	waitDirect(all)
 	waitDirect(work)
 	for i := 4; i < len(vms); i++ {
-		hh.h.deliver(item{seq: uint64(i + 1), vm: vms[i], frame: frames[i]})
+		hh.h.deliverStored(feedEvent{}, item{seq: uint64(i + 1), vm: vms[i], frame: frames[i]})
 	}
 	var wantAll, wantWork []byte
 	for i, vm := range vms {
@@ -191,7 +191,7 @@ func TestHubCutsOffSubscriberThatFellBehind(t *testing.T) {
 	b := make([]byte, 0, 2000)
 	for i := range n {
 		f := frameN("work", i, 1000)
-		hh.h.deliver(item{seq: uint64(i + 1), vm: "work", frame: f})
+		hh.h.deliverStored(feedEvent{}, item{seq: uint64(i + 1), vm: "work", frame: f})
 		// The fast one reads each frame before the next is sent: it never falls behind.
 		b = b[:len(f)]
 		if _, err := io.ReadFull(fastClient, b); err != nil || !bytes.Equal(b, f) {
@@ -210,13 +210,13 @@ func TestHubWriteToGoneClientEndsPump(t *testing.T) {
 	s, _, client, done := hh.subscribe("", 1)
 	waitDirect(s)
 	client.Close()
-	hh.h.deliver(item{seq: 1, vm: "work", frame: frameN("work", 1, 10)})
+	hh.h.deliverStored(feedEvent{}, item{seq: 1, vm: "work", frame: frameN("work", 1, 10)})
 	<-done
 	if errors.Is(s.cause, errFellBehind) || errors.Is(s.cause, errClientGone) {
 		t.Fatalf("cut off because of %v, want the write error", s.cause)
 	}
 	// Later frames are not written (nor queued) any more.
-	hh.h.deliver(item{seq: 2, vm: "work", frame: frameN("work", 2, 10)})
+	hh.h.deliverStored(feedEvent{}, item{seq: 2, vm: "work", frame: frameN("work", 2, 10)})
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.queue) != 0 {
