@@ -169,24 +169,15 @@ func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
 	if h.fast != path {
 		return // a fast path that has stopped
 	}
-	if _, dup := h.ahead[id]; dup || h.relayed.has(id) {
-		return
-	}
-	if _, dup := h.held[id]; dup {
+	_, ahead := h.ahead[id]
+	_, held := h.held[id]
+	if ahead || held || h.relayed.has(id) {
 		return
 	}
 	if now.Sub(h.lastPrune) > time.Second {
 		h.lastPrune = now
-		for k, a := range h.ahead {
-			if now.Sub(a.at) > aheadTTL {
-				delete(h.ahead, k)
-			}
-		}
-		for k, a := range h.held {
-			if now.Sub(a.at) > aheadTTL {
-				delete(h.held, k)
-			}
-		}
+		forgetBefore(h.ahead, func(a aheadEvent) time.Time { return a.at }, now.Add(-aheadTTL))
+		forgetBefore(h.held, func(e heldEvent) time.Time { return e.at }, now.Add(-aheadTTL))
 	}
 	if h.fastOK && epoch != h.okEpoch {
 		h.fastOK = false // a reconnect or a drop: what was lost comes from the feed first
@@ -198,6 +189,16 @@ func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
 	h.aheadN++
 	h.ahead[id] = aheadEvent{n: h.aheadN, at: now}
 	h.deliverLocked(it, 0)
+}
+
+// forgetBefore deletes the events of m heard (at) before cutoff: the feed will not
+// bring them any more.
+func forgetBefore[E any](m map[string]E, at func(E) time.Time, cutoff time.Time) {
+	for k, e := range m {
+		if at(e).Before(cutoff) {
+			delete(m, k)
+		}
+	}
 }
 
 // feedEvent is what the fast path's bookkeeping says of an event the feed brings.
