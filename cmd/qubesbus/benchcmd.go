@@ -137,27 +137,25 @@ func profileMeasurement(prefix string, stderr io.Writer) (done func()) {
 	}
 	runtime.SetMutexProfileFraction(1)
 	runtime.SetBlockProfileRate(1)
-	// The allocations profile counts from the process's start: the one taken before
-	// is the base to subtract (pprof -diff_base).
-	writeAllocs := func(name string) {
-		runtime.GC() // the profile is as of the last GC
-		if f, err := os.Create(prefix + name); err == nil {
-			_ = pprof.Lookup("allocs").WriteTo(f, 0)
+	write := func(kind, suffix string) {
+		if f, err := os.Create(prefix + suffix); err == nil {
+			_ = pprof.Lookup(kind).WriteTo(f, 0)
 			f.Close()
 		}
 	}
-	writeAllocs(".allocs-base.prof")
+	// The allocations profile counts from the process's start, as of the last GC: the
+	// one taken before is the base to subtract (pprof -diff_base).
+	runtime.GC()
+	write("allocs", ".allocs-base.prof")
 	return func() {
 		if cpu != nil {
 			pprof.StopCPUProfile()
 			cpu.Close()
 		}
-		writeAllocs(".allocs.prof")
+		runtime.GC()
+		write("allocs", ".allocs.prof")
 		for _, kind := range []string{"mutex", "block"} {
-			if f, err := os.Create(prefix + "." + kind + ".prof"); err == nil {
-				_ = pprof.Lookup(kind).WriteTo(f, 0)
-				f.Close()
-			}
+			write(kind, "."+kind+".prof")
 		}
 		runtime.SetMutexProfileFraction(0)
 		runtime.SetBlockProfileRate(0)
