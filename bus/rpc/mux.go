@@ -58,6 +58,7 @@ type Mux struct {
 
 	mu       sync.Mutex
 	inflight map[string]context.CancelFunc // cancellable calls by the token of their request id
+	workers  *workers                      // the goroutines calls run on
 }
 
 // Replica is what a mux serves from: a Resolver over a replica of the configuration
@@ -71,7 +72,7 @@ type Replica interface {
 // NewMux returns a mux for the methods that svc owns in reg, served from res.
 func NewMux(reg *Registry, svc Service, res Replica, log *slog.Logger) *Mux {
 	return &Mux{reg: reg, service: svc, resolver: res, log: log,
-		handlers: map[string]Handler{}, inflight: map[string]context.CancelFunc{}}
+		handlers: map[string]Handler{}, inflight: map[string]context.CancelFunc{}, workers: newWorkers()}
 }
 
 // Handle registers the handler of a method. It panics if the method is not in the
@@ -154,8 +155,9 @@ func (m *Mux) Serve(ctx context.Context, nc *nats.Conn, host subject.Host) (micr
 func (m *Mux) endpoint(ctx context.Context, nc *nats.Conn, meth *Method) micro.HandlerFunc {
 	return func(r micro.Request) {
 		// micro runs one handler at a time per endpoint; calls may block (a shutdown
-		// waiting for Halted), so each runs on its own goroutine.
-		go m.serve(ctx, meth, bus.Detach(nc, r))
+		// waiting for Halted), so each runs on a goroutine of its own while it runs.
+		r = bus.Detach(nc, r)
+		m.workers.run(func() { m.serve(ctx, meth, r) })
 	}
 }
 
