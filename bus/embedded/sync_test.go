@@ -3,8 +3,10 @@ package embedded
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -57,5 +59,99 @@ func TestStreamSyncerFindsBlocks(t *testing.T) {
 	before := sy.stamps
 	if err := sy.Sync(ctx); err != nil || len(sy.stamps) != len(before) {
 		t.Fatalf("second sync: %v", err)
+	}
+}
+
+// Syncs between new blocks fsync the newest block alone; a new block, blocks removed by
+// the stream's limits and a purge of every block each bring a full sync, after which
+// the syncer holds the block the last message went to.
+func TestStreamSyncerFollowsTheNewestBlock(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	ns, err := Start(ctx, Config{StoreDir: t.TempDir(), DontListen: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Shutdown()
+	nc, err := nats.Connect("", nats.InProcessServer(ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	// MaxBytes this small gives the smallest blocks (32 kB) and drops the oldest.
+	stream, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "S", Subjects: []string{"s"},
+		Storage: jetstream.FileStorage, MaxBytes: 100_000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sy, err := NewStreamSyncer(ns, "", "S")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sy.Close()
+	// holdsNewest: the syncer's block is the newest on disk and has payload.
+	holdsNewest := func(payload []byte) {
+		t.Helper()
+		blocks, _ := filepath.Glob(filepath.Join(sy.dir, "msgs", "*.blk"))
+		var newest uint64
+		for _, b := range blocks {
+			idx, _ := strconv.ParseUint(strings.TrimSuffix(filepath.Base(b), ".blk"), 10, 64)
+			newest = max(newest, idx)
+		}
+		if sy.last == nil || sy.lastIdx != newest {
+			t.Fatalf("syncer holds block %d (open: %v), newest on disk is %d", sy.lastIdx, sy.last != nil, newest)
+		}
+		b, err := os.ReadFile(sy.last.Name())
+		if err != nil || !bytes.Contains(b, payload) {
+			t.Fatalf("the acknowledged message is not in %s (%v)", sy.last.Name(), err)
+		}
+	}
+	publishAndSync := func(i int) []byte {
+		t.Helper()
+		payload := fmt.Appendf(bytes.Repeat([]byte{'x'}, 1000), "message-%05d", i)
+		if _, err := js.Publish(ctx, "s", payload); err != nil {
+			t.Fatal(err)
+		}
+		if err := sy.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+		return payload
+	}
+	const n = 300 // about ten blocks, most dropped again by MaxBytes
+	for i := range n {
+		holdsNewest(publishAndSync(i))
+	}
+	if sy.lastIdx < 5 {
+		t.Fatalf("%d messages of 1 kB filled only %d blocks", n, sy.lastIdx)
+	}
+	if sy.fullRuns < int(sy.lastIdx) || sy.fullRuns > n/4 {
+		t.Fatalf("%d full syncs of %d for %d blocks: want one per block, the rest on the newest", sy.fullRuns, n, sy.lastIdx)
+	}
+	if err := stream.Purge(ctx); err != nil {
+		t.Fatal(err)
+	}
+	full := sy.fullRuns
+	holdsNewest(publishAndSync(n))
+	if sy.fullRuns != full+1 {
+		t.Fatalf("the sync after a purge was not a full one")
+	}
+	// A compaction past the last message removes every block; the next one may
+	// take any index, the first again.
+	info, err := stream.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Purge(ctx, jetstream.WithPurgeSequence(info.State.LastSeq+1)); err != nil {
+		t.Fatal(err)
+	}
+	holdsNewest(publishAndSync(n + 1))
+	// After Close, syncs still sync (in full) but keep no descriptor.
+	if err := sy.Close(); err != nil {
+		t.Fatal(err)
+	}
+	publishAndSync(n + 2)
+	if sy.last != nil {
+		t.Fatal("a descriptor kept after Close")
 	}
 }

@@ -202,13 +202,14 @@ type System struct {
 	NATS    *server.Server // nil with an external NATS
 	NATSURL string
 	// Keys are the roles' nkeys of the embedded server (nil with an external NATS).
-	Keys     *access.Keys
-	cfg      Config
-	Socket   string
-	Store    *persistence.Store
-	log      *slog.Logger
-	conns    []*nats.Conn
-	services []micro.Service
+	Keys      *access.Keys
+	cfg       Config
+	Socket    string
+	Store     *persistence.Store
+	logSyncer *embedded.StreamSyncer // the change log's, when this process fsyncs it
+	log       *slog.Logger
+	conns     []*nats.Conn
+	services  []micro.Service
 	// policy decides which source may call what (nil: dom0 only).
 	policy    *policy.Policy
 	policyErr error
@@ -430,6 +431,7 @@ func startPersistence(s *System, nc *nats.Conn, host subject.Host, cfg Config, l
 			return nil, err
 		}
 		pc.SyncLog = syncer.Sync
+		s.logSyncer = syncer // closed after the store's last sync (Stop)
 	}
 	store, err := persistence.New(pc)
 	if err != nil {
@@ -667,6 +669,9 @@ func (s *System) Stop() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		errs = append(errs, s.Store.Close(ctx))
 		cancel()
+	}
+	if s.logSyncer != nil {
+		errs = append(errs, s.logSyncer.Close())
 	}
 	for _, svc := range s.services {
 		errs = append(errs, svc.Stop())
