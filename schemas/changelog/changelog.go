@@ -72,6 +72,24 @@ type Record struct {
 	Revision uint64
 	Base     *config.Config
 	Change   *Change
+	// Known: Tail did not read the body, because the follower's Known said it has
+	// the record already (neither Base nor Change is set).
+	Known bool
+}
+
+// TailOption changes how Tail delivers records.
+type TailOption func(*tailOptions)
+
+type tailOptions struct {
+	known func(seq, rev uint64) bool
+}
+
+// Known makes Tail hand over a record as Known, its body unread, when known(sequence,
+// revision) reports the follower has it already: a service whose own change its
+// replica reflects before the log delivers it (properties, persistence) then pays
+// nothing to decode it again.
+func Known(known func(seq, rev uint64) bool) TailOption {
+	return func(o *tailOptions) { o.known = known }
 }
 
 // Errors callers branch on.
@@ -219,7 +237,11 @@ func (l *Log) Compact(ctx context.Context, keep uint64) error {
 // in order, as they are appended, until stop is called or ctx ends. It rides an ordered
 // consumer, which recreates itself after a reconnect or a missed message and resumes
 // after the last record delivered, so nothing is skipped. fn runs on one goroutine.
-func (l *Log) Tail(ctx context.Context, from uint64, fn func(Record, error)) (stop func(), err error) {
+func (l *Log) Tail(ctx context.Context, from uint64, fn func(Record, error), opts ...TailOption) (stop func(), err error) {
+	var o tailOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{l.subject}, DeliverPolicy: jetstream.DeliverAllPolicy}
 	if from > 1 {
 		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
@@ -235,7 +257,16 @@ func (l *Log) Tail(ctx context.Context, from uint64, fn func(Record, error)) (st
 			fn(Record{}, fmt.Errorf("%w: %w", ErrCorrupt, err))
 			return
 		}
-		fn(Decode(meta.Sequence.Stream, msg.Headers(), msg.Data()))
+		seq := meta.Sequence.Stream
+		if o.known != nil {
+			h := msg.Headers()
+			rev, err := strconv.ParseUint(h.Get(RevisionHeader), 10, 64)
+			if err == nil && (h.Get(KindHeader) == KindChange || h.Get(KindHeader) == KindBase) && o.known(seq, rev) {
+				fn(Record{Sequence: seq, Revision: rev, Known: true}, nil)
+				return
+			}
+		}
+		fn(Decode(seq, msg.Headers(), msg.Data()))
 	},
 		// Short pulls with frequent heartbeats: after the server holding the consumer
 		// dies, two missed heartbeats (2 s, not the default 30 s) make the ordered

@@ -151,6 +151,57 @@ func TestTailAndCompact(t *testing.T) {
 	}
 }
 
+// Records the follower says it has come without their bodies; the others decoded.
+func TestTailSkipsKnownRecords(t *testing.T) {
+	ctx := context.Background()
+	l, _ := openLog(t, "a")
+	seq, err := l.Append(ctx, 0, Record{Revision: 1, Base: &config.Config{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rev := uint64(2); rev <= 4; rev++ {
+		if seq, err = l.Append(ctx, seq, change(rev)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make(chan Record, 100)
+	var asked []uint64
+	stop, err := l.Tail(ctx, 0, func(r Record, err error) {
+		if err != nil {
+			t.Error(err)
+		}
+		got <- r
+	}, Known(func(seq, rev uint64) bool {
+		asked = append(asked, rev) // one goroutine delivers, in order
+		return rev == 1 || rev == 3
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	for want := uint64(1); want <= 4; want++ {
+		select {
+		case r := <-got:
+			known := want == 1 || want == 3
+			switch {
+			case r.Revision != want || r.Sequence == 0:
+				t.Fatalf("tail delivered revision %d (sequence %d), want %d", r.Revision, r.Sequence, want)
+			case r.Known != known:
+				t.Fatalf("revision %d: Known %v, want %v", want, r.Known, known)
+			case known && (r.Base != nil || r.Change != nil):
+				t.Fatalf("revision %d: a known record came with its body", want)
+			case !known && r.Change == nil:
+				t.Fatalf("revision %d: no body", want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("revision %d not delivered", want)
+		}
+	}
+	if !reflect.DeepEqual(asked, []uint64{1, 2, 3, 4}) {
+		t.Fatalf("Known asked about revisions %v", asked)
+	}
+}
+
 // TestConflictOnCluster: on a replicated stream the server reports a lost condition
 // with another error code (10164); it must still be ErrConflict.
 func TestConflictOnCluster(t *testing.T) {

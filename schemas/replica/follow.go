@@ -52,7 +52,8 @@ func Follow(ctx context.Context, nc *nats.Conn, host subject.Host, log *slog.Log
 		return nil, err
 	}
 	f := &follower{nc: nc, host: host, log: log, ctx: ctx, clog: clog, r: New(snap.Config, snap.Revision), seq: snap.Sequence}
-	if _, err := clog.Tail(ctx, snap.Sequence+1, f.onRecord); err != nil {
+	if _, err := clog.Tail(ctx, snap.Sequence+1, f.onRecord,
+		changelog.Known(func(_, rev uint64) bool { return rev <= f.r.Revision() })); err != nil {
 		return nil, err
 	}
 	go f.catchUp()
@@ -91,6 +92,8 @@ func (f *follower) apply(rec changelog.Record) {
 	}
 	f.seq = max(f.seq, rec.Sequence)
 	switch {
+	case rec.Known:
+		// The replica holds its revision already (Tail's Known).
 	case rec.Base != nil:
 		// A compaction's base, or the first record after a purge this replica was
 		// behind: it replaces the state only if it is newer.

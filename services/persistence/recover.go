@@ -108,7 +108,7 @@ func (s *Store) catchUpLocked(ctx context.Context) (int, error) {
 // restart, or another instance). Records are in log order; one already reflected is
 // skipped.
 func (s *Store) applyRecordLocked(rec changelog.Record) error {
-	if rec.Sequence <= s.seq {
+	if rec.Sequence <= s.seq || rec.Known {
 		return nil
 	}
 	switch {

@@ -64,7 +64,12 @@ func (s *Store) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error)
 
 	// Only a Serve that succeeds leaves anything for Close to stop.
 	life, cancel := context.WithCancel(ctx)
-	stopTail, err := clog.Tail(life, next, s.onTail)
+	// This instance's own appends are in its state before the log delivers them.
+	stopTail, err := clog.Tail(life, next, s.onTail, changelog.Known(func(seq, _ uint64) bool {
+		s.mu.RLock()
+		defer s.mu.RUnlock()
+		return seq <= s.seq
+	}))
 	if err != nil {
 		cancel()
 		return nil, err
