@@ -79,6 +79,15 @@ func (c *runtimeCache) get(ctx context.Context, want envelope.RuntimeMark, rev u
 	return snap.Values, gen, nil
 }
 
+// current reports whether get would still answer snapshot gen over revision rev: no
+// notice since and not too old (the caller's own mark was met when it got gen).
+func (c *runtimeCache) current(rev, gen uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.has && c.gen == gen && c.snap.ConfigRev == rev && !c.snap.Mark.Less(c.heard) &&
+		c.now().Sub(c.taken) < c.maxAge
+}
+
 // heardOf records a change notice.
 func (c *runtimeCache) heardOf(m envelope.RuntimeMark) {
 	c.mu.Lock()

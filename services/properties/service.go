@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -144,9 +145,11 @@ type Service struct {
 	// replies keeps the GetAll and List replies of the current revision and runtime.
 	replies replyCache
 
-	// wmu serialises write calls of this instance, as qubesd's single event loop does;
-	// several instances are kept consistent by revision-checked mutations.
-	wmu sync.Mutex
+	// wmu serialises the changes of this instance, as qubesd's single event loop does;
+	// several instances are kept consistent by revision-checked mutations. keys
+	// serialises whole write calls on one key (commit).
+	wmu  sync.Mutex
+	keys keyLocks
 
 	lmu sync.Mutex
 	// newLabels are labels created by this instance: qubesd keeps their colour as
@@ -414,39 +417,56 @@ func (s *Service) write(ctx context.Context, c *rpc.Call, plan func(m *model.Mod
 	return []byte(ch.Reply), nil
 }
 
-// commit runs under the write lock: plan, pre-events, apply, the replica, sending the
-// post-events, so that events are stored in the order the changes were made. It
-// returns the change's revision (0 if there was nothing to apply), which is not
+// commit makes the change in two steps. First, under the lock of the call's key only
+// (keys), it plans the change on the configuration as it is and stores the
+// pre-events: nothing is applied unless they are stored, and a call refused by its
+// plan ends there. Then, under the write lock, it plans again on the configuration
+// as it is by then, applies, brings the replica to it and sends the post-events, so
+// that changes and post-events are in one order.
+//
+// Storing the pre-events outside the write lock halves the time a change holds it,
+// which bounds how many changes one instance makes per second. Calls on one key (a
+// qube and the call's argument: one feature, one property) stay wholly serial, so
+// they fire pre-event, event, pre-event, event as in qubesd. Calls on different keys
+// may store their pre-events before an earlier change's post-events; and should
+// another key's change alter what a plan's pre-events say (a global default under a
+// property's value), the new pre-events are stored too before the change is applied.
+//
+// It returns the change's revision (0 if there was nothing to apply), which is not
 // durable yet, and what waits for the post-events to be stored.
 func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) (_ *model.Change, rev uint64, posted func(context.Context) error, _ error) {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	rt, err := s.runtime(ctx, c.After.Runtime)
+	unlockKey := s.keys.lock(c.Dest.Name + "\x00" + c.Arg)
+	defer unlockKey()
+	planned, err := s.plan(ctx, c, plan)
 	if err != nil {
 		return nil, 0, nil, err
 	}
-	prePublished := false
+	ch := planned.change
+	// Nothing is applied unless the pre-events are stored: a failed publish aborts
+	// the call with the configuration unchanged.
+	if err := s.publish(ctx, ch.Pre); err != nil {
+		return nil, 0, nil, err
+	}
+	if ch.Err != nil {
+		return nil, 0, nil, ch.Err
+	}
+	published := ch.Pre
+
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
 	for attempt := 0; ; attempt++ {
-		rev := s.rep.Revision()
-		var ch *model.Change
-		_, err := s.view(rt, func(m *model.Model) ([]byte, error) {
-			h, err := s.holder(m, c)
-			if err != nil {
-				return nil, err
+		// The first plan stands if nothing changed since: no change, no new runtime.
+		if attempt > 0 || !planned.current(s) {
+			if planned, err = s.plan(ctx, c, plan); err != nil {
+				return nil, 0, nil, err
 			}
-			ch, err = plan(m, h)
-			return nil, err
-		})
-		if err != nil {
-			return nil, 0, nil, err
 		}
-		if !prePublished {
-			// Nothing is applied unless the pre-events are stored: a failed publish
-			// aborts the call with the configuration unchanged.
+		ch, rev := planned.change, planned.rev
+		if !slices.EqualFunc(ch.Pre, published, sameEvent) {
 			if err := s.publish(ctx, ch.Pre); err != nil {
 				return nil, 0, nil, err
 			}
-			prePublished = true
+			published = ch.Pre
 		}
 		if ch.Err != nil {
 			return nil, 0, nil, ch.Err
@@ -482,6 +502,41 @@ func (s *Service) commit(ctx context.Context, c *rpc.Call, plan func(m *model.Mo
 		// replica has or will have it: it stands whatever becomes of its post-events.
 		return ch, newRev, s.send(ctx, ch.Post), nil
 	}
+}
+
+// planned is a change planned at a revision and runtime snapshot.
+type planned struct {
+	change *model.Change
+	rev    uint64
+	gen    uint64 // the runtime snapshot; 0 for one not kept
+}
+
+// current: the replica and the runtime values are still those the plan was made on.
+func (p planned) current(s *Service) bool {
+	return p.gen != 0 && s.rep.Revision() == p.rev && s.rtc.current(p.rev, p.gen)
+}
+
+// plan plans c's change on the replica as it is now.
+func (s *Service) plan(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) (planned, error) {
+	rev := s.rep.Revision()
+	rt, gen, err := s.runtimeGen(ctx, c.After.Runtime)
+	if err != nil {
+		return planned{}, err
+	}
+	var ch *model.Change
+	_, err = s.view(rt, func(m *model.Model) ([]byte, error) {
+		h, err := s.holder(m, c)
+		if err != nil {
+			return nil, err
+		}
+		ch, err = plan(m, h)
+		return nil, err
+	})
+	return planned{change: ch, rev: rev, gen: gen}, err
+}
+
+func sameEvent(a, b model.Event) bool {
+	return a.VM == b.VM && a.Name == b.Name && slices.Equal(a.Kwargs, b.Kwargs)
 }
 
 // reflect brings the replica to revision rev, this service's own change (ops) applied
