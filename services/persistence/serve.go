@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/buildinfo"
@@ -207,6 +208,35 @@ func (s *Store) handleApply(ctx context.Context, r micro.Request) {
 		tracing.Fail(span, err)
 	}
 	_ = r.RespondJSON(configstore.ReplyFor(rev, err))
+}
+
+// ApplyLocal applies m for a client in this process (configstore.Local) as the apply
+// endpoint does: counted among the calls stopServing waits for, bounded by the same
+// timeout, run to the end whatever becomes of the caller, and answered with the reply
+// the endpoint would send. ok is false while the store does not serve.
+func (s *Store) ApplyLocal(ctx context.Context, m config.Mutation) (rep configstore.ApplyReply, ok bool) {
+	s.hmu.Lock()
+	if s.draining {
+		s.hmu.Unlock()
+		return rep, false
+	}
+	s.handlers.Add(1)
+	s.hmu.Unlock()
+	defer s.handlers.Done()
+	var span trace.Span
+	ctx, span = tracing.Start(context.WithoutCancel(ctx), spanApply, trace.SpanKindServer)
+	defer span.End()
+	ctx, cancel := context.WithTimeout(ctx, s.applyTimeout())
+	defer cancel()
+	rev, err := s.Apply(ctx, m)
+	if errors.Is(err, configstore.ErrNotServing) {
+		return rep, false // not started, or stopped: another instance may serve
+	}
+	if err != nil {
+		s.log.Debug("apply refused", "revision", rev, "err", err)
+		tracing.Fail(span, err)
+	}
+	return configstore.ReplyFor(rev, err), true
 }
 
 // stopServing stops the endpoints and the log follower and waits for calls in progress

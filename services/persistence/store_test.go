@@ -545,3 +545,95 @@ func TestFollowAcrossServerRestart(t *testing.T) {
 		t.Fatalf("replica memory %q at %d, store at %d", got, rev, store.Revision())
 	}
 }
+
+// A client given the store in its process (configstore.Local) gets from ApplyLocal
+// what it gets over NATS: the same revisions and the same errors, for changes,
+// stale revisions and refused ops. Ops that carry a whole qube go over NATS; a store
+// that stopped serving answers nothing, and the call goes over NATS, where another
+// instance answers.
+func TestApplyLocalAnswersAsOverNATS(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	store := serve(t, ns, Config{DataDir: t.TempDir(), SeedXML: seedXML})
+	standby := serve(t, ns, Config{DataDir: t.TempDir()})
+	ctx := t.Context()
+	nc := bustest.Connect(t, ns)
+	remote := configstore.Client{NC: nc, Host: testHost}
+	counting := &countingLocal{store: store}
+	local := configstore.Client{NC: nc, Host: testHost, Local: counting}
+
+	calls := []config.Mutation{
+		setFeature("domain-3", "f", "1"),
+		{ExpectRevision: 1},
+		{Ops: []config.Op{{Kind: config.OpSetProperty, Domain: "domain-3", Name: "netvm", Value: "nosuch"}}},
+		{Ops: []config.Op{{Kind: config.OpSetFeature, Domain: "domain-999", Name: "f", Value: "1"}}},
+		setFeature("domain-4", "f", "2"),
+	}
+	for i, m := range calls {
+		rev := store.Revision()
+		m1 := m
+		if m.ExpectRevision != 0 {
+			m1.ExpectRevision = rev - 1
+		}
+		lrev, lerr := local.Apply(ctx, m1)
+		if lrev != 0 {
+			lrev -= rev // what it added, to compare with the second call's
+		}
+		rev = store.Revision()
+		m2 := m
+		if m.ExpectRevision != 0 {
+			m2.ExpectRevision = rev - 1
+		}
+		rrev, rerr := remote.Apply(ctx, m2)
+		if rrev != 0 {
+			rrev -= rev
+		}
+		if lrev != rrev || fmt.Sprint(lerr) != fmt.Sprint(rerr) {
+			t.Fatalf("call %d: locally %d, %v; over NATS %d, %v", i, lrev, lerr, rrev, rerr)
+		}
+		for _, target := range []error{configstore.ErrRejected, config.ErrStaleRevision, config.ErrDanglingRef, config.ErrNoSuchDomain} {
+			if errors.Is(lerr, target) != errors.Is(rerr, target) {
+				t.Fatalf("call %d: errors.Is(%v) differs: locally %v, over NATS %v", i, target, lerr, rerr)
+			}
+		}
+	}
+	if got := counting.answered.Load(); got != int64(len(calls)) {
+		t.Fatalf("%d of %d calls answered in process", got, len(calls))
+	}
+	// A new qube is copied over NATS, not shared.
+	before := counting.asked.Load()
+	if _, err := local.Apply(ctx, config.Mutation{Ops: []config.Op{{Kind: config.OpAddLabel, Label: &config.Label{Index: 99, Name: "x", Color: "0x000000"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	if counting.asked.Load() != before {
+		t.Fatal("a mutation carrying a label was handed over in process")
+	}
+	// Stopped: the standby answers over NATS.
+	if err := store.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rev, err := local.Apply(ctx, setFeature("domain-3", "f", "3"))
+	if err != nil {
+		t.Fatalf("after the local instance stopped: %v", err)
+	}
+	if counting.answered.Load() != int64(len(calls)) {
+		t.Fatal("a stopped instance answered")
+	}
+	if got := standby.Revision(); got != rev {
+		t.Fatalf("the standby is at revision %d, the change made %d", got, rev)
+	}
+}
+
+// countingLocal counts the calls a Local was asked and those it answered.
+type countingLocal struct {
+	store           *Store
+	asked, answered atomic.Int64
+}
+
+func (c *countingLocal) ApplyLocal(ctx context.Context, m config.Mutation) (configstore.ApplyReply, bool) {
+	c.asked.Add(1)
+	rep, ok := c.store.ApplyLocal(ctx, m)
+	if ok {
+		c.answered.Add(1)
+	}
+	return rep, ok
+}

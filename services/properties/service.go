@@ -117,6 +117,10 @@ type Config struct {
 	// Local, if set, lets the gateway of this process call the service's reads
 	// without NATS (rpc.Local).
 	Local *rpc.Local
+	// LocalStore, if set, is the host's persistence instance in this process, which
+	// the service applies its changes through without NATS while it serves
+	// (configstore.Local).
+	LocalStore configstore.Local
 }
 
 // Validate reports every problem at once.
@@ -260,7 +264,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		return nil, err
 	}
 	s.rep, s.notes = rep, newNotes(kv, s.cfg.Host)
-	client := configstore.Client{NC: nc, Host: s.cfg.Host}
+	client := configstore.Client{NC: nc, Host: s.cfg.Host, Local: s.cfg.LocalStore}
 	// Durability of a change is learnt from persistence's notice of the sync that
 	// covered it, not asked for per change (store.sync).
 	synced, err := configstore.WatchSynced(client)

@@ -526,9 +526,13 @@ func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, lo
 	if err != nil {
 		return nil, err
 	}
-	props, err := properties.New(properties.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
+	pc := properties.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
 		RuntimeMaxAge: cfg.RuntimeMaxAge, Events: events,
-		Volumes: storageapi.Client{NC: nc, Host: host}, Replica: s.replica, Local: s.local})
+		Volumes: storageapi.Client{NC: nc, Host: host}, Replica: s.replica, Local: s.local}
+	if s.Store != nil { // persistence serves in this process (it starts first)
+		pc.LocalStore = s.Store
+	}
+	props, err := properties.New(pc)
 	if err != nil {
 		return nil, err
 	}
