@@ -393,8 +393,9 @@ const maxRetries = 32
 // replica to the change (read-your-writes), sends the post-events, and replies once
 // the change is durable and its post-events are stored.
 //
-// Only the first steps are serial (commit, under the write lock): the next call plans
-// as soon as this one's change is in the log and its post-events are sent. Durability
+// Only the apply and the post-events are serial (commit, under the write lock; the
+// pre-events are stored before it): the next call applies as soon as this one's
+// change is in the log and its post-events are sent. Durability
 // and the post-events' acks are waited for outside the lock, so the changes of
 // concurrent calls share one sync of the change log (group commit) and their events'
 // acks arrive together; persistence writes qubes.xml after the replies (ChangesConfig).

@@ -92,8 +92,9 @@ func attrs(s tracetest.SpanStub) map[attribute.Key]string {
 }
 
 // TestOneTracePerCall: a property.Set over the socket is one trace, from the
-// gateway's span through the properties service's server span and its request to
-// persistence (a client and a server span), each the child of the one before.
+// gateway's span through the properties service's server span (over NATS) to
+// persistence's apply (in the same process, configstore.Local), each the child of
+// the one before.
 func TestOneTracePerCall(t *testing.T) {
 	exp, sig := traceSpans(t)
 	sys := startSystem(t)
@@ -103,18 +104,16 @@ func TestOneTracePerCall(t *testing.T) {
 	const (
 		gw    = "admin.vm.property.Set"
 		props = "properties admin.vm.property.Set"
-		apply = "qubes.v1.test.store.apply"
 		store = "persistence apply"
 	)
-	spans := waitSpans(t, exp, sig, gw, gw, props, apply, store)
+	spans := waitSpans(t, exp, sig, gw, gw, props, store)
 	chain := []struct {
 		name, parent string
 		kind         trace.SpanKind
 	}{
 		{gw, "", trace.SpanKindServer},
 		{props, gw, trace.SpanKindServer},
-		{apply, props, trace.SpanKindClient},
-		{store, apply, trace.SpanKindServer},
+		{store, props, trace.SpanKindServer},
 	}
 	for _, c := range chain {
 		s := spans[c.name]
@@ -131,10 +130,10 @@ func TestOneTracePerCall(t *testing.T) {
 			t.Errorf("%s: parent %v, want %s (%v)", c.name, s.Parent.SpanID(), c.parent, want)
 		}
 	}
-	// Across NATS the parent is remote; inside properties it is not.
-	if !spans[props].Parent.IsRemote() || !spans[store].Parent.IsRemote() || spans[apply].Parent.IsRemote() {
-		t.Errorf("remote parents: properties %v, persistence %v, client %v",
-			spans[props].Parent.IsRemote(), spans[store].Parent.IsRemote(), spans[apply].Parent.IsRemote())
+	// Across NATS the parent is remote; within the process it is not.
+	if !spans[props].Parent.IsRemote() || spans[store].Parent.IsRemote() {
+		t.Errorf("remote parents: properties %v, persistence %v",
+			spans[props].Parent.IsRemote(), spans[store].Parent.IsRemote())
 	}
 	want := map[attribute.Key]string{tracing.AttrMethod: gw, tracing.AttrSource: "dom0", tracing.AttrDest: "work", tracing.AttrOutcome: "ok"}
 	for _, name := range []string{gw, props} {
@@ -193,8 +192,8 @@ func TestNoTraceContextWhenOff(t *testing.T) {
 	if got := string(roundTrip(t, sys.Socket, []byte("admin.vm.property.Set+label dom0 name work\x00red"))); got != "0\x00" {
 		t.Fatalf("property.Set answered %q", got)
 	}
-	// Wait until the monitor has seen both requests of the call.
-	want := map[string]bool{"qubes.v1.test.api.admin.vm.property.Set": false, "qubes.v1.test.store.apply": false}
+	// Wait until the monitor has seen the call's request and its change's append.
+	want := map[string]bool{"qubes.v1.test.api.admin.vm.property.Set": false, "qubes.v1.test.config": false}
 	timeout := time.After(10 * time.Second)
 	for n := 0; n < len(want); {
 		select {
