@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/qubesbus/qubesbus/bus/buildinfo"
 )
@@ -61,9 +62,10 @@ func versionText() string {
 	return fmt.Sprintf("qubesbus %s\nmodule %s\nrevision %s\n%s\n", buildinfo.Version(), in.Module, rev, in.Go)
 }
 
-// newLogger builds the logger of every command: text (default) or json on w.
+// newLogger builds the logger of every command: text (default) or json on w. Long
+// values are clipped (clipLongValues).
 func newLogger(format string, w io.Writer, level slog.Level) (*slog.Logger, error) {
-	opts := &slog.HandlerOptions{Level: level}
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: clipLongValues}
 	switch format {
 	case "", "text":
 		return slog.New(slog.NewTextHandler(w, opts)), nil
@@ -71,4 +73,34 @@ func newLogger(format string, w io.Writer, level slog.Level) (*slog.Logger, erro
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	}
 	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+// maxLogValue is the longest string or error text a log line carries whole.
+const maxLogValue = 1024
+
+// clipLongValues cuts a string or error value (the message too) longer than
+// maxLogValue to its first 256 bytes and its length: a qube name may be 60 KiB, and a
+// client repeating calls with one must not make every refused call a 60 KiB line.
+func clipLongValues(_ []string, a slog.Attr) slog.Attr {
+	var text string
+	switch a.Value.Kind() {
+	case slog.KindString:
+		text = a.Value.String()
+	case slog.KindAny:
+		err, ok := a.Value.Any().(error)
+		if !ok {
+			return a
+		}
+		text = err.Error()
+	default:
+		return a
+	}
+	if len(text) <= maxLogValue {
+		return a
+	}
+	cut := 256
+	for cut > 0 && !utf8.RuneStart(text[cut]) {
+		cut-- // not inside a character
+	}
+	return slog.String(a.Key, fmt.Sprintf("%s… (%d bytes)", text[:cut], len(text)))
 }

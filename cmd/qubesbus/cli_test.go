@@ -4,11 +4,15 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"path/filepath"
 	"strings"
 	"testing"
+	"unicode/utf8"
 )
 
 func runDispatch(ctx context.Context, args ...string) (code int, stdout, stderr string) {
@@ -133,5 +137,35 @@ func TestQueryOutput(t *testing.T) {
 	if code, _, errs := runDispatch(context.Background(), "query", "--socket", sock, "-e", "admin.vm.List", "x"); code != 1 ||
 		errs != "QubesVMNotFoundError: No such domain: 'x'\n" {
 		t.Errorf("exception: exit %d, stderr %q", code, errs)
+	}
+}
+
+// A 60 KiB name in a log record's message, a string value or an error is clipped to
+// its start and its length, in both formats; short values and other kinds stay whole.
+func TestLogClipsLongValues(t *testing.T) {
+	long := "x" + strings.Repeat("é", 30*1024) // byte 256 is inside a two-byte character
+	for _, format := range []string{"text", "json"} {
+		var b bytes.Buffer
+		log, err := newLogger(format, &b, slog.LevelInfo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		log.Warn("bad request "+long, "name", long, "err", errors.New("no such domain: "+long), "short", "work", "n", 7)
+		line := b.String()
+		if len(line) > 2048 {
+			t.Fatalf("%s: a %d-byte line for a %d-byte name", format, len(line), len(long))
+		}
+		if got := strings.Count(line, fmt.Sprintf("… (%d bytes)", len(long))); got != 1 {
+			t.Errorf("%s: the name's length noted %d times, want once (the value): %s", format, got, line)
+		}
+		for _, want := range []string{fmt.Sprintf("(%d bytes)", len("bad request ")+len(long)), fmt.Sprintf("(%d bytes)", len("no such domain: ")+len(long)), "work", "7"} {
+			if !strings.Contains(line, want) {
+				t.Errorf("%s: %q missing from %s", format, want, line)
+			}
+		}
+	}
+	// The handlers escape a broken character, so look at the clipped value itself.
+	if v := clipLongValues(nil, slog.String("name", long)).Value.String(); !utf8.ValidString(v) {
+		t.Errorf("clipped inside a character: %q", v[:260])
 	}
 }
