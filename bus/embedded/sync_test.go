@@ -20,24 +20,7 @@ import (
 func TestStreamSyncerFindsBlocks(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	ns, err := Start(ctx, Config{StoreDir: t.TempDir(), DontListen: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Shutdown()
-	nc, err := nats.Connect("", nats.InProcessServer(ns))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
-	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "S", Subjects: []string{"s"}, Storage: jetstream.FileStorage}); err != nil {
-		t.Fatal(err)
-	}
-	sy, err := NewStreamSyncer(ns, "", "S")
-	if err != nil {
-		t.Fatal(err)
-	}
+	js, _, sy := syncedStream(ctx, t, jetstream.StreamConfig{})
 	if _, err := js.Publish(ctx, "s", []byte("payload-to-find")); err != nil {
 		t.Fatal(err)
 	}
@@ -68,27 +51,8 @@ func TestStreamSyncerFindsBlocks(t *testing.T) {
 func TestStreamSyncerFollowsTheNewestBlock(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	ns, err := Start(ctx, Config{StoreDir: t.TempDir(), DontListen: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Shutdown()
-	nc, err := nats.Connect("", nats.InProcessServer(ns))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
 	// MaxBytes this small gives the smallest blocks (32 kB) and drops the oldest.
-	stream, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "S", Subjects: []string{"s"},
-		Storage: jetstream.FileStorage, MaxBytes: 100_000})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sy, err := NewStreamSyncer(ns, "", "S")
-	if err != nil {
-		t.Fatal(err)
-	}
+	js, stream, sy := syncedStream(ctx, t, jetstream.StreamConfig{MaxBytes: 100_000})
 	defer sy.Close()
 	// holdsNewest: the syncer's block is the newest on disk and has payload.
 	holdsNewest := func(payload []byte) {
@@ -154,4 +118,31 @@ func TestStreamSyncerFollowsTheNewestBlock(t *testing.T) {
 	if sy.last != nil {
 		t.Fatal("a descriptor kept after Close")
 	}
+}
+
+// syncedStream starts an embedded server for the test, creates the file stream S on
+// subject s with cfg's limits, and returns it with its syncer.
+func syncedStream(ctx context.Context, t *testing.T, cfg jetstream.StreamConfig) (jetstream.JetStream, jetstream.Stream, *StreamSyncer) {
+	t.Helper()
+	ns, err := Start(ctx, Config{StoreDir: t.TempDir(), DontListen: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Shutdown)
+	nc, err := nats.Connect("", nats.InProcessServer(ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, _ := jetstream.New(nc)
+	cfg.Name, cfg.Subjects, cfg.Storage = "S", []string{"s"}, jetstream.FileStorage
+	stream, err := js.CreateStream(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sy, err := NewStreamSyncer(ns, "", "S")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js, stream, sy
 }
