@@ -521,23 +521,22 @@ func (p planned) current(s *Service) bool {
 	return p.gen != 0 && s.rep.Revision() == p.rev && s.rtc.current(p.rev, p.gen)
 }
 
-// plan plans c's change on the replica as it is now.
+// plan plans c's change on the replica as it is now, at the revision it reads.
 func (s *Service) plan(ctx context.Context, c *rpc.Call, plan func(m *model.Model, h model.Holder) (*model.Change, error)) (planned, error) {
-	rev := s.rep.Revision()
 	rt, gen, err := s.runtimeGen(ctx, c.After.Runtime)
 	if err != nil {
 		return planned{}, err
 	}
-	var ch *model.Change
-	_, err = s.view(rt, func(m *model.Model) ([]byte, error) {
-		h, err := s.holder(m, c)
-		if err != nil {
-			return nil, err
+	p := planned{gen: gen}
+	s.rep.ViewIndexedAt(func(rev uint64, conf *config.Config, byName func(string) *config.Domain) {
+		p.rev = rev
+		m := model.NewIndexed(conf, s.cfg.Machine, rt, byName)
+		var h model.Holder
+		if h, err = s.holder(m, c); err == nil {
+			p.change, err = plan(m, h)
 		}
-		ch, err = plan(m, h)
-		return nil, err
 	})
-	return planned{change: ch, rev: rev, gen: gen}, err
+	return p, err
 }
 
 func sameEvent(a, b model.Event) bool {
