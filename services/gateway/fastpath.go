@@ -111,9 +111,19 @@ func (r *idRing) has(id string) bool {
 // startFast subscribes to the host's events as they are published. Without it (an
 // error, or a permission the server refuses later) the feed relays everything, only
 // later. The caller holds mu.
+//
+// Only on a server of its own: its order guard trusts the fast path while the
+// connection neither reconnected nor dropped a message, which is all a lost message
+// can be on one server. In a cluster, a message published on another node crosses a
+// route, and a route that breaks (a node lost) loses messages with no sign on this
+// connection: the fast path would relay a later event before the one it missed
+// (TestEventsSurviveConsumerNodeLoss caught that). There the feed relays everything.
 func (h *hub) startFast() {
-	path := &fastPath{tick: make(chan struct{}, 1)}
 	nc := h.e.nc
+	if nc.ConnectedClusterName() != "" {
+		return
+	}
+	path := &fastPath{tick: make(chan struct{}, 1)}
 	sub, err := nc.Subscribe(h.e.host.Events(), func(msg *nats.Msg) { h.relayAhead(path, msg) })
 	if err != nil {
 		h.e.log.Warn("admin.Events fast path; relaying from the stream only", "err", err)
