@@ -1,6 +1,8 @@
 package devices
 
 import (
+	"context"
+	"errors"
 	"testing"
 
 	"github.com/qubesbus/qubesbus/schemas/device"
@@ -124,4 +126,22 @@ func TestInstanceStopsOtherCarriesOn(t *testing.T) {
 	h.serve()
 	h.changed("sys-net")
 	h.waitEvents()
+}
+
+// TestStopDoesNotWaitOutAStalledHypervisor: an instance stops while its watch handles a
+// hot-plug notice and the hypervisor answers nothing (in one process it stops with
+// the same context). The handling is given up drainWait after the stop, by cancelling
+// it, not when the WriteTimeout expires, so the process's stop is not held up.
+func TestStopDoesNotWaitOutAStalledHypervisor(t *testing.T) {
+	h := newHarness(t)
+	stalled := make(chan context.Context, 1)
+	h.hv.mu.Lock()
+	h.hv.stalled = stalled
+	h.hv.mu.Unlock()
+	h.changed("sys-net")
+	ctx := <-stalled // the watch is in the hypervisor call
+	h.kill(h.instances[0])
+	if err := ctx.Err(); !errors.Is(err, context.Canceled) {
+		t.Fatalf("the stalled call ended with %v, want it cancelled by the stop", err)
+	}
 }

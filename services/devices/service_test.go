@@ -58,10 +58,19 @@ type fakeHypervisor struct {
 	attached []hostdev.Attachment
 	stopped  map[string][]device.Info // devices of stopped backends (watch_test.go)
 	boot     string                   // the hypervisor's boot (Inventory.Boot)
+	// stalled, if set, makes Devices answer nothing: it sends its caller's context
+	// on stalled and waits for it to end, as a hypervisor that stopped serving.
+	stalled chan context.Context
 }
 
-func (f *fakeHypervisor) Devices(context.Context) (hostdev.Inventory, error) {
+func (f *fakeHypervisor) Devices(ctx context.Context) (hostdev.Inventory, error) {
 	f.mu.Lock()
+	if stalled := f.stalled; stalled != nil {
+		f.mu.Unlock()
+		stalled <- ctx
+		<-ctx.Done()
+		return hostdev.Inventory{}, ctx.Err()
+	}
 	defer f.mu.Unlock()
 	inv := hostdev.Inventory{Attached: slices.Clone(f.attached), Boot: f.boot}
 	for _, d := range f.devices {

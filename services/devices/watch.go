@@ -237,15 +237,21 @@ func (s *Service) startWatch(ctx context.Context, nc *nats.Conn, js jetstream.Je
 	}
 	go func() {
 		defer close(s.watchStopped)
+		// An input taken is handled to its end even when the instance stops meanwhile
+		// (its record written, its events then published), while the services it
+		// calls still answer: for drainWait after ctx ended. The hypervisor of the
+		// same process stops with ctx, and a call to it would otherwise wait out the
+		// whole WriteTimeout and hold up the process's stop.
+		hctx, hcancel := context.WithCancel(context.WithoutCancel(ctx))
+		defer hcancel()
+		context.AfterFunc(ctx, func() { time.AfterFunc(drainWait, hcancel) })
 		for {
 			select {
 			case <-ctx.Done():
-				s.stopWatch(ctx, nc, stopped, sub, cc, queue)
+				s.stopWatch(ctx, hctx, nc, stopped, sub, cc, queue)
 				return
 			case t := <-queue:
-				// An input taken is handled to its end even when the instance stops
-				// meanwhile: its record written, its events then published.
-				s.handleLogged(context.WithoutCancel(ctx), t)
+				s.handleLogged(hctx, t)
 				if t.msg != nil {
 					_ = t.msg.Ack()
 				}
@@ -264,7 +270,7 @@ const drainWait = 5 * time.Second
 // wait before another instance gets it), the hot-plug notices it took are handled
 // (nobody else saw them), and the acknowledgements are flushed before the caller
 // closes the connection.
-func (s *Service) stopWatch(ctx context.Context, nc *nats.Conn, stopped chan struct{}, sub *nats.Subscription, cc jetstream.ConsumeContext, queue chan trigger) {
+func (s *Service) stopWatch(ctx, hctx context.Context, nc *nats.Conn, stopped chan struct{}, sub *nats.Subscription, cc jetstream.ConsumeContext, queue chan trigger) {
 	close(stopped)
 	_ = sub.Unsubscribe()
 	cc.Drain() // the buffered messages reach the callback, which gives them back
@@ -282,7 +288,7 @@ func (s *Service) stopWatch(ctx context.Context, nc *nats.Conn, stopped chan str
 			if t.msg != nil {
 				_ = t.msg.Nak()
 			} else {
-				s.handleLogged(context.WithoutCancel(ctx), t)
+				s.handleLogged(hctx, t)
 			}
 			continue
 		default:
