@@ -86,6 +86,10 @@ type Config struct {
 	// Events stores the service's events (nil: QUBES_EVENTS over Serve's
 	// connection); `qubesbus run` passes one that counts them for its metrics.
 	Events Events
+	// LocalStore, if set, is the host's persistence instance in this process, which
+	// the service applies its changes through without NATS while it serves
+	// (configstore.Local).
+	LocalStore configstore.Local
 }
 
 // Validate reports every problem at once.
@@ -169,7 +173,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	}
 	s.rep = rep
 	s.served = ctx
-	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
+	s.store = configstore.Client{NC: nc, Host: s.cfg.Host, Local: s.cfg.LocalStore}
 	s.events = s.cfg.Events
 	if s.events == nil {
 		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())

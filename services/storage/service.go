@@ -77,6 +77,10 @@ type Config struct {
 	// Events stores the service's events (nil: QUBES_EVENTS over Serve's
 	// connection); `qubesbus run` passes one that counts them for its metrics.
 	Events Events
+	// LocalStore, if set, is the host's persistence instance in this process, which
+	// the service applies its changes through without NATS while it serves
+	// (configstore.Local).
+	LocalStore configstore.Local
 }
 
 // Events publishes events and returns once they are stored (cloudevent.Publisher).
@@ -186,7 +190,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		return nil, err
 	}
 	s.rep = rep
-	s.store = configstore.Client{NC: nc, Host: s.cfg.Host}
+	s.store = configstore.Client{NC: nc, Host: s.cfg.Host, Local: s.cfg.LocalStore}
 	s.events = s.cfg.Events
 	if s.events == nil {
 		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())

@@ -28,6 +28,7 @@ import (
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/schemas/changelog"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
 	"github.com/qubesbus/qubesbus/schemas/replica"
 	storageapi "github.com/qubesbus/qubesbus/schemas/storage"
 	"github.com/qubesbus/qubesbus/services/backup"
@@ -479,7 +480,8 @@ func startStorage(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 		return nil, err
 	}
 	st, err := storage.New(storage.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
-		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken, Replica: rep, Events: events})
+		Root: sc.Root, StatFS: sc.StatFS, Stamp: sc.Stamp, NewToken: sc.NewToken, Replica: rep, Events: events,
+		LocalStore: s.localStore()})
 	if err != nil {
 		return nil, err
 	}
@@ -491,7 +493,8 @@ func startDevices(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 	if err != nil {
 		return nil, err
 	}
-	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas, Replica: rep, Events: events})
+	dev, err := devices.New(devices.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas, Replica: rep, Events: events,
+		LocalStore: s.localStore()})
 	if err != nil {
 		return nil, err
 	}
@@ -514,7 +517,7 @@ func startBackup(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *s
 		return nil, err
 	}
 	b, err := backup.New(backup.Config{Host: host, Log: log, Auth: s.policy, ProfileDir: cfg.BackupProfiles, SinkDir: sinks,
-		Scrypt: cfg.BackupScrypt, Replica: rep, Events: events})
+		Scrypt: cfg.BackupScrypt, Replica: rep, Events: events, LocalStore: s.localStore()})
 	if err != nil {
 		return nil, err
 	}
@@ -529,9 +532,7 @@ func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, lo
 	pc := properties.Config{Host: host, Log: log, Auth: s.policy, Replicas: cfg.Replicas,
 		RuntimeMaxAge: cfg.RuntimeMaxAge, Events: events,
 		Volumes: storageapi.Client{NC: nc, Host: host}, Replica: s.replica, Local: s.local}
-	if s.Store != nil { // persistence serves in this process (it starts first)
-		pc.LocalStore = s.Store
-	}
+	pc.LocalStore = s.localStore()
 	props, err := properties.New(pc)
 	if err != nil {
 		return nil, err
@@ -706,4 +707,14 @@ func (s *System) ConnectAs(ctx context.Context, role, name string) (*nats.Conn, 
 	}
 	s.addConn(nc)
 	return nc, nil
+}
+
+// localStore is the persistence instance serving in this process, for the services to
+// apply their changes through (configstore.Local); nil when persistence runs
+// elsewhere. Persistence starts first.
+func (s *System) localStore() configstore.Local {
+	if s.Store == nil {
+		return nil // not a typed nil: the client would call it
+	}
+	return s.Store
 }
