@@ -62,7 +62,8 @@ type Publisher struct {
 	hostID string
 	// mu orders sends: the stream stores one connection's messages in the order they
 	// were sent, and a retry holds it so nothing is sent until the retried events are.
-	mu sync.Mutex
+	mu  sync.Mutex
+	tap *Tap // hears each event before it is sent (WithTap)
 }
 
 // NewPublisher returns a publisher for one host.
@@ -88,6 +89,9 @@ func (p *Publisher) Publish(ctx context.Context, events ...Event) error {
 // holding the publisher so that nothing else is sent meanwhile, but events of later
 // Sends already sent then may be stored before them. A message stored before its ack
 // was lost is not stored twice (its Nats-Msg-Id).
+//
+// With a tap (WithTap), its listener hears each event just before it is sent: also
+// one the stream then fails to store, as a subscriber of the subject would.
 func (p *Publisher) Send(ctx context.Context, events ...Event) (wait func(context.Context) error) {
 	msgs := make([]*nats.Msg, len(events))
 	for i, e := range events {
@@ -99,6 +103,13 @@ func (p *Publisher) Send(ctx context.Context, events ...Event) (wait func(contex
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.tap.listening() {
+		// Before the publish, so that the listener knows the event by its id before
+		// its copy from NATS can come.
+		for i, msg := range msgs {
+			p.tap.hear(msg, events[i])
+		}
+	}
 	futures := make([]jetstream.PubAckFuture, 0, len(msgs))
 	for i, msg := range msgs {
 		// No retries inside the client: one would resend a later event while an
