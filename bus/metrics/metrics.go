@@ -172,8 +172,8 @@ type Sources struct {
 	// Subscribers is the number of admin.Events subscribers of the gateway.
 	Subscribers func() int
 	// EventsRelayed counts the events the gateway relayed to admin.Events subscribers
-	// from the fast path and from the stream's consumer.
-	EventsRelayed func() (published, stored uint64)
+	// from the tap, from the fast path and from the stream's consumer.
+	EventsRelayed func() (tapped, published, stored uint64)
 	// Replicas are each service's replica revision and lag behind the configuration
 	// store's revision (labelled by service).
 	Replicas func() []ReplicaState
@@ -198,7 +198,7 @@ func Register(reg prometheus.Registerer, src Sources) {
 
 var (
 	descSubscribers = prometheus.NewDesc(EventSubscribers, "admin.Events subscribers on the gateway's socket.", nil, nil)
-	descRelayed     = prometheus.NewDesc(EventsRelayed, "Events the gateway relayed to admin.Events subscribers, by where it heard them first: published (its subject, the fast path) or stored (the stream's consumer: what the fast path missed).", []string{"path"}, nil)
+	descRelayed     = prometheus.NewDesc(EventsRelayed, "Events the gateway relayed to admin.Events subscribers, by where it heard them first: tapped (a service of its process, as it sent them), published (its subject, the fast path) or stored (the stream's consumer: what the fast path missed).", []string{"path"}, nil)
 	descLag         = prometheus.NewDesc(ReplicaLag, "Revisions a service's configuration replica is behind the store.", []string{"service"}, nil)
 	descReplicaRev  = prometheus.NewDesc(ReplicaRevision, "Configuration revision a service's replica holds.", []string{"service"}, nil)
 	descWrites      = prometheus.NewDesc(QubesXMLWrites, "qubes.xml writes by this persistence instance.", nil, nil)
@@ -225,7 +225,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descSubscribers, prometheus.GaugeValue, float64(s.Subscribers()))
 	}
 	if s.EventsRelayed != nil {
-		published, stored := s.EventsRelayed()
+		tapped, published, stored := s.EventsRelayed()
+		ch <- prometheus.MustNewConstMetric(descRelayed, prometheus.CounterValue, float64(tapped), "tapped")
 		ch <- prometheus.MustNewConstMetric(descRelayed, prometheus.CounterValue, float64(published), "published")
 		ch <- prometheus.MustNewConstMetric(descRelayed, prometheus.CounterValue, float64(stored), "stored")
 	}

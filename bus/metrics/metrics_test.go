@@ -73,7 +73,7 @@ func TestSources(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	Register(reg, Sources{
 		Subscribers:   func() int { return 3 },
-		EventsRelayed: func() (uint64, uint64) { return 40, 2 },
+		EventsRelayed: func() (uint64, uint64, uint64) { return 35, 40, 2 },
 		Replicas:      func() []ReplicaState { return []ReplicaState{{Service: "properties", Revision: 7, Lag: 2}} },
 		Store:         func() (uint64, uint64) { return 9, 4 },
 		Lease:         func() (bool, uint64) { return true, 12 },
@@ -82,10 +82,11 @@ func TestSources(t *testing.T) {
 # HELP qubesbus_admin_events_subscribers admin.Events subscribers on the gateway's socket.
 # TYPE qubesbus_admin_events_subscribers gauge
 qubesbus_admin_events_subscribers 3
-# HELP qubesbus_admin_events_relayed_total Events the gateway relayed to admin.Events subscribers, by where it heard them first: published (its subject, the fast path) or stored (the stream's consumer: what the fast path missed).
+# HELP qubesbus_admin_events_relayed_total Events the gateway relayed to admin.Events subscribers, by where it heard them first: tapped (a service of its process, as it sent them), published (its subject, the fast path) or stored (the stream's consumer: what the fast path missed).
 # TYPE qubesbus_admin_events_relayed_total counter
 qubesbus_admin_events_relayed_total{path="published"} 40
 qubesbus_admin_events_relayed_total{path="stored"} 2
+qubesbus_admin_events_relayed_total{path="tapped"} 35
 # HELP qubesbus_replica_lag_revisions Revisions a service's configuration replica is behind the store.
 # TYPE qubesbus_replica_lag_revisions gauge
 qubesbus_replica_lag_revisions{service="properties"} 2

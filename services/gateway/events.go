@@ -28,6 +28,10 @@ type EventsConfig struct {
 	// delivers after a node loss; a reader that stops altogether is cut off by
 	// WriteTimeout instead.
 	Buffer int
+	// Tap, if set, hears the events the services of this process publish (the host's:
+	// see cloudevent.Tap), which are then relayed without waiting for their copy from
+	// NATS. Used only where the fast path runs (a server of the gateway's own).
+	Tap *cloudevent.Tap
 }
 
 // Events serves admin.Events from the QUBES_EVENTS stream.
@@ -44,8 +48,9 @@ type Events struct {
 func (e *Events) Subscribers() int { return e.hub.count() }
 
 // Relayed counts the events relayed to subscribers, by where the gateway heard them
-// first: their subject as they were published (the fast path), or the stream.
-func (e *Events) Relayed() (published, stored uint64) { return e.hub.relayedCounts() }
+// first: the tap (a service of its process, as it sent them), their subject as they
+// were published (the fast path), or the stream.
+func (e *Events) Relayed() (tapped, published, stored uint64) { return e.hub.relayedCounts() }
 
 // NewEvents returns the admin.Events handler for a host.
 func NewEvents(cfg EventsConfig, nc *nats.Conn, host subject.Host, log *slog.Logger) (*Events, error) {

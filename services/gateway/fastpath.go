@@ -4,6 +4,7 @@ package gateway
 
 import (
 	"math"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -22,10 +23,76 @@ type fastPath struct {
 	// every loss counted in it.
 	epoch func() uint64
 	// received counts the messages the subscription has received (handled or
-	// queued); handled, those relayAhead is done with, each followed by a tick.
+	// queued) and the events the tap passed; handled, those relayed (or dropped), each
+	// followed by a tick.
 	received func() uint64
 	handled  atomic.Uint64
 	tick     chan struct{}
+
+	// The tap's side (EventsConfig.Tap): heard queues what the services of this
+	// process send, tapLoop relays it. tapped counts what heard queued.
+	tapped  atomic.Uint64
+	tapMu   sync.Mutex
+	tapQ    []tappedEvent
+	tapWake chan struct{}
+	tapQuit chan struct{}
+	stopTap func()
+	// natsReceived counts the messages the subscription has received, natsHandled
+	// those relayAhead is done with, each followed by a natsTick: a tapped event waits
+	// for the messages received before it was sent (see tapLoop).
+	natsReceived func() uint64
+	natsHandled  atomic.Uint64
+	natsTick     chan struct{}
+}
+
+// tappedEvent is an event the tap heard, with its Nats-Msg-Id and the count of
+// messages the subscription had received then.
+type tappedEvent struct {
+	id    string
+	ev    cloudevent.Event
+	after uint64
+}
+
+// heard is the tap's listener: it runs on a publisher's goroutine, so it only queues.
+func (p *fastPath) heard(id string, ev cloudevent.Event) {
+	after := p.natsReceived()
+	p.tapMu.Lock()
+	p.tapQ = append(p.tapQ, tappedEvent{id, ev, after})
+	p.tapMu.Unlock()
+	p.tapped.Add(1)
+	signal(p.tapWake)
+}
+
+// done marks one message or tapped event handled.
+func (p *fastPath) done() {
+	p.handled.Add(1)
+	signal(p.tick)
+}
+
+// signal wakes the waiter of a channel of one, if it is not awake already.
+func signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// awaitNATS returns once relayAhead has handled the first n messages of the
+// subscription (or after catchUpWait, which only a subscription closed under it
+// lasts).
+func (p *fastPath) awaitNATS(n uint64) {
+	if p.natsHandled.Load() >= n {
+		return
+	}
+	timeout := time.NewTimer(catchUpWait)
+	defer timeout.Stop()
+	for p.natsHandled.Load() < n {
+		select {
+		case <-p.natsTick:
+		case <-timeout.C:
+			return
+		}
+	}
 }
 
 // catchUpWait bounds how long the feed waits for the fast path to handle what it has
@@ -108,9 +175,9 @@ func (r *idRing) has(id string) bool {
 	return ok
 }
 
-// startFast subscribes to the host's events as they are published. Without it (an
-// error, or a permission the server refuses later) the feed relays everything, only
-// later. The caller holds mu.
+// startFast subscribes to the host's events as they are published, and listens to
+// the tap if there is one. Without it (an error, or a permission the server refuses
+// later) the feed relays everything, only later. The caller holds mu.
 //
 // Only on a server of its own: its order guard trusts the fast path while the
 // connection neither reconnected nor dropped a message, which is all a lost message
@@ -123,7 +190,7 @@ func (h *hub) startFast() {
 	if nc.ConnectedClusterName() != "" {
 		return
 	}
-	path := &fastPath{tick: make(chan struct{}, 1)}
+	path := &fastPath{tick: make(chan struct{}, 1), natsTick: make(chan struct{}, 1)}
 	sub, err := nc.Subscribe(h.e.host.Events(), func(msg *nats.Msg) { h.relayAhead(path, msg) })
 	if err != nil {
 		h.e.log.Warn("admin.Events fast path; relaying from the stream only", "err", err)
@@ -135,43 +202,97 @@ func (h *hub) startFast() {
 		dropped, _ := sub.Dropped()
 		return nc.Stats().Reconnects + uint64(max(dropped, 0))
 	}
-	path.received = func() uint64 {
-		delivered, _ := sub.Delivered()
-		pending, _, _ := sub.Pending()
-		return uint64(max(delivered, 0)) + uint64(max(pending, 0))
+	path.natsReceived = func() uint64 { return subscriptionReceived(sub, &path.natsHandled) }
+	path.received = func() uint64 { return path.natsReceived() + path.tapped.Load() }
+	if t := h.e.cfg.Tap; t != nil {
+		path.tapWake, path.tapQuit = make(chan struct{}, 1), make(chan struct{})
+		go h.tapLoop(path)
+		path.stopTap = t.Listen(path.heard)
 	}
 	h.fast, h.ahead, h.held = path, map[string]aheadEvent{}, map[string]heldEvent{}
 	h.fastOK, h.okEpoch = true, path.epoch()
 }
 
+// subscriptionReceived counts the messages sub has received: those delivered to its
+// callback (in it, or done) and those waiting. The two are read apart, so they are
+// read again while a message moved from one to the other in between (it would count
+// in neither, or in both). A closed subscription receives nothing more: what it
+// received is what its callback handled.
+func subscriptionReceived(sub *nats.Subscription, handled *atomic.Uint64) uint64 {
+	for try := 0; ; try++ {
+		d1, err1 := sub.Delivered()
+		pending, _, err2 := sub.Pending()
+		d2, err3 := sub.Delivered()
+		if err1 != nil || err2 != nil || err3 != nil {
+			return handled.Load()
+		}
+		if d1 == d2 || try == 3 {
+			return uint64(max(d1, 0)) + uint64(max(pending, 0))
+		}
+	}
+}
+
 // stopFastLocked ends the fast path and forgets what it relayed.
 func (h *hub) stopFastLocked() {
-	if h.fast != nil && h.fast.sub != nil {
-		_ = h.fast.sub.Unsubscribe()
+	if p := h.fast; p != nil {
+		if p.sub != nil {
+			_ = p.sub.Unsubscribe()
+		}
+		if p.stopTap != nil {
+			p.stopTap()
+			close(p.tapQuit)
+		}
 	}
 	h.fast, h.ahead, h.held, h.relayed = nil, nil, nil, idRing{}
 }
 
-// relayAhead relays an event of the fast path (from path) to every subscriber now,
-// unless it was relayed already (by the feed, or a second copy of a publish sent
-// again).
+// tapLoop relays what the tap hears, in order, until the fast path stops.
+//
+// A tapped event comes after what the gateway's connection had received when it was
+// sent: an event of a service of another process, say, that a dom0 tool saw the reply
+// of (the reply came over that connection, after the event) before its next call made
+// this one. So it is relayed only once the subscription has handled those messages;
+// otherwise it would overtake them, as no two events published one after the other
+// through one server do. (The tap cannot tell an event whose cause reached this
+// process by another connection: two such publishers are ordered as if concurrent.)
+func (h *hub) tapLoop(path *fastPath) {
+	var batch []tappedEvent
+	for {
+		select {
+		case <-path.tapQuit:
+			return
+		case <-path.tapWake:
+		}
+		path.tapMu.Lock()
+		batch, path.tapQ = path.tapQ, batch[:0]
+		path.tapMu.Unlock()
+		for i := range batch {
+			path.awaitNATS(batch[i].after)
+			h.relay(path, batch[i].id, nil, &batch[i].ev, true)
+			path.done()
+		}
+		clear(batch)
+	}
+}
+
+// relayAhead relays an event of the fast path's subscription (from path).
 func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
 	defer func() {
-		path.handled.Add(1)
-		select {
-		case path.tick <- struct{}{}:
-		default:
-		}
+		path.natsHandled.Add(1)
+		signal(path.natsTick)
+		path.done()
 	}()
 	id := msg.Header.Get(jetstream.MsgIDHeader)
 	if id == "" {
 		return // nothing to know its stored copy by: the feed relays it
 	}
-	ev, err := cloudevent.DecodeHeaders(msg)
-	if err != nil {
-		return // the feed logs it
-	}
-	it := item{seq: seqAhead, vm: ev.VM, frame: appendCloudEvent(nil, ev)}
+	h.relay(path, id, msg, nil, false)
+}
+
+// relay relays an event of the fast path to every subscriber now, unless it was
+// relayed already (a copy from the tap, from the feed, or of a publish sent again).
+// ev is the event, or nil to decode it from msg; tapped says the tap heard it.
+func (h *hub) relay(path *fastPath, id string, msg *nats.Msg, ev *cloudevent.Event, tapped bool) {
 	now := time.Now()
 	epoch := path.epoch() // read before mu: the callback runs while other goroutines hold the connection's lock
 	h.mu.Lock()
@@ -182,7 +303,14 @@ func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
 	_, ahead := h.ahead[id]
 	_, held := h.held[id]
 	if ahead || held || h.relayed.has(id) {
-		return
+		return // the copy from NATS of a tapped event is not decoded
+	}
+	if ev == nil {
+		dev, err := cloudevent.DecodeHeaders(msg)
+		if err != nil {
+			return // the feed logs it
+		}
+		ev = &dev
 	}
 	if now.Sub(h.lastPrune) > time.Second {
 		h.lastPrune = now
@@ -197,8 +325,11 @@ func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
 		return
 	}
 	h.aheadN++
+	if tapped {
+		h.tappedN++
+	}
 	h.ahead[id] = aheadEvent{n: h.aheadN, at: now}
-	h.deliverLocked(it, 0)
+	h.deliverLocked(item{seq: seqAhead, vm: ev.VM, frame: appendCloudEvent(nil, *ev)}, 0)
 }
 
 // forgetBefore deletes the events of m heard (at) before cutoff: the feed will not
@@ -268,10 +399,10 @@ func (h *hub) deliverStored(fe feedEvent, it item) {
 	}
 }
 
-// relayedCounts counts the events relayed first from the fast path and from the
-// feed (to at least one subscriber that had not had them).
-func (h *hub) relayedCounts() (published, stored uint64) {
+// relayedCounts counts the events relayed first (to at least one subscriber that had
+// not had them) from the tap, from the fast path's subscription and from the feed.
+func (h *hub) relayedCounts() (tapped, published, stored uint64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.aheadN, h.stored
+	return h.tappedN, h.aheadN - h.tappedN, h.stored
 }

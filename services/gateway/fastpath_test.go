@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
@@ -255,4 +256,147 @@ func TestHubFeedCoversWhatTheFastPathMisses(t *testing.T) {
 		t.Fatalf("after 600 events: %q %v, want only event 600", got, err)
 	}
 	t.Logf("fast path relayed %d of the first 300 events", fastSeen)
+}
+
+// With a tap, the events of the gateway's own process are relayed as they are sent,
+// before NATS brings them: once each, never ahead of an event of another publisher
+// that the gateway's connection had received when they were sent, and with the fast
+// path's subscription gone, still first (not later by the feed); the tap is let go
+// with the last subscriber.
+func TestHubTapRelaysOwnEventsOnceInOrder(t *testing.T) {
+	ns := bustest.RunJetStream(t)
+	nc := bustest.Connect(t, ns)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := cloudevent.EnsureStream(ctx, js, cloudevent.StreamConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	var tap cloudevent.Tap
+	e, err := NewEvents(EventsConfig{Tap: &tap}, nc, subject.ForHost("h1"), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, client := socketPair(t)
+	sub, err := newSubscriber(server, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hub.add(sub); err != nil {
+		t.Fatal(err)
+	}
+	removed := false
+	defer func() {
+		if !removed {
+			e.hub.remove(sub)
+		}
+	}()
+	start, err := e.nextSequence(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pctx, stop := context.WithCancel(ctx)
+	pumped := make(chan struct{})
+	go func() { defer close(pumped); e.pump(pctx, server, sub, start, "test") }()
+	defer func() { stop(); <-pumped }()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	own := cloudevent.NewPublisher(js, "h1").WithTap(&tap)
+	var want bytes.Buffer
+	event := func(i int) cloudevent.Event {
+		ev := cloudevent.New("work", "domain-feature-set:test", "feature", "test", "value", fmt.Sprint(i))
+		want.Write(appendCloudEvent(nil, ev))
+		return ev
+	}
+	publish := func(p *cloudevent.Publisher, i int) {
+		if err := p.Publish(ctx, event(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A service of another process: a call over the gateway's connection makes it
+	// publish an event, which it stores before it replies.
+	otherNC := bustest.Connect(t, ns)
+	otherJS, err := jetstream.New(otherNC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := cloudevent.NewPublisher(otherJS, "h1")
+	var pending cloudevent.Event
+	if _, err := otherNC.Subscribe("test.call", func(m *nats.Msg) {
+		err := other.Publish(ctx, pending)
+		_ = m.Respond([]byte(fmt.Sprint(err)))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := otherNC.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	call := func(i int) {
+		pending = event(i)
+		rep, err := nc.Request("test.call", nil, 30*time.Second)
+		if err != nil || string(rep.Data) != "<nil>" {
+			t.Fatalf("call: %v %v", rep, err)
+		}
+	}
+	readAll := func() {
+		t.Helper()
+		got := make([]byte, want.Len())
+		_ = client.SetReadDeadline(time.Now().Add(30 * time.Second))
+		if _, err := io.ReadFull(client, got); err != nil {
+			t.Fatalf("read: %v", err)
+		}
+		if !bytes.Equal(got, want.Bytes()) {
+			d := firstDiff(got, want.Bytes())
+			t.Fatalf("frames differ from the events published, in order, once each (first difference at byte %d: got %q, want %q)", d, got[max(0, d-60):min(len(got), d+60)], want.Bytes()[max(0, d-60):min(want.Len(), d+60)])
+		}
+		want.Reset()
+	}
+
+	for i := range 200 {
+		if i%2 == 0 {
+			publish(own, i)
+		} else {
+			call(i)
+		}
+	}
+	readAll()
+	e.hub.mu.Lock()
+	path := e.hub.fast
+	e.hub.mu.Unlock()
+	if n := path.tapped.Load(); n != 100 {
+		t.Fatalf("the tap passed %d events, want the 100 of the gateway's process", n)
+	}
+
+	// Without the subscription, what is relayed first is the tap's.
+	e.hub.mu.Lock()
+	_ = path.sub.Unsubscribe()
+	before := e.hub.aheadN
+	e.hub.mu.Unlock()
+	for i := 200; i < 300; i++ {
+		publish(own, i)
+	}
+	readAll()
+	// The feed has brought the last event (it is in the socket only once): every one
+	// of them was relayed ahead of it, none by the feed.
+	e.hub.mu.Lock()
+	relayedAhead := e.hub.aheadN - before
+	e.hub.mu.Unlock()
+	publish(own, 300) // and nothing follows but the next event
+	readAll()
+	if relayedAhead < 100 {
+		t.Fatalf("the tap relayed %d of 100 events first", relayedAhead)
+	}
+
+	e.hub.remove(sub)
+	removed = true
+	heard := path.tapped.Load()
+	publish(own, 301)
+	if n := path.tapped.Load(); n != heard {
+		t.Fatalf("the tap still passed events to a hub without subscribers (%d, then %d)", heard, n)
+	}
 }

@@ -31,6 +31,11 @@ import (
 // reconnect, a slow consumer, a role without that permission) the feed relays. Events
 // of one publisher keep their order either way; events of two publishers at the same
 // moment may reach subscribers in another order than the stream's.
+//
+// The services of the gateway's own process (one `qubesbus run`) are heard sooner
+// still, through the tap (EventsConfig.Tap): as they send an event, before it reaches
+// NATS. Such an event is relayed like one of the fast path, and its copy from the
+// subject is dropped by its id without being decoded.
 type hub struct {
 	e      *Events
 	mu     sync.Mutex
@@ -41,6 +46,7 @@ type hub struct {
 	fast       *fastPath             // nil when none runs
 	ahead      map[string]aheadEvent // events relayed by the fast path, not yet by the feed
 	aheadN     uint64                // counts the events relayed by the fast path
+	tappedN    uint64                // those of aheadN the tap heard
 	lastJoined uint64                // the joined of the subscriber added last
 	relayed    idRing                // the feed's latest events: a late fast copy is dropped
 	stored     uint64                // counts the events the feed relayed to anyone

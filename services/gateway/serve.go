@@ -33,7 +33,7 @@ func (s *Server) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, error
 	if err := os.MkdirAll(filepath.Dir(s.cfg.Socket), 0o755); err != nil {
 		return nil, fmt.Errorf("socket dir: %w", err)
 	}
-	events, err := NewEvents(EventsConfig{WriteTimeout: s.cfg.EventsWriteTimeout}, nc, s.cfg.Host, s.log)
+	events, err := NewEvents(EventsConfig{WriteTimeout: s.cfg.EventsWriteTimeout, Tap: s.cfg.EventsTap}, nc, s.cfg.Host, s.log)
 	if err != nil {
 		return nil, err
 	}

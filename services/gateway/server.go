@@ -17,6 +17,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/audit"
+	"github.com/qubesbus/qubesbus/bus/cloudevent"
 	"github.com/qubesbus/qubesbus/bus/envelope"
 	"github.com/qubesbus/qubesbus/bus/qerr"
 	"github.com/qubesbus/qubesbus/bus/rpc"
@@ -60,6 +61,9 @@ type Config struct {
 	// Local, if set, answers reads whose service runs in this process without a
 	// NATS round trip (rpc.Local); the rest, and reads it cannot serve, go over NATS.
 	Local LocalCaller
+	// EventsTap hears the events of the services of this process as they are sent, for
+	// admin.Events (EventsConfig.Tap); nil relays every event as NATS brings it.
+	EventsTap *cloudevent.Tap
 }
 
 // LocalCaller serves a read through the mux of its service in this process, if one
@@ -121,11 +125,11 @@ func (s *Server) Subscribers() int {
 }
 
 // EventsRelayed counts the events relayed to admin.Events subscribers (Events.Relayed).
-func (s *Server) EventsRelayed() (published, stored uint64) {
+func (s *Server) EventsRelayed() (tapped, published, stored uint64) {
 	if e := s.events.Load(); e != nil {
 		return e.Relayed()
 	}
-	return 0, 0
+	return 0, 0, 0
 }
 
 // Marks returns the newest marks the gateway has seen in replies.

@@ -291,32 +291,62 @@ func hungUp(t testing.TB, c *net.UnixConn) bool {
 	return revents&unix.POLLHUP != 0
 }
 
-// Under the roles' permissions, as deployed, the gateway hears events as they are
-// published (admin.Events' fast path), not only from the stream's consumer: a role
-// table without the gateway's subscription would still pass every other events test,
-// only slower.
+// Under the roles' permissions, as deployed, the gateway hears events before the
+// stream's consumer brings them: those of the services of its process through the
+// tap, as they send them, and those of a service of another process on their subject
+// (admin.Events' fast path). A role table without the gateway's subscription, or a
+// service publishing past the tap, would still pass every other events test, only
+// slower.
 func TestEventsFastPathUnderTheRoles(t *testing.T) {
 	sys := startSystem(t)
 	s := openEvents(t, sys.Socket, "work")
 	const n = 20
+	waitFor := func(last string) {
+		t.Helper()
+		for {
+			frame, err := s.next(10 * time.Second)
+			if err != nil {
+				t.Fatalf("waiting for %q: %v", last, err)
+			}
+			if string(frame) == last {
+				return
+			}
+		}
+	}
 	for i := range n {
 		if resp := roundTrip(t, sys.Socket, []byte(fmt.Sprintf("admin.vm.feature.Set+fast dom0 name work\x00%d", i))); string(resp) != "0\x00" {
 			t.Fatalf("feature.Set: %q", resp)
 		}
 	}
-	last := fmt.Sprintf("1\x00work\x00domain-feature-set:fast\x00feature\x00fast\x00value\x00%d\x00oldvalue\x00%d\x00\x00", n-1, n-2)
-	for {
-		frame, err := s.next(10 * time.Second)
-		if err != nil {
-			t.Fatalf("waiting for the last change's event: %v", err)
-		}
-		if string(frame) == last {
-			break
+	waitFor(fmt.Sprintf("1\x00work\x00domain-feature-set:fast\x00feature\x00fast\x00value\x00%d\x00oldvalue\x00%d\x00\x00", n-1, n-2))
+	tapped, published, stored := sys.obs.gateway.Load().EventsRelayed()
+	if tapped == 0 {
+		t.Fatalf("no event of properties came through the tap (%d from the subject, %d from the stream)", published, stored)
+	}
+	t.Logf("properties' events: %d from the tap, %d from the subject, %d from the stream first", tapped, published, stored)
+
+	// A service of another process: a connection of its own, as the properties role.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	nc, err := sys.ConnectAs(ctx, access.Properties, "test-other-process")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := cloudevent.NewPublisher(js, "test")
+	for i := range n {
+		if err := pub.Publish(ctx, cloudevent.New("work", "domain-feature-set:other", "feature", "other", "value", fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
 		}
 	}
-	published, stored := sys.obs.gateway.Load().EventsRelayed()
-	if published == 0 {
-		t.Fatalf("no event came by the fast path (%d from the stream)", stored)
+	waitFor(fmt.Sprintf("1\x00work\x00domain-feature-set:other\x00feature\x00other\x00value\x00%d\x00\x00", n-1))
+	_, published2, stored2 := sys.obs.gateway.Load().EventsRelayed()
+	if published2 == published {
+		t.Fatalf("no event of another process came by the fast path (%d more from the stream)", stored2-stored)
 	}
-	t.Logf("%d events from the fast path, %d from the stream first", published, stored)
+	t.Logf("another process's events: %d from the subject, %d from the stream first", published2-published, stored2-stored)
 }

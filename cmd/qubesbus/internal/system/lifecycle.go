@@ -59,7 +59,7 @@ func (s *System) startLifecycle(nc *nats.Conn, host subject.Host, cfg Config, lo
 	}
 	s.replica = rep // the services started after this one share it
 	s.obs.addReplica(string(rpc.VMLifecycle), rep, nc)
-	events, err := s.countingEvents(nc, host)
+	events, err := s.eventsPublisher(nc, host)
 	if err != nil {
 		return nil, err
 	}

@@ -94,11 +94,11 @@ func (s *System) initMetrics(reg prometheus.Registerer) {
 			}
 			return 0
 		},
-		EventsRelayed: func() (published, stored uint64) {
+		EventsRelayed: func() (tapped, published, stored uint64) {
 			if gw := s.obs.gateway.Load(); gw != nil {
 				return gw.EventsRelayed()
 			}
-			return 0, 0
+			return 0, 0, 0
 		},
 		Replicas: func() []metrics.ReplicaState {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
@@ -131,27 +131,34 @@ func (s *System) initMetrics(reg prometheus.Registerer) {
 	})
 }
 
-// countingEvents is the events publisher of a service on nc: one that counts the
-// events it stored when the host has metrics, else nil (the service's own).
-func (s *System) countingEvents(nc *nats.Conn, host subject.Host) (metrics.Publisher, error) {
-	if s.obs.metrics == nil {
-		return nil, nil
-	}
+// eventsPublisher is the events publisher of a service on nc: it passes each event
+// to the tap of this process's gateway (see gateway.EventsConfig.Tap) and, when the
+// host has metrics, counts the events it stored.
+func (s *System) eventsPublisher(nc *nats.Conn, host subject.Host) (metrics.Publisher, error) {
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
-	return metrics.CountingPublisher{Publisher: cloudevent.NewPublisher(js, host.ID()), M: s.obs.metrics}, nil
+	p := cloudevent.NewPublisher(js, host.ID()).WithTap(&s.tap)
+	if s.obs.metrics == nil {
+		return p, nil
+	}
+	return metrics.CountingPublisher{Publisher: p, M: s.obs.metrics}, nil
+}
+
+// EventsPublisher is a publisher of the host's events on nc as the services of this
+// process have: its events reach this process's admin.Events through the tap.
+func (s *System) EventsPublisher(nc *nats.Conn) (metrics.Publisher, error) {
+	return s.eventsPublisher(nc, subject.ForHost(s.cfg.HostID))
 }
 
 // observeService is what a service that reads the host's configuration and
 // publishes events needs to be seen by the operators: the host's replica (the one this
 // process follows already, else one followed on nc, as by a single service of
 // `qubesbus serve`), listed under the service's name in the readiness check and the
-// replica metrics, and an events publisher that counts what it stores (nil without
-// metrics: the service's own).
+// replica metrics, and its events publisher (eventsPublisher).
 func (s *System) observeService(name rpc.Service, nc *nats.Conn, host subject.Host, log *slog.Logger) (*replica.Replica, metrics.Publisher, error) {
-	events, err := s.countingEvents(nc, host)
+	events, err := s.eventsPublisher(nc, host)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -229,6 +229,9 @@ type System struct {
 	obs observed
 	// local lets the gateway reach the services of this process without NATS.
 	local *rpc.Local
+	// tap passes the events the services of this process send to its gateway's
+	// admin.Events before they reach NATS.
+	tap cloudevent.Tap
 }
 
 func newSystem(ctx context.Context, cfg Config, log *slog.Logger) *System {
@@ -525,7 +528,7 @@ func startBackup(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *s
 }
 
 func startProperties(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *slog.Logger) (micro.Service, error) {
-	events, err := s.countingEvents(nc, host)
+	events, err := s.eventsPublisher(nc, host)
 	if err != nil {
 		return nil, err
 	}
@@ -556,7 +559,8 @@ func startGateway(s *System, nc *nats.Conn, host subject.Host, cfg Config, log *
 		_ = aud.Close(ctx) // what it could not store is in the log
 	}
 	gcfg := gateway.Config{Host: host, Log: log, Socket: cfg.Socket, SocketGroup: cfg.SocketGroup,
-		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout, Audit: aud, Local: s.local}
+		IdleTimeout: cfg.IdleTimeout, EventsWriteTimeout: cfg.EventsWriteTimeout, Audit: aud, Local: s.local,
+		EventsTap: &s.tap}
 	if s.obs.metrics != nil {
 		gcfg.Metrics = s.obs.metrics
 	}
