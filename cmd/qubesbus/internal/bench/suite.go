@@ -95,6 +95,7 @@ type EventResult struct {
 	Events      int
 	P50, P99    time.Duration
 	InProcess   bool // read by this process, not a child
+	By          Publisher
 	// Stalls counts the pauses between events that overran by more than 1 ms: the
 	// machine (or this process) did not run the bench when due. A few are enough to
 	// decide p99, since each stalled event counts once per subscriber.
@@ -155,7 +156,7 @@ func Suite(ctx context.Context, cfg Config, log *slog.Logger) (*Report, error) {
 				sys.Stop()
 				return nil, err
 			}
-			rep.Events, err = eventFanOut(ctx, cfg, sys)
+			rep.Events, err = eventFanOut(ctx, cfg, sys, dir)
 			if err != nil {
 				sys.Stop()
 				return nil, err
@@ -225,46 +226,109 @@ func floors(ctx context.Context, cfg Config, sys *system.System, dir string, rep
 // Events go out one at a time, each after the previous one's publish was acknowledged
 // and a 2 ms pause: a steady rate, so the figures are delivery latency, not the time a
 // burst spends queued.
-func eventFanOut(ctx context.Context, cfg Config, sys *system.System) ([]EventResult, error) {
+func eventFanOut(ctx context.Context, cfg Config, sys *system.System, dir string) ([]EventResult, error) {
 	nc, err := sys.ConnectAs(ctx, access.Admin, "bench-events") // it publishes the events it measures
 	if err != nil {
 		return nil, err
 	}
 	defer nc.Close()
 	js, _ := jetstream.New(nc)
-	pub := cloudevent.NewPublisher(js, "bench")
+	// As a service of the gateway's process sends (qvm-features and the rest, under
+	// `qubesbus run`), and as a service of another process does.
+	tapped, err := sys.EventsPublisher(nc)
+	if err != nil {
+		return nil, err
+	}
+	floor, err := startEventsFloor(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer floor.close()
+	publishers := []struct {
+		by     Publisher
+		pub    eventPublisher
+		socket string
+	}{
+		{ByFloor, floor, floor.socket},
+		{ByTap, tapped, sys.Socket},
+		{ByConnection, cloudevent.NewPublisher(js, "bench"), sys.Socket},
+	}
 	inProcess := cfg.InProcessReaders || os.Getenv(InProcessReadersEnv) != ""
 	var out []EventResult
 	for _, subs := range cfg.Subscribers {
-		const events = 200
-		collect, err := startReading(ctx, sys.Socket, subs, events, inProcess)
-		if err != nil {
-			return nil, err
-		}
-		stalls := 0
-		for i := 0; i < events; i++ {
-			ev := cloudevent.New("work", benchEvent, "feature", "bench", "value", strconv.FormatInt(time.Now().UnixNano(), 10))
-			if err := pub.Publish(ctx, ev); err != nil {
-				collect()
+		for _, p := range publishers {
+			r, err := fanOutOnce(ctx, p.socket, p.pub, subs, inProcess)
+			floor.disconnect()
+			if err != nil {
 				return nil, err
 			}
-			t := time.Now()
-			if err := bus.Sleep(ctx, 2*time.Millisecond); err != nil {
-				collect()
-				return nil, err
-			}
-			if time.Since(t) > 3*time.Millisecond {
-				stalls++
-			}
+			r.By = p.by
+			out = append(out, r)
 		}
-		lats, err := collect()
-		if err != nil {
-			return nil, err
-		}
-		slices.Sort(lats)
-		out = append(out, EventResult{Subscribers: subs, Events: len(lats), P50: Percentile(lats, 50), P99: Percentile(lats, 99), InProcess: inProcess, Stalls: stalls})
 	}
 	return out, nil
+}
+
+// Publisher says who published the events of a fan-out measurement.
+type Publisher int
+
+const (
+	// ByFloor: the bare fan-out of eventsFloor, no qubesbus.
+	ByFloor Publisher = iota
+	// ByTap: a publisher as the services of the gateway's process have, which the
+	// gateway hears through its tap before NATS.
+	ByTap
+	// ByConnection: a publisher on a connection of its own, as a service of another
+	// process (`qubesbus serve`), which the gateway hears from NATS.
+	ByConnection
+)
+
+func (p Publisher) String() string {
+	switch p {
+	case ByFloor:
+		return "floor: a bare socket server's fan-out"
+	case ByTap:
+		return "a service of the gateway's process"
+	default:
+		return "a service of another process"
+	}
+}
+
+// eventPublisher stores events (cloudevent.Publisher).
+type eventPublisher interface {
+	Publish(ctx context.Context, events ...cloudevent.Event) error
+}
+
+// fanOutOnce publishes 500 events, 2 ms apart, to subs subscribers: enough that p99
+// at 100 subscribers is not one slow event (each counts once per subscriber).
+func fanOutOnce(ctx context.Context, socket string, pub eventPublisher, subs int, inProcess bool) (EventResult, error) {
+	const events = 500
+	collect, err := startReading(ctx, socket, subs, events, inProcess)
+	if err != nil {
+		return EventResult{}, err
+	}
+	stalls := 0
+	for i := 0; i < events; i++ {
+		ev := cloudevent.New("work", benchEvent, "feature", "bench", "value", strconv.FormatInt(time.Now().UnixNano(), 10))
+		if err := pub.Publish(ctx, ev); err != nil {
+			collect()
+			return EventResult{}, err
+		}
+		t := time.Now()
+		if err := bus.Sleep(ctx, 2*time.Millisecond); err != nil {
+			collect()
+			return EventResult{}, err
+		}
+		if time.Since(t) > 3*time.Millisecond {
+			stalls++
+		}
+	}
+	lats, err := collect()
+	if err != nil {
+		return EventResult{}, err
+	}
+	slices.Sort(lats)
+	return EventResult{Subscribers: subs, Events: len(lats), P50: Percentile(lats, 50), P99: Percentile(lats, 99), InProcess: inProcess, Stalls: stalls}, nil
 }
 
 // Print writes the report as markdown tables.
@@ -296,14 +360,14 @@ func Print(w io.Writer, rep *Report, cfg Config) {
 		}
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| admin.Events subscribers | read by | events received (all subscribers) | publish→socket p50 | p99 | publisher pauses >1 ms late |")
-	fmt.Fprintln(w, "|---|---|---|---|---|---|")
+	fmt.Fprintln(w, "| admin.Events subscribers | published by | read by | events received (all subscribers) | publish→socket p50 | p99 | publisher pauses >1 ms late |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|---|")
 	for _, e := range rep.Events {
 		by := "child process"
 		if e.InProcess {
 			by = "bench process"
 		}
-		fmt.Fprintf(w, "| %d | %s | %d | %s | %s | %d |\n", e.Subscribers, by, e.Events, e.P50.Round(time.Microsecond), e.P99.Round(time.Microsecond), e.Stalls)
+		fmt.Fprintf(w, "| %d | %s | %s | %d | %s | %s | %d |\n", e.Subscribers, e.By, by, e.Events, e.P50.Round(time.Microsecond), e.P99.Round(time.Microsecond), e.Stalls)
 	}
 	fmt.Fprintln(w)
 	printReads(w, rep)

@@ -28,8 +28,14 @@ func TestSuiteMeasures(t *testing.T) {
 			t.Errorf("%s ×%d: %+v", r.Class, r.Clients, r)
 		}
 	}
-	if len(rep.Events) != 1 || rep.Events[0].Events != 400 {
-		t.Errorf("events: %+v (want 200 events to each of 2 subscribers)", rep.Events)
+	// The floor, a service of the gateway's process, one of another.
+	if len(rep.Events) != 3 {
+		t.Fatalf("events: %+v (want 3 fan-outs)", rep.Events)
+	}
+	for i, e := range rep.Events {
+		if e.By != Publisher(i) || e.Subscribers != 2 || e.Events != 1000 || e.P50 <= 0 || e.P99 < e.P50 {
+			t.Errorf("events by %v: %+v (want 500 events to each of 2 subscribers)", Publisher(i), e)
+		}
 	}
 	if len(rep.Reads) != 1 {
 		t.Fatalf("reads against the floor: %+v", rep.Reads)
@@ -39,7 +45,7 @@ func TestSuiteMeasures(t *testing.T) {
 	}
 	var out bytes.Buffer
 	Print(&out, rep, cfg)
-	for _, want := range []string{"floor: NATS request-reply", "floor: socket round trip", "| 11 | admin.vm.List | 4 |", "publish→socket", "| 11 | property.Get, 2 clients", "| 11 | qvm-ls shape", "| 11 | the same right after a change"} {
+	for _, want := range []string{"floor: NATS request-reply", "floor: socket round trip", "| 11 | admin.vm.List | 4 |", "publish→socket", "| 2 | floor: a bare socket server's fan-out |", "| 2 | a service of the gateway's process |", "| 2 | a service of another process |", "| 11 | property.Get, 2 clients", "| 11 | qvm-ls shape", "| 11 | the same right after a change"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("report lacks %q:\n%s", want, out.String())
 		}
