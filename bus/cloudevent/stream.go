@@ -91,8 +91,20 @@ func (p *Publisher) Publish(ctx context.Context, events ...Event) error {
 // was lost is not stored twice (its Nats-Msg-Id).
 //
 // With a tap (WithTap), its listener hears each event just before it is sent: also
-// one the stream then fails to store, as a subscriber of the subject would.
+// one the stream then fails to store, as a subscriber of the subject would. wait tells
+// it first that the caller waits (Listener.Sent).
 func (p *Publisher) Send(ctx context.Context, events ...Event) (wait func(context.Context) error) {
+	w := p.send(ctx, events)
+	if !p.tap.listening() {
+		return w
+	}
+	return func(ctx context.Context) error {
+		p.tap.sent()
+		return w(ctx)
+	}
+}
+
+func (p *Publisher) send(ctx context.Context, events []Event) (wait func(context.Context) error) {
 	msgs := make([]*nats.Msg, len(events))
 	for i, e := range events {
 		msg, err := Encode(ctx, p.hostID, e)

@@ -21,20 +21,30 @@ type Tap struct {
 	l  atomic.Pointer[tapListener]
 }
 
-type tapListener struct{ heard func(id string, e Event) }
+// Listener hears the events of a tap's publishers.
+type Listener interface {
+	// Heard is called for each event as it is sent, on the publisher's goroutine
+	// while it holds its order (each Publisher's events in the order they are sent)
+	// and while its caller may hold locks of its own: it must not block.
+	Heard(id string, e Event)
+	// Sent is called when the caller of Send waits for its events (Publish at once):
+	// it has released its own locks by then, so work done here, such as relaying
+	// what was heard, delays only that caller.
+	Sent()
+}
 
-// Listen makes heard the tap's listener, in place of any other, until stop. heard is
-// called on the publisher's goroutine, while it holds its order (each Publisher's
-// events in the order they are sent): it must not block.
-func (t *Tap) Listen(heard func(id string, e Event)) (stop func()) {
-	l := &tapListener{heard: heard}
+type tapListener struct{ Listener }
+
+// Listen makes l the tap's listener, in place of any other, until stop.
+func (t *Tap) Listen(l Listener) (stop func()) {
+	tl := &tapListener{l}
 	t.mu.Lock()
-	t.l.Store(l)
+	t.l.Store(tl)
 	t.mu.Unlock()
 	return func() {
 		t.mu.Lock()
 		defer t.mu.Unlock()
-		t.l.CompareAndSwap(l, nil)
+		t.l.CompareAndSwap(tl, nil)
 	}
 }
 
@@ -48,8 +58,18 @@ func (t *Tap) hear(msg *nats.Msg, e Event) {
 	}
 	if l := t.l.Load(); l != nil {
 		if id := msg.Header.Get(jetstream.MsgIDHeader); id != "" {
-			l.heard(id, e)
+			l.Heard(id, e)
 		}
+	}
+}
+
+// sent tells the listener, if any, that a caller waits for what it sent.
+func (t *Tap) sent() {
+	if t == nil {
+		return
+	}
+	if l := t.l.Load(); l != nil {
+		l.Sent()
 	}
 }
 

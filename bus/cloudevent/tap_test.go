@@ -15,12 +15,25 @@ type tapRecord struct {
 	mu     sync.Mutex
 	ids    []string
 	events []Event
+	sent   int
 }
 
-func (r *tapRecord) heard(id string, e Event) {
+func (r *tapRecord) Heard(id string, e Event) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.ids, r.events = append(r.ids, id), append(r.events, e)
+}
+
+func (r *tapRecord) Sent() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sent++
+}
+
+func (r *tapRecord) sends() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.sent
 }
 
 func (r *tapRecord) taken() ([]string, []Event) {
@@ -30,14 +43,14 @@ func (r *tapRecord) taken() ([]string, []Event) {
 }
 
 // The listener hears every event a tapped publisher sends, in order, by the id the
-// stream stores it under; it hears nothing once stopped, and a listener that
-// replaced another is not stopped by the other's stop.
+// stream stores it under, and is told when the sender waits; it hears nothing once
+// stopped, and a listener that replaced another is not stopped by the other's stop.
 func TestTapHearsWhatIsStoredInOrder(t *testing.T) {
 	ctx, nc, stream, pub := withStream(t, time.Minute)
 	var tap Tap
 	pub.WithTap(&tap)
 	var first tapRecord
-	stopFirst := tap.Listen(first.heard)
+	stopFirst := tap.Listen(&first)
 
 	var sent []Event
 	for i := range 20 {
@@ -48,6 +61,21 @@ func TestTapHearsWhatIsStoredInOrder(t *testing.T) {
 		}
 		sent = append(sent, evs...)
 	}
+	if n := first.sends(); n != 20 {
+		t.Fatalf("told of %d waits, want one per Publish (20)", n)
+	}
+	// Send tells of the wait when the caller waits, not before.
+	wait := pub.Send(ctx, New("work", "domain-feature-set:f", "feature", "f", "value", "sent"))
+	if n := first.sends(); n != 20 {
+		t.Fatalf("told of a wait before it (%d)", n)
+	}
+	if err := wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := first.sends(); n != 21 {
+		t.Fatalf("told of %d waits after Send's wait, want 21", n)
+	}
+	sent = append(sent, New("work", "domain-feature-set:f", "feature", "f", "value", "sent"))
 	ids, heard := first.taken()
 	if !reflect.DeepEqual(heard, sent) {
 		t.Fatalf("heard %v, want the events sent, in order: %v", heard, sent)
@@ -67,7 +95,7 @@ func TestTapHearsWhatIsStoredInOrder(t *testing.T) {
 	}
 
 	var second tapRecord
-	stopSecond := tap.Listen(second.heard)
+	stopSecond := tap.Listen(&second)
 	stopFirst() // not the listener any more: stops nothing
 	if err := pub.Publish(ctx, New("work", "domain-start")); err != nil {
 		t.Fatal(err)

@@ -29,11 +29,16 @@ type fastPath struct {
 	handled  atomic.Uint64
 	tick     chan struct{}
 
-	// The tap's side (EventsConfig.Tap): heard queues what the services of this
-	// process send, tapLoop relays it. tapped counts what heard queued.
+	// The tap's side (EventsConfig.Tap): Heard queues what the services of this
+	// process send; the sender relays it when it waits (Sent), or tapLoop if it is
+	// first: whoever holds drainMu relays the queue, in order. tapped counts what
+	// Heard queued.
+	hub     *hub
 	tapped  atomic.Uint64
 	tapMu   sync.Mutex
 	tapQ    []tappedEvent
+	drainMu sync.Mutex
+	spare   []tappedEvent // the queue's other buffer, under drainMu
 	tapWake chan struct{}
 	tapQuit chan struct{}
 	stopTap func()
@@ -53,8 +58,9 @@ type tappedEvent struct {
 	after uint64
 }
 
-// heard is the tap's listener: it runs on a publisher's goroutine, so it only queues.
-func (p *fastPath) heard(id string, ev cloudevent.Event) {
+// Heard is the tap's listener (cloudevent.Listener): it runs on a publisher's
+// goroutine, perhaps under its caller's locks, so it only queues.
+func (p *fastPath) Heard(id string, ev cloudevent.Event) {
 	after := p.natsReceived()
 	p.tapMu.Lock()
 	p.tapQ = append(p.tapQ, tappedEvent{id, ev, after})
@@ -62,6 +68,13 @@ func (p *fastPath) heard(id string, ev cloudevent.Event) {
 	p.tapped.Add(1)
 	signal(p.tapWake)
 }
+
+// Sent relays what the tap heard on the goroutine of a sender that waits for its
+// events, done with its own locks: at once, where a hand-off to tapLoop waited for
+// the scheduler (about 85 µs at the median on the 2-vCPU VM, 250 µs at 100
+// subscribers, behind the goroutines of the publish itself, so that the event's copy
+// from NATS came first two times in three).
+func (p *fastPath) Sent() { p.hub.drainTap(p) }
 
 // done marks one message or tapped event handled.
 func (p *fastPath) done() {
@@ -205,9 +218,9 @@ func (h *hub) startFast() {
 	path.natsReceived = func() uint64 { return subscriptionReceived(sub, &path.natsHandled) }
 	path.received = func() uint64 { return path.natsReceived() + path.tapped.Load() }
 	if t := h.e.cfg.Tap; t != nil {
-		path.tapWake, path.tapQuit = make(chan struct{}, 1), make(chan struct{})
+		path.hub, path.tapWake, path.tapQuit = h, make(chan struct{}, 1), make(chan struct{})
 		go h.tapLoop(path)
-		path.stopTap = t.Listen(path.heard)
+		path.stopTap = t.Listen(path)
 	}
 	h.fast, h.ahead, h.held = path, map[string]aheadEvent{}, map[string]heldEvent{}
 	h.fastOK, h.okEpoch = true, path.epoch()
@@ -246,7 +259,21 @@ func (h *hub) stopFastLocked() {
 	h.fast, h.ahead, h.held, h.relayed = nil, nil, nil, idRing{}
 }
 
-// tapLoop relays what the tap hears, in order, until the fast path stops.
+// tapLoop relays what the tap hears that no sender relays first (see Sent), until
+// the fast path stops.
+func (h *hub) tapLoop(path *fastPath) {
+	for {
+		select {
+		case <-path.tapQuit:
+			return
+		case <-path.tapWake:
+			h.drainTap(path)
+		}
+	}
+}
+
+// drainTap relays the tap's queue, in order, unless another goroutine is at it: that
+// one relays what is queued now as well, for it looks again once it has let go.
 //
 // A tapped event comes after what the gateway's connection had received when it was
 // sent: an event of a service of another process, say, that a dom0 tool saw the reply
@@ -255,23 +282,35 @@ func (h *hub) stopFastLocked() {
 // otherwise it would overtake them, as no two events published one after the other
 // through one server do. (The tap cannot tell an event whose cause reached this
 // process by another connection: two such publishers are ordered as if concurrent.)
-func (h *hub) tapLoop(path *fastPath) {
-	var batch []tappedEvent
+func (h *hub) drainTap(path *fastPath) {
 	for {
-		select {
-		case <-path.tapQuit:
+		if !path.drainMu.TryLock() {
 			return
-		case <-path.tapWake:
 		}
+		for {
+			path.tapMu.Lock()
+			batch := path.tapQ
+			path.tapQ = path.spare[:0]
+			path.tapMu.Unlock()
+			if len(batch) == 0 {
+				path.spare = batch
+				break
+			}
+			for i := range batch {
+				path.awaitNATS(batch[i].after)
+				h.relay(path, batch[i].id, nil, &batch[i].ev, true)
+				path.done()
+			}
+			clear(batch)
+			path.spare = batch
+		}
+		path.drainMu.Unlock()
 		path.tapMu.Lock()
-		batch, path.tapQ = path.tapQ, batch[:0]
+		more := len(path.tapQ) > 0
 		path.tapMu.Unlock()
-		for i := range batch {
-			path.awaitNATS(batch[i].after)
-			h.relay(path, batch[i].id, nil, &batch[i].ev, true)
-			path.done()
+		if !more {
+			return
 		}
-		clear(batch)
 	}
 }
 

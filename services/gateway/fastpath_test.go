@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sys/unix"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
 	"github.com/qubesbus/qubesbus/bus/cloudevent"
@@ -398,5 +400,62 @@ func TestHubTapRelaysOwnEventsOnceInOrder(t *testing.T) {
 	publish(own, 301)
 	if n := path.tapped.Load(); n != heard {
 		t.Fatalf("the tap still passed events to a hub without subscribers (%d, then %d)", heard, n)
+	}
+}
+
+// A sender that waits relays what the tap heard on its own goroutine: the frame is in
+// the subscriber's socket when Sent returns, with no tapLoop running. Senders on
+// several goroutines relay the queue in the order it was heard, each event once.
+func TestTapRelaysOnTheSendersGoroutineInOrder(t *testing.T) {
+	hh := newHubHarness(t, 1<<16)
+	path := &fastPath{epoch: func() uint64 { return 0 }, natsReceived: func() uint64 { return 0 },
+		tapWake: make(chan struct{}, 1)}
+	path.hub = hh.h
+	hh.h.mu.Lock()
+	hh.h.fast, hh.h.ahead, hh.h.held, hh.h.fastOK = path, map[string]aheadEvent{}, map[string]heldEvent{}, true
+	hh.h.mu.Unlock()
+	s, _, client, _ := hh.subscribe("", 1)
+	waitDirect(s)
+
+	id, _, frame, ev := encoded(t, 0)
+	path.Heard(id, ev)
+	path.Sent()
+	// What Sent wrote is in the socket already: one read that does not wait.
+	got := make([]byte, 2*len(frame))
+	rc, err := client.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	var rerr error
+	if err := rc.Read(func(fd uintptr) bool { n, rerr = unix.Read(int(fd), got); return true }); err != nil || rerr != nil || !bytes.Equal(got[:max(n, 0)], frame) {
+		t.Fatalf("right after Sent: %q %v %v, want %q", got[:max(n, 0)], err, rerr, frame)
+	}
+
+	// Heard under one lock, as a publisher's order; Sent after it, concurrently.
+	const senders, each = 8, 200
+	var order sync.Mutex
+	var want bytes.Buffer
+	next := 1
+	var wg sync.WaitGroup
+	for range senders {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range each {
+				order.Lock()
+				id, _, frame, ev := encoded(t, next)
+				next++
+				want.Write(frame)
+				path.Heard(id, ev)
+				order.Unlock()
+				path.Sent()
+			}
+		}()
+	}
+	wg.Wait()
+	readExactly(t, hh, client, want.Bytes())
+	if n := path.tapped.Load(); n != senders*each+1 {
+		t.Fatalf("heard %d, want %d", n, senders*each+1)
 	}
 }
