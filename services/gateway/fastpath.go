@@ -37,6 +37,7 @@ type fastPath struct {
 	tapped  atomic.Uint64
 	tapMu   sync.Mutex
 	tapQ    []tappedEvent
+	tapIDs  idRing // the latest ids heard, under tapMu: their copies from NATS are dropped
 	drainMu sync.Mutex
 	spare   []tappedEvent // the queue's other buffer, under drainMu
 	tapWake chan struct{}
@@ -64,6 +65,7 @@ func (p *fastPath) Heard(id string, ev cloudevent.Event) {
 	after := p.natsReceived()
 	p.tapMu.Lock()
 	p.tapQ = append(p.tapQ, tappedEvent{id, ev, after})
+	p.tapIDs.add(id)
 	p.tapMu.Unlock()
 	p.tapped.Add(1)
 	signal(p.tapWake)
@@ -324,6 +326,12 @@ func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
 	id := msg.Header.Get(jetstream.MsgIDHeader)
 	if id == "" {
 		return // nothing to know its stored copy by: the feed relays it
+	}
+	path.tapMu.Lock()
+	tapped := path.tapIDs.has(id)
+	path.tapMu.Unlock()
+	if tapped {
+		return // the tap's copy is relayed, in its order, without waiting here for the hub
 	}
 	h.relay(path, id, msg, nil, false)
 }

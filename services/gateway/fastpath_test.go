@@ -459,3 +459,33 @@ func TestTapRelaysOnTheSendersGoroutineInOrder(t *testing.T) {
 		t.Fatalf("heard %d, want %d", n, senders*each+1)
 	}
 }
+
+// The copy from NATS of an event the tap heard is dropped without the hub's lock,
+// which a sender holds while it writes every subscriber's socket.
+func TestTappedEventsCopyFromNATSSkipsTheHub(t *testing.T) {
+	hh := newHubHarness(t, 256)
+	path := &fastPath{epoch: func() uint64 { return 0 }, natsReceived: func() uint64 { return 0 }, tapWake: make(chan struct{}, 1)}
+	path.hub = hh.h
+	hh.h.mu.Lock()
+	hh.h.fast, hh.h.ahead, hh.h.held, hh.h.fastOK = path, map[string]aheadEvent{}, map[string]heldEvent{}, true
+	hh.h.mu.Unlock()
+	ev := cloudevent.New("work", "domain-feature-set:test", "feature", "test", "value", "1")
+	msg, err := cloudevent.Encode(context.Background(), "h1", ev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path.Heard(msg.Header.Get(jetstream.MsgIDHeader), ev)
+
+	hh.h.mu.Lock() // as a sender relaying
+	done := make(chan struct{})
+	go func() { defer close(done); hh.h.relayAhead(path, msg) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the copy from NATS of a tapped event waited for the hub's lock")
+	}
+	hh.h.mu.Unlock()
+	if n := path.natsHandled.Load(); n != 1 {
+		t.Fatalf("handled %d messages, want 1", n)
+	}
+}
