@@ -37,7 +37,6 @@ type fastPath struct {
 	tapped  atomic.Uint64
 	tapMu   sync.Mutex
 	tapQ    []tappedEvent
-	tapIDs  idRing // the latest ids heard, under tapMu: their copies from NATS are dropped
 	drainMu sync.Mutex
 	spare   []tappedEvent // the queue's other buffer, under drainMu
 	tapWake chan struct{}
@@ -65,7 +64,6 @@ func (p *fastPath) Heard(id string, ev cloudevent.Event) {
 	after := p.natsReceived()
 	p.tapMu.Lock()
 	p.tapQ = append(p.tapQ, tappedEvent{id, ev, after})
-	p.tapIDs.add(id)
 	p.tapMu.Unlock()
 	p.tapped.Add(1)
 	signal(p.tapWake)
@@ -75,8 +73,10 @@ func (p *fastPath) Heard(id string, ev cloudevent.Event) {
 // events, done with its own locks: at once, where a hand-off to tapLoop waited for
 // the scheduler (about 85 µs at the median on the 2-vCPU VM, 250 µs at 100
 // subscribers, behind the goroutines of the publish itself, so that the event's copy
-// from NATS came first two times in three).
-func (p *fastPath) Sent() { p.hub.drainTap(p) }
+// from NATS came first two times in three). It returns once the sender's events are
+// relayed, by it or by the goroutine relaying when it came: the sender's caller may
+// reply next, and an event that reply causes comes after them.
+func (p *fastPath) Sent() { p.hub.drainTap(p, true) }
 
 // done marks one message or tapped event handled.
 func (p *fastPath) done() {
@@ -93,25 +93,29 @@ func signal(c chan struct{}) {
 }
 
 // awaitNATS returns once relayAhead has handled the first n messages of the
-// subscription (or after catchUpWait, which only a subscription closed under it
-// lasts).
-func (p *fastPath) awaitNATS(n uint64) {
-	if p.natsHandled.Load() >= n {
+// subscription.
+func (p *fastPath) awaitNATS(n uint64) { waitCount(&p.natsHandled, n, p.natsTick) }
+
+// waitCount returns once count reaches target, looking again at each tick, or after
+// catchUpWait: the count always grows while its subscription is open, so the bound
+// only guards one closed under it.
+func waitCount(count *atomic.Uint64, target uint64, tick <-chan struct{}) {
+	if count.Load() >= target {
 		return
 	}
 	timeout := time.NewTimer(catchUpWait)
 	defer timeout.Stop()
-	for p.natsHandled.Load() < n {
+	for count.Load() < target {
 		select {
-		case <-p.natsTick:
+		case <-tick:
 		case <-timeout.C:
 			return
 		}
 	}
 }
 
-// catchUpWait bounds how long the feed waits for the fast path to handle what it has
-// received (it always makes progress: this only guards a subscription closed under it).
+// catchUpWait bounds how long the feed waits for the fast path, or a tapped event for
+// the subscription, to handle what it has received (waitCount).
 const catchUpWait = 100 * time.Millisecond
 
 // catchUp returns once the fast path has handled every message it had received when
@@ -120,21 +124,8 @@ const catchUpWait = 100 * time.Millisecond
 // goroutines: without this, the feed would often take the lead and find an event the
 // fast path has not heard yet, which reads as a loss.
 func (p *fastPath) catchUp() {
-	if p.received == nil {
-		return
-	}
-	target := p.received()
-	if p.handled.Load() >= target {
-		return
-	}
-	timeout := time.NewTimer(catchUpWait)
-	defer timeout.Stop()
-	for p.handled.Load() < target {
-		select {
-		case <-p.tick:
-		case <-timeout.C:
-			return
-		}
+	if p.received != nil {
+		waitCount(&p.handled, p.received(), p.tick)
 	}
 }
 
@@ -269,13 +260,14 @@ func (h *hub) tapLoop(path *fastPath) {
 		case <-path.tapQuit:
 			return
 		case <-path.tapWake:
-			h.drainTap(path)
+			h.drainTap(path, false)
 		}
 	}
 }
 
-// drainTap relays the tap's queue, in order, unless another goroutine is at it: that
-// one relays what is queued now as well, for it looks again once it has let go.
+// drainTap relays the tap's queue, in order. Unless wait, it leaves the queue to
+// another goroutine at it: that one relays what is queued now as well, for it looks
+// again once it has let go.
 //
 // A tapped event comes after what the gateway's connection had received when it was
 // sent: an event of a service of another process, say, that a dom0 tool saw the reply
@@ -284,9 +276,11 @@ func (h *hub) tapLoop(path *fastPath) {
 // otherwise it would overtake them, as no two events published one after the other
 // through one server do. (The tap cannot tell an event whose cause reached this
 // process by another connection: two such publishers are ordered as if concurrent.)
-func (h *hub) drainTap(path *fastPath) {
+func (h *hub) drainTap(path *fastPath, wait bool) {
 	for {
-		if !path.drainMu.TryLock() {
+		if wait {
+			path.drainMu.Lock()
+		} else if !path.drainMu.TryLock() {
 			return
 		}
 		for {
@@ -313,6 +307,7 @@ func (h *hub) drainTap(path *fastPath) {
 		if !more {
 			return
 		}
+		wait = false // its own are relayed: it only takes up what came meanwhile
 	}
 }
 
@@ -326,12 +321,6 @@ func (h *hub) relayAhead(path *fastPath, msg *nats.Msg) {
 	id := msg.Header.Get(jetstream.MsgIDHeader)
 	if id == "" {
 		return // nothing to know its stored copy by: the feed relays it
-	}
-	path.tapMu.Lock()
-	tapped := path.tapIDs.has(id)
-	path.tapMu.Unlock()
-	if tapped {
-		return // the tap's copy is relayed, in its order, without waiting here for the hub
 	}
 	h.relay(path, id, msg, nil, false)
 }
