@@ -1,7 +1,6 @@
 package cloudevent
 
 import (
-	"sync"
 	"sync/atomic"
 
 	"github.com/nats-io/nats.go"
@@ -17,8 +16,7 @@ import (
 //
 // A Tap has at most one listener. The zero Tap is ready; a nil *Tap hears nothing.
 type Tap struct {
-	mu sync.Mutex // orders Listen and stop
-	l  atomic.Pointer[tapListener]
+	l atomic.Pointer[tapListener]
 }
 
 // Listener hears the events of a tap's publishers.
@@ -33,30 +31,33 @@ type Listener interface {
 	Sent()
 }
 
+// tapListener boxes a Listener, so that stop clears only the one it started.
 type tapListener struct{ Listener }
 
 // Listen makes l the tap's listener, in place of any other, until stop.
 func (t *Tap) Listen(l Listener) (stop func()) {
 	tl := &tapListener{l}
-	t.mu.Lock()
 	t.l.Store(tl)
-	t.mu.Unlock()
-	return func() {
-		t.mu.Lock()
-		defer t.mu.Unlock()
-		t.l.CompareAndSwap(tl, nil)
+	return func() { t.l.CompareAndSwap(tl, nil) }
+}
+
+// listener is the tap's listener, or nil.
+func (t *Tap) listener() Listener {
+	if t == nil {
+		return nil
 	}
+	if tl := t.l.Load(); tl != nil {
+		return tl.Listener
+	}
+	return nil
 }
 
 // listening reports whether the tap has a listener: only then are ids read.
-func (t *Tap) listening() bool { return t != nil && t.l.Load() != nil }
+func (t *Tap) listening() bool { return t.listener() != nil }
 
 // hear passes an encoded event to the listener, if any.
 func (t *Tap) hear(msg *nats.Msg, e Event) {
-	if t == nil {
-		return
-	}
-	if l := t.l.Load(); l != nil {
+	if l := t.listener(); l != nil {
 		if id := msg.Header.Get(jetstream.MsgIDHeader); id != "" {
 			l.Heard(id, e)
 		}
@@ -65,10 +66,7 @@ func (t *Tap) hear(msg *nats.Msg, e Event) {
 
 // sent tells the listener, if any, that a caller waits for what it sent.
 func (t *Tap) sent() {
-	if t == nil {
-		return
-	}
-	if l := t.l.Load(); l != nil {
+	if l := t.listener(); l != nil {
 		l.Sent()
 	}
 }
