@@ -108,7 +108,9 @@ func (h *Host) WaitWritten() {
 }
 
 // Config is a client of the persistence service on the test's connection.
-func (h *Host) Config() configstore.Client { return configstore.Client{NC: h.NC, Host: h.Subjects} }
+func (h *Host) Config() configstore.Client {
+	return configstore.Client{NC: h.NC, Host: h.Subjects, Caller: configstore.Operator}
+}
 
 // Call makes one Admin API call as the gateway would, from src (dom0 when empty), and
 // returns the reply envelope. A reply that does not come is a test failure: the bound

@@ -35,6 +35,7 @@ const (
 	CodeInvalid     = "invalid"     // the mutation breaks the configuration
 	CodeUnavailable = "unavailable" // ErrUnavailable, ErrNotServing: try again
 	CodeNotSaved    = "not-saved"   // ErrNotSaved: accepted, qubes.xml not written
+	CodeForbidden   = "forbidden"   // ErrNotPermitted: an op the caller may not apply
 )
 
 // KindBadOp is the Kind of a mutation that could not even be decoded.
@@ -55,6 +56,8 @@ func ReplyFor(rev uint64, err error) ApplyReply {
 		return ApplyReply{Revision: rev}
 	case errors.Is(err, config.ErrStaleRevision):
 		return ApplyReply{Error: err.Error(), Code: CodeStale}
+	case errors.Is(err, ErrNotPermitted):
+		return ApplyReply{Error: err.Error(), Code: CodeForbidden}
 	case errors.Is(err, ErrNotSaved):
 		return ApplyReply{Revision: rev, Error: err.Error(), Code: CodeNotSaved}
 	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrNotServing),
@@ -68,6 +71,10 @@ func ReplyFor(rev uint64, err error) ApplyReply {
 type Client struct {
 	NC   *nats.Conn
 	Host subject.Host
+	// Caller names who applies: the service's rpc.Service name, or Operator. Its
+	// mutations go to ApplySubject(Host, Caller), and persistence applies only what
+	// Permits lets it.
+	Caller string
 	// Local, if set, is an instance of the host's store in this process, which
 	// Apply reaches without NATS while it serves.
 	Local Local
@@ -82,7 +89,8 @@ type Local interface {
 	// ApplyLocal answers m as the instance's apply endpoint would; ok is false when
 	// the instance does not serve (the client then sends m over NATS, to whichever
 	// instance serves). It must not keep or change m.
-	ApplyLocal(ctx context.Context, m config.Mutation) (rep ApplyReply, ok bool)
+	// caller is Client.Caller, held to Permits as over NATS.
+	ApplyLocal(ctx context.Context, caller string, m config.Mutation) (rep ApplyReply, ok bool)
 }
 
 // shareable: m's ops hold no pointers, so an instance in this process can take them
@@ -103,10 +111,14 @@ const noResponderPatience = 10 * time.Second
 
 // Apply sends a mutation and returns its revision. Errors: ErrRejected (wrapping
 // config.ErrStaleRevision or the config error that refused it), ErrUnavailable, and
-// ErrNotSaved with the revision of the accepted change.
+// ErrNotSaved with the revision of the accepted change. A mutation with an op the
+// caller may not apply is rejected whole (ErrRejected wrapping ErrNotPermitted).
 func (c Client) Apply(ctx context.Context, m config.Mutation) (uint64, error) {
+	if c.Caller == "" {
+		return 0, errors.New("apply mutation: the client names no caller")
+	}
 	if c.Local != nil && shareable(m) {
-		if rep, ok := c.Local.ApplyLocal(ctx, m); ok {
+		if rep, ok := c.Local.ApplyLocal(ctx, c.Caller, m); ok {
 			return rep.result()
 		}
 	}
@@ -114,7 +126,7 @@ func (c Client) Apply(ctx context.Context, m config.Mutation) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	msg, err := request(ctx, c.NC, c.Host.Store(OpApply), b)
+	msg, err := request(ctx, c.NC, ApplySubject(c.Host, c.Caller), b)
 	if err != nil {
 		return 0, fmt.Errorf("apply mutation: %w", err)
 	}
@@ -137,6 +149,8 @@ func (rep ApplyReply) result() (uint64, error) {
 		return 0, fmt.Errorf("%w: %w: %s", ErrRejected, config.ErrStaleRevision, rep.Error)
 	case CodeNotSaved:
 		return rep.Revision, fmt.Errorf("%w: %s", ErrNotSaved, rep.Error)
+	case CodeForbidden:
+		return 0, fmt.Errorf("%w: %w: %s", ErrRejected, ErrNotPermitted, rep.Error)
 	case CodeUnavailable:
 		return 0, fmt.Errorf("%w: %s", ErrUnavailable, rep.Error)
 	}

@@ -12,7 +12,7 @@ import (
 // Operations of the store API, each on subject.Host.Store(op).
 const (
 	OpSnapshot = "snapshot" // the whole configuration (gzip JSON of a Snapshot)
-	OpApply    = "apply"    // a config.Mutation, answered with an ApplyReply
+	OpApply    = "apply"    // a config.Mutation, answered with an ApplyReply (on ApplySubject)
 	OpFlush    = "flush"    // a FlushRequest: qubes.xml holds at least the revision
 	OpSync     = "sync"     // a SyncRequest: the change log holds the revision durably
 	OpMetrics  = "metrics"  // the answering instance's Metrics
@@ -63,6 +63,7 @@ var (
 	// (qubesd too fails the call then, with the change made).
 	ErrNotSaved = errors.New("change not saved")
 	// ErrRejected wraps a mutation that persistence refused: stale (with
-	// config.ErrStaleRevision) or invalid (with the config error that refused it).
+	// config.ErrStaleRevision), invalid (with the config error that refused it) or
+	// not the caller's to apply (with ErrNotPermitted).
 	ErrRejected = errors.New("mutation rejected")
 )

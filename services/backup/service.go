@@ -173,7 +173,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	}
 	s.rep = rep
 	s.served = ctx
-	s.store = configstore.Client{NC: nc, Host: s.cfg.Host, Local: s.cfg.LocalStore}
+	s.store = configstore.Client{NC: nc, Host: s.cfg.Host, Caller: string(rpc.Backup), Local: s.cfg.LocalStore}
 	s.events = s.cfg.Events
 	if s.events == nil {
 		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())

@@ -33,7 +33,7 @@ func BenchmarkCall(b *testing.B) {
 
 	// The other service: answers every store request.
 	store := bustest.Connect(b, ns)
-	if _, err := store.Subscribe(host.Store(configstore.OpApply), func(m *nats.Msg) { _ = m.Respond([]byte(`{"revision":1}`)) }); err != nil {
+	if _, err := store.Subscribe(configstore.ApplySubject(host, string(rpc.Properties)), func(m *nats.Msg) { _ = m.Respond([]byte(`{"revision":1}`)) }); err != nil {
 		b.Fatal(err)
 	}
 	if err := store.Flush(); err != nil {
@@ -43,7 +43,7 @@ func BenchmarkCall(b *testing.B) {
 	mux := rpc.NewMux(reg, rpc.Properties, namedQubes{}, slog.New(slog.DiscardHandler))
 	mux.Auth = onlyDom0{}
 	mux.Handle("admin.vm.feature.Set", func(ctx context.Context, c *rpc.Call) ([]byte, error) {
-		rep, err := bus.Request(ctx, svc, &nats.Msg{Subject: host.Store(configstore.OpApply), Data: c.Payload}, 0)
+		rep, err := bus.Request(ctx, svc, &nats.Msg{Subject: configstore.ApplySubject(host, string(rpc.Properties)), Data: c.Payload}, 0)
 		if err != nil {
 			return nil, err
 		}

@@ -25,7 +25,7 @@ func BenchmarkStoreApply1000(b *testing.B) {
 	}
 	b.Cleanup(func() { _ = s.Close(ctx) })
 	id := s.Snapshot().Config.Domains[500].ID
-	client := configstore.Client{NC: bustest.Connect(b, ns), Host: testHost}
+	client := configstore.Client{NC: bustest.Connect(b, ns), Host: testHost, Caller: configstore.Operator}
 	var n atomic.Int64
 	b.Run("direct", func(b *testing.B) {
 		for b.Loop() {

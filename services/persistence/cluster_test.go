@@ -73,7 +73,7 @@ func TestClusterLeaderLoss(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	client := configstore.Client{NC: connect("client"), Host: testHost}
+	client := configstore.Client{NC: connect("client"), Host: testHost, Caller: configstore.Operator}
 	var last uint64
 	var pause time.Duration
 	for i := range 60 {

@@ -95,7 +95,7 @@ func TestCrashRecovery(t *testing.T) {
 	ns := bustest.RunJetStream(t)
 	dir := t.TempDir()
 	const host = "crash"
-	client := configstore.Client{NC: bustest.Connect(t, ns), Host: subject.ForHost(host)}
+	client := configstore.Client{NC: bustest.Connect(t, ns), Host: subject.ForHost(host), Caller: configstore.Operator}
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, 1))
 	t.Logf("random seed %d", seed)

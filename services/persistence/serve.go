@@ -159,7 +159,11 @@ func (s *Store) addService(ctx context.Context, nc *nats.Conn) (micro.Service, e
 		{configstore.OpMetrics, func(r micro.Request) { _ = r.RespondJSON(s.Metrics()) }},
 	}
 	for _, e := range endpoints {
-		if err := svc.AddEndpoint(e.name, e.h, micro.WithEndpointSubject(s.cfg.Host.Store(e.name))); err != nil {
+		subj := s.cfg.Host.Store(e.name)
+		if e.name == configstore.OpApply {
+			subj = configstore.ApplySubject(s.cfg.Host, "*") // the caller's token
+		}
+		if err := svc.AddEndpoint(e.name, e.h, micro.WithEndpointSubject(subj)); err != nil {
 			_ = svc.Stop()
 			return nil, fmt.Errorf("add %s endpoint: %w", e.name, err)
 		}
@@ -200,6 +204,12 @@ func (s *Store) handleApply(ctx context.Context, r micro.Request) {
 		_ = r.RespondJSON(configstore.ApplyReply{Error: err.Error(), Code: configstore.CodeInvalid, Kind: configstore.KindBadOp})
 		return
 	}
+	caller := configstore.CallerOf(r.Subject())
+	if err := s.permits(caller, m); err != nil {
+		tracing.Fail(span, err)
+		_ = r.RespondJSON(configstore.ReplyFor(0, err))
+		return
+	}
 	ctx, cancel := context.WithTimeout(ctx, s.applyTimeout())
 	defer cancel()
 	rev, err := s.Apply(ctx, m)
@@ -210,11 +220,40 @@ func (s *Store) handleApply(ctx context.Context, r micro.Request) {
 	_ = r.RespondJSON(configstore.ReplyFor(rev, err))
 }
 
+// classOf is the class of the qube with the given id, "" if there is none. A qube's
+// class never changes, so the answer holds when the change is applied, unless the
+// qube is removed meanwhile (the change then fails on its own) and its qid reused.
+func (s *Store) classOf(id string) string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.state == nil {
+		return ""
+	}
+	if d, ok := s.state.Domain(id); ok {
+		return d.Class
+	}
+	return ""
+}
+
+// permits holds a caller to what it may change (configstore.Permits). A refusal is a
+// service asking for what its own methods never change: a bug or a service taken
+// over, worth a warning.
+func (s *Store) permits(caller string, m config.Mutation) error {
+	err := configstore.Permits(caller, m.Ops, s.classOf)
+	if err != nil {
+		s.log.Warn("apply refused: not the caller's to change", "caller", caller, "err", err)
+	}
+	return err
+}
+
 // ApplyLocal applies m for a client in this process (configstore.Local) as the apply
 // endpoint does: counted among the calls stopServing waits for, bounded by the same
 // timeout, run to the end whatever becomes of the caller, and answered with the reply
 // the endpoint would send. ok is false while the store does not serve.
-func (s *Store) ApplyLocal(ctx context.Context, m config.Mutation) (rep configstore.ApplyReply, ok bool) {
+func (s *Store) ApplyLocal(ctx context.Context, caller string, m config.Mutation) (rep configstore.ApplyReply, ok bool) {
+	if err := s.permits(caller, m); err != nil {
+		return configstore.ReplyFor(0, err), true
+	}
 	s.hmu.Lock()
 	if s.draining {
 		s.hmu.Unlock()

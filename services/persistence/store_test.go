@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/rpc"
 	"github.com/qubesbus/qubesbus/bus/subject"
 	"github.com/qubesbus/qubesbus/schemas/changelog"
 	"github.com/qubesbus/qubesbus/schemas/config"
@@ -99,7 +100,7 @@ func TestApplyFollowAndSave(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	client := configstore.Client{NC: other, Host: testHost}
+	client := configstore.Client{NC: other, Host: testHost, Caller: configstore.Operator}
 	before, _ := os.ReadFile(path)
 	rev, err := client.Apply(ctx, setMemory("domain-3", "500", false))
 	if err != nil {
@@ -202,7 +203,7 @@ func TestReadsDoNotWrite(t *testing.T) {
 	path := filepath.Join(dir, "qubes.xml")
 	before, _ := os.Stat(path)
 	ctx := t.Context()
-	client := configstore.Client{NC: bustest.Connect(t, ns), Host: testHost}
+	client := configstore.Client{NC: bustest.Connect(t, ns), Host: testHost, Caller: configstore.Operator}
 	var wg sync.WaitGroup
 	var calls atomic.Int64
 	for w := range 10 {
@@ -253,7 +254,7 @@ func TestConcurrentChangesCoalesce(t *testing.T) {
 	start := time.Now()
 	var wg sync.WaitGroup
 	for c := range 20 {
-		client := configstore.Client{NC: bustest.Connect(t, ns), Host: testHost}
+		client := configstore.Client{NC: bustest.Connect(t, ns), Host: testHost, Caller: configstore.Operator}
 		wg.Go(func() {
 			for i := range 10 {
 				if _, err := client.Apply(ctx, setMemory(target(c, i), fmt.Sprint(5000+c*10+i), true)); err != nil {
@@ -443,7 +444,7 @@ func TestInstancesStaySerial(t *testing.T) {
 	var sameName, sameQid, refs atomic.Int64
 	var wg sync.WaitGroup
 	for c := range 20 {
-		client := configstore.Client{NC: bustest.Connect(t, ns), Host: testHost}
+		client := configstore.Client{NC: bustest.Connect(t, ns), Host: testHost, Caller: configstore.Operator}
 		wg.Go(func() {
 			if _, err := client.Apply(ctx, newDomain(fmt.Sprintf("domain-n%d", c), "dup", fmt.Sprint(100+c), "")); err == nil {
 				sameName.Add(1)
@@ -519,7 +520,7 @@ func TestFollowAcrossServerRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	client := configstore.Client{NC: bustest.Connect(t, ns), Host: testHost}
+	client := configstore.Client{NC: bustest.Connect(t, ns), Host: testHost, Caller: configstore.Operator}
 	for i := range 10 {
 		if _, err := client.Apply(ctx, setMemory("domain-6", fmt.Sprint(i), false)); err != nil {
 			t.Fatal(err)
@@ -557,9 +558,9 @@ func TestApplyLocalAnswersAsOverNATS(t *testing.T) {
 	standby := serve(t, ns, Config{DataDir: t.TempDir()})
 	ctx := t.Context()
 	nc := bustest.Connect(t, ns)
-	remote := configstore.Client{NC: nc, Host: testHost}
+	remote := configstore.Client{NC: nc, Host: testHost, Caller: configstore.Operator}
 	counting := &countingLocal{store: store}
-	local := configstore.Client{NC: nc, Host: testHost, Local: counting}
+	local := configstore.Client{NC: nc, Host: testHost, Caller: configstore.Operator, Local: counting}
 
 	calls := []config.Mutation{
 		setFeature("domain-3", "f", "1"),
@@ -599,6 +600,22 @@ func TestApplyLocalAnswersAsOverNATS(t *testing.T) {
 	if got := counting.answered.Load(); got != int64(len(calls)) {
 		t.Fatalf("%d of %d calls answered in process", got, len(calls))
 	}
+	// An op the caller does not own is refused alike, and changes nothing.
+	rev := store.Revision()
+	remote.Caller, local.Caller = string(rpc.Storage), string(rpc.Storage)
+	answered := counting.answered.Load() + 1 // the refusal is answered in process
+	_, lerr := local.Apply(ctx, setFeature("domain-3", "f", "taken"))
+	_, rerr := remote.Apply(ctx, setFeature("domain-3", "f", "taken"))
+	if !errors.Is(lerr, configstore.ErrNotPermitted) || fmt.Sprint(lerr) != fmt.Sprint(rerr) {
+		t.Fatalf("storage setting a feature: locally %v, over NATS %v", lerr, rerr)
+	}
+	if counting.answered.Load() != answered {
+		t.Fatal("the refusal was not answered in process")
+	}
+	if store.Revision() != rev {
+		t.Fatalf("a refused change moved the store from revision %d to %d", rev, store.Revision())
+	}
+	remote.Caller, local.Caller = configstore.Operator, configstore.Operator
 	// A new qube is copied over NATS, not shared.
 	before := counting.asked.Load()
 	if _, err := local.Apply(ctx, config.Mutation{Ops: []config.Op{{Kind: config.OpAddLabel, Label: &config.Label{Index: 99, Name: "x", Color: "0x000000"}}}}); err != nil {
@@ -615,7 +632,7 @@ func TestApplyLocalAnswersAsOverNATS(t *testing.T) {
 	if err != nil {
 		t.Fatalf("after the local instance stopped: %v", err)
 	}
-	if counting.answered.Load() != int64(len(calls)) {
+	if counting.answered.Load() != answered {
 		t.Fatal("a stopped instance answered")
 	}
 	if got := standby.Revision(); got != rev {
@@ -629,9 +646,9 @@ type countingLocal struct {
 	asked, answered atomic.Int64
 }
 
-func (c *countingLocal) ApplyLocal(ctx context.Context, m config.Mutation) (configstore.ApplyReply, bool) {
+func (c *countingLocal) ApplyLocal(ctx context.Context, caller string, m config.Mutation) (configstore.ApplyReply, bool) {
 	c.asked.Add(1)
-	rep, ok := c.store.ApplyLocal(ctx, m)
+	rep, ok := c.store.ApplyLocal(ctx, caller, m)
 	if ok {
 		c.answered.Add(1)
 	}

@@ -33,7 +33,7 @@ func TestAckAfterSync(t *testing.T) {
 		return nil
 	}})
 	ctx := t.Context()
-	client := configstore.Client{NC: bustest.Connect(t, ns), Host: testHost}
+	client := configstore.Client{NC: bustest.Connect(t, ns), Host: testHost, Caller: configstore.Operator}
 
 	var wg sync.WaitGroup
 	for w := range 8 {

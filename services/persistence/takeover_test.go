@@ -26,7 +26,7 @@ func TestTakeover(t *testing.T) {
 	active := startChild(t, ns.ClientURL(), t.TempDir(), host, seedXML)
 	standbyDir := t.TempDir()
 	standby := serve(t, ns, Config{Host: hostSubj, DataDir: standbyDir})
-	client := configstore.Client{NC: bustest.Connect(t, ns), Host: hostSubj}
+	client := configstore.Client{NC: bustest.Connect(t, ns), Host: hostSubj, Caller: configstore.Operator}
 
 	// No deadline: the load ends after afterKill acknowledgements, however long a
 	// slow machine takes (go test's -timeout bounds a hang).

@@ -264,7 +264,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		return nil, err
 	}
 	s.rep, s.notes = rep, newNotes(kv, s.cfg.Host)
-	client := configstore.Client{NC: nc, Host: s.cfg.Host, Local: s.cfg.LocalStore}
+	client := configstore.Client{NC: nc, Host: s.cfg.Host, Caller: string(rpc.Properties), Local: s.cfg.LocalStore}
 	// Durability of a change is learnt from persistence's notice of the sync that
 	// covered it, not asked for per change (store.sync).
 	synced, err := configstore.WatchSynced(client)

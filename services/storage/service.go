@@ -190,7 +190,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 		return nil, err
 	}
 	s.rep = rep
-	s.store = configstore.Client{NC: nc, Host: s.cfg.Host, Local: s.cfg.LocalStore}
+	s.store = configstore.Client{NC: nc, Host: s.cfg.Host, Caller: string(rpc.Storage), Local: s.cfg.LocalStore}
 	s.events = s.cfg.Events
 	if s.events == nil {
 		s.events = cloudevent.NewPublisher(js, s.cfg.Host.ID())

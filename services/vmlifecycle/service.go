@@ -164,7 +164,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if s.pub == nil {
 		s.pub = cloudevent.NewPublisher(js, s.host.ID())
 	}
-	s.store = configstore.Client{NC: nc, Host: s.host}
+	s.store = configstore.Client{NC: nc, Host: s.host, Caller: string(rpc.VMLifecycle)}
 	mux := rpc.NewMux(s.cfg.Registry, rpc.VMLifecycle, rep, s.log)
 	mux.Auth = s.cfg.Auth
 	mux.RuntimeMark = s.Mark

@@ -7,7 +7,9 @@
 //
 // The boundaries that matter: only the gateway publishes on API subjects, so only it
 // can assert a call's source (the Qubes-Source header), and each service subscribes
-// only to the API subjects of its own methods; only the lab role and the
+// only to the API subjects of its own methods; each service sends configuration
+// changes only under its own name, and persistence applies only what that service
+// owns (configstore.Permits); only the lab role and the
 // admin can reach the fault-injection subjects; the events role reads the events
 // stream and can call nothing; the webview role reads the events stream, the
 // configuration history and snapshots and the power states, and can change nothing;
@@ -94,11 +96,20 @@ var (
 	// api and cancel: Admin API calls and their cancel notices.
 	api    = anyHost.APIAll()
 	cancel = anyHost.CancelAll()
-	// store is persistence's whole API (configstore.Op*).
+	// store is persistence's whole API (configstore.Op*): what persistence hears.
 	store = anyHost.Store(subject.Rest)
 	// configLog is the change log and the notices beside it (ConfigSynced).
 	configLog = []string{anyHost.Config(), anyHost.Config() + "." + subject.Rest}
 )
+
+// storeOf is what a service may ask persistence: the reads, flushes and syncs, and
+// applies only under its own name (configstore.ApplySubject), so persistence knows
+// from the subject who asks and applies only what that service owns
+// (configstore.Permits).
+func storeOf(role string) []string {
+	return []string{anyHost.Store(configstore.OpSnapshot), anyHost.Store(configstore.OpFlush),
+		anyHost.Store(configstore.OpSync), anyHost.Store(configstore.OpMetrics), configstore.ApplySubject(anyHost, role)}
+}
 
 // lifecycleOps, storageOps and devicesOps are the subjects of those services'
 // internal operations (subject.Host.Service).
@@ -211,7 +222,7 @@ var Roles = []Role{
 			[]string{"$JS.API.STREAM.CREATE." + changelog.StreamName, "$JS.API.STREAM.PURGE." + changelog.StreamName}, readConfig),
 		Subscribe: []string{inbox, discovery, store}},
 	{Name: Properties, About: "Properties, features, tags, labels, notes, create and remove: hears only its own methods (and unknown ones); only the events it fires.",
-		Publish: union([]string{inbox, discovery}, jsClient, readConfig, []string{store},
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, storeOf(Properties),
 			lifecycleOps(lifecycle.OpStates, lifecycle.OpRuntime, lifecycle.OpHold, lifecycle.OpRelease),
 			storageOps(storageapi.OpCreate, storageapi.OpRemove),
 			bucket(properties.NotesBucket),
@@ -232,7 +243,7 @@ var Roles = []Role{
 			[]string{cancel}, configLog, lifecycleOps(lifecycle.SubjectChanged))},
 	{Name: Storage, About: "Pools and volumes: hears only admin.pool.* and admin.vm.volume.*; the clone-token and simulated-volume buckets, its consumer of power events, only the events it fires.",
 		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream(cloudevent.StreamName),
-			readStream("KV_"+storage.SimBucket), []string{store},
+			readStream("KV_"+storage.SimBucket), storeOf(Storage),
 			lifecycleOps(lifecycle.OpStates),
 			bucket(storage.TokenBucket),
 			// Simulated volumes: reads, CAS writes (a read waits for the stream's
@@ -245,7 +256,7 @@ var Roles = []Role{
 			storageOps(subject.Rest), []string{anyHost.Lab(storageapi.LabOpFaults)})},
 	{Name: Devices, About: "Devices and firewall: hears only admin.vm.device.* and admin.vm.firewall.*; the hypervisor's device calls, the firewall and device-record buckets, its consumer of power events, only the events it fires.",
 		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream(cloudevent.StreamName),
-			readStream("KV_"+devices.FirewallBucket), readStream("KV_"+devices.DevicesBucket), []string{store},
+			readStream("KV_"+devices.FirewallBucket), readStream("KV_"+devices.DevicesBucket), storeOf(Devices),
 			lifecycleOps(lifecycle.OpRuntime),
 			hypervisorOps(hostdev.OpDevices, hostdev.OpAttach, hostdev.OpDetach),
 			bucket(devices.FirewallBucket), bucket(devices.DevicesBucket),
@@ -256,14 +267,14 @@ var Roles = []Role{
 		Subscribe: join([]string{inbox, discovery}, apiOf("admin.vm.device.>", "admin.vm.firewall.>"), []string{cancel}, configLog,
 			devicesOps(subject.Rest), []string{anyHost.HypervisorDevices()})},
 	{Name: Backup, About: "Backups: hears only admin.backup.*; volume data from storage, backup timestamps through the store, only the events it fires.",
-		Publish: union([]string{inbox, discovery}, jsClient, readConfig, []string{store},
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, storeOf(Backup),
 			lifecycleOps(lifecycle.OpStates),
 			storageOps(storageapi.OpExport, storageapi.OpRead),
 			globalEvents("backup-progress"),
 			plainEvents("property-pre-set:backup_timestamp", "property-set:backup_timestamp", "backup-get-files")),
 		Subscribe: join([]string{inbox, discovery}, apiOf("admin.backup.>"), []string{cancel}, configLog)},
 	{Name: VMLifecycle, About: "Power states over the hypervisor: hears only its power methods; only the events it fires.",
-		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream(hvbus.NoticeStream), []string{store},
+		Publish: union([]string{inbox, discovery}, jsClient, readConfig, readStream(hvbus.NoticeStream), storeOf(VMLifecycle),
 			lifecycleOps(lifecycle.SubjectStats, lifecycle.SubjectChanged),
 			hypervisorOps(subject.Rest),
 			// The lease: a create that finds the key taken reads it (was it deleted?).

@@ -24,6 +24,8 @@ import (
 	"github.com/qubesbus/qubesbus/cmd/qubesbus/internal/access"
 	"github.com/qubesbus/qubesbus/schemas/adminapi"
 	"github.com/qubesbus/qubesbus/schemas/changelog"
+	"github.com/qubesbus/qubesbus/schemas/config"
+	"github.com/qubesbus/qubesbus/schemas/configstore"
 	"github.com/qubesbus/qubesbus/services/vmlifecycle/simdriver"
 )
 
@@ -456,5 +458,63 @@ func TestEveryServiceConnectsAsItsRole(t *testing.T) {
 	}
 	if seen[access.Admin] {
 		t.Error("a connection of the running system is the admin")
+	}
+}
+
+// TestServicesChangeOnlyWhatTheyOwn: each service sends configuration changes only
+// under its own name, and persistence applies only what that name owns: storage,
+// taken over, can neither pose as properties on the bus nor change a feature through
+// its own apply subject, and the refused batch leaves the configuration as it was.
+func TestServicesChangeOnlyWhatTheyOwn(t *testing.T) {
+	sys := startSystem(t)
+	host := subject.ForHost("test")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, r := range access.Roles {
+		if r.Name == access.Admin || r.Name == access.Persistence {
+			continue
+		}
+		other := access.Properties
+		if r.Name == access.Properties {
+			other = access.Storage
+		}
+		t.Run(r.Name, func(t *testing.T) {
+			expectRefused(t, connectAs(t, sys, r.Name), nats.NewMsg(configstore.ApplySubject(host, other)))
+		})
+	}
+
+	storage := configstore.Client{NC: connectAs(t, sys, access.Storage), Host: host, Caller: access.Storage}
+	snap, err := storage.Snapshot(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var work config.Domain
+	for _, d := range snap.Config.Domains {
+		if d.Name() == "work" {
+			work = d
+		}
+	}
+	if work.ID == "" {
+		t.Fatal("no qube work in the fixture")
+	}
+	for _, m := range []config.Mutation{
+		{Ops: []config.Op{{Kind: config.OpSetFeature, Domain: work.ID, Name: "taken", Value: "1"}}},
+		// One op of its own does not carry one that is not.
+		{Ops: []config.Op{{Kind: config.OpSetVolumeConfig, Domain: work.ID, Value: ""},
+			{Kind: config.OpSetProperty, Domain: work.ID, Name: "netvm", Value: ""}}},
+	} {
+		if _, err := storage.Apply(ctx, m); !errors.Is(err, configstore.ErrNotPermitted) || !errors.Is(err, configstore.ErrRejected) {
+			t.Fatalf("storage applied %v: %v, want ErrNotPermitted", m.Ops, err)
+		}
+	}
+	after, err := storage.Snapshot(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Revision != snap.Revision {
+		t.Fatalf("refused changes moved the configuration from revision %d to %d", snap.Revision, after.Revision)
+	}
+	if got := roundTrip(t, sys.Socket, []byte("admin.vm.feature.Get+taken dom0 name work\x00")); string(got) != "2\x00QubesFeatureNotFoundError\x00\x00Feature not set for domain work: taken\x00" {
+		t.Fatalf("feature taken after the refusal: %q", got)
 	}
 }

@@ -225,7 +225,7 @@ func setUpStateOfRuns01To29(t *testing.T, sys *System) {
 		}
 	}
 	nc := connectAs(t, sys, access.Admin)
-	client := configstore.Client{NC: nc, Host: subject.ForHost("test")}
+	client := configstore.Client{NC: nc, Host: subject.ForHost("test"), Caller: configstore.Operator}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	snap, err := client.Snapshot(ctx)

@@ -359,7 +359,7 @@ func TestPageIsSelfContained(t *testing.T) {
 func TestRoleIsReadOnly(t *testing.T) {
 	sys, _ := startView(t)
 	host := subject.ForHost("test")
-	for _, subj := range []string{host.Store(configstore.OpApply), host.API("admin.vm.Start"), host.Lab(simdriver.LabOpCrash)} {
+	for _, subj := range []string{configstore.ApplySubject(host, access.Properties), configstore.ApplySubject(host, access.WebView), host.API("admin.vm.Start"), host.Lab(simdriver.LabOpCrash)} {
 		nc, err := sys.ConnectAs(context.Background(), access.WebView, "webview-readonly")
 		if err != nil {
 			t.Fatal(err)
