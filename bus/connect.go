@@ -154,15 +154,14 @@ func Connect(ctx context.Context, cfg ConnConfig, log *slog.Logger) (*nats.Conn,
 	if cfg.InProcess != nil {
 		opts = append(opts, nats.InProcessServer(guardedProvider{p: cfg.InProcess, onDrop: onDrop}))
 	} else {
-		opts = append(opts, nats.SetCustomDialer(guardedDialer{timeout: timeout, onDrop: onDrop}))
-	}
-	if cfg.TLS.enabled() {
-		opts = append(opts, nats.Secure())
-		if cfg.TLS.CA != "" {
-			opts = append(opts, nats.RootCAs(cfg.TLS.CA))
+		// TLS too: the dialer does it, so the guard sees the protocol above it.
+		d, err := newGuardedDialer(timeout, cfg.URL, cfg.TLS, onDrop)
+		if err != nil {
+			return nil, fmt.Errorf("connect to nats %s as %s: %w", where, cfg.Name, err)
 		}
-		if cfg.TLS.Cert != "" {
-			opts = append(opts, nats.ClientCert(cfg.TLS.Cert, cfg.TLS.Key))
+		opts = append(opts, nats.SetCustomDialer(d))
+		if cfg.TLS.enabled() {
+			opts = append(opts, nats.Secure()) // a server without TLS is refused
 		}
 	}
 	// Each dial and handshake is bounded by the timeout; the whole pass (several

@@ -1,12 +1,15 @@
 package bus_test
 
 import (
+	"bytes"
 	"context"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/bustest"
@@ -15,22 +18,7 @@ import (
 // A server that requires TLS and verifies clients accepts a service that brings the CA
 // and its certificate, and refuses one without either.
 func TestConnectWithTLS(t *testing.T) {
-	dir := t.TempDir()
-	ca, srvCert, srvKey, cliCert, cliKey := bustest.PKI(t, dir)
-	tc, err := server.GenTLSConfig(&server.TLSConfigOpts{CertFile: srvCert, KeyFile: srvKey, CaFile: ca, Verify: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
-		TLS: true, TLSVerify: true, TLSConfig: tc, TLSTimeout: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go ns.Start()
-	t.Cleanup(ns.Shutdown)
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("server not ready")
-	}
+	ns, ca, cliCert, cliKey := runTLSServer(t)
 	url := ns.ClientURL()
 	log := slog.New(slog.DiscardHandler)
 	connect := func(tls bus.TLSFiles) error {
@@ -56,5 +44,73 @@ func TestConnectWithTLS(t *testing.T) {
 	}
 	if err := (bus.ConnConfig{URL: url, Name: "x", TLS: bus.TLSFiles{Cert: cliCert}}).Validate(); err == nil {
 		t.Fatal("a client certificate without its key validated")
+	}
+}
+
+// runTLSServer runs a server that requires TLS and verifies clients, and returns it
+// with the CA and a client certificate it trusts.
+func runTLSServer(t *testing.T) (ns *server.Server, ca, cliCert, cliKey string) {
+	t.Helper()
+	ca, srvCert, srvKey, cliCert, cliKey := bustest.PKI(t, t.TempDir())
+	tc, err := server.GenTLSConfig(&server.TLSConfigOpts{CertFile: srvCert, KeyFile: srvKey, CaFile: ca, Verify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns, err = server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
+		TLS: true, TLSVerify: true, TLSConfig: tc, TLSTimeout: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ns.Start()
+	t.Cleanup(ns.Shutdown)
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("server not ready")
+	}
+	return ns, ca, cliCert, cliKey
+}
+
+// Over TLS too, an over-long subject costs its message, not the connection: the line
+// guard sits above TLS, which the connection starts itself after the server's INFO.
+func TestOverlongSubjectKeepsTheTLSConnection(t *testing.T) {
+	ns, ca, cliCert, cliKey := runTLSServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var logs bytes.Buffer
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: ns.ClientURL(), Name: "tls-guard",
+		TLS: bus.TLSFiles{CA: ca, Cert: cliCert, Key: cliKey}}, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	sub, err := nc.SubscribeSync("ping")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Publish("x."+strings.Repeat("a", 2*bus.MaxControlLine), []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Publish("ping", []byte("1")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sub.NextMsg(5 * time.Second); err != nil {
+		t.Fatalf("%v (status %v, last error %v)", err, nc.Status(), nc.LastError())
+	}
+	if nc.Status() != nats.CONNECTED || nc.LastError() != nil || nc.Stats().Reconnects != 0 {
+		t.Fatalf("status %v, last error %v, %d reconnects", nc.Status(), nc.LastError(), nc.Stats().Reconnects)
+	}
+	if n := strings.Count(logs.String(), "nats message dropped"); n != 1 {
+		t.Fatalf("%d drops logged, want 1:\n%s", n, logs.String())
+	}
+	// The server saw the connection speak TLS (and, verifying clients, took its certificate).
+	cid, err := nc.GetClientID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	connz, err := ns.Connz(&server.ConnzOptions{CID: cid})
+	if err != nil || len(connz.Conns) != 1 {
+		t.Fatalf("connz: %v, %d connections", err, len(connz.Conns))
+	}
+	if c := connz.Conns[0]; c.TLSVersion == "" {
+		t.Fatalf("the server saw no TLS on the connection: %+v", c)
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"net"
 	"sync"
-	"time"
 
 	"github.com/nats-io/nats.go"
 )
@@ -248,18 +247,4 @@ func (g guardedProvider) InProcessConn() (net.Conn, error) {
 		return nil, err
 	}
 	return newLineGuard(c, MaxControlLine, g.onDrop), nil
-}
-
-// guardedDialer dials guarded TCP connections.
-type guardedDialer struct {
-	timeout time.Duration
-	onDrop  func(op string, line []byte, size int)
-}
-
-func (d guardedDialer) Dial(network, address string) (net.Conn, error) {
-	c, err := (&net.Dialer{Timeout: d.timeout}).Dial(network, address)
-	if err != nil {
-		return nil, err
-	}
-	return newLineGuard(c, MaxControlLine, d.onDrop), nil
 }
