@@ -64,11 +64,14 @@ type Publisher struct {
 	// were sent, and a retry holds it so nothing is sent until the retried events are.
 	mu  sync.Mutex
 	tap *Tap // hears each event before it is sent (WithTap)
+	// refused hears the server refuse a publish of the connection, which no ack
+	// answers: waiters for it fail at once instead of at the end of their context.
+	refused *refusals
 }
 
 // NewPublisher returns a publisher for one host.
 func NewPublisher(js jetstream.JetStream, hostID string) *Publisher {
-	return &Publisher{js: js, hostID: hostID}
+	return &Publisher{js: js, hostID: hostID, refused: refusalsOf(js.Conn())}
 }
 
 // ErrPublish wraps a failure to store an event.
@@ -122,6 +125,7 @@ func (p *Publisher) send(ctx context.Context, events []Event) (wait func(context
 			p.tap.hear(msg, events[i])
 		}
 	}
+	refusal := p.refused.watch() // before the publishes, so as to hear their refusals
 	futures := make([]jetstream.PubAckFuture, 0, len(msgs))
 	for i, msg := range msgs {
 		// No retries inside the client: one would resend a later event while an
@@ -130,7 +134,7 @@ func (p *Publisher) send(ctx context.Context, events []Event) (wait func(context
 		if err != nil {
 			// Too many acks pending, say: the rest one at a time, in order, once the
 			// ones sent are stored.
-			werr := p.await(ctx, futures, msgs, events, false)
+			werr := p.await(ctx, futures, msgs, events, false, refusal)
 			if werr == nil {
 				werr = p.publishFrom(ctx, msgs, events, i, nil)
 			}
@@ -138,14 +142,22 @@ func (p *Publisher) send(ctx context.Context, events []Event) (wait func(context
 		}
 		futures = append(futures, f)
 	}
-	return func(ctx context.Context) error { return p.await(ctx, futures, msgs, events, true) }
+	return func(ctx context.Context) error { return p.await(ctx, futures, msgs, events, true, refusal) }
 }
 
 // await waits for the acks of msgs[:len(futures)]; the first failure is retried from
-// there in order (publishFrom), under mu unless the caller holds it (lock false).
-func (p *Publisher) await(ctx context.Context, futures []jetstream.PubAckFuture, msgs []*nats.Msg, events []Event, lock bool) error {
-	for i, f := range futures {
+// there in order (publishFrom), under mu unless the caller holds it (lock false). A
+// refusal of one of msgs (refusal: taken before they were sent) fails it at once.
+func (p *Publisher) await(ctx context.Context, futures []jetstream.PubAckFuture, msgs []*nats.Msg, events []Event, lock bool, refusal <-chan struct{}) error {
+	for i := 0; i < len(futures); i++ {
+		f := futures[i]
 		select {
+		case <-refusal:
+			refusal = p.refused.watch() // then check: a refusal after the check closes it
+			if err := p.refused.of(msgs[i:len(futures)]); err != nil {
+				return fmt.Errorf("%w: %w", ErrPublish, err)
+			}
+			i-- // wait for the same ack again
 		case <-f.Ok():
 		case err := <-f.Err():
 			if lock {
@@ -174,6 +186,9 @@ func (p *Publisher) publishFrom(ctx context.Context, msgs []*nats.Msg, events []
 			_, err := p.js.PublishMsg(ctx, msgs[i], jetstream.WithExpectStream(StreamName))
 			if err == nil {
 				break
+			}
+			if rerr := p.refused.of(msgs[i : i+1]); rerr != nil {
+				err = rerr // the server refused it: it never will take it
 			}
 			if !retryable(err) || ctx.Err() != nil {
 				return fmt.Errorf("%w %s: %w", ErrPublish, LogName(events[i].Name), err)
