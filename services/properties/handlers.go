@@ -38,11 +38,7 @@ func (s *Service) propertyGetAll(ctx context.Context, c *rpc.Call) ([]byte, erro
 	// Runtime values (xid, start_time, …) exist only on qubes, not on the app object.
 	// qvm-ls asks for every qube's: kept until the configuration or runtime changes.
 	return s.cachedRuntimeRead(ctx, c, func(m *model.Model) ([]byte, error) {
-		h, err := s.holder(m, c)
-		if err != nil {
-			return nil, err
-		}
-		return []byte(m.GetAllText(h)), nil
+		return getAllText(m, c.Dest.Name)
 	})
 }
 

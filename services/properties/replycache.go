@@ -14,6 +14,10 @@ type replyCache struct {
 	mu       sync.Mutex
 	rev, gen uint64
 	replies  map[replyKey][]byte
+	// misses counts the GetAll replies computed at (rev, gen), and ahead says a
+	// read-ahead of the others started (missed).
+	misses int
+	ahead  bool
 }
 
 type replyKey struct{ method, dest string }
@@ -42,9 +46,47 @@ func (c *replyCache) put(rev, gen uint64, k replyKey, b []byte) {
 	case rev < c.rev || (rev == c.rev && gen < c.gen):
 		return
 	case rev != c.rev || gen != c.gen || c.replies == nil:
-		c.rev, c.gen, c.replies = rev, gen, make(map[replyKey][]byte)
+		c.renew(rev, gen)
 	}
 	if len(c.replies) < maxCachedReplies {
 		c.replies[k] = b
 	}
+}
+
+func (c *replyCache) renew(rev, gen uint64) {
+	c.rev, c.gen, c.replies, c.misses, c.ahead = rev, gen, make(map[replyKey][]byte), 0, false
+}
+
+// readAheadAfter is the number of GetAll replies a client must miss at one revision
+// and snapshot before the others are computed ahead of it (Service.readAhead): qvm-ls
+// asks every qube's in turn, while qvm-prefs and most tools ask one.
+const readAheadAfter = 3
+
+// missed counts a GetAll reply that was not kept at (rev, gen), and reports whether
+// the others should now be read ahead: once per revision and snapshot.
+func (c *replyCache) missed(rev, gen uint64) bool {
+	if gen == 0 {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case rev < c.rev || (rev == c.rev && gen < c.gen):
+		return false
+	case rev != c.rev || gen != c.gen || c.replies == nil:
+		c.renew(rev, gen)
+	}
+	c.misses++
+	if c.ahead || c.misses < readAheadAfter {
+		return false
+	}
+	c.ahead = true
+	return true
+}
+
+// current reports whether the cache still keeps the replies of (rev, gen).
+func (c *replyCache) current(rev, gen uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.rev == rev && c.gen == gen
 }

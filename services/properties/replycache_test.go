@@ -76,3 +76,32 @@ func TestRuntimeCacheNumbers(t *testing.T) {
 		t.Fatalf("unsettled snapshot numbered %d", g)
 	}
 }
+
+// A client that misses readAheadAfter GetAll replies at one revision and snapshot
+// starts one read-ahead of the others; fewer misses, an older revision, or a snapshot
+// not kept start none, and a new revision counts again from zero.
+func TestReplyCacheReadsAheadOncePerRevision(t *testing.T) {
+	var c replyCache
+	for i := 1; i < readAheadAfter; i++ {
+		if c.missed(5, 1) {
+			t.Fatalf("read-ahead after %d misses", i)
+		}
+	}
+	if !c.missed(5, 1) {
+		t.Fatalf("no read-ahead after %d misses", readAheadAfter)
+	}
+	if c.missed(5, 1) || c.missed(5, 1) {
+		t.Fatal("a second read-ahead at the same revision")
+	}
+	if c.missed(4, 9) || c.missed(5, 0) || !c.current(5, 1) {
+		t.Fatal("an older revision or an unkept snapshot counted")
+	}
+	for i := 1; i < readAheadAfter; i++ {
+		if c.missed(6, 1) {
+			t.Fatalf("revision 6: read-ahead after %d misses", i)
+		}
+	}
+	if c.current(5, 1) || !c.missed(6, 1) {
+		t.Fatal("revision 6 did not start its own read-ahead")
+	}
+}

@@ -148,6 +148,11 @@ type Service struct {
 	rtc    *runtimeCache
 	// replies keeps the GetAll and List replies of the current revision and runtime.
 	replies replyCache
+	// serving ends when the service stops (Serve's context), and its read-aheads of
+	// GetAll replies with it; aheadDone, for tests, hears each read-ahead end with the
+	// number of replies it computed.
+	serving   context.Context
+	aheadDone func(computed int)
 
 	// wmu serialises the changes of this instance, as qubesd's single event loop does;
 	// several instances are kept consistent by revision-checked mutations. keys
@@ -255,6 +260,7 @@ func (s *Service) Serve(ctx context.Context, nc *nats.Conn) (micro.Service, erro
 	if err != nil {
 		return nil, err
 	}
+	s.serving = ctx
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("jetstream: %w", err)
@@ -325,6 +331,8 @@ func (s *Service) cachedRuntimeRead(ctx context.Context, c *rpc.Call, f func(m *
 	}
 	k := replyKey{c.Method.Name, c.Dest.Name}
 	var out []byte
+	ahead := false
+	var at uint64
 	s.rep.ViewIndexedAt(func(rev uint64, conf *config.Config, byName func(string) *config.Domain) {
 		var ok bool
 		if out, ok = s.replies.get(rev, gen, k); ok {
@@ -332,9 +340,68 @@ func (s *Service) cachedRuntimeRead(ctx context.Context, c *rpc.Call, f func(m *
 		}
 		if out, err = f(model.NewIndexed(conf, s.cfg.Machine, rt, byName)); err == nil {
 			s.replies.put(rev, gen, k, out)
+			ahead, at = k.method == getAllMethod && s.replies.missed(rev, gen), rev
 		}
 	})
+	if ahead && s.serving != nil {
+		go s.readAhead(s.serving, rt, at, gen)
+	}
 	return out, err
+}
+
+const getAllMethod = "admin.vm.property.GetAll"
+
+// getAllText is the reply to admin.vm.property.GetAll of the qube name.
+func getAllText(m *model.Model, name string) ([]byte, error) {
+	h, err := m.Holder(name)
+	if err != nil {
+		return nil, err
+	}
+	return []byte(m.GetAllText(h)), nil
+}
+
+// readAhead computes the GetAll replies of every qube at revision rev and runtime
+// snapshot gen that are not kept yet, in the order admin.vm.List gives them, for a
+// client that asks them all in turn (qvm-ls): right after a change each is otherwise
+// computed while the client waits, on one CPU. It stops once the cache moves on, or
+// the service stops. One qube at a time, so the replica's writer waits at most one.
+func (s *Service) readAhead(ctx context.Context, rt func(string) model.Runtime, rev, gen uint64) {
+	computed := 0
+	if s.aheadDone != nil {
+		defer func() { s.aheadDone(computed) }()
+	}
+	var names []string
+	s.rep.ViewIndexedAt(func(r uint64, conf *config.Config, _ func(string) *config.Domain) {
+		if r != rev {
+			return
+		}
+		names = make([]string, 0, len(conf.Domains))
+		for i := range conf.Domains {
+			names = append(names, conf.Domains[i].Name())
+		}
+	})
+	for _, name := range names {
+		if ctx.Err() != nil || !s.replies.current(rev, gen) {
+			return
+		}
+		k := replyKey{getAllMethod, name}
+		stale := false
+		s.rep.ViewIndexedAt(func(r uint64, conf *config.Config, byName func(string) *config.Domain) {
+			if stale = r != rev; stale {
+				return
+			}
+			if _, ok := s.replies.get(rev, gen, k); ok {
+				return
+			}
+			if out, err := getAllText(model.NewIndexed(conf, s.cfg.Machine, rt, byName), name); err == nil {
+				s.replies.put(rev, gen, k, out)
+				computed++
+			}
+		})
+		if stale {
+			return
+		}
+	}
 }
 
 // lookupRuntime reads the runtime of qubes that are not halted; the rest are Halted.

@@ -320,3 +320,85 @@ func TestConcurrentWrites(t *testing.T) {
 		}
 	}
 }
+
+// Right after a change, a client asking GetAll of qube after qube (qvm-ls) finds the
+// replies it has not asked yet computed ahead of it, and they are the bytes it would
+// have been given without the read-ahead.
+func TestGetAllReadAheadAfterAChange(t *testing.T) {
+	h := newHarness(t, 0)
+	s, err := New(Config{Host: h.Subjects, Lifecycle: settledLifecycle{h.powers}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan int, 4)
+	s.aheadDone = func(n int) { done <- n }
+	ms, err := s.Serve(h.ctx, h.Connect())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ms.Stop() })
+
+	list := h.call("admin.vm.List", "dom0", "", "")
+	var names []string
+	for _, line := range strings.Split(strings.TrimPrefix(list, "0:"), "\n") {
+		if name, _, ok := strings.Cut(line, " "); ok {
+			names = append(names, name)
+		}
+	}
+	if len(names) <= readAheadAfter {
+		t.Fatalf("the fixture has %d qubes: too few to read ahead", len(names))
+	}
+	h.expect("admin.vm.feature.Set", "dom0", "bench.cold", "1", "0:",
+		"dom0|domain-feature-pre-set:bench.cold|feature=bench.cold,value=1",
+		"dom0|domain-feature-set:bench.cold|feature=bench.cold,value=1")
+	served := map[string]string{}
+	for _, n := range names[:readAheadAfter] {
+		served[n] = h.call(getAllMethod, n, "", "")
+	}
+	select {
+	case n := <-done:
+		if want := len(names) - readAheadAfter; n != want {
+			t.Fatalf("the read-ahead computed %d replies, want the %d not asked yet", n, want)
+		}
+	case <-h.ctx.Done():
+		t.Fatal("no read-ahead after three GetAll")
+	}
+	s.replies.mu.Lock()
+	kept := 0
+	for _, n := range names {
+		if _, ok := s.replies.replies[replyKey{getAllMethod, n}]; ok {
+			kept++
+		}
+	}
+	s.replies.mu.Unlock()
+	if kept != len(names) {
+		t.Fatalf("%d of %d GetAll replies kept after the read-ahead", kept, len(names))
+	}
+	for _, n := range names[readAheadAfter:] {
+		served[n] = h.call(getAllMethod, n, "", "")
+	}
+	// The same calls with nothing kept (and no read-ahead) give the same bytes.
+	s.replies.mu.Lock()
+	s.replies.replies, s.replies.ahead = map[replyKey][]byte{}, true
+	s.replies.mu.Unlock()
+	for _, n := range names {
+		if fresh := h.call(getAllMethod, n, "", ""); fresh != served[n] || !strings.HasPrefix(fresh, "0:") {
+			t.Errorf("GetAll %s: read ahead %q, computed %q", n, served[n], fresh)
+		}
+	}
+	select {
+	case n := <-done:
+		t.Fatalf("a second read-ahead (%d replies) at the same revision", n)
+	default:
+	}
+}
+
+// settledLifecycle gives fakeLifecycle's states as settled snapshots, at one mark, so
+// the service keeps replies computed from them.
+type settledLifecycle struct{ *fakeLifecycle }
+
+func (f settledLifecycle) RuntimeSnapshot(ctx context.Context) (model.RuntimeSnapshot, error) {
+	snap, err := f.fakeLifecycle.RuntimeSnapshot(ctx)
+	snap.Settled, snap.Mark = true, envelope.RuntimeMark{Epoch: 1, Version: 1}
+	return snap, err
+}
