@@ -31,6 +31,7 @@ const (
 	ReplicaRevision   = "qubesbus_replica_revision"
 	QubesXMLWrites    = "qubesbus_qubes_xml_writes_total"
 	ConfigRevision    = "qubesbus_config_revision"
+	AppliesRefused    = "qubesbus_config_applies_refused_total"
 	LeaseHeld         = "qubesbus_lifecycle_lease_held"
 	LeaseEpoch        = "qubesbus_lifecycle_lease_epoch"
 	NATSConnected     = "qubesbus_nats_connected"
@@ -177,11 +178,17 @@ type Sources struct {
 	// Replicas are each service's replica revision and lag behind the configuration
 	// store's revision (labelled by service).
 	Replicas func() []ReplicaState
-	// Store is the configuration store of this process: its revision and qubes.xml
-	// writes.
-	Store func() (revision, writes uint64)
+	// Store is the configuration store of this process.
+	Store func() StoreState
 	// Lease is this process's lifecycle lease: held, and the term's epoch.
 	Lease func() (held bool, epoch uint64)
+}
+
+// StoreState is the configuration store of this process as a scrape sees it.
+type StoreState struct {
+	Revision uint64
+	Writes   uint64 // of qubes.xml
+	Refused  uint64 // mutations refused: an op not the caller's to change
 }
 
 // ReplicaState is one service's replica as a scrape sees it.
@@ -203,6 +210,7 @@ var (
 	descReplicaRev  = prometheus.NewDesc(ReplicaRevision, "Configuration revision a service's replica holds.", []string{"service"}, nil)
 	descWrites      = prometheus.NewDesc(QubesXMLWrites, "qubes.xml writes by this persistence instance.", nil, nil)
 	descConfigRev   = prometheus.NewDesc(ConfigRevision, "Configuration revision the persistence store holds.", nil, nil)
+	descRefused     = prometheus.NewDesc(AppliesRefused, "Configuration changes this persistence instance refused because an op was not the sending service's to change.", nil, nil)
 	descLeaseHeld   = prometheus.NewDesc(LeaseHeld, "1 while this vmlifecycle instance holds the host's lease, else 0 (standby).", nil, nil)
 	descLeaseEpoch  = prometheus.NewDesc(LeaseEpoch, "Epoch of the lease term this instance holds (0 on standby).", nil, nil)
 	descConnected   = prometheus.NewDesc(NATSConnected, "1 while a NATS connection is connected, else 0.", []string{"conn"}, nil)
@@ -214,7 +222,7 @@ type collector struct{ src Sources }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSubscribers, descRelayed, descLag, descReplicaRev, descWrites, descConfigRev,
-		descLeaseHeld, descLeaseEpoch, descConnected, descReconnects} {
+		descRefused, descLeaseHeld, descLeaseEpoch, descConnected, descReconnects} {
 		ch <- d
 	}
 }
@@ -237,9 +245,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	if s.Store != nil {
-		rev, writes := s.Store()
-		ch <- prometheus.MustNewConstMetric(descWrites, prometheus.CounterValue, float64(writes))
-		ch <- prometheus.MustNewConstMetric(descConfigRev, prometheus.GaugeValue, float64(rev))
+		st := s.Store()
+		ch <- prometheus.MustNewConstMetric(descWrites, prometheus.CounterValue, float64(st.Writes))
+		ch <- prometheus.MustNewConstMetric(descConfigRev, prometheus.GaugeValue, float64(st.Revision))
+		ch <- prometheus.MustNewConstMetric(descRefused, prometheus.CounterValue, float64(st.Refused))
 	}
 	if s.Lease != nil {
 		held, epoch := s.Lease()

@@ -75,7 +75,7 @@ func TestSources(t *testing.T) {
 		Subscribers:   func() int { return 3 },
 		EventsRelayed: func() (uint64, uint64, uint64) { return 35, 40, 2 },
 		Replicas:      func() []ReplicaState { return []ReplicaState{{Service: "properties", Revision: 7, Lag: 2}} },
-		Store:         func() (uint64, uint64) { return 9, 4 },
+		Store:         func() StoreState { return StoreState{Revision: 9, Writes: 4, Refused: 1} },
 		Lease:         func() (bool, uint64) { return true, 12 },
 	})
 	want := `
@@ -93,11 +93,14 @@ qubesbus_replica_lag_revisions{service="properties"} 2
 # HELP qubesbus_qubes_xml_writes_total qubes.xml writes by this persistence instance.
 # TYPE qubesbus_qubes_xml_writes_total counter
 qubesbus_qubes_xml_writes_total 4
+# HELP qubesbus_config_applies_refused_total Configuration changes this persistence instance refused because an op was not the sending service's to change.
+# TYPE qubesbus_config_applies_refused_total counter
+qubesbus_config_applies_refused_total 1
 # HELP qubesbus_lifecycle_lease_held 1 while this vmlifecycle instance holds the host's lease, else 0 (standby).
 # TYPE qubesbus_lifecycle_lease_held gauge
 qubesbus_lifecycle_lease_held 1
 `
-	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), EventSubscribers, EventsRelayed, ReplicaLag, QubesXMLWrites, LeaseHeld); err != nil {
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), EventSubscribers, EventsRelayed, ReplicaLag, QubesXMLWrites, AppliesRefused, LeaseHeld); err != nil {
 		t.Error(err)
 	}
 }

@@ -37,6 +37,7 @@ type Metrics struct {
 	Conflicts uint64 `json:"conflicts"`        // appends lost to another instance, then retried
 	Synced    uint64 `json:"synced_revision"`  // revision the change log holds durably
 	Syncs     uint64 `json:"syncs"`            // syncs of the change log (one per group of appends)
+	Refused   uint64 `json:"refused"`          // mutations refused: an op not the caller's (Permits)
 }
 
 // FlushRequest asks for qubes.xml to hold at least Revision.

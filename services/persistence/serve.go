@@ -241,6 +241,7 @@ func (s *Store) classOf(id string) string {
 func (s *Store) permits(caller string, m config.Mutation) error {
 	err := configstore.Permits(caller, m.Ops, s.classOf)
 	if err != nil {
+		s.refused.Add(1)
 		s.log.Warn("apply refused: not the caller's to change", "caller", caller, "err", err)
 	}
 	return err

@@ -122,6 +122,7 @@ type Store struct {
 	writes   atomic.Uint64
 	appends  atomic.Uint64
 	lost     atomic.Uint64 // appends lost to another instance (conflicts)
+	refused  atomic.Uint64 // mutations with an op not the caller's (permits)
 
 	serveMu  sync.Mutex
 	cancel   context.CancelFunc // ends the serving context; set once Serve started
@@ -196,7 +197,8 @@ func (s *Store) Metrics() Metrics {
 	rev, seq := s.rev, s.seq
 	s.mu.RUnlock()
 	return Metrics{Revision: rev, Sequence: seq, Written: s.written.Load(), Writes: s.writes.Load(),
-		Appends: s.appends.Load(), Conflicts: s.lost.Load(), Synced: s.synced.Load(), Syncs: s.syncs.Load()}
+		Appends: s.appends.Load(), Conflicts: s.lost.Load(), Synced: s.synced.Load(), Syncs: s.syncs.Load(),
+		Refused: s.refused.Load()}
 }
 
 // Apply applies a mutation atomically and returns its revision. The change is durable

@@ -612,6 +612,10 @@ func TestApplyLocalAnswersAsOverNATS(t *testing.T) {
 	if counting.answered.Load() != answered {
 		t.Fatal("the refusal was not answered in process")
 	}
+	// Both counted: the one over NATS by whichever instance answered it.
+	if here, there := store.Metrics().Refused, standby.Metrics().Refused; here+there != 2 {
+		t.Fatalf("refusals counted: %d here, %d on the standby; want 2 in all", here, there)
+	}
 	if store.Revision() != rev {
 		t.Fatalf("a refused change moved the store from revision %d to %d", rev, store.Revision())
 	}

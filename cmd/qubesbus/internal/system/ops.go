@@ -114,12 +114,12 @@ func (s *System) initMetrics(reg prometheus.Registerer) {
 			}
 			return out
 		},
-		Store: func() (uint64, uint64) {
+		Store: func() metrics.StoreState {
 			if st := s.obs.store.Load(); st != nil {
 				m := st.Metrics()
-				return m.Revision, m.Writes
+				return metrics.StoreState{Revision: m.Revision, Writes: m.Writes, Refused: m.Refused}
 			}
-			return 0, 0
+			return metrics.StoreState{}
 		},
 		Lease: func() (bool, uint64) {
 			if s.obs.lease.Load() == nil {
