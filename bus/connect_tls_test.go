@@ -13,6 +13,7 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/bustest"
+	"github.com/qubesbus/qubesbus/bus/embedded"
 )
 
 // A server that requires TLS and verifies clients accepts a service that brings the CA
@@ -69,38 +70,29 @@ func runTLSServer(t *testing.T) (ns *server.Server, ca, cliCert, cliKey string) 
 	return ns, ca, cliCert, cliKey
 }
 
-// Over TLS too, an over-long subject costs its message, not the connection: the line
-// guard sits above TLS, which the connection starts itself after the server's INFO.
+// An over-long subject costs its message, not the connection: the server would close
+// the connection, and nats.go would not reconnect after that error.
+func TestOverlongSubjectKeepsTheConnection(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ns, err := embedded.Start(ctx, embedded.Config{StoreDir: t.TempDir(), Port: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Shutdown()
+	for _, cc := range []bus.ConnConfig{{URL: ns.ClientURL(), Name: "tcp"}, {InProcess: ns, Name: "in-process"}} {
+		expectOverlongDropped(t, ctx, cc)
+	}
+}
+
+// Over TLS too: the line guard sits above TLS, which the connection starts itself
+// after the server's INFO.
 func TestOverlongSubjectKeepsTheTLSConnection(t *testing.T) {
 	ns, ca, cliCert, cliKey := runTLSServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	var logs bytes.Buffer
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: ns.ClientURL(), Name: "tls-guard",
-		TLS: bus.TLSFiles{CA: ca, Cert: cliCert, Key: cliKey}}, slog.New(slog.NewTextHandler(&logs, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	sub, err := nc.SubscribeSync("ping")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := nc.Publish("x."+strings.Repeat("a", 2*bus.MaxControlLine), []byte("x")); err != nil {
-		t.Fatal(err)
-	}
-	if err := nc.Publish("ping", []byte("1")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := sub.NextMsg(5 * time.Second); err != nil {
-		t.Fatalf("%v (status %v, last error %v)", err, nc.Status(), nc.LastError())
-	}
-	if nc.Status() != nats.CONNECTED || nc.LastError() != nil || nc.Stats().Reconnects != 0 {
-		t.Fatalf("status %v, last error %v, %d reconnects", nc.Status(), nc.LastError(), nc.Stats().Reconnects)
-	}
-	if n := strings.Count(logs.String(), "nats message dropped"); n != 1 {
-		t.Fatalf("%d drops logged, want 1:\n%s", n, logs.String())
-	}
+	nc := expectOverlongDropped(t, ctx, bus.ConnConfig{URL: ns.ClientURL(), Name: "tls-guard",
+		TLS: bus.TLSFiles{CA: ca, Cert: cliCert, Key: cliKey}})
 	// The server saw the connection speak TLS (and, verifying clients, took its certificate).
 	cid, err := nc.GetClientID()
 	if err != nil {
@@ -113,4 +105,46 @@ func TestOverlongSubjectKeepsTheTLSConnection(t *testing.T) {
 	if c := connz.Conns[0]; c.TLSVersion == "" {
 		t.Fatalf("the server saw no TLS on the connection: %+v", c)
 	}
+}
+
+// expectOverlongDropped connects with cc and sends a message, a message with headers
+// and a subscription on a subject too long for the server: each is dropped and
+// logged, and the connection goes on as if they had not been sent.
+func expectOverlongDropped(t *testing.T, ctx context.Context, cc bus.ConnConfig) *nats.Conn {
+	t.Helper()
+	var logs bytes.Buffer
+	nc, err := bus.Connect(ctx, cc, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	sub, err := nc.SubscribeSync("ping")
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := "x." + strings.Repeat("a", 2*bus.MaxControlLine)
+	if err := nc.Publish(long, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	msg := nats.NewMsg(long)
+	msg.Header.Set("h", "v")
+	if err := nc.PublishMsg(msg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := nc.SubscribeSync(long); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Publish("ping", []byte("1")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sub.NextMsg(5 * time.Second); err != nil {
+		t.Fatalf("%s: %v (status %v, last error %v)", cc.Name, err, nc.Status(), nc.LastError())
+	}
+	if nc.Status() != nats.CONNECTED || nc.LastError() != nil || nc.Stats().Reconnects != 0 {
+		t.Fatalf("%s: status %v, last error %v, %d reconnects", cc.Name, nc.Status(), nc.LastError(), nc.Stats().Reconnects)
+	}
+	if n := strings.Count(logs.String(), "nats message dropped"); n != 3 {
+		t.Fatalf("%s: %d drops logged, want 3:\n%s", cc.Name, n, logs.String())
+	}
+	return nc
 }

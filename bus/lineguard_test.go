@@ -103,54 +103,6 @@ func TestLineGuardPassesOtherProtocols(t *testing.T) {
 	}
 }
 
-// An over-long subject costs its message, not the connection: the server would close
-// the connection, and nats.go would not reconnect after that error.
-func TestOverlongSubjectKeepsTheConnection(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	ns, err := embedded.Start(ctx, embedded.Config{StoreDir: t.TempDir(), Port: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Shutdown()
-	for _, cc := range []ConnConfig{{URL: ns.ClientURL(), Name: "tcp"}, {InProcess: ns, Name: "in-process"}} {
-		var logs bytes.Buffer
-		nc, err := Connect(ctx, cc, slog.New(slog.NewTextHandler(&logs, nil)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer nc.Close()
-		sub, err := nc.SubscribeSync("ping")
-		if err != nil {
-			t.Fatal(err)
-		}
-		long := "x." + strings.Repeat("a", 2*MaxControlLine)
-		if err := nc.Publish(long, []byte("x")); err != nil {
-			t.Fatal(err)
-		}
-		msg := nats.NewMsg(long)
-		msg.Header.Set("h", "v")
-		if err := nc.PublishMsg(msg); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := nc.SubscribeSync(long); err != nil {
-			t.Fatal(err)
-		}
-		if err := nc.Publish("ping", []byte("1")); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := sub.NextMsg(5 * time.Second); err != nil {
-			t.Fatalf("%s: %v (status %v, last error %v)", cc.Name, err, nc.Status(), nc.LastError())
-		}
-		if nc.Status() != nats.CONNECTED || nc.LastError() != nil || nc.Stats().Reconnects != 0 {
-			t.Fatalf("%s: status %v, last error %v, %d reconnects", cc.Name, nc.Status(), nc.LastError(), nc.Stats().Reconnects)
-		}
-		if n := strings.Count(logs.String(), "nats message dropped"); n != 3 {
-			t.Fatalf("%s: %d drops logged, want 3:\n%s", cc.Name, n, logs.String())
-		}
-	}
-}
-
 // A connection the server drops is reconnected, and its subscriptions with it.
 func TestConnectionReconnectsAndResubscribes(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
