@@ -13,7 +13,6 @@ import (
 
 	"github.com/qubesbus/qubesbus/bus"
 	"github.com/qubesbus/qubesbus/bus/bustest"
-	"github.com/qubesbus/qubesbus/bus/embedded"
 )
 
 // A server that requires TLS and verifies clients accepts a service that brings the CA
@@ -73,13 +72,9 @@ func runTLSServer(t *testing.T) (ns *server.Server, ca, cliCert, cliKey string) 
 // An over-long subject costs its message, not the connection: the server would close
 // the connection, and nats.go would not reconnect after that error.
 func TestOverlongSubjectKeepsTheConnection(t *testing.T) {
+	ns := bustest.RunJetStream(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	ns, err := embedded.Start(ctx, embedded.Config{StoreDir: t.TempDir(), Port: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Shutdown()
 	for _, cc := range []bus.ConnConfig{{URL: ns.ClientURL(), Name: "tcp"}, {InProcess: ns, Name: "in-process"}} {
 		expectOverlongDropped(t, ctx, cc)
 	}
