@@ -161,7 +161,15 @@ func Connect(ctx context.Context, cfg ConnConfig, log *slog.Logger) (*nats.Conn,
 		}
 		opts = append(opts, nats.SetCustomDialer(d))
 		if cfg.TLS.enabled() {
-			opts = append(opts, nats.Secure()) // a server without TLS is refused
+			// Secure: a server without TLS is refused. The files also go to nats.go,
+			// which secures websocket connections (wss) itself.
+			opts = append(opts, nats.Secure())
+			if cfg.TLS.CA != "" {
+				opts = append(opts, nats.RootCAs(cfg.TLS.CA))
+			}
+			if cfg.TLS.Cert != "" {
+				opts = append(opts, nats.ClientCert(cfg.TLS.Cert, cfg.TLS.Key))
+			}
 		}
 	}
 	// Each dial and handshake is bounded by the timeout; the whole pass (several

@@ -143,3 +143,49 @@ func expectOverlongDropped(t *testing.T, ctx context.Context, cc bus.ConnConfig)
 	}
 	return nc
 }
+
+// Websocket URLs still connect, in the clear and over TLS (wss): nats.go frames and
+// secures them itself, and the guard passes the frames.
+func TestConnectOverWebsocket(t *testing.T) {
+	ca, srvCert, srvKey, _, _ := bustest.PKI(t, t.TempDir())
+	tc, err := server.GenTLSConfig(&server.TLSConfigOpts{CertFile: srvCert, KeyFile: srvKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, secure := range []bool{false, true} {
+		opts := &server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true}
+		opts.Websocket.Host, opts.Websocket.Port = "127.0.0.1", -1
+		var files bus.TLSFiles
+		if secure {
+			opts.Websocket.TLSConfig, files.CA = tc, ca
+		} else {
+			opts.Websocket.NoTLS = true
+		}
+		ns, err := server.NewServer(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go ns.Start()
+		t.Cleanup(ns.Shutdown)
+		if !ns.ReadyForConnections(10 * time.Second) {
+			t.Fatal("server not ready")
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		nc, err := bus.Connect(ctx, bus.ConnConfig{URL: ns.WebsocketURL(), Name: "ws", TLS: files}, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatalf("%s: %v", ns.WebsocketURL(), err)
+		}
+		defer nc.Close()
+		sub, err := nc.SubscribeSync("ping")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := nc.Publish("ping", []byte("1")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := sub.NextMsg(5 * time.Second); err != nil {
+			t.Fatalf("%s: %v", ns.WebsocketURL(), err)
+		}
+	}
+}

@@ -32,6 +32,9 @@ type guardedDialer struct {
 	// dialled by address, and its certificate checked against the name the
 	// configuration gave, as nats.go does.
 	names []string
+	// ws: websocket URLs, which nats.go frames (and secures, for wss) itself; the
+	// guard passes their bytes unread, as any protocol but the plain one.
+	ws bool
 }
 
 func newGuardedDialer(timeout time.Duration, urls string, files TLSFiles, onDrop func(op string, line []byte, size int)) (*guardedDialer, error) {
@@ -41,8 +44,11 @@ func newGuardedDialer(timeout time.Duration, urls string, files TLSFiles, onDrop
 		if err != nil || p.Hostname() == "" {
 			continue
 		}
-		if p.Scheme == "tls" {
+		switch p.Scheme {
+		case "tls":
 			d.want = true
+		case "ws", "wss":
+			d.ws = true
 		}
 		if net.ParseIP(p.Hostname()) == nil {
 			d.names = append(d.names, p.Hostname())
@@ -70,7 +76,7 @@ func newGuardedDialer(timeout time.Duration, urls string, files TLSFiles, onDrop
 }
 
 // SkipTLSHandshake tells nats.go that the connection does its own TLS.
-func (d *guardedDialer) SkipTLSHandshake() bool { return true }
+func (d *guardedDialer) SkipTLSHandshake() bool { return !d.ws }
 
 func (d *guardedDialer) Dial(network, address string) (net.Conn, error) {
 	c, err := (&net.Dialer{Timeout: d.timeout}).Dial(network, address)
@@ -162,7 +168,7 @@ func (c *upgradingConn) start() error {
 	if rest, ok := bytes.CutPrefix(bytes.TrimSpace(line), []byte("INFO")); ok {
 		_ = json.Unmarshal(bytes.TrimSpace(rest), &info) // nats.go judges the INFO itself
 	}
-	if c.d.want || info.TLSRequired {
+	if !c.d.ws && (c.d.want || info.TLSRequired) {
 		tc := tls.Client(c.raw, c.tls)
 		ctx, cancel := context.WithTimeout(context.Background(), c.d.timeout)
 		defer cancel()

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 )
@@ -14,19 +15,28 @@ import (
 // the caller would wait for the ack until its context ends: for a whole call.
 var ErrRefused = errors.New("publish refused by the server")
 
-// refusals are the subjects the server refused a publish on, heard on one
-// connection's error handler. Permissions do not change while a connection lives, and
-// the server reports every refused message, so a waiter woken by signal checks its
-// own subjects.
+// refusals are the subjects the server refused a publish on lately, heard on one
+// connection's error handler. The server reports every refused message, so a waiter
+// woken by signal checks its own subjects.
 type refusals struct {
 	mu       sync.Mutex
-	subjects map[string]error
+	subjects map[string]refusal
 	signal   chan struct{} // closed at the next refusal
 }
 
-// maxRefused bounds the subjects kept; past it the oldest are forgotten at once (each
-// new refusal is reported again anyway).
-const maxRefused = 256
+type refusal struct {
+	err error
+	at  time.Time
+}
+
+// A refusal is kept for refusalMemory, long enough for the waiters it wakes to look,
+// and no longer: the server's permissions may be reloaded, and a subject refused
+// once allowed since. maxRefused bounds the subjects kept; past it all are forgotten
+// (each new refusal is reported again anyway).
+const (
+	refusalMemory = 30 * time.Second
+	maxRefused    = 256
+)
 
 // watching holds the refusals of each connection a publisher uses.
 var watching sync.Map // *nats.Conn → *refusals
@@ -40,7 +50,7 @@ func refusalsOf(nc *nats.Conn) *refusals {
 	if r, ok := watching.Load(nc); ok {
 		return r.(*refusals)
 	}
-	r := &refusals{subjects: map[string]error{}, signal: make(chan struct{})}
+	r := &refusals{subjects: map[string]refusal{}, signal: make(chan struct{})}
 	if prev, loaded := watching.LoadOrStore(nc, r); loaded {
 		return prev.(*refusals)
 	}
@@ -85,7 +95,7 @@ func (r *refusals) refuse(subj string, err error) {
 	if len(r.subjects) >= maxRefused {
 		clear(r.subjects)
 	}
-	r.subjects[subj] = err
+	r.subjects[subj] = refusal{err, time.Now()}
 	close(r.signal)
 	r.signal = make(chan struct{})
 }
@@ -112,8 +122,8 @@ func (r *refusals) of(msgs []*nats.Msg) error {
 		return nil
 	}
 	for _, m := range msgs {
-		if err, ok := r.subjects[m.Subject]; ok {
-			return fmt.Errorf("%w: %s: %w", ErrRefused, m.Subject, err)
+		if rf, ok := r.subjects[m.Subject]; ok && time.Since(rf.at) < refusalMemory {
+			return fmt.Errorf("%w: %s: %w", ErrRefused, m.Subject, rf.err)
 		}
 	}
 	return nil
