@@ -38,9 +38,20 @@ func CallerOf(subj string) string {
 	return subj[i+1:]
 }
 
-// rule limits an op kind a service owns: to the properties named (names), or to
-// qubes of the classes named (classes); nil limits nothing.
-type rule struct{ names, classes []string }
+// rule limits an op kind a service owns: to the properties named (names), or to the
+// qubes qube accepts (what says which, for the refusal); nil limits nothing.
+type rule struct {
+	names []string
+	qube  func(d *config.Domain) bool
+	what  string
+}
+
+// autoCleanup accepts a disposable that is removed once it stops, as the lifecycle's
+// inventory finds it (auto_cleanup is False unless set, and stored as qubesd writes it).
+func autoCleanup(d *config.Domain) bool {
+	v, _ := d.Property("auto_cleanup")
+	return d.Class == "DispVM" && v == "True"
+}
 
 // owned lists, per service, the op kinds it may apply. Each service changes only what
 // its own methods change in qubesd: properties everything of qubes, labels and the
@@ -66,15 +77,15 @@ var owned = map[string]map[config.OpKind]rule{
 		config.OpSetProperty: {names: []string{"backup_timestamp"}},
 	},
 	string(rpc.VMLifecycle): {
-		config.OpDelDomain: {classes: []string{"DispVM"}},
+		config.OpDelDomain: {qube: autoCleanup, what: "a DispVM with auto_cleanup"},
 	},
 }
 
 // Permits reports whether caller may apply every op of ops, and if not which op it
-// may not (wrapping ErrNotPermitted). classOf gives the class of a qube by its id
-// ("" if there is none), for the rules limited to some classes. Operator may apply
-// anything; a caller not in the table nothing.
-func Permits(caller string, ops []config.Op, classOf func(domainID string) string) error {
+// may not (wrapping ErrNotPermitted). view runs f over the qube of an id (nil if there
+// is none), for the rules limited to some qubes. Operator may apply anything; a caller
+// not in the table nothing.
+func Permits(caller string, ops []config.Op, view func(domainID string, f func(d *config.Domain))) error {
 	if caller == Operator {
 		return nil
 	}
@@ -89,13 +100,13 @@ func Permits(caller string, ops []config.Op, classOf func(domainID string) strin
 			return fmt.Errorf("%w: op %d: %s may not %s", ErrNotPermitted, i, caller, op.Kind)
 		case r.names != nil && !slices.Contains(r.names, op.Name):
 			return fmt.Errorf("%w: op %d: %s may not %s %q", ErrNotPermitted, i, caller, op.Kind, op.Name)
-		case r.classes != nil:
-			class := ""
-			if classOf != nil {
-				class = classOf(op.Domain)
+		case r.qube != nil:
+			ok := false
+			if view != nil {
+				view(op.Domain, func(d *config.Domain) { ok = d != nil && r.qube(d) })
 			}
-			if !slices.Contains(r.classes, class) {
-				return fmt.Errorf("%w: op %d: %s may not %s %s, a qube of class %q", ErrNotPermitted, i, caller, op.Kind, op.Domain, class)
+			if !ok {
+				return fmt.Errorf("%w: op %d: %s may not %s %s: not %s", ErrNotPermitted, i, caller, op.Kind, op.Domain, r.what)
 			}
 		}
 	}

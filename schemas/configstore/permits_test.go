@@ -39,6 +39,7 @@ func TestPermitsEachServiceOnlyWhatItOwns(t *testing.T) {
 		{string(rpc.Backup), op(config.OpSetProperty, "label"), false},
 		{string(rpc.VMLifecycle), config.Op{Kind: config.OpDelDomain, Domain: "domain-9"}, true},
 		{string(rpc.VMLifecycle), config.Op{Kind: config.OpDelDomain, Domain: "domain-1"}, false},
+		{string(rpc.VMLifecycle), config.Op{Kind: config.OpDelDomain, Domain: "domain-8"}, false},
 		{string(rpc.VMLifecycle), config.Op{Kind: config.OpDelDomain, Domain: "domain-404"}, false},
 		{string(rpc.VMLifecycle), op(config.OpSetProperty, "xid"), false},
 		{string(rpc.Gateway), op(config.OpSetFeature, "x"), false},
@@ -46,10 +47,17 @@ func TestPermitsEachServiceOnlyWhatItOwns(t *testing.T) {
 		{"", op(config.OpSetFeature, "x"), false},
 		{Operator, op(config.OpSetFirewall, ""), true},
 	}
-	// domain-9 is a disposable, domain-1 an AppVM.
-	classOf := func(id string) string { return map[string]string{"domain-1": "AppVM", "domain-9": "DispVM"}[id] }
+	// domain-9 is a disposable removed when it stops, domain-8 one kept, domain-1 an
+	// AppVM (with auto_cleanup, which only a DispVM heeds).
+	cleanup := []config.Property{{Name: "auto_cleanup", Value: "True"}}
+	qubes := map[string]*config.Domain{
+		"domain-1": {ID: "domain-1", Class: "AppVM", Properties: cleanup},
+		"domain-8": {ID: "domain-8", Class: "DispVM"},
+		"domain-9": {ID: "domain-9", Class: "DispVM", Properties: cleanup},
+	}
+	view := func(id string, f func(*config.Domain)) { f(qubes[id]) }
 	for _, tt := range tests {
-		err := Permits(tt.caller, []config.Op{tt.op}, classOf)
+		err := Permits(tt.caller, []config.Op{tt.op}, view)
 		if tt.ok && err != nil {
 			t.Errorf("%s %s %q refused: %v", tt.caller, tt.op.Kind, tt.op.Name, err)
 		}
@@ -59,11 +67,11 @@ func TestPermitsEachServiceOnlyWhatItOwns(t *testing.T) {
 	}
 	// A batch is refused whole for one op not the caller's.
 	batch := []config.Op{op(config.OpSetVolumeConfig, ""), op(config.OpSetFeature, "x")}
-	if err := Permits(string(rpc.Storage), batch, classOf); !errors.Is(err, ErrNotPermitted) {
+	if err := Permits(string(rpc.Storage), batch, view); !errors.Is(err, ErrNotPermitted) {
 		t.Fatalf("storage's batch with a feature: %v", err)
 	}
 	// The reply carries the refusal back to a client as the same sentinel.
-	if _, err := ReplyFor(0, Permits(string(rpc.Storage), batch, classOf)).result(); !errors.Is(err, ErrNotPermitted) || !errors.Is(err, ErrRejected) {
+	if _, err := ReplyFor(0, Permits(string(rpc.Storage), batch, view)).result(); !errors.Is(err, ErrNotPermitted) || !errors.Is(err, ErrRejected) {
 		t.Fatalf("refusal through the reply: %v", err)
 	}
 }

@@ -220,26 +220,24 @@ func (s *Store) handleApply(ctx context.Context, r micro.Request) {
 	_ = r.RespondJSON(configstore.ReplyFor(rev, err))
 }
 
-// classOf is the class of the qube with the given id, "" if there is none. A qube's
-// class never changes, so the answer holds when the change is applied, unless the
-// qube is removed meanwhile (the change then fails on its own) and its qid reused.
-func (s *Store) classOf(id string) string {
+// viewQube runs f over the qube with the given id (nil if there is none), under the
+// store's read lock. The change is applied later: a check on what it finds holds
+// unless the qube changed in between (it then held a moment before).
+func (s *Store) viewQube(id string, f func(d *config.Domain)) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	if s.state == nil {
-		return ""
+	var d *config.Domain
+	if s.state != nil {
+		d, _ = s.state.Domain(id)
 	}
-	if d, ok := s.state.Domain(id); ok {
-		return d.Class
-	}
-	return ""
+	f(d)
 }
 
 // permits holds a caller to what it may change (configstore.Permits). A refusal is a
 // service asking for what its own methods never change: a bug or a service taken
 // over, worth a warning.
 func (s *Store) permits(caller string, m config.Mutation) error {
-	err := configstore.Permits(caller, m.Ops, s.classOf)
+	err := configstore.Permits(caller, m.Ops, s.viewQube)
 	if err != nil {
 		s.refused.Add(1)
 		s.log.Warn("apply refused: not the caller's to change", "caller", caller, "err", err)
