@@ -56,8 +56,15 @@ func runTLSServer(t *testing.T) (ns *server.Server, ca, cliCert, cliKey string) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	ns, err = server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
+	ns = runServer(t, &server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
 		TLS: true, TLSVerify: true, TLSConfig: tc, TLSTimeout: 2})
+	return ns, ca, cliCert, cliKey
+}
+
+// runServer runs a server with opts until the test ends.
+func runServer(t *testing.T, opts *server.Options) *server.Server {
+	t.Helper()
+	ns, err := server.NewServer(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +73,7 @@ func runTLSServer(t *testing.T) (ns *server.Server, ca, cliCert, cliKey string) 
 	if !ns.ReadyForConnections(10 * time.Second) {
 		t.Fatal("server not ready")
 	}
-	return ns, ca, cliCert, cliKey
+	return ns
 }
 
 // An over-long subject costs its message, not the connection: the server would close
@@ -161,15 +168,7 @@ func TestConnectOverWebsocket(t *testing.T) {
 		} else {
 			opts.Websocket.NoTLS = true
 		}
-		ns, err := server.NewServer(opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		go ns.Start()
-		t.Cleanup(ns.Shutdown)
-		if !ns.ReadyForConnections(10 * time.Second) {
-			t.Fatal("server not ready")
-		}
+		ns := runServer(t, opts)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		nc, err := bus.Connect(ctx, bus.ConnConfig{URL: ns.WebsocketURL(), Name: "ws", TLS: files}, slog.New(slog.DiscardHandler))
