@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -181,6 +182,81 @@ func TestHubFastPathRelaysEachEventOnceInOrder(t *testing.T) {
 }
 
 func slicesConcat(bs ...[]byte) []byte { return bytes.Join(bs, nil) }
+
+// When the feed brings an event first, a trusted fast path gets one more message's
+// time for its copy (the server now and then sends the consumer's copy first): the
+// late copy keeps it trusted and the event reaches the subscriber once. A copy that
+// never comes costs that wait, and trust. Another event heard during the wait came
+// after the awaited one: it waits for the feed, so order holds.
+func TestHubWaitsForALateFastCopy(t *testing.T) {
+	hh := newHubHarness(t, 256)
+	var received atomic.Uint64 // what the path's subscription has received
+	asked := make(chan struct{}, 64)
+	path := &fastPath{epoch: func() uint64 { return 0 }, tick: make(chan struct{}, 1),
+		received: func() uint64 { asked <- struct{}{}; return received.Load() }}
+	hh.h.mu.Lock()
+	hh.h.fast, hh.h.ahead, hh.h.held, hh.h.fastOK = path, map[string]aheadEvent{}, map[string]heldEvent{}, true
+	hh.h.mu.Unlock()
+	fastOK := func() bool {
+		hh.h.mu.Lock()
+		defer hh.h.mu.Unlock()
+		return hh.h.fastOK
+	}
+	sub, _, client, _ := hh.subscribe("", 1)
+	waitDirect(sub)
+	// feedWaits hands the feed an event and returns once the feed is waiting for its
+	// fast copy (it has asked what the path received twice: catching up, then
+	// waiting), with a channel closed when the feed is done with it.
+	feedWaits := func(id string, it item) chan struct{} {
+		t.Helper()
+		done := make(chan struct{})
+		go func() { fromTheFeed(hh.h, id, it); close(done) }()
+		for range 2 {
+			select {
+			case <-asked:
+			case <-done:
+				t.Fatalf("the feed did not wait for the fast copy of %s", id)
+			}
+		}
+		return done
+	}
+
+	// Event 1: its fast copy comes while the feed waits.
+	id1, ahead1, frame1, _ := encoded(t, 1)
+	done := feedWaits(id1, item{seq: 1, vm: "work", frame: frame1})
+	received.Add(1)
+	ahead1(hh.h, path)
+	<-done
+	if !fastOK() {
+		t.Fatal("the late fast copy of event 1 came, yet the fast path is no longer trusted")
+	}
+	// Event 2: its fast copy never comes.
+	id2, _, frame2, _ := encoded(t, 2)
+	<-feedWaits(id2, item{seq: 2, vm: "work", frame: frame2})
+	if fastOK() {
+		t.Fatal("the fast path never heard event 2, yet it is still trusted")
+	}
+	// Event 3 makes the two agree again.
+	id3, ahead3, frame3, _ := encoded(t, 3)
+	received.Add(1)
+	ahead3(hh.h, path)
+	fromTheFeed(hh.h, id3, item{seq: 3, vm: "work", frame: frame3})
+	<-asked // its catching up
+	if !fastOK() {
+		t.Fatal("event 3 came from both: the fast path is trusted again")
+	}
+	// Event 4 comes from the feed first, and the fast path hears event 5 meanwhile:
+	// 4's copy is lost, and 5 must wait for the feed.
+	id4, _, frame4, _ := encoded(t, 4)
+	id5, ahead5, frame5, _ := encoded(t, 5)
+	done = feedWaits(id4, item{seq: 4, vm: "work", frame: frame4})
+	received.Add(1)
+	ahead5(hh.h, path)
+	<-done
+	fromTheFeed(hh.h, id5, item{seq: 5, vm: "work", frame: frame5})
+
+	readExactly(t, hh, client, slicesConcat(frame1, frame2, frame3, frame4, frame5))
+}
 
 // liveHub is admin.Events on a real JetStream server, with one dom0 subscriber whose
 // pump runs until the test ends (or remove).
@@ -379,8 +455,9 @@ func TestHubTapRelaysOwnEventsOnceInOrder(t *testing.T) {
 	readAll()
 	// Not all 100 need come from the tap: now and then (under -race, about one run
 	// in 30) the server hands the gateway's connection the consumer's copy of an
-	// event of the other publisher before its copy as published, so the feed judges
-	// it unheard, and the fast path holds what it hears until the two agree again.
+	// event of the other publisher before its copy as published. The feed then waits
+	// lateCopyWait for it (TestHubWaitsForALateFastCopy); one later than that reads
+	// as a loss, and the fast path holds what it hears until the two agree again.
 	// But with the subscription gone, any that came ahead of the feed came from the
 	// tap.
 	if relayedAhead == 0 {

@@ -55,9 +55,13 @@ type hub struct {
 	// brought nothing it had not heard. Otherwise what it hears waits in held for the
 	// feed, in the stream's order, until the feed brings an event it heard in the
 	// current epoch with nothing else held: then the two agree again.
-	fastOK    bool
-	okEpoch   uint64
-	held      map[string]heldEvent
+	fastOK  bool
+	okEpoch uint64
+	held    map[string]heldEvent
+	// awaiting is the event whose copy from the fast path the feed waits for, having
+	// brought it first (fromFeed): any other event the fast path hears meanwhile came
+	// after it, so the fast path is no longer trusted.
+	awaiting  string
 	lastPrune time.Time
 }
 
