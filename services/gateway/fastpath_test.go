@@ -54,6 +54,20 @@ func readExactly(t *testing.T, hh *hubHarness, c interface {
 	}
 }
 
+// trustFast makes path the hub's fast path, trusted.
+func (hh *hubHarness) trustFast(path *fastPath) {
+	hh.h.mu.Lock()
+	defer hh.h.mu.Unlock()
+	hh.h.fast, hh.h.ahead, hh.h.held, hh.h.fastOK = path, map[string]aheadEvent{}, map[string]heldEvent{}, true
+}
+
+// fastOK reports whether the hub trusts its fast path.
+func (hh *hubHarness) fastOK() bool {
+	hh.h.mu.Lock()
+	defer hh.h.mu.Unlock()
+	return hh.h.fastOK
+}
+
 // fromTheFeed hands the hub an event as its feed brings it.
 func fromTheFeed(h *hub, id string, it item) {
 	if fe := h.fromFeed(id); !fe.skip {
@@ -71,14 +85,8 @@ func TestHubFastPathRelaysEachEventOnceInOrder(t *testing.T) {
 	hh := newHubHarness(t, 256)
 	var losses uint64 // the path's epoch: reconnects and drops
 	path := &fastPath{epoch: func() uint64 { return losses }}
-	hh.h.mu.Lock()
-	hh.h.fast, hh.h.ahead, hh.h.held, hh.h.fastOK = path, map[string]aheadEvent{}, map[string]heldEvent{}, true
-	hh.h.mu.Unlock()
-	fastOK := func() bool {
-		hh.h.mu.Lock()
-		defer hh.h.mu.Unlock()
-		return hh.h.fastOK
-	}
+	hh.trustFast(path)
+	fastOK := hh.fastOK
 
 	early, _, earlyClient, _ := hh.subscribe("", 1)
 	waitDirect(early)
@@ -194,14 +202,8 @@ func TestHubWaitsForALateFastCopy(t *testing.T) {
 	asked := make(chan struct{}, 64)
 	path := &fastPath{epoch: func() uint64 { return 0 }, tick: make(chan struct{}, 1),
 		received: func() uint64 { asked <- struct{}{}; return received.Load() }}
-	hh.h.mu.Lock()
-	hh.h.fast, hh.h.ahead, hh.h.held, hh.h.fastOK = path, map[string]aheadEvent{}, map[string]heldEvent{}, true
-	hh.h.mu.Unlock()
-	fastOK := func() bool {
-		hh.h.mu.Lock()
-		defer hh.h.mu.Unlock()
-		return hh.h.fastOK
-	}
+	hh.trustFast(path)
+	fastOK := hh.fastOK
 	sub, _, client, _ := hh.subscribe("", 1)
 	waitDirect(sub)
 	// feedWaits hands the feed an event and returns once the feed is waiting for its
